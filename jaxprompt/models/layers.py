@@ -1,0 +1,214 @@
+"""Shared model layers, written as pure functions over parameter arrays.
+
+Notation (used in shapes and einsum strings across the package):
+  B batch, L query length, S key length, P prompt length, H hidden (d_model),
+  N query heads, K key/value heads, G = N // K, D head dim, F mlp dim, V vocab, Y layers.
+
+Modules (T5, decoders) hold their weights as `nnx.Param`s whose metadata names *logical* axes
+(`out_sharding`); the per-layer weights are stacked on a leading `layers` axis and run with
+`jax.lax.scan`, so compile time does not grow with depth. The functions here take one layer's
+arrays, so T5 and the decoder-only models share the same maths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Added to attention scores at masked keys. The most negative float32, as transformers does, so
+# that masked keys get exactly zero weight and fully-masked rows stay finite.
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def param(value: jax.Array, axes: tuple[str | None, ...], kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+  """A parameter annotated with logical axis names (see `jaxprompt.sharding.RULES`)."""
+  if len(axes) != value.ndim:
+    raise ValueError(f"logical axes {axes} do not match the parameter's shape {value.shape}")
+  # Sharding is applied by our loader from the one rules table, not eagerly by Flax.
+  return kind(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm without mean subtraction or bias, statistics in float32. x [..., H], scale [H]."""
+  xf = x.astype(jnp.float32)
+  var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+  y = xf * jax.lax.rsqrt(var + eps)
+  return (scale.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm with mean and bias (GPT-2), statistics in float32."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_exact(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+# Names as in transformers' ACT2FN, so HF configs map by name.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; a no-op when `rng` is None (evaluation) or the rate is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def mask_to_bias(mask: jax.Array) -> jax.Array:
+  """[B, S] (1 = attend) -> additive bias [B, 1, 1, S] in float32."""
+  return jnp.where(mask[:, None, None, :].astype(bool), 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+def causal_bias(length_q: int, length_k: int, offset: jax.Array | int = 0) -> jax.Array:
+  """[1, 1, L, S] additive causal bias; query i (at absolute position offset+i) sees keys <= it."""
+  q = jnp.arange(length_q)[:, None] + offset
+  k = jnp.arange(length_k)[None, :]
+  return jnp.where(k <= q, 0.0, MASK_VALUE).astype(jnp.float32)[None, None]
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    *,
+    scale: float,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+  """Grouped-query attention. q [B, L, N, D], k/v [B, S, K, D], bias broadcastable to [B, N, L, S].
+
+  Scores and softmax in float32; returns [B, L, N, D] in q's dtype.
+  """
+  b, l, n, d = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  qg = q.reshape(b, l, kh, g, d)
+  scores = jnp.einsum("BLKGD,BSKD->BKGLS", qg, k, preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, n, l, k.shape[1]) * scale
+  if bias is not None:
+    scores = scores + bias
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+  out = jnp.einsum("BKGLS,BSKD->BLKGD", probs.reshape(b, kh, g, l, -1), v)
+  return out.reshape(b, l, n, d)
+
+
+def project_qkv(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+  """x [B, L, H] @ w [H, N, D] (+ b [N, D]) -> [B, L, N, D]."""
+  y = jnp.einsum("BLH,HND->BLND", x, w.astype(x.dtype))
+  if b is not None:
+    y = y + b.astype(x.dtype)
+  return y
+
+
+def project_out(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+  """x [B, L, N, D] @ w [N, D, H] (+ b [H]) -> [B, L, H]."""
+  y = jnp.einsum("BLND,NDH->BLH", x, w.astype(x.dtype))
+  if b is not None:
+    y = y + b.astype(x.dtype)
+  return y
+
+
+def mlp(x: jax.Array, p: dict, act: Callable, dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+  """Dense or gated MLP. p has `wi` [H, F] (dense) or `wi_0`/`wi_1` [H, F] (gated: act(x wi_0) * x wi_1),
+  `wo` [F, H], and optional biases `bi` [F], `bo` [H] (GPT-2)."""
+  if "wi_0" in p:
+    h = act(x @ p["wi_0"].astype(x.dtype)) * (x @ p["wi_1"].astype(x.dtype))
+  else:
+    h = x @ p["wi"].astype(x.dtype)
+    if "bi" in p:
+      h = h + p["bi"].astype(x.dtype)
+    h = act(h)
+  h = dropout(h, dropout_rate, rng)
+  y = h @ p["wo"].astype(x.dtype)
+  if "bo" in p:
+    y = y + p["bo"].astype(x.dtype)
+  return y
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's log-spaced relative position buckets (memory_position - query_position -> bucket id)."""
+  buckets = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(relative_position)
+  else:
+    n = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # float32 log, truncated toward zero like torch's .to(long); n >= max_exact >= 1 where used.
+  safe_n = jnp.maximum(n, 1).astype(jnp.float32)
+  large = max_exact + (
+      jnp.log(safe_n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+  ).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(is_small, n, large)
+
+
+def remat_policy(name: str):
+  """Named rematerialisation policies for the layer scan."""
+  policies = {
+      "none": None,
+      "full": jax.checkpoint_policies.nothing_saveable,
+      "dots": jax.checkpoint_policies.dots_saveable,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  if name not in policies:
+    raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(policies)}")
+  return policies[name]
+
+
+def scan_layers(layer_fn: Callable, x: jax.Array, stacked: dict, rng: jax.Array | None, remat: str = "none"):
+  """Run `layer_fn(params_of_one_layer, x, rng) -> x` over params stacked on axis 0 with lax.scan."""
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  rngs = None if rng is None else jax.random.split(rng, num_layers)
+
+  def body(carry, xs):
+    p, r = xs
+    return layer_fn(p, carry, r), None
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, (stacked, rngs))
+  return x
+
+
+def arrays(module: nnx.Module) -> dict:
+  """A module's parameters as a nested dict of arrays (the form the pure layer functions take)."""
+  return nnx.state(module, nnx.Param).to_pure_dict()
