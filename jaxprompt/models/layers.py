@@ -36,6 +36,43 @@ def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> ja
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+
+# -- stacked parameter containers shared by T5 and the decoders ---------------------------------
+
+class StackedAttention(nnx.Module):
+  """q/k/v/o projections for `num_layers` layers, stacked on a leading axis."""
+
+  def __init__(self, num_layers, d_model, num_heads, num_kv_heads, head_dim, *, rngs, param_dtype, std_in, std_out,
+               qkv_bias=False, out_bias=False):
+    y, h, n, k, d = num_layers, d_model, num_heads, num_kv_heads, head_dim
+    self.q = param(normal_init(rngs, (y, h, n, d), std_in, param_dtype), ("layers", "embed", "heads", "kv"))
+    self.k = param(normal_init(rngs, (y, h, k, d), std_in, param_dtype), ("layers", "embed", "kv_heads", "kv"))
+    self.v = param(normal_init(rngs, (y, h, k, d), std_in, param_dtype), ("layers", "embed", "kv_heads", "kv"))
+    self.o = param(normal_init(rngs, (y, n, d, h), std_out, param_dtype), ("layers", "heads", "kv", "embed"))
+    if qkv_bias:
+      self.q_bias = param(jnp.zeros((y, n, d), param_dtype), ("layers", "heads", "kv"))
+      self.k_bias = param(jnp.zeros((y, k, d), param_dtype), ("layers", "kv_heads", "kv"))
+      self.v_bias = param(jnp.zeros((y, k, d), param_dtype), ("layers", "kv_heads", "kv"))
+    if out_bias:
+      self.o_bias = param(jnp.zeros((y, h), param_dtype), ("layers", "embed"))
+
+
+class StackedMLP(nnx.Module):
+  """wi (or gated wi_0/wi_1) [Y, H, F] and wo [Y, F, H], optionally with biases (GPT-2)."""
+
+  def __init__(self, num_layers, d_model, d_ff, gated, *, rngs, param_dtype, std_in, std_out, bias=False):
+    y, h, f = num_layers, d_model, d_ff
+    if gated:
+      self.wi_0 = param(normal_init(rngs, (y, h, f), std_in, param_dtype), ("layers", "embed", "mlp"))
+      self.wi_1 = param(normal_init(rngs, (y, h, f), std_in, param_dtype), ("layers", "embed", "mlp"))
+    else:
+      self.wi = param(normal_init(rngs, (y, h, f), std_in, param_dtype), ("layers", "embed", "mlp"))
+    self.wo = param(normal_init(rngs, (y, f, h), std_out, param_dtype), ("layers", "mlp", "embed"))
+    if bias:
+      self.bi = param(jnp.zeros((y, f), param_dtype), ("layers", "mlp"))
+      self.bo = param(jnp.zeros((y, h), param_dtype), ("layers", "embed"))
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """RMSNorm without mean subtraction or bias, statistics in float32. x [..., H], scale [H]."""
   xf = x.astype(jnp.float32)

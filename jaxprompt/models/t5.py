@@ -77,50 +77,18 @@ class T5Config:
     return d
 
 
-class StackedAttention(nnx.Module):
-  """q/k/v/o projections for `num_layers` layers, stacked on a leading axis."""
-
-  def __init__(self, num_layers, d_model, num_heads, num_kv_heads, head_dim, *, rngs, param_dtype, std_in, std_out,
-               qkv_bias=False, out_bias=False):
-    y, h, n, k, d = num_layers, d_model, num_heads, num_kv_heads, head_dim
-    self.q = L.param(L.normal_init(rngs, (y, h, n, d), std_in, param_dtype), ("layers", "embed", "heads", "kv"))
-    self.k = L.param(L.normal_init(rngs, (y, h, k, d), std_in, param_dtype), ("layers", "embed", "kv_heads", "kv"))
-    self.v = L.param(L.normal_init(rngs, (y, h, k, d), std_in, param_dtype), ("layers", "embed", "kv_heads", "kv"))
-    self.o = L.param(L.normal_init(rngs, (y, n, d, h), std_out, param_dtype), ("layers", "heads", "kv", "embed"))
-    if qkv_bias:
-      self.q_bias = L.param(jnp.zeros((y, n, d), param_dtype), ("layers", "heads", "kv"))
-      self.k_bias = L.param(jnp.zeros((y, k, d), param_dtype), ("layers", "kv_heads", "kv"))
-      self.v_bias = L.param(jnp.zeros((y, k, d), param_dtype), ("layers", "kv_heads", "kv"))
-    if out_bias:
-      self.o_bias = L.param(jnp.zeros((y, h), param_dtype), ("layers", "embed"))
-
-
-class StackedMLP(nnx.Module):
-  def __init__(self, num_layers, d_model, d_ff, gated, *, rngs, param_dtype, std_in, std_out, bias=False):
-    y, h, f = num_layers, d_model, d_ff
-    if gated:
-      self.wi_0 = L.param(L.normal_init(rngs, (y, h, f), std_in, param_dtype), ("layers", "embed", "mlp"))
-      self.wi_1 = L.param(L.normal_init(rngs, (y, h, f), std_in, param_dtype), ("layers", "embed", "mlp"))
-    else:
-      self.wi = L.param(L.normal_init(rngs, (y, h, f), std_in, param_dtype), ("layers", "embed", "mlp"))
-    self.wo = L.param(L.normal_init(rngs, (y, f, h), std_out, param_dtype), ("layers", "mlp", "embed"))
-    if bias:
-      self.bi = L.param(jnp.zeros((y, f), param_dtype), ("layers", "mlp"))
-      self.bo = L.param(jnp.zeros((y, h), param_dtype), ("layers", "embed"))
-
-
 class T5Block(nnx.Module):
   """All layers of one T5 stack: self-attention, (cross-attention), MLP, each pre-normed."""
 
   def __init__(self, cfg: T5Config, num_layers: int, decoder: bool, *, rngs, param_dtype):
     h, n, d = cfg.d_model, cfg.num_heads, cfg.d_kv
     attn = dict(rngs=rngs, param_dtype=param_dtype, std_in=h**-0.5, std_out=(n * d) ** -0.5)
-    self.self_attn = StackedAttention(num_layers, h, n, n, d, **attn)
+    self.self_attn = L.StackedAttention(num_layers, h, n, n, d, **attn)
     self.self_attn_norm = L.param(jnp.ones((num_layers, h), param_dtype), ("layers", "embed"))
     if decoder:
-      self.cross_attn = StackedAttention(num_layers, h, n, n, d, **attn)
+      self.cross_attn = L.StackedAttention(num_layers, h, n, n, d, **attn)
       self.cross_attn_norm = L.param(jnp.ones((num_layers, h), param_dtype), ("layers", "embed"))
-    self.mlp = StackedMLP(num_layers, h, cfg.d_ff, cfg.is_gated, rngs=rngs, param_dtype=param_dtype,
+    self.mlp = L.StackedMLP(num_layers, h, cfg.d_ff, cfg.is_gated, rngs=rngs, param_dtype=param_dtype,
                           std_in=h**-0.5, std_out=cfg.d_ff**-0.5)
     self.mlp_norm = L.param(jnp.ones((num_layers, h), param_dtype), ("layers", "embed"))
 
