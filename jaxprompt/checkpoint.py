@@ -1,0 +1,110 @@
+"""Orbax checkpoints of the trainable state only: prompt + optimizer state + what exact resumption needs.
+
+Each checkpoint step holds three items:
+  prompt     the PromptParam values (pure dict of float32 arrays)
+  opt_state  the optimizer state (prompt-shaped leaves only)
+  meta       JSON: step, data position, seed, base-model identity, metrics, config
+The base model is never written. Orbax writes each step to a temporary directory and renames it when
+complete, so a crash mid-write never leaves a step that looks finished. We keep the last K steps plus the
+best by the chosen eval metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+  pass
+
+
+def _metric_fn(name: str):
+  def get(metrics: dict) -> float:
+    v = metrics.get(name)
+    return -math.inf if v is None else float(v)
+
+  return get
+
+
+class Checkpointer:
+  def __init__(self, directory: str | Path, *, keep: int = 3, keep_best: bool = True, metric: str = "accuracy",
+               mode: str = "max", async_save: bool = True):
+    self.directory = Path(directory).absolute()
+    self.metric, self.mode = metric, mode
+    policies: list = [pp.LatestN(n=keep)]
+    if keep_best:
+      policies.append(pp.BestN(get_metric_fn=_metric_fn(metric), reverse=mode == "min", n=1,
+                               keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
+        create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("prompt", "opt_state", "meta"))
+
+  def save(self, step: int, prompt: Any, opt_state: Any, meta: dict, metrics: dict | None = None) -> None:
+    meta = dict(meta, step=step, metrics=metrics or {})
+    self.manager.save(step, args=ocp.args.Composite(
+        prompt=ocp.args.StandardSave(prompt), opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta)), metrics=metrics or None, force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    best, best_v = None, None
+    for s in self.steps():
+      v = self.read_meta(s).get("metrics", {}).get(self.metric)
+      if v is None:
+        continue
+      if best_v is None or (v > best_v if self.mode == "max" else v < best_v):
+        best, best_v = s, v
+    return best
+
+  def read_meta(self, step: int) -> dict:
+    path = self.directory / str(step) / "meta" / "metadata"
+    if path.exists():
+      return json.loads(path.read_text())
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_prompt: Any, abstract_opt_state: Any | None) -> tuple[Any, Any, dict]:
+    """Restore into the given abstract trees (ShapeDtypeStructs with shardings)."""
+    args = dict(prompt=ocp.args.StandardRestore(abstract_prompt), meta=ocp.args.JsonRestore())
+    if abstract_opt_state is not None:
+      args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return out["prompt"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) for restoring into the layout of `tree`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def find_checkpoint_dir(path: str | Path) -> Path:
+  """A workdir (holding checkpoints/) or a checkpoints directory itself."""
+  p = Path(path)
+  if (p / "checkpoints").is_dir():
+    return p / "checkpoints"
+  if p.is_dir() and any(c.name.isdigit() for c in p.iterdir()):
+    return p
+  raise CheckpointError(f"{p}: no checkpoints found (expected WORKDIR/checkpoints/<step>)")

@@ -1,0 +1,100 @@
+"""`jaxprompt ...`: wiring only. User errors print one line and exit non-zero; --debug shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+  if config_required:
+    p.add_argument("config", help="YAML config file (see configs/)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                 help="override a config value (repeatable), e.g. --set train.steps=100")
+  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _default_workdir(config: str) -> str:
+  return str(Path("runs") / Path(config).stem)
+
+
+def cmd_train(args) -> int:
+  from jaxprompt import config as C
+  from jaxprompt.loop import train
+
+  cfg = C.load(args.config, args.overrides)
+  workdir = args.workdir or _default_workdir(args.config)
+  summary = train(cfg, workdir, progress=not args.no_progress)
+  print(json.dumps({"workdir": workdir, **summary}))
+  return 0
+
+
+def cmd_eval(args) -> int:
+  from jaxprompt import config as C
+  from jaxprompt.loop import evaluate
+
+  cfg = C.load(args.config, args.overrides)
+  print(json.dumps(evaluate(cfg, args.workdir, step=args.step)))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="train a soft prompt", description=(
+      "Train a soft prompt as CONFIG says. Resumes from the latest checkpoint in --workdir. "
+      "Exit code 75 after a SIGTERM/SIGINT checkpoint (run the same command again to resume)."))
+  _common(p)
+  p.add_argument("--workdir", help="output directory (default: runs/<config name>)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(fn=cmd_train)
+
+  p = sub.add_parser("eval", help="evaluate a trained prompt on the eval split",
+                     description="Evaluate a checkpoint of --workdir on the config's eval split.")
+  _common(p)
+  p.add_argument("--workdir", required=True, help="the training run's directory")
+  p.add_argument("--step", default="best", help="best (default), latest, or a step number")
+  p.set_defaults(fn=cmd_eval)
+  return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  from jaxprompt.checkpoint import CheckpointError
+  from jaxprompt.config import ConfigError
+  from jaxprompt.data.pipeline import DataError
+  from jaxprompt.models.hf import WeightError
+  from jaxprompt.prompts import PromptError
+  from jaxprompt.train import NonFiniteError
+
+  return (ConfigError, CheckpointError, DataError, WeightError, PromptError, NonFiniteError, FileNotFoundError,
+          FileExistsError, NotADirectoryError, PermissionError, ValueError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
+                      format="%(levelname)s %(name)s: %(message)s")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  try:
+    return args.fn(args)
+  except KeyboardInterrupt:
+    print("jaxprompt: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 — user-facing errors are one line; --debug shows the traceback
+    if args.debug or not isinstance(e, _user_errors()):
+      raise
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"jaxprompt: error: {msg}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+  sys.exit(main())

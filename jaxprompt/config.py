@@ -1,0 +1,273 @@
+"""Typed, frozen configs loaded from YAML, with `--set section.key=value` overrides.
+
+Defaults live here, in the schema, and nowhere else. An unknown key or a wrong type is a one-line
+`ConfigError` naming it (with the closest valid key as a suggestion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config file or override is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  path: str = "builtin:quickstart"  # HF folder, hub id, .gguf file, or builtin:quickstart
+  tokenizer: str | None = None  # default: taken from `path`
+  revision: str | None = None
+  dtype: str = "float32"  # frozen weights: float32 | bfloat16
+  compute_dtype: str = "float32"  # activations: float32 | bfloat16 (the paper: bfloat16)
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+  dropout: float | None = None  # overrides the model config's dropout rate (the paper: 0.1)
+  allow_pytorch_bin: bool = False  # a pickle; never loaded unless asked for
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  length: int = 100
+  init: Literal["random_uniform", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
+  init_range: tuple[float, float] = (-0.5, 0.5)  # random_uniform; the paper's range (original code: [0, 0.5))
+  vocab_sample_size: int = 5000  # sampled_vocab / class_labels draw from the first N embedding rows
+  init_text: str | None = None  # init: text
+  init_file: str | None = None  # init: file (.npy, .safetensors or a PEFT adapter folder)
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomTaskConfig:
+  columns: dict[str, str] = dataclasses.field(default_factory=dict)  # template field -> file column
+  template: str = "{text}"
+  labels: tuple[str, ...] = ()
+  label_column: str = "label"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  task: str = "quickstart"
+  taskless: bool = False  # the paper's variant: drop the leading task name from the inputs
+  files: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> local JSONL/CSV/TSV file
+  tfds_data_dir: str | None = None
+  custom: CustomTaskConfig | None = None
+  train_split: str = "train"
+  eval_split: str = "validation"
+  input_length: int = 512  # tokens, before the prompt
+  target_length: int = 8
+  seed: int = 0  # shuffling order
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: Literal["adafactor", "adam", "adamw", "sgd"] = "adafactor"
+  learning_rate: float = 0.3
+  schedule: Literal["constant", "warmup_constant", "cosine", "warmup_cosine", "linear"] = "constant"
+  warmup_steps: int = 0
+  end_learning_rate_factor: float = 0.0  # cosine / linear decay to this fraction of the peak
+  weight_decay: float = 1e-5  # adafactor: param *= 1 - wd each step (not LR-scaled); adamw: decoupled
+  decay_rate: float = 0.8  # adafactor: beta2_t = 1 - (t + 1) ** -decay_rate
+  clipping_threshold: float | None = 1.0  # adafactor update clipping (RMS)
+  momentum: float | None = None  # adafactor first moment (the original: none)
+  eps: float = 1e-30  # adafactor eps1
+  b1: float = 0.9  # adam(w)
+  b2: float = 0.999  # adam(w)
+  grad_clip_norm: float | None = None  # global-norm clipping before the optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 30000
+  batch_size: int = 32  # global
+  microbatches: int = 1  # gradient accumulation
+  z_loss: float = 1e-4
+  seed: int = 0
+  log_every: int = 50
+  nan_policy: Literal["error", "skip"] = "error"
+  plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every: int = 1000  # steps; 0 = only at the end
+  mode: Literal["rank", "generate", "loss"] = "rank"
+  metric: str = "accuracy"  # selects the best checkpoint
+  batch_size: int = 32
+  max_examples: int | None = None
+  patience: int | None = None  # early stopping after this many evals without improvement
+  at_end: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1  # -1: all remaining devices
+  fsdp: int = 1
+  model: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 1000
+  keep: int = 3  # the last K
+  keep_best: bool = True  # plus the best by eval.metric
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+
+def _suggest(key: str, options) -> str:
+  close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if tp is Any:
+    return value
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _coerce(value, a, where)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+    return value
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, dict):
+      raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return _build(tp, value, where)
+  if origin is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+      raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+    return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f"{where}: expected true/false, got {value!r}")
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):
+      try:
+        return float(value)  # YAML reads "1e-5" as a string
+      except ValueError:
+        pass
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+  raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls, raw: dict, where: str):
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  for key in raw:
+    if key not in fields:
+      name = f"{where}.{key}" if where else key
+      raise ConfigError(f"unknown config key {name!r}{_suggest(str(key), fields)}")
+  kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+  return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError:
+    return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+  """`section.key=value` strings (values parsed as YAML) applied to a raw config dict."""
+  raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: {p!r} is not a section")
+    node[parts[-1]] = _parse_value(value)
+  return raw
+
+
+def from_dict(raw: dict) -> Config:
+  return _build(Config, raw or {}, "")
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+  """Load a YAML config file (or the defaults when `path` is None) and apply overrides."""
+  raw: dict = {}
+  if path is not None:
+    p = Path(path)
+    if not p.exists():
+      raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+      raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+      raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+  try:
+    return from_dict(apply_overrides(raw, list(overrides)))
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def dump(cfg: Config) -> str:
+  return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def _plain(x):
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x

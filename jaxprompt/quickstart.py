@@ -1,0 +1,150 @@
+"""The built-in quickstart: a tiny T5 that jaxprompt pre-trains itself, and its built-in digit tasks.
+
+No weights can be downloaded offline, so the quickstart's frozen base model comes from the library:
+a T5 v1.1-style model (gated-GELU, untied head, byte-level ByT5 vocabulary) pre-trained for about a
+minute on a multi-task text-to-text mixture whose inputs carry a task prefix:
+
+    "max: 3 7 1 8 2" -> "8"     "min: ..." -> "1"     "first: ..." -> "3"     "last: ..." -> "2"
+
+It is cached as an ordinary HF folder (config.json + model.safetensors + tokenizer) in the user's cache
+directory and reused. The quickstart then freezes it and trains a soft prompt on the `max` task
+*without* its prefix (the paper's "taskless" setting): the input alone does not say which task is
+wanted, so the prompt has to learn it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxprompt.models import hf
+from jaxprompt.models.t5 import T5, T5Config, shift_right
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin:quickstart"
+TASKS = ("max", "min", "first", "last")
+NUM_DIGITS = 5
+LABELS = tuple(str(i) for i in range(10))
+
+MODEL_CONFIG = T5Config(
+    vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+    relative_attention_num_buckets=32, relative_attention_max_distance=64, dropout_rate=0.1,
+    feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False,
+    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+PRETRAIN = dict(steps=1500, batch_size=64, learning_rate=3e-3, warmup=50, seed=0, input_length=20, target_length=4)
+RECIPE_VERSION = 1
+
+
+def _answer(task: str, digits: list[int]) -> int:
+  return {"max": max, "min": min, "first": lambda d: d[0], "last": lambda d: d[-1]}[task](digits)
+
+
+def examples(task: str, n: int, seed: int, *, prefix: bool) -> list[dict]:
+  """`n` examples of one digit task; `prefix=False` drops the task name (the taskless variant)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    d = [int(x) for x in rng.integers(0, 10, NUM_DIGITS)]
+    body = " ".join(map(str, d))
+    a = _answer(task, d)
+    out.append({"inputs": f"{task}: {body}" if prefix else body, "targets": str(a), "label": a})
+  return out
+
+
+def task_split(split: str, taskless: bool = True, task: str = "max") -> list[dict]:
+  """The quickstart's prompt-tuning data: train (2000 examples) and validation (500, disjoint seed)."""
+  sizes = {"train": (2000, 1), "validation": (500, 2), "test": (500, 3)}
+  if split not in sizes:
+    raise ValueError(f"quickstart task has splits {sorted(sizes)}, not {split!r}")
+  n, seed = sizes[split]
+  return examples(task, n, seed + 100, prefix=not taskless)
+
+
+def tokenizer():
+  from transformers import ByT5Tokenizer
+
+  return ByT5Tokenizer()
+
+
+def cache_dir() -> Path:
+  root = os.environ.get("JAXPROMPT_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt")
+  recipe = json.dumps([RECIPE_VERSION, MODEL_CONFIG.to_hf(), PRETRAIN, TASKS, NUM_DIGITS], sort_keys=True)
+  return Path(root) / f"quickstart-t5-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+
+
+def ensure_base_model(progress: bool = True) -> Path:
+  """The cached pre-trained quickstart model folder; pre-trains it (about a minute) on first use."""
+  target = cache_dir()
+  if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    return target
+  model = pretrain(progress=progress)
+  tok = tokenizer()
+  from jaxprompt.models.loading import save_pretrained
+
+  try:
+    save_pretrained(model, target, tokenizer=tok)
+  except FileExistsError:  # another process finished first
+    pass
+  return target
+
+
+def _mixture(n: int, seed: int) -> list[dict]:
+  rng = np.random.default_rng(seed)
+  out = []
+  for i, task in enumerate(rng.choice(len(TASKS), n)):
+    out += examples(TASKS[task], 1, seed * 1_000_003 + i, prefix=True)
+  return out
+
+
+def pretrain(progress: bool = True) -> T5:
+  """Full-parameter pre-training of the quickstart model on the prefixed multi-task mixture."""
+  from tqdm.auto import tqdm
+
+  from jaxprompt.data.pipeline import BatchStream, encode_examples
+
+  p = PRETRAIN
+  tok = tokenizer()
+  data = encode_examples(_mixture(20000, p["seed"]), tok, kind="seq2seq", input_length=p["input_length"],
+                         target_length=p["target_length"], name="quickstart mixture")
+  stream = BatchStream(data, p["batch_size"], seed=p["seed"])
+  model = T5(MODEL_CONFIG, rngs=nnx.Rngs(p["seed"]))
+  graphdef, params = nnx.split(model)
+  lr = optax.warmup_cosine_decay_schedule(0.0, p["learning_rate"], p["warmup"], p["steps"], p["learning_rate"] * 0.1)
+  tx = optax.adamw(lr, weight_decay=0.01)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    def loss_fn(params):
+      m = nnx.merge(graphdef, params)
+      logits = m(batch["input_ids"], batch["input_mask"], shift_right(batch["target_ids"], 0))
+      mask = batch["target_mask"]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])
+      return jnp.sum(ce * mask) / jnp.sum(mask)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  start = time.time()
+  bar = tqdm(range(p["steps"]), desc="pre-training the quickstart base model", disable=not progress,
+             dynamic_ncols=True)
+  loss = None
+  for i in bar:
+    params, opt_state, loss = step(params, opt_state, next(stream))
+    if i % 50 == 0 or i == p["steps"] - 1:
+      bar.set_postfix(loss=f"{float(loss):.3f}")
+  log.info("quickstart base model pre-trained in %.0f s (final loss %.3f)", time.time() - start, float(loss))
+  return nnx.merge(graphdef, params)

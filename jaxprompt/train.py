@@ -1,0 +1,296 @@
+"""Prompt tuning: setup from a Config, the pure train step, evaluation, and the training loop.
+
+The step is a pure function
+    train_step(prompt, opt_state, frozen, batch, step) -> (prompt, opt_state, metrics)
+jitted once with explicit in/out shardings; `prompt` and `opt_state` are donated, the frozen weights never
+are (they are inputs, not state: no gradients are kept for them, so XLA drops every weight-gradient matmul).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprompt import config as C
+from jaxprompt import prompts as P
+from jaxprompt import sharding as shd
+from jaxprompt.checkpoint import Checkpointer, abstract_like
+from jaxprompt.data.pipeline import BatchStream, DataError, encode_examples, eval_batches, num_rows
+from jaxprompt.evaluate import encode_labels, rank_scores
+from jaxprompt.losses import cross_entropy, forward
+from jaxprompt.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # documented exit code after a SIGTERM/SIGINT checkpoint (EX_TEMPFAIL: run again to resume)
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+# -- setup -------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(path: str) -> str:
+  if path == "builtin:quickstart":
+    from jaxprompt import quickstart
+
+    return str(quickstart.ensure_base_model())
+  return path
+
+
+def load_base(mcfg: C.ModelConfig, mesh=None):
+  """(frozen base model, tokenizer) as the model section says."""
+  from jaxprompt.models import load_model, load_tokenizer
+
+  path = resolve_model_path(mcfg.path)
+  base = load_model(path, dtype=jnp.dtype(mcfg.dtype), mesh=mesh, compute_dtype=jnp.dtype(mcfg.compute_dtype),
+                    remat=mcfg.remat, revision=mcfg.revision, allow_pytorch_bin=mcfg.allow_pytorch_bin)
+  if mcfg.path == "builtin:quickstart":
+    base.identity = dataclasses.replace(base.identity, path="builtin:quickstart")
+  if mcfg.dropout is not None and hasattr(base.config, "dropout_rate"):
+    base.config = dataclasses.replace(base.config, dropout_rate=mcfg.dropout)
+  tokenizer = load_tokenizer(mcfg.tokenizer or path)
+  return base, tokenizer
+
+
+@dataclasses.dataclass
+class TaskData:
+  examples: list[dict]
+  labels: tuple[str, ...] | None
+
+
+def task_data(dcfg: C.DataConfig, split: str) -> TaskData:
+  """Text-to-text examples of one split of the configured task."""
+  if dcfg.task == "quickstart":
+    from jaxprompt import quickstart
+
+    return TaskData(quickstart.task_split(split, taskless=dcfg.taskless), quickstart.LABELS)
+  from jaxprompt.data import sources
+
+  return sources.task_examples(dcfg, split)
+
+
+def initial_prompt(pcfg: C.PromptConfig, base, tokenizer, labels, rng) -> jax.Array:
+  table = P.input_embedding_table(base)
+  hidden = table.shape[1]
+  if pcfg.init == "random_uniform":
+    return P.random_uniform(rng, pcfg.length, hidden, *pcfg.init_range)
+  if pcfg.init == "sampled_vocab":
+    return P.sampled_vocab(rng, table, pcfg.length, pcfg.vocab_sample_size)
+  if pcfg.init == "class_labels":
+    if not labels:
+      raise P.PromptError("prompt.init class_labels needs a task with label strings")
+    ids = [tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
+    return P.class_labels(rng, table, pcfg.length, ids, pcfg.vocab_sample_size)
+  if pcfg.init == "text":
+    if not pcfg.init_text:
+      raise P.PromptError("prompt.init text needs prompt.init_text")
+    return P.from_text(table, pcfg.length, tokenizer(pcfg.init_text, add_special_tokens=False)["input_ids"])
+  if pcfg.init == "file":
+    if not pcfg.init_file:
+      raise P.PromptError("prompt.init file needs prompt.init_file")
+    return P.from_file(pcfg.init_file, pcfg.length, hidden)
+  raise P.PromptError(f"unknown prompt.init {pcfg.init!r}")
+
+
+# -- the pure steps ----------------------------------------------------------------------------------
+
+
+def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int = 1, seed: int = 0) -> Callable:
+  """-> train_step(prompt, opt_state, frozen, batch, step) -> (prompt, opt_state, metrics)."""
+
+  def train_step(prompt, opt_state, frozen, batch, step):
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+    # causal batches predict token t + 1 at position t, so their first position never has a loss
+    tmask = batch["target_mask"][:, 1:] if "tokens" in batch else batch["target_mask"]
+    tokens = jnp.maximum(jnp.sum(tmask).astype(jnp.float32), 1.0)
+
+    def loss_fn(prompt, mb, rng):
+      model = nnx.merge(graphdef, prompt, frozen)
+      logits, targets, mask = forward(model, mb, dropout_rng=rng)
+      sums = cross_entropy(logits, targets, mask, z_loss)
+      # normalised by the whole batch's token count, so microbatch gradients add up exactly
+      return sums["loss"] / tokens, sums
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+      (_, sums), grads = grad_fn(prompt, batch, rng)
+    else:
+      split = jax.tree.map(lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        g_acc, s_acc = carry
+        mb, i = xs
+        (_, s), g = grad_fn(prompt, mb, jax.random.fold_in(rng, i))
+        s = {k: jnp.sum(v) for k, v in s.items()}
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+
+      zeros_s = {k: jnp.zeros((), jnp.float32) for k in ("loss", "ce", "z_loss", "correct", "tokens", "seq_correct")}
+      (grads, sums), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, prompt), zeros_s),
+                                      (split, jnp.arange(microbatches)))
+    updates, new_opt = tx.update(grads, opt_state, prompt)
+    new_prompt = jax.tree.map(lambda p, u: p + u, prompt, updates)
+    gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(gnorm)
+    # a non-finite step never reaches the state: the loop then stops (nan_policy error) or goes on (skip)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_prompt, new_opt = keep(new_prompt, prompt), keep(new_opt, opt_state)
+    n = jnp.maximum(sums["tokens"], 1.0)
+    metrics = dict(loss=sums["ce"] / n, z_loss=sums["z_loss"] / n, token_accuracy=sums["correct"] / n,
+                   seq_accuracy=jnp.mean(sums["seq_correct"]) if microbatches == 1 else
+                   sums["seq_correct"] / batch[next(iter(batch))].shape[0],
+                   tokens=sums["tokens"], grad_norm=gnorm, finite=finite.astype(jnp.float32))
+    return new_prompt, new_opt, metrics
+
+  return train_step
+
+
+def make_eval_fns(graphdef, *, z_loss: float) -> tuple[Callable, Callable]:
+  def loss_step(prompt, frozen, batch, weights):
+    model = nnx.merge(graphdef, prompt, frozen)
+    logits, targets, mask = forward(model, batch)
+    s = cross_entropy(logits, targets, mask * weights[:, None].astype(mask.dtype), z_loss)
+    return dict(ce=s["ce"], tokens=s["tokens"], seq_correct=jnp.sum(s["seq_correct"] * weights))
+
+  def rank_step(prompt, frozen, batch, label_ids, label_mask):
+    model = nnx.merge(graphdef, prompt, frozen)
+    return rank_scores(model, batch, label_ids, label_mask)
+
+  return loss_step, rank_step
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a loop or an evaluation needs, built once from a Config."""
+
+  cfg: C.Config
+  mesh: Any
+  base: Any
+  tokenizer: Any
+  graphdef: Any
+  prompt: dict  # pure dict of PromptParam values
+  frozen: dict  # pure dict of the frozen base weights
+  identity: Any
+  kind: str
+  labels: tuple[str, ...] | None
+  tx: Any = None
+
+  @property
+  def prompt_array(self) -> np.ndarray:
+    return np.asarray(jax.device_get(self.prompt["prompt"]["embeddings"]))
+
+
+def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True) -> tuple[Run, TaskData | None]:
+  mesh = mesh or shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model)
+  base, tokenizer = load_base(cfg.model, mesh)
+  train = task_data(cfg.data, cfg.data.train_split) if with_train_data else None
+  labels = train.labels if train is not None else task_data(cfg.data, cfg.data.eval_split).labels
+  rng = jax.random.key(cfg.train.seed)
+  init = initial_prompt(cfg.prompt, base, tokenizer, labels, jax.random.fold_in(rng, 1))
+  model = P.PromptedModel(base, P.SoftPrompt(init))
+  graphdef, prompt_state, frozen_state = nnx.split(model, P.PromptParam, ...)
+  prompt = jax.device_put(prompt_state.to_pure_dict(), shd.replicated(mesh))
+  run = Run(cfg=cfg, mesh=mesh, base=base, tokenizer=tokenizer, graphdef=graphdef, prompt=prompt,
+            frozen=frozen_state.to_pure_dict(), identity=base.identity, kind=base.kind, labels=labels)
+  return run, train
+
+
+def encode_split(run: Run, examples: list[dict], name: str) -> dict[str, np.ndarray]:
+  d = run.cfg.data
+  return encode_examples(examples, run.tokenizer, kind=run.kind, input_length=d.input_length,
+                         target_length=d.target_length, name=name)
+
+
+def _device_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  sharding = shd.batch_sharding(run.mesh)
+  return {k: jax.make_array_from_process_local_data(shd.batch_sharding(run.mesh, v.ndim), v)
+          for k, v in local.items()} if sharding else local
+
+
+class Evaluator:
+  """Rank-classification (or loss) evaluation of a prompt on the eval split, with predictions."""
+
+  def __init__(self, run: Run, examples: list[dict] | None = None):
+    cfg = run.cfg
+    self.run = run
+    data = examples if examples is not None else task_data(cfg.data, cfg.data.eval_split).examples
+    if cfg.eval.max_examples:
+      data = data[:cfg.eval.max_examples]
+    self.examples = data
+    self.arrays = encode_split(run, data, f"{cfg.data.task}/{cfg.data.eval_split}")
+    self.batch_size = min(cfg.eval.batch_size, _round_up(len(data), jax.process_count()))
+    loss_step, rank_step = make_eval_fns(run.graphdef, z_loss=cfg.train.z_loss)
+    self._loss = jax.jit(loss_step)
+    self._rank = jax.jit(rank_step)
+    self.mode = cfg.eval.mode if run.labels else "loss"
+    if self.mode == "rank":
+      lab = encode_labels(run.tokenizer, run.labels, kind=run.kind, target_length=cfg.data.target_length)
+      self.label_ids, self.label_mask = jnp.asarray(lab["ids"]), jnp.asarray(lab["mask"])
+      self.gold = np.array([ex.get("label", _label_index(run.labels, ex["targets"])) for ex in data])
+
+  def __call__(self, prompt) -> tuple[dict, list[dict]]:
+    run = self.run
+    ce = tokens = seq = 0.0
+    preds = np.full(len(self.examples), -1)
+    scores_all: dict[int, list[float]] = {}
+    for batch, w in eval_batches(self.arrays, self.batch_size, process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+      index = batch.pop("index")
+      dev = _device_batch(run, batch)
+      s = jax.device_get(self._loss(prompt, run.frozen, dev, jnp.asarray(w)))
+      ce, tokens, seq = ce + float(s["ce"]), tokens + float(s["tokens"]), seq + float(s["seq_correct"])
+      if self.mode == "rank":
+        sc = np.asarray(jax.device_get(self._rank(prompt, run.frozen, dev, self.label_ids, self.label_mask)))
+        for i, row in zip(index, sc):
+          if i >= 0:
+            preds[i] = int(np.argmax(row))
+            scores_all[int(i)] = row.tolist()
+    n = len(self.examples)
+    metrics = dict(eval_loss=ce / max(tokens, 1.0), eval_seq_accuracy=seq / n)
+    records = []
+    if self.mode == "rank":
+      metrics.update(classification_metrics(self.gold, preds, len(run.labels)))
+      for i, ex in enumerate(self.examples):
+        records.append(dict(index=i, inputs=ex["inputs"], targets=ex["targets"], prediction=run.labels[preds[i]],
+                            correct=bool(preds[i] == self.gold[i]), scores=scores_all.get(i)))
+    return metrics, records
+
+
+def classification_metrics(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
+  return dict(accuracy=float(np.mean(gold == pred)))
+
+
+def _label_index(labels, target: str) -> int:
+  try:
+    return labels.index(target)
+  except ValueError:
+    raise DataError(f"target {target!r} is not one of the task's labels {list(labels)}") from None
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def prompt_shardings(run: Run):
+  return jax.tree.map(lambda _: shd.replicated(run.mesh), run.prompt)
+
+
+def frozen_shardings(run: Run):
+  return jax.tree.map(lambda x: x.sharding, run.frozen)
