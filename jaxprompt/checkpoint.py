@@ -28,10 +28,16 @@ class CheckpointError(ValueError):
   pass
 
 
-def _metric_fn(name: str):
+def _metric_fn(name: str, mode: str):
+  """Orbax's BestN key: the metric (negated when lower is better), ties going to the earlier step, as
+  `best_step` and the training loop decide."""
+
   def get(metrics: dict) -> float:
     v = metrics.get(name)
-    return -math.inf if v is None else float(v)
+    if v is None:
+      return -math.inf
+    v = float(v) if mode == "max" else -float(v)
+    return v - 1e-12 * float(metrics.get("_step", 0))
 
   return get
 
@@ -43,7 +49,7 @@ class Checkpointer:
     self.metric, self.mode = metric, mode
     policies: list = [pp.LatestN(n=keep)]
     if keep_best:
-      policies.append(pp.BestN(get_metric_fn=_metric_fn(metric), reverse=mode == "min", n=1,
+      policies.append(pp.BestN(get_metric_fn=_metric_fn(metric, mode), n=1,
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
@@ -55,7 +61,7 @@ class Checkpointer:
     meta = dict(meta, step=step, metrics=metrics or {})
     self.manager.save(step, args=ocp.args.Composite(
         prompt=ocp.args.StandardSave(prompt), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), metrics=metrics or None, force=True)
+        meta=ocp.args.JsonSave(meta)), metrics=dict(metrics, _step=step) if metrics else None, force=True)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

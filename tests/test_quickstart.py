@@ -1,0 +1,71 @@
+"""The main job: `jaxprompt train configs/quickstart.yaml` offline on a fresh install, within its budget."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("quickstart")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}  # a user's plain machine
+  env.update(JAXPROMPT_CACHE=str(tmp / "cache"), HF_HUB_OFFLINE="1")
+  start = time.time()
+  proc = subprocess.run([sys.executable, "-m", "jaxprompt.cli", "train", "configs/quickstart.yaml", "--workdir",
+                         str(tmp / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return proc, time.time() - start, tmp
+
+
+@pytest.mark.slow
+def test_quickstart_meets_its_numbers(quickstart_run):
+  proc, seconds, tmp = quickstart_run
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  print(f"quickstart: {seconds:.1f} s wall-clock (incl. pre-training the base), best dev accuracy "
+        f"{summary['best_value']:.4f} at step {summary['best_step']}")
+  assert seconds < 180, f"quickstart took {seconds:.0f} s (budget: 3 minutes on 2 cores)"
+  assert summary["best_value"] >= 0.90
+  run = tmp / "run"
+  assert any(p.name.isdigit() for p in (run / "checkpoints").iterdir())
+  assert (run / "curves.png").exists() and (run / "metrics.jsonl").exists()
+  assert "prompt tuning" in proc.stderr and "pre-training the quickstart base model" in proc.stderr  # progress bars
+  # the base model was cached as an ordinary HF folder, loadable on its own
+  cached = list((tmp / "cache").glob("quickstart-t5-*"))
+  assert len(cached) == 1 and (cached[0] / "model.safetensors").exists() and (cached[0] / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_the_prompt_is_what_solves_the_taskless_task(quickstart_run, monkeypatch):
+  proc, _, tmp = quickstart_run
+  assert proc.returncode == 0
+  monkeypatch.setenv("JAXPROMPT_CACHE", str(tmp / "cache"))
+  from jaxprompt import config as C
+  from jaxprompt import quickstart
+  from jaxprompt import sharding as shd
+  from jaxprompt.loop import evaluate
+  from jaxprompt.train import Evaluator, build_run
+
+  monkeypatch.setattr(quickstart, "pretrain", lambda **_: pytest.fail("the cached base model was not reused"))
+  cfg = C.load(ROOT / "configs/quickstart.yaml")
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  tuned = evaluate(cfg, tmp / "run", mesh=mesh)
+  # the same frozen model, no prompt: inputs without their task prefix are ambiguous
+  bare = C.load(ROOT / "configs/quickstart.yaml", ["prompt.length=0"])
+  run, _ = build_run(bare, mesh=mesh, with_train_data=False)
+  no_prompt, _ = Evaluator(run)(run.prompt)
+  # with the prefix the base model itself solves the task (it was pre-trained on it)
+  prefixed = C.load(ROOT / "configs/quickstart.yaml", ["prompt.length=0", "data.taskless=false"])
+  run_p, _ = build_run(prefixed, mesh=mesh, with_train_data=False)
+  with_prefix, _ = Evaluator(run_p)(run_p.prompt)
+  print(f"quickstart dev accuracy: tuned prompt {tuned['accuracy']:.3f}, no prompt {no_prompt['accuracy']:.3f}, "
+        f"text prefix {with_prefix['accuracy']:.3f}")
+  assert tuned["accuracy"] >= 0.9 and with_prefix["accuracy"] >= 0.9
+  assert no_prompt["accuracy"] < 0.6
