@@ -44,6 +44,15 @@ def cmd_eval(args) -> int:
   return 0
 
 
+def cmd_export(args) -> int:
+  from jaxprompt.export import export_prompt
+
+  out = export_prompt(args.source, args.format, args.out, step=args.step, with_base=args.with_base,
+                      overwrite=args.overwrite)
+  print(out)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -62,18 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="the training run's directory")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("export", help="export a trained prompt (PEFT adapter, .npy, safetensors)", description=(
+      "Export a prompt from a training workdir, a checkpoint step folder, or another export. "
+      "--format peft writes a HF PEFT prompt-tuning adapter folder (peft.PeftModel.from_pretrained(base, DIR)); "
+      "numpy writes the original repo's .npy [P, H] float32; safetensors one tensor 'prompt_embeddings'. "
+      "Written atomically; an existing output is kept unless --overwrite."))
+  p.add_argument("source", help="WORKDIR, WORKDIR/checkpoints/STEP, or an exported prompt")
+  p.add_argument("--format", required=True, choices=["peft", "numpy", "safetensors"])
+  p.add_argument("--out", required=True, help="output folder (peft) or file (.npy / .safetensors)")
+  p.add_argument("--step", default="best", help="best (default), latest, or a step number")
+  p.add_argument("--with-base", action="store_true",
+                 help="also write the frozen base model as a HF folder under OUT/base (peft format)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+  p.set_defaults(fn=cmd_export)
   return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
   from jaxprompt.checkpoint import CheckpointError
+  from jaxprompt.export import ExportError
   from jaxprompt.config import ConfigError
   from jaxprompt.data.pipeline import DataError
   from jaxprompt.models.hf import WeightError
   from jaxprompt.prompts import PromptError
   from jaxprompt.train import NonFiniteError
 
-  return (ConfigError, CheckpointError, DataError, WeightError, PromptError, NonFiniteError, FileNotFoundError,
+  return (ConfigError, CheckpointError, ExportError, DataError, WeightError, PromptError, NonFiniteError, FileNotFoundError,
           FileExistsError, NotADirectoryError, PermissionError, ValueError, OSError)
 
 

@@ -18,7 +18,8 @@ from jaxprompt import sharding as shd
 from jaxprompt.checkpoint import CheckpointError, Checkpointer, abstract_like
 from jaxprompt.data.pipeline import BatchStream, DataError
 from jaxprompt.tracking import MetricsLog, plot_curves
-from jaxprompt.train import (EXIT_PREEMPTED, Evaluator, NonFiniteError, Run, _device_batch, build_run, encode_split,
+from jaxprompt.train import (EXIT_PREEMPTED, Evaluator, NonFiniteError, Run, _device_batch, architecture, build_run,
+                             encode_split,
                              frozen_shardings, make_train_step, prompt_shardings)
 from jaxprompt.optim import build_optimizer
 
@@ -108,7 +109,8 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
   old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def meta_for(step: int) -> dict:
-    return dict(position=stream.position, seed=tc.seed, base_model=run.identity.to_dict(), best=best,
+    return dict(position=stream.position, seed=tc.seed, base_model=run.identity.to_dict(),
+                base_architecture=architecture(run.base), best=best,
                 stale_evals=stale, config=json.loads(json.dumps(C._plain(cfg.to_dict()))))
 
   pending: list[tuple[int, dict]] = []

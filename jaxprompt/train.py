@@ -67,6 +67,15 @@ def load_base(mcfg: C.ModelConfig, mesh=None):
   return base, tokenizer
 
 
+def architecture(base) -> dict:
+  """What an exported prompt must say about its base (PEFT's adapter_config fields among them)."""
+  c = base.config
+  first = lambda *names: next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
+  return dict(kind=base.kind, model_type=c.model_type, hidden_size=base.hidden_size, vocab_size=c.vocab_size,
+              num_layers=first("num_layers", "num_hidden_layers", "n_layer"),
+              num_attention_heads=first("num_heads", "num_attention_heads", "n_head"))
+
+
 @dataclasses.dataclass
 class TaskData:
   examples: list[dict]
