@@ -53,6 +53,32 @@ def cmd_export(args) -> int:
   return 0
 
 
+def cmd_inspect(args) -> int:
+  import numpy as np
+
+  from jaxprompt.export import load_trained_prompt
+  from jaxprompt.inspection import inspect_prompt, similarity_heatmap
+
+  value, info = load_trained_prompt(args.source, args.step)
+  table = tokenizer = None
+  base = (info.get("base_model") or {}).get("path")
+  model_path = args.model or base
+  if model_path:
+    import jaxprompt
+    from jaxprompt.prompts import input_embedding_table
+    from jaxprompt.train import resolve_model_path
+
+    path = resolve_model_path(model_path)
+    model = jaxprompt.load_model(path)
+    table = np.asarray(input_embedding_table(model), np.float32)
+    tokenizer = jaxprompt.load_tokenizer(info.get("tokenizer") or path)
+  for rec in inspect_prompt(value, table, tokenizer, top_k=args.top_k):
+    print(json.dumps(rec, ensure_ascii=False))
+  out = Path(args.heatmap) if args.heatmap else Path(args.source).with_name(Path(args.source).name + "_similarity.png")
+  print(f"heatmap: {similarity_heatmap(value, out)}", file=sys.stderr)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
   p.add_argument("--debug", action="store_true", help="show full tracebacks")
   p.set_defaults(fn=cmd_export)
+
+  p = sub.add_parser("inspect", help="norms and nearest tokens of each prompt vector, plus a similarity heatmap",
+                     description="Print, per prompt vector, its norm and nearest vocabulary tokens (cosine "
+                                 "similarity, JSON lines), and write a PNG heatmap of prompt-to-prompt similarity.")
+  p.add_argument("source", help="WORKDIR, a checkpoint step folder, or an exported prompt")
+  p.add_argument("--model", help="base model (default: the one recorded with the prompt)")
+  p.add_argument("--step", default="best", help="best (default), latest, or a step number")
+  p.add_argument("--top-k", type=int, default=5)
+  p.add_argument("--heatmap", help="PNG path (default: SOURCE_similarity.png beside the source)")
+  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+  p.set_defaults(fn=cmd_inspect)
   return parser
 
 

@@ -132,8 +132,10 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
         host = jax.device_get([mm for _, mm in pending])
         bad = [k for (k, _), mm in zip(pending, host) if not mm["finite"]]
         if bad and tc.nan_policy == "error":
-          raise NonFiniteError(f"non-finite loss or gradient at step {bad[0]}; the last checkpoint "
-                               f"(step {ckpt.latest_step()}) is kept; set train.nan_policy=skip to skip such steps")
+          last = ckpt.latest_step()
+          kept = f"the last checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
+          raise NonFiniteError(f"non-finite loss, gradient or update at step {bad[0]}; {kept}; "
+                               "set train.nan_policy=skip to skip such steps")
         dt = (time.time() - last_flush) / len(pending)
         last_flush = time.time()
         avg = {k: float(np.mean([mm[k] for mm in host])) for k in host[0] if k != "finite"}

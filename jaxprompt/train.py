@@ -155,6 +155,7 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int = 1, seed:
     new_prompt = jax.tree.map(lambda p, u: p + u, prompt, updates)
     gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(gnorm)
+    finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_prompt)]))
     # a non-finite step never reaches the state: the loop then stops (nan_policy error) or goes on (skip)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_prompt, new_opt = keep(new_prompt, prompt), keep(new_opt, opt_state)
