@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -54,8 +55,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
         create=True, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("prompt", "opt_state", "meta"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        "prompt": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, prompt: Any, opt_state: Any, meta: dict, metrics: dict | None = None) -> None:
     meta = dict(meta, step=step, metrics=metrics or {})
@@ -95,6 +97,16 @@ class Checkpointer:
       args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     return out["prompt"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
+
+  def restore_prompt(self, step: int) -> tuple[Any, dict]:
+    """The prompt (as host numpy arrays, whatever topology saved it) and the metadata of one step."""
+    tree = self.manager.item_metadata(step)["prompt"].tree
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    out = self.manager.restore(step, args=ocp.args.Composite(prompt=ocp.args.StandardRestore(target),
+                                                              meta=ocp.args.JsonRestore()))
+    return jax.tree.map(np.asarray, out["prompt"]), out["meta"]
 
   def close(self) -> None:
     self.manager.wait_until_finished()

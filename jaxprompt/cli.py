@@ -15,6 +15,12 @@ EXIT_USER_ERROR = 2
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
   if config_required:
     p.add_argument("config", help="YAML config file (see configs/)")
+  g = p.add_argument_group("multi-host (run the same command on every host)")
+  g.add_argument("--distributed", choices=["auto", "none"], default=None,
+                 help="auto: let JAX find the coordinator (TPU VMs, SLURM)")
+  g.add_argument("--coordinator", help="HOST:PORT of process 0, for any other cluster")
+  g.add_argument("--num-processes", type=int)
+  g.add_argument("--process-id", type=int)
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                  help="override a config value (repeatable), e.g. --set train.steps=100")
   p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -24,14 +30,24 @@ def _default_workdir(config: str) -> str:
   return str(Path("runs") / Path(config).stem)
 
 
+def _init_distributed(args) -> None:
+  from jaxprompt import distributed
+
+  distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
+
+
 def cmd_train(args) -> int:
   from jaxprompt import config as C
   from jaxprompt.loop import train
 
   cfg = C.load(args.config, args.overrides)
+  _init_distributed(args)
   workdir = args.workdir or _default_workdir(args.config)
   summary = train(cfg, workdir, progress=not args.no_progress)
-  print(json.dumps({"workdir": workdir, **summary}))
+  import jax
+
+  if jax.process_index() == 0:
+    print(json.dumps({"workdir": workdir, **summary}))
   return 0
 
 
@@ -40,6 +56,7 @@ def cmd_eval(args) -> int:
   from jaxprompt.loop import evaluate
 
   cfg = C.load(args.config, args.overrides)
+  _init_distributed(args)
   print(json.dumps(evaluate(cfg, args.workdir, step=args.step)))
   return 0
 

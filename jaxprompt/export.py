@@ -64,13 +64,9 @@ def load_trained_prompt(source: str | Path, step: str | int = "best") -> tuple[n
     chosen = int(step) if chosen is None else chosen
   if chosen not in steps:
     raise CheckpointError(f"{ckdir}: no checkpoint at step {chosen} (have {steps})")
-  import orbax.checkpoint as ocp
-
-  restored = ck.manager.restore(chosen, args=ocp.args.Composite(prompt=ocp.args.StandardRestore(),
-                                                                  meta=ocp.args.JsonRestore()))
+  prompt, meta = ck.restore_prompt(chosen)
   ck.close()
-  meta = restored["meta"]
-  value = np.asarray(restored["prompt"]["prompt"]["embeddings"], np.float32)
+  value = np.asarray(prompt["prompt"]["embeddings"], np.float32)
   info = dict(base_model=meta.get("base_model"), base_architecture=meta.get("base_architecture"),
               source=str(ckdir / str(chosen)), step=chosen, metrics=meta.get("metrics"),
               tokenizer=(meta.get("config") or {}).get("model", {}).get("tokenizer"))

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -163,8 +164,9 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
           best, stale = {"step": s, "value": v}, 0
         else:
           stale += 1
-        bar.write(f"step {s}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                  + f" (best {metric} {best['value']:.4f} at step {best['step']})")
+        if is_main:
+          bar.write(f"step {s}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                    + f" (best {metric} {best['value']:.4f} at step {best['step']})", file=sys.stderr)
       early = ec.patience is not None and stale >= ec.patience
       if (s % cfg.checkpoint.every == 0 or s == tc.steps or stop["signal"] or early or metrics is not None):
         ckpt.save(s, prompt, opt_state, meta_for(s), metrics=metrics and {k: v for k, v in metrics.items()
@@ -173,7 +175,9 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
         ckpt.wait()
         raise Preempted(s)
       if early:
-        bar.write(f"early stopping at step {s}: no {metric} improvement in {ec.patience} evaluations")
+        if is_main:
+          bar.write(f"early stopping at step {s}: no {metric} improvement in {ec.patience} evaluations",
+                    file=sys.stderr)
         break
   finally:
     bar.close()

@@ -247,8 +247,10 @@ class Evaluator:
     self.arrays = encode_split(run, data, f"{cfg.data.task}/{cfg.data.eval_split}")
     self.batch_size = min(cfg.eval.batch_size, _round_up(len(data), jax.process_count()))
     loss_step, rank_step = make_eval_fns(run.graphdef, z_loss=cfg.train.z_loss)
-    self._loss = jax.jit(loss_step)
-    self._rank = jax.jit(rank_step)
+    # replicated outputs: every process can read every example's scores (multi-host)
+    rep = shd.replicated(run.mesh)
+    self._loss = jax.jit(loss_step, out_shardings=rep)
+    self._rank = jax.jit(rank_step, out_shardings=rep)
     self.mode = cfg.eval.mode if run.labels else "loss"
     if self.mode == "rank":
       lab = encode_labels(run.tokenizer, run.labels, kind=run.kind, target_length=cfg.data.target_length)
@@ -260,11 +262,11 @@ class Evaluator:
     ce = tokens = seq = 0.0
     preds = np.full(len(self.examples), -1)
     scores_all: dict[int, list[float]] = {}
-    for batch, w in eval_batches(self.arrays, self.batch_size, process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
-      index = batch.pop("index")
-      dev = _device_batch(run, batch)
-      s = jax.device_get(self._loss(prompt, run.frozen, dev, jnp.asarray(w)))
+    for batch, w, index in eval_batches(self.arrays, self.batch_size, process_index=jax.process_index(),
+                                        process_count=jax.process_count()):
+      dev = _device_batch(run, {**batch, "weights": w})
+      weights = dev.pop("weights")
+      s = jax.device_get(self._loss(prompt, run.frozen, dev, weights))
       ce, tokens, seq = ce + float(s["ce"]), tokens + float(s["tokens"]), seq + float(s["seq_correct"])
       if self.mode == "rank":
         sc = np.asarray(jax.device_get(self._rank(prompt, run.frozen, dev, self.label_ids, self.label_mask)))

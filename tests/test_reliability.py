@@ -51,7 +51,7 @@ def _write_config(folder, path: Path, steps: int, **extra) -> Path:
   }
   for k, v in extra.items():
     sec, key = k.split(".")
-    raw[sec][key] = v
+    raw.setdefault(sec, {})[key] = v
   C.from_dict(raw)  # validate
   import yaml
 

@@ -151,14 +151,15 @@ class BatchStream:
 
 
 def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-  """Fixed-order batches covering every example once; the last is padded. Yields (batch, weights [b])
-  where weights mark real examples, and `index` [b] gives each row's example index (-1 for padding)."""
+                 process_count: int = 1) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+  """Fixed-order global batches covering every example once (the last one padded).
+
+  Yields (this host's rows, their weights [b] — 1 for real examples, 0 for padding — and the example index
+  of every row of the *global* batch [B], -1 for padding)."""
   n = num_rows(arrays)
   local = batch_size // process_count
   for start in range(0, n, batch_size):
-    idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
+    global_idx = np.arange(start, start + batch_size)
+    idx = global_idx[process_index * local:(process_index + 1) * local]
     valid = idx < n
-    batch = _rows(arrays, np.where(valid, idx, 0))
-    batch["index"] = np.where(valid, idx, -1)
-    yield batch, valid.astype(np.float32)
+    yield _rows(arrays, np.where(valid, idx, 0)), valid.astype(np.float32), np.where(global_idx < n, global_idx, -1)
