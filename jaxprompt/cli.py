@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -96,6 +97,49 @@ def cmd_inspect(args) -> int:
   return 0
 
 
+def cmd_plan(args) -> int:
+  from jaxprompt import plan as PL
+
+  devices, budget = args.devices, args.budget_gib
+  if args.topology:
+    if args.topology not in PL.TOPOLOGIES:
+      raise ValueError(f"unknown topology {args.topology!r}; known: {', '.join(sorted(PL.TOPOLOGIES))}")
+    devices, mem = PL.TOPOLOGIES[args.topology]
+    budget = budget or mem
+  if devices:
+    # simulated devices: must be set before JAX initialises its backends
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from jaxprompt import config as C
+
+  cfg = C.load(args.config, args.overrides)
+  meshes = None
+  if args.mesh:
+    m = dict(data=1, fsdp=1, model=1)
+    for part in args.mesh.split(","):
+      k, _, v = part.partition("=")
+      if k not in m or not v.lstrip("-").isdigit():
+        raise ValueError(f"--mesh {args.mesh!r}: expected data=N,fsdp=N,model=N")
+      m[k] = int(v)
+    meshes = [m]
+  remats = (cfg.model.remat,) if args.mesh else tuple(dict.fromkeys([cfg.model.remat, "full"]))
+  print(f"plan for {cfg.model.path}: batch {cfg.train.batch_size}, inputs {cfg.data.input_length} + prompt "
+        f"{cfg.prompt.length}, targets {cfg.data.target_length}, weights {cfg.model.dtype}, compute "
+        f"{cfg.model.compute_dtype}, {devices or 'all'} devices" + (f", budget {budget} GiB/device" if budget else ""))
+  rows, best = PL.plan(cfg, devices=devices, meshes=meshes, budget_gib=budget, remats=remats)
+  if best is None:
+    print("no candidate mesh fits" if budget else "nothing compiled")
+    return 1 if budget else 0
+  m = best.mesh
+  print(f"recommended: --set mesh.data={m['data']} --set mesh.fsdp={m['fsdp']} --set mesh.model={m['model']} "
+        f"--set model.remat={best.remat}  ({best.total_gib:.2f} GiB per device, "
+        f"{best.flops_per_device / 1e12:.2f} TFLOP per device per step)")
+  if args.json:
+    Path(args.json).write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows],
+                                           "recommended": dataclasses.asdict(best)}, indent=2))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--heatmap", help="PNG path (default: SOURCE_similarity.png beside the source)")
   p.add_argument("--debug", action="store_true", help="show full tracebacks")
   p.set_defaults(fn=cmd_inspect)
+
+  p = sub.add_parser("plan", help="ahead-of-time memory/FLOPs plan for a config on N devices", description=(
+      "Compile the train step ahead of time on abstract shapes (no weights are loaded; devices are simulated "
+      "on the CPU) and report per-device memory (arguments, temporaries, total) and FLOPs per step for "
+      "candidate meshes, recommending the most data-parallel one that fits the budget."))
+  _common(p)
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--devices", type=int, help="number of (simulated) devices")
+  g.add_argument("--topology", help="a slice name, e.g. v3-8, v4-32, v5e-8, h100-8 (sets devices and budget)")
+  p.add_argument("--mesh", help="only this mesh, e.g. data=1,fsdp=8,model=1")
+  p.add_argument("--budget-gib", type=float, help="memory per device (default: the topology's)")
+  p.add_argument("--json", help="also write the table as JSON")
+  p.set_defaults(fn=cmd_plan)
   return parser
 
 

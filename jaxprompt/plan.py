@@ -1,0 +1,179 @@
+"""`jaxprompt plan`: compile the train step ahead of time on abstract shapes — no weights loaded, simulated
+devices — and report per-device memory (arguments, temporaries, total) and FLOPs per step for candidate
+meshes, so a user knows before renting a pod whether a model fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+# Per-device memory of common accelerators (GiB) and their device counts by slice name.
+TOPOLOGIES: dict[str, tuple[int, float]] = {
+    "v2-8": (8, 8), "v3-8": (8, 16), "v3-32": (32, 16), "v4-8": (4, 32), "v4-32": (16, 32),
+    "v5e-8": (8, 16), "v5litepod-8": (8, 16), "v5p-8": (4, 95), "v6e-8": (8, 32),
+    "a100-40gb-8": (8, 40), "a100-80gb-8": (8, 80), "h100-8": (8, 80), "h200-8": (8, 141),
+}
+GiB = 1024**3
+
+
+@dataclasses.dataclass
+class PlanRow:
+  mesh: dict
+  remat: str
+  argument_gib: float
+  temp_gib: float
+  output_gib: float
+  total_gib: float
+  flops_per_device: float
+  compile_seconds: float
+  fits: bool | None = None
+
+  def line(self) -> str:
+    m = f"data={self.mesh['data']},fsdp={self.mesh['fsdp']},model={self.mesh['model']}"
+    fits = "" if self.fits is None else ("  fits" if self.fits else "  too big")
+    return (f"{m:<26} remat={self.remat:<5} args {self.argument_gib:7.2f} GiB  temp {self.temp_gib:7.2f} GiB  "
+            f"total {self.total_gib:7.2f} GiB  {self.flops_per_device / 1e12:8.2f} TFLOP/device/step{fits}")
+
+
+def hf_config_for(path: str) -> dict:
+  """config.json of a local folder / GGUF-free hub id, or a known checkpoint's published config (offline)."""
+  from jaxprompt.models.known import KNOWN_CONFIGS
+
+  if path == "builtin:quickstart":
+    from jaxprompt import quickstart
+
+    return quickstart.MODEL_CONFIG.to_hf()
+  p = Path(path).expanduser()
+  if p.is_dir() and (p / "config.json").exists():
+    return json.loads((p / "config.json").read_text())
+  if p.suffix == ".json" and p.exists():
+    return json.loads(p.read_text())
+  if path in KNOWN_CONFIGS:
+    return dict(KNOWN_CONFIGS[path])
+  from jaxprompt.models.hf import resolve_model_dir
+
+  return json.loads((resolve_model_dir(path) / "config.json").read_text())
+
+
+def candidate_meshes(n: int) -> list[dict]:
+  """Factorisations of n devices, most data-parallel first."""
+  out = []
+  for model in (1, 2, 4, 8, 16):
+    for fsdp in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+      if n % (model * fsdp) == 0:
+        out.append(dict(data=n // (model * fsdp), fsdp=fsdp, model=model))
+  return sorted(out, key=lambda m: (m["model"], m["fsdp"]))
+
+
+def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
+  """Lower + compile the real train step for `cfg` on `mesh` with abstract (shape-only) arguments."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxprompt import prompts as P
+  from jaxprompt import sharding as shd
+  from jaxprompt.models.loading import ARCHITECTURES
+  from jaxprompt.optim import build_optimizer
+  from jaxprompt.train import make_train_step
+
+  arch = ARCHITECTURES[hf_cfg.get("model_type")]
+  has_head = not hf_cfg.get("tie_word_embeddings", True)
+  config = arch.config_from_hf(hf_cfg, {"lm_head.weight"} if has_head else set())
+  pdt, cdt = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.compute_dtype)
+
+  def build():
+    base = arch.model_cls(config, rngs=nnx.Rngs(0), param_dtype=pdt, dtype=cdt, remat=remat)
+    return P.PromptedModel(base, P.SoftPrompt(jnp.zeros((cfg.prompt.length, base.hidden_size))))
+
+  abstract = nnx.eval_shape(build)
+  graphdef, prompt_state, frozen_state = nnx.split(abstract, P.PromptParam, ...)
+  f_sh = shd.state_shardings(frozen_state, mesh).to_pure_dict()
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  frozen = jax.tree.map(sds, frozen_state.to_pure_dict(), f_sh)
+  rep = shd.replicated(mesh)
+  prompt = jax.tree.map(lambda x: sds(x, rep), prompt_state.to_pure_dict())
+  tx = build_optimizer(cfg.optimizer, cfg.train.steps)
+  opt = jax.tree.map(lambda x: sds(x, rep), jax.eval_shape(tx.init, prompt))
+  b, l, t = cfg.train.batch_size, cfg.data.input_length, cfg.data.target_length
+  bs = shd.batch_sharding(mesh)
+  if abstract.kind == "seq2seq":
+    shapes = dict(input_ids=(b, l), input_mask=(b, l), target_ids=(b, t), target_mask=(b, t))
+  else:
+    shapes = dict(tokens=(b, l + t), token_mask=(b, l + t), target_mask=(b, l + t))
+  batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=bs) for k, s in shapes.items()}
+  step = jax.jit(make_train_step(graphdef, tx, z_loss=cfg.train.z_loss, microbatches=cfg.train.microbatches),
+                 out_shardings=(jax.tree.map(lambda _: rep, prompt), jax.tree.map(lambda _: rep, opt), rep),
+                 donate_argnums=(0, 1))
+  start = time.time()
+  compiled = step.lower(prompt, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  return compiled, time.time() - start
+
+
+def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, budget_gib: float | None = None,
+         remats: tuple[str, ...] = ("none", "full"), log=print) -> tuple[list[PlanRow], PlanRow | None]:
+  import jax
+
+  from jaxprompt import sharding as shd
+
+  hf_cfg = hf_config_for(cfg.model.path)
+  n = devices or jax.device_count()
+  devs = jax.devices()[:n]
+  if len(devs) < n:
+    raise ValueError(f"{n} devices requested but only {len(devs)} exist (start with --devices before JAX initialises)")
+  rows: list[PlanRow] = []
+  best = None
+  weights = _param_bytes(cfg, hf_cfg)
+  for m in meshes or candidate_meshes(n):
+    if budget_gib is not None and not meshes and weights / (m["fsdp"] * m["model"]) > budget_gib * GiB:
+      log(f"skip data={m['data']},fsdp={m['fsdp']},model={m['model']}: frozen weights alone need "
+          f"{weights / (m['fsdp'] * m['model']) / GiB:.1f} GiB per device")
+      continue
+    mesh = shd.make_mesh(m["data"], m["fsdp"], m["model"], devices=devs)
+    dp = m["data"] * m["fsdp"]
+    if cfg.train.batch_size % (dp * cfg.train.microbatches):
+      log(f"skip data={m['data']},fsdp={m['fsdp']},model={m['model']}: batch {cfg.train.batch_size} does not split")
+      continue
+    for remat in remats:
+      compiled, secs = compile_step(cfg, hf_cfg, mesh, remat)
+      mem = compiled.memory_analysis()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      args, temp, out, alias = (mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
+                                mem.alias_size_in_bytes)
+      total = args + temp + out - alias
+      row = PlanRow(m, remat, args / GiB, temp / GiB, out / GiB, total / GiB, float(cost.get("flops", 0.0)), secs,
+                    None if budget_gib is None else total / GiB <= budget_gib)
+      rows.append(row)
+      log(row.line())
+      if row.fits or (budget_gib is None):
+        if best is None or _better(row, best):
+          best = row
+      if row.fits:
+        break  # a lighter remat policy already fits; no need to recompute more
+    if best is not None and budget_gib is not None and not meshes:
+      break  # candidates come in order of preference: the first that fits is the recommendation
+  return rows, best
+
+
+def _param_bytes(cfg, hf_cfg: dict) -> float:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxprompt.models.loading import ARCHITECTURES
+
+  arch = ARCHITECTURES[hf_cfg.get("model_type")]
+  has_head = not hf_cfg.get("tie_word_embeddings", True)
+  config = arch.config_from_hf(hf_cfg, {"lm_head.weight"} if has_head else set())
+  abstract = nnx.eval_shape(lambda: arch.model_cls(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(cfg.model.dtype)))
+  return float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract))))
+
+
+def _better(a: PlanRow, b: PlanRow) -> bool:
+  """Prefer no remat, then most data parallelism, then least memory."""
+  key = lambda r: (r.remat != "none", r.mesh["model"], r.mesh["fsdp"], r.total_gib)
+  return key(a) < key(b)
