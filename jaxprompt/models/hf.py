@@ -177,8 +177,16 @@ TRANSFORMS: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 
 
-def register_transform(name: str, hf_shape: Callable, to_ours: Callable, to_hf: Callable) -> None:
+# Transforms that read one part of a fused HF tensor (GPT-2's c_attn holds q|k|v): several map entries share
+# the HF key, and export concatenates their `to_hf` pieces, in map order, along this axis.
+FUSE_AXES: dict[str, int] = {}
+
+
+def register_transform(name: str, hf_shape: Callable, to_ours: Callable, to_hf: Callable, *,
+                       fuse_axis: int | None = None) -> None:
   TRANSFORMS[name] = (hf_shape, to_ours, to_hf)
+  if fuse_axis is not None:
+    FUSE_AXES[name] = fuse_axis
 
 
 # -- strict loading ----------------------------------------------------------------------------
@@ -228,7 +236,7 @@ def load_weights(abstract: nnx.Module, weight_map: list[tuple[str, str, str]], r
         out = np.stack([np.asarray(views[i][index[1:]]) for i in layers])
       else:
         out = np.asarray(views[0][index])
-      return out.astype(param_dtype)
+      return out.astype(param_dtype, copy=False)
 
     filled[path] = jax.make_array_from_callback(shape, sharding, callback)
   unexpected = sorted(available - consumed - set(aliases))
@@ -246,15 +254,24 @@ def load_weights(abstract: nnx.Module, weight_map: list[tuple[str, str, str]], r
 def export_weights(model: nnx.Module, weight_map: list[tuple[str, str, str]], dtype=np.float32) -> dict[str, np.ndarray]:
   """The inverse map: our parameters -> HF tensors (gathered to the host)."""
   flat = dict(nnx.to_flat_state(nnx.state(model)))
-  out: dict[str, np.ndarray] = {}
+  pieces: dict[str, list[tuple[str, np.ndarray]]] = {}
   for ours, hf_key, tname in weight_map:
     a = np.asarray(jax.device_get(flat[_path(ours)].get_value()), dtype=np.float32)
     to_hf = TRANSFORMS[tname][2]
     if "{i}" in hf_key:
       for i in range(a.shape[0]):
-        out[hf_key.format(i=i)] = to_hf(a[i]).astype(dtype)
+        pieces.setdefault(hf_key.format(i=i), []).append((tname, to_hf(a[i])))
     else:
-      out[hf_key] = to_hf(a).astype(dtype)
+      pieces.setdefault(hf_key, []).append((tname, to_hf(a)))
+  out: dict[str, np.ndarray] = {}
+  for key, parts in pieces.items():
+    if len(parts) == 1 and parts[0][0] not in FUSE_AXES:
+      out[key] = parts[0][1].astype(dtype)
+      continue
+    axes = {FUSE_AXES.get(t) for t, _ in parts}
+    if None in axes or len(axes) != 1:
+      raise WeightError(f"internal: HF tensor {key!r} is written by several map entries that are not one fused group")
+    out[key] = np.concatenate([v for _, v in parts], axis=axes.pop()).astype(dtype)
   return out
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Added to attention scores at masked keys. The most negative float32, as transformers does, so
@@ -58,7 +59,8 @@ class StackedAttention(nnx.Module):
 
 
 class StackedMLP(nnx.Module):
-  """wi (or gated wi_0/wi_1) [Y, H, F] and wo [Y, F, H], optionally with biases (GPT-2)."""
+  """wi (or gated wi_0/wi_1) [Y, H, F] and wo [Y, F, H], optionally with biases (GPT-2: bi/bo; Llama
+  mlp_bias: bi_0/bi_1/bo)."""
 
   def __init__(self, num_layers, d_model, d_ff, gated, *, rngs, param_dtype, std_in, std_out, bias=False):
     y, h, f = num_layers, d_model, d_ff
@@ -69,7 +71,8 @@ class StackedMLP(nnx.Module):
       self.wi = param(normal_init(rngs, (y, h, f), std_in, param_dtype), ("layers", "embed", "mlp"))
     self.wo = param(normal_init(rngs, (y, f, h), std_out, param_dtype), ("layers", "mlp", "embed"))
     if bias:
-      self.bi = param(jnp.zeros((y, f), param_dtype), ("layers", "mlp"))
+      for name in ("bi_0", "bi_1") if gated else ("bi",):
+        setattr(self, name, param(jnp.zeros((y, f), param_dtype), ("layers", "mlp")))
       self.bo = param(jnp.zeros((y, h), param_dtype), ("layers", "embed"))
 
 
@@ -181,16 +184,63 @@ def project_out(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.A
   return y
 
 
+def _dense(x: jax.Array, p: dict, w: str, b: str) -> jax.Array:
+  y = x @ p[w].astype(x.dtype)
+  return y + p[b].astype(x.dtype) if b in p else y
+
+
+def rope_inv_freq(head_dim: int, theta: float, *, rope_type: str = "default", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, original_max_positions: int = 8192,
+                  freq_factors: tuple[float, ...] | None = None) -> np.ndarray:
+  """Rotary inverse frequencies [D // 2] float32, computed as transformers does (float32 throughout).
+
+  rope_type "default"; "linear" (positions / factor); "llama3" (Llama 3.1 frequency-dependent scaling:
+  long wavelengths divided by `factor`, short ones kept, a smooth ramp between). `freq_factors` [D // 2]
+  divides the frequencies as llama.cpp's `rope_freqs` tensor does (how GGUF files carry llama3 scaling).
+  """
+  exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv = np.float32(1.0) / np.power(np.float32(theta), exponent)
+  if rope_type == "linear":
+    inv = inv / np.float32(factor)
+  elif rope_type == "llama3":
+    low_wavelen = original_max_positions / low_freq_factor
+    high_wavelen = original_max_positions / high_freq_factor
+    wavelen = np.float32(2 * math.pi) / inv
+    scaled = np.where(wavelen > low_wavelen, inv / np.float32(factor), inv)
+    smooth = (np.float32(original_max_positions) / wavelen - np.float32(low_freq_factor)) / np.float32(
+        high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  elif rope_type != "default":
+    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+  if freq_factors is not None:
+    inv = inv / np.asarray(freq_factors, np.float32)
+  return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """positions [B, L] int -> (cos, sin) [B, L, D] float32, frequencies repeated over both halves."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotary embedding in the half-split layout (HF): x [B, L, N, D], cos/sin [B, L, D]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  c, s = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+  return x * c + rotated * s
+
+
 def mlp(x: jax.Array, p: dict, act: Callable, dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
   """Dense or gated MLP. p has `wi` [H, F] (dense) or `wi_0`/`wi_1` [H, F] (gated: act(x wi_0) * x wi_1),
-  `wo` [F, H], and optional biases `bi` [F], `bo` [H] (GPT-2)."""
+  `wo` [F, H], and optional biases `bi` (or `bi_0`/`bi_1`) [F], `bo` [H]."""
   if "wi_0" in p:
-    h = act(x @ p["wi_0"].astype(x.dtype)) * (x @ p["wi_1"].astype(x.dtype))
+    h = act(_dense(x, p, "wi_0", "bi_0")) * _dense(x, p, "wi_1", "bi_1")
   else:
-    h = x @ p["wi"].astype(x.dtype)
-    if "bi" in p:
-      h = h + p["bi"].astype(x.dtype)
-    h = act(h)
+    h = act(_dense(x, p, "wi", "bi"))
   h = dropout(h, dropout_rate, rng)
   y = h @ p["wo"].astype(x.dtype)
   if "bo" in p:
@@ -231,19 +281,26 @@ def remat_policy(name: str):
   return policies[name]
 
 
-def scan_layers(layer_fn: Callable, x: jax.Array, stacked: dict, rng: jax.Array | None, remat: str = "none"):
-  """Run `layer_fn(params_of_one_layer, x, rng) -> x` over params stacked on axis 0 with lax.scan."""
+def scan_layers(layer_fn: Callable, x: jax.Array, stacked: dict, rng: jax.Array | None, remat: str = "none",
+                per_layer=None):
+  """Run `layer_fn(params_of_one_layer, x, rng) -> x` over params stacked on axis 0 with lax.scan.
+
+  With `per_layer` (a pytree stacked on axis 0 like the params: a KV cache, per-layer settings),
+  `layer_fn(p, x, rng, per_layer_i) -> (x, out_i)` and the result is `(x, outs stacked on axis 0)`.
+  """
   num_layers = jax.tree.leaves(stacked)[0].shape[0]
   rngs = None if rng is None else jax.random.split(rng, num_layers)
 
   def body(carry, xs):
-    p, r = xs
-    return layer_fn(p, carry, r), None
+    p, r, extra = xs
+    if per_layer is None:
+      return layer_fn(p, carry, r), None
+    return layer_fn(p, carry, r, extra)
 
   if remat != "none":
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, (stacked, rngs))
-  return x
+  x, outs = jax.lax.scan(body, x, (stacked, rngs, per_layer))
+  return x if per_layer is None else (x, outs)
 
 
 def arrays(module: nnx.Module) -> dict:
