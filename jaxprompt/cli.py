@@ -140,6 +140,18 @@ def cmd_plan(args) -> int:
   return 0
 
 
+def cmd_bench(args) -> int:
+  from jaxprompt import bench as BN
+
+  if args.preset not in BN.PRESETS:
+    raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
+  result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
+                        structural=not args.no_structural)
+  if args.json:
+    Path(args.json).write_text(json.dumps(result, indent=2))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--budget-gib", type=float, help="memory per device (default: the topology's)")
   p.add_argument("--json", help="also write the table as JSON")
   p.set_defaults(fn=cmd_plan)
+
+  p = sub.add_parser("bench", help="measure the train step (optionally against PyTorch + PEFT)", description=(
+      "After warm-up: median train-step time, tokens/s, XLA FLOPs, achieved FLOP/s and utilisation of the "
+      "device's peak (on CPU a matmul peak measured in the same run), compile time and device memory. "
+      "--vs-peft runs the same shapes through PyTorch + PEFT in the same invocation. Presets use random weights."))
+  p.add_argument("--preset", default="t5-v1_1-small", help="shape preset (default t5-v1_1-small)")
+  p.add_argument("--vs-peft", action="store_true", help="also run PyTorch + PEFT on the same shapes")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+  p.add_argument("--iters", type=int, default=5, help="timed steps after warm-up")
+  p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
+  p.add_argument("--json", help="write the results as JSON")
+  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+  p.set_defaults(fn=cmd_bench)
   return parser
 
 

