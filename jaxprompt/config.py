@@ -39,7 +39,8 @@ class PromptConfig:
   init_range: tuple[float, float] = (-0.5, 0.5)  # random_uniform; the paper's range (original code: [0, 0.5))
   vocab_sample_size: int = 5000  # sampled_vocab / class_labels draw from the first N embedding rows
   init_text: str | None = None  # init: text
-  init_file: str | None = None  # init: file (.npy, .safetensors or a PEFT adapter folder)
+  init_file: str | None = None  # init: file (.npy, .safetensors, a PEFT adapter folder or a workdir)
+  allow_other_base: bool = False  # init: file — use a prompt recorded for another base model (with a warning)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,6 +64,9 @@ def load_base(mcfg: C.ModelConfig, mesh=None):
   if mcfg.dropout is not None and hasattr(base.config, "dropout_rate"):
     base.config = dataclasses.replace(base.config, dropout_rate=mcfg.dropout)
   tokenizer = load_tokenizer(mcfg.tokenizer or path)
+  if len(tokenizer) > base.config.vocab_size:
+    raise DataError(f"tokenizer {mcfg.tokenizer or path!r} has {len(tokenizer)} tokens but the model's vocabulary "
+                    f"has {base.config.vocab_size} rows: they do not belong together")
   return base, tokenizer
 
 
@@ -112,7 +115,15 @@ def initial_prompt(pcfg: C.PromptConfig, base, tokenizer, labels, rng) -> jax.Ar
   if pcfg.init == "file":
     if not pcfg.init_file:
       raise P.PromptError("prompt.init file needs prompt.init_file")
-    return P.from_file(pcfg.init_file, pcfg.length, hidden)
+    from jaxprompt.export import check_compatible, load_trained_prompt
+
+    value, info = load_trained_prompt(pcfg.init_file)
+    for warning in check_compatible(info, getattr(base, "identity", None), hidden, base.kind, pcfg.init_file,
+                                    strict=not pcfg.allow_other_base):
+      log.warning(warning)
+    if value.shape != (pcfg.length, hidden):
+      raise P.PromptError(f"{pcfg.init_file}: prompt has shape {value.shape}, expected [P, H] = ({pcfg.length}, {hidden})")
+    return jnp.asarray(value)
   raise P.PromptError(f"unknown prompt.init {pcfg.init!r}")
 
 
@@ -207,8 +218,18 @@ class Run:
     return np.asarray(jax.device_get(self.prompt["prompt"]["embeddings"]))
 
 
+def mesh_from_config(mc: C.MeshConfig):
+  """The configured mesh; a mesh smaller than the machine (single process) uses its first devices."""
+  sizes = (mc.data, mc.fsdp, mc.model)
+  n = jax.device_count()
+  if -1 not in sizes and math.prod(sizes) < n and jax.process_count() == 1:
+    log.warning("mesh data=%d x fsdp=%d x model=%d uses %d of the %d devices", *sizes, math.prod(sizes), n)
+    return shd.make_mesh(*sizes, devices=jax.devices()[:math.prod(sizes)])
+  return shd.make_mesh(*sizes)
+
+
 def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True) -> tuple[Run, TaskData | None]:
-  mesh = mesh or shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model)
+  mesh = mesh or mesh_from_config(cfg.mesh)
   base, tokenizer = load_base(cfg.model, mesh)
   train = task_data(cfg.data, cfg.data.train_split) if with_train_data else None
   labels = train.labels if train is not None else task_data(cfg.data, cfg.data.eval_split).labels

@@ -211,6 +211,53 @@ class T5(nnx.Module):
       return jnp.einsum("BTH,VH->BTV", x, self.shared[...].astype(x.dtype), preferred_element_type=jnp.float32)
     return jnp.einsum("BTH,HV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
 
+  # -- cached decoding (jaxprompt.generate) ----------------------------------------------------
+
+  def init_cache(self, encoder_hidden: jax.Array, encoder_attention_mask: jax.Array, max_length: int) -> dict:
+    """A decoding cache: empty self-attention k/v [Y, B, T, N, D] for `max_length` decoder positions,
+    cross-attention k/v [Y, B, S, N, D] computed once from the encoder output [B, S, H], and its mask [B, S]."""
+    enc = encoder_hidden.astype(self.dtype)
+    cross = L.arrays(self.decoder.layers.cross_attn)
+    ck = jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype))
+    cv = jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype))
+    y, b, _, n, d = ck.shape
+    empty = jnp.zeros((y, b, max_length, n, d), self.dtype)
+    return dict(k=empty, v=empty, cross_k=ck, cross_v=cv, encoder_mask=encoder_attention_mask)
+
+  def decode_step(self, cache: dict, decoder_input_ids: jax.Array, index) -> tuple[jax.Array, dict]:
+    """Decoder tokens [B, l] at positions index..index+l-1 -> (logits [B, l, V] float32, updated cache).
+
+    Equals the matching rows of `decode` on the whole prefix: the self-attention keys/values of earlier
+    positions come from the cache, the cross-attention ones were projected once by `init_cache`.
+    """
+    cfg = self.config
+    x = self.embed(decoder_input_ids)
+    t = cache["k"].shape[2]
+    q_pos = index + jnp.arange(x.shape[1])
+    k_pos = jnp.arange(t)
+    causal = jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, L.MASK_VALUE)[None, None]
+    self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg) + causal
+    cross_bias = L.mask_to_bias(cache["encoder_mask"])
+    act = L.activation(cfg.act_name)
+
+    def layer(p, x, rng, xs):
+      a, c = p["self_attn"], p["cross_attn"]
+      h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
+      k = jax.lax.dynamic_update_slice(xs["k"], L.project_qkv(h, a["k"]).astype(xs["k"].dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(xs["v"], L.project_qkv(h, a["v"]).astype(xs["v"].dtype), (0, index, 0, 0))
+      o = L.dot_product_attention(L.project_qkv(h, a["q"]), k, v, self_bias, scale=1.0)
+      x = x + L.project_out(o, a["o"])
+      h = L.rms_norm(x, p["cross_attn_norm"], cfg.layer_norm_epsilon)
+      o = L.dot_product_attention(L.project_qkv(h, c["q"]), xs["cross_k"], xs["cross_v"], cross_bias, scale=1.0)
+      x = x + L.project_out(o, c["o"])
+      h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
+      return x + L.mlp(h, p["mlp"], act), dict(k=k, v=v)
+
+    per_layer = dict(k=cache["k"], v=cache["v"], cross_k=cache["cross_k"], cross_v=cache["cross_v"])
+    x, kv = L.scan_layers(layer, x, L.arrays(self.decoder.layers), None, "none", per_layer)
+    x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
+    return self.logits(x), {**cache, **kv}
+
   def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                inputs_embeds=None, *, dropout_rng=None) -> jax.Array:
     """Full forward -> logits [B, T, V] float32."""

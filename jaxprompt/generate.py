@@ -1,0 +1,279 @@
+"""KV-cache generation for T5 and decoder-only models: greedy, sampling (temperature / top-k / top-p), beam search.
+
+Notation: B batch, W beams, L prefix length, T new tokens (max_new_tokens), S cache slots, V vocab.
+
+Each call runs one jitted fixed-shape loop (`lax.while_loop`, stopping early once every row has finished),
+compiled once per model structure, shapes and method settings. The prefix is `input_ids` or `inputs_embeds`
+(+ `attention_mask`); soft prompts of any length enter as embeddings with an extended mask.
+  * T5: the prefix is the encoder input (any padding). The encoder runs once, cross-attention k/v are
+    projected once, the decoder starts from `decoder_start_token_id` and caches its self-attention k/v.
+  * decoders: the prefix must be left-padded. It runs once (prefill) into a cache of L + T slots; positions
+    count from each row's first real token, as transformers' generate does, so a padded row decodes as it
+    would alone.
+A row that emits an EOS id is finished and emits `pad_id` afterwards. The result is a dict:
+  tokens [B, T] int32; lengths [B] (tokens up to and including EOS); scores [B]:
+    greedy / sample: the sum of the model's log-probabilities (before temperature and filtering) of the tokens;
+    beam: the best beam's log-probability / ((5 + length) / 6) ** alpha (T5X's brevity penalty).
+  beam also returns beams [B, W, T] and beam_scores [B, W], best first.
+Beam search follows T5X's `beam_search` (2W candidates a step, live and finished sets, early stop once no live
+beam can beat the finished ones; alpha >= 0), with one difference: beams that reach max_new_tokens without EOS
+are finished candidates too (T5X drops them whenever some beam finished), so a length-capped search returns the
+best-scoring sequence among all it considered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+NEG_INF = -1.0e7  # T5X's "effective negative infinity" for beam scores (finite: sums stay finite)
+METHODS = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:  # static: part of the compilation key
+  method: str
+  max_new_tokens: int
+  top_k: int
+  top_p: float
+  num_beams: int
+  alpha: float
+  eos: tuple[int, ...]
+  pad: int
+  embeds: bool
+
+
+def generate(model, *, input_ids=None, attention_mask=None, inputs_embeds=None, max_new_tokens: int,
+             method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             num_beams: int = 4, alpha: float = 0.6, eos_id: int | Sequence[int] | None = None,
+             pad_id: int | None = None, rng: jax.Array | None = None) -> dict:
+  """Generate up to `max_new_tokens` tokens after a prefix (see the module docstring for the contract).
+
+  Args:
+    model: a `T5` or `Decoder` (the frozen base; a soft prompt comes in through `inputs_embeds`).
+    input_ids / inputs_embeds: the prefix [B, L] / [B, L, H] (exactly one); decoders need left padding.
+    attention_mask: [B, L], 1 for real positions (default: all ones).
+    method: "greedy", "sample" (temperature, top_k (0 = off), top_p (1.0 = off), needs `rng`) or "beam"
+      (num_beams, length-penalty alpha).
+    eos_id: an id or ids that finish a row; None: the model config's eos_token_id; -1: never stop early.
+    pad_id: emitted by finished rows; None: the config's pad_token_id (or 0).
+  """
+  if (input_ids is None) == (inputs_embeds is None):
+    raise ValueError("generate needs exactly one of input_ids and inputs_embeds")
+  if method not in METHODS:
+    raise ValueError(f"unknown generation method {method!r}; choose one of {METHODS}")
+  if method == "sample" and rng is None:
+    raise ValueError("method='sample' needs an rng (jax.random.key)")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if method == "beam" and (num_beams < 1 or alpha < 0):
+    raise ValueError(f"beam search needs num_beams >= 1 and alpha >= 0, got {num_beams}, {alpha}")
+  prefix = input_ids if inputs_embeds is None else inputs_embeds
+  b, l = prefix.shape[:2]
+  mask = jnp.ones((b, l), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  if model.kind == "causal":
+    _check_left_padded(mask)
+  cfg = model.config
+  if pad_id is None:
+    pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
+  opts = _Options(method=method, max_new_tokens=int(max_new_tokens), top_k=int(top_k), top_p=float(top_p),
+                  num_beams=int(num_beams) if method == "beam" else 1, alpha=float(alpha), eos=_eos_ids(eos_id, cfg),
+                  pad=int(pad_id), embeds=inputs_embeds is not None)
+  graphdef, state = nnx.split(model)
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate(graphdef, state, prefix, mask, jnp.asarray(temperature, jnp.float32), rng, opts=opts)
+
+
+def _eos_ids(eos_id, cfg) -> tuple[int, ...]:
+  if eos_id is None:
+    eos_id = getattr(cfg, "eos_token_id", None)
+  if eos_id is None or (isinstance(eos_id, int) and eos_id < 0):
+    return ()
+  return (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(i) for i in eos_id)
+
+
+def _check_left_padded(mask: jax.Array) -> None:
+  try:
+    m = np.asarray(mask)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return  # traced: the caller vouches for it
+  if (np.diff(m, axis=1) < 0).any():
+    raise ValueError("decoder-only generation needs left-padded prefixes (padding before the tokens)")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
+def _generate(graphdef, state, prefix, mask, temperature, rng, *, opts: _Options):
+  model = nnx.merge(graphdef, state)
+  setup = _setup_seq2seq if model.kind == "seq2seq" else _setup_causal
+  logits0, cache, step = setup(model, prefix, mask, opts)
+  if opts.method == "beam":
+    return _beam_search(logits0, cache, step, opts)
+  return _sample_loop(logits0, cache, step, opts, temperature, rng)
+
+
+# -- model set-up: prefix -> (first logits, cache, step) --------------------------------------------
+# step(cache, tokens [B'], t) feeds the t-th generated tokens and returns the next logits [B', V].
+# Per-example constants are repeated for beams once; only the self-attention cache (k, v) is reordered.
+
+
+def _repeat(x, w, axis=0):
+  return x if w == 1 else jnp.repeat(x, w, axis=axis)
+
+
+def _setup_causal(model, prefix, mask, opts):
+  w, t_new = opts.num_beams, opts.max_new_tokens
+  b, l = mask.shape
+  x = prefix.astype(model.dtype) if opts.embeds else model.embed(prefix)
+  cache = model.init_cache(b, l + t_new)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  key_mask = jnp.concatenate([mask, jnp.ones((b, t_new), mask.dtype)], axis=1)  # [B, S]
+  h, cache = model.extend(cache, x, positions, key_mask, 0)
+  logits0 = model.logits(h[:, -1:])[:, 0]
+  next_pos = jnp.sum(mask, axis=1)  # position of the first new token
+  logits0, key_mask, next_pos = _repeat(logits0, w), _repeat(key_mask, w), _repeat(next_pos, w)
+  cache = jax.tree.map(lambda c: _repeat(c, w, axis=1), cache)
+
+  def step(cache, tokens, t):
+    h, cache = model.extend(cache, model.embed(tokens[:, None]), (next_pos + t)[:, None], key_mask, l + t)
+    return model.logits(h)[:, 0], cache
+
+  return logits0, cache, step
+
+
+def _setup_seq2seq(model, prefix, mask, opts):
+  w = opts.num_beams
+  enc = model.encode(inputs_embeds=prefix, attention_mask=mask) if opts.embeds else model.encode(prefix, mask)
+  # the start token sits in slot 0 and generated token t in slot t + 1 (the last one is never read)
+  cache = model.init_cache(_repeat(enc, w), _repeat(mask, w), opts.max_new_tokens + 1)
+  start = jnp.full((enc.shape[0] * w, 1), model.config.decoder_start_token_id, jnp.int32)
+  logits0, cache = model.decode_step(cache, start, 0)
+
+  def step(cache, tokens, t):
+    logits, cache = model.decode_step(cache, tokens[:, None], t + 1)
+    return logits[:, 0], cache
+
+  return logits0[:, 0], cache, step
+
+
+# -- greedy / sampling ---------------------------------------------------------------------------
+
+
+def _filter_and_sample(logits, temperature, top_k, top_p, rng):
+  """Sample from logits [B, V] / temperature, keeping the top_k largest and the smallest set of
+  tokens whose probability reaches top_p (the most likely token always stays)."""
+  x = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][..., -1:]
+    x = jnp.where(x < kth, -jnp.inf, x)
+  if top_p < 1.0:
+    ordered = jnp.sort(x, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # mass before a token is still short of top_p
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x < cutoff, -jnp.inf, x)
+  return jax.random.categorical(rng, x, axis=-1)
+
+
+def _is_eos(tokens, eos):
+  out = jnp.zeros(tokens.shape, bool)
+  for e in eos:
+    out = out | (tokens == e)
+  return out
+
+
+def _sample_loop(logits0, cache, step, opts, temperature, rng):
+  b, t_new = logits0.shape[0], opts.max_new_tokens
+  init = dict(t=jnp.int32(0), logits=logits0, cache=cache, tokens=jnp.full((b, t_new), opts.pad, jnp.int32),
+              finished=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32), scores=jnp.zeros((b,), jnp.float32),
+              rng=rng)
+
+  def cond(s):
+    return (s["t"] < t_new) & ~jnp.all(s["finished"])
+
+  def body(s):
+    rng, sub = jax.random.split(s["rng"])
+    logits = s["logits"]
+    if opts.method == "greedy":
+      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      tok = _filter_and_sample(logits, temperature, opts.top_k, opts.top_p, sub).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+    alive = ~s["finished"]
+    tok = jnp.where(alive, tok, opts.pad)
+    logits, cache = step(s["cache"], tok, s["t"])
+    return dict(t=s["t"] + 1, logits=logits, cache=cache,
+                tokens=jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["t"])),
+                finished=s["finished"] | (alive & _is_eos(tok, opts.eos)),
+                lengths=s["lengths"] + alive.astype(jnp.int32), scores=s["scores"] + jnp.where(alive, logp, 0.0),
+                rng=rng)
+
+  s = jax.lax.while_loop(cond, body, init)
+  return dict(tokens=s["tokens"], lengths=s["lengths"], scores=s["scores"])
+
+
+# -- beam search -----------------------------------------------------------------------------------
+
+
+def _brevity_penalty(alpha: float, length):
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def _gather(x, idx):
+  """x [B, M, ...], idx [B, K] -> [B, K, ...]."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _beam_search(logits0, cache, step, opts):
+  w, t_new, pad = opts.num_beams, opts.max_new_tokens, opts.pad
+  v = logits0.shape[-1]
+  b = logits0.shape[0] // w
+  init = dict(
+      t=jnp.int32(0), logits=logits0, cache=cache,
+      live_logp=jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1), jnp.float32), (b, 1)),  # one live beam at first
+      live_seqs=jnp.full((b, w, t_new), pad, jnp.int32),
+      fin_seqs=jnp.full((b, w, t_new), pad, jnp.int32),
+      fin_scores=jnp.full((b, w), NEG_INF, jnp.float32),
+      fin_flags=jnp.zeros((b, w), bool))
+
+  def cond(s):
+    # the best any live beam can still reach: its log-probability only falls, the penalty grows with length
+    best_live = jnp.max(s["live_logp"], axis=1) / _brevity_penalty(opts.alpha, t_new)
+    worst_finished = jnp.min(jnp.where(s["fin_flags"], s["fin_scores"], NEG_INF), axis=1)
+    return (s["t"] < t_new) & ~jnp.all(worst_finished > best_live)
+
+  def body(s):
+    t = s["t"]
+    logp = jax.nn.log_softmax(s["logits"], axis=-1).reshape(b, w, v) + s["live_logp"][..., None]
+    # 2W candidates, so W stay live even if W of them end with EOS
+    cand_logp, flat_idx = jax.lax.top_k(logp.reshape(b, w * v), 2 * w)  # [B, 2W]
+    parent, tok = flat_idx // v, (flat_idx % v).astype(jnp.int32)
+    cand_seqs = jax.lax.dynamic_update_slice(_gather(s["live_seqs"], parent), tok[..., None], (0, 0, t))
+    ended = _is_eos(tok, opts.eos)
+    live_rank = cand_logp + jnp.where(ended, NEG_INF, 0.0)
+    _, keep = jax.lax.top_k(live_rank, w)  # [B, W]
+    finished = ended | (t + 1 == t_new)  # at the length limit every candidate is complete
+    new_scores = jnp.where(finished, cand_logp / _brevity_penalty(opts.alpha, t + 1), NEG_INF)
+    all_scores = jnp.concatenate([s["fin_scores"], new_scores], axis=1)
+    _, best = jax.lax.top_k(all_scores, w)
+    origin = (jnp.arange(b)[:, None] * w + _gather(parent, keep)).reshape(-1)
+    cache = dict(s["cache"], k=s["cache"]["k"][:, origin], v=s["cache"]["v"][:, origin])
+    next_tok = _gather(tok, keep).reshape(-1)
+    logits, cache = step(cache, next_tok, t)
+    return dict(
+        t=t + 1, logits=logits, cache=cache, live_logp=_gather(live_rank, keep), live_seqs=_gather(cand_seqs, keep),
+        fin_seqs=_gather(jnp.concatenate([s["fin_seqs"], cand_seqs], axis=1), best),
+        fin_scores=_gather(all_scores, best),
+        fin_flags=_gather(jnp.concatenate([s["fin_flags"], finished], axis=1), best))
+
+  s = jax.lax.while_loop(cond, body, init)
+  tokens = s["fin_seqs"][:, 0]
+  ended = _is_eos(tokens, opts.eos)
+  lengths = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1) + 1, t_new).astype(jnp.int32)
+  return dict(tokens=tokens, lengths=lengths, scores=s["fin_scores"][:, 0], beams=s["fin_seqs"],
+              beam_scores=s["fin_scores"])
