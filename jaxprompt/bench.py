@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from jaxprompt import costs
+
 # bf16 dense peak FLOP/s per device (vendor figures)
 PEAK_FLOPS = {
     "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
@@ -118,9 +120,8 @@ def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2,
   t0 = time.perf_counter()
   compiled = jitted.lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
+  flops = costs.flops(step_fn, prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32))
   state = {"p": prompt, "o": opt}
 
   def one():
@@ -129,7 +130,6 @@ def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2,
 
   med, times = _median_time(one, warmup, iters)
   tokens = preset.batch_size * (preset.input_length + preset.prompt_length + preset.target_length)
-  flops = float(cost.get("flops", 0.0))
   return dict(step_seconds=med, step_times=times, tokens_per_second=tokens / med, flops_per_step=flops,
               achieved_flops=flops / med, compile_seconds=compile_s,
               device_memory_gib=(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
@@ -141,10 +141,7 @@ def full_finetune_flops(preset: Preset, dtype: str = "float32") -> float:
   import jax.numpy as jnp
 
   step_fn, prompt, opt, frozen, batch = _t5_setup(preset, dtype, full_finetune=True)
-  compiled = jax.jit(step_fn).lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0))
+  return costs.flops(step_fn, prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32))
 
 
 def compile_seconds(preset: Preset, layers: int, dtype: str = "float32") -> float:

@@ -105,12 +105,18 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   else:
     shapes = dict(tokens=(b, l + t), token_mask=(b, l + t), target_mask=(b, l + t))
   batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=bs) for k, s in shapes.items()}
-  step = jax.jit(make_train_step(graphdef, tx, z_loss=cfg.train.z_loss, microbatches=cfg.train.microbatches),
-                 out_shardings=(jax.tree.map(lambda _: rep, prompt), jax.tree.map(lambda _: rep, opt), rep),
+  step_fn = make_train_step(graphdef, tx, z_loss=cfg.train.z_loss, microbatches=cfg.train.microbatches)
+  step = jax.jit(step_fn, out_shardings=(jax.tree.map(lambda _: rep, prompt), jax.tree.map(lambda _: rep, opt), rep),
                  donate_argnums=(0, 1))
   start = time.time()
-  compiled = step.lower(prompt, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
-  return compiled, time.time() - start
+  args = (prompt, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32))
+  compiled = step.lower(*args).compile()
+  secs = time.time() - start
+  from jaxprompt import costs
+
+  strip = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+  total_flops = costs.flops(step_fn, *[strip(a) for a in args])
+  return compiled, secs, total_flops
 
 
 def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, budget_gib: float | None = None,
@@ -138,14 +144,13 @@ def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, b
       log(f"skip data={m['data']},fsdp={m['fsdp']},model={m['model']}: batch {cfg.train.batch_size} does not split")
       continue
     for remat in remats:
-      compiled, secs = compile_step(cfg, hf_cfg, mesh, remat)
+      compiled, secs, total_flops = compile_step(cfg, hf_cfg, mesh, remat)
       mem = compiled.memory_analysis()
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
       args, temp, out, alias = (mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
                                 mem.alias_size_in_bytes)
       total = args + temp + out - alias
-      row = PlanRow(m, remat, args / GiB, temp / GiB, out / GiB, total / GiB, float(cost.get("flops", 0.0)), secs,
+      # model-parallel devices split the work; data-parallel ones each do their share of the batch
+      row = PlanRow(m, remat, args / GiB, temp / GiB, out / GiB, total / GiB, total_flops / n, secs,
                     None if budget_gib is None else total / GiB <= budget_gib)
       rows.append(row)
       log(row.line())

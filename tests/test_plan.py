@@ -30,7 +30,8 @@ def test_t5_xxl_fits_16_gib_per_device_on_8_devices(tmp_path):
   assert best["fits"] and best["total_gib"] <= 16
   # an 11B-parameter model in float32 is ~44 GiB: 8-way sharded arguments must be far below that
   assert 4 < best["argument_gib"] < 7
-  assert best["flops_per_device"] > 1e12  # ~3.3 TFLOP per device per step (batch 32, 612 + 8 tokens)
+  # ~630 TFLOP per step in all (forward ~215, backward ~215, full-remat recompute ~215): ~79 per device
+  assert 60e12 < best["flops_per_device"] < 100e12
 
 
 def test_plan_recommends_the_most_data_parallel_mesh_that_fits(tmp_path):

@@ -12,6 +12,8 @@ arrays, so T5 and the decoder-only models share the same maths.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Callable
 
@@ -301,8 +303,22 @@ def scan_layers(layer_fn: Callable, x: jax.Array, stacked: dict, rng: jax.Array 
 
   if remat != "none":
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-  x, outs = jax.lax.scan(body, x, (stacked, rngs, per_layer))
+  x, outs = jax.lax.scan(body, x, (stacked, rngs, per_layer), unroll=True if _UNROLL.get() else 1)
   return x if per_layer is None else (x, outs)
+
+
+# XLA's cost analysis counts a loop body once, so FLOP counts are taken from an unrolled trace.
+_UNROLL: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxprompt_unroll_layers", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+  """Trace layer scans fully unrolled (for FLOP counting; compile time then grows with depth)."""
+  token = _UNROLL.set(True)
+  try:
+    yield
+  finally:
+    _UNROLL.reset(token)
 
 
 def arrays(module: nnx.Module) -> dict:
