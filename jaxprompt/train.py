@@ -87,10 +87,14 @@ class TaskData:
 
 def task_data(dcfg: C.DataConfig, split: str) -> TaskData:
   """Text-to-text examples of one split of the configured task."""
-  if dcfg.task == "quickstart":
+  if dcfg.task == "quickstart" or dcfg.task.startswith("quickstart:"):
     from jaxprompt import quickstart
 
-    return TaskData(quickstart.task_split(split, taskless=dcfg.taskless), quickstart.LABELS)
+    name = dcfg.task.partition(":")[2] or "max"
+    if name not in quickstart.TASKS:
+      raise DataError(f"data.task {dcfg.task!r}: the quickstart tasks are " +
+                      ", ".join(f"quickstart:{t}" for t in quickstart.TASKS))
+    return TaskData(quickstart.task_split(split, taskless=dcfg.taskless, task=name), quickstart.LABELS)
   from jaxprompt.data import sources
 
   return sources.task_examples(dcfg, split)
