@@ -34,17 +34,27 @@ class PromptError(ValueError):
 
 
 class SoftPrompt(nnx.Module):
-  """`embeddings` [P, H] float32, replicated (logical axes prompt / prompt_embed)."""
+  """`embeddings` [P, H] float32, replicated (logical axes prompt / prompt_embed) — or a bank [K, P, H] of
+  K prompts for mixed-prompt batches, where each example picks its prompt by id."""
 
   def __init__(self, value: jax.Array | np.ndarray):
     value = jnp.asarray(value, jnp.float32)
-    if value.ndim != 2:
-      raise PromptError(f"a soft prompt is [P, H], got shape {value.shape}")
-    self.embeddings = L.param(value, ("prompt", "prompt_embed"), kind=PromptParam)
+    if value.ndim not in (2, 3):
+      raise PromptError(f"a soft prompt is [P, H] (or a bank [K, P, H]), got shape {value.shape}")
+    axes = ("prompt", "prompt_embed") if value.ndim == 2 else ("prompts", "prompt", "prompt_embed")
+    self.embeddings = L.param(value, axes, kind=PromptParam)
 
   @property
   def length(self) -> int:
-    return self.embeddings.shape[0]
+    return self.embeddings.shape[-2]
+
+
+def prompt_bank(prompts: Sequence[jax.Array | np.ndarray]) -> SoftPrompt:
+  """Stack K prompts of equal shape [P, H] into one bank [K, P, H] (shorter ones are not padded: P must match)."""
+  shapes = {tuple(np.shape(p)) for p in prompts}
+  if len(shapes) != 1:
+    raise PromptError(f"prompts in a bank must share one shape [P, H], got {sorted(shapes)}")
+  return SoftPrompt(jnp.stack([jnp.asarray(p, jnp.float32) for p in prompts]))
 
 
 # -- initialisers ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("relpos", None),
     ("positions", None),
+    ("prompts", None),
     ("prompt", None),
     ("prompt_embed", None),
 )

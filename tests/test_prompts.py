@@ -75,3 +75,25 @@ def test_prepend_extends_mask_with_ones():
   assert x.shape == (2, 8, 4)
   np.testing.assert_array_equal(np.asarray(x[:, :3]), 1.0)
   np.testing.assert_array_equal(np.asarray(m), [[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])
+
+
+def test_mixed_prompt_batch_equals_each_prompt_alone(tmp_path_factory):
+  """A prompt bank [K, P, H]: every example picks its prompt by id inside one jitted call."""
+  from jaxprompt.models import load_model
+  from tests.hf_models import write_t5
+
+  folder = write_t5(tmp_path_factory.mktemp("mixed") / "m", "t5v11-gated-untied", seed=5)
+  base = load_model(folder)
+  bank = jax.random.normal(jax.random.key(0), (3, 4, 32))
+  ids = jax.random.randint(jax.random.key(1), (6, 7), 2, 96)
+  mask = jnp.ones((6, 7), jnp.int32).at[2, 5:].set(0)
+  dec = jax.random.randint(jax.random.key(2), (6, 3), 2, 96)
+  which = jnp.array([2, 0, 1, 1, 0, 2])
+  bank_model = P.PromptedModel(base, P.prompt_bank(list(bank)))
+  got = jax.jit(lambda i, m, d, w: bank_model(i, m, d, prompt_ids=w))(ids, mask, dec, which)
+  for k in range(3):
+    rows = np.where(np.asarray(which) == k)[0]
+    single = P.PromptedModel(base, P.SoftPrompt(bank[k]))
+    want = single(ids[rows], mask[rows], dec[rows])
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want), atol=1e-5, rtol=1e-5)
+
