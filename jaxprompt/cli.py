@@ -152,6 +152,48 @@ def cmd_bench(args) -> int:
   return 0
 
 
+def cmd_generate(args) -> int:
+  import jaxprompt
+  from jaxprompt import inference
+  from jaxprompt.export import check_compatible
+  from jaxprompt.train import resolve_model_path
+
+  loaded = inference.load_prompts(args.prompt, step=args.step)
+  model_path, tok = args.model, args.tokenizer
+  if model_path is None:
+    model_path, recorded_tok = inference.recorded_base([info for _, info in loaded])
+    if model_path is None:
+      raise ValueError("--model is needed: no --prompt records its base model")
+    tok = tok or recorded_tok
+  path = resolve_model_path(model_path)
+  base = jaxprompt.load_model(path)
+  if model_path == "builtin:quickstart":
+    import dataclasses
+
+    base.identity = dataclasses.replace(base.identity, path=model_path)
+  tokenizer = jaxprompt.load_tokenizer(tok or path)
+  for (value, info), src in zip(loaded, args.prompt):
+    for warning in check_compatible(info, base.identity, base.hidden_size, base.kind, src,
+                                    strict=not args.allow_other_base):
+      print(f"jaxprompt: warning: {warning}", file=sys.stderr)
+  if args.input_file:
+    texts = Path(args.input_file).read_text().splitlines()
+  else:
+    texts = [args.input if args.input is not None else ""]
+  if not texts:
+    raise ValueError(f"{args.input_file}: no inputs")
+  method = "beam" if args.beams else ("greedy" if args.greedy or args.temperature is None else "sample")
+  records = inference.generate_text(
+      base, tokenizer, texts, [v for v, _ in loaded], max_new_tokens=args.max_new_tokens, method=method,
+      temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, num_beams=args.beams or 4,
+      alpha=args.alpha, seed=args.seed)
+  for r in records:
+    if args.prompt:
+      r["prompt"] = args.prompt[r["prompt"]]
+    print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"])
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", help="write the results as JSON")
   p.add_argument("--debug", action="store_true", help="show full tracebacks")
   p.set_defaults(fn=cmd_bench)
+
+  p = sub.add_parser("generate", help="generate text with a frozen model and soft prompt(s)", description=(
+      "Generate one output per input (per prompt, with several --prompt: they run as one mixed-prompt batch). "
+      "Without --model the base model recorded with the prompt is used. Empty input means: start from BOS."))
+  p.add_argument("--model", help="base model: HF folder, hub id, .gguf, builtin:quickstart (default: recorded)")
+  p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
+  p.add_argument("--prompt", action="append", default=[], metavar="WORKDIR_OR_EXPORT",
+                 help="a trained prompt: workdir, checkpoint step, PEFT folder, .npy or .safetensors (repeatable)")
+  p.add_argument("--step", default="best", help="checkpoint of a workdir prompt: best, latest or a step")
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--input", help="one input text")
+  g.add_argument("--input-file", help="a file with one input per line")
+  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+  p.add_argument("--temperature", type=float, help="sample with this temperature")
+  p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: all)")
+  p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+  p.add_argument("--beams", type=int, help="beam search with this many beams")
+  p.add_argument("--alpha", type=float, default=0.6, help="beam search length-penalty alpha (T5X)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--jsonl", action="store_true", help="JSON lines with input, output, tokens, score")
+  p.add_argument("--allow-other-base", action="store_true", help="use a prompt recorded for another base model")
+  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+  p.set_defaults(fn=cmd_generate)
   return parser
 
 
