@@ -7,9 +7,10 @@ compiled once per model structure, shapes and method settings. The prefix is `in
 (+ `attention_mask`); soft prompts of any length enter as embeddings with an extended mask.
   * T5: the prefix is the encoder input (any padding). The encoder runs once, cross-attention k/v are
     projected once, the decoder starts from `decoder_start_token_id` and caches its self-attention k/v.
-  * decoders: the prefix must be left-padded. It runs once (prefill) into a cache of L + T slots; positions
-    count from each row's first real token, as transformers' generate does, so a padded row decodes as it
-    would alone.
+  * decoders: the prefix must be left-padded (each row ends with a real token; a soft prompt prepended before
+    the padding, as the prompt layer does, is fine: masked slots may sit anywhere before the last). It runs once
+    (prefill) into a cache of L + T slots; positions count real slots only (cumsum of the mask - 1), as
+    transformers' generate does, so a padded row decodes as it would alone.
 A row that emits an EOS id is finished and emits `pad_id` afterwards. The result is a dict:
   tokens [B, T] int32; lengths [B] (tokens up to and including EOS); scores [B]:
     greedy / sample: the sum of the model's log-probabilities (before temperature and filtering) of the tokens;
@@ -68,8 +69,9 @@ def generate(model, *, input_ids=None, attention_mask=None, inputs_embeds=None, 
     raise ValueError("generate needs exactly one of input_ids and inputs_embeds")
   if method not in METHODS:
     raise ValueError(f"unknown generation method {method!r}; choose one of {METHODS}")
-  if method == "sample" and rng is None:
-    raise ValueError("method='sample' needs an rng (jax.random.key)")
+  if method == "sample" and (rng is None or not temperature > 0):
+    raise ValueError(f"method='sample' needs an rng (jax.random.key) and temperature > 0 (got {temperature}); "
+                     "use method='greedy' for temperature 0")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if method == "beam" and (num_beams < 1 or alpha < 0):
@@ -99,12 +101,15 @@ def _eos_ids(eos_id, cfg) -> tuple[int, ...]:
 
 
 def _check_left_padded(mask: jax.Array) -> None:
+  if not getattr(mask, "is_fully_addressable", True):
+    return  # spread over hosts: the caller vouches for it
   try:
     m = np.asarray(mask)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return  # traced: the caller vouches for it
-  if (np.diff(m, axis=1) < 0).any():
-    raise ValueError("decoder-only generation needs left-padded prefixes (padding before the tokens)")
+    return  # traced: likewise
+  if not m[:, -1].all():
+    raise ValueError("decoder-only generation needs left-padded prefixes: the last position of every row must be "
+                     "a real token (padding before the tokens; a soft prompt may come before the padding)")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))

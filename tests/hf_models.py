@@ -44,3 +44,55 @@ def load_t5(folder: Path):
   from transformers import T5ForConditionalGeneration
 
   return T5ForConditionalGeneration.from_pretrained(folder).eval()
+
+
+# -- decoder-only models ------------------------------------------------------------------------
+
+DECODER_VARIANTS = {
+    # Llama 3: grouped-query attention, llama3 rope scaling (theta/original length chosen so the tiny head
+    # dim sees all three frequency bands: kept, smoothed, divided by factor), untied head
+    "llama3-gqa-untied": ("LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=32))),
+    # Llama 2 style with a tied head, plus attention_bias / mlp_bias
+    "llama-tied-bias": ("LlamaForCausalLM", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    # Mistral: GQA and a sliding window shorter than the test sequences
+    "mistral-window": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=4)),
+    # Qwen2: q/k/v biases; layer 0 full attention, layer 1 a sliding window
+    "qwen2-mixed-window": ("Qwen2ForCausalLM", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+                                                    max_window_layers=1)),
+    # GPT-2: learned positions, LayerNorm, fused Conv1D c_attn, tied head
+    "gpt2": ("GPT2LMHeadModel", dict()),
+}
+
+
+def write_decoder(folder: Path, variant: str, seed: int = 0, **overrides) -> Path:
+  """A random tiny decoder-only transformers model saved with save_pretrained; returns the folder."""
+  import transformers
+
+  cls_name, kw = DECODER_VARIANTS[variant]
+  # A wide init (0.2, not 0.02) gives peaked next-token distributions, so greedy paths are not near-ties.
+  base = dict(vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+  if cls_name == "GPT2LMHeadModel":
+    base.update(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64)
+  else:
+    base.update(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64)
+  base.update(kw)
+  base.update(overrides)
+  config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config"))
+  torch.manual_seed(seed)
+  model = getattr(transformers, cls_name)(config_cls(**base)).eval()
+  with torch.no_grad():  # biases start at 0 and norms at 1: randomise them so a swapped mapping shows
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name or ".ln_" in name:
+        p.add_(torch.randn_like(p) * 0.1)
+  model.save_pretrained(folder)
+  return Path(folder)
+
+
+def load_decoder(folder: Path):
+  from transformers import AutoModelForCausalLM
+
+  return AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -17,8 +17,6 @@ parameter at a time.
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -31,8 +29,6 @@ from jax.sharding import Mesh
 
 from jaxprompt.models import hf
 from jaxprompt.models.decoder import Decoder, DecoderConfig
-
-log = logging.getLogger(__name__)
 
 _NONE_ID = 0xFFFFFFFF
 _ARCHITECTURES = ("llama",)
