@@ -194,6 +194,17 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_preview(args) -> int:
+  from jaxprompt import config as C
+  from jaxprompt.train import task_data
+
+  cfg = C.load(args.config, args.overrides)
+  data = task_data(cfg.data, args.split or cfg.data.train_split)
+  for ex in data.examples[:args.n]:
+    print(json.dumps({"inputs": ex["inputs"], "targets": ex["targets"]}, ensure_ascii=False))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--allow-other-base", action="store_true", help="use a prompt recorded for another base model")
   p.add_argument("--debug", action="store_true", help="show full tracebacks")
   p.set_defaults(fn=cmd_generate)
+
+  p = sub.add_parser("preview", help="print preprocessed examples (what the model is fed, before tokenising)",
+                     description="Print a split's examples as JSON lines with `inputs` and `targets` exactly as "
+                                 "the task's preprocessor makes them, before tokenisation.")
+  _common(p)
+  p.add_argument("--split", help="split (default: data.train_split)")
+  p.add_argument("--n", type=int, default=5, help="how many examples")
+  p.set_defaults(fn=cmd_preview)
   return parser
 
 

@@ -47,8 +47,10 @@ class PromptConfig:
 class CustomTaskConfig:
   columns: dict[str, str] = dataclasses.field(default_factory=dict)  # template field -> file column
   template: str = "{text}"
-  labels: tuple[str, ...] = ()
+  labels: tuple[str, ...] = ()  # empty: a generative task whose target is the label column's text
   label_column: str = "label"
+  label_map: dict[str, str] = dataclasses.field(default_factory=dict)  # raw file label -> label string
+  metrics: tuple[str, ...] | None = None  # default: accuracy (labels) / exact_match, token_f1 (generative)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,8 @@ class DataConfig:
   task: str = "quickstart"
   taskless: bool = False  # the paper's variant: drop the leading task name from the inputs
   files: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> local JSONL/CSV/TSV file
-  tfds_data_dir: str | None = None
+  tfds_data_dir: str | None = None  # pre-downloaded TFDS data (works offline)
+  hf_datasets: bool = False  # read the task from HF `datasets` when installed
   custom: CustomTaskConfig | None = None
   train_split: str = "train"
   eval_split: str = "validation"

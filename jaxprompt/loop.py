@@ -19,7 +19,8 @@ from jaxprompt import sharding as shd
 from jaxprompt.checkpoint import CheckpointError, Checkpointer, abstract_like
 from jaxprompt.data.pipeline import BatchStream, DataError
 from jaxprompt.tracking import MetricsLog, plot_curves
-from jaxprompt.train import (EXIT_PREEMPTED, Evaluator, NonFiniteError, Run, _device_batch, architecture, build_run,
+from jaxprompt.evaluate import Evaluator
+from jaxprompt.train import (EXIT_PREEMPTED, NonFiniteError, Run, _device_batch, architecture, build_run,
                              encode_split,
                              frozen_shardings, make_train_step, prompt_shardings)
 from jaxprompt.optim import build_optimizer
@@ -156,6 +157,10 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
           with open(pdir / f"step_{s}.jsonl", "w") as f:
             for r in records:
               f.write(json.dumps(r) + "\n")
+          if evaluator.confusion is not None:
+            (pdir / f"confusion_step_{s}.json").write_text(json.dumps(
+                {"labels": list(run.labels), "rows": "gold", "columns": list(run.labels) + ["<invalid>"],
+                 "counts": evaluator.confusion}))
         v = metrics.get(metric)
         if v is None:
           raise C.ConfigError(f"eval.metric {metric!r} is not computed; available: {sorted(metrics)}")

@@ -28,7 +28,6 @@ from jaxprompt import prompts as P
 from jaxprompt import sharding as shd
 from jaxprompt.checkpoint import Checkpointer, abstract_like
 from jaxprompt.data.pipeline import BatchStream, DataError, encode_examples, eval_batches, num_rows
-from jaxprompt.evaluate import encode_labels, rank_scores
 from jaxprompt.losses import cross_entropy, forward
 from jaxprompt.optim import build_optimizer
 
@@ -82,7 +81,8 @@ def architecture(base) -> dict:
 @dataclasses.dataclass
 class TaskData:
   examples: list[dict]
-  labels: tuple[str, ...] | None
+  labels: tuple[str, ...] | None  # None: a generative task
+  metrics: tuple[str, ...] = ("accuracy",)
 
 
 def task_data(dcfg: C.DataConfig, split: str) -> TaskData:
@@ -94,10 +94,12 @@ def task_data(dcfg: C.DataConfig, split: str) -> TaskData:
     if name not in quickstart.TASKS:
       raise DataError(f"data.task {dcfg.task!r}: the quickstart tasks are " +
                       ", ".join(f"quickstart:{t}" for t in quickstart.TASKS))
-    return TaskData(quickstart.task_split(split, taskless=dcfg.taskless, task=name), quickstart.LABELS)
+    return TaskData(quickstart.task_split(split, taskless=dcfg.taskless, task=name), quickstart.LABELS,
+                    ("accuracy", "macro_f1"))
   from jaxprompt.data import sources
 
-  return sources.task_examples(dcfg, split)
+  sd = sources.task_examples(dcfg, split)
+  return TaskData(sd.examples, tuple(sd.labels) if sd.labels else None, tuple(sd.task.metrics))
 
 
 def initial_prompt(pcfg: C.PromptConfig, base, tokenizer, labels, rng) -> jax.Array:
@@ -184,20 +186,6 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int = 1, seed:
   return train_step
 
 
-def make_eval_fns(graphdef, *, z_loss: float) -> tuple[Callable, Callable]:
-  def loss_step(prompt, frozen, batch, weights):
-    model = nnx.merge(graphdef, prompt, frozen)
-    logits, targets, mask = forward(model, batch)
-    s = cross_entropy(logits, targets, mask * weights[:, None].astype(mask.dtype), z_loss)
-    return dict(ce=s["ce"], tokens=s["tokens"], seq_correct=jnp.sum(s["seq_correct"] * weights))
-
-  def rank_step(prompt, frozen, batch, label_ids, label_mask):
-    model = nnx.merge(graphdef, prompt, frozen)
-    return rank_scores(model, batch, label_ids, label_mask)
-
-  return loss_step, rank_step
-
-
 # -- the run -----------------------------------------------------------------------------------------
 
 
@@ -215,7 +203,7 @@ class Run:
   identity: Any
   kind: str
   labels: tuple[str, ...] | None
-  tx: Any = None
+  metric_names: tuple[str, ...] = ("accuracy",)
 
   @property
   def prompt_array(self) -> np.ndarray:
@@ -236,14 +224,16 @@ def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True) -> tupl
   mesh = mesh or mesh_from_config(cfg.mesh)
   base, tokenizer = load_base(cfg.model, mesh)
   train = task_data(cfg.data, cfg.data.train_split) if with_train_data else None
-  labels = train.labels if train is not None else task_data(cfg.data, cfg.data.eval_split).labels
+  spec = train if train is not None else task_data(cfg.data, cfg.data.eval_split)
+  labels = spec.labels
   rng = jax.random.key(cfg.train.seed)
   init = initial_prompt(cfg.prompt, base, tokenizer, labels, jax.random.fold_in(rng, 1))
   model = P.PromptedModel(base, P.SoftPrompt(init))
   graphdef, prompt_state, frozen_state = nnx.split(model, P.PromptParam, ...)
   prompt = jax.device_put(prompt_state.to_pure_dict(), shd.replicated(mesh))
   run = Run(cfg=cfg, mesh=mesh, base=base, tokenizer=tokenizer, graphdef=graphdef, prompt=prompt,
-            frozen=frozen_state.to_pure_dict(), identity=base.identity, kind=base.kind, labels=labels)
+            frozen=frozen_state.to_pure_dict(), identity=base.identity, kind=base.kind, labels=labels,
+            metric_names=spec.metrics)
   return run, train
 
 
@@ -257,68 +247,6 @@ def _device_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array
   sharding = shd.batch_sharding(run.mesh)
   return {k: jax.make_array_from_process_local_data(shd.batch_sharding(run.mesh, v.ndim), v)
           for k, v in local.items()} if sharding else local
-
-
-class Evaluator:
-  """Rank-classification (or loss) evaluation of a prompt on the eval split, with predictions."""
-
-  def __init__(self, run: Run, examples: list[dict] | None = None):
-    cfg = run.cfg
-    self.run = run
-    data = examples if examples is not None else task_data(cfg.data, cfg.data.eval_split).examples
-    if cfg.eval.max_examples:
-      data = data[:cfg.eval.max_examples]
-    self.examples = data
-    self.arrays = encode_split(run, data, f"{cfg.data.task}/{cfg.data.eval_split}")
-    self.batch_size = min(cfg.eval.batch_size, _round_up(len(data), jax.process_count()))
-    loss_step, rank_step = make_eval_fns(run.graphdef, z_loss=cfg.train.z_loss)
-    # replicated outputs: every process can read every example's scores (multi-host)
-    rep = shd.replicated(run.mesh)
-    self._loss = jax.jit(loss_step, out_shardings=rep)
-    self._rank = jax.jit(rank_step, out_shardings=rep)
-    self.mode = cfg.eval.mode if run.labels else "loss"
-    if self.mode == "rank":
-      lab = encode_labels(run.tokenizer, run.labels, kind=run.kind, target_length=cfg.data.target_length)
-      self.label_ids, self.label_mask = jnp.asarray(lab["ids"]), jnp.asarray(lab["mask"])
-      self.gold = np.array([ex.get("label", _label_index(run.labels, ex["targets"])) for ex in data])
-
-  def __call__(self, prompt) -> tuple[dict, list[dict]]:
-    run = self.run
-    ce = tokens = seq = 0.0
-    preds = np.full(len(self.examples), -1)
-    scores_all: dict[int, list[float]] = {}
-    for batch, w, index in eval_batches(self.arrays, self.batch_size, process_index=jax.process_index(),
-                                        process_count=jax.process_count()):
-      dev = _device_batch(run, {**batch, "weights": w})
-      weights = dev.pop("weights")
-      s = jax.device_get(self._loss(prompt, run.frozen, dev, weights))
-      ce, tokens, seq = ce + float(s["ce"]), tokens + float(s["tokens"]), seq + float(s["seq_correct"])
-      if self.mode == "rank":
-        sc = np.asarray(jax.device_get(self._rank(prompt, run.frozen, dev, self.label_ids, self.label_mask)))
-        for i, row in zip(index, sc):
-          if i >= 0:
-            preds[i] = int(np.argmax(row))
-            scores_all[int(i)] = row.tolist()
-    n = len(self.examples)
-    metrics = dict(eval_loss=ce / max(tokens, 1.0), eval_seq_accuracy=seq / n)
-    records = []
-    if self.mode == "rank":
-      metrics.update(classification_metrics(self.gold, preds, len(run.labels)))
-      for i, ex in enumerate(self.examples):
-        records.append(dict(index=i, inputs=ex["inputs"], targets=ex["targets"], prediction=run.labels[preds[i]],
-                            correct=bool(preds[i] == self.gold[i]), scores=scores_all.get(i)))
-    return metrics, records
-
-
-def classification_metrics(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
-  return dict(accuracy=float(np.mean(gold == pred)))
-
-
-def _label_index(labels, target: str) -> int:
-  try:
-    return labels.index(target)
-  except ValueError:
-    raise DataError(f"target {target!r} is not one of the task's labels {list(labels)}") from None
 
 
 def _round_up(n: int, k: int) -> int:

@@ -141,11 +141,13 @@ def task_from_config(dcfg) -> Task:
   if dcfg.taskless:
     raise DataError("data.taskless applies to built-in T5 tasks; a custom task's text is its data.custom.template")
   c = dcfg.custom
-  return custom_task(dcfg.task, template=c.template, columns=c.columns, labels=c.labels, label_column=c.label_column)
+  return custom_task(dcfg.task, template=c.template, columns=c.columns, labels=c.labels, label_column=c.label_column,
+                     label_map=c.label_map or None, metrics=c.metrics)
 
 
 def task_examples(dcfg, split: str) -> SplitData:
   """One split of the task a `config.DataConfig` describes."""
   task = task_from_config(dcfg)
   files = {k: Path(v) for k, v in dcfg.files.items()}
-  return SplitData(load_split(task, split, files=files, tfds_data_dir=dcfg.tfds_data_dir), task.labels, task)
+  return SplitData(load_split(task, split, files=files, tfds_data_dir=dcfg.tfds_data_dir,
+                              hf_datasets=dcfg.hf_datasets), task.labels, task)
