@@ -37,6 +37,11 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
+    "llama-small": Preset(dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                               num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                               max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
+                          batch_size=8, input_length=128, target_length=8, prompt_length=100),
     "t5-v1_1-small": Preset(dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
                                  num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
                                  tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0),
@@ -74,8 +79,8 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
   return 2 * n**3 / t, f"measured {n}x{n} {dtype} matmul on {kind or dev.platform}"
 
 
-def _t5_setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False):
-  import jax
+def _setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False):
+  """(step_fn, prompt, opt_state, frozen, batch) for the preset's shapes, random weights."""
   import jax.numpy as jnp
   from flax import nnx
 
@@ -87,27 +92,29 @@ def _t5_setup(preset: Preset, dtype: str, layers: int | None = None, full_finetu
 
   hf_cfg = dict(preset.hf_config)
   if layers is not None:
-    hf_cfg.update(num_layers=layers, num_decoder_layers=layers)
+    hf_cfg.update({k: layers for k in ("num_layers", "num_decoder_layers", "num_hidden_layers") if k in hf_cfg})
   arch = ARCHITECTURES[hf_cfg["model_type"]]
-  config = arch.config_from_hf(hf_cfg, {"lm_head.weight"})
+  config = arch.config_from_hf(hf_cfg, set() if hf_cfg.get("tie_word_embeddings", True) else {"lm_head.weight"})
   base = arch.model_cls(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
   model = P.PromptedModel(base, P.SoftPrompt(jnp.zeros((preset.prompt_length, base.hidden_size)) + 0.1))
   b, l, t = preset.batch_size, preset.input_length, preset.target_length
   rng = np.random.default_rng(0)
-  batch = dict(input_ids=jnp.asarray(rng.integers(2, 1000, (b, l)), jnp.int32), input_mask=jnp.ones((b, l), jnp.int32),
-               target_ids=jnp.asarray(rng.integers(2, 1000, (b, t)), jnp.int32),
-               target_mask=jnp.ones((b, t), jnp.int32))
+  if base.kind == "seq2seq":
+    batch = dict(input_ids=rng.integers(2, 1000, (b, l)), input_mask=np.ones((b, l)),
+                 target_ids=rng.integers(2, 1000, (b, t)), target_mask=np.ones((b, t)))
+  else:
+    batch = dict(tokens=rng.integers(2, 1000, (b, l + t)), token_mask=np.ones((b, l + t)),
+                 target_mask=np.concatenate([np.zeros((b, l)), np.ones((b, t))], 1))
+  batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
   tx = build_optimizer(C.OptimizerConfig(), 1000)
   if full_finetune:  # every parameter trainable: the cost prompt tuning avoids
     graphdef, params = nnx.split(model, nnx.Param)
     prompt, frozen = params.to_pure_dict(), {}
-    step_fn = make_train_step(graphdef, tx, z_loss=1e-4)
   else:
     graphdef, ps, fs = nnx.split(model, P.PromptParam, ...)
     prompt, frozen = ps.to_pure_dict(), fs.to_pure_dict()
-    step_fn = make_train_step(graphdef, tx, z_loss=1e-4)
-  opt = tx.init(prompt)
-  return step_fn, prompt, opt, frozen, batch
+  step_fn = make_train_step(graphdef, tx, z_loss=1e-4)
+  return step_fn, prompt, tx.init(prompt), frozen, batch
 
 
 def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2, iters: int = 5,
@@ -115,7 +122,7 @@ def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2,
   import jax
   import jax.numpy as jnp
 
-  step_fn, prompt, opt, frozen, batch = _t5_setup(preset, dtype, layers)
+  step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, layers)
   jitted = jax.jit(step_fn, donate_argnums=(0, 1))
   t0 = time.perf_counter()
   compiled = jitted.lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
@@ -140,7 +147,7 @@ def full_finetune_flops(preset: Preset, dtype: str = "float32") -> float:
   import jax
   import jax.numpy as jnp
 
-  step_fn, prompt, opt, frozen, batch = _t5_setup(preset, dtype, full_finetune=True)
+  step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, full_finetune=True)
   return costs.flops(step_fn, prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32))
 
 
@@ -148,7 +155,7 @@ def compile_seconds(preset: Preset, layers: int, dtype: str = "float32") -> floa
   import jax
   import jax.numpy as jnp
 
-  step_fn, prompt, opt, frozen, batch = _t5_setup(preset, dtype, layers)
+  step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, layers)
   jax.clear_caches()
   t0 = time.perf_counter()
   jax.jit(step_fn).lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
@@ -159,13 +166,10 @@ def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iter
   """The same shapes through PyTorch + PEFT prompt tuning (forward, backward, optimizer step)."""
   import torch
   from peft import PromptTuningConfig, TaskType, get_peft_model
-  from transformers import T5Config, T5ForConditionalGeneration
-
   torch.set_num_threads(threads)
-  torch.manual_seed(0)
-  cfg = {k: v for k, v in preset.hf_config.items() if k != "model_type"}
-  base = T5ForConditionalGeneration(T5Config(**cfg))
-  model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
+  base = _torch_model(preset)
+  seq2seq = preset.hf_config["model_type"] == "t5"
+  model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
                                                   num_virtual_tokens=preset.prompt_length))
   model.train()
   from transformers.optimization import Adafactor
@@ -174,9 +178,14 @@ def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iter
                   scale_parameter=False, warmup_init=False, decay_rate=-0.8, clip_threshold=1.0, weight_decay=1e-5)
   b, l, t = preset.batch_size, preset.input_length, preset.target_length
   g = torch.Generator().manual_seed(0)
-  ids = torch.randint(2, 1000, (b, l), generator=g)
-  labels = torch.randint(2, 1000, (b, t), generator=g)
-  mask = torch.ones(b, l, dtype=torch.long)
+  if seq2seq:
+    ids = torch.randint(2, 1000, (b, l), generator=g)
+    labels = torch.randint(2, 1000, (b, t), generator=g)
+  else:  # input and target in one sequence, loss on the target only
+    ids = torch.randint(2, 1000, (b, l + t), generator=g)
+    labels = ids.clone()
+    labels[:, :l] = -100
+  mask = torch.ones_like(ids)
 
   def one():
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
@@ -197,7 +206,7 @@ def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iter
 
 
 def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32", iters: int = 5,
-              structural: bool = True, log=print) -> dict:
+              structural: bool = True, generation: bool = True, log=print) -> dict:
   """The whole benchmark as a dict (also printed as a table by `log`)."""
   import jax
 
@@ -231,4 +240,88 @@ def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32"
     c6, c24 = compile_seconds(preset, 6, dtype), compile_seconds(preset, 24, dtype)
     out.update(compile_6_layers=c6, compile_24_layers=c24, compile_ratio_24_vs_6=c24 / c6)
     log(f"compile time: 6 layers {c6:.1f} s, 24 layers {c24:.1f} s ({c24 / c6:.2f}x: layers run in a scan)")
+  if generation:
+    g = bench_generation(preset, threads=threads, vs_peft=vs_peft)
+    out["generation"] = g
+    log(f"generation, {g['num_prompts']} prompts x {g['per_prompt']} examples x {g['new_tokens']} new tokens: "
+        f"jaxprompt one mixed-prompt batch {g['jaxprompt_seconds']:.2f} s ({g['jaxprompt_tokens_per_second']:.0f} "
+        "tokens/s)" + (f"; PEFT one call per prompt {g['peft_seconds']:.2f} s ({g['peft_tokens_per_second']:.0f} "
+                       f"tokens/s) -> {g['speedup_vs_peft']:.2f}x" if vs_peft else ""))
+  return out
+
+
+def _torch_model(preset: Preset):
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  cfg = dict(preset.hf_config)
+  kind = cfg.pop("model_type")
+  if kind == "t5":
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(**cfg))
+  return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **cfg))
+
+
+def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 8, new_tokens: int = 32,
+                     input_length: int = 32, threads: int = 2, vs_peft: bool = True, iters: int = 3) -> dict:
+  """K prompts x N examples: one jitted mixed-prompt batch (jaxprompt) vs PEFT generating per prompt."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxprompt import prompts as P
+  from jaxprompt.generate import generate
+  from jaxprompt.models.loading import ARCHITECTURES
+
+  hf_cfg = dict(preset.hf_config)
+  arch = ARCHITECTURES[hf_cfg["model_type"]]
+  config = arch.config_from_hf(hf_cfg, set() if hf_cfg.get("tie_word_embeddings", True) else {"lm_head.weight"})
+  base = arch.model_cls(config, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  prompts = [rng.normal(size=(preset.prompt_length, base.hidden_size)).astype(np.float32) * 0.5
+             for _ in range(num_prompts)]
+  ids = rng.integers(3, 1000, (per_prompt, input_length)).astype(np.int32)
+  model = P.PromptedModel(base, P.prompt_bank(prompts))
+  which = jnp.asarray(np.repeat(np.arange(num_prompts), per_prompt))
+  all_ids = jnp.asarray(np.tile(ids, (num_prompts, 1)))
+  mask = jnp.ones_like(all_ids)
+
+  def ours():
+    x, m = model.embed_inputs(all_ids, mask, which)
+    return generate(base, inputs_embeds=x, attention_mask=m, max_new_tokens=new_tokens, eos_id=-1)["tokens"]
+
+  med, _ = _median_time(ours, 1, iters)
+  total = num_prompts * per_prompt * new_tokens
+  out = dict(num_prompts=num_prompts, per_prompt=per_prompt, new_tokens=new_tokens, input_length=input_length,
+             jaxprompt_seconds=med, jaxprompt_tokens_per_second=total / med)
+  if vs_peft:
+    import torch
+    from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+
+    torch.set_num_threads(threads)
+    seq2seq = hf_cfg["model_type"] == "t5"
+    task = TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM
+    pm = get_peft_model(_torch_model(preset), PromptTuningConfig(task_type=task, num_virtual_tokens=preset.prompt_length,
+                                                                  num_transformer_submodules=1), adapter_name="p0")
+    for k in range(1, num_prompts):
+      pm.add_adapter(f"p{k}", PromptTuningConfig(task_type=task, num_virtual_tokens=preset.prompt_length,
+                                                 num_transformer_submodules=1))
+    pm.eval()
+    t_ids = torch.tensor(ids, dtype=torch.long)
+
+    def peft_all():
+      with torch.no_grad():
+        for k in range(num_prompts):  # PEFT prompt tuning serves one prompt per call
+          pm.set_adapter(f"p{k}")
+          pm.generate(input_ids=t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False)
+
+    peft_all()
+    times = []
+    for _ in range(iters):
+      s = time.perf_counter()
+      peft_all()
+      times.append(time.perf_counter() - s)
+    pmed = statistics.median(times)
+    out.update(peft_seconds=pmed, peft_tokens_per_second=total / pmed, speedup_vs_peft=pmed / med)
   return out

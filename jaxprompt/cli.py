@@ -146,7 +146,7 @@ def cmd_bench(args) -> int:
   if args.preset not in BN.PRESETS:
     raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
   result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
-                        structural=not args.no_structural)
+                        structural=not args.no_structural, generation=not args.no_generation)
   if args.json:
     Path(args.json).write_text(json.dumps(result, indent=2))
   return 0
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   p.add_argument("--iters", type=int, default=5, help="timed steps after warm-up")
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
+  p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
   p.add_argument("--json", help="write the results as JSON")
   p.add_argument("--debug", action="store_true", help="show full tracebacks")
   p.set_defaults(fn=cmd_bench)
