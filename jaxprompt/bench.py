@@ -104,7 +104,8 @@ def _setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune:
                  target_ids=rng.integers(2, 1000, (b, t)), target_mask=np.ones((b, t)))
   else:
     batch = dict(tokens=rng.integers(2, 1000, (b, l + t)), token_mask=np.ones((b, l + t)),
-                 target_mask=np.concatenate([np.zeros((b, l)), np.ones((b, t))], 1))
+                 target_mask=np.concatenate([np.zeros((b, l)), np.ones((b, t))], 1),
+                 target_index=np.tile(np.arange(l, l + t), (b, 1)), target_valid=np.ones((b, t)))
   batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
   tx = build_optimizer(C.OptimizerConfig(), 1000)
   if full_finetune:  # every parameter trainable: the cost prompt tuning avoids

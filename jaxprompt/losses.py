@@ -35,6 +35,15 @@ def forward(model, batch: dict, *, dropout_rng=None, prompt_ids=None):
     dec_in = shift_right(batch["target_ids"], model.base.config.decoder_start_token_id)
     logits = model(batch["input_ids"], batch["input_mask"], dec_in, prompt_ids=prompt_ids, dropout_rng=dropout_rng)
     return logits, batch["target_ids"], batch["target_mask"]
+  if "target_index" in batch:
+    # Logits only where there is a loss: the LM head over every prompt and input position would cost
+    # 2 * B * (P + L) * H * V FLOPs (forward and backward) for nothing.
+    h = model.hidden(batch["tokens"], batch["token_mask"], prompt_ids=prompt_ids, dropout_rng=dropout_rng)
+    p = h.shape[1] - batch["tokens"].shape[1]
+    idx = batch["target_index"]  # [B, T] positions of the target tokens in `tokens`
+    hs = jnp.take_along_axis(h, (p + jnp.maximum(idx, 1) - 1)[..., None], axis=1)  # position t predicts t + 1
+    targets = jnp.take_along_axis(batch["tokens"], idx, axis=1)
+    return model.base.logits(hs), targets, batch["target_valid"]
   logits = model(batch["tokens"], batch["token_mask"], prompt_ids=prompt_ids, dropout_rng=dropout_rng)
   p = logits.shape[1] - batch["tokens"].shape[1]
   # position t predicts token t + 1; prompt positions carry no loss (as PEFT's -100 labels)

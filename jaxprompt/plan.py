@@ -103,7 +103,8 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   if abstract.kind == "seq2seq":
     shapes = dict(input_ids=(b, l), input_mask=(b, l), target_ids=(b, t), target_mask=(b, t))
   else:
-    shapes = dict(tokens=(b, l + t), token_mask=(b, l + t), target_mask=(b, l + t))
+    shapes = dict(tokens=(b, l + t), token_mask=(b, l + t), target_mask=(b, l + t), target_index=(b, t),
+                  target_valid=(b, t))
   batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=bs) for k, s in shapes.items()}
   step_fn = make_train_step(graphdef, tx, z_loss=cfg.train.z_loss, microbatches=cfg.train.microbatches)
   step = jax.jit(step_fn, out_shardings=(jax.tree.map(lambda _: rep, prompt), jax.tree.map(lambda _: rep, opt), rep),

@@ -194,6 +194,11 @@ class PromptedModel(nnx.Module):
                        decoder_attention_mask=decoder_attention_mask, dropout_rng=dropout_rng)
     return self.base(inputs_embeds=x, attention_mask=m, dropout_rng=dropout_rng)
 
+  def hidden(self, input_ids, attention_mask=None, *, prompt_ids=None, dropout_rng=None) -> jax.Array:
+    """causal only: final hidden states [B, P + L, H] (the loss then needs logits at target positions only)."""
+    x, m = self.embed_inputs(input_ids, attention_mask, prompt_ids)
+    return self.base.hidden(inputs_embeds=x, attention_mask=m, dropout_rng=dropout_rng)
+
 
 def input_embedding_table(base: nnx.Module) -> jax.Array:
   """The frozen input embedding table [V, H] of a base model."""

@@ -142,7 +142,10 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int = 1, seed:
   def train_step(prompt, opt_state, frozen, batch, step):
     rng = jax.random.fold_in(jax.random.key(seed), step)
     # causal batches predict token t + 1 at position t, so their first position never has a loss
-    tmask = batch["target_mask"][:, 1:] if "tokens" in batch else batch["target_mask"]
+    if "target_valid" in batch:
+      tmask = batch["target_valid"]
+    else:
+      tmask = batch["target_mask"][:, 1:] if "tokens" in batch else batch["target_mask"]
     tokens = jnp.maximum(jnp.sum(tmask).astype(jnp.float32), 1.0)
 
     def loss_fn(prompt, mb, rng):

@@ -5,7 +5,8 @@ Notation: N examples, L input length, T target length, B global batch, b = B / p
 seq2seq arrays: input_ids/input_mask [N, L], target_ids/target_mask [N, T] (EOS appended after trimming,
 as seqio does). causal arrays: tokens/token_mask/target_mask [N, L + T] holding the input then the target
 in one right-padded sequence; `target_mask` marks the target tokens (the only ones with a loss), and
-`input_ids`/`input_mask` [N, L] (left-padded) hold the input alone for scoring and generation.
+`input_ids`/`input_mask` [N, L] (left-padded) hold the input alone for scoring and generation;
+`target_index`/`target_valid` [N, T] locate the target tokens, so the loss needs logits there only.
 
 The batch stream is a concatenation of epochs, each a permutation seeded by (seed, epoch), so batch k
 is a pure function of (seed, k): a checkpoint needs to remember only k (`position`) to resume exactly,
@@ -87,8 +88,11 @@ def encode_examples(examples: Sequence[Mapping[str, str]], tokenizer, *, kind: s
     tokens, token_mask = _pad(seqs, input_length + target_length, pad)
     target_mask, _ = _pad(tmasks, input_length + target_length, 0)
     input_ids, input_mask = _pad(ins, input_length, pad, left=True)
+    # where each row's target tokens sit in `tokens` ([N, T], padded with 0 / valid 0)
+    target_index, target_valid = _pad([list(range(len(a), len(a) + len(t))) for a, t in
+                                       zip(ins, (s[len(a):] for a, s in zip(ins, seqs)))], target_length, 0)
     out = dict(tokens=tokens, token_mask=token_mask, target_mask=target_mask, input_ids=input_ids,
-               input_mask=input_mask)
+               input_mask=input_mask, target_index=target_index, target_valid=target_valid)
   else:
     raise ValueError(f"unknown model kind {kind!r}")
   if cut_in or cut_tgt:

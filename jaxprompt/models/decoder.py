@@ -295,10 +295,9 @@ class Decoder(nnx.Module):
     """[B, L] int -> [B, L, H] in the compute dtype (token embeddings only; positions come later)."""
     return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
-               dropout_rng=None) -> jax.Array:
-    """-> logits [B, L, V] float32. `inputs_embeds` [B, L, H] replaces the lookup; `positions` [B, L] or [L]
-    defaults to 0..L-1; `attention_mask` [B, L] (1 = real token) masks padded keys."""
+  def hidden(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
+             dropout_rng=None) -> jax.Array:
+    """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary); arguments as `__call__`."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("the decoder needs exactly one of input_ids and inputs_embeds")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -309,7 +308,13 @@ class Decoder(nnx.Module):
       positions = jnp.arange(l)
     positions = jnp.broadcast_to(positions, (b, l))
     h, _ = self._run(x, positions, attention_mask, jnp.arange(l), None, 0, dropout_rng)
-    return self.logits(h)
+    return h
+
+  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
+               dropout_rng=None) -> jax.Array:
+    """-> logits [B, L, V] float32. `inputs_embeds` [B, L, H] replaces the lookup; `positions` [B, L] or [L]
+    defaults to 0..L-1; `attention_mask` [B, L] (1 = real token) masks padded keys."""
+    return self.logits(self.hidden(input_ids, attention_mask, inputs_embeds, positions, dropout_rng=dropout_rng))
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Final hidden states [B, L, H] -> logits [B, L, V] float32."""
