@@ -96,3 +96,20 @@ def load_decoder(folder: Path):
   from transformers import AutoModelForCausalLM
 
   return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
+  """Copy a model folder, applying `edit(tensors: dict)` to its model.safetensors (for strict-loading tests)."""
+  import shutil
+
+  import numpy as np
+
+  from jaxprompt.models import hf
+
+  shutil.copytree(src, dst)
+  f = hf.SafetensorsFile(dst / "model.safetensors")
+  tensors = {k: np.array(f.get(k)) for k in f.keys()}
+  del f
+  edit(tensors)
+  hf.save_safetensors(tensors, dst / "model.safetensors")
+  return dst

@@ -14,7 +14,7 @@ from jaxprompt import sharding as shd
 from jaxprompt.models import hf
 from jaxprompt.models.decoder import Decoder, DecoderConfig
 from jaxprompt.models.loading import build_model
-from tests.hf_models import DECODER_VARIANTS, load_decoder, write_decoder
+from tests.hf_models import DECODER_VARIANTS, load_decoder, write_decoder, rewrite_checkpoint
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 
@@ -111,31 +111,21 @@ def test_legacy_rope_scaling_field():
     DecoderConfig.from_hf({**legacy, "rope_scaling": dict(type="yarn", factor=2.0)})
 
 
-def _rewrite(src, dst, edit):
-  shutil.copytree(src, dst)
-  f = hf.SafetensorsFile(dst / "model.safetensors")
-  tensors = {k: np.array(f.get(k)) for k in f.keys()}
-  del f
-  edit(tensors)
-  hf.save_safetensors(tensors, dst / "model.safetensors")
-  return dst
-
-
 def test_strict_loading_names_the_tensor(decoder_dirs, tmp_path):
   src = decoder_dirs["llama3-gqa-untied"]
   key = "model.layers.1.self_attn.k_proj.weight"
-  missing = _rewrite(src, tmp_path / "missing", lambda t: t.pop(key))
+  missing = rewrite_checkpoint(src, tmp_path / "missing", lambda t: t.pop(key))
   with pytest.raises(hf.WeightError, match=f"missing tensor '{key}'"):
     jaxprompt.load_model(missing)
-  extra = _rewrite(src, tmp_path / "extra", lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}))
+  extra = rewrite_checkpoint(src, tmp_path / "extra", lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}))
   with pytest.raises(hf.WeightError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"):
     jaxprompt.load_model(extra)
-  bad = _rewrite(src, tmp_path / "bad", lambda t: t.update({key: np.zeros((32, 32), np.float32)}))
+  bad = rewrite_checkpoint(src, tmp_path / "bad", lambda t: t.update({key: np.zeros((32, 32), np.float32)}))
   with pytest.raises(hf.WeightError, match=rf"tensor '{key}' has shape \(32, 32\), expected \(16, 32\)"):
     jaxprompt.load_model(bad)
   # the fused GPT-2 tensor is checked whole
   fused = "transformer.h.0.attn.c_attn.weight"
-  bad2 = _rewrite(decoder_dirs["gpt2"], tmp_path / "bad2", lambda t: t.update({fused: np.zeros((32, 64), np.float32)}))
+  bad2 = rewrite_checkpoint(decoder_dirs["gpt2"], tmp_path / "bad2", lambda t: t.update({fused: np.zeros((32, 64), np.float32)}))
   with pytest.raises(hf.WeightError, match=rf"tensor '{fused}' has shape \(32, 64\), expected \(32, 96\)"):
     jaxprompt.load_model(bad2)
 
@@ -145,12 +135,12 @@ def test_tied_head_and_checkpoint_layouts(decoder_dirs, tmp_path):
   vis = _visible(mask)
   # an untied config whose checkpoint lost lm_head.weight: tied to the embedding (with a warning)
   src = decoder_dirs["llama3-gqa-untied"]
-  no_head = _rewrite(src, tmp_path / "no_head", lambda t: t.pop("lm_head.weight"))
+  no_head = rewrite_checkpoint(src, tmp_path / "no_head", lambda t: t.pop("lm_head.weight"))
   m = jaxprompt.load_model(no_head)
   assert m.config.tie_word_embeddings and not hasattr(m, "lm_head")
   # a tied model whose checkpoint also stores lm_head.weight (older transformers): the copy is consumed unread
   tied = decoder_dirs["llama-tied-bias"]
-  with_copy = _rewrite(tied, tmp_path / "with_copy",
+  with_copy = rewrite_checkpoint(tied, tmp_path / "with_copy",
                        lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
   a = jaxprompt.load_model(tied)(j(ids), j(mask))
   np.testing.assert_array_equal(np.asarray(jaxprompt.load_model(with_copy)(j(ids), j(mask))), np.asarray(a))
@@ -160,7 +150,7 @@ def test_tied_head_and_checkpoint_layouts(decoder_dirs, tmp_path):
       t[k.removeprefix("transformer.")] = t.pop(k)
     for i in range(2):
       t[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
-  hub = _rewrite(decoder_dirs["gpt2"], tmp_path / "hub_gpt2", bare)
+  hub = rewrite_checkpoint(decoder_dirs["gpt2"], tmp_path / "hub_gpt2", bare)
   with torch.no_grad():
     ref = load_decoder(decoder_dirs["gpt2"])(input_ids=ids, attention_mask=mask).logits.numpy()
   got = jaxprompt.load_model(hub)

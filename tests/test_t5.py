@@ -12,7 +12,7 @@ import torch
 import jaxprompt
 from jaxprompt import sharding as shd
 from jaxprompt.models import hf
-from tests.hf_models import T5_VARIANTS, load_t5, write_t5
+from tests.hf_models import T5_VARIANTS, load_t5, write_t5, rewrite_checkpoint
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 
@@ -90,26 +90,16 @@ def test_sharded_index_folder_loads(t5_dirs, tmp_path):
     np.testing.assert_array_equal(va, vb)
 
 
-def _rewrite(src, dst, edit):
-  shutil.copytree(src, dst)
-  f = hf.SafetensorsFile(dst / "model.safetensors")
-  tensors = {k: np.array(f.get(k)) for k in f.keys()}
-  del f
-  edit(tensors)
-  hf.save_safetensors(tensors, dst / "model.safetensors")
-  return dst
-
-
 def test_strict_loading_names_the_tensor(t5_dirs, tmp_path):
   src = t5_dirs["t5v11-gated-untied"]
   key = "decoder.block.1.layer.2.DenseReluDense.wi_1.weight"
-  missing = _rewrite(src, tmp_path / "missing", lambda t: t.pop(key))
+  missing = rewrite_checkpoint(src, tmp_path / "missing", lambda t: t.pop(key))
   with pytest.raises(hf.WeightError, match=f"missing tensor '{key}'"):
     jaxprompt.load_model(missing)
-  extra = _rewrite(src, tmp_path / "extra", lambda t: t.update({"encoder.block.0.layer.0.SelfAttention.q.bias": np.zeros(32, np.float32)}))
+  extra = rewrite_checkpoint(src, tmp_path / "extra", lambda t: t.update({"encoder.block.0.layer.0.SelfAttention.q.bias": np.zeros(32, np.float32)}))
   with pytest.raises(hf.WeightError, match="unexpected tensor 'encoder.block.0.layer.0.SelfAttention.q.bias'"):
     jaxprompt.load_model(extra)
-  bad = _rewrite(src, tmp_path / "bad", lambda t: t.update({key: np.zeros((47, 32), np.float32)}))
+  bad = rewrite_checkpoint(src, tmp_path / "bad", lambda t: t.update({key: np.zeros((47, 32), np.float32)}))
   with pytest.raises(hf.WeightError, match=rf"tensor '{key}' has shape \(47, 32\), expected \(48, 32\)"):
     jaxprompt.load_model(bad)
 
