@@ -60,8 +60,13 @@ def rank_scores(model, batch: dict, label_ids: jax.Array, label_mask: jax.Array,
   positions = jnp.maximum(jnp.cumsum(ms, axis=1) - 1, 0)
   logits = model.base(inputs_embeds=xs, attention_mask=ms, positions=positions)
   s = x.shape[1]
+  pred = logits[:, s - 1:s + t - 1]
+  p = s - batch["input_ids"].shape[1]
+  if p:  # an empty input (all padding, no BOS): its first label token follows the prompt's last slot, as in training
+    empty = jnp.repeat(jnp.sum(batch["input_mask"], axis=1) == 0, c)
+    pred = pred.at[:, 0].set(jnp.where(empty[:, None], logits[:, p - 1], pred[:, 0]))
   tgt = jnp.tile(label_ids, (b, 1))
-  return _token_logp(logits[:, s - 1:s + t - 1], tgt, jnp.tile(label_mask, (b, 1))).reshape(b, c)
+  return _token_logp(pred, tgt, jnp.tile(label_mask, (b, 1))).reshape(b, c)
 
 
 def make_eval_fns(graphdef, *, z_loss: float):

@@ -39,7 +39,8 @@ def recorded_base(infos: Sequence[dict]) -> tuple[str | None, str | None]:
 
 
 def encode_inputs(tokenizer, texts: Sequence[str], kind: str, max_length: int | None = None):
-  """Token ids [B, L] and mask; left-padded (decoders need it; T5 does not mind)."""
+  """Token ids [B, L] and mask. Decoders: left-padded (generation needs it). T5: right-padded, as in training
+  and PEFT: T5's relative positions would otherwise put a soft prompt further from a shorter input."""
   rows = []
   eos = tokenizer.eos_token_id
   for t in texts:
@@ -56,8 +57,9 @@ def encode_inputs(tokenizer, texts: Sequence[str], kind: str, max_length: int | 
   ids = np.full((len(rows), length), pad, np.int32)
   mask = np.zeros((len(rows), length), np.int32)
   for i, r in enumerate(rows):
-    ids[i, length - len(r):] = r
-    mask[i, length - len(r):] = 1
+    at = slice(length - len(r), None) if kind == "causal" else slice(0, len(r))
+    ids[i, at] = r
+    mask[i, at] = 1
   return ids, mask
 
 

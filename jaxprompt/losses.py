@@ -41,9 +41,12 @@ def forward(model, batch: dict, *, dropout_rng=None, prompt_ids=None):
     h = model.hidden(batch["tokens"], batch["token_mask"], prompt_ids=prompt_ids, dropout_rng=dropout_rng)
     p = h.shape[1] - batch["tokens"].shape[1]
     idx = batch["target_index"]  # [B, T] positions of the target tokens in `tokens`
-    hs = jnp.take_along_axis(h, (p + jnp.maximum(idx, 1) - 1)[..., None], axis=1)  # position t predicts t + 1
+    # position t predicts t + 1; a target at token 0 (empty input, no BOS) is predicted from the prompt's last
+    # position, as in PEFT, and never from its own position (which sees it); without a prompt it has no loss
+    at = p + idx - 1
+    hs = jnp.take_along_axis(h, jnp.maximum(at, 0)[..., None], axis=1)
     targets = jnp.take_along_axis(batch["tokens"], idx, axis=1)
-    return model.base.logits(hs), targets, batch["target_valid"]
+    return model.base.logits(hs), targets, batch["target_valid"] * (at >= 0).astype(batch["target_valid"].dtype)
   logits = model(batch["tokens"], batch["token_mask"], prompt_ids=prompt_ids, dropout_rng=dropout_rng)
   p = logits.shape[1] - batch["tokens"].shape[1]
   # position t predicts token t + 1; prompt positions carry no loss (as PEFT's -100 labels)
