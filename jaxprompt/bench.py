@@ -8,7 +8,6 @@ Presets use random weights (no downloads); shapes follow the named checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -145,7 +144,6 @@ def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2,
 
 
 def full_finetune_flops(preset: Preset, dtype: str = "float32") -> float:
-  import jax
   import jax.numpy as jnp
 
   step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, full_finetune=True)
@@ -266,7 +264,6 @@ def _torch_model(preset: Preset):
 def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 8, new_tokens: int = 32,
                      input_length: int = 32, threads: int = 2, vs_peft: bool = True, iters: int = 3) -> dict:
   """K prompts x N examples: one jitted mixed-prompt batch (jaxprompt) vs PEFT generating per prompt."""
-  import jax
   import jax.numpy as jnp
   from flax import nnx
 
@@ -297,7 +294,7 @@ def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 
              jaxprompt_seconds=med, jaxprompt_tokens_per_second=total / med)
   if vs_peft:
     import torch
-    from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+    from peft import PromptTuningConfig, TaskType, get_peft_model
 
     torch.set_num_threads(threads)
     seq2seq = hf_cfg["model_type"] == "t5"

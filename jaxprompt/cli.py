@@ -84,12 +84,10 @@ def cmd_inspect(args) -> int:
   if model_path:
     import jaxprompt
     from jaxprompt.prompts import input_embedding_table
-    from jaxprompt.train import resolve_model_path
 
-    path = resolve_model_path(model_path)
-    model = jaxprompt.load_model(path)
+    model = jaxprompt.load_model(model_path)
     table = np.asarray(input_embedding_table(model), np.float32)
-    tokenizer = jaxprompt.load_tokenizer(info.get("tokenizer") or path)
+    tokenizer = jaxprompt.load_tokenizer(info.get("tokenizer") or model_path)
   for rec in inspect_prompt(value, table, tokenizer, top_k=args.top_k):
     print(json.dumps(rec, ensure_ascii=False))
   out = Path(args.heatmap) if args.heatmap else Path(args.source).with_name(Path(args.source).name + "_similarity.png")
@@ -156,7 +154,6 @@ def cmd_generate(args) -> int:
   import jaxprompt
   from jaxprompt import inference
   from jaxprompt.export import check_compatible
-  from jaxprompt.train import resolve_model_path
 
   loaded = inference.load_prompts(args.prompt, step=args.step)
   model_path, tok = args.model, args.tokenizer
@@ -165,13 +162,8 @@ def cmd_generate(args) -> int:
     if model_path is None:
       raise ValueError("--model is needed: no --prompt records its base model")
     tok = tok or recorded_tok
-  path = resolve_model_path(model_path)
-  base = jaxprompt.load_model(path)
-  if model_path == "builtin:quickstart":
-    import dataclasses
-
-    base.identity = dataclasses.replace(base.identity, path=model_path)
-  tokenizer = jaxprompt.load_tokenizer(tok or path)
+  base = jaxprompt.load_model(model_path)
+  tokenizer = jaxprompt.load_tokenizer(tok or model_path)
   for (value, info), src in zip(loaded, args.prompt):
     for warning in check_compatible(info, base.identity, base.hidden_size, base.kind, src,
                                     strict=not args.allow_other_base):

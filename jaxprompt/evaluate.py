@@ -5,6 +5,7 @@ Notation: B batch, C classes, T label length, L input length, P prompt length, S
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -104,7 +105,9 @@ class Evaluator:
       data = data[:cfg.eval.max_examples]
     self.examples = data
     self.arrays = encode_split(run, data, f"{cfg.data.task}/{cfg.data.eval_split}")
-    self.batch_size = min(cfg.eval.batch_size, _round_up(len(data), jax.process_count()))
+    # every host gets the same number of rows, and the batch splits evenly over the (data, fsdp) axes
+    shards = math.lcm(jax.process_count(), run.mesh.shape["data"] * run.mesh.shape["fsdp"])
+    self.batch_size = _round_up(min(cfg.eval.batch_size, len(data)), shards)
     loss_step, rank_step = make_eval_fns(run.graphdef, z_loss=cfg.train.z_loss)
     rep = shd.replicated(run.mesh)  # replicated outputs: every process reads every example's result
     self._loss = jax.jit(loss_step, out_shardings=rep)

@@ -130,6 +130,7 @@ def _atomic_file(out: Path, write, overwrite: bool) -> Path:
   os.close(fd)
   try:
     write(Path(tmp))
+    hf.apply_umask(Path(tmp))
     os.replace(tmp, out)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
@@ -175,12 +176,11 @@ def export_prompt(source: str | Path, fmt: str, out: str | Path, *, step: str | 
 def write_base(info: dict, folder: Path) -> None:
   """The frozen base model (and tokenizer) as a HF folder PyTorch can load."""
   from jaxprompt.models import load_tokenizer, save_pretrained
-  from jaxprompt.train import resolve_model_path
 
   base = info.get("base_model") or {}
   if not base.get("path"):
     raise ExportError("the prompt has no recorded base model; cannot write --with-base")
-  path = resolve_model_path(base["path"])
+  path = base["path"]
   model = jaxprompt.load_model(path, revision=base.get("revision"))
   if model.identity.fingerprint != base.get("fingerprint"):
     raise ExportError(f"base model at {path} no longer matches the one the prompt was trained on "

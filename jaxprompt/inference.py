@@ -8,7 +8,6 @@ compiled program.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -76,7 +75,8 @@ def generate_text(base, tokenizer, texts: Sequence[str], prompts: Sequence[np.nd
     model = P.PromptedModel(base, P.prompt_bank(list(prompts)))
     ids_k, mask_k = np.tile(ids, (k, 1)), np.tile(mask, (k, 1))
     which = np.repeat(np.arange(k), n)
-    embeds, m = jax.jit(lambda i, mm, w: model.embed_inputs(i, mm, w))(ids_k, mask_k, which)
+    # eager: a gather and a concat, not worth a fresh jit trace per call
+    embeds, m = model.embed_inputs(jnp.asarray(ids_k), jnp.asarray(mask_k), jnp.asarray(which))
     out = generate(base, inputs_embeds=embeds, attention_mask=m, max_new_tokens=max_new_tokens, method=method,
                    temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, alpha=alpha,
                    rng=jax.random.key(seed))

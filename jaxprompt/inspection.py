@@ -31,13 +31,12 @@ def inspect_prompt(value: np.ndarray, table: np.ndarray | None, tokenizer=None, 
 
 
 def similarity_heatmap(value: np.ndarray, out: Path, title: str = "soft prompt") -> Path:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A Figure without pyplot: no global backend switch, so a notebook's inline plots keep working.
+  from matplotlib.figure import Figure
 
   sim = cosine(value, value)
-  fig, ax = plt.subplots(figsize=(6, 5))
+  fig = Figure(figsize=(6, 5))
+  ax = fig.subplots()
   im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
   ax.set_xlabel("prompt position")
   ax.set_ylabel("prompt position")
@@ -46,5 +45,4 @@ def similarity_heatmap(value: np.ndarray, out: Path, title: str = "soft prompt")
   fig.tight_layout()
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=100)
-  plt.close(fig)
   return out

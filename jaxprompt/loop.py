@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import signal
 import sys
 import time
@@ -17,13 +17,12 @@ import numpy as np
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
 from jaxprompt.checkpoint import CheckpointError, Checkpointer, abstract_like
-from jaxprompt.data.pipeline import BatchStream, DataError
-from jaxprompt.tracking import MetricsLog, plot_curves
+from jaxprompt.data.pipeline import BatchStream
 from jaxprompt.evaluate import Evaluator
-from jaxprompt.train import (EXIT_PREEMPTED, NonFiniteError, Run, _device_batch, architecture, build_run,
-                             encode_split,
-                             frozen_shardings, make_train_step, prompt_shardings)
 from jaxprompt.optim import build_optimizer
+from jaxprompt.tracking import MetricsLog, plot_curves
+from jaxprompt.train import (EXIT_PREEMPTED, NonFiniteError, Run, _device_batch, architecture, build_run,
+                             encode_split, frozen_shardings, make_train_step, prompt_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +102,20 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
   tokens_per_step = tc.batch_size * (cfg.data.input_length + cfg.data.target_length + cfg.prompt.length)
 
   stop = {"signal": None}
+  # Several processes must stop at the same step (a checkpoint is a collective). JAX's preemption service
+  # (started by jax.distributed.initialize) catches SIGTERM on any host and agrees on a step at which all
+  # stop; Orbax's reached_preemption asks it. Single-process runs handle the signals themselves.
+  synced = jax.process_count() > 1 and _preemption_service()
 
   def on_signal(signum, frame):
-    stop["signal"] = signum
     log.warning("received %s: finishing the current step and checkpointing", signal.Signals(signum).name)
+    if synced:
+      os.kill(os.getpid(), signal.SIGTERM)  # hand SIGINT to the preemption service too
+    else:
+      stop["signal"] = signum
 
-  old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  old_handlers = {s: signal.signal(s, on_signal) for s in ((signal.SIGINT,) if synced else
+                                                           (signal.SIGTERM, signal.SIGINT))}
 
   def meta_for(step: int) -> dict:
     return dict(position=stream.position, seed=tc.seed, base_model=run.identity.to_dict(),
@@ -129,6 +136,8 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
       prompt, opt_state, m = step_fn(prompt, opt_state, frozen, batch, jnp.asarray(step, jnp.int32))
       pending.append((step + 1, m))
       s = step + 1
+      if synced and ckpt.manager.reached_preemption(s):
+        stop["signal"] = signal.SIGTERM
       bar.update(1)
       if s % tc.log_every == 0 or s == tc.steps or stop["signal"]:
         host = jax.device_get([mm for _, mm in pending])
@@ -197,6 +206,12 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
       plot_curves(workdir, metric=metric)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def _preemption_service() -> bool:
+  from jax._src import distributed
+
+  return distributed.global_state.preemption_sync_manager is not None
 
 
 def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", mesh=None) -> dict:

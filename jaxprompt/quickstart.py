@@ -27,7 +27,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxprompt.models import hf
 from jaxprompt.models.t5 import T5, T5Config, shift_right
 
 log = logging.getLogger(__name__)

@@ -50,17 +50,16 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_curves(workdir: Path, out: Path | None = None, metric: str = "accuracy") -> Path | None:
   """Training loss and eval curves from metrics.jsonl -> curves.png."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A Figure without pyplot: no global backend switch, so a notebook's inline plots keep working.
+  from matplotlib.figure import Figure
 
   recs = read_metrics(workdir / "metrics.jsonl")
   train = [r for r in recs if r.get("kind") == "train" and "loss" in r]
   evals = [r for r in recs if r.get("kind") == "eval"]
   if not train and not evals:
     return None
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig = Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2)
   if train:
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
   if evals and "eval_loss" in evals[0]:
@@ -83,5 +82,4 @@ def plot_curves(workdir: Path, out: Path | None = None, metric: str = "accuracy"
   fig.tight_layout()
   out = out or workdir / "curves.png"
   fig.savefig(out, dpi=100)
-  plt.close(fig)
   return out

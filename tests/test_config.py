@@ -32,6 +32,7 @@ def test_paper_configs_use_the_original_hyperparameters():
     assert (cfg.prompt.length, cfg.prompt.init, cfg.train.batch_size, cfg.train.steps) == (100, "class_labels", 32, 30000)
     assert cfg.train.z_loss == 1e-4 and cfg.model.dropout == 0.1 and cfg.model.compute_dtype == "bfloat16"
     assert cfg.model.path.startswith("google/t5-") and cfg.model.path.endswith("-lm-adapt")
+    assert cfg.model.allow_pytorch_bin  # these hub repos ship pytorch_model.bin
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -81,6 +81,21 @@ def test_generation_eval_counts_unknown_strings_as_wrong(byte_t5):
   assert invalid > 0 and valid_hits == sum(ev.confusion[i][i] for i in range(10))
 
 
+def test_eval_batch_is_rounded_to_the_mesh_and_gives_the_single_device_result(byte_t5):
+  from jaxprompt.train import build_run
+
+  cfg = small_cfg(byte_t5, **{"eval.max_examples": 12, "eval.batch_size": 10})
+  one, _ = build_run(cfg, mesh=_one_device(), with_train_data=False)
+  eight, _ = build_run(cfg, mesh=shd.make_mesh(data=4, fsdp=2), with_train_data=False)
+  ev1, ev8 = Evaluator(one), Evaluator(eight)
+  assert (ev1.batch_size, ev8.batch_size) == (10, 16)  # 10 rows do not split over data x fsdp = 8
+  m1, r1 = ev1(one.prompt)
+  m8, r8 = ev8(eight.prompt)
+  assert [r["prediction"] for r in r1] == [r["prediction"] for r in r8] and len(r8) == 12
+  assert m1["accuracy"] == m8["accuracy"]
+  np.testing.assert_allclose(m1["eval_loss"], m8["eval_loss"], rtol=1e-5)
+
+
 def test_custom_tsv_task_end_to_end(byte_t5, tmp_path, fixtures_dir):
   lines = (fixtures_dir / "data/sst2/train.txt").read_text().splitlines()[:80]
   for split, rows in (("train", lines[:60]), ("validation", lines[60:])):

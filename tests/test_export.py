@@ -2,6 +2,8 @@
 formats, round trips, provenance, and refusals."""
 
 import json
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +84,11 @@ def test_numpy_and_safetensors_round_trips_are_exact(trained_t5, tmp_path):
   b = export_prompt(a, "peft", tmp_path / "b")
   np.testing.assert_array_equal(read_prompt_file(b)[0], value)
   assert json.loads((a / "adapter_config.json").read_text()) == json.loads((b / "adapter_config.json").read_text())
+  # exports get the permissions a plain open()/mkdir() gives, not the private ones of a temporary file
+  mask = os.umask(0)
+  os.umask(mask)
+  for p in (npy, st, a, a / "adapter_config.json", a / "adapter_model.safetensors"):
+    assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~mask, p
 
 
 def test_existing_output_is_not_clobbered_and_failed_exports_leave_nothing(trained_t5, tmp_path, monkeypatch):

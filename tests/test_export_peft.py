@@ -157,9 +157,12 @@ def _slot_position_greedy(model, ids, mask, steps):
 
 def peft_greedy(peft_model, ids, mask, eos) -> list[tuple[list[int], float]]:
   """PEFT's greedy generations (new tokens up to EOS) and the sum of their log-probabilities."""
+  # Decoders without PEFT's KV cache: with transformers 5.24 (PEFT 0.21) a causal prompt-tuning model's cached
+  # generate() drops the soft prompt after the first new token (5.23 is fine; cf. huggingface/peft#2123).
+  causal = not peft_model.config.is_encoder_decoder
   with torch.no_grad():
     out = peft_model.generate(input_ids=_t(ids), attention_mask=_t(mask), max_new_tokens=NEW, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True)
+                              output_logits=True, return_dict_in_generate=True, use_cache=not causal)
   logp = torch.stack(out.logits, 1).log_softmax(-1).numpy()  # [B, T, V]
   new = out.sequences.numpy()[:, -logp.shape[1]:]  # T5: after the decoder start; decoders: after the input
   rows = []

@@ -2,9 +2,11 @@
 same prompt as 1 process x 8 devices and as 1 device."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +66,34 @@ def test_two_processes_equal_one_process_and_one_device(byte_t5, tmp_path):
   # evaluation saw every example once, whichever process held it
   preds = (tmp_path / "multi" / "predictions" / f"step_{steps}.jsonl").read_text().splitlines()
   assert len(preds) == 24
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes_exactly(byte_t5, tmp_path):
+  steps = 60
+  config = _write_config(byte_t5, tmp_path / "c.yaml", steps, **{
+      "mesh.data": -1, "train.batch_size": 16, "train.log_every": 1, "checkpoint.every": 1000,
+      "optimizer.name": "sgd", "optimizer.learning_rate": 30.0})
+  work = tmp_path / "multi"
+
+  def launch():
+    port = _free_port()
+    return [_run(config, work, 4, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)]) for i in range(2)]
+
+  procs = launch()
+  metrics = work / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # training is under way
+    assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
+  codes = [p.wait(timeout=300) for p in procs]
+  assert codes == [75, 75], [p.stderr.read()[-2000:] for p in procs]
+  saved = sorted(int(d.name) for d in (work / "checkpoints").iterdir() if d.name.isdigit())
+  assert len(saved) == 1 and 3 <= saved[0] < steps  # one checkpoint, written by both hosts at the agreed step
+  for p in launch():
+    _ok(p)
+  _ok(_run(config, tmp_path / "eight", 8))
+  np.testing.assert_allclose(load_trained_prompt(work / "checkpoints" / str(steps))[0],
+                             load_trained_prompt(tmp_path / "eight" / "checkpoints" / str(steps))[0], atol=1e-6, rtol=0)

@@ -117,6 +117,32 @@ def test_pytorch_bin_needs_explicit_opt_in(t5_dirs, tmp_path):
   np.testing.assert_array_equal(np.asarray(m.shared[...]), ref.shared.weight.detach().numpy())
 
 
+def test_hub_download_fetches_pytorch_bin_only_when_opted_in_and_no_safetensors(tmp_path, monkeypatch):
+  import huggingface_hub
+
+  calls = []
+
+  def fake_snapshot_download(repo_id, revision=None, allow_patterns=()):
+    calls.append(list(allow_patterns))
+    local = tmp_path / repo_id.replace("/", "--")
+    local.mkdir(exist_ok=True)
+    (local / "config.json").write_text("{}")
+    if "pytorch_model.bin" in allow_patterns:
+      (local / "pytorch_model.bin").write_bytes(b"")
+    return str(local)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  hf.resolve_model_dir("org/bin-only")
+  assert len(calls) == 1 and "pytorch_model.bin" not in calls[0]  # a pickle is never fetched unasked
+  local = hf.resolve_model_dir("org/bin-only", allow_pytorch_bin=True)
+  assert "pytorch_model.bin" in calls[-1] and (local / "pytorch_model.bin").exists()
+  calls.clear()
+  (tmp_path / "org--has-st").mkdir()
+  (tmp_path / "org--has-st" / "model.safetensors").write_bytes(b"")
+  hf.resolve_model_dir("org/has-st", allow_pytorch_bin=True)
+  assert len(calls) == 1  # safetensors present: the .bin is not downloaded
+
+
 def test_missing_model_path_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     jaxprompt.load_model(tmp_path / "nope")

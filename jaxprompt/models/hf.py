@@ -297,8 +297,12 @@ def config_fingerprint(hf_config: dict) -> str:
   return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def resolve_model_dir(path_or_id: str, revision: str | None = None) -> Path:
-  """A local folder as is; otherwise a hub id, downloaded (safetensors + config + tokenizer only)."""
+def resolve_model_dir(path_or_id: str, revision: str | None = None, *, allow_pytorch_bin: bool = False) -> Path:
+  """A local folder as is; otherwise a hub id, downloaded (safetensors + config + tokenizer only).
+
+  With `allow_pytorch_bin`, a hub repo without safetensors (e.g. google/t5-*-lm-adapt) also gets its
+  pytorch_model.bin; it is downloaded only when the repo has no safetensors.
+  """
   p = Path(path_or_id).expanduser()
   if p.exists():
     if not p.is_dir():
@@ -308,16 +312,27 @@ def resolve_model_dir(path_or_id: str, revision: str | None = None) -> Path:
     return p
   if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or os.sep + os.sep in path_or_id:
     raise FileNotFoundError(f"model path {path_or_id!r} does not exist")
+  patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
+              "special_tokens_map.json", "generation_config.json", "*.model"]
   try:
     from huggingface_hub import snapshot_download
 
-    local = snapshot_download(path_or_id, revision=revision, allow_patterns=[
-        "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
-        "special_tokens_map.json", "generation_config.json", "*.model"])
+    local = snapshot_download(path_or_id, revision=revision, allow_patterns=patterns)
+    if allow_pytorch_bin and not any(Path(local).glob("*.safetensors")):
+      local = snapshot_download(path_or_id, revision=revision, allow_patterns=patterns + ["pytorch_model.bin"])
   except Exception as e:  # offline, unknown id, gated repo ...
     raise FileNotFoundError(f"model {path_or_id!r} is neither a local folder nor downloadable from the hub "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
   return Path(local)
+
+
+def apply_umask(path: Path) -> None:
+  """mkstemp/mkdtemp create 0600/0700 entries; give them the permissions a plain open()/mkdir() would."""
+  mask = os.umask(0)
+  os.umask(mask)
+  for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+    if not p.is_symlink():
+      os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
@@ -329,6 +344,7 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
   tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
   try:
     write(tmp)
+    apply_umask(tmp)
     if target.exists():
       old = target.with_name(f".{target.name}.old-{os.getpid()}")
       os.rename(target, old)

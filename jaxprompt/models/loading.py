@@ -56,13 +56,22 @@ def _model_name(config) -> str:
   return {"T5Config": "T5"}.get(type(config).__name__, type(config).__name__.replace("Config", ""))
 
 
+BUILTIN = "builtin:quickstart"
+
+
+def _builtin_folder() -> Path:
+  from jaxprompt import quickstart
+
+  return quickstart.ensure_base_model()
+
+
 def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None,
                remat: str = "none", revision: str | None = None, allow_pytorch_bin: bool = False):
   """Load a frozen base model.
 
   Args:
-    path_or_hub_id: a local HF folder (config.json + safetensors), a llama.cpp `.gguf` file, or a hub id
-      when the hub is reachable.
+    path_or_hub_id: a local HF folder (config.json + safetensors), a llama.cpp `.gguf` file, a hub id
+      when the hub is reachable, or "builtin:quickstart" (the tiny offline T5, built and cached on first use).
     dtype: parameter dtype (default float32; bfloat16 halves memory for frozen weights).
     mesh: place each parameter straight into its shards as `jaxprompt.sharding.RULES` says.
     compute_dtype: activation dtype (default: float32).
@@ -70,11 +79,15 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None 
     allow_pytorch_bin: accept a pickle-based pytorch_model.bin (loaded with weights_only=True).
   Returns the model; `model.identity` records where it came from (`hf.ModelIdentity`).
   """
+  if str(path_or_hub_id) == BUILTIN:
+    model = load_model(_builtin_folder(), dtype, mesh, compute_dtype=compute_dtype, remat=remat)
+    model.identity = dataclasses.replace(model.identity, path=BUILTIN)
+    return model
   if str(path_or_hub_id).endswith(".gguf"):
     from jaxprompt.models import gguf
 
     return gguf.load_gguf(path_or_hub_id, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype, remat=remat)
-  folder = hf.resolve_model_dir(str(path_or_hub_id), revision)
+  folder = hf.resolve_model_dir(str(path_or_hub_id), revision, allow_pytorch_bin=allow_pytorch_bin)
   hf_cfg = json.loads((folder / "config.json").read_text())
   reader = hf.CheckpointReader(folder, allow_pytorch_bin=allow_pytorch_bin)
   arch = _architecture(hf_cfg.get("model_type"), str(folder / "config.json"))
@@ -106,9 +119,12 @@ def save_pretrained(model, folder: str | os.PathLike, *, tokenizer=None, overwri
 
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike):
-  """A transformers tokenizer from a local folder / tokenizer file / `.gguf` file, or a hub id when reachable."""
+  """A transformers tokenizer from a local folder / tokenizer file / `.gguf` file, "builtin:quickstart", or a hub
+  id when reachable."""
   from transformers import AutoTokenizer
 
+  if str(path_or_hub_id) == BUILTIN:
+    path_or_hub_id = _builtin_folder()
   p = Path(path_or_hub_id).expanduser()
   if p.suffix == ".gguf":
     from jaxprompt.models import gguf
