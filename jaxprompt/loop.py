@@ -58,9 +58,8 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
   """Prompt-tune as `cfg` says, in `workdir` (resuming from its latest checkpoint). Returns a summary."""
   from tqdm.auto import tqdm
 
-  workdir = Path(workdir)
+  workdir = _checked_workdir(workdir)
   is_main = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)
   t_setup = time.time()
   run, train_data = build_run(cfg, mesh=mesh)
   tc, ec = cfg.train, cfg.eval
@@ -206,6 +205,20 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
       plot_curves(workdir, metric=metric)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def _checked_workdir(workdir: str | Path) -> Path:
+  """The workdir, created; a clear error when it is a file or cannot be written."""
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"workdir {str(workdir)!r} is a file, not a directory")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise OSError(f"cannot create workdir {str(workdir)!r}: {e.strerror or e}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise PermissionError(f"workdir {str(workdir)!r} is not writable")
+  return workdir
 
 
 def _preemption_service() -> bool:

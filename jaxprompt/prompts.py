@@ -111,18 +111,23 @@ def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.exists() or not weights.exists():
       raise PromptError(f"{path}: a PEFT prompt folder needs adapter_config.json and adapter_model.safetensors")
-    try:
-      meta["peft"] = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-      raise PromptError(f"{cfg_file}: invalid JSON ({e})") from None
-    if (path / "jaxprompt.json").exists():
-      meta["jaxprompt"] = json.loads((path / "jaxprompt.json").read_text())
+    for key, file in (("peft", cfg_file), ("jaxprompt", path / "jaxprompt.json")):
+      if file.exists():
+        try:
+          meta[key] = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+          raise PromptError(f"{file}: invalid JSON ({e})") from None
+        if not isinstance(meta[key], dict):
+          raise PromptError(f"{file}: expected a JSON object, got {type(meta[key]).__name__}")
     f = hf.SafetensorsFile(weights)
     if "prompt_embeddings" not in f.keys():
       raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {f.keys()})")
     value = np.array(f.get("prompt_embeddings"), np.float32)
   elif path.suffix == ".npy":
-    value = np.load(path, allow_pickle=False).astype(np.float32)
+    try:
+      value = np.load(path, allow_pickle=False).astype(np.float32)
+    except ValueError as e:  # object arrays need pickle: refused
+      raise PromptError(f"{path}: not a numeric .npy array ({e})") from None
   elif path.suffix == ".safetensors":
     f = hf.SafetensorsFile(path)
     key = "prompt_embeddings" if "prompt_embeddings" in f.keys() else (f.keys() or [None])[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -123,3 +123,35 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def per_device_bytes(tree: Any) -> int:
+  """The largest number of bytes any one device holds of the arrays in `tree` (as they are sharded)."""
+  held: dict[Any, int] = {}
+  for x in jax.tree.leaves(tree):
+    for s in x.addressable_shards:
+      held[s.device] = held.get(s.device, 0) + s.data.nbytes
+  return max(held.values(), default=0)
+
+
+def device_memory_bytes() -> int | None:
+  """A local device's memory (bytes_limit); None where the backend does not say (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def check_weights_fit(tree: Any, mesh: Mesh, *, limit: int | None = None, fraction: float = 0.5) -> str | None:
+  """A warning (also logged) when the frozen weights alone take more than `fraction` of a device's memory:
+  activations, the optimizer and XLA's temporaries need the rest. None when they fit or the limit is unknown."""
+  limit = device_memory_bytes() if limit is None else limit
+  if not limit:
+    return None
+  held = per_device_bytes(tree)
+  if held <= fraction * limit:
+    return None
+  msg = (f"the frozen weights take {held / 2**30:.2f} GiB per device, {held / limit:.0%} of its "
+         f"{limit / 2**30:.1f} GiB (mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} "
+         f"model={mesh.shape['model']}): shard them more (raise mesh.fsdp or mesh.model), use "
+         "model.dtype=bfloat16, or check the fit first with `jaxprompt plan`")
+  log.warning(msg)
+  return msg

@@ -209,6 +209,7 @@ def mesh_from_config(mc: C.MeshConfig):
 def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True) -> tuple[Run, TaskData | None]:
   mesh = mesh or mesh_from_config(cfg.mesh)
   base, tokenizer = load_base(cfg.model, mesh)
+  shd.check_weights_fit(nnx.state(base), mesh)
   train = task_data(cfg.data, cfg.data.train_split) if with_train_data else None
   spec = train if train is not None else task_data(cfg.data, cfg.data.eval_split)
   labels = spec.labels

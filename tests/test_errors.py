@@ -42,6 +42,12 @@ def test_missing_or_wrong_model_path(cfg, tmp_path, capsys):
                                                f"model.path={tmp_path}/empty"])
 
 
+def test_workdir_that_is_a_file_or_unwritable(cfg, tmp_path, capsys):
+  (tmp_path / "f").write_text("x")
+  assert "workdir" in (m := _err(capsys, ["train", str(cfg), "--workdir", str(tmp_path / "f")])) and "is a file" in m
+  assert "cannot create workdir" in _err(capsys, ["train", str(cfg), "--workdir", str(tmp_path / "f" / "sub")])
+
+
 def test_debug_shows_the_traceback(cfg, tmp_path):
   with pytest.raises(FileNotFoundError):
     main(["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", f"model.path={tmp_path}/nope", "--debug"])
@@ -112,3 +118,34 @@ def test_full_disk_while_exporting_loses_nothing(cfg, tmp_path, capsys, monkeypa
   assert "No space left on device" in msg
   assert (tmp_path / "p.npy").read_bytes() == before
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".p.npy")]
+
+
+def test_bad_dataset_rows_through_the_cli(cfg, tmp_path, capsys):
+  good = {"premise": "It rained.", "hypothesis": "The ground is wet.", "label": 0}
+  base = ["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", "data.task=cb"]
+  for name, bad, want in [
+      ("missing", {"premise": "p", "label": 1}, "field 'hypothesis': missing"),
+      ("outside", dict(good, label=7), "field 'label': label index 7 is outside 0..2"),
+      ("unknown", dict(good, label="maybe"), "field 'label': 'maybe' is not one of the labels"),
+  ]:
+    f = tmp_path / f"{name}.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in (good, bad)) + "\n")
+    msg = _err(capsys, base + ["--set", f"data.files.train={f}", "--set", f"data.files.validation={f}"])
+    assert f"{name}.jsonl line 2: {want}" in msg and "(task super_glue/cb)" in msg, msg
+  assert not (tmp_path / "w" / "checkpoints").exists()  # nothing half-started
+
+
+def test_malformed_adapter_json_is_one_line(cfg, tmp_path, capsys):
+  bad = tmp_path / "adapter"
+  bad.mkdir()
+  from safetensors.numpy import save_file
+
+  save_file({"prompt_embeddings": np.zeros((4, 32), np.float32)}, bad / "adapter_model.safetensors")
+  (bad / "adapter_config.json").write_text("{not json")
+  base = ["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", "prompt.init=file"]
+  msg = _err(capsys, base + ["--set", f"prompt.init_file={bad}"])
+  assert "adapter_config.json: invalid JSON" in msg
+  (bad / "adapter_config.json").write_text("[1, 2]")
+  assert "adapter_config.json: expected a JSON object, got list" in _err(capsys, base + ["--set", f"prompt.init_file={bad}"])
+  np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  assert "obj.npy: not a numeric .npy array" in _err(capsys, base + ["--set", f"prompt.init_file={tmp_path}/obj.npy"])

@@ -198,3 +198,20 @@ def test_save_pretrained_round_trips_through_transformers(t5_dirs, tmp_path):
   np.testing.assert_allclose(np.asarray(g), r, atol=TOL, rtol=TOL)
   with pytest.raises(FileExistsError):
     jaxprompt.save_pretrained(ours, out)
+
+
+def test_warns_when_the_frozen_weights_do_not_leave_room_on_a_device(t5_dirs):
+  from flax import nnx
+
+  folder = t5_dirs["t5v11-gated-untied"]
+  single = nnx.state(jaxprompt.load_model(folder))
+  total = sum(x.nbytes for x in jax.tree.leaves(single))
+  assert shd.per_device_bytes(single) == total
+  mesh = shd.make_mesh(fsdp=2, model=4)
+  sharded = nnx.state(jaxprompt.load_model(folder, mesh=mesh))
+  held = shd.per_device_bytes(sharded)
+  assert held < total / 4  # every large tensor is split 8 ways; only norms and biases are replicated
+  assert shd.check_weights_fit(sharded, mesh, limit=4 * held) is None
+  msg = shd.check_weights_fit(sharded, mesh, limit=held)
+  assert "100% of its" in msg and "fsdp=2 model=4" in msg and "raise mesh.fsdp" in msg
+  assert shd.check_weights_fit(sharded, mesh) is None  # CPU devices do not report a memory limit
