@@ -190,6 +190,7 @@ def step_setup(args) -> list[Step]:
     steps.append(Step(["tar", "-czf", archive, *(f"--exclude={x}" for x in COPY_EXCLUDES), "-C", src, "."],
                   f"setup: pack {src}"))
     steps.append(Step(g.scp(archive, f"{args.name}:{remote_archive}"), "setup: copy the source tree to every worker"))
+    steps.append(Step(["rm", "-f", archive], "setup: remove the local archive"))
     ra = remote_path(remote_archive)
     # A fresh tree each time (files deleted locally must not survive remotely); checked_dir guards the rm.
     lines += [f"rm -rf {repo}", f"mkdir -p {repo}", f"tar -xzf {ra} -C {repo}", f"rm -f {ra}"]

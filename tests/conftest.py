@@ -1,6 +1,9 @@
 """Test setup: 8 simulated CPU devices, a persistent compilation cache, shared tiny models."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Must happen before JAX initialises its backends.
@@ -9,6 +12,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Temporary files of the session (ours, pytest's, and those TFDS's mock_data leaves behind) in one folder,
+# removed at the end, so the suite leaves nothing in /tmp.
+_SESSION_TMP = tempfile.mkdtemp(prefix="jaxprompt-tests-")
+os.environ["TMPDIR"] = _SESSION_TMP
+tempfile.tempdir = None  # re-read TMPDIR
+atexit.register(shutil.rmtree, _SESSION_TMP, True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

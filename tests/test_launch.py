@@ -304,7 +304,9 @@ def test_tpu_setup_copy_ships_the_tree_and_installs(sandbox):
   (sandbox.home / "jaxprompt").mkdir()
   (sandbox.home / "jaxprompt" / "stale.py").write_text("")  # from an older copy: must not survive
   p = _launch(TPU, "setup", *POD, "--copy", str(src), "--dry-run")
-  tar, scp, ssh = p.stdout.splitlines()
+  tar, scp, rm, ssh = p.stdout.splitlines()
+  archive = shlex.split(tar)[2]
+  assert shlex.split(rm) == ["rm", "-f", archive]
   assert shlex.split(scp)[3:5] == ["tpu-vm", "scp"] and "--worker=all" in shlex.split(scp)
   assert "--worker=all" in shlex.split(ssh)
   r = _bash(p.stdout, sandbox.env, sandbox.tmp)
@@ -313,7 +315,7 @@ def test_tpu_setup_copy_ships_the_tree_and_installs(sandbox):
   tree = sandbox.home / "jaxprompt"
   assert (tree / "pyproject.toml").exists() and (tree / "jaxprompt" / "__init__.py").exists()
   assert not (tree / ".git").exists() and not (tree / "runs").exists() and not (tree / "stale.py").exists()
-  assert not (sandbox.home / "jaxprompt-src.tar.gz").exists()
+  assert not (sandbox.home / "jaxprompt-src.tar.gz").exists() and not Path(archive).exists()
   pip = Path(sandbox.env["PIP_LOG"]).read_text().splitlines()
   assert pip == ["-m", "pip", "install", "--quiet", "--upgrade", "jax[tpu]", "-e", str(tree)]
 
