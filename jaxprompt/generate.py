@@ -7,10 +7,10 @@ compiled once per model structure, shapes and method settings. The prefix is `in
 (+ `attention_mask`); soft prompts of any length enter as embeddings with an extended mask.
   * T5: the prefix is the encoder input (any padding). The encoder runs once, cross-attention k/v are
     projected once, the decoder starts from `decoder_start_token_id` and caches its self-attention k/v.
-  * decoders: the prefix must be left-padded (each row ends with a real token; a soft prompt prepended before
-    the padding, as the prompt layer does, is fine: masked slots may sit anywhere before the last). It runs once
-    (prefill) into a cache of L + T slots; positions count real slots only (cumsum of the mask - 1), as
-    transformers' generate does, so a padded row decodes as it would alone.
+  * decoders: masked slots may sit anywhere in the prefix (left padding, a soft prompt before the padding, an
+    empty input after a prompt); every row needs one real slot. The prefix runs once (prefill) into a cache of
+    L + T slots, the first new token comes from each row's last real slot, and positions count real slots only
+    (cumsum of the mask - 1), as transformers' generate does, so a padded row decodes as it would alone.
 A row that emits an EOS id is finished and emits `pad_id` afterwards. The result is a dict:
   tokens [B, T] int32; lengths [B] (tokens up to and including EOS); scores [B]:
     greedy / sample: the sum of the model's log-probabilities (before temperature and filtering) of the tokens;
@@ -80,7 +80,7 @@ def generate(model, *, input_ids=None, attention_mask=None, inputs_embeds=None, 
   b, l = prefix.shape[:2]
   mask = jnp.ones((b, l), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   if model.kind == "causal":
-    _check_left_padded(mask)
+    _check_some_real_slot(mask)
   cfg = model.config
   if pad_id is None:
     pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
@@ -100,16 +100,17 @@ def _eos_ids(eos_id, cfg) -> tuple[int, ...]:
   return (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(i) for i in eos_id)
 
 
-def _check_left_padded(mask: jax.Array) -> None:
+def _check_some_real_slot(mask: jax.Array) -> None:
   if not getattr(mask, "is_fully_addressable", True):
     return  # spread over hosts: the caller vouches for it
   try:
     m = np.asarray(mask)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return  # traced: likewise
-  if not m[:, -1].all():
-    raise ValueError("decoder-only generation needs left-padded prefixes: the last position of every row must be "
-                     "a real token (padding before the tokens; a soft prompt may come before the padding)")
+  empty = np.flatnonzero(~m.any(axis=1))
+  if empty.size:
+    raise ValueError(f"decoder-only generation needs at least one real token (or soft-prompt vector) per row; "
+                     f"row {int(empty[0])} is all padding (a tokenizer without BOS gives an empty input no tokens)")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
@@ -139,7 +140,8 @@ def _setup_causal(model, prefix, mask, opts):
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   key_mask = jnp.concatenate([mask, jnp.ones((b, t_new), mask.dtype)], axis=1)  # [B, S]
   h, cache = model.extend(cache, x, positions, key_mask, 0)
-  logits0 = model.logits(h[:, -1:])[:, 0]
+  last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
+  logits0 = model.logits(h[jnp.arange(b), last][:, None])[:, 0]
   next_pos = jnp.sum(mask, axis=1)  # position of the first new token
   logits0, key_mask, next_pos = _repeat(logits0, w), _repeat(key_mask, w), _repeat(next_pos, w)
   cache = jax.tree.map(lambda c: _repeat(c, w, axis=1), cache)

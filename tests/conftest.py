@@ -25,6 +25,10 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The same cache for the processes tests start (CLI runs, multi-process training, notebook kernels): a
+# restarted training run then loads its programs instead of compiling them again.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 

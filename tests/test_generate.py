@@ -230,16 +230,23 @@ def test_sampling_is_reproducible_and_rng_dependent(models):
   assert not np.array_equal(run(0), run(1))
 
 
-def test_compiled_once_per_shape_and_right_padding_rejected(models):
+def test_compiled_once_per_shape_any_padding_and_empty_rows_rejected(models):
   m = models["llama"]
   ids, mask = _prefix("llama", seed=5)
   generate(m, input_ids=j(ids), attention_mask=j(mask), max_new_tokens=T_NEW)
   n = gen._generate._cache_size()
   generate(m, input_ids=j(ids) + 1, attention_mask=j(mask), max_new_tokens=T_NEW)
   assert gen._generate._cache_size() == n
-  right = jnp.array([[1, 1, 1, 0]])
-  with pytest.raises(ValueError, match="left-padded"):
-    generate(m, input_ids=jnp.ones((1, 4), jnp.int32), attention_mask=right, max_new_tokens=2)
+  # padding after the tokens (or in the middle) decodes as the unpadded row: the first new token comes from
+  # the last real slot, positions count real slots only
+  row = jnp.array([[5, 9, 3]])
+  alone = generate(m, input_ids=row, max_new_tokens=T_NEW)["tokens"]
+  for padded, pmask in (([[5, 9, 3, 0, 0]], [[1, 1, 1, 0, 0]]), ([[5, 0, 9, 3, 0]], [[1, 0, 1, 1, 0]])):
+    out = generate(m, input_ids=jnp.array(padded), attention_mask=jnp.array(pmask), max_new_tokens=T_NEW)
+    np.testing.assert_array_equal(out["tokens"], alone)
+  with pytest.raises(ValueError, match="row 1 is all padding"):
+    generate(m, input_ids=jnp.ones((2, 4), jnp.int32), attention_mask=jnp.array([[1, 1, 1, 0], [0, 0, 0, 0]]),
+             max_new_tokens=2)
 
 
 def test_sharded_generation_matches_single_device(gen_dirs, models):
