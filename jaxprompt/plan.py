@@ -40,8 +40,9 @@ class PlanRow:
 def hf_config_for(path: str) -> dict:
   """config.json of a local folder / GGUF-free hub id, or a known checkpoint's published config (offline)."""
   from jaxprompt.models.known import KNOWN_CONFIGS
+  from jaxprompt.models.loading import BUILTIN
 
-  if path == "builtin:quickstart":
+  if path == BUILTIN:
     from jaxprompt import quickstart
 
     return quickstart.MODEL_CONFIG.to_hf()

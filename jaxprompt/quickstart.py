@@ -31,7 +31,6 @@ from jaxprompt.models.t5 import T5, T5Config, shift_right
 
 log = logging.getLogger(__name__)
 
-BUILTIN = "builtin:quickstart"
 TASKS = ("max", "min", "first", "last")
 NUM_DIGITS = 5
 LABELS = tuple(str(i) for i in range(10))

@@ -40,14 +40,14 @@ def load_base(mcfg: C.ModelConfig, mesh=None):
   """(frozen base model, tokenizer) as the model section says."""
   from jaxprompt.models import load_model, load_tokenizer
 
-  path = mcfg.path
-  base = load_model(path, dtype=jnp.dtype(mcfg.dtype), mesh=mesh, compute_dtype=jnp.dtype(mcfg.compute_dtype),
+  base = load_model(mcfg.path, dtype=jnp.dtype(mcfg.dtype), mesh=mesh, compute_dtype=jnp.dtype(mcfg.compute_dtype),
                     remat=mcfg.remat, revision=mcfg.revision, allow_pytorch_bin=mcfg.allow_pytorch_bin)
   if mcfg.dropout is not None and hasattr(base.config, "dropout_rate"):
     base.config = dataclasses.replace(base.config, dropout_rate=mcfg.dropout)
-  tokenizer = load_tokenizer(mcfg.tokenizer or path)
+  tok_path = mcfg.tokenizer or mcfg.path
+  tokenizer = load_tokenizer(tok_path)
   if len(tokenizer) > base.config.vocab_size:
-    raise DataError(f"tokenizer {mcfg.tokenizer or path!r} has {len(tokenizer)} tokens but the model's vocabulary "
+    raise DataError(f"tokenizer {tok_path!r} has {len(tokenizer)} tokens but the model's vocabulary "
                     f"has {base.config.vocab_size} rows: they do not belong together")
   return base, tokenizer
 

@@ -142,10 +142,10 @@ def test_malformed_adapter_json_is_one_line(cfg, tmp_path, capsys):
 
   save_file({"prompt_embeddings": np.zeros((4, 32), np.float32)}, bad / "adapter_model.safetensors")
   (bad / "adapter_config.json").write_text("{not json")
-  base = ["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", "prompt.init=file"]
-  msg = _err(capsys, base + ["--set", f"prompt.init_file={bad}"])
-  assert "adapter_config.json: invalid JSON" in msg
+  init = lambda f: _err(capsys, ["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", "prompt.init=file",
+                                 "--set", f"prompt.init_file={f}"])
+  assert "adapter_config.json: invalid JSON" in init(bad)
   (bad / "adapter_config.json").write_text("[1, 2]")
-  assert "adapter_config.json: expected a JSON object, got list" in _err(capsys, base + ["--set", f"prompt.init_file={bad}"])
+  assert "adapter_config.json: expected a JSON object, got list" in init(bad)
   np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-  assert "obj.npy: not a numeric .npy array" in _err(capsys, base + ["--set", f"prompt.init_file={tmp_path}/obj.npy"])
+  assert "obj.npy: not a numeric .npy array" in init(tmp_path / "obj.npy")
