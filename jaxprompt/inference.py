@@ -38,8 +38,9 @@ def recorded_base(infos: Sequence[dict]) -> tuple[str | None, str | None]:
 
 
 def encode_inputs(tokenizer, texts: Sequence[str], kind: str, max_length: int | None = None):
-  """Token ids [B, L] and mask. Decoders: left-padded, as in training and as transformers pads for generation. T5: right-padded, as in training
-  and PEFT: T5's relative positions would otherwise put a soft prompt further from a shorter input."""
+  """Token ids [B, L] and mask. Decoders: left-padded, as in training and as transformers pads for generation.
+  T5: right-padded, as in training and PEFT: T5's relative positions would otherwise put a soft prompt further
+  from a shorter input."""
   rows = []
   eos = tokenizer.eos_token_id
   for t in texts:
