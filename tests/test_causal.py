@@ -280,8 +280,9 @@ def test_generate_cli_on_the_gguf_workdir_matches_the_evaluator(stories_run, tmp
   preds = [json.loads(l) for l in (work / "predictions" / "step_200.jsonl").read_text().splitlines()][:8]
   (tmp_path / "in.txt").write_text("".join(p["inputs"] + "\n" for p in preds))
   lines = run_cli(capsys, "generate", "--prompt", work, "--step", "200", "--input-file", tmp_path / "in.txt",
-                  "--max-new-tokens", 20)
-  assert [l.strip() for l in lines] == [p["prediction"] for p in preds]
+                  "--max-new-tokens", 20, "--jsonl")
+  # JSON lines: a continuation may itself hold a newline
+  assert [json.loads(l)["output"].strip() for l in lines] == [p["prediction"] for p in preds]
 
 
 @pytest.mark.slow
