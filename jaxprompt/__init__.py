@@ -1,12 +1,15 @@
 """jaxprompt: prompt tuning (Lester et al. 2021) for frozen language models in JAX / Flax NNX.
 
-Generation lives in `jaxprompt.generate.generate` (the submodule keeps its name).
+The public API: loading base models (`load_model`, `load_tokenizer`, `save_pretrained`), the prompt types
+(`PromptParam`, `SoftPrompt`, `PromptedModel`, `prompt_bank`), generation (`jaxprompt.inference.generate`),
+and `UserError`, the base of every error that reports bad input.
 """
 
-__version__ = "0.1.0"
+from jaxprompt.version import __version__
+from jaxprompt.errors import UserError
+from jaxprompt.models import load_model, load_tokenizer, save_pretrained
+from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt, prompt_bank
+from jaxprompt import quickstart as _quickstart  # noqa: F401 — registers builtin:quickstart and its tasks
 
-from jaxprompt.models import load_model, load_tokenizer, save_pretrained  # noqa: E402
-from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt, prompt_bank  # noqa: E402
-
-__all__ = ["__version__", "load_model", "load_tokenizer", "save_pretrained", "PromptedModel",
+__all__ = ["__version__", "UserError", "load_model", "load_tokenizer", "save_pretrained", "PromptedModel",
            "PromptParam", "SoftPrompt", "prompt_bank"]

@@ -1,4 +1,5 @@
-"""`jaxprompt ...`: wiring only. User errors print one line and exit non-zero; --debug shows tracebacks."""
+"""`jaxprompt ...`: wiring only. User errors (`errors.UserError`) print one line and exit 2; any other exception
+is a bug and shows its traceback; --debug shows the traceback of user errors too."""
 
 from __future__ import annotations
 
@@ -13,22 +14,7 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 
-def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-  if config_required:
-    p.add_argument("config", help="YAML config file (see configs/)")
-  g = p.add_argument_group("multi-host (run the same command on every host)")
-  g.add_argument("--distributed", choices=["auto", "none"], default=None,
-                 help="auto: let JAX find the coordinator (TPU VMs, SLURM)")
-  g.add_argument("--coordinator", help="HOST:PORT of process 0, for any other cluster")
-  g.add_argument("--num-processes", type=int)
-  g.add_argument("--process-id", type=int)
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                 help="override a config value (repeatable), e.g. --set train.steps=100")
-  p.add_argument("--debug", action="store_true", help="show full tracebacks")
-
-
-def _default_workdir(config: str) -> str:
-  return str(Path("runs") / Path(config).stem)
+# -- commands ----------------------------------------------------------------------------------------
 
 
 def _init_distributed(args) -> None:
@@ -38,15 +24,15 @@ def _init_distributed(args) -> None:
 
 
 def cmd_train(args) -> int:
+  import jax
+
   from jaxprompt import config as C
-  from jaxprompt.loop import train
+  from jaxprompt.training.trainer import train
 
   cfg = C.load(args.config, args.overrides)
   _init_distributed(args)
-  workdir = args.workdir or _default_workdir(args.config)
+  workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
   summary = train(cfg, workdir, progress=not args.no_progress)
-  import jax
-
   if jax.process_index() == 0:
     print(json.dumps({"workdir": workdir, **summary}))
   return 0
@@ -54,7 +40,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
   from jaxprompt import config as C
-  from jaxprompt.loop import evaluate
+  from jaxprompt.training.trainer import evaluate
 
   cfg = C.load(args.config, args.overrides)
   _init_distributed(args)
@@ -63,31 +49,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-  from jaxprompt.export import export_prompt
+  from jaxprompt.prompts.export import export_prompt
 
-  out = export_prompt(args.source, args.format, args.out, step=args.step, with_base=args.with_base,
-                      overwrite=args.overwrite)
-  print(out)
+  print(export_prompt(args.source, args.format, args.out, step=args.step, with_base=args.with_base,
+                      overwrite=args.overwrite))
   return 0
 
 
 def cmd_inspect(args) -> int:
   import numpy as np
 
-  from jaxprompt.export import load_trained_prompt
-  from jaxprompt.inspection import inspect_prompt, similarity_heatmap
+  from jaxprompt.models.loading import load_model, load_tokenizer
+  from jaxprompt.prompts.io import load_trained_prompt
+  from jaxprompt.tools.inspection import inspect_prompt, similarity_heatmap
 
   value, info = load_trained_prompt(args.source, args.step)
   table = tokenizer = None
-  base = (info.get("base_model") or {}).get("path")
-  model_path = args.model or base
+  model_path = args.model or (info.get("base_model") or {}).get("path")
   if model_path:
-    import jaxprompt
-    from jaxprompt.prompts import input_embedding_table
-
-    model = jaxprompt.load_model(model_path)
-    table = np.asarray(input_embedding_table(model), np.float32)
-    tokenizer = jaxprompt.load_tokenizer(info.get("tokenizer") or model_path)
+    table = np.asarray(load_model(model_path).embedding_table(), np.float32)
+    tokenizer = load_tokenizer(info.get("tokenizer") or model_path)
   for rec in inspect_prompt(value, table, tokenizer, top_k=args.top_k):
     print(json.dumps(rec, ensure_ascii=False))
   out = Path(args.heatmap) if args.heatmap else Path(args.source).with_name(Path(args.source).name + "_similarity.png")
@@ -95,31 +76,43 @@ def cmd_inspect(args) -> int:
   return 0
 
 
+def _plan_meshes(spec: str | None, cfg) -> list[dict] | None:
+  """--mesh: None (search), "config" (the config's mesh section), or data=N,fsdp=N,model=N."""
+  from jaxprompt.errors import UsageError
+
+  if spec is None:
+    return None
+  if spec == "config":
+    return [dict(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, model=cfg.mesh.model)]
+  m = dict(data=1, fsdp=1, model=1)
+  for part in spec.split(","):
+    k, _, v = part.partition("=")
+    if k not in m or not v.lstrip("-").isdigit():
+      raise UsageError(f"--mesh {spec!r}: expected config, or data=N,fsdp=N,model=N")
+    m[k] = int(v)
+  return [m]
+
+
 def cmd_plan(args) -> int:
-  from jaxprompt import plan as PL
+  from jaxprompt.errors import UsageError
 
   devices, budget = args.devices, args.budget_gib
   if args.topology:
-    if args.topology not in PL.TOPOLOGIES:
-      raise ValueError(f"unknown topology {args.topology!r}; known: {', '.join(sorted(PL.TOPOLOGIES))}")
-    devices, mem = PL.TOPOLOGIES[args.topology]
+    from jaxprompt.tools.plan import TOPOLOGIES
+
+    if args.topology not in TOPOLOGIES:
+      raise UsageError(f"unknown topology {args.topology!r}; known: {', '.join(sorted(TOPOLOGIES))}")
+    devices, mem = TOPOLOGIES[args.topology]
     budget = budget or mem
   if devices:
     # simulated devices: must be set before JAX initialises its backends
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from jaxprompt import config as C
+  from jaxprompt.tools import plan as PL
 
   cfg = C.load(args.config, args.overrides)
-  meshes = None
-  if args.mesh:
-    m = dict(data=1, fsdp=1, model=1)
-    for part in args.mesh.split(","):
-      k, _, v = part.partition("=")
-      if k not in m or not v.lstrip("-").isdigit():
-        raise ValueError(f"--mesh {args.mesh!r}: expected data=N,fsdp=N,model=N")
-      m[k] = int(v)
-    meshes = [m]
+  meshes = _plan_meshes(args.mesh, cfg)
   remats = (cfg.model.remat,) if args.mesh else tuple(dict.fromkeys([cfg.model.remat, "full"]))
   print(f"plan for {cfg.model.path}: batch {cfg.train.batch_size}, inputs {cfg.data.input_length} + prompt "
         f"{cfg.prompt.length}, targets {cfg.data.target_length}, weights {cfg.model.dtype}, compute "
@@ -139,10 +132,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(args) -> int:
-  from jaxprompt import bench as BN
+  from jaxprompt.errors import UsageError
+  from jaxprompt.tools import bench as BN
 
   if args.preset not in BN.PRESETS:
-    raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
+    raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
   result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
                         structural=not args.no_structural, generation=not args.no_generation)
   if args.json:
@@ -150,36 +144,52 @@ def cmd_bench(args) -> int:
   return 0
 
 
-def cmd_generate(args) -> int:
-  import jaxprompt
-  from jaxprompt import inference
-  from jaxprompt.export import check_compatible
+def _generate_config(args):
+  """The `generate:` section of --config (or its defaults), with every flag given laid over it."""
+  from jaxprompt import config as C
 
-  loaded = inference.load_prompts(args.prompt, step=args.step)
+  base = C.load(args.config, args.overrides).generate if args.config or args.overrides else C.GenerateConfig()
+  method = "beam" if args.beams else "greedy" if args.greedy else "sample" if args.temperature is not None else None
+  given = dict(method=method, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, num_beams=args.beams, alpha=args.alpha, seed=args.seed)
+  return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def _read_inputs(args) -> list[str]:
+  from jaxprompt.errors import MissingPathError, UsageError
+
+  if not args.input_file:
+    return [args.input if args.input is not None else ""]
+  path = Path(args.input_file)
+  if not path.is_file():
+    raise MissingPathError(f"--input-file {path} does not exist")
+  texts = path.read_text().splitlines()
+  if not texts:
+    raise UsageError(f"{path}: no inputs")
+  return texts
+
+
+def cmd_generate(args) -> int:
+  from jaxprompt.errors import UsageError
+  from jaxprompt.inference import text
+  from jaxprompt.models.loading import load_model, load_tokenizer
+  from jaxprompt.prompts.io import check_compatible
+
+  gen_cfg, texts = _generate_config(args), _read_inputs(args)
+  loaded = text.load_prompts(args.prompt, step=args.step)
   model_path, tok = args.model, args.tokenizer
   if model_path is None:
-    model_path, recorded_tok = inference.recorded_base([info for _, info in loaded])
+    model_path, recorded_tok = text.recorded_base([info for _, info in loaded])
     if model_path is None:
-      raise ValueError("--model is needed: no --prompt records its base model")
+      raise UsageError("--model is needed: no --prompt records its base model")
     tok = tok or recorded_tok
-  base = jaxprompt.load_model(model_path)
-  tokenizer = jaxprompt.load_tokenizer(tok or model_path)
-  for (value, info), src in zip(loaded, args.prompt):
+  base = load_model(model_path)
+  tokenizer = load_tokenizer(tok or model_path)
+  for (_, info), src in zip(loaded, args.prompt):
     for warning in check_compatible(info, base.identity, base.hidden_size, base.kind, src,
                                     strict=not args.allow_other_base):
       print(f"jaxprompt: warning: {warning}", file=sys.stderr)
-  if args.input_file:
-    texts = Path(args.input_file).read_text().splitlines()
-  else:
-    texts = [args.input if args.input is not None else ""]
-  if not texts:
-    raise ValueError(f"{args.input_file}: no inputs")
-  method = "beam" if args.beams else ("greedy" if args.greedy or args.temperature is None else "sample")
-  records = inference.generate_text(
-      base, tokenizer, texts, [v for v, _ in loaded], max_new_tokens=args.max_new_tokens, method=method,
-      temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, num_beams=args.beams or 4,
-      alpha=args.alpha, seed=args.seed)
-  for r in records:
+  for r in text.generate_text(base, tokenizer, texts, [v for v, _ in loaded], gen_cfg):
     if args.prompt:
       r["prompt"] = args.prompt[r["prompt"]]
     print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"])
@@ -188,19 +198,35 @@ def cmd_generate(args) -> int:
 
 def cmd_preview(args) -> int:
   from jaxprompt import config as C
-  from jaxprompt.train import task_data
+  from jaxprompt.run import task_data
 
   cfg = C.load(args.config, args.overrides)
-  data = task_data(cfg.data, args.split or cfg.data.train_split)
-  for ex in data.examples[:args.n]:
+  for ex in task_data(cfg.data, args.split or cfg.data.train_split).examples[:args.n]:
     print(json.dumps({"inputs": ex["inputs"], "targets": ex["targets"]}, ensure_ascii=False))
   return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
-  sub = parser.add_subparsers(dest="command", required=True)
+# -- the parser ----------------------------------------------------------------------------------------
 
+
+def _common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("config", help="YAML config file (see configs/)")
+  g = p.add_argument_group("multi-host (run the same command on every host)")
+  g.add_argument("--distributed", choices=["auto", "none"], default=None,
+                 help="auto: let JAX find the coordinator (TPU VMs, SLURM)")
+  g.add_argument("--coordinator", help="HOST:PORT of process 0, for any other cluster")
+  g.add_argument("--num-processes", type=int)
+  g.add_argument("--process-id", type=int)
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                 help="override a config value (repeatable), e.g. --set train.steps=100")
+  _debug(p)
+
+
+def _debug(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _add_train_eval(sub) -> None:
   p = sub.add_parser("train", help="train a soft prompt", description=(
       "Train a soft prompt as CONFIG says. Resumes from the latest checkpoint in --workdir. "
       "Exit code 75 after a SIGTERM/SIGINT checkpoint (run the same command again to resume)."))
@@ -208,14 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", help="output directory (default: runs/<config name>)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(fn=cmd_train)
-
   p = sub.add_parser("eval", help="evaluate a trained prompt on the eval split",
                      description="Evaluate a checkpoint of --workdir on the config's eval split.")
   _common(p)
   p.add_argument("--workdir", required=True, help="the training run's directory")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
   p.set_defaults(fn=cmd_eval)
+  p = sub.add_parser("preview", help="print preprocessed examples (what the model is fed, before tokenising)",
+                     description="Print a split's examples as JSON lines with `inputs` and `targets` exactly as "
+                                 "the task's preprocessor makes them, before tokenisation.")
+  _common(p)
+  p.add_argument("--split", help="split (default: data.train_split)")
+  p.add_argument("--n", type=int, default=5, help="how many examples")
+  p.set_defaults(fn=cmd_preview)
 
+
+def _add_export_inspect(sub) -> None:
   p = sub.add_parser("export", help="export a trained prompt (PEFT adapter, .npy, safetensors)", description=(
       "Export a prompt from a training workdir, a checkpoint step folder, or another export. "
       "--format peft writes a HF PEFT prompt-tuning adapter folder (peft.PeftModel.from_pretrained(base, DIR)); "
@@ -228,9 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--with-base", action="store_true",
                  help="also write the frozen base model as a HF folder under OUT/base (peft format)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+  _debug(p)
   p.set_defaults(fn=cmd_export)
-
   p = sub.add_parser("inspect", help="norms and nearest tokens of each prompt vector, plus a similarity heatmap",
                      description="Print, per prompt vector, its norm and nearest vocabulary tokens (cosine "
                                  "similarity, JSON lines), and write a PNG heatmap of prompt-to-prompt similarity.")
@@ -239,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
   p.add_argument("--top-k", type=int, default=5)
   p.add_argument("--heatmap", help="PNG path (default: SOURCE_similarity.png beside the source)")
-  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+  _debug(p)
   p.set_defaults(fn=cmd_inspect)
 
+
+def _add_plan_bench(sub) -> None:
   p = sub.add_parser("plan", help="ahead-of-time memory/FLOPs plan for a config on N devices", description=(
       "Compile the train step ahead of time on abstract shapes (no weights are loaded; devices are simulated "
       "on the CPU) and report per-device memory (arguments, temporaries, total) and FLOPs per step for "
@@ -250,11 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_mutually_exclusive_group()
   g.add_argument("--devices", type=int, help="number of (simulated) devices")
   g.add_argument("--topology", help="a slice name, e.g. v3-8, v4-32, v5e-8, h100-8 (sets devices and budget)")
-  p.add_argument("--mesh", help="only this mesh, e.g. data=1,fsdp=8,model=1")
+  p.add_argument("--mesh", help="only this mesh: data=N,fsdp=N,model=N, or 'config' for the config's mesh and remat")
   p.add_argument("--budget-gib", type=float, help="memory per device (default: the topology's)")
   p.add_argument("--json", help="also write the table as JSON")
   p.set_defaults(fn=cmd_plan)
-
   p = sub.add_parser("bench", help="measure the train step (optionally against PyTorch + PEFT)", description=(
       "After warm-up: median train-step time, tokens/s, XLA FLOPs, achieved FLOP/s and utilisation of the "
       "device's peak (on CPU a matmul peak measured in the same run), compile time and device memory. "
@@ -266,12 +300,32 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
   p.add_argument("--json", help="write the results as JSON")
-  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+  _debug(p)
   p.set_defaults(fn=cmd_bench)
+
+
+# generation flags: each left out keeps config.GenerateConfig's default
+_GENERATE_FLAGS = (
+    ("--max-new-tokens", int, "tokens to generate at most"),
+    ("--temperature", float, "sample with this temperature"),
+    ("--top-k", int, "sampling: keep the k most likely tokens; 0 keeps all"),
+    ("--top-p", float, "sampling: nucleus probability mass; 1.0 is off"),
+    ("--beams", int, "beam search with this many beams"),
+    ("--alpha", float, "beam search length-penalty alpha (T5X)"),
+    ("--seed", int, "sampling seed"),
+)
+
+
+def _add_generate(sub) -> None:
+  from jaxprompt.config import GenerateConfig
 
   p = sub.add_parser("generate", help="generate text with a frozen model and soft prompt(s)", description=(
       "Generate one output per input (per prompt, with several --prompt: they run as one mixed-prompt batch). "
-      "Without --model the base model recorded with the prompt is used. Empty input means: start from BOS."))
+      "Without --model the base model recorded with the prompt is used. Empty input means: start from BOS. "
+      "Settings left out come from the generate: section of --config (or its defaults)."))
+  p.add_argument("--config", help="a YAML config whose generate: section sets the defaults")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="generate.KEY=VALUE",
+                 help="override a value of --config (repeatable)")
   p.add_argument("--model", help="base model: HF folder, hub id, .gguf, builtin:quickstart (default: recorded)")
   p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
   p.add_argument("--prompt", action="append", default=[], metavar="WORKDIR_OR_EXPORT",
@@ -280,40 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_mutually_exclusive_group()
   g.add_argument("--input", help="one input text")
   g.add_argument("--input-file", help="a file with one input per line")
-  p.add_argument("--max-new-tokens", type=int, default=32)
   p.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-  p.add_argument("--temperature", type=float, help="sample with this temperature")
-  p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: all)")
-  p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
-  p.add_argument("--beams", type=int, help="beam search with this many beams")
-  p.add_argument("--alpha", type=float, default=0.6, help="beam search length-penalty alpha (T5X)")
-  p.add_argument("--seed", type=int, default=0)
+  defaults = GenerateConfig()
+  for flag, tp, what in _GENERATE_FLAGS:
+    field = {"--beams": "num_beams"}.get(flag, flag[2:].replace("-", "_"))
+    p.add_argument(flag, type=tp, help=f"{what} (default: generate.{field}, {getattr(defaults, field)})")
   p.add_argument("--jsonl", action="store_true", help="JSON lines with input, output, tokens, score")
   p.add_argument("--allow-other-base", action="store_true", help="use a prompt recorded for another base model")
-  p.add_argument("--debug", action="store_true", help="show full tracebacks")
+  _debug(p)
   p.set_defaults(fn=cmd_generate)
 
-  p = sub.add_parser("preview", help="print preprocessed examples (what the model is fed, before tokenising)",
-                     description="Print a split's examples as JSON lines with `inputs` and `targets` exactly as "
-                                 "the task's preprocessor makes them, before tokenisation.")
-  _common(p)
-  p.add_argument("--split", help="split (default: data.train_split)")
-  p.add_argument("--n", type=int, default=5, help="how many examples")
-  p.set_defaults(fn=cmd_preview)
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  _add_train_eval(sub)
+  _add_export_inspect(sub)
+  _add_plan_bench(sub)
+  _add_generate(sub)
   return parser
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-  from jaxprompt.checkpoint import CheckpointError
-  from jaxprompt.export import ExportError
-  from jaxprompt.config import ConfigError
-  from jaxprompt.data.pipeline import DataError
-  from jaxprompt.models.hf import WeightError
-  from jaxprompt.prompts import PromptError
-  from jaxprompt.train import NonFiniteError
-
-  return (ConfigError, CheckpointError, ExportError, DataError, WeightError, PromptError, NonFiniteError, FileNotFoundError,
-          FileExistsError, NotADirectoryError, PermissionError, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,13 +361,15 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from jaxprompt.errors import UserError
+
   try:
     return args.fn(args)
   except KeyboardInterrupt:
     print("jaxprompt: interrupted", file=sys.stderr)
     return 130
-  except Exception as e:  # noqa: BLE001 — user-facing errors are one line; --debug shows the traceback
-    if args.debug or not isinstance(e, _user_errors()):
+  except UserError as e:
+    if args.debug:
       raise
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"jaxprompt: error: {msg}", file=sys.stderr)

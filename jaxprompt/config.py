@@ -2,6 +2,9 @@
 
 Defaults live here, in the schema, and nowhere else. An unknown key or a wrong type is a one-line
 `ConfigError` naming it (with the closest valid key as a suggestion).
+
+A file may start from others: `include: base.yaml` (or a list, paths relative to the file) loads those first
+and lays this file's sections over them, key by key; overrides come last.
 """
 
 from __future__ import annotations
@@ -15,9 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A config file or override is invalid."""
+from jaxprompt.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,31 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """Decoding settings: `jaxprompt generate`, `jaxprompt.generate.generate`, eval in generate mode."""
+
+  max_new_tokens: int = 32
+  method: Literal["greedy", "sample", "beam"] = "greedy"
+  temperature: float = 1.0  # sample
+  top_k: int = 0  # sample: keep the k most likely tokens (0 = all)
+  top_p: float = 1.0  # sample: nucleus probability mass (1.0 = off)
+  num_beams: int = 4  # beam
+  alpha: float = 0.6  # beam: T5X's length-penalty exponent
+  seed: int = 0  # sample
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ConfigError(f"generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.method == "sample" and not self.temperature > 0:
+      raise ConfigError(f"generate.temperature must be > 0 to sample, got {self.temperature} (use method greedy)")
+    if self.method == "beam" and (self.num_beams < 1 or self.alpha < 0):
+      raise ConfigError(f"beam search needs generate.num_beams >= 1 and alpha >= 0, got {self.num_beams}, "
+                        f"{self.alpha}")
+    if not 0 < self.top_p <= 1 or self.top_k < 0:
+      raise ConfigError(f"generate.top_p must be in (0, 1] and top_k >= 0, got {self.top_p}, {self.top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int = -1  # -1: all remaining devices
   fsdp: int = 1
@@ -133,9 +159,11 @@ class Config:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    """Plain dicts and lists (JSON / YAML ready)."""
+    return _plain(dataclasses.asdict(self))
 
 
 # -- parsing ---------------------------------------------------------------------------------------
@@ -246,19 +274,36 @@ def from_dict(raw: dict) -> Config:
   return _build(Config, raw or {}, "")
 
 
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+  """A config file as a raw dict, its `include:`s laid under it."""
+  if not p.exists():
+    raise ConfigError(f"config file {str(p)!r} does not exist")
+  if p.resolve() in seen:
+    raise ConfigError(f"{p}: includes itself (through {' -> '.join(map(str, seen))})")
+  try:
+    raw = yaml.safe_load(p.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+  includes = raw.pop("include", [])
+  for inc in [includes] if isinstance(includes, str) else includes:
+    if not isinstance(inc, str):
+      raise ConfigError(f"{p}: include: expected a file name or a list of them, got {inc!r}")
+    raw = _merge(_read_yaml(p.parent / inc, seen + (p.resolve(),)), raw)
+  return raw
+
+
+def _merge(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
   """Load a YAML config file (or the defaults when `path` is None) and apply overrides."""
-  raw: dict = {}
-  if path is not None:
-    p = Path(path)
-    if not p.exists():
-      raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-      raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-      raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-      raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+  raw = _read_yaml(Path(path)) if path is not None else {}
   try:
     return from_dict(apply_overrides(raw, list(overrides)))
   except ConfigError as e:
@@ -266,7 +311,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
 
 
 def dump(cfg: Config) -> str:
-  return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+  return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def _plain(x):

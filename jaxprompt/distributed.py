@@ -14,6 +14,8 @@ import os
 
 import jax
 
+from jaxprompt.errors import UsageError
+
 
 def initialize(mode: str | None = None, coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
@@ -26,7 +28,7 @@ def initialize(mode: str | None = None, coordinator: str | None = None, num_proc
     process_id = int(os.environ["JAXPROMPT_PROCESS_ID"])
   if coordinator:
     if num_processes is None or process_id is None:
-      raise ValueError("--coordinator needs --num-processes and --process-id (or their JAXPROMPT_* variables)")
+      raise UsageError("--coordinator needs --num-processes and --process-id (or their JAXPROMPT_* variables)")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     return True
@@ -34,5 +36,5 @@ def initialize(mode: str | None = None, coordinator: str | None = None, num_proc
     jax.distributed.initialize()
     return True
   if mode not in (None, "", "none", "off"):
-    raise ValueError(f"--distributed must be 'auto' or 'none', got {mode!r}")
+    raise UsageError(f"--distributed must be 'auto' or 'none', got {mode!r}")
   return False

@@ -10,10 +10,16 @@ It is cached as an ordinary HF folder (config.json + model.safetensors + tokeniz
 directory and reused. The quickstart then freezes it and trains a soft prompt on the `max` task
 *without* its prefix (the paper's "taskless" setting): the input alone does not say which task is
 wanted, so the prompt has to learn it.
+
+Importing this module registers the model source "builtin:quickstart" (`models.loading.register_source`)
+and the tasks "quickstart:max|min|first|last" ("quickstart" = "quickstart:max"; `data.tasks.register`), so the
+loaders and the data layer never import it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +33,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxprompt.data import tasks as TK
+from jaxprompt.data.batches import Seq2SeqBatch
+from jaxprompt.data.pipeline import BatchStream
+from jaxprompt.errors import DataError
+from jaxprompt.models.loading import ModelSource, register_source, save_pretrained
 from jaxprompt.models.t5 import T5, T5Config, shift_right
 
 log = logging.getLogger(__name__)
@@ -44,29 +55,43 @@ PRETRAIN = dict(steps=1500, batch_size=64, learning_rate=3e-3, warmup=50, seed=0
 RECIPE_VERSION = 1
 
 
+BUILTIN_MODEL = "builtin:quickstart"
+SPLITS = {"train": (2000, 1), "validation": (500, 2), "test": (500, 3)}  # examples, seed (disjoint)
+
+
 def _answer(task: str, digits: list[int]) -> int:
   return {"max": max, "min": min, "first": lambda d: d[0], "last": lambda d: d[-1]}[task](digits)
 
 
-def examples(task: str, n: int, seed: int, *, prefix: bool) -> list[dict]:
-  """`n` examples of one digit task; `prefix=False` drops the task name (the taskless variant)."""
+def digit_rows(n: int, seed: int) -> list[dict]:
   rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    d = [int(x) for x in rng.integers(0, 10, NUM_DIGITS)]
-    body = " ".join(map(str, d))
-    a = _answer(task, d)
-    out.append({"inputs": f"{task}: {body}" if prefix else body, "targets": str(a), "label": a})
-  return out
+  return [{"digits": [int(x) for x in rng.integers(0, 10, NUM_DIGITS)]} for _ in range(n)]
 
 
-def task_split(split: str, taskless: bool = True, task: str = "max") -> list[dict]:
-  """The quickstart's prompt-tuning data: train (2000 examples) and validation (500, disjoint seed)."""
-  sizes = {"train": (2000, 1), "validation": (500, 2), "test": (500, 3)}
-  if split not in sizes:
-    raise ValueError(f"quickstart task has splits {sorted(sizes)}, not {split!r}")
-  n, seed = sizes[split]
-  return examples(task, n, seed + 100, prefix=not taskless)
+def _format(row, split: str, *, task: str) -> list[dict]:
+  d = row["digits"]
+  return [{"inputs": f"{task}: " + " ".join(map(str, d)), "targets": str(_answer(task, d))}]
+
+
+def _split_rows(split: str) -> list[dict]:
+  if split not in SPLITS:
+    raise DataError(f"quickstart tasks have splits {sorted(SPLITS)}, not {split!r}")
+  n, seed = SPLITS[split]
+  return digit_rows(n, seed + 100)
+
+
+def task(name: str) -> TK.Task:
+  """One prefixed digit task ("max: 3 7 1 8 2" -> "8"); its taskless variant drops the "max:" prefix."""
+  # digits 0-9 are far from balanced for min/max: accuracy only
+  return TK.Task(f"quickstart:{name}", functools.partial(_format, task=name), LABELS, ("accuracy",),
+                 splits=tuple(SPLITS), generate_rows=_split_rows)
+
+
+def examples(task_name: str, n: int, seed: int, *, prefix: bool) -> list[dict]:
+  """`n` examples of one digit task; `prefix=False` drops the task name (the taskless variant)."""
+  t = task(task_name)
+  t = t if prefix else dataclasses.replace(t, taskless=True)
+  return [ex for row in digit_rows(n, seed) for ex in t.examples(row, "train")]
 
 
 def tokenizer():
@@ -89,8 +114,6 @@ def ensure_base_model(progress: bool = True) -> Path:
     return target
   model = pretrain(progress=progress)
   tok = tokenizer()
-  from jaxprompt.models.loading import save_pretrained
-
   try:
     save_pretrained(model, target, tokenizer=tok)
   except FileExistsError:  # another process finished first
@@ -101,8 +124,8 @@ def ensure_base_model(progress: bool = True) -> Path:
 def _mixture(n: int, seed: int) -> list[dict]:
   rng = np.random.default_rng(seed)
   out = []
-  for i, task in enumerate(rng.choice(len(TASKS), n)):
-    out += examples(TASKS[task], 1, seed * 1_000_003 + i, prefix=True)
+  for i, k in enumerate(rng.choice(len(TASKS), n)):
+    out += examples(TASKS[k], 1, seed * 1_000_003 + i, prefix=True)
   return out
 
 
@@ -110,12 +133,10 @@ def pretrain(progress: bool = True) -> T5:
   """Full-parameter pre-training of the quickstart model on the prefixed multi-task mixture."""
   from tqdm.auto import tqdm
 
-  from jaxprompt.data.pipeline import BatchStream, encode_examples
-
   p = PRETRAIN
   tok = tokenizer()
-  data = encode_examples(_mixture(20000, p["seed"]), tok, kind="seq2seq", input_length=p["input_length"],
-                         target_length=p["target_length"], name="quickstart mixture")
+  data = Seq2SeqBatch.encode(_mixture(20000, p["seed"]), tok, input_length=p["input_length"],
+                             target_length=p["target_length"], name="quickstart mixture")
   stream = BatchStream(data, p["batch_size"], seed=p["seed"])
   model = T5(MODEL_CONFIG, rngs=nnx.Rngs(p["seed"]))
   graphdef, params = nnx.split(model)
@@ -127,9 +148,9 @@ def pretrain(progress: bool = True) -> T5:
   def step(params, opt_state, batch):
     def loss_fn(params):
       m = nnx.merge(graphdef, params)
-      logits = m(batch["input_ids"], batch["input_mask"], shift_right(batch["target_ids"], 0))
-      mask = batch["target_mask"]
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])
+      logits = m(batch.input_ids, batch.input_mask, shift_right(batch.target_ids, 0))
+      mask = batch.target_mask
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.target_ids)
       return jnp.sum(ce * mask) / jnp.sum(mask)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -146,3 +167,9 @@ def pretrain(progress: bool = True) -> T5:
       bar.set_postfix(loss=f"{float(loss):.3f}")
   log.info("quickstart base model pre-trained in %.0f s (final loss %.3f)", time.time() - start, float(loss))
   return nnx.merge(graphdef, params)
+
+
+register_source(BUILTIN_MODEL, ModelSource(folder=ensure_base_model, hf_config=MODEL_CONFIG.to_hf))
+for _name in TASKS:
+  TK.register(task(_name))
+TK.register_alias("quickstart", "quickstart:max")

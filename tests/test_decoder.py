@@ -1,7 +1,6 @@
 """Decoder-only models: logits against transformers' PyTorch models (the reference), strict loading, sharding."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp

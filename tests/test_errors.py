@@ -53,6 +53,29 @@ def test_debug_shows_the_traceback(cfg, tmp_path):
     main(["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", f"model.path={tmp_path}/nope", "--debug"])
 
 
+def test_the_config_is_checked_against_task_and_mesh_before_any_work(cfg, tmp_path, capsys):
+  w = tmp_path / "w"
+  msg = _err(capsys, ["train", str(cfg), "--workdir", str(w), "--set", "eval.metric=acuracy"])
+  assert "eval.metric 'acuracy' is not computed for task quickstart:max in eval.mode rank" in msg
+  assert "available: eval_loss, eval_seq_accuracy, accuracy" in msg
+  msg = _err(capsys, ["train", str(cfg), "--workdir", str(w), "--set", "train.batch_size=6", "--set",
+                      "train.microbatches=4"])
+  assert "train.batch_size 6 must be divisible by train.microbatches (4)" in msg
+  assert not (w / "checkpoints").exists()  # refused before anything was trained or written
+
+
+def test_a_bug_is_not_dressed_up_as_a_user_error(cfg, tmp_path, monkeypatch):
+  """Only `UserError`s become one line; any other exception keeps its traceback."""
+  from jaxprompt.training import trainer
+
+  def broken(*a, **k):
+    raise KeyError("an internal bug")
+
+  monkeypatch.setattr(trainer, "train", broken)
+  with pytest.raises(KeyError, match="an internal bug"):
+    main(["train", str(cfg), "--workdir", str(tmp_path / "w")])
+
+
 def test_tokenizer_that_does_not_match_the_model(cfg, tmp_path, capsys, fixtures_dir):
   from transformers import LlamaTokenizer
 
@@ -78,17 +101,19 @@ def test_imported_prompt_of_wrong_shape_or_for_another_base(cfg, byte_t5, tmp_pa
 
 
 def test_empty_dataset_and_truncation_warning(cfg, tmp_path, capsys, caplog):
-  from jaxprompt.data.pipeline import DataError, encode_examples
   from transformers import ByT5Tokenizer
+
+  from jaxprompt.data.batches import Seq2SeqBatch
+  from jaxprompt.errors import DataError
 
   tok = ByT5Tokenizer()
   with pytest.raises(DataError, match="train: the dataset is empty"):
-    encode_examples([], tok, kind="seq2seq", input_length=8, target_length=2, name="train")
+    Seq2SeqBatch.encode([], tok, input_length=8, target_length=2, name="train")
   with caplog.at_level(logging.WARNING):
-    out = encode_examples([{"inputs": "x" * 20, "targets": "y"}, {"inputs": "ab", "targets": "y" * 9}], tok,
-                          kind="seq2seq", input_length=8, target_length=4, name="dev")
+    out = Seq2SeqBatch.encode([{"inputs": "x" * 20, "targets": "y"}, {"inputs": "ab", "targets": "y" * 9}], tok,
+                              input_length=8, target_length=4, name="dev")
   assert "dev: truncated 1 of 2 inputs to 8 tokens and 1 targets to 4 tokens" in caplog.text
-  assert out["input_ids"][0, -1] == tok.eos_token_id  # EOS kept after trimming, as seqio does
+  assert out.input_ids[0, -1] == tok.eos_token_id  # EOS kept after trimming, as seqio does
 
 
 def test_resuming_a_workdir_with_another_base_is_refused(cfg, byte_t5, tmp_path, capsys):

@@ -12,10 +12,11 @@ import pytest
 from jaxprompt import config as C
 from jaxprompt import prompts as P
 from jaxprompt import sharding as shd
-from jaxprompt.checkpoint import Checkpointer
-from jaxprompt.evaluate import Evaluator, encode_labels, rank_scores
-from jaxprompt.loop import train
+from jaxprompt.evaluation.evaluator import Evaluator
 from jaxprompt.models import load_model
+from jaxprompt.run import build_run
+from jaxprompt.training.checkpoint import Checkpointer
+from jaxprompt.training.trainer import train
 from jaxprompt.models.t5 import shift_right
 from tests.hf_models import write_decoder
 from tests.test_train import byte_t5, small_cfg  # noqa: F401  (session fixture)
@@ -50,25 +51,21 @@ def test_rank_classification_equals_explicit_log_likelihoods(byte_t5, tmp_path, 
     base = load_model(write_decoder(tmp_path / "llama", "llama3-gqa-untied", vocab_size=384))
   model = P.PromptedModel(base, P.SoftPrompt(jax.random.normal(jax.random.key(0), (3, base.hidden_size))))
   labels = ["yes", "no", "maybe"]
-  lab = encode_labels(tok, labels, kind=kind, target_length=6)
-  from jaxprompt.data.pipeline import encode_examples
-
-  arrays = encode_examples([{"inputs": "is it?", "targets": "yes"}, {"inputs": "a longer question here",
-                                                                     "targets": "no"}],
-                           tok, kind=kind, input_length=24, target_length=6)
-  batch = {k: jnp.asarray(arrays[k]) for k in ("input_ids", "input_mask")}
-  got = np.asarray(rank_scores(model, batch, jnp.asarray(lab["ids"]), jnp.asarray(lab["mask"])))
+  lab_ids, lab_mask = base.batch_type.encode_labels(tok, labels, target_length=6)
+  batch = base.batch_type.encode([{"inputs": "is it?", "targets": "yes"},
+                                  {"inputs": "a longer question here", "targets": "no"}],
+                                 tok, input_length=24, target_length=6)
+  batch = jax.tree.map(jnp.asarray, batch)
+  got = np.asarray(model.label_logprobs(batch, jnp.asarray(lab_ids), jnp.asarray(lab_mask)))
   for b in range(2):
     for c in range(3):
-      want = _explicit_logp(model, batch["input_ids"][b], batch["input_mask"][b], jnp.asarray(lab["ids"][c]),
-                            jnp.asarray(lab["mask"][c]))
+      want = _explicit_logp(model, batch.input_ids[b], batch.input_mask[b], jnp.asarray(lab_ids[c]),
+                            jnp.asarray(lab_mask[c]))
       np.testing.assert_allclose(got[b, c], want, rtol=1e-5, atol=1e-4)
 
 
 def test_generation_eval_counts_unknown_strings_as_wrong(byte_t5):
   cfg = small_cfg(byte_t5, **{"eval.mode": "generate", "eval.max_examples": 12})
-  from jaxprompt.train import build_run
-
   run, _ = build_run(cfg, mesh=_one_device(), with_train_data=False)
   ev = Evaluator(run)
   metrics, records = ev(run.prompt)
@@ -82,8 +79,6 @@ def test_generation_eval_counts_unknown_strings_as_wrong(byte_t5):
 
 
 def test_eval_batch_is_rounded_to_the_mesh_and_gives_the_single_device_result(byte_t5):
-  from jaxprompt.train import build_run
-
   cfg = small_cfg(byte_t5, **{"eval.max_examples": 12, "eval.batch_size": 10})
   one, _ = build_run(cfg, mesh=_one_device(), with_train_data=False)
   eight, _ = build_run(cfg, mesh=shd.make_mesh(data=4, fsdp=2), with_train_data=False)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from jaxprompt import config as C
 from jaxprompt import sharding as shd
-from jaxprompt.export import ExportError, export_prompt, load_trained_prompt
-from jaxprompt.loop import train
-from jaxprompt.prompts import PromptError, read_prompt_file
-from jaxprompt.train import build_run
+from jaxprompt.errors import ExportError, PromptError
+from jaxprompt.prompts.export import export_prompt
+from jaxprompt.prompts.io import load_trained_prompt, read_prompt_file
+from jaxprompt.run import build_run
+from jaxprompt.training.trainer import train
 from tests.test_train import byte_t5, small_cfg  # noqa: F401  (session fixture)
 
 TOL = 1e-4
@@ -33,7 +33,6 @@ def trained_t5(byte_t5, tmp_path_factory):
 def _ours_logits(cfg, prompt_value, ids, mask, dec):
   from flax import nnx
 
-  from jaxprompt import prompts as P
 
   run, _ = build_run(cfg, mesh=shd.make_mesh(devices=jax.devices()[:1]), with_train_data=False)
   model = nnx.merge(run.graphdef, {"prompt": {"embeddings": jnp.asarray(prompt_value)}}, run.frozen)
@@ -65,6 +64,27 @@ def test_peft_loads_our_t5_adapter_and_gives_our_logits(trained_t5, byte_t5, tmp
     ref = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.numpy()
   ours = _ours_logits(cfg, value, ids.numpy(), mask.numpy(), dec.numpy())
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)
+
+
+def test_export_records_the_init_that_made_the_prompt(trained_t5, byte_t5, tmp_path):
+  from peft import PeftModel
+  from transformers import T5ForConditionalGeneration
+
+  _, work = trained_t5  # prompt.init: sampled_vocab
+  acfg = json.loads((export_prompt(work, "peft", tmp_path / "a", step="latest") / "adapter_config.json").read_text())
+  assert (acfg["prompt_tuning_init"], acfg["prompt_tuning_init_text"]) == ("SAMPLE_VOCAB", None)
+  cfg = small_cfg(byte_t5, **{"train.steps": 1, "prompt.init": "text", "prompt.init_text": "the largest digit"})
+  train(cfg, tmp_path / "w", progress=False, mesh=shd.make_mesh(devices=jax.devices()[:1]))
+  out = export_prompt(tmp_path / "w", "peft", tmp_path / "b")
+  acfg = json.loads((out / "adapter_config.json").read_text())
+  assert (acfg["prompt_tuning_init"], acfg["prompt_tuning_init_text"], acfg["tokenizer_name_or_path"]) == (
+      "TEXT", "the largest digit", str(byte_t5))
+  prov = json.loads((out / "jaxprompt.json").read_text())["prompt_config"]
+  assert (prov["init"], prov["init_text"], prov["length"]) == ("text", "the largest digit", 4)
+  # PEFT validates those fields and loads the trained values (inference mode never re-initialises from text)
+  peft_model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(byte_t5), out)
+  np.testing.assert_array_equal(peft_model.get_prompt_embedding_to_save("default").numpy(),
+                                load_trained_prompt(tmp_path / "w")[0])
 
 
 def test_numpy_and_safetensors_round_trips_are_exact(trained_t5, tmp_path):

@@ -24,12 +24,13 @@ import torch
 from flax import nnx
 
 from jaxprompt import config as C
-from jaxprompt import inference
-from jaxprompt.data.pipeline import encode_examples
-from jaxprompt.export import export_prompt, load_trained_prompt
-from jaxprompt.loop import train
-from jaxprompt.losses import cross_entropy, forward
-from jaxprompt.train import build_run
+from jaxprompt.data.batches import Seq2SeqBatch
+from jaxprompt.inference import text as inference
+from jaxprompt.prompts.export import export_prompt
+from jaxprompt.prompts.io import load_trained_prompt
+from jaxprompt.run import build_run
+from jaxprompt.training.losses import cross_entropy
+from jaxprompt.training.trainer import train
 from tests.hf_models import write_t5
 from tests.test_causal import one_device, run_cli, tiny_cfg, write_byte_decoder
 
@@ -107,30 +108,28 @@ def test_peft_gives_our_logits_and_loss(trained):
   model = _ours(run, value)
   tok = run.tokenizer
   examples = [{"inputs": t, "targets": y} for t, y in zip(TEXTS, ["8", "hello", "x y"])]
-  arrays = encode_examples(examples, tok, kind=kind, input_length=16, target_length=6)
-  batch = {k: jnp.asarray(v) for k, v in arrays.items() if k != "truncated"}
-  logits, targets, mask = jax.jit(forward)(model, batch)
+  arrays = run.base.batch_type.encode(examples, tok, input_length=16, target_length=6)
+  logits, targets, mask = nnx.jit(lambda m, b: m.score_targets(b))(model, jax.tree.map(jnp.asarray, arrays))
   sums = jax.jit(cross_entropy)(logits, targets, mask)
-  ours_loss = float(sums["ce"] / sums["tokens"])
+  ours_loss = float(sums.ce / sums.tokens)
+  labels = arrays.hf_inputs()["labels"]  # -100 where there is no loss
   with torch.no_grad():
     if kind == "seq2seq":
-      ids, m = arrays["input_ids"], arrays["input_mask"]  # right-padded
-      dec = np.concatenate([np.zeros((3, 1), np.int32), arrays["target_ids"][:, :-1]], axis=1)
+      ids, m = arrays.input_ids, arrays.input_mask  # right-padded
+      dec = np.concatenate([np.zeros((3, 1), np.int32), arrays.target_ids[:, :-1]], axis=1)
       ref = peft_model(input_ids=_t(ids), attention_mask=_t(m), decoder_input_ids=_t(dec)).logits.numpy()
       ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(m), jnp.asarray(dec)))
-      labels = np.where(arrays["target_mask"] == 1, arrays["target_ids"], -100)
       ref_loss = peft_model(input_ids=_t(ids), attention_mask=_t(m), labels=_t(labels)).loss.item()
     else:
       # the training layout (right padding) and the generation layout (left padding): all positions see the
       # prompt, so every logit is defined, prompt positions included ([B, P + L, V])
-      ids, m = arrays["tokens"], arrays["token_mask"]
-      left_ids, left_m = inference.encode_inputs(tok, TEXTS, "causal")
+      ids, m = arrays.tokens, arrays.token_mask
+      left_ids, left_m = run.base.batch_type.encode_inputs(tok, TEXTS)
       ref = [peft_model(input_ids=_t(i), attention_mask=_t(mm)).logits.numpy() for i, mm in ((ids, m),
                                                                                               (left_ids, left_m))]
       ours = [np.asarray(model(jnp.asarray(i), jnp.asarray(mm))) for i, mm in ((ids, m), (left_ids, left_m))]
       assert ours[0].shape == (3, P_LEN + ids.shape[1], 384)
       # PEFT labels the prompt positions -100; HF shifts the labels inside the loss
-      labels = np.where(arrays["target_mask"] == 1, arrays["tokens"], -100)
       ref_loss = peft_model(input_ids=_t(ids), attention_mask=_t(m), labels=_t(labels)).loss.item()
   diff = max(np.abs(np.asarray(o) - np.asarray(r)).max() for o, r in zip(ours, ref)) if kind == "causal" else \
       np.abs(ours - ref).max()
@@ -188,7 +187,7 @@ def test_peft_greedy_generation_equals_ours(trained):
     enc = tok(TEXTS, padding=True, return_tensors="np")  # right padding, as in training
     check_generations(ours, peft_greedy(peft_model, enc["input_ids"], enc["attention_mask"], eos))
     return
-  ids, mask = inference.encode_inputs(tok, TEXTS, "causal")  # left padding
+  ids, mask = run.base.batch_type.encode_inputs(tok, TEXTS)  # left padding
   batch = peft_greedy(peft_model, ids, mask, eos)
   alone = [peft_greedy(peft_model, ids[i:i + 1, mask[i] == 1], mask[i:i + 1, mask[i] == 1], eos)[0]
            for i in range(len(TEXTS))]
@@ -229,7 +228,7 @@ def test_quickstart_with_base_runs_in_pytorch_and_predicts_as_jaxprompt_generate
   from peft import PeftModel
   from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-  from jaxprompt import quickstart
+  from jaxprompt.run import task_data
 
   cfg, work, out, summary = quickstart_export
   acfg = json.loads((out / "adapter_config.json").read_text())
@@ -238,7 +237,7 @@ def test_quickstart_with_base_runs_in_pytorch_and_predicts_as_jaxprompt_generate
   # PyTorch alone: base, tokenizer and adapter from the export folder
   tok = AutoTokenizer.from_pretrained(out / "base")
   peft_model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(out / "base").eval(), out).eval()
-  dev = quickstart.task_split("validation", taskless=True)[:48]
+  dev = task_data(cfg.data, "validation").examples[:48]
   texts = [ex["inputs"] for ex in dev]
   enc = tok(texts, padding=True, return_tensors="pt")
   with torch.no_grad():
@@ -258,12 +257,12 @@ def test_quickstart_with_base_runs_in_pytorch_and_predicts_as_jaxprompt_generate
   # logits on the dev examples
   run, _ = build_run(cfg, mesh=one_device(), with_train_data=False)
   value, _ = load_trained_prompt(out)
-  arrays = encode_examples(dev[:8], run.tokenizer, kind="seq2seq", input_length=20, target_length=4)
-  dec = np.concatenate([np.zeros((8, 1), np.int32), arrays["target_ids"][:, :-1]], axis=1)
+  arrays = Seq2SeqBatch.encode(dev[:8], run.tokenizer, input_length=20, target_length=4)
+  dec = np.concatenate([np.zeros((8, 1), np.int32), arrays.target_ids[:, :-1]], axis=1)
   with torch.no_grad():
-    ref = peft_model(input_ids=_t(arrays["input_ids"]), attention_mask=_t(arrays["input_mask"]),
+    ref = peft_model(input_ids=_t(arrays.input_ids), attention_mask=_t(arrays.input_mask),
                      decoder_input_ids=_t(dec)).logits.numpy()
-  ours = np.asarray(_ours(run, value)(jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["input_mask"]),
+  ours = np.asarray(_ours(run, value)(jnp.asarray(arrays.input_ids), jnp.asarray(arrays.input_mask),
                                       jnp.asarray(dec)))
   print(f"quickstart: PEFT vs ours max |logit diff| {np.abs(ours - ref).max():.2e}")
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)
@@ -312,7 +311,7 @@ def test_peft_made_adapter_imports_and_gives_peft_logits(peft_made, name, tmp_pa
       ref = peft_model(input_ids=_t(ids), attention_mask=_t(mask), decoder_input_ids=_t(dec)).logits.numpy()
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec)))
   else:
-    ids, mask = inference.encode_inputs(tok, TEXTS, "causal")
+    ids, mask = run.base.batch_type.encode_inputs(tok, TEXTS)
     with torch.no_grad():
       ref = peft_model(input_ids=_t(ids), attention_mask=_t(mask)).logits.numpy()
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))

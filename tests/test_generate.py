@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import jaxprompt
-from jaxprompt import generate as gen
+from jaxprompt.inference import decoding as gen
 from jaxprompt import sharding as shd
-from jaxprompt.generate import generate
+from jaxprompt.inference import generate
 from tests.hf_models import load_decoder, load_t5, write_decoder, write_t5
 
 T_NEW = 8

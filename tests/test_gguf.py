@@ -15,7 +15,7 @@ import torch
 
 import jaxprompt
 from jaxprompt import sharding as shd
-from jaxprompt.generate import generate
+from jaxprompt.inference import generate
 from jaxprompt.models import gguf as G
 from jaxprompt.models import hf
 

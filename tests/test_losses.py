@@ -6,9 +6,9 @@ import numpy as np
 from transformers import ByT5Tokenizer
 
 from jaxprompt import prompts as P
-from jaxprompt.data.pipeline import encode_examples
-from jaxprompt.losses import cross_entropy, forward
+from jaxprompt.data.batches import CausalBatch
 from jaxprompt.models import load_model
+from jaxprompt.training.losses import cross_entropy
 from tests.hf_models import write_decoder
 
 
@@ -20,9 +20,9 @@ def test_cross_entropy_and_z_loss_against_numpy():
   s = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), z_loss=1e-4)
   log_z = np.log(np.exp(logits).sum(-1))
   ce = (log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]) * mask
-  np.testing.assert_allclose(float(s["ce"]), ce.sum(), rtol=1e-6)
-  np.testing.assert_allclose(float(s["z_loss"]), (1e-4 * log_z**2 * mask).sum(), rtol=1e-5)
-  assert float(s["tokens"]) == 3
+  np.testing.assert_allclose(float(s.ce), ce.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(s.z_loss), (1e-4 * log_z**2 * mask).sum(), rtol=1e-5)
+  assert float(s.tokens) == 3
 
 
 def test_causal_loss_is_on_target_tokens_only_and_the_window_equals_full_logits(tmp_path):
@@ -30,14 +30,18 @@ def test_causal_loss_is_on_target_tokens_only_and_the_window_equals_full_logits(
   base = load_model(write_decoder(tmp_path / "llama", "llama3-gqa-untied", vocab_size=384))
   model = P.PromptedModel(base, P.SoftPrompt(jax.random.normal(jax.random.key(1), (3, base.hidden_size))))
   tok = ByT5Tokenizer()
-  arrays = encode_examples([{"inputs": "abc", "targets": "xy"}, {"inputs": "a longer input", "targets": "z"}],
-                           tok, kind="causal", input_length=16, target_length=4)
-  batch = {k: jnp.asarray(v) for k, v in arrays.items() if k != "truncated"}
-  logits_w, targets_w, mask_w = forward(model, batch)
-  loss_w = cross_entropy(logits_w, targets_w, mask_w)["ce"]
-  full = {k: v for k, v in batch.items() if k not in ("target_index", "target_valid")}
-  logits_f, targets_f, mask_f = forward(model, full)
-  loss_f = cross_entropy(logits_f, targets_f, mask_f)["ce"]
+  batch = CausalBatch.encode([{"inputs": "abc", "targets": "xy"}, {"inputs": "a longer input", "targets": "z"}],
+                             tok, input_length=16, target_length=4)
+  batch = jax.tree.map(jnp.asarray, batch)
+  logits_w, targets_w, mask_w = model.score_targets(batch)
+  loss_w = cross_entropy(logits_w, targets_w, mask_w).ce
+  # the full logits [B, P + L + T, V]: position t predicts token t + 1, the loss on target tokens only
+  logits = model(batch.tokens, batch.token_mask)
+  p = logits.shape[1] - batch.tokens.shape[1]
+  target_mask = np.zeros(batch.tokens.shape, np.int32)
+  for b, (idx, valid) in enumerate(zip(np.asarray(batch.target_index), np.asarray(batch.target_valid))):
+    target_mask[b, idx[valid > 0]] = 1
+  loss_f = cross_entropy(logits[:, p:-1], batch.tokens[:, 1:], jnp.asarray(target_mask[:, 1:])).ce
   np.testing.assert_allclose(float(loss_w), float(loss_f), rtol=1e-5)
   # explicitly: -sum log p(target token | prompt, input, earlier target tokens), one row at a time
   want = 0.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxprompt.export import load_trained_prompt
+from jaxprompt.prompts.io import load_trained_prompt
 from tests.test_reliability import _write_config
 from tests.test_train import byte_t5  # noqa: F401  (session fixture)
 

@@ -21,12 +21,14 @@ def _plan(*args, tmp_path):
 
 
 @pytest.mark.slow
-def test_t5_xxl_fits_16_gib_per_device_on_8_devices(tmp_path):
-  p, table = _plan("configs/paper/t5-xxl-lm-adapt.yaml", "--devices", "8", "--mesh", "data=1,fsdp=4,model=2",
-                   "--set", "model.remat=full", "--budget-gib", "16", tmp_path=tmp_path)
+def test_the_shipped_t5_xxl_config_fits_16_gib_per_device_on_8_devices(tmp_path):
+  """As shipped: the config's own mesh (fsdp 4 x model 2) and remat (full), no overrides."""
+  p, table = _plan("configs/paper/t5-xxl-lm-adapt.yaml", "--devices", "8", "--mesh", "config", "--budget-gib", "16",
+                   tmp_path=tmp_path)
   assert p.returncode == 0, p.stderr[-3000:]
   best = table["recommended"]
   print(p.stdout)
+  assert best["mesh"] == {"data": 1, "fsdp": 4, "model": 2} and best["remat"] == "full"
   assert best["fits"] and best["total_gib"] <= 16
   # an 11B-parameter model in float32 is ~44 GiB: 8-way sharded arguments must be far below that
   assert 4 < best["argument_gib"] < 7

@@ -7,8 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxprompt import config as C
 from jaxprompt import prompts as P
 from jaxprompt.models import hf
+from jaxprompt.models import layers as L
+from jaxprompt.prompts import init as PI
+from jaxprompt.prompts import io as PIO
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +21,15 @@ def table():
 
 
 def test_random_uniform_range_and_default_is_the_papers():
-  x = np.asarray(P.random_uniform(jax.random.key(1), 100, 16))
+  x = np.asarray(PI.random_uniform(jax.random.key(1), 100, 16, *C.PromptConfig().init_range))
   assert x.shape == (100, 16) and x.dtype == np.float32
   assert x.min() >= -0.5 and x.max() < 0.5 and x.min() < -0.45 and x.max() > 0.45
-  y = np.asarray(P.random_uniform(jax.random.key(1), 100, 16, 0.0, 0.5))  # the original code's range
+  y = np.asarray(PI.random_uniform(jax.random.key(1), 100, 16, 0.0, 0.5))  # the original code's range
   assert y.min() >= 0.0 and y.max() < 0.5
 
 
 def test_sampled_vocab_rows_come_from_the_first_n_rows(table):
-  x = np.asarray(P.sampled_vocab(jax.random.key(2), table, 10, population=20))
+  x = np.asarray(PI.sampled_vocab(jax.random.key(2), table, 10, population=20))
   t = np.asarray(table)
   idx = [int(np.argmin(np.abs(t - row).sum(-1))) for row in x]
   for row, i in zip(x, idx):
@@ -35,7 +39,7 @@ def test_sampled_vocab_rows_come_from_the_first_n_rows(table):
 
 def test_class_labels_rows_are_mean_subtoken_embeddings(table):
   labels = [[3], [4, 5, 6], [7, 8]]
-  x = np.asarray(P.class_labels(jax.random.key(3), table, 6, labels, population=40))
+  x = np.asarray(PI.class_labels(jax.random.key(3), table, 6, labels, population=40))
   t = np.asarray(table)
   np.testing.assert_allclose(x[0], t[3], rtol=0, atol=0)
   np.testing.assert_allclose(x[1], t[[4, 5, 6]].mean(0), atol=1e-7)
@@ -43,35 +47,35 @@ def test_class_labels_rows_are_mean_subtoken_embeddings(table):
   for row in x[3:]:  # the rest: sampled vocabulary rows
     assert np.min(np.abs(t[:40] - row).sum(-1)) == 0
   with pytest.raises(P.PromptError, match="do not fit"):
-    P.class_labels(jax.random.key(3), table, 2, labels)
+    PI.class_labels(jax.random.key(3), table, 2, labels, C.PromptConfig().vocab_sample_size)
 
 
 def test_text_init_repeats_or_cuts(table):
   t = np.asarray(table)
-  np.testing.assert_array_equal(np.asarray(P.from_text(table, 5, [1, 2])), t[[1, 2, 1, 2, 1]])
-  np.testing.assert_array_equal(np.asarray(P.from_text(table, 2, [1, 2, 3])), t[[1, 2]])
+  np.testing.assert_array_equal(np.asarray(PI.from_text(table, 5, [1, 2])), t[[1, 2, 1, 2, 1]])
+  np.testing.assert_array_equal(np.asarray(PI.from_text(table, 2, [1, 2, 3])), t[[1, 2]])
 
 
 def test_file_init_npy_and_peft_folder_with_shape_checks(tmp_path):
   value = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
   np.save(tmp_path / "p.npy", value)
-  np.testing.assert_array_equal(np.asarray(P.from_file(tmp_path / "p.npy", 4, 8)), value)
+  np.testing.assert_array_equal(np.asarray(PIO.from_file(tmp_path / "p.npy", 4, 8)), value)
   with pytest.raises(P.PromptError, match=r"shape \(4, 8\), expected \[P, H\] = \(5, 8\)"):
-    P.from_file(tmp_path / "p.npy", 5, 8)
+    PIO.from_file(tmp_path / "p.npy", 5, 8)
   peft = tmp_path / "adapter"
   peft.mkdir()
   hf.save_safetensors({"prompt_embeddings": value}, peft / "adapter_model.safetensors")
   (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}))
-  np.testing.assert_array_equal(np.asarray(P.from_file(peft, 4, 8)), value)
+  np.testing.assert_array_equal(np.asarray(PIO.from_file(peft, 4, 8)), value)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    P.from_file(tmp_path / "nope.npy", 4, 8)
+    PIO.from_file(tmp_path / "nope.npy", 4, 8)
 
 
 def test_prepend_extends_mask_with_ones():
   prompt = jnp.ones((3, 4))
   emb = jnp.zeros((2, 5, 4))
   mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-  x, m = P.prepend(prompt, emb, mask)
+  x, m = L.prepend(prompt, emb, mask)
   assert x.shape == (2, 8, 4)
   np.testing.assert_array_equal(np.asarray(x[:, :3]), 1.0)
   np.testing.assert_array_equal(np.asarray(m), [[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])

@@ -50,9 +50,9 @@ def test_the_prompt_is_what_solves_the_taskless_task(quickstart_run, monkeypatch
   from jaxprompt import config as C
   from jaxprompt import quickstart
   from jaxprompt import sharding as shd
-  from jaxprompt.loop import evaluate
-  from jaxprompt.evaluate import Evaluator
-  from jaxprompt.train import build_run
+  from jaxprompt.evaluation.evaluator import Evaluator
+  from jaxprompt.run import build_run
+  from jaxprompt.training.trainer import evaluate
 
   monkeypatch.setattr(quickstart, "pretrain", lambda **_: pytest.fail("the cached base model was not reused"))
   cfg = C.load(ROOT / "configs/quickstart.yaml")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from jaxprompt import config as C
-from jaxprompt.checkpoint import Checkpointer
-from jaxprompt.export import load_trained_prompt
-from jaxprompt.train import EXIT_PREEMPTED
+from jaxprompt.prompts.io import load_trained_prompt
+from jaxprompt.training.checkpoint import Checkpointer
+from jaxprompt.training.trainer import EXIT_PREEMPTED
 from tests.test_train import byte_t5  # noqa: F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # checkpoint to Orbax's background writer — i.e. while that checkpoint is being written.
 DRIVER = r"""
 import os, signal, sys
-import jaxprompt.checkpoint as ck
+import jaxprompt.training.checkpoint as ck
 kill_at = int(os.environ.get("KILL_DURING_SAVE", "-1"))
 orig = ck.Checkpointer.save
 def save(self, step, *a, **k):
@@ -104,7 +104,7 @@ def test_sigkill_at_random_points_and_during_checkpoint_writes(byte_t5, tmp_path
     if rc == -signal.SIGKILL:
       kills += 1
       # whatever the kill interrupted, every step directory Orbax reports is complete and restorable
-      ck = Checkpointer(work / "checkpoints", async_save=False)
+      ck = Checkpointer.reader(work / "checkpoints")
       for s in ck.steps():
         _final_prompt(work, s) if s == steps else load_trained_prompt(work / "checkpoints" / str(s))
       ck.close()
@@ -129,7 +129,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(byte_t5, tmp_path):
   assert p.wait(timeout=120) == EXIT_PREEMPTED == 75
   err = p.stderr.read()
   assert "SIGTERM" in err
-  ck = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+  ck = Checkpointer.reader(tmp_path / "run" / "checkpoints")
   stopped = ck.latest_step()
   ck.close()
   assert 0 < stopped < steps, "the SIGTERM arrived after the run had finished; make the run longer"

@@ -12,7 +12,7 @@ import pytest
 
 from jaxprompt import config as C
 from jaxprompt.data import sources
-from jaxprompt.data.pipeline import DataError
+from jaxprompt.errors import DataError
 from jaxprompt.data.sources import load_split
 from jaxprompt.data.tasks import custom_task, get_task
 

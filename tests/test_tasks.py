@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from jaxprompt.data.pipeline import DataError
+from jaxprompt.errors import DataError
 from jaxprompt.data.sources import load_split
 from jaxprompt.data.tasks import ALIASES, BUILTIN, custom_task, get_task
 

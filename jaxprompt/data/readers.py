@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from jaxprompt.data.pipeline import DataError
+from jaxprompt.errors import DataError, MissingPathError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 _LINE = re.compile(r"(\S+)\s(.*)")
@@ -26,7 +26,7 @@ def read_rows(path: str | Path, *, line_fields: tuple[str, str] | None = None) -
   """(where, row) pairs in file order. `line_fields`: the (label, text) columns of a .txt line."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"data file not found: {path}")
+    raise MissingPathError(f"data file not found: {path}")
   suffix = path.suffix.lower()
   if suffix == ".jsonl":
     return list(_jsonl(path))

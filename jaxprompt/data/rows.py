@@ -51,22 +51,18 @@ def text(row: Mapping[str, Any], key: str) -> str:
 
 def integer(row: Mapping[str, Any], key: str) -> int:
   v = value(row, key)
-  if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-    return int(v)
-  if isinstance(v, str) and _INT.fullmatch(v):
+  if (isinstance(v, numbers.Integral) and not isinstance(v, bool)) or (isinstance(v, str) and _INT.fullmatch(v)):
     return int(v)
   raise RowError(key, f"expected an integer, got {v!r:.60}")
 
 
 def number(row: Mapping[str, Any], key: str) -> float:
   v = value(row, key)
-  if isinstance(v, numbers.Real) and not isinstance(v, bool):
-    return float(v)
-  if isinstance(v, str):
-    try:
+  try:
+    if isinstance(v, str) or (isinstance(v, numbers.Real) and not isinstance(v, bool)):
       return float(v)
-    except ValueError:
-      pass
+  except ValueError:  # a string that is no number
+    pass
   raise RowError(key, f"expected a number, got {v!r:.60}")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from jaxprompt.data import readers
-from jaxprompt.data.pipeline import DataError
+from jaxprompt.errors import DataError
 from jaxprompt.data.rows import RowError
 from jaxprompt.data.tasks import Task, custom_task, get_task
 
@@ -35,6 +35,10 @@ def load_split(task: Task | str, split: str, *, files: Mapping[str, str | os.Pat
       raise DataError(f"task {task.name}: no file for split {split!r} (data.files has {', '.join(sorted(files))})")
     source = f"file {files[split]}"
     rows = readers.read_rows(files[split], line_fields=task.line_fields)
+  elif task.generate_rows is not None:
+    split = task.resolve_split(split)
+    source = f"built-in task {task.name}[{split}]"
+    rows = [(f"{source} row {i}", r) for i, r in enumerate(task.generate_rows(split))]
   elif task.tfds_name is None and task.hf_name is None:
     raise DataError(f"task {task.name}: a custom task reads local files only; set data.files.{split}")
   elif hf_datasets:

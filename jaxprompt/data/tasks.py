@@ -28,10 +28,10 @@ import functools
 import string
 from typing import Any, Callable, Mapping, Sequence
 
-from jaxprompt import metrics as M
+from jaxprompt.evaluation import metrics as M
 from jaxprompt.data import rows as R
 from jaxprompt.data import superglue_raw, t5_formats as T5
-from jaxprompt.data.pipeline import DataError
+from jaxprompt.errors import DataError
 
 Row = Mapping[str, Any]
 Formatter = Callable[[Row, str], list[dict]]  # (row, split) -> examples
@@ -49,6 +49,7 @@ class Task:
   hf_name: tuple[str, str] | None = None  # (path, config) for datasets.load_dataset
   line_fields: tuple[str, str] | None = None  # columns that a "LABEL text" line of a .txt file fills
   taskless: bool = False
+  generate_rows: Callable[[str], list[Row]] | None = None  # a task that makes its own rows (split -> rows)
 
   def resolve_split(self, split: str) -> str:
     split = self.split_aliases.get(split, split)
@@ -139,6 +140,15 @@ ALIASES: dict[str, str] = {
     **{n.split("/")[1]: n for n in BUILTIN if n.startswith("super_glue/")},
     "super_glue/wsc.fixed": "super_glue/wsc", "wsc.fixed": "super_glue/wsc",
 }
+
+
+def register(task: Task) -> None:
+  """Make a task available by name (e.g. the quickstart's digit tasks, registered when they are imported)."""
+  BUILTIN[task.name] = task
+
+
+def register_alias(alias: str, name: str) -> None:
+  ALIASES[alias] = name
 
 
 def task_names() -> list[str]:

@@ -25,10 +25,13 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
+from jaxprompt.data.batches import CausalBatch
+from jaxprompt.errors import ModelError
 from jaxprompt.models import hf
 from jaxprompt.models import layers as L
+from jaxprompt.models.interface import FrozenLM, Prefix
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +79,13 @@ class DecoderConfig:
   def __post_init__(self):
     fix = lambda k, v: object.__setattr__(self, k, v)
     if self.model_type not in FAMILIES:
-      raise ValueError(f"DecoderConfig.model_type {self.model_type!r} is not one of {FAMILIES}")
+      raise ModelError(f"DecoderConfig.model_type {self.model_type!r} is not one of {FAMILIES}")
     if self.num_key_value_heads is None:
       fix("num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
       fix("head_dim", self.hidden_size // self.num_attention_heads)
     if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+      raise ModelError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
                        f"{self.num_key_value_heads}")
     if self.rope_original_max_position_embeddings is None:
       fix("rope_original_max_position_embeddings", self.max_position_embeddings)
@@ -93,14 +96,14 @@ class DecoderConfig:
     if self.sliding_windows is not None:
       windows = tuple(int(w or 0) for w in self.sliding_windows)
       if len(windows) != self.num_hidden_layers:
-        raise ValueError(f"sliding_windows has {len(windows)} entries for {self.num_hidden_layers} layers")
+        raise ModelError(f"sliding_windows has {len(windows)} entries for {self.num_hidden_layers} layers")
       fix("sliding_windows", windows if any(windows) else None)
     if self.weight_prefix is None:
       fix("weight_prefix", "transformer." if self.model_type == "gpt2" else "model.")
     if self.norm_type not in ("rms", "layer"):
-      raise ValueError(f"norm_type {self.norm_type!r} is not 'rms' or 'layer'")
+      raise ModelError(f"norm_type {self.norm_type!r} is not 'rms' or 'layer'")
     if self.position_type not in ("rope", "learned"):
-      raise ValueError(f"position_type {self.position_type!r} is not 'rope' or 'learned'")
+      raise ModelError(f"position_type {self.position_type!r} is not 'rope' or 'learned'")
     L.activation(self.hidden_act)  # validates
     if self.position_type == "rope":
       self.inv_freq()  # validates rope_type
@@ -120,7 +123,7 @@ class DecoderConfig:
     names) decides the key prefix and ties the head when the checkpoint has no `lm_head.weight`."""
     mt = hf_cfg.get("model_type")
     if mt not in FAMILIES:
-      raise ValueError(f"model_type {mt!r} is not a supported decoder; supported: {FAMILIES}")
+      raise ModelError(f"model_type {mt!r} is not a supported decoder; supported: {FAMILIES}")
     kw = _gpt2_fields(hf_cfg) if mt == "gpt2" else _llama_fields(hf_cfg, mt)
     eos = hf_cfg.get("eos_token_id")
     kw.update(model_type=mt, vocab_size=hf_cfg["vocab_size"], bos_token_id=hf_cfg.get("bos_token_id"),
@@ -145,12 +148,12 @@ class DecoderConfig:
                              eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
                              else self.eos_token_id, pad_token_id=self.pad_token_id)
     if self.rope_freq_factors is not None:
-      raise ValueError("rope frequency factors from a GGUF file (rope_freqs) have no transformers config field")
+      raise ModelError("rope frequency factors from a GGUF file (rope_freqs) have no transformers config field")
     if mt == "gpt2":
       _expect(self, dict(norm_type="layer", position_type="learned", gated_mlp=False, qkv_bias=True, out_bias=True,
                          mlp_bias=True, sliding_windows=None), "gpt2")
       if self.head_dim * self.num_attention_heads != self.hidden_size or self.num_key_value_heads != self.num_attention_heads:
-        raise ValueError("gpt2 needs head_dim * num_attention_heads == hidden_size and no grouped-query attention")
+        raise ModelError("gpt2 needs head_dim * num_attention_heads == hidden_size and no grouped-query attention")
       d.update(n_embd=self.hidden_size, n_layer=self.num_hidden_layers, n_head=self.num_attention_heads,
                n_inner=self.intermediate_size, n_positions=self.max_position_embeddings,
                activation_function=self.hidden_act, layer_norm_epsilon=self.norm_eps,
@@ -172,20 +175,20 @@ class DecoderConfig:
     windows = self.sliding_windows or (0,) * self.num_hidden_layers
     if mt == "llama":
       if self.qkv_bias != self.out_bias:
-        raise ValueError("llama's attention_bias covers q, k, v and o together")
+        raise ModelError("llama's attention_bias covers q, k, v and o together")
       if any(windows):
-        raise ValueError("llama has no sliding-window attention")
+        raise ModelError("llama has no sliding-window attention")
       d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
     elif mt == "mistral":
       _expect(self, dict(qkv_bias=False, out_bias=False, mlp_bias=False), mt)
       if len(set(windows)) != 1:
-        raise ValueError("mistral uses one sliding window for every layer")
+        raise ModelError("mistral uses one sliding window for every layer")
       d.update(sliding_window=windows[0] or None)
     else:  # qwen2
       _expect(self, dict(qkv_bias=True, out_bias=False, mlp_bias=False), mt)
       used = {w for w in windows if w}
       if len(used) > 1:
-        raise ValueError("qwen2 uses one sliding window size for its sliding layers")
+        raise ModelError("qwen2 uses one sliding window size for its sliding layers")
       d.update(use_sliding_window=bool(used), sliding_window=used.pop() if used else None,
                layer_types=["sliding_attention" if w else "full_attention" for w in windows],
                max_window_layers=self.num_hidden_layers)
@@ -195,18 +198,18 @@ class DecoderConfig:
 def _expect(cfg: DecoderConfig, want: dict, family: str):
   for k, v in want.items():
     if getattr(cfg, k) != v:
-      raise ValueError(f"a {family} config cannot express {k}={getattr(cfg, k)!r} (transformers' {family} has {v!r})")
+      raise ModelError(f"a {family} config cannot express {k}={getattr(cfg, k)!r} (transformers' {family} has {v!r})")
 
 
 def _llama_fields(c: dict, mt: str) -> dict:
   rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
   if any(isinstance(v, dict) for v in rope.values()):
-    raise ValueError(f"per-layer-type rope parameters are not supported: {rope}")
+    raise ModelError(f"per-layer-type rope parameters are not supported: {rope}")
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
-    raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    raise ModelError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
   if rope_type not in ("default", "linear", "llama3"):
-    raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
+    raise ModelError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
   y = c["num_hidden_layers"]
   windows = None
   if mt == "mistral":
@@ -234,7 +237,7 @@ def _llama_fields(c: dict, mt: str) -> dict:
 def _gpt2_fields(c: dict) -> dict:
   for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
     if c.get(flag):
-      raise ValueError(f"gpt2 with {flag}=true is not supported")
+      raise ModelError(f"gpt2 with {flag}=true is not supported")
   h = c.get("n_embd", c.get("hidden_size"))
   return dict(
       hidden_size=h, intermediate_size=c.get("n_inner") or 4 * h, num_hidden_layers=c.get("n_layer"),
@@ -263,16 +266,26 @@ class DecoderBlock(nnx.Module):
       self.mlp_norm_bias = L.param(jnp.zeros((y, h), param_dtype), ("layers", "embed"))
 
 
-class Decoder(nnx.Module):
-  """A decoder-only LM. Weights are float32 (or `param_dtype`); compute runs in `dtype`; logits float32."""
+@struct.dataclass
+class DecoderCache:
+  """Cached decoding state: k/v [Y, B, S, K, D] for S slots, key_mask [B, S] (1 = a real token's slot),
+  next_pos [B] (the position of the first generated token: the row's count of real prefix slots) and
+  start (the slot of the first generated token)."""
+
+  k: jax.Array
+  v: jax.Array
+  key_mask: jax.Array | None = None
+  next_pos: jax.Array | None = None
+  start: int = struct.field(pytree_node=False, default=0)
+
+
+class Decoder(FrozenLM):
+  """A decoder-only LM (`models.interface.CausalLM`)."""
 
   kind = "causal"
+  batch_type = CausalBatch
 
-  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
-               remat: str = "none"):
-    self.config = cfg
-    self.dtype = jnp.dtype(dtype)
-    self.remat = remat
+  def init_params(self, cfg: DecoderConfig, rngs: nnx.Rngs, param_dtype) -> None:
     h, v = cfg.hidden_size, cfg.vocab_size
     self.embed_tokens = L.param(L.normal_init(rngs, (v, h), _INIT_STD, param_dtype), ("vocab", "embed"))
     if cfg.position_type == "learned":
@@ -285,25 +298,20 @@ class Decoder(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = L.param(L.normal_init(rngs, (h, v), _INIT_STD, param_dtype), ("embed", "vocab"))
 
-  # -- entry points ----------------------------------------------------------------------------
+  # -- the stack -------------------------------------------------------------------------------
 
   @property
   def hidden_size(self) -> int:
     return self.config.hidden_size
 
-  def embed(self, input_ids: jax.Array) -> jax.Array:
-    """[B, L] int -> [B, L, H] in the compute dtype (token embeddings only; positions come later)."""
-    return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+  def embedding_table(self) -> jax.Array:
+    return self.embed_tokens[...]
 
   def hidden(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
              dropout_rng=None) -> jax.Array:
     """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary); arguments as `__call__`."""
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("the decoder needs exactly one of input_ids and inputs_embeds")
-    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    x, attention_mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds)
     b, l = x.shape[:2]
-    if attention_mask is None:
-      attention_mask = jnp.ones((b, l), jnp.int32)
     if positions is None:
       positions = jnp.arange(l)
     positions = jnp.broadcast_to(positions, (b, l))
@@ -319,39 +327,21 @@ class Decoder(nnx.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """Final hidden states [B, L, H] -> logits [B, L, V] float32."""
     if self.config.tie_word_embeddings:
-      return jnp.einsum("BLH,VH->BLV", x, self.embed_tokens[...].astype(x.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("BLH,HV->BLV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
-
-  # -- cached decoding -------------------------------------------------------------------------
-
-  def init_cache(self, batch_size: int, max_length: int) -> dict:
-    """An empty KV cache: k/v [Y, B, S, K, D] in the compute dtype."""
-    c = self.config
-    shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
-    return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
-
-  def extend(self, cache: dict, inputs_embeds: jax.Array, positions: jax.Array, key_mask: jax.Array,
-             index) -> tuple[jax.Array, dict]:
-    """Run l new tokens [B, l, H] (positions [B, l]) at cache slots index..index+l-1.
-
-    key_mask [B, S] says which slots hold real tokens (0 for padding); slots after the new tokens are
-    masked causally. Returns (final hidden states [B, l, H] -> `logits`, the updated cache).
-    """
-    l = inputs_embeds.shape[1]
-    return self._run(inputs_embeds.astype(self.dtype), positions, key_mask, index + jnp.arange(l), cache, index, None)
-
-  # -- the stack -------------------------------------------------------------------------------
+      return L.lm_logits(x, tied_table=self.embed_tokens[...])
+    return L.lm_logits(x, head=self.lm_head[...])
 
   def _norm(self, x, p: dict, name: str) -> jax.Array:
     if self.config.norm_type == "layer":
       return L.layer_norm(x, p[name], p[f"{name}_bias"], self.config.norm_eps)
     return L.rms_norm(x, p[name], self.config.norm_eps)
 
-  def _run(self, x, positions, key_mask, q_index, cache, index, dropout_rng):
-    """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] (the slots of the queries)."""
+  def _run(self, x, positions, key_mask, q_index, cache: DecoderCache | None, index, dropout_rng):
+    """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] (the slots of the queries). Without a cache
+    the keys are the queries' own (S = L); with one, each layer writes its new k/v at slot `index` and attends
+    over all S slots, masked by slot (causal, padding, sliding window) as transformers masks by cache position."""
     cfg = self.config
     rate = cfg.dropout_rate
-    rngs = _split(dropout_rng, 2)
+    rngs = L.split_rng(dropout_rng, 2)
     if cfg.position_type == "learned":
       x = x + jnp.take(self.embed_positions[...], positions, axis=0).astype(self.dtype)
     x = L.dropout(x, rate, rngs[0])
@@ -363,10 +353,10 @@ class Decoder(nnx.Module):
     act = L.activation(cfg.hidden_act)
     per_layer = dict(window=jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32))
     if cache is not None:
-      per_layer.update(k=cache["k"], v=cache["v"])
+      per_layer.update(k=cache.k, v=cache.v)
 
     def layer(p, x, rng, xs):
-      r = _split(rng, 3)
+      r = L.split_rng(rng, 3)
       w = xs["window"]
       # transformers' sliding window: key slot > query slot - window
       ok = allowed & ((w == 0) | (distance < w))[None, None]
@@ -394,9 +384,93 @@ class Decoder(nnx.Module):
       p["final_norm_bias"] = self.final_norm_bias[...]
     return self._norm(x, p, "final_norm"), (outs if cache is not None else None)
 
+  # -- prompted entry points (models.interface.PromptableLM) ------------------------------------
 
-def _split(rng, n):
-  return [None] * n if rng is None else list(jax.random.split(rng, n))
+  def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
+              inputs_embeds=None, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
+    """-> logits [B, P + L, V] float32 with positions 0..P+L-1 (prefix positions included, as PEFT returns)."""
+    if decoder_input_ids is not None or decoder_attention_mask is not None:
+      raise ValueError("a decoder-only model takes no decoder_input_ids / decoder_attention_mask")
+    x, m = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
+    return self.logits(self.hidden(inputs_embeds=x, attention_mask=m, dropout_rng=dropout_rng))
+
+  def score_targets(self, batch: CausalBatch, prefix: Prefix | None = None, *, dropout_rng=None):
+    # Logits only where there is a loss: the LM head over every prompt and input position would cost
+    # 2 * B * (P + L) * H * V FLOPs (forward and backward) for nothing.
+    x, m = self.input_embeddings(batch.tokens, batch.token_mask, prefix=prefix)
+    h = self.hidden(inputs_embeds=x, attention_mask=m, dropout_rng=dropout_rng)
+    p = h.shape[1] - batch.tokens.shape[1]
+    idx = batch.target_index  # [B, T] positions of the target tokens in `tokens`
+    # position t predicts t + 1; a target at token 0 (empty input, no BOS) is predicted from the prompt's last
+    # position, as in PEFT, and never from its own position (which sees it); without a prompt it has no loss
+    at = p + idx - 1
+    hs = jnp.take_along_axis(h, jnp.maximum(at, 0)[..., None], axis=1)
+    targets = jnp.take_along_axis(batch.tokens, idx, axis=1)
+    return self.logits(hs), targets, batch.target_valid * (at >= 0).astype(batch.target_valid.dtype)
+
+  def label_logprobs(self, batch: CausalBatch, label_ids, label_mask, prefix: Prefix | None = None) -> jax.Array:
+    """[prefix, input (left-padded), label] per (example, label) -> [B, C]."""
+    b, (c, t) = batch.size, label_ids.shape
+    x, m = self.input_embeddings(batch.input_ids, batch.input_mask, prefix=prefix)  # [B, S, H], [B, S]
+    xs = jnp.concatenate([jnp.repeat(x, c, axis=0), jnp.tile(self.embed(label_ids), (b, 1, 1))], axis=1)
+    ms = jnp.concatenate([jnp.repeat(m, c, axis=0), jnp.tile(label_mask, (b, 1))], axis=1)
+    # positions count real tokens only (left padding sits between prompt and input), as in training, where
+    # [prompt, input, target] start at position 0 and padding comes last
+    logits = self(inputs_embeds=xs, attention_mask=ms, positions=jnp.maximum(jnp.cumsum(ms, axis=1) - 1, 0))
+    s = x.shape[1]
+    pred = logits[:, s - 1:s + t - 1]
+    p = s - batch.input_ids.shape[1]
+    if p:  # an empty input (all padding, no BOS): its first label token follows the prompt's last slot, as in training
+      empty = jnp.repeat(jnp.sum(batch.input_mask, axis=1) == 0, c)
+      pred = pred.at[:, 0].set(jnp.where(empty[:, None], logits[:, p - 1], pred[:, 0]))
+    return L.sequence_logprob(pred, jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))).reshape(b, c)
+
+  # -- cached decoding -------------------------------------------------------------------------
+
+  def init_cache(self, batch_size: int, max_length: int) -> DecoderCache:
+    """An empty KV cache: k/v [Y, B, S, K, D] in the compute dtype, every slot masked."""
+    c = self.config
+    shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
+    return DecoderCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
+                        key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
+                        next_pos=jnp.zeros((batch_size,), jnp.int32))
+
+  def prefill(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, prefix: Prefix | None = None,
+              max_new_tokens: int, num_beams: int = 1) -> tuple[jax.Array, DecoderCache]:
+    """Masked slots may sit anywhere in the prefix (left padding, a soft prompt before the padding, an empty
+    input after a prompt); every row needs one real slot. The prefix runs once into a cache of L + T slots, the
+    first new token comes from each row's last real slot, and positions count real slots only (cumsum of the
+    mask - 1), as transformers' generate does, so a padded row decodes as it would alone."""
+    x, mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
+    b, l = mask.shape
+    w = num_beams
+    key_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], axis=1)  # [B, S]
+    cache = self.init_cache(b, l + max_new_tokens).replace(key_mask=key_mask)
+    h, cache = self._extend(cache, x, jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), 0)
+    last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
+    logits0 = self.logits(h[jnp.arange(b), last][:, None])[:, 0]
+    cache = cache.replace(next_pos=jnp.sum(mask, axis=1), start=l)
+    return L.repeat_rows(logits0, w), jax.tree.map(lambda a: L.repeat_rows(a, w, axis=_batch_axis(a)), cache)
+
+  def decode_step(self, cache: DecoderCache, tokens: jax.Array, t) -> tuple[jax.Array, DecoderCache]:
+    h, cache = self._extend(cache, self.embed(tokens[:, None]), (cache.next_pos + t)[:, None], cache.start + t)
+    return self.logits(h)[:, 0], cache
+
+  def _extend(self, cache: DecoderCache, x: jax.Array, positions: jax.Array, index) -> tuple[jax.Array, DecoderCache]:
+    """Run l new tokens [B, l, H] (positions [B, l]) at cache slots index..index+l-1 -> (final hidden states
+    [B, l, H], the cache with their k/v)."""
+    q_index = index + jnp.arange(x.shape[1])
+    h, kv = self._run(x.astype(self.dtype), positions, cache.key_mask, q_index, cache, index, None)
+    return h, cache.replace(**kv)
+
+  def reorder_cache(self, cache: DecoderCache, origin: jax.Array) -> DecoderCache:
+    return cache.replace(k=cache.k[:, origin], v=cache.v[:, origin], key_mask=cache.key_mask[origin],
+                         next_pos=cache.next_pos[origin])
+
+
+def _batch_axis(a) -> int:
+  """k/v carry layers first ([Y, B, ...]); the other cache fields are batch-major."""
+  return 1 if jnp.ndim(a) == 5 else 0
 
 
 # -- strict HF weight maps ---------------------------------------------------------------------

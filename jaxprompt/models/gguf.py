@@ -22,13 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 
+from jaxprompt.errors import MissingPathError, ModelError, WeightError
 from jaxprompt.models import hf
-from jaxprompt.models.decoder import Decoder, DecoderConfig
+from jaxprompt.models.decoder import DecoderConfig
 
 _NONE_ID = 0xFFFFFFFF
 _ARCHITECTURES = ("llama",)
@@ -49,11 +47,11 @@ class GGUFFile:
     gguf = _gguf()
     self.path = Path(path)
     if not self.path.is_file():
-      raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+      raise MissingPathError(f"GGUF file {str(path)!r} does not exist")
     try:
       self._reader = gguf.GGUFReader(self.path)
     except Exception as e:  # not a GGUF file, truncated ...
-      raise hf.WeightError(f"{self.path}: cannot read as GGUF ({type(e).__name__}: {e})") from None
+      raise WeightError(f"{self.path}: cannot read as GGUF ({type(e).__name__}: {e})") from None
     self._tensors = {t.name: t for t in self._reader.tensors}
     self._types = gguf.GGMLQuantizationType
 
@@ -116,17 +114,17 @@ hf.register_transform("gguf_rope", _rope_hf_shape, _rope_to_ours, _rope_to_gguf)
 def config_from_gguf(f: GGUFFile) -> DecoderConfig:
   arch = f.field("general.architecture")
   if arch not in _ARCHITECTURES:
-    raise ValueError(f"{f.path}: GGUF architecture {arch!r} is not supported; supported: {_ARCHITECTURES}")
+    raise ModelError(f"{f.path}: GGUF architecture {arch!r} is not supported; supported: {_ARCHITECTURES}")
   a = lambda key, default=None: f.field(f"{arch}.{key}", default)
   hidden, heads = a("embedding_length"), a("attention.head_count")
   head_dim = a("attention.key_length") or hidden // heads
   rope_dim = a("rope.dimension_count", head_dim)
   if rope_dim != head_dim:
-    raise ValueError(f"{f.path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head dim {head_dim}) "
+    raise ModelError(f"{f.path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head dim {head_dim}) "
                      "are not supported")
   scaling = a("rope.scaling.type", "none")
   if scaling not in ("none", "linear"):
-    raise ValueError(f"{f.path}: rope scaling {scaling!r} is not supported (none, linear; llama3 via rope_freqs)")
+    raise ModelError(f"{f.path}: rope scaling {scaling!r} is not supported (none, linear; llama3 via rope_freqs)")
   keys = set(f.keys())
   freq_factors = tuple(np.asarray(f.get("rope_freqs.weight"), np.float32).tolist()) if "rope_freqs.weight" in keys else None
   eos = f.field("tokenizer.ggml.eos_token_id")
@@ -163,20 +161,13 @@ def gguf_weight_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
 _CONFIG_TENSORS = ("rope_freqs.weight",)
 
 
-def load_gguf(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None,
-              remat: str = "none") -> Decoder:
-  """A llama.cpp-style Llama GGUF file as a `Decoder` (see `jaxprompt.load_model` for the arguments)."""
+def open_checkpoint(path: str | os.PathLike) -> hf.Checkpoint:
+  """A llama.cpp-style Llama GGUF file, ready for the strict loader (`jaxprompt.load_model` loads it)."""
   f = GGUFFile(path)
   config = config_from_gguf(f)
-  param_dtype = jnp.dtype(dtype or jnp.float32)
-  compute = jnp.dtype(compute_dtype or jnp.float32)
-  abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=compute,
-                                            remat=remat))
-  model = hf.load_weights(abstract, gguf_weight_map(config), f, mesh=mesh, param_dtype=param_dtype,
-                          aliases=_CONFIG_TENSORS, source=str(f.path))
-  model.identity = hf.ModelIdentity(path=str(path), revision=None, model_type=config.model_type,
-                                    fingerprint=hf.config_fingerprint(f.scalar_metadata()))
-  return model
+  identity = hf.ModelIdentity(path=str(path), revision=None, model_type=config.model_type,
+                              fingerprint=hf.config_fingerprint(f.scalar_metadata()))
+  return hf.Checkpoint(f, config, gguf_weight_map(config), _CONFIG_TENSORS, identity, str(f.path))
 
 
 # -- tokenizer ----------------------------------------------------------------------------------

@@ -17,10 +17,8 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from jaxprompt import sharding as shd
-
-
-class WeightError(ValueError):
-  """A checkpoint does not match the model: missing, unexpected or misshaped tensor."""
+from jaxprompt.errors import MissingPathError, WeightError
 
 
 # -- safetensors (memory-mapped) -----------------------------------------------------------------
@@ -208,7 +203,7 @@ def load_weights(abstract: nnx.Module, weight_map: list[tuple[str, str, str]], r
   for ours, hf_key, tname in weight_map:
     path = _path(ours)
     if path not in flat:
-      raise WeightError(f"internal: weight map names {ours!r}, which the model does not have")
+      raise RuntimeError(f"internal: weight map names {ours!r}, which the model does not have")
     var = flat[path]
     shape = tuple(var.get_value().shape)
     hf_shape, to_ours, _ = TRANSFORMS[tname]
@@ -245,7 +240,7 @@ def load_weights(abstract: nnx.Module, weight_map: list[tuple[str, str, str]], r
     raise WeightError(f"{source}: unexpected tensor {unexpected[0]!r}{more}: the model has no place for it")
   unfilled = sorted(".".join(map(str, p)) for p in flat if p not in filled)
   if unfilled:
-    raise WeightError(f"internal: parameters not covered by the weight map: {unfilled}")
+    raise RuntimeError(f"internal: parameters not covered by the weight map: {unfilled}")
   for path, var in flat.items():
     var.set_value(filled[path])
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -270,7 +265,7 @@ def export_weights(model: nnx.Module, weight_map: list[tuple[str, str, str]], dt
       continue
     axes = {FUSE_AXES.get(t) for t, _ in parts}
     if None in axes or len(axes) != 1:
-      raise WeightError(f"internal: HF tensor {key!r} is written by several map entries that are not one fused group")
+      raise RuntimeError(f"internal: HF tensor {key!r} is written by several map entries that are not one fused group")
     out[key] = np.concatenate([v for _, v in parts], axis=axes.pop()).astype(dtype)
   return out
 
@@ -291,6 +286,19 @@ class ModelIdentity:
     return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """Everything needed to fill a model from a file: tensors, the architecture config, the strict weight map,
+  tensors to consume unread, and what the model will say about where it came from."""
+
+  reader: "CheckpointReader | Any"  # keys() / shape(key) / get(key)
+  config: Any
+  weight_map: list[tuple[str, str, str]]
+  aliases: tuple[str, ...]
+  identity: ModelIdentity
+  source: str
+
+
 def config_fingerprint(hf_config: dict) -> str:
   ignore = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "use_cache"}
   canon = json.dumps({k: v for k, v in sorted(hf_config.items()) if k not in ignore}, sort_keys=True)
@@ -306,12 +314,12 @@ def resolve_model_dir(path_or_id: str, revision: str | None = None, *, allow_pyt
   p = Path(path_or_id).expanduser()
   if p.exists():
     if not p.is_dir():
-      raise FileNotFoundError(f"model path {path_or_id!r} is a file, expected a HF model folder (or a .gguf file)")
+      raise MissingPathError(f"model path {path_or_id!r} is a file, expected a HF model folder (or a .gguf file)")
     if not (p / "config.json").exists():
-      raise FileNotFoundError(f"model folder {path_or_id!r} has no config.json")
+      raise MissingPathError(f"model folder {path_or_id!r} has no config.json")
     return p
   if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or os.sep + os.sep in path_or_id:
-    raise FileNotFoundError(f"model path {path_or_id!r} does not exist")
+    raise MissingPathError(f"model path {path_or_id!r} does not exist")
   patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
               "special_tokens_map.json", "generation_config.json", "*.model"]
   try:
@@ -321,38 +329,6 @@ def resolve_model_dir(path_or_id: str, revision: str | None = None, *, allow_pyt
     if allow_pytorch_bin and not any(Path(local).glob("*.safetensors")):
       local = snapshot_download(path_or_id, revision=revision, allow_patterns=patterns + ["pytorch_model.bin"])
   except Exception as e:  # offline, unknown id, gated repo ...
-    raise FileNotFoundError(f"model {path_or_id!r} is neither a local folder nor downloadable from the hub "
+    raise MissingPathError(f"model {path_or_id!r} is neither a local folder nor downloadable from the hub "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
   return Path(local)
-
-
-def apply_umask(path: Path) -> None:
-  """mkstemp/mkdtemp create 0600/0700 entries; give them the permissions a plain open()/mkdir() would."""
-  mask = os.umask(0)
-  os.umask(mask)
-  for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-    if not p.is_symlink():
-      os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
-  """Run `write(tmpdir)`, then rename tmpdir to `target`. A crash leaves no half-written `target`."""
-  target = Path(target)
-  if target.exists() and not overwrite:
-    raise FileExistsError(f"{target} already exists (pass overwrite to replace it)")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-  try:
-    write(tmp)
-    apply_umask(tmp)
-    if target.exists():
-      old = target.with_name(f".{target.name}.old-{os.getpid()}")
-      os.rename(target, old)
-      os.rename(tmp, target)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, target)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return target

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprompt.errors import ModelError
+
 # Added to attention scores at masked keys. The most negative float32, as transformers does, so
 # that masked keys get exactly zero weight and fully-masked rows stay finite.
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -37,6 +39,45 @@ def param(value: jax.Array, axes: tuple[str | None, ...], kind: type[nnx.Param] 
 
 def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list:
+  """n dropout keys, or n Nones when there is no dropout (evaluation)."""
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def prepend(prefix: jax.Array, embeds: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """prefix [P, H], [1, P, H] or [B, P, H], embeds [B, L, H], mask [B, L] (None: all real) ->
+  [B, P + L, H] in embeds' dtype, and the mask with P ones in front."""
+  b = embeds.shape[0]
+  if prefix.ndim == 2:
+    prefix = prefix[None]
+  prefix = jnp.broadcast_to(prefix, (b,) + prefix.shape[1:])
+  if mask is None:
+    mask = jnp.ones(embeds.shape[:2], jnp.int32)
+  x = jnp.concatenate([prefix.astype(embeds.dtype), embeds], axis=1)
+  m = jnp.concatenate([jnp.ones((b, prefix.shape[1]), mask.dtype), mask], axis=1)
+  return x, m
+
+
+def lm_logits(x: jax.Array, *, tied_table: jax.Array | None = None, head: jax.Array | None = None) -> jax.Array:
+  """Hidden states [B, L, H] -> logits [B, L, V] float32, through the embedding table [V, H] (tied) or a
+  separate head [H, V]."""
+  if tied_table is not None:
+    return jnp.einsum("BLH,VH->BLV", x, tied_table.astype(x.dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum("BLH,HV->BLV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def sequence_logprob(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """logits [B, T, V], targets / mask [B, T] -> sum of the masked targets' log-probabilities [B]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  gold = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(gold * mask, axis=-1)
+
+
+def repeat_rows(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
+  """Each row repeated n times in place (beams of one example stay together)."""
+  return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
 
 
@@ -119,7 +160,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   try:
     return ACTIVATIONS[name]
   except KeyError:
-    raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+    raise ModelError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -217,7 +258,7 @@ def rope_inv_freq(head_dim: int, theta: float, *, rope_type: str = "default", fa
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     inv = np.where(medium, smoothed, scaled)
   elif rope_type != "default":
-    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+    raise ModelError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
   if freq_factors is not None:
     inv = inv / np.asarray(freq_factors, np.float32)
   return inv.astype(np.float32)

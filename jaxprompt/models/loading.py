@@ -1,4 +1,8 @@
-"""`load_model` / `save_pretrained` / `load_tokenizer`: the architecture registry and the public loaders."""
+"""`load_model` / `save_pretrained` / `load_tokenizer`: the architecture registry, the registry of named model
+sources, and the public loaders.
+
+A named source ("builtin:quickstart") is a folder that some other module knows how to make; it registers itself
+here (`register_source`), so the loaders never import what provides them."""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxprompt.errors import MissingPathError, ModelError
+from jaxprompt.fileio import write_folder_atomically
 from jaxprompt.models import decoder
 from jaxprompt.models import hf
 from jaxprompt.models import t5
@@ -40,29 +46,44 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def _architecture(model_type: str | None, where: str) -> Architecture:
+def architecture_for(model_type: str | None, where: str) -> Architecture:
   if model_type not in ARCHITECTURES:
-    raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    raise ModelError(f"{where}: model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
   return ARCHITECTURES[model_type]
 
 
 def build_model(config, *, seed: int = 0, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none"):
-  """A randomly initialised model for `config` (a T5Config, ...)."""
-  cls = next(a.model_cls for a in ARCHITECTURES.values() if a.model_cls.__name__ == _model_name(config))
+  """A randomly initialised model for `config` (a T5Config, a DecoderConfig)."""
+  cls = architecture_for(config.model_type, type(config).__name__).model_cls
   return cls(config, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, remat=remat)
 
 
-def _model_name(config) -> str:
-  return {"T5Config": "T5"}.get(type(config).__name__, type(config).__name__.replace("Config", ""))
+def config_from_dict(hf_cfg: dict):
+  """The architecture config of a HF config.json dict alone, with no checkpoint to look at: the head is untied
+  exactly when the config says so."""
+  arch = architecture_for(hf_cfg.get("model_type"), "config.json")
+  return arch.config_from_hf(hf_cfg, set() if hf_cfg.get("tie_word_embeddings", True) else {"lm_head.weight"})
 
 
-BUILTIN = "builtin:quickstart"
+def abstract_model(config, *, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none"):
+  """The model for `config` as shapes only (nnx.eval_shape): nothing is allocated."""
+  return nnx.eval_shape(lambda: build_model(config, param_dtype=param_dtype, dtype=dtype, remat=remat))
 
 
-def _builtin_folder() -> Path:
-  from jaxprompt import quickstart
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """A named model that jaxprompt itself provides: `folder()` makes (or finds) it as a HF folder, `hf_config()`
+  gives its config.json without making it (for `plan`)."""
 
-  return quickstart.ensure_base_model()
+  folder: Callable[[], Path]
+  hf_config: Callable[[], dict]
+
+
+SOURCES: dict[str, ModelSource] = {}
+
+
+def register_source(name: str, source: ModelSource) -> None:
+  SOURCES[name] = source
 
 
 def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None,
@@ -71,7 +92,8 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None 
 
   Args:
     path_or_hub_id: a local HF folder (config.json + safetensors), a llama.cpp `.gguf` file, a hub id
-      when the hub is reachable, or "builtin:quickstart" (the tiny offline T5, built and cached on first use).
+      when the hub is reachable, or a registered source such as "builtin:quickstart" (the tiny offline T5,
+      built and cached on first use).
     dtype: parameter dtype (default float32; bfloat16 halves memory for frozen weights).
     mesh: place each parameter straight into its shards as `jaxprompt.sharding.RULES` says.
     compute_dtype: activation dtype (default: float32).
@@ -79,34 +101,49 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None 
     allow_pytorch_bin: accept a pickle-based pytorch_model.bin (loaded with weights_only=True).
   Returns the model; `model.identity` records where it came from (`hf.ModelIdentity`).
   """
-  if str(path_or_hub_id) == BUILTIN:
-    model = load_model(_builtin_folder(), dtype, mesh, compute_dtype=compute_dtype, remat=remat)
-    model.identity = dataclasses.replace(model.identity, path=BUILTIN)
+  if str(path_or_hub_id) in SOURCES:
+    model = load_model(SOURCES[str(path_or_hub_id)].folder(), dtype, mesh, compute_dtype=compute_dtype, remat=remat)
+    model.identity = dataclasses.replace(model.identity, path=str(path_or_hub_id))
     return model
   if str(path_or_hub_id).endswith(".gguf"):
     from jaxprompt.models import gguf
 
-    return gguf.load_gguf(path_or_hub_id, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype, remat=remat)
-  folder = hf.resolve_model_dir(str(path_or_hub_id), revision, allow_pytorch_bin=allow_pytorch_bin)
+    ckpt = gguf.open_checkpoint(path_or_hub_id)
+  else:
+    ckpt = _hf_checkpoint(str(path_or_hub_id), revision, allow_pytorch_bin)
+  param_dtype = jnp.dtype(dtype or jnp.float32)
+  abstract = abstract_model(ckpt.config, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or jnp.float32),
+                            remat=remat)
+  model = hf.load_weights(abstract, ckpt.weight_map, ckpt.reader, mesh=mesh, param_dtype=param_dtype,
+                          aliases=ckpt.aliases, source=ckpt.source)
+  model.identity = ckpt.identity
+  return model
+
+
+def _hf_checkpoint(path_or_hub_id: str, revision: str | None, allow_pytorch_bin: bool) -> hf.Checkpoint:
+  folder = hf.resolve_model_dir(path_or_hub_id, revision, allow_pytorch_bin=allow_pytorch_bin)
   hf_cfg = json.loads((folder / "config.json").read_text())
   reader = hf.CheckpointReader(folder, allow_pytorch_bin=allow_pytorch_bin)
-  arch = _architecture(hf_cfg.get("model_type"), str(folder / "config.json"))
+  arch = architecture_for(hf_cfg.get("model_type"), str(folder / "config.json"))
   config = arch.config_from_hf(hf_cfg, set(reader.keys()))
-  param_dtype = jnp.dtype(dtype or jnp.float32)
-  compute = jnp.dtype(compute_dtype or jnp.float32)
-  abstract = nnx.eval_shape(lambda: arch.model_cls(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
-                                                   dtype=compute, remat=remat))
-  model = hf.load_weights(abstract, arch.weight_map(config), reader, mesh=mesh, param_dtype=param_dtype,
-                          aliases=arch.aliases_for(config), source=str(folder))
-  model.identity = hf.ModelIdentity(path=str(path_or_hub_id), revision=revision,
-                                    model_type=hf_cfg.get("model_type"), fingerprint=hf.config_fingerprint(hf_cfg))
-  return model
+  identity = hf.ModelIdentity(path=path_or_hub_id, revision=revision, model_type=hf_cfg.get("model_type"),
+                              fingerprint=hf.config_fingerprint(hf_cfg))
+  return hf.Checkpoint(reader, config, arch.weight_map(config), arch.aliases_for(config), identity, str(folder))
+
+
+def architecture_summary(base) -> dict:
+  """What an exported prompt must say about its base (PEFT's adapter_config fields among them)."""
+  c = base.config
+  first = lambda *names: next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
+  return dict(kind=base.kind, model_type=c.model_type, hidden_size=base.hidden_size, vocab_size=c.vocab_size,
+              num_layers=first("num_layers", "num_hidden_layers", "n_layer"),
+              num_attention_heads=first("num_heads", "num_attention_heads", "n_head"))
 
 
 def save_pretrained(model, folder: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, dtype=None) -> Path:
   """Write `model` as a HF folder (config.json + model.safetensors [+ tokenizer]) that transformers loads."""
   config = model.config
-  arch = _architecture(config.model_type, "save_pretrained")
+  arch = architecture_for(config.model_type, "save_pretrained")
   tensors = hf.export_weights(model, arch.weight_map(config), dtype=dtype or jnp.float32)
 
   def write(tmp: Path):
@@ -115,7 +152,7 @@ def save_pretrained(model, folder: str | os.PathLike, *, tokenizer=None, overwri
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
 
-  return hf.write_folder_atomically(folder, write, overwrite=overwrite)
+  return write_folder_atomically(folder, write, overwrite=overwrite)
 
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike):
@@ -123,8 +160,8 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
   id when reachable."""
   from transformers import AutoTokenizer
 
-  if str(path_or_hub_id) == BUILTIN:
-    path_or_hub_id = _builtin_folder()
+  if str(path_or_hub_id) in SOURCES:
+    path_or_hub_id = SOURCES[str(path_or_hub_id)].folder()
   p = Path(path_or_hub_id).expanduser()
   if p.suffix == ".gguf":
     from jaxprompt.models import gguf
@@ -133,4 +170,4 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
   try:
     return AutoTokenizer.from_pretrained(str(p) if p.exists() else str(path_or_hub_id))
   except OSError as e:
-    raise FileNotFoundError(f"cannot load a tokenizer from {str(path_or_hub_id)!r}: {str(e).splitlines()[0]}") from None
+    raise MissingPathError(f"cannot load a tokenizer from {str(path_or_hub_id)!r}: {str(e).splitlines()[0]}") from None

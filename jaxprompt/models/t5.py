@@ -15,9 +15,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
+from jaxprompt.data.batches import Seq2SeqBatch
+from jaxprompt.errors import ModelError
 from jaxprompt.models import layers as L
+from jaxprompt.models.interface import FrozenLM, Prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,7 @@ class T5Config:
       object.__setattr__(self, "num_decoder_layers", self.num_layers)
     parts = self.feed_forward_proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-      raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT'")
+      raise ModelError(f"feed_forward_proj {self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT'")
     L.activation(self.act_name)  # validates
 
   @property
@@ -110,23 +113,36 @@ def _position_bias(table: jax.Array, q_pos: jax.Array, k_pos: jax.Array, bidirec
   return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
 
 
-def _attend(p: dict, x: jax.Array, kv: jax.Array, bias: jax.Array, rate: float, rng) -> jax.Array:
+def _qkv(p: dict, x: jax.Array, kv: jax.Array | None):
+  """Queries from x [B, L, H]; keys and values from kv [B, S, H] (None: given elsewhere, e.g. a cache)."""
   q = L.project_qkv(x, p["q"])
-  k = L.project_qkv(kv, p["k"])
-  v = L.project_qkv(kv, p["v"])
+  return (q,) if kv is None else (q, L.project_qkv(kv, p["k"]), L.project_qkv(kv, p["v"]))
+
+
+def _attend(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, rate: float, rng) -> jax.Array:
   return L.project_out(L.dot_product_attention(q, k, v, bias, scale=1.0, dropout_rate=rate, dropout_rng=rng), p["o"])
 
 
-class T5(nnx.Module):
-  """T5 encoder-decoder. Weights are float32 (or `param_dtype`); compute runs in `dtype`."""
+@struct.dataclass
+class T5Cache:
+  """Cached decoding state: self-attention k/v [Y, B, T, N, D] for T decoder slots (the start token in slot 0,
+  generated token t in slot t + 1), cross-attention k/v [Y, B, S, N, D] projected once from the encoder output,
+  and the encoder mask [B, S]."""
+
+  k: jax.Array
+  v: jax.Array
+  cross_k: jax.Array | None = None
+  cross_v: jax.Array | None = None
+  encoder_mask: jax.Array | None = None
+
+
+class T5(FrozenLM):
+  """T5 encoder-decoder (`models.interface.Seq2SeqLM`)."""
 
   kind = "seq2seq"
+  batch_type = Seq2SeqBatch
 
-  def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
-               remat: str = "none"):
-    self.config = cfg
-    self.dtype = jnp.dtype(dtype)
-    self.remat = remat
+  def init_params(self, cfg: T5Config, rngs: nnx.Rngs, param_dtype) -> None:
     self.shared = L.param(L.normal_init(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype), ("vocab", "embed"))
     self.encoder = T5Stack(cfg, cfg.num_layers, False, rngs=rngs, param_dtype=param_dtype)
     self.decoder = T5Stack(cfg, cfg.num_decoder_layers, True, rngs=rngs, param_dtype=param_dtype)
@@ -134,35 +150,30 @@ class T5(nnx.Module):
       self.lm_head = L.param(L.normal_init(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype),
                              ("embed", "vocab"))
 
-  # -- entry points ----------------------------------------------------------------------------
+  # -- the stacks --------------------------------------------------------------------------------
 
   @property
   def hidden_size(self) -> int:
     return self.config.d_model
 
-  def embed(self, input_ids: jax.Array) -> jax.Array:
-    """[B, L] int -> [B, L, H] in the compute dtype."""
-    return jnp.take(self.shared[...], input_ids, axis=0).astype(self.dtype)
+  def embedding_table(self) -> jax.Array:
+    return self.shared[...]
 
   def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, *, dropout_rng=None) -> jax.Array:
     """-> encoder hidden states [B, L, H]. `inputs_embeds` [B, L, H] replaces the embedding lookup."""
     cfg = self.config
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("encode needs exactly one of input_ids and inputs_embeds")
-    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-    b, l = x.shape[:2]
-    if attention_mask is None:
-      attention_mask = jnp.ones((b, l), jnp.int32)
-    rngs = _split(dropout_rng, 3)
-    pos = jnp.arange(l)
+    x, attention_mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds)
+    rngs = L.split_rng(dropout_rng, 3)
+    pos = jnp.arange(x.shape[1])
     bias = _position_bias(self.encoder.relative_attention_bias[...], pos, pos, True, cfg) + L.mask_to_bias(attention_mask)
     rate = cfg.dropout_rate
     x = L.dropout(x, rate, rngs[0])
 
     def layer(p, x, rng):
-      r = _split(rng, 5)
+      r = L.split_rng(rng, 5)
+      a = p["self_attn"]
       h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
-      x = x + L.dropout(_attend(p["self_attn"], h, h, bias, rate, r[0]), rate, r[1])
+      x = x + L.dropout(_attend(a, *_qkv(a, h, h), bias, rate, r[0]), rate, r[1])
       h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
       return x + L.dropout(L.mlp(h, p["mlp"], L.activation(cfg.act_name), rate, r[2]), rate, r[3])
 
@@ -170,37 +181,53 @@ class T5(nnx.Module):
     x = L.rms_norm(x, self.encoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2])
 
+  def _decoder(self, x, q_pos, k_pos, decoder_mask, enc, cache: T5Cache | None, index, dropout_rng):
+    """The decoder stack, teacher-forced (`enc` [B, S, H] and its mask in `decoder_mask`'s place for cross
+    attention; no cache) or one cached step (`cache` holds everything; new k/v written at slot `index`).
+    x [B, l, H] at positions q_pos [l] attends to key slots k_pos [S'] -> final hidden states [B, l, H]."""
+    cfg = self.config
+    self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg)
+    self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, L.MASK_VALUE)[None, None]
+    if decoder_mask is not None:
+      self_bias = self_bias + L.mask_to_bias(decoder_mask)
+    cross_bias = L.mask_to_bias(enc[1] if cache is None else cache.encoder_mask)
+    rngs = L.split_rng(dropout_rng, 3)
+    rate, act = cfg.dropout_rate, L.activation(cfg.act_name)
+    x = L.dropout(x, rate, rngs[0])
+
+    def layer(p, x, rng, xs=None):
+      r = L.split_rng(rng, 7)
+      a, c = p["self_attn"], p["cross_attn"]
+      h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
+      q, k, v = _qkv(a, h, h)
+      if xs is not None:
+        k = jax.lax.dynamic_update_slice(xs["k"], k.astype(xs["k"].dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(xs["v"], v.astype(xs["v"].dtype), (0, index, 0, 0))
+      x = x + L.dropout(_attend(a, q, k, v, self_bias, rate, r[0]), rate, r[1])
+      h = L.rms_norm(x, p["cross_attn_norm"], cfg.layer_norm_epsilon)
+      # teacher forcing projects the encoder output here; cached steps projected it once (prefill)
+      qkv = _qkv(c, h, enc[0]) if xs is None else _qkv(c, h, None) + (xs["cross_k"], xs["cross_v"])
+      x = x + L.dropout(_attend(c, *qkv, cross_bias, rate, r[2]), rate, r[3])
+      h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
+      x = x + L.dropout(L.mlp(h, p["mlp"], act, rate, r[4]), rate, r[5])
+      return x if xs is None else (x, dict(k=k, v=v))
+
+    per_layer = None if cache is None else dict(k=cache.k, v=cache.v, cross_k=cache.cross_k, cross_v=cache.cross_v)
+    out = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], self.remat if cache is None else "none",
+                        per_layer)
+    x, kv = (out, None) if cache is None else out
+    x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
+    return L.dropout(x, rate, rngs[2]), kv
+
   def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
              *, dropout_rng=None) -> jax.Array:
     """Teacher-forced decoder pass -> logits [B, T, V] in float32."""
-    cfg = self.config
-    x = self.embed(decoder_input_ids)
     b, t = decoder_input_ids.shape
-    s = encoder_hidden.shape[1]
     if encoder_attention_mask is None:
-      encoder_attention_mask = jnp.ones((b, s), jnp.int32)
+      encoder_attention_mask = jnp.ones(encoder_hidden.shape[:2], jnp.int32)
     pos = jnp.arange(t)
-    self_bias = _position_bias(self.decoder.relative_attention_bias[...], pos, pos, False, cfg) + L.causal_bias(t, t)
-    if decoder_attention_mask is not None:
-      self_bias = self_bias + L.mask_to_bias(decoder_attention_mask)
-    cross_bias = L.mask_to_bias(encoder_attention_mask)
-    enc = encoder_hidden.astype(self.dtype)
-    rngs = _split(dropout_rng, 3)
-    rate = cfg.dropout_rate
-    x = L.dropout(x, rate, rngs[0])
-
-    def layer(p, x, rng):
-      r = _split(rng, 7)
-      h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
-      x = x + L.dropout(_attend(p["self_attn"], h, h, self_bias, rate, r[0]), rate, r[1])
-      h = L.rms_norm(x, p["cross_attn_norm"], cfg.layer_norm_epsilon)
-      x = x + L.dropout(_attend(p["cross_attn"], h, enc, cross_bias, rate, r[2]), rate, r[3])
-      h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
-      return x + L.dropout(L.mlp(h, p["mlp"], L.activation(cfg.act_name), rate, r[4]), rate, r[5])
-
-    x = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], self.remat)
-    x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
-    x = L.dropout(x, rate, rngs[2])
+    enc = (encoder_hidden.astype(self.dtype), encoder_attention_mask)
+    x, _ = self._decoder(self.embed(decoder_input_ids), pos, pos, decoder_attention_mask, enc, None, 0, dropout_rng)
     return self.logits(x)
 
   def logits(self, x: jax.Array) -> jax.Array:
@@ -208,70 +235,78 @@ class T5(nnx.Module):
     if self.config.scale_decoder_outputs:
       x = x * (self.config.d_model**-0.5)
     if self.config.tie_word_embeddings:
-      return jnp.einsum("BTH,VH->BTV", x, self.shared[...].astype(x.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("BTH,HV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+      return L.lm_logits(x, tied_table=self.shared[...])
+    return L.lm_logits(x, head=self.lm_head[...])
 
-  # -- cached decoding (jaxprompt.generate) ----------------------------------------------------
+  # -- prompted entry points (models.interface.PromptableLM) ------------------------------------
 
-  def init_cache(self, encoder_hidden: jax.Array, encoder_attention_mask: jax.Array, max_length: int) -> dict:
-    """A decoding cache: empty self-attention k/v [Y, B, T, N, D] for `max_length` decoder positions,
-    cross-attention k/v [Y, B, S, N, D] computed once from the encoder output [B, S, H], and its mask [B, S]."""
-    enc = encoder_hidden.astype(self.dtype)
-    cross = L.arrays(self.decoder.layers.cross_attn)
-    ck = jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype))
-    cv = jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype))
-    y, b, _, n, d = ck.shape
-    empty = jnp.zeros((y, b, max_length, n, d), self.dtype)
-    return dict(k=empty, v=empty, cross_k=ck, cross_v=cv, encoder_mask=encoder_attention_mask)
-
-  def decode_step(self, cache: dict, decoder_input_ids: jax.Array, index) -> tuple[jax.Array, dict]:
-    """Decoder tokens [B, l] at positions index..index+l-1 -> (logits [B, l, V] float32, updated cache).
-
-    Equals the matching rows of `decode` on the whole prefix: the self-attention keys/values of earlier
-    positions come from the cache, the cross-attention ones were projected once by `init_cache`.
-    """
-    cfg = self.config
-    x = self.embed(decoder_input_ids)
-    t = cache["k"].shape[2]
-    q_pos = index + jnp.arange(x.shape[1])
-    k_pos = jnp.arange(t)
-    causal = jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, L.MASK_VALUE)[None, None]
-    self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg) + causal
-    cross_bias = L.mask_to_bias(cache["encoder_mask"])
-    act = L.activation(cfg.act_name)
-
-    def layer(p, x, rng, xs):
-      a, c = p["self_attn"], p["cross_attn"]
-      h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
-      k = jax.lax.dynamic_update_slice(xs["k"], L.project_qkv(h, a["k"]).astype(xs["k"].dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(xs["v"], L.project_qkv(h, a["v"]).astype(xs["v"].dtype), (0, index, 0, 0))
-      o = L.dot_product_attention(L.project_qkv(h, a["q"]), k, v, self_bias, scale=1.0)
-      x = x + L.project_out(o, a["o"])
-      h = L.rms_norm(x, p["cross_attn_norm"], cfg.layer_norm_epsilon)
-      o = L.dot_product_attention(L.project_qkv(h, c["q"]), xs["cross_k"], xs["cross_v"], cross_bias, scale=1.0)
-      x = x + L.project_out(o, c["o"])
-      h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
-      return x + L.mlp(h, p["mlp"], act), dict(k=k, v=v)
-
-    per_layer = dict(k=cache["k"], v=cache["v"], cross_k=cache["cross_k"], cross_v=cache["cross_v"])
-    x, kv = L.scan_layers(layer, x, L.arrays(self.decoder.layers), None, "none", per_layer)
-    x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
-    return self.logits(x), {**cache, **kv}
-
-  def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-               inputs_embeds=None, *, dropout_rng=None) -> jax.Array:
+  def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
+              inputs_embeds=None, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
     """Full forward -> logits [B, T, V] float32."""
     if decoder_input_ids is None:
       raise ValueError("T5 needs decoder_input_ids (targets shifted right, starting with decoder_start_token_id)")
-    enc_rng, dec_rng = _split(dropout_rng, 2)
-    enc = self.encode(input_ids, attention_mask, inputs_embeds, dropout_rng=enc_rng)
-    if attention_mask is None:
-      attention_mask = jnp.ones(enc.shape[:2], jnp.int32)
-    return self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask, dropout_rng=dec_rng)
+    enc_rng, dec_rng = L.split_rng(dropout_rng, 2)
+    x, m = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
+    enc = self.encode(inputs_embeds=x, attention_mask=m, dropout_rng=enc_rng)
+    return self.decode(decoder_input_ids, enc, m, decoder_attention_mask, dropout_rng=dec_rng)
 
+  def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+               inputs_embeds=None, *, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
+    return self.forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                        inputs_embeds=inputs_embeds, prefix=prefix, dropout_rng=dropout_rng)
 
-def _split(rng, n):
-  return [None] * n if rng is None else list(jax.random.split(rng, n))
+  def score_targets(self, batch: Seq2SeqBatch, prefix: Prefix | None = None, *, dropout_rng=None):
+    dec_in = shift_right(batch.target_ids, self.config.decoder_start_token_id)
+    logits = self.forward(batch.input_ids, batch.input_mask, dec_in, prefix=prefix, dropout_rng=dropout_rng)
+    return logits, batch.target_ids, batch.target_mask
+
+  def label_logprobs(self, batch: Seq2SeqBatch, label_ids, label_mask, prefix: Prefix | None = None) -> jax.Array:
+    """Encode once, decode every label: [B, C]."""
+    b, c = batch.size, label_ids.shape[0]
+    x, m = self.input_embeddings(batch.input_ids, batch.input_mask, prefix=prefix)
+    enc = jnp.repeat(self.encode(inputs_embeds=x, attention_mask=m), c, axis=0)
+    tgt, tmask = jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))
+    logits = self.decode(shift_right(tgt, self.config.decoder_start_token_id), enc, jnp.repeat(m, c, axis=0))
+    return L.sequence_logprob(logits, tgt, tmask).reshape(b, c)
+
+  # -- cached decoding ----------------------------------------------------------------------------
+
+  def init_cache(self, batch_size: int, max_length: int) -> T5Cache:
+    """Empty self-attention k/v for `max_length` decoder slots (cross-attention comes with `prefill`)."""
+    c = self.config
+    empty = jnp.zeros((c.num_decoder_layers, batch_size, max_length, c.num_heads, c.d_kv), self.dtype)
+    return T5Cache(k=empty, v=empty)
+
+  def prefill(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, prefix: Prefix | None = None,
+              max_new_tokens: int, num_beams: int = 1) -> tuple[jax.Array, T5Cache]:
+    """Encode once (any padding), project cross-attention k/v once, decode the start token."""
+    w = num_beams
+    x, mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
+    enc = L.repeat_rows(self.encode(inputs_embeds=x, attention_mask=mask), w).astype(self.dtype)
+    cross = L.arrays(self.decoder.layers.cross_attn)
+    ck = jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype))
+    cv = jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype))
+    cache = self.init_cache(enc.shape[0], max_new_tokens + 1)  # the last slot is never read
+    cache = cache.replace(cross_k=ck, cross_v=cv, encoder_mask=L.repeat_rows(mask, w))
+    start = jnp.full((enc.shape[0], 1), self.config.decoder_start_token_id, jnp.int32)
+    logits, cache = self._cached_step(cache, start, 0)
+    return logits[:, 0], cache
+
+  def decode_step(self, cache: T5Cache, tokens: jax.Array, t) -> tuple[jax.Array, T5Cache]:
+    logits, cache = self._cached_step(cache, tokens[:, None], t + 1)
+    return logits[:, 0], cache
+
+  def _cached_step(self, cache: T5Cache, decoder_input_ids: jax.Array, index) -> tuple[jax.Array, T5Cache]:
+    """Decoder tokens [B, l] at slots index..index+l-1 -> (logits [B, l, V] float32, updated cache); equals the
+    matching rows of `decode` on the whole prefix."""
+    q_pos = index + jnp.arange(decoder_input_ids.shape[1])
+    x, kv = self._decoder(self.embed(decoder_input_ids), q_pos, jnp.arange(cache.k.shape[2]), None, None, cache,
+                          index, None)
+    return self.logits(x), cache.replace(**kv)
+
+  def reorder_cache(self, cache: T5Cache, origin: jax.Array) -> T5Cache:
+    # cross-attention state is the same for every beam of an example: only the self-attention k/v move
+    return cache.replace(k=cache.k[:, origin], v=cache.v[:, origin])
 
 
 def shift_right(targets: jax.Array, start_id: int) -> jax.Array:

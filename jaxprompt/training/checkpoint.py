@@ -22,11 +22,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxprompt.config import CheckpointConfig
+from jaxprompt.errors import CheckpointError
+from jaxprompt.training.state import TrainState
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
-  pass
+def selection_mode(metric: str) -> str:
+  """"min" for losses, "max" for everything else (accuracy, F1, correlations...)."""
+  return "min" if "loss" in metric else "max"
 
 
 def _metric_fn(name: str, mode: str):
@@ -44,20 +49,57 @@ def _metric_fn(name: str, mode: str):
 
 
 class Checkpointer:
-  def __init__(self, directory: str | Path, *, keep: int = 3, keep_best: bool = True, metric: str = "accuracy",
-               mode: str = "max", async_save: bool = True):
+  """The checkpoints of one workdir. `metric` / `mode` name the eval metric that picks the best step (kept
+  beside the last `config.keep`); without a metric only the latest are kept."""
+
+  def __init__(self, directory: str | Path, config: CheckpointConfig | None = None, *, metric: str | None = None,
+               mode: str = "max"):
+    config = config or CheckpointConfig()
     self.directory = Path(directory).absolute()
     self.metric, self.mode = metric, mode
-    policies: list = [pp.LatestN(n=keep)]
-    if keep_best:
+    policies: list = [pp.LatestN(n=config.keep)]
+    if config.keep_best and metric is not None:
       policies.append(pp.BestN(get_metric_fn=_metric_fn(metric, mode), n=1,
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
+        preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=config.async_save,
         create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
         "prompt": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
+
+  @classmethod
+  def reader(cls, directory: str | Path) -> "Checkpointer":
+    """For reading a workdir's checkpoints; "best" means best by the eval metric the run selected by."""
+    ck = cls(directory, CheckpointConfig(async_save=False))
+    latest = ck.latest_step()
+    metric = ((ck.read_meta(latest).get("config") or {}).get("eval") or {}).get("metric") if latest else None
+    if metric:
+      ck.metric, ck.mode = metric, selection_mode(metric)
+    return ck
+
+  def save_state(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
+    """Checkpoint `state` at its step, with `meta` (base identity, config) beside its counters."""
+    self.save(state.step, state.prompt, state.opt_state, {**meta, **state.counters()}, metrics)
+
+  def restore_state(self, step: int, like: TrainState) -> tuple[TrainState, dict]:
+    """The state saved at `step`, restored into the shardings of `like`, and its metadata."""
+    prompt, opt_state, meta = self.restore(step, abstract_like(like.prompt), abstract_like(like.opt_state))
+    return like.replace(prompt=prompt, opt_state=opt_state).with_counters(meta), meta
+
+  def choose(self, step: str | int) -> int:
+    """A step number from "best" (the latest when nothing was evaluated), "latest" or a number."""
+    steps = self.steps()
+    if not steps:
+      raise CheckpointError(f"{self.directory}: no complete checkpoints")
+    chosen = {"best": self.best_step() or self.latest_step(), "latest": self.latest_step()}.get(str(step))
+    if chosen is None:
+      if not str(step).isdigit():
+        raise CheckpointError(f"checkpoint step {step!r}: expected best, latest or a step number")
+      chosen = int(step)
+    if chosen not in steps:
+      raise CheckpointError(f"{self.directory}: no checkpoint at step {chosen} (have {steps})")
+    return chosen
 
   def save(self, step: int, prompt: Any, opt_state: Any, meta: dict, metrics: dict | None = None) -> None:
     meta = dict(meta, step=step, metrics=metrics or {})
@@ -75,6 +117,8 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
+    if self.metric is None:
+      return None
     best, best_v = None, None
     for s in self.steps():
       v = self.read_meta(s).get("metrics", {}).get(self.metric)

@@ -1,16 +1,14 @@
-"""KV-cache generation for T5 and decoder-only models: greedy, sampling (temperature / top-k / top-p), beam search.
+"""KV-cache generation for every model kind: greedy, sampling (temperature / top-k / top-p), beam search.
 
 Notation: B batch, W beams, L prefix length, T new tokens (max_new_tokens), S cache slots, V vocab.
 
 Each call runs one jitted fixed-shape loop (`lax.while_loop`, stopping early once every row has finished),
-compiled once per model structure, shapes and method settings. The prefix is `input_ids` or `inputs_embeds`
-(+ `attention_mask`); soft prompts of any length enter as embeddings with an extended mask.
-  * T5: the prefix is the encoder input (any padding). The encoder runs once, cross-attention k/v are
-    projected once, the decoder starts from `decoder_start_token_id` and caches its self-attention k/v.
-  * decoders: masked slots may sit anywhere in the prefix (left padding, a soft prompt before the padding, an
-    empty input after a prompt); every row needs one real slot. The prefix runs once (prefill) into a cache of
-    L + T slots, the first new token comes from each row's last real slot, and positions count real slots only
-    (cumsum of the mask - 1), as transformers' generate does, so a padded row decodes as it would alone.
+compiled once per model structure, shapes and settings. The model does the kind-specific part through its
+interface (`models.interface`): `prefill` runs the prefix once (T5: the encoder, cross-attention k/v projected
+once; decoders: the prefix into a cache of L + T slots, positions counting real slots only, so a padded row
+decodes as it would alone) and `decode_step` feeds one token per row; this module only chooses tokens.
+The prefix is `input_ids` or `inputs_embeds` (+ `attention_mask`), with an optional `prefix` (a soft prompt's
+`models.interface.Prefix`) in front; every row needs one real position.
 A row that emits an EOS id is finished and emits `pad_id` afterwards. The result is a dict:
   tokens [B, T] int32; lengths [B] (tokens up to and including EOS); scores [B]:
     greedy / sample: the sum of the model's log-probabilities (before temperature and filtering) of the tokens;
@@ -20,6 +18,8 @@ Beam search follows T5X's `beam_search` (2W candidates a step, live and finished
 beam can beat the finished ones; alpha >= 0), with one difference: beams that reach max_new_tokens without EOS
 are finished candidates too (T5X drops them whenever some beam finished), so a length-capped search returns the
 best-scoring sequence among all it considered.
+
+Settings and their defaults are `config.GenerateConfig` (the `generate:` section); keyword options override it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprompt.config import GenerateConfig
+from jaxprompt.errors import ConfigError, UsageError
+
 NEG_INF = -1.0e7  # T5X's "effective negative infinity" for beam scores (finite: sums stay finite)
-METHODS = ("greedy", "sample", "beam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,46 +52,45 @@ class _Options:  # static: part of the compilation key
   embeds: bool
 
 
-def generate(model, *, input_ids=None, attention_mask=None, inputs_embeds=None, max_new_tokens: int,
-             method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             num_beams: int = 4, alpha: float = 0.6, eos_id: int | Sequence[int] | None = None,
-             pad_id: int | None = None, rng: jax.Array | None = None) -> dict:
-  """Generate up to `max_new_tokens` tokens after a prefix (see the module docstring for the contract).
+def generate(model, *, input_ids=None, attention_mask=None, inputs_embeds=None, prefix=None,
+             config: GenerateConfig | None = None, eos_id: int | Sequence[int] | None = None,
+             pad_id: int | None = None, rng: jax.Array | None = None, **options) -> dict:
+  """Generate after a prefix (see the module docstring for the contract).
 
   Args:
-    model: a `T5` or `Decoder` (the frozen base; a soft prompt comes in through `inputs_embeds`).
-    input_ids / inputs_embeds: the prefix [B, L] / [B, L, H] (exactly one); decoders need left padding.
+    model: a frozen base (`models.interface.PromptableLM`); a soft prompt comes in as `prefix` (or already
+      inside `inputs_embeds`).
+    input_ids / inputs_embeds: the prefix [B, L] / [B, L, H] (exactly one), any padding.
     attention_mask: [B, L], 1 for real positions (default: all ones).
-    method: "greedy", "sample" (temperature, top_k (0 = off), top_p (1.0 = off), needs `rng`) or "beam"
-      (num_beams, length-penalty alpha).
+    config: the settings (default `GenerateConfig()`); `**options` (max_new_tokens, method, temperature,
+      top_k, top_p, num_beams, alpha, seed) override its fields. "sample" draws from `rng` (default
+      `jax.random.key(seed)`).
     eos_id: an id or ids that finish a row; None: the model config's eos_token_id; -1: never stop early.
     pad_id: emitted by finished rows; None: the config's pad_token_id (or 0).
   """
+  try:
+    gc = dataclasses.replace(config or GenerateConfig(), **options)
+  except TypeError:
+    known = [f.name for f in dataclasses.fields(GenerateConfig)]
+    raise UsageError(f"unknown generation option in {sorted(options)}; known: {', '.join(known)}") from None
+  except ConfigError as e:
+    raise UsageError(str(e)) from None
   if (input_ids is None) == (inputs_embeds is None):
-    raise ValueError("generate needs exactly one of input_ids and inputs_embeds")
-  if method not in METHODS:
-    raise ValueError(f"unknown generation method {method!r}; choose one of {METHODS}")
-  if method == "sample" and (rng is None or not temperature > 0):
-    raise ValueError(f"method='sample' needs an rng (jax.random.key) and temperature > 0 (got {temperature}); "
-                     "use method='greedy' for temperature 0")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if method == "beam" and (num_beams < 1 or alpha < 0):
-    raise ValueError(f"beam search needs num_beams >= 1 and alpha >= 0, got {num_beams}, {alpha}")
-  prefix = input_ids if inputs_embeds is None else inputs_embeds
-  b, l = prefix.shape[:2]
+    raise UsageError("generate needs exactly one of input_ids and inputs_embeds")
+  ids = input_ids if inputs_embeds is None else inputs_embeds
+  b, l = ids.shape[:2]
   mask = jnp.ones((b, l), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  if model.kind == "causal":
+  if prefix is None or prefix.length == 0:
     _check_some_real_slot(mask)
   cfg = model.config
   if pad_id is None:
     pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
-  opts = _Options(method=method, max_new_tokens=int(max_new_tokens), top_k=int(top_k), top_p=float(top_p),
-                  num_beams=int(num_beams) if method == "beam" else 1, alpha=float(alpha), eos=_eos_ids(eos_id, cfg),
+  opts = _Options(method=gc.method, max_new_tokens=gc.max_new_tokens, top_k=gc.top_k, top_p=gc.top_p,
+                  num_beams=gc.num_beams if gc.method == "beam" else 1, alpha=gc.alpha, eos=_eos_ids(eos_id, cfg),
                   pad=int(pad_id), embeds=inputs_embeds is not None)
   graphdef, state = nnx.split(model)
-  rng = jax.random.key(0) if rng is None else rng
-  return _generate(graphdef, state, prefix, mask, jnp.asarray(temperature, jnp.float32), rng, opts=opts)
+  rng = jax.random.key(gc.seed) if rng is None else rng
+  return _generate(graphdef, state, ids, mask, prefix, jnp.asarray(gc.temperature, jnp.float32), rng, opts=opts)
 
 
 def _eos_ids(eos_id, cfg) -> tuple[int, ...]:
@@ -109,63 +110,19 @@ def _check_some_real_slot(mask: jax.Array) -> None:
     return  # traced: likewise
   empty = np.flatnonzero(~m.any(axis=1))
   if empty.size:
-    raise ValueError(f"decoder-only generation needs at least one real token (or soft-prompt vector) per row; "
-                     f"row {int(empty[0])} is all padding (a tokenizer without BOS gives an empty input no tokens)")
+    raise UsageError(f"generation needs at least one real token (or soft-prompt vector) per row; row "
+                     f"{int(empty[0])} is all padding (a tokenizer without BOS gives an empty input no tokens)")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
-def _generate(graphdef, state, prefix, mask, temperature, rng, *, opts: _Options):
+def _generate(graphdef, state, ids, mask, prefix, temperature, rng, *, opts: _Options):
   model = nnx.merge(graphdef, state)
-  setup = _setup_seq2seq if model.kind == "seq2seq" else _setup_causal
-  logits0, cache, step = setup(model, prefix, mask, opts)
+  inputs = dict(inputs_embeds=ids) if opts.embeds else dict(input_ids=ids)
+  logits0, cache = model.prefill(**inputs, attention_mask=mask, prefix=prefix, max_new_tokens=opts.max_new_tokens,
+                                 num_beams=opts.num_beams)
   if opts.method == "beam":
-    return _beam_search(logits0, cache, step, opts)
-  return _sample_loop(logits0, cache, step, opts, temperature, rng)
-
-
-# -- model set-up: prefix -> (first logits, cache, step) --------------------------------------------
-# step(cache, tokens [B'], t) feeds the t-th generated tokens and returns the next logits [B', V].
-# Per-example constants are repeated for beams once; only the self-attention cache (k, v) is reordered.
-
-
-def _repeat(x, w, axis=0):
-  return x if w == 1 else jnp.repeat(x, w, axis=axis)
-
-
-def _setup_causal(model, prefix, mask, opts):
-  w, t_new = opts.num_beams, opts.max_new_tokens
-  b, l = mask.shape
-  x = prefix.astype(model.dtype) if opts.embeds else model.embed(prefix)
-  cache = model.init_cache(b, l + t_new)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  key_mask = jnp.concatenate([mask, jnp.ones((b, t_new), mask.dtype)], axis=1)  # [B, S]
-  h, cache = model.extend(cache, x, positions, key_mask, 0)
-  last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
-  logits0 = model.logits(h[jnp.arange(b), last][:, None])[:, 0]
-  next_pos = jnp.sum(mask, axis=1)  # position of the first new token
-  logits0, key_mask, next_pos = _repeat(logits0, w), _repeat(key_mask, w), _repeat(next_pos, w)
-  cache = jax.tree.map(lambda c: _repeat(c, w, axis=1), cache)
-
-  def step(cache, tokens, t):
-    h, cache = model.extend(cache, model.embed(tokens[:, None]), (next_pos + t)[:, None], key_mask, l + t)
-    return model.logits(h)[:, 0], cache
-
-  return logits0, cache, step
-
-
-def _setup_seq2seq(model, prefix, mask, opts):
-  w = opts.num_beams
-  enc = model.encode(inputs_embeds=prefix, attention_mask=mask) if opts.embeds else model.encode(prefix, mask)
-  # the start token sits in slot 0 and generated token t in slot t + 1 (the last one is never read)
-  cache = model.init_cache(_repeat(enc, w), _repeat(mask, w), opts.max_new_tokens + 1)
-  start = jnp.full((enc.shape[0] * w, 1), model.config.decoder_start_token_id, jnp.int32)
-  logits0, cache = model.decode_step(cache, start, 0)
-
-  def step(cache, tokens, t):
-    logits, cache = model.decode_step(cache, tokens[:, None], t + 1)
-    return logits[:, 0], cache
-
-  return logits0[:, 0], cache, step
+    return _beam_search(model, logits0, cache, opts)
+  return _sample_loop(model, logits0, cache, opts, temperature, rng)
 
 
 # -- greedy / sampling ---------------------------------------------------------------------------
@@ -194,7 +151,7 @@ def _is_eos(tokens, eos):
   return out
 
 
-def _sample_loop(logits0, cache, step, opts, temperature, rng):
+def _sample_loop(model, logits0, cache, opts, temperature, rng):
   b, t_new = logits0.shape[0], opts.max_new_tokens
   init = dict(t=jnp.int32(0), logits=logits0, cache=cache, tokens=jnp.full((b, t_new), opts.pad, jnp.int32),
               finished=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32), scores=jnp.zeros((b,), jnp.float32),
@@ -213,7 +170,7 @@ def _sample_loop(logits0, cache, step, opts, temperature, rng):
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
     alive = ~s["finished"]
     tok = jnp.where(alive, tok, opts.pad)
-    logits, cache = step(s["cache"], tok, s["t"])
+    logits, cache = model.decode_step(s["cache"], tok, s["t"])
     return dict(t=s["t"] + 1, logits=logits, cache=cache,
                 tokens=jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["t"])),
                 finished=s["finished"] | (alive & _is_eos(tok, opts.eos)),
@@ -236,7 +193,7 @@ def _gather(x, idx):
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _beam_search(logits0, cache, step, opts):
+def _beam_search(model, logits0, cache, opts):
   w, t_new, pad = opts.num_beams, opts.max_new_tokens, opts.pad
   v = logits0.shape[-1]
   b = logits0.shape[0] // w
@@ -269,9 +226,9 @@ def _beam_search(logits0, cache, step, opts):
     all_scores = jnp.concatenate([s["fin_scores"], new_scores], axis=1)
     _, best = jax.lax.top_k(all_scores, w)
     origin = (jnp.arange(b)[:, None] * w + _gather(parent, keep)).reshape(-1)
-    cache = dict(s["cache"], k=s["cache"]["k"][:, origin], v=s["cache"]["v"][:, origin])
+    cache = model.reorder_cache(s["cache"], origin)
     next_tok = _gather(tok, keep).reshape(-1)
-    logits, cache = step(cache, next_tok, t)
+    logits, cache = model.decode_step(cache, next_tok, t)
     return dict(
         t=t + 1, logits=logits, cache=cache, live_logp=_gather(live_rank, keep), live_seqs=_gather(cand_seqs, keep),
         fin_seqs=_gather(jnp.concatenate([s["fin_seqs"], cand_seqs], axis=1), best),

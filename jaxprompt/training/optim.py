@@ -11,6 +11,7 @@ from __future__ import annotations
 import optax
 
 from jaxprompt.config import OptimizerConfig
+from jaxprompt.errors import ConfigError
 
 
 def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -28,7 +29,7 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   if cfg.schedule == "linear":
     return optax.join_schedules([optax.linear_schedule(0.0, lr, max(w, 1)),
                                  optax.linear_schedule(lr, end, decay_steps)], [w])
-  raise ValueError(f"unknown schedule {cfg.schedule!r}")
+  raise ConfigError(f"unknown schedule {cfg.schedule!r}")
 
 
 def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
@@ -45,7 +46,7 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTra
   elif cfg.name == "sgd":
     tx = optax.sgd(lr)
   else:
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
+    raise ConfigError(f"unknown optimizer {cfg.name!r}")
   if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx

@@ -6,8 +6,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxprompt import sharding as shd
+from jaxprompt.errors import UsageError
+from jaxprompt.models.hf import resolve_model_dir
+from jaxprompt.models.known import KNOWN_CONFIGS
+from jaxprompt.models.loading import SOURCES, abstract_model, build_model, config_from_dict
+from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
+from jaxprompt.tools import costs
+from jaxprompt.training.optim import build_optimizer
+from jaxprompt.training.step import make_train_step
 
 # Per-device memory of common accelerators (GiB) and their device counts by slice name.
 TOPOLOGIES: dict[str, tuple[int, float]] = {
@@ -38,14 +53,10 @@ class PlanRow:
 
 
 def hf_config_for(path: str) -> dict:
-  """config.json of a local folder / GGUF-free hub id, or a known checkpoint's published config (offline)."""
-  from jaxprompt.models.known import KNOWN_CONFIGS
-  from jaxprompt.models.loading import BUILTIN
-
-  if path == BUILTIN:
-    from jaxprompt import quickstart
-
-    return quickstart.MODEL_CONFIG.to_hf()
+  """config.json of a local folder / GGUF-free hub id, a registered source, or a known checkpoint's published
+  config (offline)."""
+  if path in SOURCES:
+    return SOURCES[path].hf_config()
   p = Path(path).expanduser()
   if p.is_dir() and (p / "config.json").exists():
     return json.loads((p / "config.json").read_text())
@@ -53,8 +64,6 @@ def hf_config_for(path: str) -> dict:
     return json.loads(p.read_text())
   if path in KNOWN_CONFIGS:
     return dict(KNOWN_CONFIGS[path])
-  from jaxprompt.models.hf import resolve_model_dir
-
   return json.loads((resolve_model_dir(path) / "config.json").read_text())
 
 
@@ -70,27 +79,15 @@ def candidate_meshes(n: int) -> list[dict]:
 
 def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   """Lower + compile the real train step for `cfg` on `mesh` with abstract (shape-only) arguments."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from jaxprompt import prompts as P
-  from jaxprompt import sharding as shd
-  from jaxprompt.models.loading import ARCHITECTURES
-  from jaxprompt.optim import build_optimizer
-  from jaxprompt.train import make_train_step
-
-  arch = ARCHITECTURES[hf_cfg.get("model_type")]
-  has_head = not hf_cfg.get("tie_word_embeddings", True)
-  config = arch.config_from_hf(hf_cfg, {"lm_head.weight"} if has_head else set())
   pdt, cdt = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.compute_dtype)
+  config = config_from_dict(hf_cfg)
 
   def build():
-    base = arch.model_cls(config, rngs=nnx.Rngs(0), param_dtype=pdt, dtype=cdt, remat=remat)
-    return P.PromptedModel(base, P.SoftPrompt(jnp.zeros((cfg.prompt.length, base.hidden_size))))
+    base = build_model(config, param_dtype=pdt, dtype=cdt, remat=remat)
+    return PromptedModel(base, SoftPrompt(jnp.zeros((cfg.prompt.length, base.hidden_size))))
 
   abstract = nnx.eval_shape(build)
-  graphdef, prompt_state, frozen_state = nnx.split(abstract, P.PromptParam, ...)
+  graphdef, prompt_state, frozen_state = nnx.split(abstract, PromptParam, ...)
   f_sh = shd.state_shardings(frozen_state, mesh).to_pure_dict()
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   frozen = jax.tree.map(sds, frozen_state.to_pure_dict(), f_sh)
@@ -98,14 +95,9 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   prompt = jax.tree.map(lambda x: sds(x, rep), prompt_state.to_pure_dict())
   tx = build_optimizer(cfg.optimizer, cfg.train.steps)
   opt = jax.tree.map(lambda x: sds(x, rep), jax.eval_shape(tx.init, prompt))
-  b, l, t = cfg.train.batch_size, cfg.data.input_length, cfg.data.target_length
   bs = shd.batch_sharding(mesh)
-  if abstract.kind == "seq2seq":
-    shapes = dict(input_ids=(b, l), input_mask=(b, l), target_ids=(b, t), target_mask=(b, t))
-  else:
-    shapes = dict(tokens=(b, l + t), token_mask=(b, l + t), target_mask=(b, l + t), target_index=(b, t),
-                  target_valid=(b, t))
-  batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=bs) for k, s in shapes.items()}
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bs), abstract.base.dummy_batch(
+      cfg.train.batch_size, cfg.data.input_length, cfg.data.target_length))
   step_fn = make_train_step(graphdef, tx, z_loss=cfg.train.z_loss, microbatches=cfg.train.microbatches)
   step = jax.jit(step_fn, out_shardings=(jax.tree.map(lambda _: rep, prompt), jax.tree.map(lambda _: rep, opt), rep),
                  donate_argnums=(0, 1))
@@ -113,8 +105,6 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   args = (prompt, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32))
   compiled = step.lower(*args).compile()
   secs = time.time() - start
-  from jaxprompt import costs
-
   strip = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
   total_flops = costs.flops(step_fn, *[strip(a) for a in args])
   return compiled, secs, total_flops
@@ -122,19 +112,15 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
 
 def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, budget_gib: float | None = None,
          remats: tuple[str, ...] = ("none", "full"), log=print) -> tuple[list[PlanRow], PlanRow | None]:
-  import jax
-
-  from jaxprompt import sharding as shd
-
   hf_cfg = hf_config_for(cfg.model.path)
   n = devices or jax.device_count()
   devs = jax.devices()[:n]
   if len(devs) < n:
-    raise ValueError(f"{n} devices requested but only {len(devs)} exist (start with --devices before JAX initialises)")
+    raise UsageError(f"{n} devices requested but only {len(devs)} exist (start with --devices before JAX initialises)")
   rows: list[PlanRow] = []
   best = None
   weights = _param_bytes(cfg, hf_cfg)
-  for m in meshes or candidate_meshes(n):
+  for m in [_resolve_mesh(m, n) for m in meshes] if meshes else candidate_meshes(n):
     if budget_gib is not None and not meshes and weights / (m["fsdp"] * m["model"]) > budget_gib * GiB:
       log(f"skip data={m['data']},fsdp={m['fsdp']},model={m['model']}: frozen weights alone need "
           f"{weights / (m['fsdp'] * m['model']) / GiB:.1f} GiB per device")
@@ -165,17 +151,14 @@ def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, b
   return rows, best
 
 
+def _resolve_mesh(m: dict, n: int) -> dict:
+  """A mesh dict with its -1 axis (if any) given the remaining devices."""
+  rest = n // math.prod(v for v in m.values() if v != -1)
+  return {k: (rest if v == -1 else v) for k, v in m.items()}
+
+
 def _param_bytes(cfg, hf_cfg: dict) -> float:
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from jaxprompt.models.loading import ARCHITECTURES
-
-  arch = ARCHITECTURES[hf_cfg.get("model_type")]
-  has_head = not hf_cfg.get("tie_word_embeddings", True)
-  config = arch.config_from_hf(hf_cfg, {"lm_head.weight"} if has_head else set())
-  abstract = nnx.eval_shape(lambda: arch.model_cls(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(cfg.model.dtype)))
+  abstract = abstract_model(config_from_dict(hf_cfg), param_dtype=jnp.dtype(cfg.model.dtype))
   return float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract))))
 
 

@@ -13,9 +13,19 @@ import statistics
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jaxprompt import costs
+from jaxprompt import config as C
+from jaxprompt.inference.decoding import generate
+from jaxprompt.models.loading import build_model, config_from_dict
+from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt, prompt_bank
+from jaxprompt.prompts.io import PEFT_TASK_TYPES
+from jaxprompt.tools import costs
+from jaxprompt.training.optim import build_optimizer
+from jaxprompt.training.step import make_train_step
 
 # bf16 dense peak FLOP/s per device (vendor figures)
 PEAK_FLOPS = {
@@ -49,8 +59,6 @@ PRESETS: dict[str, Preset] = {
 
 
 def _median_time(fn: Callable, warmup: int, iters: int) -> tuple[float, list[float]]:
-  import jax
-
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
@@ -63,9 +71,6 @@ def _median_time(fn: Callable, warmup: int, iters: int) -> tuple[float, list[flo
 
 def device_peak(dtype: str = "float32") -> tuple[float, str]:
   """(peak FLOP/s, how it was obtained) for the default device; on CPU, a matmul measured now."""
-  import jax
-  import jax.numpy as jnp
-
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", "")
   for name, peak in PEAK_FLOPS.items():
@@ -78,40 +83,45 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
   return 2 * n**3 / t, f"measured {n}x{n} {dtype} matmul on {kind or dev.platform}"
 
 
-def _setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False):
-  """(step_fn, prompt, opt_state, frozen, batch) for the preset's shapes, random weights."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from jaxprompt import config as C
-  from jaxprompt import prompts as P
-  from jaxprompt.models.loading import ARCHITECTURES
-  from jaxprompt.optim import build_optimizer
-  from jaxprompt.train import make_train_step
-
+def _base(preset: Preset, dtype: str = "float32", layers: int | None = None):
+  """A randomly initialised base model of the preset's shape."""
   hf_cfg = dict(preset.hf_config)
   if layers is not None:
     hf_cfg.update({k: layers for k in ("num_layers", "num_decoder_layers", "num_hidden_layers") if k in hf_cfg})
-  arch = ARCHITECTURES[hf_cfg["model_type"]]
-  config = arch.config_from_hf(hf_cfg, set() if hf_cfg.get("tie_word_embeddings", True) else {"lm_head.weight"})
-  base = arch.model_cls(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
-  model = P.PromptedModel(base, P.SoftPrompt(jnp.zeros((preset.prompt_length, base.hidden_size)) + 0.1))
-  b, l, t = preset.batch_size, preset.input_length, preset.target_length
-  rng = np.random.default_rng(0)
-  if base.kind == "seq2seq":
-    batch = dict(input_ids=rng.integers(2, 1000, (b, l)), input_mask=np.ones((b, l)),
-                 target_ids=rng.integers(2, 1000, (b, t)), target_mask=np.ones((b, t)))
-  else:
-    batch = dict(tokens=rng.integers(2, 1000, (b, l + t)), token_mask=np.ones((b, l + t)),
-                 target_mask=np.concatenate([np.zeros((b, l)), np.ones((b, t))], 1),
-                 target_index=np.tile(np.arange(l, l + t), (b, 1)), target_valid=np.ones((b, t)))
-  batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+  return build_model(config_from_dict(hf_cfg), dtype=jnp.dtype(dtype))
+
+
+class _IdTokenizer:
+  """A "tokenizer" whose texts are space-separated token ids: random presets need no vocabulary."""
+
+  pad_token_id, eos_token_id, bos_token_id = 0, None, None
+
+  def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+    return {"input_ids": [int(t) for t in text.split()]}
+
+
+def random_batch(base, preset: Preset, seed: int = 0):
+  """Random tokens (ids 2..999) in the model kind's batch layout, inputs and targets filling their lengths."""
+  rng = np.random.default_rng(seed)
+  words = lambda n: " ".join(map(str, rng.integers(2, 1000, n)))
+  examples = [{"inputs": words(preset.input_length), "targets": words(preset.target_length)}
+              for _ in range(preset.batch_size)]
+  batch = base.batch_type.encode(examples, _IdTokenizer(), input_length=preset.input_length,
+                                 target_length=preset.target_length, name="bench")
+  return jax.tree.map(jnp.asarray, batch)
+
+
+def _setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False):
+  """(step_fn, prompt, opt_state, frozen, batch) for the preset's shapes, random weights."""
+  base = _base(preset, dtype, layers)
+  model = PromptedModel(base, SoftPrompt(jnp.zeros((preset.prompt_length, base.hidden_size)) + 0.1))
+  batch = random_batch(base, preset)
   tx = build_optimizer(C.OptimizerConfig(), 1000)
   if full_finetune:  # every parameter trainable: the cost prompt tuning avoids
     graphdef, params = nnx.split(model, nnx.Param)
     prompt, frozen = params.to_pure_dict(), {}
   else:
-    graphdef, ps, fs = nnx.split(model, P.PromptParam, ...)
+    graphdef, ps, fs = nnx.split(model, PromptParam, ...)
     prompt, frozen = ps.to_pure_dict(), fs.to_pure_dict()
   step_fn = make_train_step(graphdef, tx, z_loss=1e-4)
   return step_fn, prompt, tx.init(prompt), frozen, batch
@@ -119,9 +129,6 @@ def _setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune:
 
 def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2, iters: int = 5,
                      layers: int | None = None) -> dict:
-  import jax
-  import jax.numpy as jnp
-
   step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, layers)
   jitted = jax.jit(step_fn, donate_argnums=(0, 1))
   t0 = time.perf_counter()
@@ -144,16 +151,11 @@ def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2,
 
 
 def full_finetune_flops(preset: Preset, dtype: str = "float32") -> float:
-  import jax.numpy as jnp
-
   step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, full_finetune=True)
   return costs.flops(step_fn, prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32))
 
 
 def compile_seconds(preset: Preset, layers: int, dtype: str = "float32") -> float:
-  import jax
-  import jax.numpy as jnp
-
   step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, layers)
   jax.clear_caches()
   t0 = time.perf_counter()
@@ -161,54 +163,42 @@ def compile_seconds(preset: Preset, layers: int, dtype: str = "float32") -> floa
   return time.perf_counter() - t0
 
 
+def _peft_model(preset: Preset, base, **prompt_tuning):
+  """The preset as a random transformers model wrapped by PEFT prompt tuning (task type from our model kind)."""
+  from peft import PromptTuningConfig, get_peft_model
+
+  task = PEFT_TASK_TYPES[base.kind]
+  return get_peft_model(_torch_model(preset, task), PromptTuningConfig(
+      task_type=task, num_virtual_tokens=preset.prompt_length, **prompt_tuning), adapter_name="p0"), task
+
+
 def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iters: int = 3) -> dict:
   """The same shapes through PyTorch + PEFT prompt tuning (forward, backward, optimizer step)."""
   import torch
-  from peft import PromptTuningConfig, TaskType, get_peft_model
-  torch.set_num_threads(threads)
-  base = _torch_model(preset)
-  seq2seq = preset.hf_config["model_type"] == "t5"
-  model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
-                                                  num_virtual_tokens=preset.prompt_length))
-  model.train()
   from transformers.optimization import Adafactor
 
+  torch.set_num_threads(threads)
+  base = _base(preset)
+  model, _ = _peft_model(preset, base)
+  model.train()
   opt = Adafactor([p for p in model.parameters() if p.requires_grad], lr=0.3, relative_step=False,
                   scale_parameter=False, warmup_init=False, decay_rate=-0.8, clip_threshold=1.0, weight_decay=1e-5)
-  b, l, t = preset.batch_size, preset.input_length, preset.target_length
-  g = torch.Generator().manual_seed(0)
-  if seq2seq:
-    ids = torch.randint(2, 1000, (b, l), generator=g)
-    labels = torch.randint(2, 1000, (b, t), generator=g)
-  else:  # input and target in one sequence, loss on the target only
-    ids = torch.randint(2, 1000, (b, l + t), generator=g)
-    labels = ids.clone()
-    labels[:, :l] = -100
-  mask = torch.ones_like(ids)
+  inputs = {k: torch.as_tensor(np.asarray(v), dtype=torch.long)
+            for k, v in jax.device_get(random_batch(base, preset)).hf_inputs().items()}
 
   def one():
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
+    model(**inputs).loss.backward()
     opt.step()
     opt.zero_grad()
 
-  for _ in range(warmup):
-    one()
-  times = []
-  for _ in range(iters):
-    s = time.perf_counter()
-    one()
-    times.append(time.perf_counter() - s)
-  med = statistics.median(times)
-  tokens = b * (l + preset.prompt_length + t)
+  med, times = _median_time(one, warmup, iters)
+  tokens = preset.batch_size * (preset.input_length + preset.prompt_length + preset.target_length)
   return dict(step_seconds=med, step_times=times, tokens_per_second=tokens / med, threads=threads)
 
 
 def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32", iters: int = 5,
               structural: bool = True, generation: bool = True, log=print) -> dict:
   """The whole benchmark as a dict (also printed as a table by `log`)."""
-  import jax
-
   preset = PRESETS[preset_name]
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   dev = jax.devices()[0]
@@ -249,44 +239,33 @@ def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32"
   return out
 
 
-def _torch_model(preset: Preset):
+def _torch_model(preset: Preset, task: str):
   import torch
   import transformers
 
   torch.manual_seed(0)
   cfg = dict(preset.hf_config)
-  kind = cfg.pop("model_type")
-  if kind == "t5":
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(**cfg))
-  return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **cfg))
+  config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+  auto = {"SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM, "CAUSAL_LM": transformers.AutoModelForCausalLM}[task]
+  return auto.from_config(config)
 
 
 def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 8, new_tokens: int = 32,
                      input_length: int = 32, threads: int = 2, vs_peft: bool = True, iters: int = 3) -> dict:
   """K prompts x N examples: one jitted mixed-prompt batch (jaxprompt) vs PEFT generating per prompt."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from jaxprompt import prompts as P
-  from jaxprompt.generate import generate
-  from jaxprompt.models.loading import ARCHITECTURES
-
-  hf_cfg = dict(preset.hf_config)
-  arch = ARCHITECTURES[hf_cfg["model_type"]]
-  config = arch.config_from_hf(hf_cfg, set() if hf_cfg.get("tie_word_embeddings", True) else {"lm_head.weight"})
-  base = arch.model_cls(config, rngs=nnx.Rngs(0))
+  base = _base(preset)
   rng = np.random.default_rng(0)
   prompts = [rng.normal(size=(preset.prompt_length, base.hidden_size)).astype(np.float32) * 0.5
              for _ in range(num_prompts)]
   ids = rng.integers(3, 1000, (per_prompt, input_length)).astype(np.int32)
-  model = P.PromptedModel(base, P.prompt_bank(prompts))
+  model = PromptedModel(base, prompt_bank(prompts))
   which = jnp.asarray(np.repeat(np.arange(num_prompts), per_prompt))
   all_ids = jnp.asarray(np.tile(ids, (num_prompts, 1)))
   mask = jnp.ones_like(all_ids)
 
   def ours():
-    x, m = model.embed_inputs(all_ids, mask, which)
-    return generate(base, inputs_embeds=x, attention_mask=m, max_new_tokens=new_tokens, eos_id=-1)["tokens"]
+    return generate(base, input_ids=all_ids, attention_mask=mask, prefix=model.prefix(len(which), which),
+                    max_new_tokens=new_tokens, eos_id=-1)["tokens"]
 
   med, _ = _median_time(ours, 1, iters)
   total = num_prompts * per_prompt * new_tokens
@@ -294,13 +273,10 @@ def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 
              jaxprompt_seconds=med, jaxprompt_tokens_per_second=total / med)
   if vs_peft:
     import torch
-    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from peft import PromptTuningConfig
 
     torch.set_num_threads(threads)
-    seq2seq = hf_cfg["model_type"] == "t5"
-    task = TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM
-    pm = get_peft_model(_torch_model(preset), PromptTuningConfig(task_type=task, num_virtual_tokens=preset.prompt_length,
-                                                                  num_transformer_submodules=1), adapter_name="p0")
+    pm, task = _peft_model(preset, base, num_transformer_submodules=1)
     for k in range(1, num_prompts):
       pm.add_adapter(f"p{k}", PromptTuningConfig(task_type=task, num_virtual_tokens=preset.prompt_length,
                                                  num_transformer_submodules=1))

@@ -1,0 +1,213 @@
+"""Typed batches: what the data layer hands to each model kind, from tokenisation to the jitted step.
+
+Notation: B batch (N rows when a batch holds a whole split), L input length, T target length, C classes.
+
+A batch is a frozen dataclass registered as a pytree (`flax.struct`), so it is a jit argument, it is sharded
+field by field, and `jax.tree.map(lambda a: a[idx], batch)` takes rows. Each model kind names its batch type
+(`model.batch_type`); the batch type knows how that kind lays tokens out, so nothing downstream switches on
+the kind:
+
+  Seq2SeqBatch  input_ids / input_mask [B, L] right-padded; target_ids / target_mask [B, T] (EOS appended after
+                trimming, as seqio does).
+  CausalBatch   tokens / token_mask [B, L + T]: the input then the target in one right-padded sequence;
+                target_index / target_valid [B, T] locate the target tokens in `tokens` (the only ones with a
+                loss, so logits are needed there only); input_ids / input_mask [B, L] hold the input alone,
+                left-padded, for rank scoring and generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import struct
+
+from jaxprompt.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, left: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token rows -> (ids, mask) [N, length] int32, padded on the right (or the left)."""
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    at = slice(length - len(r), length) if left else slice(0, len(r))
+    ids[i, at] = r
+    mask[i, at] = 1
+  return ids, mask
+
+
+def trim(ids: list[int], length: int, eos: int | None) -> tuple[list[int], bool]:
+  """At most `length` tokens, keeping a final EOS; (ids, whether anything was cut)."""
+  if len(ids) <= length:
+    return ids, False
+  if eos is not None and ids and ids[-1] == eos:
+    return ids[:length - 1] + [eos], True
+  return ids[:length], True
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+  return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _pad_id(tokenizer) -> int:
+  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _input_rows(tokenizer, texts: Sequence[str], *, drop_eos: bool) -> list[list[int]]:
+  """Generation inputs: tokenised with special tokens; an empty input starts from BOS (or EOS / 0)."""
+  eos, rows = tokenizer.eos_token_id, []
+  for t in texts:
+    ids = _ids(tokenizer, t, True)
+    if drop_eos and eos is not None and ids and ids[-1] == eos:
+      ids = ids[:-1]
+    if not ids:
+      ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (eos or 0)]
+    rows.append(ids)
+  return rows
+
+
+class _Batch:
+  """What both batch types share: the row count, the loss mask, and encoding a split (each type tokenises and
+  lays out rows)."""
+
+  LOSS_MASK: ClassVar[str]  # the field that is 1 where a target token carries a loss
+
+  @property
+  def size(self) -> int:
+    return jax.tree.leaves(self)[0].shape[0]
+
+  @property
+  def loss_mask(self) -> jax.Array:
+    """[B, T]: 1 where a target token carries a loss."""
+    return getattr(self, self.LOSS_MASK)
+
+  @classmethod
+  def encode(cls, examples: Sequence[Mapping[str, str]], tokenizer, *, input_length: int, target_length: int,
+             name: str = "data"):
+    """`{"inputs", "targets"}` examples -> one batch of numpy arrays holding every row (layout: the class)."""
+    if not examples:
+      raise DataError(f"{name}: the dataset is empty")
+    ins, tgts, cut_in, cut_tgt = [], [], 0, 0
+    for ex in examples:
+      (a, ca), (t, ct) = cls._tokenize(tokenizer, ex, input_length, target_length)
+      ins.append(a)
+      tgts.append(t)
+      cut_in, cut_tgt = cut_in + ca, cut_tgt + ct
+    if cut_in or cut_tgt:
+      log.warning("%s: truncated %d of %d inputs to %d tokens and %d targets to %d tokens", name, cut_in,
+                  len(examples), input_length, cut_tgt, target_length)
+    return cls._layout(ins, tgts, _pad_id(tokenizer), input_length, target_length)
+
+
+@struct.dataclass
+class Seq2SeqBatch(_Batch):
+  input_ids: jax.Array  # [B, L]
+  input_mask: jax.Array  # [B, L]
+  target_ids: jax.Array  # [B, T]
+  target_mask: jax.Array  # [B, T]
+  LOSS_MASK: ClassVar[str] = "target_mask"
+
+  @staticmethod
+  def _tokenize(tokenizer, ex, input_length: int, target_length: int):
+    eos = tokenizer.eos_token_id
+    return (trim(_ids(tokenizer, ex["inputs"], True), input_length, eos),
+            trim(_ids(tokenizer, ex["targets"], True), target_length, eos))
+
+  @classmethod
+  def _layout(cls, ins, tgts, pad: int, input_length: int, target_length: int) -> "Seq2SeqBatch":
+    return cls(*pad_rows(ins, input_length, pad), *pad_rows(tgts, target_length, pad))
+
+  @staticmethod
+  def encode_labels(tokenizer, labels: Sequence[str], target_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Label strings -> (ids, mask) [C, T] as decoder targets (with EOS)."""
+    rows = [trim(_ids(tokenizer, lab, True), target_length, tokenizer.eos_token_id)[0] for lab in labels]
+    return pad_rows(rows, target_length, _pad_id(tokenizer))
+
+  @staticmethod
+  def encode_inputs(tokenizer, texts: Sequence[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder inputs for generation, right-padded as in training and PEFT (T5's relative positions would
+    otherwise put a soft prompt further from a shorter input)."""
+    rows = [r[:max_length] if max_length else r for r in _input_rows(tokenizer, texts, drop_eos=False)]
+    return pad_rows(rows, max(len(r) for r in rows), _pad_id(tokenizer))
+
+  def hf_inputs(self) -> dict[str, np.ndarray]:
+    """The same rows in transformers' training layout: labels -100 where there is no loss."""
+    labels = np.where(np.asarray(self.target_mask) > 0, np.asarray(self.target_ids), -100)
+    return dict(input_ids=np.asarray(self.input_ids), attention_mask=np.asarray(self.input_mask), labels=labels)
+
+  @classmethod
+  def shapes(cls, batch_size: int, input_length: int, target_length: int) -> "Seq2SeqBatch":
+    s = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
+    return cls(s(input_length), s(input_length), s(target_length), s(target_length))
+
+
+@struct.dataclass
+class CausalBatch(_Batch):
+  tokens: jax.Array  # [B, L + T]
+  token_mask: jax.Array  # [B, L + T]
+  target_index: jax.Array  # [B, T]
+  target_valid: jax.Array  # [B, T]
+  input_ids: jax.Array  # [B, L], left-padded
+  input_mask: jax.Array  # [B, L]
+  LOSS_MASK: ClassVar[str] = "target_valid"
+
+  @staticmethod
+  def _tokenize(tokenizer, ex, input_length: int, target_length: int):
+    """The input keeps BOS (when the tokenizer adds one) and drops a final EOS; the target is its text + EOS."""
+    eos = tokenizer.eos_token_id
+    a = _ids(tokenizer, ex["inputs"], True)
+    if eos is not None and a and a[-1] == eos:
+      a = a[:-1]
+    t = _ids(tokenizer, ex["targets"], False) + ([eos] if eos is not None else [])
+    return (a[:input_length], len(a) > input_length), (t[:target_length], len(t) > target_length)
+
+  @classmethod
+  def _layout(cls, ins, tgts, pad: int, input_length: int, target_length: int) -> "CausalBatch":
+    tokens, token_mask = pad_rows([a + t for a, t in zip(ins, tgts)], input_length + target_length, pad)
+    target_index, target_valid = pad_rows([list(range(len(a), len(a) + len(t))) for a, t in zip(ins, tgts)],
+                                          target_length, 0)
+    return cls(tokens, token_mask, target_index, target_valid, *pad_rows(ins, input_length, pad, left=True))
+
+  @staticmethod
+  def encode_labels(tokenizer, labels: Sequence[str], target_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Label strings -> (ids, mask) [C, T] as continuations: the text + EOS, no BOS."""
+    eos = tokenizer.eos_token_id
+    rows = [trim(_ids(tokenizer, lab, False) + ([eos] if eos is not None else []), target_length, eos)[0]
+            for lab in labels]
+    return pad_rows(rows, target_length, _pad_id(tokenizer))
+
+  @staticmethod
+  def encode_inputs(tokenizer, texts: Sequence[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts for generation, left-padded as in training's scoring inputs and as transformers pads for
+    generation; a final EOS is dropped, and a long input keeps its end."""
+    rows = [r[-max_length:] if max_length else r for r in _input_rows(tokenizer, texts, drop_eos=True)]
+    return pad_rows(rows, max(len(r) for r in rows), _pad_id(tokenizer), left=True)
+
+  def hf_inputs(self) -> dict[str, np.ndarray]:
+    """The same rows in transformers' training layout: one sequence, labels -100 except on the targets."""
+    tokens = np.asarray(self.tokens)
+    labels = np.full_like(tokens, -100)
+    r, t = np.nonzero(np.asarray(self.target_valid))
+    at = np.asarray(self.target_index)[r, t]
+    labels[r, at] = tokens[r, at]
+    return dict(input_ids=tokens, attention_mask=np.asarray(self.token_mask), labels=labels)
+
+  @classmethod
+  def shapes(cls, batch_size: int, input_length: int, target_length: int) -> "CausalBatch":
+    s = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
+    n = input_length + target_length
+    return cls(s(n), s(n), s(target_length), s(target_length), s(input_length), s(input_length))
+
+
+def num_rows(batch) -> int:
+  return len(jax.tree.leaves(batch)[0])
+
+
+def take_rows(batch, idx: np.ndarray):
+  """Rows `idx` of a numpy batch (any batch type)."""
+  return jax.tree.map(lambda a: a[idx], batch)

@@ -1,0 +1,161 @@
+"""Evaluating a prompt on the eval split: the loss, plus rank classification (score every label string, pick the
+most likely) or generation (greedy decoding, post-processed: an unknown string is class -1, counted wrong),
+the task's metrics, a confusion matrix, and one prediction record per example.
+
+Notation: B batch, C classes, T label length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprompt import sharding as shd
+from jaxprompt.data.pipeline import eval_batches
+from jaxprompt.errors import DataError
+from jaxprompt.evaluation import metrics as M
+from jaxprompt.inference.decoding import generate
+from jaxprompt.run import task_data
+from jaxprompt.training.losses import cross_entropy
+
+
+def make_eval_fns(graphdef, *, z_loss: float):
+  """(loss_step, rank_step), pure: (prompt, frozen, batch, ...) -> loss sums / [B, C] label scores."""
+
+  def loss_step(prompt, frozen, batch, weights):
+    logits, targets, mask = nnx.merge(graphdef, prompt, frozen).score_targets(batch)
+    return cross_entropy(logits, targets, mask, z_loss, weights=weights)
+
+  def rank_step(prompt, frozen, batch, label_ids, label_mask):
+    return nnx.merge(graphdef, prompt, frozen).label_logprobs(batch, label_ids, label_mask)
+
+  return loss_step, rank_step
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+class Evaluator:
+  """Evaluates prompts of one `run.Run` on its eval split (or on `examples`)."""
+
+  def __init__(self, run, examples: list[dict] | None = None):
+    cfg = run.cfg
+    self.run = run
+    if examples is None:
+      examples = task_data(cfg.data, cfg.data.eval_split).examples
+    self.examples = examples[:cfg.eval.max_examples] if cfg.eval.max_examples else examples
+    self.arrays = run.encode(self.examples, f"{cfg.data.task}/{cfg.data.eval_split}")
+    # every host gets the same number of rows, and the batch splits evenly over the (data, fsdp) axes
+    shards = math.lcm(jax.process_count(), run.mesh.shape["data"] * run.mesh.shape["fsdp"])
+    self.batch_size = _round_up(min(cfg.eval.batch_size, len(self.examples)), shards)
+    loss_step, rank_step = make_eval_fns(run.graphdef, z_loss=cfg.train.z_loss)
+    rep = shd.replicated(run.mesh)  # replicated outputs: every process reads every example's result
+    self._loss = jax.jit(loss_step, out_shardings=rep)
+    self._rank = jax.jit(rank_step, out_shardings=rep)
+    # a generative task has no label strings to rank
+    self.mode = "generate" if cfg.eval.mode == "rank" and not run.labels else cfg.eval.mode
+    if run.labels:
+      ids, mask = run.base.batch_type.encode_labels(run.tokenizer, run.labels, cfg.data.target_length)
+      self.label_ids, self.label_mask = jnp.asarray(ids), jnp.asarray(mask)
+      self.gold = np.array([ex["label"] if "label" in ex else _label_index(run.labels, ex["targets"])
+                            for ex in self.examples])
+    self.confusion: list[list[int]] | None = None
+
+  def _generate(self, prompt, dev) -> np.ndarray:
+    run = self.run
+    model = nnx.merge(run.graphdef, prompt, run.frozen)
+    # the config's generate: settings (greedy by default), as many new tokens as a target may have
+    out = generate(model.base, input_ids=dev.input_ids, attention_mask=dev.input_mask, prefix=model.prefix(dev.size),
+                   config=run.cfg.generate, max_new_tokens=run.cfg.data.target_length)
+    tokens = out["tokens"]
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      tokens = multihost_utils.process_allgather(tokens, tiled=True)
+    return np.asarray(jax.device_get(tokens))
+
+  def _decode(self, row: np.ndarray) -> str:
+    row, eos = row.tolist(), self.run.tokenizer.eos_token_id
+    row = row[:row.index(eos)] if eos in row else row
+    return self.run.tokenizer.decode(row, skip_special_tokens=True).strip()
+
+  def _predict(self, prompt):
+    """One pass over the split -> (loss sums, predicted class per example, generated text, label scores)."""
+    run, n = self.run, len(self.examples)
+    ce = tokens = seq = 0.0
+    preds, texts, scores = np.full(n, -1), [None] * n, {}
+    for batch, w, index in eval_batches(self.arrays, self.batch_size, process_index=jax.process_index(),
+                                        process_count=jax.process_count()):
+      dev, weights = run.device_batch((batch, w))
+      s = jax.device_get(self._loss(prompt, run.frozen, dev, weights))
+      ce, tokens, seq = ce + float(s.ce), tokens + float(s.tokens), seq + float(s.seq_correct)
+      if self.mode == "rank":
+        sc = np.asarray(jax.device_get(self._rank(prompt, run.frozen, dev, self.label_ids, self.label_mask)))
+        for i, row in zip(index, sc):
+          if i >= 0:
+            preds[i], scores[int(i)] = int(np.argmax(row)), [round(float(v), 5) for v in row]
+      elif self.mode == "generate":
+        for i, row in zip(index, self._generate(prompt, dev)):
+          if i >= 0:
+            texts[i] = self._decode(row)
+            preds[i] = M.postprocess(run.labels, texts[i]) if run.labels else -1
+    return dict(eval_loss=ce / max(tokens, 1.0), eval_seq_accuracy=seq / n), preds, texts, scores
+
+  def _task_metrics(self, preds: np.ndarray, texts: list) -> dict:
+    run = self.run
+    if run.labels and self.mode in ("rank", "generate"):
+      scored = self.gold >= 0  # test splits carry no labels
+      groups = [ex.get("group") for ex in self.examples] if any("group" in ex for ex in self.examples) else None
+      names = [m for m in run.task.metrics if m in M.CLASSIFICATION]
+      self.confusion = M.confusion_matrix(self.gold[scored], preds[scored], len(run.labels)).tolist()
+      return M.classification_metrics(names, self.gold[scored], preds[scored], run.labels,
+                                      None if groups is None else [g for g, k in zip(groups, scored) if k])
+    if self.mode == "generate":
+      names = [m for m in run.task.metrics if m in M.GENERATION]
+      return M.generation_metrics(names, [t or "" for t in texts], self.examples)
+    return {}
+
+  def _records(self, preds, texts, scores) -> list[dict]:
+    labels, out = self.run.labels, []
+    for i, ex in enumerate(self.examples):
+      rec = dict(index=i, inputs=ex["inputs"], targets=ex["targets"])
+      if self.mode == "rank":
+        rec.update(prediction=labels[preds[i]], correct=bool(preds[i] == self.gold[i]), scores=scores.get(i))
+      elif self.mode == "generate":
+        rec.update(prediction=texts[i], correct=(bool(preds[i] == self.gold[i]) if labels
+                                                 else texts[i] == ex["targets"]))
+      out.append(rec)
+    return out
+
+  def __call__(self, prompt) -> tuple[dict, list[dict]]:
+    """-> (metrics, one record per example)."""
+    metrics, preds, texts, scores = self._predict(prompt)
+    metrics.update(self._task_metrics(preds, texts))
+    return metrics, self._records(preds, texts, scores)
+
+  def write_report(self, directory: Path, name: str, records: list[dict]) -> None:
+    """predictions/<name>.jsonl and, for classification, predictions/confusion_<name>.json (process 0)."""
+    if jax.process_index() != 0:
+      return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{name}.jsonl", "w") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+    if self.confusion is not None:
+      labels = list(self.run.labels)
+      (directory / f"confusion_{name}.json").write_text(json.dumps(
+          {"labels": labels, "rows": "gold", "columns": labels + ["<invalid>"], "counts": self.confusion}))
+
+
+def _label_index(labels, target: str) -> int:
+  try:
+    return list(labels).index(target)
+  except ValueError:
+    raise DataError(f"target {target!r} is not one of the task's labels {list(labels)}") from None

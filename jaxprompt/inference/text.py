@@ -1,0 +1,60 @@
+"""Text in, text out: a frozen base model with one or several soft prompts, generating in one jitted call.
+
+With several prompts the inputs are run under every prompt as one mixed-prompt batch: a prompt bank
+[K, P, H] and a prompt id per row (`prompts.PromptedModel`), so many tasks share one frozen model and one
+compiled program.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprompt.config import GenerateConfig
+from jaxprompt.inference.decoding import generate
+from jaxprompt.prompts import PromptedModel, prompt_bank
+from jaxprompt.prompts.io import load_trained_prompt
+
+log = logging.getLogger(__name__)
+
+
+def load_prompts(sources: Sequence[str], *, step: str | int = "best") -> list[tuple[np.ndarray, dict]]:
+  return [load_trained_prompt(s, step) for s in sources]
+
+
+def recorded_base(infos: Sequence[dict]) -> tuple[str | None, str | None]:
+  """(model path, tokenizer) recorded with the first prompt that has them."""
+  for info in infos:
+    path = (info.get("base_model") or {}).get("path")
+    if path:
+      return path, info.get("tokenizer")
+    peft = info.get("peft") or {}
+    if peft.get("base_model_name_or_path"):
+      return peft["base_model_name_or_path"], None
+  return None, None
+
+
+def generate_text(base, tokenizer, texts: Sequence[str], prompts: Sequence[np.ndarray] = (),
+                  config: GenerateConfig | None = None, **options) -> list[dict]:
+  """Generate for every (prompt, input) pair; one record per pair, in prompt-major order. `config` and
+  `**options` as `inference.decoding.generate`."""
+  ids, mask = base.batch_type.encode_inputs(tokenizer, texts)
+  n, k = len(texts), max(len(prompts), 1)
+  which = np.repeat(np.arange(k), n)
+  prefix = None
+  if prompts:
+    ids, mask = np.tile(ids, (k, 1)), np.tile(mask, (k, 1))
+    prefix = PromptedModel(base, prompt_bank(list(prompts))).prefix(k * n, jnp.asarray(which))
+  out = generate(base, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, config=config,
+                 **options)
+  tokens, lengths, scores = (np.asarray(out[k_]) for k_ in ("tokens", "lengths", "scores"))
+  records = []
+  for row in range(k * n):
+    toks = tokens[row, :lengths[row]].tolist()
+    records.append(dict(prompt=int(which[row]) if prompts else None, input=texts[row % n],
+                        output=tokenizer.decode(toks, skip_special_tokens=True), tokens=toks,
+                        score=float(scores[row])))
+  return records

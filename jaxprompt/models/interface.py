@@ -1,0 +1,144 @@
+"""The interface every frozen base model offers, one Protocol per kind; callers dispatch on it, never on strings.
+
+Notation: B batch, L input length, T target length, P prefix length, H hidden, V vocab, C classes, W beams.
+
+A prompt method reaches a model only through a `Prefix` (what it puts in front of the input); the model knows
+where that goes for its kind (PEFT's semantics, so exported prompts give PyTorch the same logits):
+  * seq2seq (T5): prefix embeddings go before the *encoder* input only; the encoder mask gets P ones.
+  * causal LM: prefix embeddings go before all tokens with P ones in the mask and positions 0..P+L-1; the
+    prefix positions carry no loss.
+
+`kind` ("seq2seq" / "causal") remains a label for provenance and PEFT's task_type; code paths use the methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxprompt.models import layers as L
+
+
+@struct.dataclass
+class Prefix:
+  """What a prompt method puts in front of a batch's input.
+
+  embeds: [B, P, H] (or [1, P, H], the same for every row) vectors before the input embeddings, in any dtype
+    (cast to the compute dtype).
+  """
+
+  embeds: jax.Array | None = None
+
+  @property
+  def length(self) -> int:
+    return 0 if self.embeds is None else self.embeds.shape[1]
+
+
+@runtime_checkable
+class PromptableLM(Protocol):
+  """What training, evaluation, generation and export need from a base model of any kind."""
+
+  kind: ClassVar[str]
+  batch_type: ClassVar[type]  # Seq2SeqBatch | CausalBatch: how the data layer lays out tokens for this kind
+  config: Any
+  dtype: Any  # compute dtype
+
+  @property
+  def hidden_size(self) -> int: ...
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[B, L] int -> [B, L, H] in the compute dtype."""
+
+  def embedding_table(self) -> jax.Array:
+    """The input embedding table [V, H] (what prompt initialisers sample from)."""
+
+  def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
+              prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
+    """Logits in float32: seq2seq [B, T, V]; causal [B, P + L, V] (prefix positions included, as PEFT)."""
+
+  def score_targets(self, batch, prefix: Prefix | None = None, *, dropout_rng=None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A training batch -> (logits [B, T, V] float32 at the target tokens, targets [B, T], loss mask [B, T])."""
+
+  def label_logprobs(self, batch, label_ids: jax.Array, label_mask: jax.Array, prefix: Prefix | None = None
+                     ) -> jax.Array:
+    """Rank classification: sum of label-token log-likelihoods for every (example, label) -> [B, C]."""
+
+  def prefill(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, prefix: Prefix | None = None,
+              max_new_tokens: int, num_beams: int = 1) -> tuple[jax.Array, Any]:
+    """Run a generation prefix once -> (logits of the first new token [B * W, V], decoding cache with every
+    row repeated W times)."""
+
+  def decode_step(self, cache, tokens: jax.Array, t) -> tuple[jax.Array, Any]:
+    """Feed the t-th generated tokens [B'] -> (next logits [B', V], updated cache)."""
+
+  def reorder_cache(self, cache, origin: jax.Array):
+    """Beam search: cache row i takes the state of row origin[i]."""
+
+  def dummy_batch(self, batch_size: int, input_length: int, target_length: int):
+    """A training batch of ShapeDtypeStructs (ahead-of-time compilation: plan, bench)."""
+
+
+@runtime_checkable
+class Seq2SeqLM(PromptableLM, Protocol):
+  """Encoder-decoder models (the T5 family)."""
+
+  def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, *, dropout_rng=None) -> jax.Array:
+    """-> encoder hidden states [B, L, H]."""
+
+  def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
+             *, dropout_rng=None) -> jax.Array:
+    """Teacher-forced decoder -> logits [B, T, V] float32."""
+
+
+@runtime_checkable
+class CausalLM(PromptableLM, Protocol):
+  """Decoder-only models (Llama family, GPT-2)."""
+
+  def hidden(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
+             dropout_rng=None) -> jax.Array:
+    """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary)."""
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final hidden states [B, L, H] -> logits [B, L, V] float32."""
+
+
+class FrozenLM(nnx.Module):
+  """What every model family shares: its config, compute dtype and remat policy, the token embedding lookup,
+  inputs with a prefix in front, and the dummy batch of its kind. Subclasses set `kind`, `batch_type`, create
+  their parameters in `init_params`, and implement `embedding_table` and the rest of their kind's Protocol.
+  Weights are float32 (or `param_dtype`); compute runs in `dtype`; logits are float32."""
+
+  kind: ClassVar[str]
+  batch_type: ClassVar[type]
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none"):
+    self.config = cfg
+    self.dtype = jnp.dtype(dtype)
+    self.remat = remat
+    self.init_params(cfg, rngs, param_dtype)
+
+  def init_params(self, cfg, rngs: nnx.Rngs, param_dtype) -> None:
+    raise NotImplementedError
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[B, L] int -> [B, L, H] in the compute dtype (token embeddings only)."""
+    return jnp.take(self.embedding_table(), input_ids, axis=0).astype(self.dtype)
+
+  def input_embeddings(self, input_ids=None, attention_mask=None, inputs_embeds=None, prefix: Prefix | None = None):
+    """Token ids [B, L] or embeddings [B, L, H] (exactly one) -> (embeddings [B, P + L, H] in the compute dtype
+    with the prefix's embeddings in front, mask [B, P + L]: P ones, then `attention_mask` or all ones)."""
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError(f"{type(self).__name__} needs exactly one of input_ids and inputs_embeds")
+    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    if attention_mask is None:
+      attention_mask = jnp.ones(x.shape[:2], jnp.int32)
+    if prefix is None or prefix.embeds is None:
+      return x, attention_mask
+    return L.prepend(prefix.embeds, x, attention_mask)
+
+  def dummy_batch(self, batch_size: int, input_length: int, target_length: int):
+    return self.batch_type.shapes(batch_size, input_length, target_length)

@@ -1,0 +1,128 @@
+"""Prompts out to PyTorch and beyond: HF PEFT adapter folders, the original `.npy` format, safetensors.
+
+A PEFT prompt-tuning adapter is `adapter_config.json` + `adapter_model.safetensors` holding one float32
+tensor `prompt_embeddings` [P, H]. PEFT (>= 0.4) prepends it to the *encoder* input only for seq2seq
+models and to all tokens for causal LMs, which is exactly how jaxprompt trains, so logits agree. We write
+`num_transformer_submodules: 1` (PEFT's own seq2seq default, 2, stores an extra decoder half that
+PROMPT_TUNING never reads).
+
+Every export also carries `jaxprompt.json` (provenance: the base model's identity and architecture, the
+source checkpoint, how the prompt was initialised) so a prompt is never silently applied to the wrong base.
+Everything is written to a temporary path and renamed into place, so an interrupted export leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxprompt.errors import ExportError
+from jaxprompt.fileio import write_file_atomically, write_folder_atomically
+from jaxprompt.models import hf
+from jaxprompt.models.loading import load_model, load_tokenizer, save_pretrained
+from jaxprompt.prompts.io import PEFT_TASK_TYPES, PROVENANCE, load_trained_prompt
+from jaxprompt.version import __version__
+
+# prompt.init -> PEFT's PromptTuningInit. class_labels is "sampled vocabulary, then the labels' embeddings" and
+# file continues whatever init made that prompt: PEFT has no closer names. PEFT only reads this field when a
+# prompt is created for training, never when an adapter is loaded.
+PEFT_INIT = {"random_uniform": "RANDOM", "sampled_vocab": "SAMPLE_VOCAB", "class_labels": "SAMPLE_VOCAB",
+             "text": "TEXT"}
+
+
+def _provenance(value: np.ndarray, info: dict, fmt: str) -> dict:
+  return dict(format="jaxprompt-prompt/1", export_format=fmt, prompt_length=int(value.shape[0]),
+              hidden_size=int(value.shape[1]), base_model=info.get("base_model"),
+              base_architecture=info.get("base_architecture"), source=info.get("source"), step=info.get("step"),
+              metrics=info.get("metrics"), tokenizer=info.get("tokenizer"), prompt_config=info.get("prompt_config"),
+              exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              jaxprompt_version=__version__)
+
+
+def _peft_init(info: dict, base_path: str | None) -> dict:
+  """PEFT's prompt_tuning_init fields for the init that actually made the prompt (RANDOM when unknown)."""
+  pc = info.get("prompt_config") or {}
+  init = PEFT_INIT.get(pc.get("init"), "RANDOM")
+  if init == "TEXT" and pc.get("init_text"):
+    tokenizer = info.get("tokenizer") or base_path
+    return dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=pc["init_text"], tokenizer_name_or_path=tokenizer)
+  return dict(prompt_tuning_init="SAMPLE_VOCAB" if init == "TEXT" else init, prompt_tuning_init_text=None,
+              tokenizer_name_or_path=None)
+
+
+def peft_config(value: np.ndarray, info: dict, base_path: str | None) -> dict:
+  arch = info.get("base_architecture") or {}
+  kind = arch.get("kind")
+  if kind not in PEFT_TASK_TYPES:
+    raise ExportError("the prompt's base model kind is unknown (no provenance); cannot choose a PEFT task_type")
+  base = info.get("base_model") or {}
+  base_path = base_path if base_path is not None else base.get("path")
+  return {
+      "peft_type": "PROMPT_TUNING",
+      "task_type": PEFT_TASK_TYPES[kind],
+      "num_virtual_tokens": int(value.shape[0]),
+      "token_dim": int(value.shape[1]),
+      "num_transformer_submodules": 1,
+      "num_layers": arch.get("num_layers"),
+      "num_attention_heads": arch.get("num_attention_heads"),
+      **_peft_init(info, base_path),
+      "base_model_name_or_path": base_path,
+      "revision": base.get("revision"),
+      "inference_mode": True,
+      "auto_mapping": None,
+      "modules_to_save": None,
+  }
+
+
+def export_prompt(source: str | Path, fmt: str, out: str | Path, *, step: str | int = "best",
+                  with_base: bool = False, overwrite: bool = False) -> Path:
+  """Export a trained prompt. fmt: "peft" (a folder), "numpy" (.npy [P, H] float32) or "safetensors"."""
+  value, info = load_trained_prompt(source, step)
+  value = np.ascontiguousarray(value, np.float32)
+  out = Path(out)
+  prov = _provenance(value, info, fmt)
+  if fmt == "peft":
+    def write(tmp: Path):
+      base_path = None
+      if with_base:
+        write_base(info, tmp / "base")
+        base_path = str((out / "base").absolute())
+      (tmp / "adapter_config.json").write_text(json.dumps(peft_config(value, info, base_path), indent=2))
+      hf.save_safetensors({"prompt_embeddings": value}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+      (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2))
+
+    return write_folder_atomically(out, write, overwrite=overwrite)
+  if with_base:
+    raise ExportError("--with-base needs --format peft (it writes DIR/base beside the adapter)")
+  if fmt == "numpy":
+    if out.suffix != ".npy":
+      raise ExportError(f"--format numpy writes a .npy file, got {out}")
+    write_file_atomically(out.with_suffix(".json"), lambda t: t.write_text(json.dumps(prov, indent=2)),
+                          overwrite=overwrite)
+    def save_npy(t: Path):
+      with open(t, "wb") as f:
+        np.save(f, value, allow_pickle=False)
+
+    return write_file_atomically(out, save_npy, overwrite=overwrite)
+  if fmt == "safetensors":
+    return write_file_atomically(out, lambda t: hf.save_safetensors({"prompt_embeddings": value}, t, metadata={
+        "format": "pt", "jaxprompt": json.dumps(prov)}), overwrite=overwrite)
+  raise ExportError(f"unknown export format {fmt!r} (peft, numpy, safetensors)")
+
+
+def write_base(info: dict, folder: Path) -> None:
+  """The frozen base model (and tokenizer) as a HF folder PyTorch can load."""
+  base = info.get("base_model") or {}
+  if not base.get("path"):
+    raise ExportError("the prompt has no recorded base model; cannot write --with-base")
+  path = base["path"]
+  model = load_model(path, revision=base.get("revision"))
+  if model.identity.fingerprint != base.get("fingerprint"):
+    raise ExportError(f"base model at {path} no longer matches the one the prompt was trained on "
+                      f"(fingerprint {model.identity.fingerprint} != {base.get('fingerprint')})")
+  tokenizer = load_tokenizer(info.get("tokenizer") or path)
+  save_pretrained(model, folder, tokenizer=tokenizer)

@@ -1,0 +1,164 @@
+"""Prompts in: `.npy` [P, H] files (the original repo's format), `.safetensors`, HF PEFT adapter folders, and
+jaxprompt workdirs or checkpoint steps; plus the checks that a prompt fits the base model it is applied to.
+
+A PEFT prompt-tuning adapter is `adapter_config.json` + `adapter_model.safetensors` holding one float32 tensor
+`prompt_embeddings` [P, H] (PEFT's seq2seq default stores [2P, H], of which PROMPT_TUNING reads the first P).
+Every jaxprompt export carries `jaxprompt.json` (the base model's identity and architecture, the source).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
+from jaxprompt.models import hf
+from jaxprompt.training.checkpoint import Checkpointer, find_checkpoint_dir
+
+PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
+PROVENANCE = "jaxprompt.json"
+
+
+def _json_object(file: Path) -> dict:
+  try:
+    out = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise PromptError(f"{file}: invalid JSON ({e})") from None
+  if not isinstance(out, dict):
+    raise PromptError(f"{file}: expected a JSON object, got {type(out).__name__}")
+  return out
+
+
+def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
+  cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+  if not cfg_file.exists() or not weights.exists():
+    raise PromptError(f"{path}: a PEFT prompt folder needs adapter_config.json and adapter_model.safetensors")
+  meta = {key: _json_object(file) for key, file in (("peft", cfg_file), ("jaxprompt", path / PROVENANCE))
+          if file.exists()}
+  f = hf.SafetensorsFile(weights)
+  if "prompt_embeddings" not in f.keys():
+    raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {f.keys()})")
+  return np.array(f.get("prompt_embeddings"), np.float32), meta
+
+
+def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
+  """A prompt from a `.npy` [P, H] file, a `.safetensors` file, or a PEFT adapter folder.
+
+  Returns (float32 [P, H], metadata: the PEFT adapter config and/or our provenance file, if any).
+  """
+  path = Path(path)
+  if not path.exists():
+    raise MissingPathError(f"prompt file {str(path)!r} does not exist")
+  meta: dict = {}
+  if path.is_dir():
+    value, meta = _read_adapter_folder(path)
+  elif path.suffix == ".npy":
+    try:
+      value = np.load(path, allow_pickle=False).astype(np.float32)
+    except ValueError as e:  # object arrays need pickle: refused
+      raise PromptError(f"{path}: not a numeric .npy array ({e})") from None
+  elif path.suffix == ".safetensors":
+    f = hf.SafetensorsFile(path)
+    key = "prompt_embeddings" if "prompt_embeddings" in f.keys() else (f.keys() or [None])[0]
+    if key is None:
+      raise PromptError(f"{path}: empty safetensors file")
+    value = np.array(f.get(key), np.float32)
+    meta["safetensors"] = f.metadata
+  else:
+    raise PromptError(f"{path}: unknown prompt format (expected .npy, .safetensors or a PEFT adapter folder)")
+  if value.ndim != 2:
+    raise PromptError(f"{path}: prompt must be 2-D [P, H], got shape {value.shape}")
+  return value, meta
+
+
+def from_file(path: str | Path, length: int, hidden: int):
+  """A prompt file's [P, H] value, checked against the expected shape."""
+  value, _ = read_prompt_file(path)
+  if value.shape != (length, hidden):
+    raise PromptError(f"{path}: prompt has shape {value.shape}, expected [P, H] = ({length}, {hidden})")
+  return jnp.asarray(value)
+
+
+def _file_provenance(source: Path, meta: dict) -> dict:
+  info = dict(meta.get("jaxprompt", {}))
+  if not info and source.suffix == ".safetensors" and "jaxprompt" in meta.get("safetensors", {}):
+    info = json.loads(meta["safetensors"]["jaxprompt"])
+  if not info and source.suffix == ".npy" and source.with_suffix(".json").exists():
+    info = json.loads(source.with_suffix(".json").read_text())
+  return info
+
+
+def load_trained_prompt(source: str | Path, step: str | int = "best") -> tuple[np.ndarray, dict]:
+  """The prompt [P, H] and its provenance from a workdir, a checkpoint step folder, or an export."""
+  source = Path(source)
+  if not source.exists():
+    raise MissingPathError(f"{source} does not exist")
+  if source.is_file() or (source / "adapter_config.json").exists():
+    value, meta = read_prompt_file(source)
+    info = _file_provenance(source, meta)
+    if "peft" in meta:
+      info.setdefault("peft", meta["peft"])
+      value = peft_rows(value, meta["peft"], source)
+    return value, info
+  return _checkpoint_prompt(source, step)
+
+
+def _checkpoint_prompt(source: Path, step: str | int) -> tuple[np.ndarray, dict]:
+  if source.name.isdigit() and (source / "prompt").exists():
+    ckdir, chosen = source.parent, int(source.name)
+  else:
+    ckdir, chosen = find_checkpoint_dir(source), None
+  ck = Checkpointer.reader(ckdir)
+  if chosen is None:
+    chosen = ck.choose(step)
+  elif chosen not in ck.steps():
+    raise CheckpointError(f"{ckdir}: no checkpoint at step {chosen} (have {ck.steps()})")
+  prompt, meta = ck.restore_prompt(chosen)
+  ck.close()
+  value = np.asarray(prompt["prompt"]["embeddings"], np.float32)
+  cfg = meta.get("config") or {}
+  info = dict(base_model=meta.get("base_model"), base_architecture=meta.get("base_architecture"),
+              source=str(ckdir / str(chosen)), step=chosen, metrics=meta.get("metrics"),
+              tokenizer=cfg.get("model", {}).get("tokenizer"), prompt_config=cfg.get("prompt"))
+  return value, info
+
+
+def peft_rows(value: np.ndarray, peft: dict, where: Path) -> np.ndarray:
+  """The [P, H] prompt of a PEFT PROMPT_TUNING tensor, with its adapter_config.json checked."""
+  if peft.get("peft_type") != "PROMPT_TUNING":
+    raise PromptError(f"{where}: peft_type is {peft.get('peft_type')!r}, only PROMPT_TUNING adapters hold soft prompts")
+  if not peft.get("task_type"):
+    raise PromptError(f"{where}: adapter_config.json has no task_type (PEFT would silently ignore the prompt)")
+  p = peft.get("num_virtual_tokens")
+  if not isinstance(p, int) or p <= 0:
+    raise PromptError(f"{where}: adapter_config.json num_virtual_tokens must be a positive integer, got {p!r}")
+  if peft.get("token_dim") not in (None, value.shape[1]):
+    raise PromptError(f"{where}: token_dim {peft.get('token_dim')} does not match prompt_embeddings {value.shape}")
+  if value.shape[0] < p or value.shape[0] % p:
+    raise PromptError(f"{where}: prompt_embeddings has {value.shape[0]} rows for {p} virtual tokens")
+  return value[:p]  # the encoder / input prompt; a seq2seq [2P, H] tensor's second half is never read
+
+
+def check_compatible(info: dict, identity: Any, hidden: int, kind: str, where: str, *, strict: bool = True) -> list[str]:
+  """Check an imported prompt against a base model. Raises PromptError (strict) or returns warnings."""
+  problems = []
+  prov_hidden = (info.get("base_architecture") or {}).get("hidden_size") or info.get("hidden_size")
+  peft = info.get("peft") or {}
+  if peft:
+    want = PEFT_TASK_TYPES.get(kind)
+    if peft.get("task_type") != want:
+      raise PromptError(f"{where}: adapter task_type {peft.get('task_type')!r} does not fit a {kind} model ({want})")
+  if prov_hidden not in (None, hidden):
+    raise PromptError(f"{where}: prompt was made for hidden size {prov_hidden}, the model has {hidden}")
+  base = info.get("base_model") or {}
+  if base.get("fingerprint") and identity is not None and base["fingerprint"] != identity.fingerprint:
+    msg = (f"{where}: prompt was trained on base {base.get('path')!r} (fingerprint {base['fingerprint']}), "
+           f"not on {identity.path!r} ({identity.fingerprint})")
+    if strict:
+      raise PromptError(msg + "; pass --allow-other-base to use it anyway")
+    problems.append(msg)
+  return problems

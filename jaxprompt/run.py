@@ -1,0 +1,178 @@
+"""A `Run`: everything training and evaluation need, built once from a Config and checked up front.
+
+    config ─► mesh ─► frozen base (straight into its shards) + tokenizer ─► task ─► initial prompt
+           ─► PromptedModel split by type: graphdef, prompt (PromptParam values), frozen (the rest)
+
+`validate` checks the whole config against the task and the mesh before anything is trained, so a typo in
+`eval.metric` or a batch that does not split over the devices fails at once, not at the first eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprompt import config as C
+from jaxprompt import sharding as shd
+from jaxprompt.data import sources
+from jaxprompt.data.tasks import Task
+from jaxprompt.errors import ConfigError, DataError
+from jaxprompt.evaluation import metrics as M
+from jaxprompt.models.loading import architecture_summary, load_model, load_tokenizer
+from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
+from jaxprompt.prompts.init import initial_prompt
+
+log = logging.getLogger(__name__)
+
+LOSS_METRICS = ("eval_loss", "eval_seq_accuracy")  # every eval mode computes these
+
+
+def load_base(mcfg: C.ModelConfig, mesh=None):
+  """(frozen base model, tokenizer) as the model section says."""
+  base = load_model(mcfg.path, dtype=jnp.dtype(mcfg.dtype), mesh=mesh, compute_dtype=jnp.dtype(mcfg.compute_dtype),
+                    remat=mcfg.remat, revision=mcfg.revision, allow_pytorch_bin=mcfg.allow_pytorch_bin)
+  if mcfg.dropout is not None and hasattr(base.config, "dropout_rate"):
+    base.config = dataclasses.replace(base.config, dropout_rate=mcfg.dropout)
+  tok_path = mcfg.tokenizer or mcfg.path
+  tokenizer = load_tokenizer(tok_path)
+  if len(tokenizer) > base.config.vocab_size:
+    raise DataError(f"tokenizer {tok_path!r} has {len(tokenizer)} tokens but the model's vocabulary "
+                    f"has {base.config.vocab_size} rows: they do not belong together")
+  return base, tokenizer
+
+
+def mesh_from_config(mc: C.MeshConfig):
+  """The configured mesh; a mesh smaller than the machine (single process) uses its first devices."""
+  sizes = (mc.data, mc.fsdp, mc.model)
+  n = jax.device_count()
+  try:
+    if -1 not in sizes and math.prod(sizes) < n and jax.process_count() == 1:
+      log.warning("mesh data=%d x fsdp=%d x model=%d uses %d of the %d devices", *sizes, math.prod(sizes), n)
+      return shd.make_mesh(*sizes, devices=jax.devices()[:math.prod(sizes)])
+    return shd.make_mesh(*sizes)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+
+
+@dataclasses.dataclass
+class TaskData:
+  examples: list[dict]
+  task: Task
+
+  @property
+  def labels(self) -> tuple[str, ...] | None:
+    return self.task.labels  # None: a generative task
+
+
+def task_data(dcfg: C.DataConfig, split: str) -> TaskData:
+  """Text-to-text examples of one split of the configured task."""
+  sd = sources.task_examples(dcfg, split)
+  return TaskData(sd.examples, sd.task)
+
+
+def available_metrics(task: Task, mode: str) -> tuple[str, ...]:
+  """The metric names an evaluation in `mode` computes for `task`."""
+  if mode == "loss":
+    return LOSS_METRICS
+  known = M.CLASSIFICATION if task.labels else M.GENERATION
+  return LOSS_METRICS + tuple(m for m in task.metrics if m in known)
+
+
+def validate(cfg: C.Config, task: Task, mesh) -> None:
+  """The config against the task and the mesh, before any work (`ConfigError` naming the key)."""
+  tc, ec = cfg.train, cfg.eval
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if tc.batch_size % (tc.microbatches * dp):
+    raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by train.microbatches "
+                      f"({tc.microbatches}) x data-parallel devices ({dp})")
+  metrics = available_metrics(task, ec.mode)
+  if ec.metric not in metrics:
+    raise ConfigError(f"eval.metric {ec.metric!r} is not computed for task {task.name} in eval.mode "
+                      f"{ec.mode}; available: {', '.join(metrics)}")
+  if cfg.prompt.init == "class_labels" and not task.labels:
+    raise ConfigError(f"prompt.init class_labels needs a task with label strings; {task.name} is generative")
+  if cfg.prompt.init == "class_labels" and len(task.labels) > cfg.prompt.length:
+    raise ConfigError(f"prompt.length {cfg.prompt.length} is shorter than the {len(task.labels)} class labels "
+                      "that prompt.init class_labels writes into it")
+  if cfg.prompt.length < 0:
+    raise ConfigError(f"prompt.length must be >= 0 (0: the base model alone), got {cfg.prompt.length}")
+  for key, value in (("data.input_length", cfg.data.input_length),
+                     ("data.target_length", cfg.data.target_length), ("train.batch_size", tc.batch_size),
+                     ("train.microbatches", tc.microbatches), ("train.log_every", tc.log_every),
+                     ("eval.batch_size", ec.batch_size), ("checkpoint.every", cfg.checkpoint.every),
+                     ("checkpoint.keep", cfg.checkpoint.keep)):
+    if value < 1:
+      raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a loop or an evaluation needs, built once from a Config."""
+
+  cfg: C.Config
+  mesh: Any
+  base: Any
+  tokenizer: Any
+  graphdef: Any
+  prompt: dict  # pure dict of PromptParam values
+  frozen: dict  # pure dict of the frozen base weights
+  task: Task
+
+  @property
+  def identity(self):
+    return self.base.identity
+
+  @property
+  def kind(self) -> str:
+    return self.base.kind
+
+  @property
+  def labels(self) -> tuple[str, ...] | None:
+    return self.task.labels
+
+  @property
+  def prompt_array(self) -> np.ndarray:
+    return np.asarray(jax.device_get(self.prompt["prompt"]["embeddings"]))
+
+  def architecture(self) -> dict:
+    return architecture_summary(self.base)
+
+  def encode(self, examples: list[dict], name: str):
+    """Examples -> one numpy batch of every row, laid out for this model kind."""
+    d = self.cfg.data
+    return self.base.batch_type.encode(examples, self.tokenizer, input_length=d.input_length,
+                                       target_length=d.target_length, name=name)
+
+  def device_batch(self, local):
+    """This host's rows of a global batch -> arrays sharded over (data, fsdp) across all hosts."""
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, v.ndim), v),
+                        local)
+
+  def prompt_shardings(self):
+    return jax.tree.map(lambda _: shd.replicated(self.mesh), self.prompt)
+
+  def frozen_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.frozen)
+
+
+def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True) -> tuple[Run, TaskData | None]:
+  """Load, check and assemble; returns the run and (unless `with_train_data=False`) its training split."""
+  mesh = mesh or mesh_from_config(cfg.mesh)
+  train = task_data(cfg.data, cfg.data.train_split) if with_train_data else None
+  task = train.task if train is not None else sources.task_from_config(cfg.data)
+  validate(cfg, task, mesh)
+  base, tokenizer = load_base(cfg.model, mesh)
+  shd.check_weights_fit(nnx.state(base), mesh)
+  init = initial_prompt(cfg.prompt, base, tokenizer, task.labels, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
+  graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, SoftPrompt(init)), PromptParam, ...)
+  prompt = jax.device_put(prompt_state.to_pure_dict(), shd.replicated(mesh))
+  run = Run(cfg=cfg, mesh=mesh, base=base, tokenizer=tokenizer, graphdef=graphdef, prompt=prompt,
+            frozen=frozen_state.to_pure_dict(), task=task)
+  return run, train

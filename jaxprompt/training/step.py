@@ -1,0 +1,67 @@
+"""The pure train step, jitted once with explicit in/out shardings:
+
+    train_step(prompt, opt_state, frozen, batch, step) -> (prompt, opt_state, metrics)
+
+`prompt` and `opt_state` are donated; the frozen weights never are (they are inputs, not state: no gradients
+are kept for them, so XLA drops every weight-gradient matmul). The model's kind is in `graphdef`: the step only
+calls `score_targets` (`models.interface`), so one step serves every model kind and batch type.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxprompt.training.losses import TokenSums, cross_entropy
+
+
+def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int = 1, seed: int = 0) -> Callable:
+  """-> train_step(prompt, opt_state, frozen, batch, step) -> (prompt, opt_state, metrics)."""
+
+  def loss_fn(prompt, frozen, mb, rng, tokens):
+    logits, targets, mask = nnx.merge(graphdef, prompt, frozen).score_targets(mb, dropout_rng=rng)
+    sums = cross_entropy(logits, targets, mask, z_loss)
+    # normalised by the whole batch's token count, so microbatch gradients add up exactly
+    return sums.loss / tokens, sums
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def gradients(prompt, frozen, batch, rng):
+    tokens = jnp.maximum(jnp.sum(batch.loss_mask).astype(jnp.float32), 1.0)
+    if microbatches == 1:
+      (_, sums), grads = grad_fn(prompt, frozen, batch, rng, tokens)
+      return grads, sums
+    split = jax.tree.map(lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
+
+    def body(carry, xs):
+      mb, i = xs
+      (_, s), g = grad_fn(prompt, frozen, mb, jax.random.fold_in(rng, i), tokens)
+      return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, prompt), TokenSums.zeros())
+    (grads, sums), _ = jax.lax.scan(body, zeros, (split, jnp.arange(microbatches)))
+    return grads, sums
+
+  def train_step(prompt, opt_state, frozen, batch, step):
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+    grads, sums = gradients(prompt, frozen, batch, rng)
+    updates, new_opt = tx.update(grads, opt_state, prompt)
+    new_prompt = jax.tree.map(lambda p, u: p + u, prompt, updates)
+    gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    finite = jnp.isfinite(sums.loss) & jnp.isfinite(gnorm)
+    finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_prompt)]))
+    # a non-finite step never reaches the state: the loop then stops (nan_policy error) or goes on (skip)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    return keep(new_prompt, prompt), keep(new_opt, opt_state), _metrics(sums, gnorm, finite, batch.size)
+
+  return train_step
+
+
+def _metrics(sums: TokenSums, grad_norm, finite, rows: int) -> dict:
+  n = jnp.maximum(sums.tokens, 1.0)
+  return dict(loss=sums.ce / n, z_loss=sums.z_loss / n, token_accuracy=sums.correct / n,
+              seq_accuracy=sums.seq_correct / rows, tokens=sums.tokens, grad_norm=grad_norm,
+              finite=finite.astype(jnp.float32))

@@ -1,0 +1,191 @@
+"""`train` and `evaluate`: a config and a workdir in, a trained prompt (checkpoints, logs, plots) out.
+
+    build_run ─► TrainState (fresh, or the latest checkpoint) ─► for each step:
+        batch ─► train_step ─► hooks (preemption, log, eval, early stop, checkpoint)
+    ─► summary.json, curves.png
+
+Running the same command again resumes exactly from the latest checkpoint (data position, RNG, optimizer state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxprompt import config as C
+from jaxprompt import sharding as shd
+from jaxprompt.data.pipeline import BatchStream
+from jaxprompt.errors import CheckpointError, WorkdirError
+from jaxprompt.evaluation.evaluator import Evaluator
+from jaxprompt.run import Run, build_run
+from jaxprompt.training import hooks as H
+from jaxprompt.training.checkpoint import Checkpointer, selection_mode
+from jaxprompt.training.optim import build_optimizer
+from jaxprompt.training.state import TrainState
+from jaxprompt.training.step import make_train_step
+from jaxprompt.training.tracking import MetricsLog, plot_curves
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # documented exit code after a SIGTERM/SIGINT checkpoint (EX_TEMPFAIL: run again to resume)
+
+
+class Preempted(SystemExit):
+  """Raised after the checkpoint that a SIGTERM/SIGINT asked for has been written."""
+
+  def __init__(self, step: int):
+    super().__init__(EXIT_PREEMPTED)
+    self.step = step
+
+
+def checked_workdir(workdir: str | Path) -> Path:
+  """The workdir, created; a clear error when it is a file or cannot be written."""
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"workdir {str(workdir)!r} is a file, not a directory")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create workdir {str(workdir)!r}: {e.strerror or e}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f"workdir {str(workdir)!r} is not writable")
+  return workdir
+
+
+def check_identity(meta: dict, run: Run, where: Path) -> None:
+  """A checkpoint must come from the base model the config loads."""
+  saved = meta.get("base_model", {})
+  if saved and saved.get("fingerprint") != run.identity.fingerprint:
+    raise CheckpointError(
+        f"{where}: checkpoint was trained on base model {saved.get('path')!r} (fingerprint {saved.get('fingerprint')}), "
+        f"but the config loads {run.identity.path!r} (fingerprint {run.identity.fingerprint}); use another --workdir")
+
+
+class Trainer:
+  """One training run in one workdir: the jitted step, the data stream, the hooks and where they write."""
+
+  def __init__(self, run: Run, workdir: Path, examples: list[dict], *, progress: bool = True):
+    from tqdm.auto import tqdm
+
+    cfg, tc = run.cfg, run.cfg.train
+    self.run, self.workdir, self.cfg = run, workdir, cfg
+    self.tx = build_optimizer(cfg.optimizer, tc.steps)
+    metric = cfg.eval.metric
+    self.ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, metric=metric, mode=selection_mode(metric))
+    self.rows = run.encode(examples, f"{cfg.data.task}/{cfg.data.train_split}")
+    self.evaluator = Evaluator(run) if (cfg.eval.every or cfg.eval.at_end) else None
+    self.mlog = MetricsLog(workdir)
+    self.bar = tqdm(total=tc.steps, desc="prompt tuning", disable=not (progress and jax.process_index() == 0),
+                    dynamic_ncols=True, unit="step")
+    tokens = tc.batch_size * (cfg.data.input_length + cfg.data.target_length + cfg.prompt.length)
+    self.hooks = H.default_hooks(cfg, self.ckpt.manager, tokens)
+    self.stream: BatchStream | None = None
+
+  def say(self, text: str) -> None:
+    H.print_line(text, self.bar)
+
+  def checkpoint_meta(self) -> dict:
+    return dict(base_model=self.run.identity.to_dict(), base_architecture=self.run.architecture(),
+                config=self.cfg.to_dict())
+
+  def initial_state(self) -> TrainState:
+    """A fresh state, or the latest checkpoint's (checked against the base model)."""
+    rep = shd.replicated(self.run.mesh)
+    state = TrainState(prompt=self.run.prompt, opt_state=jax.jit(self.tx.init, out_shardings=rep)(self.run.prompt),
+                       seed=self.cfg.train.seed)
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      return state
+    state, meta = self.ckpt.restore_state(latest, state)
+    check_identity(meta, self.run, self.ckpt.directory)
+    log.info("resumed from %s at step %d", self.ckpt.directory / str(latest), state.step)
+    return state
+
+  def _step_fn(self, state: TrainState):
+    tc, run = self.cfg.train, self.run
+    rep = shd.replicated(run.mesh)
+    p_sh, o_sh = run.prompt_shardings(), jax.tree.map(lambda _: rep, state.opt_state)
+    step = make_train_step(run.graphdef, self.tx, z_loss=tc.z_loss, microbatches=tc.microbatches, seed=state.seed)
+    return jax.jit(step, in_shardings=(p_sh, o_sh, run.frozen_shardings(), None, None),
+                   out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+
+  def fit(self, state: TrainState) -> TrainState:
+    """Train from `state` to train.steps (or an early stop); raises `Preempted` after a signal's checkpoint."""
+    tc = self.cfg.train
+    self.stream = BatchStream(self.rows, tc.batch_size, seed=self.cfg.data.seed, position=state.position,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+    step_fn, frozen = self._step_fn(state), self.run.frozen
+    self.bar.update(state.step)
+    while state.step < tc.steps:
+      batch = self.run.device_batch(next(self.stream))
+      prompt, opt_state, metrics = step_fn(state.prompt, state.opt_state, frozen, batch,
+                                           jnp.asarray(state.step, jnp.int32))
+      state = state.replace(prompt=prompt, opt_state=opt_state, step=state.step + 1, position=self.stream.position)
+      self.bar.update(1)
+      end = H.StepEnd(step=state.step, last=state.step == tc.steps, metrics=metrics)
+      for hook in self.hooks:
+        state = hook(self, state, end) or state
+      if end.stop == "preempted":
+        self.ckpt.wait()
+        raise Preempted(state.step)
+      if end.stop:
+        break
+    return state
+
+  def close(self) -> None:
+    self.bar.close()
+    for hook in self.hooks:
+      hook.close()
+    self.ckpt.close()
+    self.mlog.close()
+
+
+def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=None) -> dict:
+  """Prompt-tune as `cfg` says, in `workdir` (resuming from its latest checkpoint). Returns a summary."""
+  workdir = checked_workdir(workdir)
+  t_setup = time.time()
+  run, train_data = build_run(cfg, mesh=mesh)
+  if jax.process_index() == 0:
+    (workdir / "config.yaml").write_text(C.dump(cfg))
+    (workdir / "base_model.json").write_text(json.dumps(run.identity.to_dict(), indent=2))
+  trainer = Trainer(run, workdir, train_data.examples, progress=progress)
+  try:
+    state = trainer.initial_state()
+    start = state.step
+    summary = dict(setup_seconds=round(time.time() - t_setup, 2))
+    state = trainer.fit(state)
+  finally:
+    trainer.close()
+  summary.update(final_step=state.step if cfg.train.steps > start else start, best_step=state.best.step,
+                 best_value=state.best.value, metric=cfg.eval.metric, train_seconds=round(time.time() - t_setup, 2))
+  if jax.process_index() == 0:
+    if cfg.train.plot:
+      plot_curves(workdir, metric=cfg.eval.metric)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", mesh=None) -> dict:
+  """Evaluate a checkpoint of `workdir` ("best", "latest" or a step number) on the eval split."""
+  workdir = Path(workdir)
+  run, _ = build_run(cfg, mesh=mesh, with_train_data=False)
+  ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, metric=cfg.eval.metric,
+                      mode=selection_mode(cfg.eval.metric))
+  if not ckpt.steps():
+    raise CheckpointError(f"{workdir}: no checkpoints to evaluate")
+  chosen = ckpt.choose(step)
+  prompt, _, meta = ckpt.restore(chosen, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                     sharding=x.sharding), run.prompt),
+                                 None)
+  check_identity(meta, run, ckpt.directory)
+  ckpt.close()
+  evaluator = Evaluator(run)
+  metrics, records = evaluator(prompt)
+  evaluator.write_report(workdir, f"predictions_eval_step_{chosen}", records)
+  return {"step": chosen, **metrics}
