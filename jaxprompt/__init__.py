@@ -1,6 +1,7 @@
 """jaxprompt: prompt tuning (Lester et al. 2021) for frozen language models in JAX / Flax NNX.
 
-The public API: loading base models (`load_model`, `load_tokenizer`, `save_pretrained`), the prompt types
+The public API: loading base models (`load_model`, `load_tokenizer`, `save_pretrained`), a base model with a
+trained prompt of any method (`load_prompted`: PEFT adapters, jaxprompt workdirs and exports), the prompt types
 (`PromptParam`, `SoftPrompt`, `PromptedModel`, `prompt_bank`), generation (`jaxprompt.inference.generate`),
 and `UserError`, the base of every error that reports bad input.
 """
@@ -9,7 +10,8 @@ from jaxprompt.version import __version__
 from jaxprompt.errors import UserError
 from jaxprompt.models import load_model, load_tokenizer, save_pretrained
 from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt, prompt_bank
+from jaxprompt.prompts.methods import load_prompted
 from jaxprompt import quickstart as _quickstart  # noqa: F401 — registers builtin:quickstart and its tasks
 
-__all__ = ["__version__", "UserError", "load_model", "load_tokenizer", "save_pretrained", "PromptedModel",
-           "PromptParam", "SoftPrompt", "prompt_bank"]
+__all__ = ["__version__", "UserError", "load_model", "load_tokenizer", "load_prompted", "save_pretrained",
+           "PromptedModel", "PromptParam", "SoftPrompt", "prompt_bank"]

@@ -173,23 +173,21 @@ def cmd_generate(args) -> int:
   from jaxprompt.errors import UsageError
   from jaxprompt.inference import text
   from jaxprompt.models.loading import load_model, load_tokenizer
-  from jaxprompt.prompts.io import check_compatible
 
   gen_cfg, texts = _generate_config(args), _read_inputs(args)
   loaded = text.load_prompts(args.prompt, step=args.step)
   model_path, tok = args.model, args.tokenizer
   if model_path is None:
-    model_path, recorded_tok = text.recorded_base([info for _, info in loaded])
+    model_path, recorded_tok = text.recorded_base([p.info for p in loaded])
     if model_path is None:
       raise UsageError("--model is needed: no --prompt records its base model")
     tok = tok or recorded_tok
   base = load_model(model_path)
   tokenizer = load_tokenizer(tok or model_path)
-  for (_, info), src in zip(loaded, args.prompt):
-    for warning in check_compatible(info, base.identity, base.hidden_size, base.kind, src,
-                                    strict=not args.allow_other_base):
+  for p, src in zip(loaded, args.prompt):
+    for warning in p.check(base, src, strict=not args.allow_other_base):
       print(f"jaxprompt: warning: {warning}", file=sys.stderr)
-  for r in text.generate_text(base, tokenizer, texts, [v for v, _ in loaded], gen_cfg):
+  for r in text.generate_text(base, tokenizer, texts, loaded, gen_cfg):
     if args.prompt:
       r["prompt"] = args.prompt[r["prompt"]]
     print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"])

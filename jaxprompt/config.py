@@ -33,8 +33,16 @@ class ModelConfig:
   allow_pytorch_bin: bool = False  # a pickle; never loaded unless asked for
 
 
+# prompt options that only some methods have: option -> the methods it applies to
+_METHOD_OPTIONS = {"prefix_projection": ("prefix_tuning",), "encoder_hidden_size": ("prefix_tuning", "p_tuning"),
+                   "encoder_reparameterization_type": ("p_tuning",), "encoder_num_layers": ("p_tuning",),
+                   "encoder_dropout": ("p_tuning",)}
+_PREFIX_INITS = ("random_uniform", "file")  # a prefix is keys and values, not token embeddings
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
+  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning"] = "prompt_tuning"
   length: int = 100
   init: Literal["random_uniform", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
   init_range: tuple[float, float] = (-0.5, 0.5)  # random_uniform; the paper's range (original code: [0, 0.5))
@@ -42,6 +50,36 @@ class PromptConfig:
   init_text: str | None = None  # init: text
   init_file: str | None = None  # init: file (.npy, .safetensors, a PEFT adapter folder or a workdir)
   allow_other_base: bool = False  # init: file — use a prompt recorded for another base model (with a warning)
+  # method options (None: the method's default; set for a method they do not apply to: an error)
+  prefix_projection: bool | None = None  # prefix_tuning: train through Li & Liang's MLP (default false)
+  encoder_hidden_size: int | None = None  # prefix_tuning with projection / p_tuning: encoder width (PEFT's token_dim)
+  encoder_reparameterization_type: Literal["MLP", "LSTM"] | None = None  # p_tuning encoder (default MLP)
+  encoder_num_layers: int | None = None  # p_tuning LSTM layers (default 2)
+  encoder_dropout: float | None = None  # p_tuning LSTM dropout between layers (default 0.0)
+
+  def __post_init__(self):
+    for option, methods in _METHOD_OPTIONS.items():
+      if getattr(self, option) is not None and self.method not in methods:
+        raise ConfigError(f"prompt.{option} applies to method {' / '.join(methods)}, not {self.method}")
+    if self.encoder_hidden_size is not None and self.method == "prefix_tuning" and not self.prefix_projection:
+      raise ConfigError("prompt.encoder_hidden_size applies to prefix_tuning with prompt.prefix_projection: true")
+    lstm = self.encoder_reparameterization_type == "LSTM"
+    for option in ("encoder_num_layers", "encoder_dropout"):
+      if getattr(self, option) is not None and not lstm:
+        raise ConfigError(f"prompt.{option} applies to the LSTM encoder (prompt.encoder_reparameterization_type: "
+                          "LSTM); the MLP has exactly 3 layers and no dropout")
+    if self.method == "prefix_tuning" and self.init not in _PREFIX_INITS:
+      raise ConfigError(f"prompt.init {self.init} does not apply to method prefix_tuning (its parameters are keys "
+                        f"and values, not token embeddings): use {' or '.join(_PREFIX_INITS)}")
+    if self.length < 0:
+      raise ConfigError(f"prompt.length must be >= 0 (0: the base model alone), got {self.length}")
+
+  def option(self, name: str):
+    """A method option with its default filled in (encoder_hidden_size stays None: the model decides)."""
+    defaults = dict(prefix_projection=False, encoder_reparameterization_type="MLP", encoder_num_layers=2,
+                    encoder_dropout=0.0, encoder_hidden_size=None)
+    value = getattr(self, name)
+    return defaults[name] if value is None else value
 
 
 @dataclasses.dataclass(frozen=True)

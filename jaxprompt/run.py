@@ -26,8 +26,8 @@ from jaxprompt.data.tasks import Task
 from jaxprompt.errors import ConfigError, DataError
 from jaxprompt.evaluation import metrics as M
 from jaxprompt.models.loading import architecture_summary, load_model, load_tokenizer
-from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
-from jaxprompt.prompts.init import initial_prompt
+from jaxprompt.prompts import PromptedModel, PromptParam
+from jaxprompt.prompts import methods
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,6 @@ def validate(cfg: C.Config, task: Task, mesh) -> None:
   if cfg.prompt.init == "class_labels" and len(task.labels) > cfg.prompt.length:
     raise ConfigError(f"prompt.length {cfg.prompt.length} is shorter than the {len(task.labels)} class labels "
                       "that prompt.init class_labels writes into it")
-  if cfg.prompt.length < 0:
-    raise ConfigError(f"prompt.length must be >= 0 (0: the base model alone), got {cfg.prompt.length}")
   for key, value in (("data.input_length", cfg.data.input_length),
                      ("data.target_length", cfg.data.target_length), ("train.batch_size", tc.batch_size),
                      ("train.microbatches", tc.microbatches), ("train.log_every", tc.log_every),
@@ -124,6 +122,7 @@ class Run:
   prompt: dict  # pure dict of PromptParam values
   frozen: dict  # pure dict of the frozen base weights
   task: Task
+  prompt_spec: dict  # the prompt method and its options (`PromptMethod.spec()`)
 
   @property
   def identity(self):
@@ -139,7 +138,8 @@ class Run:
 
   @property
   def prompt_array(self) -> np.ndarray:
-    return np.asarray(jax.device_get(self.prompt["prompt"]["embeddings"]))
+    """The prompt's inference value: input embeddings [P, H] or a prefix table [P, Y, 2, K, D]."""
+    return np.asarray(jax.device_get(nnx.merge(self.graphdef, self.prompt, self.frozen).prompt.inference_value()))
 
   def architecture(self) -> dict:
     return architecture_summary(self.base)
@@ -170,9 +170,9 @@ def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True) -> tupl
   validate(cfg, task, mesh)
   base, tokenizer = load_base(cfg.model, mesh)
   shd.check_weights_fit(nnx.state(base), mesh)
-  init = initial_prompt(cfg.prompt, base, tokenizer, task.labels, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
-  graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, SoftPrompt(init)), PromptParam, ...)
+  method = methods.build(cfg.prompt, base, tokenizer, task.labels, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
+  graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, method), PromptParam, ...)
   prompt = jax.device_put(prompt_state.to_pure_dict(), shd.replicated(mesh))
   run = Run(cfg=cfg, mesh=mesh, base=base, tokenizer=tokenizer, graphdef=graphdef, prompt=prompt,
-            frozen=frozen_state.to_pure_dict(), task=task)
+            frozen=frozen_state.to_pure_dict(), task=task, prompt_spec=method.spec())
   return run, train

@@ -317,7 +317,8 @@ def test_gguf_prompt_exported_with_base_gives_our_logits_in_peft(stories_run, tm
   with torch.no_grad():
     ref = peft_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
   model = nnx.merge(run.graphdef, {"prompt": {"embeddings": jnp.asarray(value)}}, run.frozen)
-  ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  ours = np.asarray(model.full_logits(jnp.asarray(ids), jnp.asarray(mask)))  # PEFT: prompt positions too
   assert ours.shape == ref.shape == (4, 8 + ids.shape[1], 512)
+  np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), ours[:, 8:])  # real ones
   print(f"stories260K + trained prompt, PEFT vs ours: max |logit diff| {np.abs(ours - ref).max():.2e}")
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)

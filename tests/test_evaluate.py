@@ -34,7 +34,7 @@ def _explicit_logp(model, ids, mask, label_ids, label_mask):
   real = ids[mask.astype(bool)]  # the input without its padding, then the label
   lab = label_ids[label_mask.astype(bool)]
   seq = jnp.concatenate([real, lab])[None]
-  logits = model(seq, jnp.ones_like(seq))[0]  # [P + len, V]
+  logits = model.full_logits(seq, jnp.ones_like(seq))[0]  # [P + len, V]
   logp = jax.nn.log_softmax(logits, -1)
   start = model.prompt.length + len(real)
   return float(sum(logp[start - 1 + t, lab[t]] for t in range(len(lab))))

@@ -127,7 +127,8 @@ def test_peft_gives_our_logits_and_loss(trained):
       left_ids, left_m = run.base.batch_type.encode_inputs(tok, TEXTS)
       ref = [peft_model(input_ids=_t(i), attention_mask=_t(mm)).logits.numpy() for i, mm in ((ids, m),
                                                                                               (left_ids, left_m))]
-      ours = [np.asarray(model(jnp.asarray(i), jnp.asarray(mm))) for i, mm in ((ids, m), (left_ids, left_m))]
+      ours = [np.asarray(model.full_logits(jnp.asarray(i), jnp.asarray(mm))) for i, mm in ((ids, m),
+                                                                                            (left_ids, left_m))]
       assert ours[0].shape == (3, P_LEN + ids.shape[1], 384)
       # PEFT labels the prompt positions -100; HF shifts the labels inside the loss
       ref_loss = peft_model(input_ids=_t(ids), attention_mask=_t(m), labels=_t(labels)).loss.item()
@@ -147,7 +148,7 @@ def _slot_position_greedy(model, ids, mask, steps):
   0, 1, 2, ... by slot (padding counted), recomputed without a cache."""
   b, l = ids.shape
   m = jnp.concatenate([jnp.ones((b, P_LEN), jnp.int32), jnp.asarray(mask), jnp.ones((b, steps), jnp.int32)], 1)
-  fwd = nnx.jit(lambda model, seq: model(seq, m[:, P_LEN:]))  # the PromptedModel prepends the prompt
+  fwd = nnx.jit(lambda model, seq: model.full_logits(seq, m[:, P_LEN:]))  # the prompt goes in front
   seq = np.concatenate([ids, np.zeros((b, steps), ids.dtype)], axis=1)
   for t in range(steps):
     seq[:, l + t] = np.asarray(fwd(model, jnp.asarray(seq)))[:, P_LEN + l + t - 1].argmax(-1)
@@ -313,7 +314,7 @@ def test_peft_made_adapter_imports_and_gives_peft_logits(peft_made, name, tmp_pa
   else:
     ids, mask = run.base.batch_type.encode_inputs(tok, TEXTS)
     with torch.no_grad():
-      ref = peft_model(input_ids=_t(ids), attention_mask=_t(mask)).logits.numpy()
+      ref = peft_model(input_ids=_t(ids), attention_mask=_t(mask)).logits.numpy()[:, 5:]  # real positions only
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
   print(f"PEFT-made {name} adapter: PEFT vs ours max |logit diff| {np.abs(ours - ref).max():.2e}")
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)

@@ -36,7 +36,7 @@ def test_causal_loss_is_on_target_tokens_only_and_the_window_equals_full_logits(
   logits_w, targets_w, mask_w = model.score_targets(batch)
   loss_w = cross_entropy(logits_w, targets_w, mask_w).ce
   # the full logits [B, P + L + T, V]: position t predicts token t + 1, the loss on target tokens only
-  logits = model(batch.tokens, batch.token_mask)
+  logits = model.full_logits(batch.tokens, batch.token_mask)
   p = logits.shape[1] - batch.tokens.shape[1]
   target_mask = np.zeros(batch.tokens.shape, np.int32)
   for b, (idx, valid) in enumerate(zip(np.asarray(batch.target_index), np.asarray(batch.target_valid))):
@@ -48,7 +48,7 @@ def test_causal_loss_is_on_target_tokens_only_and_the_window_equals_full_logits(
   for b, (inp, tgt) in enumerate([("abc", "xy"), ("a longer input", "z")]):
     seq = tok(inp)["input_ids"][:-1] + tok(tgt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     n_in = len(tok(inp)["input_ids"]) - 1
-    logp = jax.nn.log_softmax(model(jnp.asarray([seq]), jnp.ones((1, len(seq)), jnp.int32))[0], -1)
+    logp = jax.nn.log_softmax(model.full_logits(jnp.asarray([seq]), jnp.ones((1, len(seq)), jnp.int32))[0], -1)
     want -= sum(float(logp[3 + t - 1, seq[t]]) for t in range(n_in, len(seq)))
   np.testing.assert_allclose(float(loss_w), want, rtol=1e-5)
   assert float(mask_w.sum()) == 3 + 2  # "xy" + EOS, "z" + EOS

@@ -65,7 +65,8 @@ def test_file_init_npy_and_peft_folder_with_shape_checks(tmp_path):
   peft = tmp_path / "adapter"
   peft.mkdir()
   hf.save_safetensors({"prompt_embeddings": value}, peft / "adapter_model.safetensors")
-  (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}))
+  (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                                                        "num_virtual_tokens": 4}))
   np.testing.assert_array_equal(np.asarray(PIO.from_file(peft, 4, 8)), value)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     PIO.from_file(tmp_path / "nope.npy", 4, 8)

@@ -15,14 +15,14 @@ import numpy as np
 
 from jaxprompt.config import GenerateConfig
 from jaxprompt.inference.decoding import generate
-from jaxprompt.prompts import PromptedModel, prompt_bank
-from jaxprompt.prompts.io import load_trained_prompt
+from jaxprompt.prompts import PromptedModel, methods
+from jaxprompt.prompts.io import TrainedPrompt, load_prompt_source
 
 log = logging.getLogger(__name__)
 
 
-def load_prompts(sources: Sequence[str], *, step: str | int = "best") -> list[tuple[np.ndarray, dict]]:
-  return [load_trained_prompt(s, step) for s in sources]
+def load_prompts(sources: Sequence[str], *, step: str | int = "best") -> list[TrainedPrompt]:
+  return [load_prompt_source(s, step) for s in sources]
 
 
 def recorded_base(infos: Sequence[dict]) -> tuple[str | None, str | None]:
@@ -37,17 +37,21 @@ def recorded_base(infos: Sequence[dict]) -> tuple[str | None, str | None]:
   return None, None
 
 
-def generate_text(base, tokenizer, texts: Sequence[str], prompts: Sequence[np.ndarray] = (),
+def generate_text(base, tokenizer, texts: Sequence[str], prompts: Sequence[TrainedPrompt | np.ndarray] = (),
                   config: GenerateConfig | None = None, **options) -> list[dict]:
-  """Generate for every (prompt, input) pair; one record per pair, in prompt-major order. `config` and
-  `**options` as `inference.decoding.generate`."""
+  """Generate for every (prompt, input) pair; one record per pair, in prompt-major order. A prompt is a
+  `TrainedPrompt` (any method) or an array of input embeddings [P, H]; `config` and `**options` as
+  `inference.decoding.generate`."""
   ids, mask = base.batch_type.encode_inputs(tokenizer, texts)
   n, k = len(texts), max(len(prompts), 1)
   which = np.repeat(np.arange(k), n)
   prefix = None
   if prompts:
     ids, mask = np.tile(ids, (k, 1)), np.tile(mask, (k, 1))
-    prefix = PromptedModel(base, prompt_bank(list(prompts))).prefix(k * n, jnp.asarray(which))
+    tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt(np.asarray(p), {"method": "prompt_tuning"}, None, {})
+           for p in prompts]
+    module = methods.bank([p.value for p in tps], [p.spec for p in tps], base.prefix_slots())
+    prefix = PromptedModel(base, module).prefix(k * n, jnp.asarray(which))
   out = generate(base, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, config=config,
                  **options)
   tokens, lengths, scores = (np.asarray(out[k_]) for k_ in ("tokens", "lengths", "scores"))

@@ -31,7 +31,7 @@ from jaxprompt.data.batches import CausalBatch
 from jaxprompt.errors import ModelError
 from jaxprompt.models import hf
 from jaxprompt.models import layers as L
-from jaxprompt.models.interface import FrozenLM, Prefix
+from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots
 
 log = logging.getLogger(__name__)
 
@@ -307,15 +307,19 @@ class Decoder(FrozenLM):
   def embedding_table(self) -> jax.Array:
     return self.embed_tokens[...]
 
-  def hidden(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
+  def hidden(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *, prefix_kv=None,
              dropout_rng=None) -> jax.Array:
-    """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary); arguments as `__call__`."""
+    """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary); arguments as `__call__`, and
+    `prefix_kv` (keys, values) [Y, B, P, K, D]: P slots in front of every layer's keys, the tokens at P.."""
     x, attention_mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds)
     b, l = x.shape[:2]
+    pk = 0 if prefix_kv is None else prefix_kv[0].shape[2]
     if positions is None:
-      positions = jnp.arange(l)
+      positions = pk + jnp.arange(l)
     positions = jnp.broadcast_to(positions, (b, l))
-    h, _ = self._run(x, positions, attention_mask, jnp.arange(l), None, 0, dropout_rng)
+    if pk:
+      attention_mask = jnp.concatenate([jnp.ones((b, pk), attention_mask.dtype), attention_mask], axis=1)
+    h, _ = self._run(x, positions, attention_mask, pk + jnp.arange(l), None, 0, dropout_rng, prefix_kv)
     return h
 
   def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
@@ -335,10 +339,11 @@ class Decoder(FrozenLM):
       return L.layer_norm(x, p[name], p[f"{name}_bias"], self.config.norm_eps)
     return L.rms_norm(x, p[name], self.config.norm_eps)
 
-  def _run(self, x, positions, key_mask, q_index, cache: DecoderCache | None, index, dropout_rng):
+  def _run(self, x, positions, key_mask, q_index, cache: DecoderCache | None, index, dropout_rng, prefix_kv=None):
     """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] (the slots of the queries). Without a cache
-    the keys are the queries' own (S = L); with one, each layer writes its new k/v at slot `index` and attends
-    over all S slots, masked by slot (causal, padding, sliding window) as transformers masks by cache position."""
+    the keys are `prefix_kv`'s P slots (if any) then the queries' own (S = P + L); with one, each layer writes its
+    new k/v at slot `index` and attends over all S slots, masked by slot (causal, padding, sliding window) as
+    transformers masks by cache position."""
     cfg = self.config
     rate = cfg.dropout_rate
     rngs = L.split_rng(dropout_rng, 2)
@@ -354,6 +359,8 @@ class Decoder(FrozenLM):
     per_layer = dict(window=jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32))
     if cache is not None:
       per_layer.update(k=cache.k, v=cache.v)
+    elif prefix_kv is not None:
+      per_layer.update(pk=prefix_kv[0], pv=prefix_kv[1])
 
     def layer(p, x, rng, xs):
       r = L.split_rng(rng, 3)
@@ -373,6 +380,9 @@ class Decoder(FrozenLM):
         k = jax.lax.dynamic_update_slice(xs["k"], k.astype(xs["k"].dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(xs["v"], v.astype(xs["v"].dtype), (0, index, 0, 0))
         out = dict(k=k, v=v)
+      elif "pk" in xs:  # prefix keys as given: already "rotated", as PEFT stores them in the cache
+        k = jnp.concatenate([xs["pk"].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([xs["pv"].astype(v.dtype), v], axis=1)
       o = L.dot_product_attention(q, k, v, bias, scale=scale, dropout_rate=rate, dropout_rng=r[0])
       x = x + L.dropout(L.project_out(o, a["o"], a.get("o_bias")), rate, r[1])
       h = self._norm(x, p, "mlp_norm")
@@ -388,17 +398,20 @@ class Decoder(FrozenLM):
 
   def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
               inputs_embeds=None, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
-    """-> logits [B, P + L, V] float32 with positions 0..P+L-1 (prefix positions included, as PEFT returns)."""
+    """-> logits [B, P + L, V] float32 with positions 0..P+L-1 (prefix embedding positions included, as PEFT
+    returns; a key/value prefix takes no positions in the output)."""
     if decoder_input_ids is not None or decoder_attention_mask is not None:
       raise ValueError("a decoder-only model takes no decoder_input_ids / decoder_attention_mask")
     x, m = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
-    return self.logits(self.hidden(inputs_embeds=x, attention_mask=m, dropout_rng=dropout_rng))
+    kv = prefix.kv(x.shape[0]) if prefix is not None else None
+    return self.logits(self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, dropout_rng=dropout_rng))
 
   def score_targets(self, batch: CausalBatch, prefix: Prefix | None = None, *, dropout_rng=None):
     # Logits only where there is a loss: the LM head over every prompt and input position would cost
     # 2 * B * (P + L) * H * V FLOPs (forward and backward) for nothing.
     x, m = self.input_embeddings(batch.tokens, batch.token_mask, prefix=prefix)
-    h = self.hidden(inputs_embeds=x, attention_mask=m, dropout_rng=dropout_rng)
+    kv = prefix.kv(batch.size) if prefix is not None else None
+    h = self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, dropout_rng=dropout_rng)
     p = h.shape[1] - batch.tokens.shape[1]
     idx = batch.target_index  # [B, T] positions of the target tokens in `tokens`
     # position t predicts t + 1; a target at token 0 (empty input, no BOS) is predicted from the prompt's last
@@ -415,8 +428,11 @@ class Decoder(FrozenLM):
     xs = jnp.concatenate([jnp.repeat(x, c, axis=0), jnp.tile(self.embed(label_ids), (b, 1, 1))], axis=1)
     ms = jnp.concatenate([jnp.repeat(m, c, axis=0), jnp.tile(label_mask, (b, 1))], axis=1)
     # positions count real tokens only (left padding sits between prompt and input), as in training, where
-    # [prompt, input, target] start at position 0 and padding comes last
-    logits = self(inputs_embeds=xs, attention_mask=ms, positions=jnp.maximum(jnp.cumsum(ms, axis=1) - 1, 0))
+    # [prompt, input, target] start at position 0 (P with a key/value prefix) and padding comes last
+    kv = prefix.kv(b, repeat=c) if prefix is not None else None
+    pk = 0 if kv is None else kv[0].shape[2]
+    logits = self.logits(self.hidden(inputs_embeds=xs, attention_mask=ms, prefix_kv=kv,
+                                     positions=pk + jnp.maximum(jnp.cumsum(ms, axis=1) - 1, 0)))
     s = x.shape[1]
     pred = logits[:, s - 1:s + t - 1]
     p = s - batch.input_ids.shape[1]
@@ -424,6 +440,12 @@ class Decoder(FrozenLM):
       empty = jnp.repeat(jnp.sum(batch.input_mask, axis=1) == 0, c)
       pred = pred.at[:, 0].set(jnp.where(empty[:, None], logits[:, p - 1], pred[:, 0]))
     return L.sequence_logprob(pred, jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))).reshape(b, c)
+
+  def prefix_slots(self) -> PrefixSlots:
+    # PEFT (#1901): with num_key_value_heads the prefix has K heads of head_dim (config.head_dim when set)
+    c = self.config
+    return PrefixSlots(layers=c.num_hidden_layers, heads=c.num_key_value_heads, head_dim=c.head_dim,
+                       layer_of=tuple(range(c.num_hidden_layers)))
 
   # -- cached decoding -------------------------------------------------------------------------
 
@@ -440,16 +462,21 @@ class Decoder(FrozenLM):
     """Masked slots may sit anywhere in the prefix (left padding, a soft prompt before the padding, an empty
     input after a prompt); every row needs one real slot. The prefix runs once into a cache of L + T slots, the
     first new token comes from each row's last real slot, and positions count real slots only (cumsum of the
-    mask - 1), as transformers' generate does, so a padded row decodes as it would alone."""
+    mask - 1), as transformers' generate does, so a padded row decodes as it would alone. A key/value prefix is
+    a pre-filled cache: its P slots come first, and the tokens' positions start at P."""
     x, mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
     b, l = mask.shape
-    w = num_beams
-    key_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), mask.dtype)], axis=1)  # [B, S]
-    cache = self.init_cache(b, l + max_new_tokens).replace(key_mask=key_mask)
-    h, cache = self._extend(cache, x, jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), 0)
+    w, pk = num_beams, 0 if prefix is None else prefix.kv_length
+    key_mask = jnp.concatenate([jnp.ones((b, pk), mask.dtype), mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
+    cache = self.init_cache(b, pk + l + max_new_tokens).replace(key_mask=key_mask)  # [B, S] slots
+    if pk:
+      keys, values = prefix.kv(b)
+      cache = cache.replace(k=cache.k.at[:, :, :pk].set(keys.astype(self.dtype)),
+                            v=cache.v.at[:, :, :pk].set(values.astype(self.dtype)))
+    h, cache = self._extend(cache, x, pk + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), pk)
     last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
     logits0 = self.logits(h[jnp.arange(b), last][:, None])[:, 0]
-    cache = cache.replace(next_pos=jnp.sum(mask, axis=1), start=l)
+    cache = cache.replace(next_pos=pk + jnp.sum(mask, axis=1), start=pk + l)
     return L.repeat_rows(logits0, w), jax.tree.map(lambda a: L.repeat_rows(a, w, axis=_batch_axis(a)), cache)
 
   def decode_step(self, cache: DecoderCache, tokens: jax.Array, t) -> tuple[jax.Array, DecoderCache]:

@@ -4,15 +4,20 @@ Notation: B batch, L input length, T target length, P prefix length, H hidden, V
 
 A prompt method reaches a model only through a `Prefix` (what it puts in front of the input); the model knows
 where that goes for its kind (PEFT's semantics, so exported prompts give PyTorch the same logits):
-  * seq2seq (T5): prefix embeddings go before the *encoder* input only; the encoder mask gets P ones.
-  * causal LM: prefix embeddings go before all tokens with P ones in the mask and positions 0..P+L-1; the
-    prefix positions carry no loss.
+  * prefix embeddings (prompt tuning, P-tuning) — seq2seq (T5): before the *encoder* input only, the encoder
+    mask gets P ones; causal LM: before all tokens with P ones in the mask and positions 0..P+L-1, the prefix
+    positions carrying no loss.
+  * prefix keys/values (prefix tuning, deep prompts): P key/value slots in front of every attention layer's own —
+    a pre-filled KV cache. Causal LM: every layer, the tokens at positions P..P+L-1 (the prefix keys are used as
+    given: no rotary embedding is applied to them, as PEFT stores them); seq2seq (T5): the decoder's
+    self-attention only (PEFT: the encoder never sees them), decoder positions from P on.
 
 `kind` ("seq2seq" / "causal") remains a label for provenance and PEFT's task_type; code paths use the methods.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
@@ -28,13 +33,57 @@ class Prefix:
 
   embeds: [B, P, H] (or [1, P, H], the same for every row) vectors before the input embeddings, in any dtype
     (cast to the compute dtype).
+  keys, values: [Y, B, P, K, D] (or [Y, 1, P, K, D]) per attention layer Y (T5: each decoder layer), K key/value
+    heads of D dims: slots every query of the layer attends to, before the layer's own keys.
   """
 
   embeds: jax.Array | None = None
+  keys: jax.Array | None = None
+  values: jax.Array | None = None
 
   @property
   def length(self) -> int:
+    """Positions the prefix takes in the token sequence (its embeddings)."""
     return 0 if self.embeds is None else self.embeds.shape[1]
+
+  @property
+  def kv_length(self) -> int:
+    """Key/value slots in front of every attention layer."""
+    return 0 if self.keys is None else self.keys.shape[2]
+
+  def kv(self, batch_size: int, repeat: int = 1):
+    """(keys, values) [Y, B * repeat, P, K, D] (each row repeated `repeat` times in place), or None."""
+    if self.keys is None:
+      return None
+    def rows(a):
+      a = jnp.broadcast_to(a, a.shape[:1] + (batch_size,) + a.shape[2:])
+      return L.repeat_rows(a, repeat, axis=1)
+    return rows(self.keys), rows(self.values)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixSlots:
+  """Where a key/value prefix goes in a model, in PEFT's layout: a table [P, layers, 2, heads, head_dim] (keys then
+  values; PEFT stores it flat as [P, layers * 2 * heads * head_dim]), attention layer i reading table layer
+  `layer_of[i]`. `peft_problem` says why PEFT cannot run such a prefix on this model (export refuses), or None."""
+
+  layers: int
+  heads: int
+  head_dim: int
+  layer_of: tuple[int, ...]
+  peft_problem: str | None = None
+
+  @property
+  def token_dim(self) -> int:
+    """PEFT's token_dim for a prefix: heads * head_dim."""
+    return self.heads * self.head_dim
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "PrefixSlots":
+    return cls(**{**d, "layer_of": tuple(d["layer_of"])})
 
 
 @runtime_checkable
@@ -80,6 +129,9 @@ class PromptableLM(Protocol):
 
   def dummy_batch(self, batch_size: int, input_length: int, target_length: int):
     """A training batch of ShapeDtypeStructs (ahead-of-time compilation: plan, bench)."""
+
+  def prefix_slots(self) -> PrefixSlots:
+    """The layout of a key/value prefix for this model (prefix tuning), as PEFT lays it out."""
 
 
 @runtime_checkable

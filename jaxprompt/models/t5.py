@@ -20,7 +20,7 @@ from flax import nnx, struct
 from jaxprompt.data.batches import Seq2SeqBatch
 from jaxprompt.errors import ModelError
 from jaxprompt.models import layers as L
-from jaxprompt.models.interface import FrozenLM, Prefix
+from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +125,16 @@ def _attend(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
 
 @struct.dataclass
 class T5Cache:
-  """Cached decoding state: self-attention k/v [Y, B, T, N, D] for T decoder slots (the start token in slot 0,
-  generated token t in slot t + 1), cross-attention k/v [Y, B, S, N, D] projected once from the encoder output,
-  and the encoder mask [B, S]."""
+  """Cached decoding state: self-attention k/v [Y, B, T, N, D] for T decoder slots (a key/value prefix's P slots
+  first, then the start token in slot P = `start` and generated token t in slot P + t + 1), cross-attention k/v
+  [Y, B, S, N, D] projected once from the encoder output, and the encoder mask [B, S]."""
 
   k: jax.Array
   v: jax.Array
   cross_k: jax.Array | None = None
   cross_v: jax.Array | None = None
   encoder_mask: jax.Array | None = None
+  start: int = struct.field(pytree_node=False, default=0)  # the start token's slot (after a key/value prefix)
 
 
 class T5(FrozenLM):
@@ -181,10 +182,11 @@ class T5(FrozenLM):
     x = L.rms_norm(x, self.encoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2])
 
-  def _decoder(self, x, q_pos, k_pos, decoder_mask, enc, cache: T5Cache | None, index, dropout_rng):
-    """The decoder stack, teacher-forced (`enc` [B, S, H] and its mask in `decoder_mask`'s place for cross
-    attention; no cache) or one cached step (`cache` holds everything; new k/v written at slot `index`).
-    x [B, l, H] at positions q_pos [l] attends to key slots k_pos [S'] -> final hidden states [B, l, H]."""
+  def _decoder(self, x, q_pos, k_pos, decoder_mask, enc, cache: T5Cache | None, index, dropout_rng, prefix_kv=None):
+    """The decoder stack, teacher-forced (`enc` = (encoder output [B, S, H], its mask) for cross attention, no
+    cache; `prefix_kv` [Y, B, P, K, D] self-attention slots in front) or one cached step (`cache` holds everything;
+    new k/v written at slot `index`). x [B, l, H] at positions q_pos [l] attends to key slots at positions
+    k_pos [S'] -> final hidden states [B, l, H]."""
     cfg = self.config
     self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg)
     self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, L.MASK_VALUE)[None, None]
@@ -195,39 +197,50 @@ class T5(FrozenLM):
     rate, act = cfg.dropout_rate, L.activation(cfg.act_name)
     x = L.dropout(x, rate, rngs[0])
 
-    def layer(p, x, rng, xs=None):
+    def layer(p, x, rng, xs):
       r = L.split_rng(rng, 7)
       a, c = p["self_attn"], p["cross_attn"]
       h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
       q, k, v = _qkv(a, h, h)
-      if xs is not None:
+      if cache is not None:
         k = jax.lax.dynamic_update_slice(xs["k"], k.astype(xs["k"].dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(xs["v"], v.astype(xs["v"].dtype), (0, index, 0, 0))
+      elif "pk" in xs:
+        k = jnp.concatenate([xs["pk"].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([xs["pv"].astype(v.dtype), v], axis=1)
       x = x + L.dropout(_attend(a, q, k, v, self_bias, rate, r[0]), rate, r[1])
       h = L.rms_norm(x, p["cross_attn_norm"], cfg.layer_norm_epsilon)
       # teacher forcing projects the encoder output here; cached steps projected it once (prefill)
-      qkv = _qkv(c, h, enc[0]) if xs is None else _qkv(c, h, None) + (xs["cross_k"], xs["cross_v"])
+      qkv = _qkv(c, h, enc[0]) if cache is None else _qkv(c, h, None) + (xs["cross_k"], xs["cross_v"])
       x = x + L.dropout(_attend(c, *qkv, cross_bias, rate, r[2]), rate, r[3])
       h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
       x = x + L.dropout(L.mlp(h, p["mlp"], act, rate, r[4]), rate, r[5])
-      return x if xs is None else (x, dict(k=k, v=v))
+      return x, (dict(k=k, v=v) if cache is not None else {})
 
-    per_layer = None if cache is None else dict(k=cache.k, v=cache.v, cross_k=cache.cross_k, cross_v=cache.cross_v)
-    out = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], self.remat if cache is None else "none",
-                        per_layer)
-    x, kv = (out, None) if cache is None else out
+    if cache is not None:
+      per_layer = dict(k=cache.k, v=cache.v, cross_k=cache.cross_k, cross_v=cache.cross_v)
+    else:
+      per_layer = {} if prefix_kv is None else dict(pk=prefix_kv[0], pv=prefix_kv[1])
+    x, kv = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], self.remat if cache is None else "none",
+                          per_layer)
     x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2]), kv
 
   def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
-             *, dropout_rng=None) -> jax.Array:
-    """Teacher-forced decoder pass -> logits [B, T, V] in float32."""
+             *, prefix_kv=None, dropout_rng=None) -> jax.Array:
+    """Teacher-forced decoder pass -> logits [B, T, V] in float32. `prefix_kv` (keys, values) [Y, B, P, K, D]:
+    P self-attention slots in front of every decoder layer's own, at positions 0..P-1, the tokens at P..P+T-1
+    (PEFT: the decoder's mask, when given, gets P ones in front)."""
     b, t = decoder_input_ids.shape
     if encoder_attention_mask is None:
       encoder_attention_mask = jnp.ones(encoder_hidden.shape[:2], jnp.int32)
-    pos = jnp.arange(t)
+    pk = 0 if prefix_kv is None else prefix_kv[0].shape[2]
+    if pk and decoder_attention_mask is not None:
+      decoder_attention_mask = jnp.concatenate([jnp.ones((b, pk), decoder_attention_mask.dtype),
+                                                decoder_attention_mask], axis=1)
     enc = (encoder_hidden.astype(self.dtype), encoder_attention_mask)
-    x, _ = self._decoder(self.embed(decoder_input_ids), pos, pos, decoder_attention_mask, enc, None, 0, dropout_rng)
+    x, _ = self._decoder(self.embed(decoder_input_ids), pk + jnp.arange(t), jnp.arange(pk + t), decoder_attention_mask,
+                         enc, None, 0, dropout_rng, prefix_kv)
     return self.logits(x)
 
   def logits(self, x: jax.Array) -> jax.Array:
@@ -248,7 +261,8 @@ class T5(FrozenLM):
     enc_rng, dec_rng = L.split_rng(dropout_rng, 2)
     x, m = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
     enc = self.encode(inputs_embeds=x, attention_mask=m, dropout_rng=enc_rng)
-    return self.decode(decoder_input_ids, enc, m, decoder_attention_mask, dropout_rng=dec_rng)
+    kv = prefix.kv(x.shape[0]) if prefix is not None else None
+    return self.decode(decoder_input_ids, enc, m, decoder_attention_mask, prefix_kv=kv, dropout_rng=dec_rng)
 
   def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                inputs_embeds=None, *, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
@@ -266,8 +280,26 @@ class T5(FrozenLM):
     x, m = self.input_embeddings(batch.input_ids, batch.input_mask, prefix=prefix)
     enc = jnp.repeat(self.encode(inputs_embeds=x, attention_mask=m), c, axis=0)
     tgt, tmask = jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))
-    logits = self.decode(shift_right(tgt, self.config.decoder_start_token_id), enc, jnp.repeat(m, c, axis=0))
+    kv = prefix.kv(b, repeat=c) if prefix is not None else None
+    logits = self.decode(shift_right(tgt, self.config.decoder_start_token_id), enc, jnp.repeat(m, c, axis=0),
+                         prefix_kv=kv)
     return L.sequence_logprob(logits, tgt, tmask).reshape(b, c)
+
+  def prefix_slots(self) -> PrefixSlots:
+    c = self.config
+    # PEFT reads num_hidden_layers, which T5Config maps to num_layers: the *encoder's* depth, L. Its seq2seq
+    # cache concatenates the [2L] key/value slots with themselves and gives decoder layer g the pair
+    # (4g mod 2L, 4g + 1 mod 2L), i.e. table layer 2g mod L (a PEFT 0.21 quirk, reproduced so that exports give
+    # PEFT's logits: with L = 2 table layer 1 is never read). A decoder deeper than L makes PEFT fail.
+    problem = None
+    if c.num_decoder_layers > c.num_layers:
+      problem = (f"PEFT 0.21's seq2seq prefix tuning gives decoder layer g entry g of a cache with num_layers = "
+                 f"{c.num_layers} entries and fails (IndexError) on this decoder's {c.num_decoder_layers} layers")
+    elif c.d_kv * c.num_heads != c.d_model:
+      problem = (f"PEFT 0.21 takes T5's head dimension to be d_model / num_heads = {c.d_model / c.num_heads:g}, "
+                 f"but this model's d_kv is {c.d_kv}")
+    return PrefixSlots(layers=c.num_layers, heads=c.num_heads, head_dim=c.d_kv,
+                       layer_of=tuple((2 * g) % c.num_layers for g in range(c.num_decoder_layers)), peft_problem=problem)
 
   # -- cached decoding ----------------------------------------------------------------------------
 
@@ -279,21 +311,26 @@ class T5(FrozenLM):
 
   def prefill(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, prefix: Prefix | None = None,
               max_new_tokens: int, num_beams: int = 1) -> tuple[jax.Array, T5Cache]:
-    """Encode once (any padding), project cross-attention k/v once, decode the start token."""
-    w = num_beams
+    """Encode once (any padding), project cross-attention k/v once, decode the start token (after a key/value
+    prefix's slots, pre-filled)."""
+    w, pk = num_beams, 0 if prefix is None else prefix.kv_length
     x, mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
     enc = L.repeat_rows(self.encode(inputs_embeds=x, attention_mask=mask), w).astype(self.dtype)
     cross = L.arrays(self.decoder.layers.cross_attn)
     ck = jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype))
     cv = jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype))
-    cache = self.init_cache(enc.shape[0], max_new_tokens + 1)  # the last slot is never read
-    cache = cache.replace(cross_k=ck, cross_v=cv, encoder_mask=L.repeat_rows(mask, w))
+    cache = self.init_cache(enc.shape[0], pk + max_new_tokens + 1)  # the last slot is never read
+    cache = cache.replace(cross_k=ck, cross_v=cv, encoder_mask=L.repeat_rows(mask, w), start=pk)
+    if pk:
+      keys, values = prefix.kv(mask.shape[0], repeat=w)
+      cache = cache.replace(k=cache.k.at[:, :, :pk].set(keys.astype(self.dtype)),
+                            v=cache.v.at[:, :, :pk].set(values.astype(self.dtype)))
     start = jnp.full((enc.shape[0], 1), self.config.decoder_start_token_id, jnp.int32)
-    logits, cache = self._cached_step(cache, start, 0)
+    logits, cache = self._cached_step(cache, start, pk)
     return logits[:, 0], cache
 
   def decode_step(self, cache: T5Cache, tokens: jax.Array, t) -> tuple[jax.Array, T5Cache]:
-    logits, cache = self._cached_step(cache, tokens[:, None], t + 1)
+    logits, cache = self._cached_step(cache, tokens[:, None], cache.start + t + 1)
     return logits[:, 0], cache
 
   def _cached_step(self, cache: T5Cache, decoder_input_ids: jax.Array, index) -> tuple[jax.Array, T5Cache]:

@@ -34,11 +34,19 @@ PEFT_INIT = {"random_uniform": "RANDOM", "sampled_vocab": "SAMPLE_VOCAB", "class
              "text": "TEXT"}
 
 
+# seq2seq: PEFT's EncoderDecoderCache path (2 submodules), the one that gives the decoder's self-attention the prefix
+PEFT_PREFIX_SUBMODULES = {"seq2seq": 2, "causal": 1}
+
+
 def _provenance(value: np.ndarray, info: dict, fmt: str) -> dict:
-  return dict(format="jaxprompt-prompt/1", export_format=fmt, prompt_length=int(value.shape[0]),
-              hidden_size=int(value.shape[1]), base_model=info.get("base_model"),
-              base_architecture=info.get("base_architecture"), source=info.get("source"), step=info.get("step"),
-              metrics=info.get("metrics"), tokenizer=info.get("tokenizer"), prompt_config=info.get("prompt_config"),
+  spec = info.get("prompt_spec") or {"method": "prompt_tuning"}
+  hidden = (info.get("base_architecture") or {}).get("hidden_size")
+  if spec.get("method", "prompt_tuning") != "prefix_tuning":
+    hidden = int(value.shape[1])
+  return dict(format="jaxprompt-prompt/1", export_format=fmt, prompt_length=int(value.shape[0]), hidden_size=hidden,
+              prompt_spec=spec, base_model=info.get("base_model"), base_architecture=info.get("base_architecture"),
+              source=info.get("source"), step=info.get("step"), metrics=info.get("metrics"),
+              tokenizer=info.get("tokenizer"), prompt_config=info.get("prompt_config"),
               exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               jaxprompt_version=__version__)
 
@@ -54,6 +62,28 @@ def _peft_init(info: dict, base_path: str | None) -> dict:
               tokenizer_name_or_path=None)
 
 
+def _method_fields(value: np.ndarray, spec: dict, arch: dict, kind: str, info: dict, base_path) -> dict:
+  """PEFT's fields for each method: what its PromptEmbedding / PromptEncoder / PrefixEncoder is built from."""
+  method = spec.get("method", "prompt_tuning")
+  layers = dict(num_layers=arch.get("num_layers"), num_attention_heads=arch.get("num_attention_heads"))
+  if method == "prompt_tuning":
+    return dict(peft_type="PROMPT_TUNING", token_dim=int(value.shape[1]), num_transformer_submodules=1, **layers,
+                **_peft_init(info, base_path))
+  if method == "p_tuning":
+    return dict(peft_type="P_TUNING", token_dim=int(value.shape[1]), num_transformer_submodules=1, **layers,
+                **{k: spec.get(k) for k in ("encoder_reparameterization_type", "encoder_hidden_size",
+                                            "encoder_num_layers", "encoder_dropout")})
+  problem = (spec.get("slots") or {}).get("peft_problem")
+  if problem:
+    raise ExportError(f"PEFT cannot run this prefix: {problem} (jaxprompt trains and serves it; export it "
+                      "--format numpy or safetensors instead)")
+  p, y, _, heads, d = value.shape
+  return dict(peft_type="PREFIX_TUNING", token_dim=heads * d, num_attention_heads=heads, num_layers=y,
+              num_transformer_submodules=PEFT_PREFIX_SUBMODULES[kind],
+              prefix_projection=bool(spec.get("prefix_projection")),
+              encoder_hidden_size=spec.get("encoder_hidden_size") or heads * d, init_weights=None)
+
+
 def peft_config(value: np.ndarray, info: dict, base_path: str | None) -> dict:
   arch = info.get("base_architecture") or {}
   kind = arch.get("kind")
@@ -61,38 +91,36 @@ def peft_config(value: np.ndarray, info: dict, base_path: str | None) -> dict:
     raise ExportError("the prompt's base model kind is unknown (no provenance); cannot choose a PEFT task_type")
   base = info.get("base_model") or {}
   base_path = base_path if base_path is not None else base.get("path")
-  return {
-      "peft_type": "PROMPT_TUNING",
-      "task_type": PEFT_TASK_TYPES[kind],
-      "num_virtual_tokens": int(value.shape[0]),
-      "token_dim": int(value.shape[1]),
-      "num_transformer_submodules": 1,
-      "num_layers": arch.get("num_layers"),
-      "num_attention_heads": arch.get("num_attention_heads"),
-      **_peft_init(info, base_path),
-      "base_model_name_or_path": base_path,
-      "revision": base.get("revision"),
-      "inference_mode": True,
-      "auto_mapping": None,
-      "modules_to_save": None,
-  }
+  spec = info.get("prompt_spec") or {"method": "prompt_tuning"}
+  return {"task_type": PEFT_TASK_TYPES[kind], "num_virtual_tokens": int(value.shape[0]),
+          **_method_fields(value, spec, arch, kind, info, base_path), "base_model_name_or_path": base_path,
+          "revision": base.get("revision"), "inference_mode": True, "auto_mapping": None, "modules_to_save": None}
+
+
+def peft_tensor(value: np.ndarray) -> np.ndarray:
+  """`prompt_embeddings` as PEFT stores it: [P, H] input embeddings, or a prefix table flattened to
+  [P, Y * 2 * K * D] (PEFT's view [P, 2Y, K, D], slot 2l + kv)."""
+  return np.ascontiguousarray(value.reshape(value.shape[0], -1), np.float32)
 
 
 def export_prompt(source: str | Path, fmt: str, out: str | Path, *, step: str | int = "best",
                   with_base: bool = False, overwrite: bool = False) -> Path:
-  """Export a trained prompt. fmt: "peft" (a folder), "numpy" (.npy [P, H] float32) or "safetensors"."""
+  """Export a trained prompt's inference value. fmt: "peft" (a folder), "numpy" (.npy float32: [P, H] input
+  embeddings, or a prefix table [P, Y, 2, K, D]) or "safetensors" (the same array, `prompt_embeddings`)."""
   value, info = load_trained_prompt(source, step)
   value = np.ascontiguousarray(value, np.float32)
   out = Path(out)
   prov = _provenance(value, info, fmt)
   if fmt == "peft":
+    peft_config(value, info, None)  # refuse before writing anything
     def write(tmp: Path):
       base_path = None
       if with_base:
         write_base(info, tmp / "base")
         base_path = str((out / "base").absolute())
       (tmp / "adapter_config.json").write_text(json.dumps(peft_config(value, info, base_path), indent=2))
-      hf.save_safetensors({"prompt_embeddings": value}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+      hf.save_safetensors({"prompt_embeddings": peft_tensor(value)}, tmp / "adapter_model.safetensors",
+                          metadata={"format": "pt"})
       (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2))
 
     return write_folder_atomically(out, write, overwrite=overwrite)

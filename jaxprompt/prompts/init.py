@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprompt.errors import PromptError
-from jaxprompt.prompts.io import check_compatible, load_trained_prompt
+from jaxprompt.prompts.io import load_prompt_source
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ def initial_prompt(pcfg, base, tokenizer, labels: Sequence[str] | None, rng: jax
 def _from_file(pcfg, base, hidden: int) -> jax.Array:
   if not pcfg.init_file:
     raise PromptError("prompt.init file needs prompt.init_file")
-  value, info = load_trained_prompt(pcfg.init_file)
-  for warning in check_compatible(info, getattr(base, "identity", None), hidden, base.kind, pcfg.init_file,
-                                  strict=not pcfg.allow_other_base):
+  src = load_prompt_source(pcfg.init_file)
+  value = src.embeddings(pcfg.init_file)
+  for warning in src.check(base, pcfg.init_file, strict=not pcfg.allow_other_base):
     log.warning(warning)
   if value.shape != (pcfg.length, hidden):
     raise PromptError(f"{pcfg.init_file}: prompt has shape {value.shape}, expected [P, H] = ({pcfg.length}, {hidden})")

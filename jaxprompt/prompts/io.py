@@ -8,6 +8,7 @@ Every jaxprompt export carries `jaxprompt.json` (the base model's identity and a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import numpy as np
 
 from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
 from jaxprompt.models import hf
+from jaxprompt.prompts.specs import from_spec
 from jaxprompt.training.checkpoint import Checkpointer, find_checkpoint_dir
 
 PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
+PEFT_METHODS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
 PROVENANCE = "jaxprompt.json"
 
 
@@ -46,10 +49,8 @@ def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
 
 
 def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
-  """A prompt from a `.npy` [P, H] file, a `.safetensors` file, or a PEFT adapter folder.
-
-  Returns (float32 [P, H], metadata: the PEFT adapter config and/or our provenance file, if any).
-  """
+  """A prompt from a `.npy` file, a `.safetensors` file, or a PEFT adapter folder: (float32 array as stored,
+  metadata: the PEFT adapter config and/or our provenance file, if any)."""
   path = Path(path)
   if not path.exists():
     raise MissingPathError(f"prompt file {str(path)!r} does not exist")
@@ -70,14 +71,12 @@ def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
     meta["safetensors"] = f.metadata
   else:
     raise PromptError(f"{path}: unknown prompt format (expected .npy, .safetensors or a PEFT adapter folder)")
-  if value.ndim != 2:
-    raise PromptError(f"{path}: prompt must be 2-D [P, H], got shape {value.shape}")
   return value, meta
 
 
 def from_file(path: str | Path, length: int, hidden: int):
-  """A prompt file's [P, H] value, checked against the expected shape."""
-  value, _ = read_prompt_file(path)
+  """A prompt file's [P, H] input embeddings, checked against the expected shape."""
+  value = load_prompt_source(path).embeddings(str(path))
   if value.shape != (length, hidden):
     raise PromptError(f"{path}: prompt has shape {value.shape}, expected [P, H] = ({length}, {hidden})")
   return jnp.asarray(value)
@@ -92,22 +91,71 @@ def _file_provenance(source: Path, meta: dict) -> dict:
   return info
 
 
-def load_trained_prompt(source: str | Path, step: str | int = "best") -> tuple[np.ndarray, dict]:
-  """The prompt [P, H] and its provenance from a workdir, a checkpoint step folder, or an export."""
+@dataclasses.dataclass
+class TrainedPrompt:
+  """What a prompt source holds. `value`: what the prompt is at inference (input embeddings [P, H] for
+  prompt_tuning / p_tuning, a key/value table [P, Y, 2, K, D] for prefix_tuning); `spec`: its method and options;
+  `params`: every trained parameter (a jaxprompt checkpoint: encoders included), None for exports and adapters;
+  `info`: provenance (base model, source, step, PEFT config...)."""
+
+  value: np.ndarray
+  spec: dict
+  params: dict | None
+  info: dict
+
+  @property
+  def method(self) -> str:
+    return self.spec.get("method", "prompt_tuning")
+
+  def embeddings(self, where: str) -> np.ndarray:
+    """The input embeddings [P, H] (refusing a key/value prefix, which has none)."""
+    if self.method == "prefix_tuning":
+      raise PromptError(f"{where}: a prefix_tuning prompt is keys and values for every layer, not input embeddings")
+    return self.value
+
+  def check(self, base, where: str, *, strict: bool = True) -> list[str]:
+    """Fits `base`? (kind, hidden size or prefix shape, base identity); PromptError, or warnings (not strict)."""
+    warnings = check_compatible(self.info, getattr(base, "identity", None), base.hidden_size, base.kind, where,
+                                strict=strict)
+    if self.method == "prefix_tuning":
+      s = base.prefix_slots()
+      want = (s.layers, 2, s.heads, s.head_dim)
+      if self.value.shape[1:] != want:
+        raise PromptError(f"{where}: prefix table is {self.value.shape}, this model's is [P, "
+                          f"{', '.join(map(str, want))}]")
+    elif self.value.shape[1] != base.hidden_size:
+      raise PromptError(f"{where}: prompt is {self.value.shape}, this model's hidden size is {base.hidden_size}")
+    return warnings
+
+
+def load_prompt_source(source: str | Path, step: str | int = "best") -> TrainedPrompt:
+  """A prompt from a workdir, a checkpoint step folder, a PEFT adapter folder or a file export."""
   source = Path(source)
   if not source.exists():
     raise MissingPathError(f"{source} does not exist")
-  if source.is_file() or (source / "adapter_config.json").exists():
-    value, meta = read_prompt_file(source)
-    info = _file_provenance(source, meta)
-    if "peft" in meta:
-      info.setdefault("peft", meta["peft"])
-      value = peft_rows(value, meta["peft"], source)
-    return value, info
-  return _checkpoint_prompt(source, step)
+  if not (source.is_file() or (source / "adapter_config.json").exists()):
+    return _checkpoint_prompt(source, step)
+  value, meta = read_prompt_file(source)
+  info = _file_provenance(source, meta)
+  if "peft" in meta:
+    info.setdefault("peft", meta["peft"])
+    value, spec = peft_value(value, meta["peft"], source)
+  else:
+    spec = info.get("prompt_spec") or {"method": "prompt_tuning"}
+  want = 5 if spec.get("method") == "prefix_tuning" else 2
+  if value.ndim != want:
+    shape = "[P, Y, 2, K, D]" if want == 5 else "[P, H]"
+    raise PromptError(f"{source}: a {spec.get('method', 'prompt_tuning')} prompt is {shape}, got shape {value.shape}")
+  return TrainedPrompt(value, spec, None, info)
 
 
-def _checkpoint_prompt(source: Path, step: str | int) -> tuple[np.ndarray, dict]:
+def load_trained_prompt(source: str | Path, step: str | int = "best") -> tuple[np.ndarray, dict]:
+  """(inference value, provenance incl. `prompt_spec`) of a workdir, a checkpoint step folder, or an export."""
+  tp = load_prompt_source(source, step)
+  return tp.value, dict(tp.info, prompt_spec=tp.spec)
+
+
+def _checkpoint_prompt(source: Path, step: str | int) -> TrainedPrompt:
   if source.name.isdigit() and (source / "prompt").exists():
     ckdir, chosen = source.parent, int(source.name)
   else:
@@ -119,28 +167,53 @@ def _checkpoint_prompt(source: Path, step: str | int) -> tuple[np.ndarray, dict]
     raise CheckpointError(f"{ckdir}: no checkpoint at step {chosen} (have {ck.steps()})")
   prompt, meta = ck.restore_prompt(chosen)
   ck.close()
-  value = np.asarray(prompt["prompt"]["embeddings"], np.float32)
+  spec = meta.get("prompt_spec") or {"method": "prompt_tuning"}  # checkpoints before round 2: prompt tuning
+  params = prompt["prompt"]
+  value = np.asarray(from_spec(spec, params).inference_value(), np.float32)
   cfg = meta.get("config") or {}
   info = dict(base_model=meta.get("base_model"), base_architecture=meta.get("base_architecture"),
               source=str(ckdir / str(chosen)), step=chosen, metrics=meta.get("metrics"),
-              tokenizer=cfg.get("model", {}).get("tokenizer"), prompt_config=cfg.get("prompt"))
-  return value, info
+              tokenizer=cfg.get("model", {}).get("tokenizer"), prompt_config=cfg.get("prompt"), prompt_spec=spec)
+  return TrainedPrompt(value, spec, params, info)
 
 
-def peft_rows(value: np.ndarray, peft: dict, where: Path) -> np.ndarray:
-  """The [P, H] prompt of a PEFT PROMPT_TUNING tensor, with its adapter_config.json checked."""
-  if peft.get("peft_type") != "PROMPT_TUNING":
-    raise PromptError(f"{where}: peft_type is {peft.get('peft_type')!r}, only PROMPT_TUNING adapters hold soft prompts")
+def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, dict]:
+  """The inference value and spec of a PEFT adapter's `prompt_embeddings`, its adapter_config.json checked:
+  PROMPT_TUNING / P_TUNING -> the [P, H] rows the input receives (a seq2seq [2P, H] tensor's second half is never
+  read); PREFIX_TUNING -> the flat table [P, Y * 2 * K * D] as [P, Y, 2, K, D]."""
+  kind = peft.get("peft_type")
+  if kind not in PEFT_METHODS:
+    raise PromptError(f"{where}: peft_type is {kind!r}; soft-prompt adapters are {', '.join(PEFT_METHODS)}")
   if not peft.get("task_type"):
     raise PromptError(f"{where}: adapter_config.json has no task_type (PEFT would silently ignore the prompt)")
   p = peft.get("num_virtual_tokens")
   if not isinstance(p, int) or p <= 0:
     raise PromptError(f"{where}: adapter_config.json num_virtual_tokens must be a positive integer, got {p!r}")
+  if value.ndim != 2:
+    raise PromptError(f"{where}: prompt_embeddings must be 2-D, got shape {value.shape}")
+  if kind == "PREFIX_TUNING":
+    return _peft_prefix(value, peft, where), {"method": "prefix_tuning", "prefix_projection": False}
   if peft.get("token_dim") not in (None, value.shape[1]):
     raise PromptError(f"{where}: token_dim {peft.get('token_dim')} does not match prompt_embeddings {value.shape}")
   if value.shape[0] < p or value.shape[0] % p:
     raise PromptError(f"{where}: prompt_embeddings has {value.shape[0]} rows for {p} virtual tokens")
-  return value[:p]  # the encoder / input prompt; a seq2seq [2P, H] tensor's second half is never read
+  spec = {"method": PEFT_METHODS[kind]}
+  if kind == "P_TUNING":
+    spec.update({k: peft.get(k) for k in ("encoder_reparameterization_type", "encoder_hidden_size",
+                                          "encoder_num_layers", "encoder_dropout")})
+  return value[:p], spec
+
+
+def _peft_prefix(value: np.ndarray, peft: dict, where: Path) -> np.ndarray:
+  p, y, heads, t = (peft.get(k) for k in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"))
+  if not all(isinstance(x, int) and x > 0 for x in (y, heads, t)) or t % heads:
+    raise PromptError(f"{where}: a PREFIX_TUNING adapter_config.json needs positive num_layers, num_attention_heads "
+                      f"and token_dim (a multiple of the heads), got {y}, {heads}, {t}")
+  if value.shape != (p, y * 2 * t):
+    raise PromptError(f"{where}: prompt_embeddings is {value.shape}, expected [num_virtual_tokens, num_layers * 2 * "
+                      f"token_dim] = ({p}, {y * 2 * t})")
+  # PEFT's get_prompt: view [P, 2Y, heads, head_dim], slot 2l + kv -> ours [P, Y, 2, heads, head_dim]
+  return value.reshape(p, y, 2, heads, t // heads)
 
 
 def check_compatible(info: dict, identity: Any, hidden: int, kind: str, where: str, *, strict: bool = True) -> list[str]:

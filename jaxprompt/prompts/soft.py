@@ -8,7 +8,7 @@ semantics: T5's encoder input only; a decoder's whole sequence, positions 0..P+L
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +21,34 @@ from jaxprompt.models.interface import Prefix
 from jaxprompt.prompts.params import PromptParam
 
 
-class SoftPrompt(nnx.Module):
-  """`embeddings` [P, H] float32, replicated (logical axes prompt / prompt_embed) — or a bank [K, P, H] of
-  K prompts for mixed-prompt batches, where each example picks its prompt by id."""
+class PromptMethod(nnx.Module):
+  """A prompt-learning method. Its trainable variables are `PromptParam`s (so the optimizer, checkpoints and export
+  select them by type); `prefix(batch_size, prompt_ids, dropout_rng=)` is what it puts in front of a batch
+  (`models.interface.Prefix`); `inference_value()` is what a trained prompt amounts to at inference (and what
+  PEFT saves); `spec()` describes it (JSON: method, options) for checkpoints and exports."""
+
+  method: ClassVar[str]
+  uses_dropout: ClassVar[bool] = False  # does `prefix` draw dropout (it then takes its own key)
+
+  @property
+  def length(self) -> int:
+    raise NotImplementedError
+
+  def prefix(self, batch_size: int, prompt_ids=None, *, dropout_rng=None) -> Prefix:
+    raise NotImplementedError
+
+  def inference_value(self) -> jax.Array:
+    raise NotImplementedError
+
+  def spec(self) -> dict:
+    return dict(method=self.method)
+
+
+class SoftPrompt(PromptMethod):
+  """Prompt tuning: `embeddings` [P, H] float32, replicated (logical axes prompt / prompt_embed) — or a bank
+  [K, P, H] of K prompts for mixed-prompt batches, where each example picks its prompt by id."""
+
+  method = "prompt_tuning"
 
   def __init__(self, value: jax.Array | np.ndarray):
     value = jnp.asarray(value, jnp.float32)
@@ -35,6 +60,12 @@ class SoftPrompt(nnx.Module):
   @property
   def length(self) -> int:
     return self.embeddings.shape[-2]
+
+  def inference_value(self) -> jax.Array:
+    return self.embeddings[...]
+
+  def prefix(self, batch_size: int, prompt_ids=None, *, dropout_rng=None) -> Prefix:
+    return Prefix(embeds=self.rows(batch_size, prompt_ids))
 
   def rows(self, batch_size: int, prompt_ids: jax.Array | None = None) -> jax.Array:
     """[B, P, H]: one prompt for all, or row `prompt_ids[b]` of a [K, P, H] bank."""
@@ -55,9 +86,10 @@ def prompt_bank(prompts: Sequence[jax.Array | np.ndarray]) -> SoftPrompt:
 
 
 class PromptedModel(nnx.Module):
-  """A frozen base model (any `models.interface.PromptableLM`) plus a soft prompt or a prompt bank."""
+  """A frozen base model (any `models.interface.PromptableLM`) plus a prompt method (`PromptMethod`: a soft prompt,
+  a prefix, a P-tuning encoder, or a bank of fixed prompts for mixed batches)."""
 
-  def __init__(self, base: nnx.Module, prompt: SoftPrompt):
+  def __init__(self, base: nnx.Module, prompt: PromptMethod):
     self.base = base
     self.prompt = prompt
 
@@ -65,22 +97,38 @@ class PromptedModel(nnx.Module):
   def kind(self) -> str:
     return self.base.kind
 
-  def prefix(self, batch_size: int, prompt_ids: jax.Array | None = None) -> Prefix:
-    return Prefix(embeds=self.prompt.rows(batch_size, prompt_ids))
+  def prefix(self, batch_size: int, prompt_ids: jax.Array | None = None, *, dropout_rng=None) -> Prefix:
+    return self.prompt.prefix(batch_size, prompt_ids, dropout_rng=dropout_rng)
+
+  def _split(self, dropout_rng):
+    """(the prompt's dropout key, the base's): a method that draws no dropout leaves the base's key as it was."""
+    if not self.prompt.uses_dropout or dropout_rng is None:
+      return None, dropout_rng
+    return tuple(jax.random.split(dropout_rng))
 
   def embed_inputs(self, input_ids, attention_mask=None, prompt_ids=None):
-    """input_ids [B, L] -> (inputs_embeds [B, P + L, H], mask [B, P + L]): the prompt before the tokens."""
-    return L.prepend(self.prompt.rows(input_ids.shape[0], prompt_ids), self.base.embed(input_ids), attention_mask)
+    """input_ids [B, L] -> (inputs_embeds [B, P + L, H], mask [B, P + L]): a soft prompt before the tokens."""
+    return self.base.input_embeddings(input_ids, attention_mask, prefix=self.prefix(input_ids.shape[0], prompt_ids))
+
+  def full_logits(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
+                  prompt_ids=None, dropout_rng=None) -> jax.Array:
+    """The base's logits as PEFT returns them: seq2seq [B, T, V]; causal [B, P + L, V] with the soft prompt's
+    positions (none for a key/value prefix)."""
+    p_rng, rng = self._split(dropout_rng)
+    return self.base.forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                             prefix=self.prefix(input_ids.shape[0], prompt_ids, dropout_rng=p_rng), dropout_rng=rng)
 
   def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
                prompt_ids=None, dropout_rng=None) -> jax.Array:
-    """seq2seq: logits [B, T, V]; causal: logits [B, P + L, V] (prompt positions included)."""
-    return self.base.forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                             prefix=self.prefix(input_ids.shape[0], prompt_ids), dropout_rng=dropout_rng)
+    """Logits of the real positions only, float32: seq2seq [B, T, V]; causal [B, L, V] (no virtual tokens)."""
+    logits = self.full_logits(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                              prompt_ids=prompt_ids, dropout_rng=dropout_rng)
+    return logits[:, logits.shape[1] - input_ids.shape[1]:] if decoder_input_ids is None else logits
 
   def score_targets(self, batch, *, prompt_ids=None, dropout_rng=None):
     """(logits [B, T, V], targets [B, T], loss mask [B, T]) of a training batch (`models.interface`)."""
-    return self.base.score_targets(batch, self.prefix(batch.size, prompt_ids), dropout_rng=dropout_rng)
+    p_rng, rng = self._split(dropout_rng)
+    return self.base.score_targets(batch, self.prefix(batch.size, prompt_ids, dropout_rng=p_rng), dropout_rng=rng)
 
   def label_logprobs(self, batch, label_ids, label_mask, *, prompt_ids=None) -> jax.Array:
     """[B, C] rank-classification scores under the prompt."""

@@ -19,7 +19,7 @@ from jaxprompt.errors import UsageError
 from jaxprompt.models.hf import resolve_model_dir
 from jaxprompt.models.known import KNOWN_CONFIGS
 from jaxprompt.models.loading import SOURCES, abstract_model, build_model, config_from_dict
-from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
+from jaxprompt.prompts import PromptedModel, PromptParam, methods
 from jaxprompt.tools import costs
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
@@ -84,7 +84,9 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
 
   def build():
     base = build_model(config, param_dtype=pdt, dtype=cdt, remat=remat)
-    return PromptedModel(base, SoftPrompt(jnp.zeros((cfg.prompt.length, base.hidden_size))))
+    # the configured method's structure (its initial values do not matter to a plan)
+    return PromptedModel(base, methods.build(methods.with_random_init(cfg.prompt), base, None, None,
+                                             jax.random.key(0)))
 
   abstract = nnx.eval_shape(build)
   graphdef, prompt_state, frozen_state = nnx.split(abstract, PromptParam, ...)

@@ -92,7 +92,7 @@ class Trainer:
 
   def checkpoint_meta(self) -> dict:
     return dict(base_model=self.run.identity.to_dict(), base_architecture=self.run.architecture(),
-                config=self.cfg.to_dict())
+                config=self.cfg.to_dict(), prompt_spec=self.run.prompt_spec)
 
   def initial_state(self) -> TrainState:
     """A fresh state, or the latest checkpoint's (checked against the base model)."""
