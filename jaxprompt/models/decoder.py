@@ -297,6 +297,8 @@ class Decoder(FrozenLM):
       self.final_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
     if not cfg.tie_word_embeddings:
       self.lm_head = L.param(L.normal_init(rngs, (h, v), _INIT_STD, param_dtype), ("embed", "vocab"))
+    # run a soft prompt shared by every row once per batch (`shared_prompt`); False: per row, as PEFT does
+    self.share_prompt = True
 
   # -- the stack -------------------------------------------------------------------------------
 
@@ -396,6 +398,30 @@ class Decoder(FrozenLM):
 
   # -- prompted entry points (models.interface.PromptableLM) ------------------------------------
 
+  def shared_prompt(self, prefix: Prefix | None, batch_size: int, dropout_rng=None
+                    ) -> tuple[Prefix | None, jax.Array | None]:
+    """A soft prompt the same for every row ([1, P, H] embeddings) is, under causal attention, the same P hidden
+    states, keys and values in every row: run it once (batch 1, positions 0..P-1) and hand the rows its keys and
+    values as a key/value prefix — exactly the per-row computation without P extra tokens per row through every
+    layer (gradients reach the prompt through the keys/values). -> (the prefix to use, the prompt's last final
+    hidden state [1, H], which predicts a first token after an empty input; None where nothing was shared).
+    Falls back to the per-row prompt (logged once) where that is not exact: dropout on the prompt positions,
+    a prompt per row (a bank), or a prompt together with a key/value prefix."""
+    if prefix is None or prefix.embeds is None or not self.share_prompt:
+      return prefix, None
+    per_row = ("dropout touches the prompt positions" if dropout_rng is not None and self.config.dropout_rate else
+               "each row has its own prompt" if prefix.embeds.shape[0] != 1 and batch_size > 1 else
+               "a key/value prefix is present" if prefix.keys is not None else None)
+    if per_row:
+      _log_once(f"soft prompt run per row (not shared across the batch): {per_row}")
+      return prefix, None
+    x = prefix.embeds.reshape((1,) + prefix.embeds.shape[-2:]).astype(self.dtype)
+    p = x.shape[1]
+    cache = self.init_cache(1, p).replace(key_mask=jnp.ones((1, p), jnp.int32))
+    h, cache = self._extend(cache, x, jnp.arange(p)[None], 0)
+    return Prefix(keys=cache.k, values=cache.v), h[:, -1]
+
+
   def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
               inputs_embeds=None, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
     """-> logits [B, P + L, V] float32 with positions 0..P+L-1 (prefix embedding positions included, as PEFT
@@ -409,9 +435,12 @@ class Decoder(FrozenLM):
   def score_targets(self, batch: CausalBatch, prefix: Prefix | None = None, *, dropout_rng=None):
     # Logits only where there is a loss: the LM head over every prompt and input position would cost
     # 2 * B * (P + L) * H * V FLOPs (forward and backward) for nothing.
+    prefix, last = self.shared_prompt(prefix, batch.size, dropout_rng)
     x, m = self.input_embeddings(batch.tokens, batch.token_mask, prefix=prefix)
     kv = prefix.kv(batch.size) if prefix is not None else None
     h = self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, dropout_rng=dropout_rng)
+    if last is not None:  # the shared prompt's last position stands in front, as the per-row prompt's would
+      h = jnp.concatenate([jnp.broadcast_to(last[:, None].astype(h.dtype), (h.shape[0], 1, h.shape[2])), h], 1)
     p = h.shape[1] - batch.tokens.shape[1]
     idx = batch.target_index  # [B, T] positions of the target tokens in `tokens`
     # position t predicts t + 1; a target at token 0 (empty input, no BOS) is predicted from the prompt's last
@@ -424,6 +453,7 @@ class Decoder(FrozenLM):
   def label_logprobs(self, batch: CausalBatch, label_ids, label_mask, prefix: Prefix | None = None) -> jax.Array:
     """[prefix, input (left-padded), label] per (example, label) -> [B, C]."""
     b, (c, t) = batch.size, label_ids.shape
+    prefix, last = self.shared_prompt(prefix, b)
     x, m = self.input_embeddings(batch.input_ids, batch.input_mask, prefix=prefix)  # [B, S, H], [B, S]
     xs = jnp.concatenate([jnp.repeat(x, c, axis=0), jnp.tile(self.embed(label_ids), (b, 1, 1))], axis=1)
     ms = jnp.concatenate([jnp.repeat(m, c, axis=0), jnp.tile(label_mask, (b, 1))], axis=1)
@@ -436,9 +466,10 @@ class Decoder(FrozenLM):
     s = x.shape[1]
     pred = logits[:, s - 1:s + t - 1]
     p = s - batch.input_ids.shape[1]
-    if p:  # an empty input (all padding, no BOS): its first label token follows the prompt's last slot, as in training
-      empty = jnp.repeat(jnp.sum(batch.input_mask, axis=1) == 0, c)
-      pred = pred.at[:, 0].set(jnp.where(empty[:, None], logits[:, p - 1], pred[:, 0]))
+    if p or last is not None:  # an empty input (all padding, no BOS): its first label token follows the prompt's
+      empty = jnp.repeat(jnp.sum(batch.input_mask, axis=1) == 0, c)  # last slot, as in training
+      after = logits[:, p - 1] if p else self.logits(last[:, None])[:, 0]
+      pred = pred.at[:, 0].set(jnp.where(empty[:, None], after, pred[:, 0]))
     return L.sequence_logprob(pred, jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))).reshape(b, c)
 
   def prefix_slots(self) -> PrefixSlots:
@@ -463,7 +494,10 @@ class Decoder(FrozenLM):
     input after a prompt); every row needs one real slot. The prefix runs once into a cache of L + T slots, the
     first new token comes from each row's last real slot, and positions count real slots only (cumsum of the
     mask - 1), as transformers' generate does, so a padded row decodes as it would alone. A key/value prefix is
-    a pre-filled cache: its P slots come first, and the tokens' positions start at P."""
+    a pre-filled cache: its P slots come first, and the tokens' positions start at P; so is a soft prompt shared
+    by every row (`shared_prompt`: computed once, not per row)."""
+    b0 = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
+    prefix, shared_last = self.shared_prompt(prefix, b0)
     x, mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
     b, l = mask.shape
     w, pk = num_beams, 0 if prefix is None else prefix.kv_length
@@ -475,7 +509,10 @@ class Decoder(FrozenLM):
                             v=cache.v.at[:, :, :pk].set(values.astype(self.dtype)))
     h, cache = self._extend(cache, x, pk + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), pk)
     last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
-    logits0 = self.logits(h[jnp.arange(b), last][:, None])[:, 0]
+    h_last = h[jnp.arange(b), last]
+    if shared_last is not None:  # an empty input after a shared prompt: its first token follows the prompt
+      h_last = jnp.where(jnp.any(mask > 0, axis=1)[:, None], h_last, shared_last.astype(h.dtype))
+    logits0 = self.logits(h_last[:, None])[:, 0]
     cache = cache.replace(next_pos=pk + jnp.sum(mask, axis=1), start=pk + l)
     return L.repeat_rows(logits0, w), jax.tree.map(lambda a: L.repeat_rows(a, w, axis=_batch_axis(a)), cache)
 
@@ -493,6 +530,15 @@ class Decoder(FrozenLM):
   def reorder_cache(self, cache: DecoderCache, origin: jax.Array) -> DecoderCache:
     return cache.replace(k=cache.k[:, origin], v=cache.v[:, origin], key_mask=cache.key_mask[origin],
                          next_pos=cache.next_pos[origin])
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    log.info(message)
 
 
 def _batch_axis(a) -> int:

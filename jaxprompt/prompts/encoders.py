@@ -113,8 +113,7 @@ class PTuning(PromptMethod):
 
   def prefix(self, batch_size: int, prompt_ids=None, *, dropout_rng=None) -> Prefix:
     # computed once for one row and repeated over the batch, as PEFT does (peft#2043)
-    out = self.encode(dropout_rng)
-    return Prefix(embeds=jnp.broadcast_to(out[None], (batch_size,) + out.shape))
+    return Prefix(embeds=self.encode(dropout_rng)[None])  # [1, P, H]: the same for every row
 
   def spec(self) -> dict:
     return dict(method=self.method, encoder_reparameterization_type=self.encoder,

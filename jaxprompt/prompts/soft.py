@@ -65,16 +65,16 @@ class SoftPrompt(PromptMethod):
     return self.embeddings[...]
 
   def prefix(self, batch_size: int, prompt_ids=None, *, dropout_rng=None) -> Prefix:
-    return Prefix(embeds=self.rows(batch_size, prompt_ids))
+    return Prefix(embeds=self.rows(prompt_ids))
 
-  def rows(self, batch_size: int, prompt_ids: jax.Array | None = None) -> jax.Array:
-    """[B, P, H]: one prompt for all, or row `prompt_ids[b]` of a [K, P, H] bank."""
+  def rows(self, prompt_ids: jax.Array | None = None) -> jax.Array:
+    """[1, P, H]: one prompt for all rows, or [B, P, H]: row `prompt_ids[b]` of a [K, P, H] bank."""
     value = self.embeddings[...]
     if value.ndim == 3:
       if prompt_ids is None:
         raise PromptError("a prompt bank needs prompt_ids for each example")
       return value[prompt_ids]
-    return jnp.broadcast_to(value[None], (batch_size,) + value.shape)
+    return value[None]
 
 
 def prompt_bank(prompts: Sequence[jax.Array | np.ndarray]) -> SoftPrompt:
