@@ -114,21 +114,38 @@ def cmd_plan(args) -> int:
   cfg = C.load(args.config, args.overrides)
   meshes = _plan_meshes(args.mesh, cfg)
   remats = (cfg.model.remat,) if args.mesh else tuple(dict.fromkeys([cfg.model.remat, "full"]))
+  where = "given"
+  if not budget and not devices:  # the real devices: their own memory, where the backend reports it
+    budget, kind = PL.detected_budget_gib()
+    where = f"detected on {kind}"
   print(f"plan for {cfg.model.path}: batch {cfg.train.batch_size}, inputs {cfg.data.input_length} + prompt "
         f"{cfg.prompt.length}, targets {cfg.data.target_length}, weights {cfg.model.dtype}, compute "
-        f"{cfg.model.compute_dtype}, {devices or 'all'} devices" + (f", budget {budget} GiB/device" if budget else ""))
+        f"{cfg.model.compute_dtype}, {devices or 'all'} devices" +
+        (f", budget {budget:.1f} GiB/device ({where})" if budget else ""))
   rows, best = PL.plan(cfg, devices=devices, meshes=meshes, budget_gib=budget, remats=remats)
+  if not budget:
+    print("no memory budget: none was given (--budget-gib or --topology) and these devices report none, so no mesh "
+          "is recommended; the rows above are each mesh's memory per device")
+    _write_plan_json(args.json, rows, None, None)
+    return 0
   if best is None:
-    print("no candidate mesh fits" if budget else "nothing compiled")
-    return 1 if budget else 0
+    print("no candidate mesh fits")
+    return 1
   m = best.mesh
   print(f"recommended: --set mesh.data={m['data']} --set mesh.fsdp={m['fsdp']} --set mesh.model={m['model']} "
         f"--set model.remat={best.remat}  ({best.total_gib:.2f} GiB per device, "
         f"{best.flops_per_device / 1e12:.2f} TFLOP per device per step)")
-  if args.json:
-    Path(args.json).write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows],
-                                           "recommended": dataclasses.asdict(best)}, indent=2))
+  _write_plan_json(args.json, rows, best, budget)
   return 0
+
+
+def _write_plan_json(path, rows, best, budget) -> None:
+  if path:
+    from jaxprompt.fileio import write_file_atomically
+
+    table = {"rows": [dataclasses.asdict(r) for r in rows], "budget_gib": budget,
+             "recommended": None if best is None else dataclasses.asdict(best)}
+    write_file_atomically(path, lambda t: t.write_text(json.dumps(table, indent=2)), overwrite=True)
 
 
 def cmd_bench(args) -> int:
@@ -137,11 +154,30 @@ def cmd_bench(args) -> int:
 
   if args.preset not in BN.PRESETS:
     raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
-  result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
-                        structural=not args.no_structural, generation=not args.no_generation)
+  if args.data:
+    from jaxprompt.tools.bench_data import run_data_bench
+
+    if not (args.task and args.tokenizer):
+      raise UsageError("bench --data needs --task (how to read the file) and --tokenizer (a tokenizer folder)")
+    result = run_data_bench(args.preset, args.data, args.task, args.tokenizer, vs_peft=args.vs_peft,
+                            steps=args.iters, buckets=args.length_buckets, group_by_length=args.group_by_length)
+  else:
+    result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
+                          structural=not args.no_structural, generation=not args.no_generation)
   if args.json:
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    from jaxprompt.fileio import write_file_atomically
+
+    write_file_atomically(args.json, lambda t: t.write_text(json.dumps(result, indent=2)), overwrite=True)
   return 0
+
+
+def _buckets_arg(text: str):
+  if text in ("auto", "none"):
+    return text
+  try:
+    return tuple(int(x) for x in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--length-buckets: {text!r} is not auto, none or comma-separated lengths")
 
 
 def _generate_config(args):
@@ -284,7 +320,7 @@ def _add_plan_bench(sub) -> None:
   g.add_argument("--devices", type=int, help="number of (simulated) devices")
   g.add_argument("--topology", help="a slice name, e.g. v3-8, v4-32, v5e-8, h100-8 (sets devices and budget)")
   p.add_argument("--mesh", help="only this mesh: data=N,fsdp=N,model=N, or 'config' for the config's mesh and remat")
-  p.add_argument("--budget-gib", type=float, help="memory per device (default: the topology's)")
+  p.add_argument("--budget-gib", type=float, help="memory per device (default: the topology's, else what the devices report; CPU reports none)")
   p.add_argument("--json", help="also write the table as JSON")
   p.set_defaults(fn=cmd_plan)
   p = sub.add_parser("bench", help="measure the train step (optionally against PyTorch + PEFT)", description=(
@@ -297,6 +333,14 @@ def _add_plan_bench(sub) -> None:
   p.add_argument("--iters", type=int, default=5, help="timed steps after warm-up")
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
+  p.add_argument("--data", help="real rows: train on this file (the recipe shape: prompt 100, batch 32, inputs up "
+                 "to 512), --iters steps, against PEFT with per-batch dynamic padding under --vs-peft")
+  p.add_argument("--task", help="with --data: the task that reads the file (e.g. rte, cb, sst2, trec)")
+  p.add_argument("--tokenizer", help="with --data: a tokenizer folder (its vocabulary must fit the preset's)")
+  p.add_argument("--length-buckets", default="auto", type=_buckets_arg,
+                 help="with --data: auto (default), none, or comma-separated lengths")
+  p.add_argument("--group-by-length", type=int, default=0,
+                 help="with --data: batches of similar lengths, windows of N batches (data.group_by_length)")
   p.add_argument("--json", help="write the results as JSON")
   _debug(p)
   p.set_defaults(fn=cmd_bench)

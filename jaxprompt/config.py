@@ -105,6 +105,27 @@ class DataConfig:
   input_length: int = 512  # tokens, before the prompt
   target_length: int = 8
   seed: int = 0  # shuffling order
+  # pad each batch's input only to the smallest of these lengths that holds its longest input (one compiled step
+  # per bucket): "auto" = powers of two from 64 below input_length, then input_length; "none": input_length
+  length_buckets: Literal["auto", "none"] | tuple[int, ...] = "auto"
+  # > 0: batches of similar input lengths (less padding): each window of this many batches is sorted by length
+  # before it is cut into batches, then the batches are shuffled (HF Trainer's group_by_length uses 50); 0: off
+  group_by_length: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.length_buckets, tuple):
+      bad = [b for b in self.length_buckets if not 0 < b <= self.input_length]
+      if bad or not self.length_buckets:
+        raise ConfigError(f"data.length_buckets: {list(self.length_buckets)} must be lengths in 1..data.input_length "
+                          f"({self.input_length}), or auto / none")
+    if self.group_by_length < 0:
+      raise ConfigError(f"data.group_by_length: {self.group_by_length} must be >= 0 (batches per window; 0 is off)")
+
+  def buckets(self) -> tuple[int, ...]:
+    """The input lengths batches are padded to, ascending (the last is input_length)."""
+    from jaxprompt.data.pipeline import bucket_lengths
+
+    return bucket_lengths(self.length_buckets, self.input_length)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,3 +113,12 @@ def rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
   edit(tensors)
   hf.save_safetensors(tensors, dst / "model.safetensors")
   return dst
+
+
+class IdTokenizer:
+  """A tokenizer for tests whose texts are space-separated token ids: EOS 2, pad 0, no BOS ("" is an empty input)."""
+
+  pad_token_id, eos_token_id, bos_token_id = 0, 2, None
+
+  def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+    return {"input_ids": [int(t) for t in text.split()]}

@@ -86,6 +86,20 @@ class _Batch:
     """[B, T]: 1 where a target token carries a loss."""
     return getattr(self, self.LOSS_MASK)
 
+  @property
+  def input_length(self) -> int:
+    """L: the (padded) input length of this batch."""
+    return self.input_ids.shape[1]
+
+  def input_lengths(self) -> np.ndarray:
+    """[B] real input tokens per row (numpy)."""
+    return np.asarray(self.input_mask).sum(axis=1)
+
+  def cropped(self, input_length: int):
+    """The same rows with the input padded to `input_length` only (at least every row's real input tokens):
+    padding is dropped, never a token (length buckets, `data.pipeline`)."""
+    raise NotImplementedError
+
   @classmethod
   def encode(cls, examples: Sequence[Mapping[str, str]], tokenizer, *, input_length: int, target_length: int,
              name: str = "data"):
@@ -134,6 +148,9 @@ class Seq2SeqBatch(_Batch):
     otherwise put a soft prompt further from a shorter input)."""
     rows = [r[:max_length] if max_length else r for r in _input_rows(tokenizer, texts, drop_eos=False)]
     return pad_rows(rows, max(len(r) for r in rows), _pad_id(tokenizer))
+
+  def cropped(self, input_length: int) -> "Seq2SeqBatch":
+    return self.replace(input_ids=self.input_ids[:, :input_length], input_mask=self.input_mask[:, :input_length])
 
   def hf_inputs(self) -> dict[str, np.ndarray]:
     """The same rows in transformers' training layout: labels -100 where there is no loss."""
@@ -187,6 +204,13 @@ class CausalBatch(_Batch):
     generation; a final EOS is dropped, and a long input keeps its end."""
     rows = [r[-max_length:] if max_length else r for r in _input_rows(tokenizer, texts, drop_eos=True)]
     return pad_rows(rows, max(len(r) for r in rows), _pad_id(tokenizer), left=True)
+
+  def cropped(self, input_length: int) -> "CausalBatch":
+    # `tokens` is right-padded (a row's input + target fit in input_length + T); the input alone is left-padded
+    n = input_length + self.target_index.shape[1]
+    return self.replace(tokens=self.tokens[:, :n], token_mask=self.token_mask[:, :n],
+                        input_ids=self.input_ids[:, self.input_length - input_length:],
+                        input_mask=self.input_mask[:, self.input_length - input_length:])
 
   def hf_inputs(self) -> dict[str, np.ndarray]:
     """The same rows in transformers' training layout: one sequence, labels -100 except on the targets."""

@@ -8,11 +8,19 @@ arrays); these iterators only pick rows, whatever the batch type.
 The training stream is a concatenation of epochs, each a permutation seeded by (seed, epoch), so batch k
 is a pure function of (seed, k): a checkpoint needs to remember only k (`position`) to resume exactly,
 and each host takes its own contiguous share of every global batch.
+
+Length buckets: a batch's input is padded only to the smallest bucket that holds its longest real input (one
+compiled step per bucket, cached), not to `data.input_length`. The bucket is a function of the *global* batch's
+rows, so every host picks the same one; the order of examples is the unbucketed order, so resuming stays exact.
+
+Grouping by length (`data.group_by_length` = W > 0, HF's `group_by_length` with W = 50): each window of W batches
+of the epoch's permutation is sorted by input length, cut into batches, and the batches are shuffled within the
+window — batches of similar lengths, so less padding, still a pure function of (seed, epoch).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -20,13 +28,37 @@ from jaxprompt.data.batches import num_rows, take_rows
 from jaxprompt.errors import DataError
 
 
+MIN_AUTO_BUCKET = 64
+
+
+def bucket_lengths(spec: str | Sequence[int], input_length: int) -> tuple[int, ...]:
+  """`data.length_buckets` -> the input lengths batches are padded to, ascending, the last = input_length.
+  "auto": powers of two from 64 below input_length; "none": input_length only."""
+  if spec == "none":
+    return (input_length,)
+  if spec == "auto":
+    spec = [2**k for k in range(6, 31) if MIN_AUTO_BUCKET <= 2**k < input_length]
+  return tuple(sorted({int(b) for b in spec if b < input_length} | {input_length}))
+
+
+def fit_bucket(needed: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket holding `needed` tokens (buckets ascending; the last holds every row)."""
+  return next((b for b in buckets if b >= needed), buckets[-1])
+
+
 class BatchStream:
   """Endless shuffled global batches; `position` (batches consumed) is all that resuming needs."""
 
   def __init__(self, rows: Any, global_batch: int, *, seed: int = 0, shuffle: bool = True,
-               process_index: int = 0, process_count: int = 1, position: int = 0):
+               process_index: int = 0, process_count: int = 1, position: int = 0,
+               buckets: Sequence[int] | None = None, group_by_length: int = 0):
     self.rows = rows
     self.n = num_rows(rows)
+    self.buckets = tuple(buckets) if buckets else None
+    self.group = group_by_length
+    self.lengths = rows.input_lengths()  # [N] real input tokens
+    self.last_length = rows.input_length  # the input length of the last batch (its bucket)
+    self.last_pad_fraction = 0.0  # of the last global batch's input slots, the padding
     if global_batch % process_count:
       raise DataError(f"global batch {global_batch} is not divisible by {process_count} processes")
     self.global_batch = global_batch
@@ -38,18 +70,33 @@ class BatchStream:
 
   def _perm(self, epoch: int) -> np.ndarray:
     if epoch not in self._perm_cache:
-      self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
-                          else np.arange(self.n)}
+      rng = np.random.default_rng([self.seed, epoch])
+      perm = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+      self._perm_cache = {epoch: self._grouped(perm, rng) if self.group else perm}
     return self._perm_cache[epoch]
+
+  def _grouped(self, perm: np.ndarray, rng) -> np.ndarray:
+    """Each window of `group` batches sorted by length and cut into batches, the batches shuffled within it."""
+    b, out = self.global_batch, []
+    for start in range(0, self.n, self.group * b):
+      window = perm[start:start + self.group * b]
+      window = window[np.argsort(self.lengths[window], kind="stable")]
+      full = len(window) // b * b
+      batches = window[:full].reshape(-1, b)
+      out += [batches[rng.permutation(len(batches))].reshape(-1), window[full:]]
+    return np.concatenate(out)
+
+  def global_indices(self, k: int) -> np.ndarray:
+    """Example indices of global batch k (every host's rows)."""
+    out = np.empty(self.global_batch, np.int64)
+    for j in range(self.global_batch):
+      pos = k * self.global_batch + j
+      out[j] = self._perm(pos // self.n)[pos % self.n]
+    return out
 
   def indices(self, k: int) -> np.ndarray:
     """Example indices of global batch k (this host's share)."""
-    start = k * self.global_batch + self.process_index * self.local
-    out = np.empty(self.local, np.int64)
-    for j in range(self.local):
-      pos = start + j
-      out[j] = self._perm(pos // self.n)[pos % self.n]
-    return out
+    return self.global_indices(k)[self.process_index * self.local:(self.process_index + 1) * self.local]
 
   @property
   def epoch(self) -> float:
@@ -59,21 +106,32 @@ class BatchStream:
     return self
 
   def __next__(self) -> Any:
-    batch = take_rows(self.rows, self.indices(self.position))
+    every = self.global_indices(self.position)
+    mine = every[self.process_index * self.local:(self.process_index + 1) * self.local]
+    batch = take_rows(self.rows, mine)
+    if self.buckets:
+      batch = batch.cropped(fit_bucket(int(self.lengths[every].max()), self.buckets))
+    self.last_length = batch.input_length
+    self.last_pad_fraction = 1.0 - float(self.lengths[every].sum()) / (self.global_batch * batch.input_length)
     self.position += 1
     return batch
 
 
-def eval_batches(rows: Any, batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
-  """Fixed-order global batches covering every example once (the last one padded).
+def eval_batches(rows: Any, batch_size: int, *, process_index: int = 0, process_count: int = 1,
+                 buckets: Sequence[int] | None = None) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+  """Fixed-order global batches covering every example once (the last one padded), each input padded to its
+  length bucket (`buckets`; None: the encoded length).
 
   Yields (this host's rows, their weights [b] — 1 for real examples, 0 for padding — and the example index
   of every row of the *global* batch [B], -1 for padding)."""
   n = num_rows(rows)
   local = batch_size // process_count
+  lengths = rows.input_lengths() if buckets else None
   for start in range(0, n, batch_size):
     global_idx = np.arange(start, start + batch_size)
     idx = global_idx[process_index * local:(process_index + 1) * local]
     valid = idx < n
-    yield take_rows(rows, np.where(valid, idx, 0)), valid.astype(np.float32), np.where(global_idx < n, global_idx, -1)
+    batch = take_rows(rows, np.where(valid, idx, 0))
+    if buckets:
+      batch = batch.cropped(fit_bucket(int(lengths[global_idx[global_idx < n]].max()), buckets))
+    yield batch, valid.astype(np.float32), np.where(global_idx < n, global_idx, -1)

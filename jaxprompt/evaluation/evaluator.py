@@ -92,7 +92,7 @@ class Evaluator:
     ce = tokens = seq = 0.0
     preds, texts, scores = np.full(n, -1), [None] * n, {}
     for batch, w, index in eval_batches(self.arrays, self.batch_size, process_index=jax.process_index(),
-                                        process_count=jax.process_count()):
+                                        process_count=jax.process_count(), buckets=run.cfg.data.buckets()):
       dev, weights = run.device_batch((batch, w))
       s = jax.device_get(self._loss(prompt, run.frozen, dev, weights))
       ce, tokens, seq = ce + float(s.ce), tokens + float(s.tokens), seq + float(s.seq_correct)

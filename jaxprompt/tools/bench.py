@@ -83,7 +83,7 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
   return 2 * n**3 / t, f"measured {n}x{n} {dtype} matmul on {kind or dev.platform}"
 
 
-def _base(preset: Preset, dtype: str = "float32", layers: int | None = None):
+def random_base(preset: Preset, dtype: str = "float32", layers: int | None = None):
   """A randomly initialised base model of the preset's shape."""
   hf_cfg = dict(preset.hf_config)
   if layers is not None:
@@ -111,9 +111,13 @@ def random_batch(base, preset: Preset, seed: int = 0):
   return jax.tree.map(jnp.asarray, batch)
 
 
-def _setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False):
-  """(step_fn, prompt, opt_state, frozen, batch) for the preset's shapes, random weights."""
-  base = _base(preset, dtype, layers)
+def setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False,
+          share_prompt: bool = True):
+  """(step_fn, prompt, opt_state, frozen, batch) for the preset's shapes, random weights. `share_prompt=False`:
+  a causal model runs the prompt in every row (PEFT's computation) instead of once per batch."""
+  base = random_base(preset, dtype, layers)
+  if hasattr(base, "share_prompt"):
+    base.share_prompt = share_prompt
   model = PromptedModel(base, SoftPrompt(jnp.zeros((preset.prompt_length, base.hidden_size)) + 0.1))
   batch = random_batch(base, preset)
   tx = build_optimizer(C.OptimizerConfig(), 1000)
@@ -128,8 +132,8 @@ def _setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune:
 
 
 def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2, iters: int = 5,
-                     layers: int | None = None) -> dict:
-  step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, layers)
+                     layers: int | None = None, share_prompt: bool = True) -> dict:
+  step_fn, prompt, opt, frozen, batch = setup(preset, dtype, layers, share_prompt=share_prompt)
   jitted = jax.jit(step_fn, donate_argnums=(0, 1))
   t0 = time.perf_counter()
   compiled = jitted.lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
@@ -151,12 +155,12 @@ def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2,
 
 
 def full_finetune_flops(preset: Preset, dtype: str = "float32") -> float:
-  step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, full_finetune=True)
+  step_fn, prompt, opt, frozen, batch = setup(preset, dtype, full_finetune=True)
   return costs.flops(step_fn, prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32))
 
 
 def compile_seconds(preset: Preset, layers: int, dtype: str = "float32") -> float:
-  step_fn, prompt, opt, frozen, batch = _setup(preset, dtype, layers)
+  step_fn, prompt, opt, frozen, batch = setup(preset, dtype, layers)
   jax.clear_caches()
   t0 = time.perf_counter()
   jax.jit(step_fn).lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
@@ -172,17 +176,25 @@ def _peft_model(preset: Preset, base, **prompt_tuning):
       task_type=task, num_virtual_tokens=preset.prompt_length, **prompt_tuning), adapter_name="p0"), task
 
 
-def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iters: int = 3) -> dict:
-  """The same shapes through PyTorch + PEFT prompt tuning (forward, backward, optimizer step)."""
+def peft_trainable(preset: Preset, base, threads: int):
+  """(PEFT prompt-tuning model in train mode, its Adafactor as the paper's) for the preset, on `threads` threads."""
   import torch
   from transformers.optimization import Adafactor
 
   torch.set_num_threads(threads)
-  base = _base(preset)
   model, _ = _peft_model(preset, base)
   model.train()
   opt = Adafactor([p for p in model.parameters() if p.requires_grad], lr=0.3, relative_step=False,
                   scale_parameter=False, warmup_init=False, decay_rate=-0.8, clip_threshold=1.0, weight_decay=1e-5)
+  return model, opt
+
+
+def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iters: int = 3) -> dict:
+  """The same shapes through PyTorch + PEFT prompt tuning (forward, backward, optimizer step)."""
+  import torch
+
+  base = random_base(preset)
+  model, opt = peft_trainable(preset, base, threads)
   inputs = {k: torch.as_tensor(np.asarray(v), dtype=torch.long)
             for k, v in jax.device_get(random_batch(base, preset)).hf_inputs().items()}
 
@@ -214,6 +226,12 @@ def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32"
       f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step, {r['achieved_flops'] / 1e9:.1f} GFLOP/s "
       f"({100 * r['utilization']:.0f}% of peak), compile {r['compile_seconds']:.1f} s, "
       f"{r['device_memory_gib']:.2f} GiB device memory")
+  if "num_hidden_layers" in preset.hf_config:  # causal: the same step with the prompt run in every row, as PEFT does
+    rr = bench_train_step(preset, dtype=dtype, iters=max(3, iters // 2), share_prompt=False)
+    out["jaxprompt_per_row_prompt"] = rr
+    out["shared_prompt_speedup"] = rr["step_seconds"] / r["step_seconds"]
+    log(f"jaxprompt with the prompt in every row (PEFT's work): {rr['step_seconds'] * 1e3:.0f} ms, "
+        f"{rr['flops_per_step'] / 1e9:.1f} GFLOP/step -> the shared prompt is {out['shared_prompt_speedup']:.2f}x")
   if vs_peft:
     pr = bench_peft_train_step(preset, threads=threads, iters=max(3, iters // 2))
     out["peft"] = pr
@@ -253,7 +271,7 @@ def _torch_model(preset: Preset, task: str):
 def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 8, new_tokens: int = 32,
                      input_length: int = 32, threads: int = 2, vs_peft: bool = True, iters: int = 3) -> dict:
   """K prompts x N examples: one jitted mixed-prompt batch (jaxprompt) vs PEFT generating per prompt."""
-  base = _base(preset)
+  base = random_base(preset)
   rng = np.random.default_rng(0)
   prompts = [rng.normal(size=(preset.prompt_length, base.hidden_size)).astype(np.float32) * 0.5
              for _ in range(num_prompts)]

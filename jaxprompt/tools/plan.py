@@ -112,6 +112,18 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   return compiled, secs, total_flops
 
 
+def detected_budget_gib() -> tuple[float | None, str]:
+  """(memory per device in GiB as the backend reports it — None where it reports none, as on CPU —, the device
+  kind). The budget `plan` uses when neither --budget-gib nor --topology is given."""
+  dev = jax.devices()[0]
+  try:
+    stats = dev.memory_stats() or {}
+  except Exception:  # noqa: BLE001 — backends without memory statistics raise rather than return None
+    stats = {}
+  limit = stats.get("bytes_limit")
+  return (limit / GiB if limit else None), getattr(dev, "device_kind", dev.platform)
+
+
 def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, budget_gib: float | None = None,
          remats: tuple[str, ...] = ("none", "full"), log=print) -> tuple[list[PlanRow], PlanRow | None]:
   hf_cfg = hf_config_for(cfg.model.path)

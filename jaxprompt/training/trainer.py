@@ -83,8 +83,7 @@ class Trainer:
     self.mlog = MetricsLog(workdir)
     self.bar = tqdm(total=tc.steps, desc="prompt tuning", disable=not (progress and jax.process_index() == 0),
                     dynamic_ncols=True, unit="step")
-    tokens = tc.batch_size * (cfg.data.input_length + cfg.data.target_length + cfg.prompt.length)
-    self.hooks = H.default_hooks(cfg, self.ckpt.manager, tokens)
+    self.hooks = H.default_hooks(cfg, self.ckpt.manager)
     self.stream: BatchStream | None = None
 
   def say(self, text: str) -> None:
@@ -119,7 +118,8 @@ class Trainer:
     """Train from `state` to train.steps (or an early stop); raises `Preempted` after a signal's checkpoint."""
     tc = self.cfg.train
     self.stream = BatchStream(self.rows, tc.batch_size, seed=self.cfg.data.seed, position=state.position,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              buckets=self.cfg.data.buckets(), group_by_length=self.cfg.data.group_by_length)
     step_fn, frozen = self._step_fn(state), self.run.frozen
     self.bar.update(state.step)
     while state.step < tc.steps:
@@ -128,6 +128,7 @@ class Trainer:
                                            jnp.asarray(state.step, jnp.int32))
       state = state.replace(prompt=prompt, opt_state=opt_state, step=state.step + 1, position=self.stream.position)
       self.bar.update(1)
+      metrics = dict(metrics, input_length=self.stream.last_length, pad_fraction=self.stream.last_pad_fraction)
       end = H.StepEnd(step=state.step, last=state.step == tc.steps, metrics=metrics)
       for hook in self.hooks:
         state = hook(self, state, end) or state
