@@ -94,6 +94,8 @@ def test_falls_back_to_per_row_where_sharing_is_not_exact(base):
   prompt = _prompt(base)
   shared, last = base.shared_prompt(Prefix(embeds=prompt[None]), 4)
   assert shared.embeds is None and shared.keys.shape[1:3] == (1, P) and last.shape == (1, base.hidden_size)
+  empty = Prefix(embeds=prompt[None, :0])  # P = 0: nothing to share (the base model alone)
+  assert base.shared_prompt(empty, 4) == (empty, None)
   bank_rows = Prefix(embeds=jnp.stack([prompt, -prompt]))  # a prompt per row (a bank): each row runs its own
   assert base.shared_prompt(bank_rows, 2) == (bank_rows, None)
   dropped = nnx.clone(base)

@@ -407,7 +407,7 @@ class Decoder(FrozenLM):
     hidden state [1, H], which predicts a first token after an empty input; None where nothing was shared).
     Falls back to the per-row prompt (logged once) where that is not exact: dropout on the prompt positions,
     a prompt per row (a bank), or a prompt together with a key/value prefix."""
-    if prefix is None or prefix.embeds is None or not self.share_prompt:
+    if prefix is None or prefix.embeds is None or prefix.length == 0 or not self.share_prompt:
       return prefix, None
     per_row = ("dropout touches the prompt positions" if dropout_rng is not None and self.config.dropout_rate else
                "each row has its own prompt" if prefix.embeds.shape[0] != 1 and batch_size > 1 else
