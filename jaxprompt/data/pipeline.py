@@ -96,7 +96,10 @@ class BatchStream:
 
   def indices(self, k: int) -> np.ndarray:
     """Example indices of global batch k (this host's share)."""
-    return self.global_indices(k)[self.process_index * self.local:(self.process_index + 1) * self.local]
+    return self._share(self.global_indices(k))
+
+  def _share(self, every: np.ndarray) -> np.ndarray:
+    return every[self.process_index * self.local:(self.process_index + 1) * self.local]
 
   @property
   def epoch(self) -> float:
@@ -107,8 +110,7 @@ class BatchStream:
 
   def __next__(self) -> Any:
     every = self.global_indices(self.position)
-    mine = every[self.process_index * self.local:(self.process_index + 1) * self.local]
-    batch = take_rows(self.rows, mine)
+    batch = take_rows(self.rows, self._share(every))
     if self.buckets:
       batch = batch.cropped(fit_bucket(int(self.lengths[every].max()), self.buckets))
     self.last_length = batch.input_length
