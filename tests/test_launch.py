@@ -152,6 +152,18 @@ def _wait_for(path: Path, timeout: float = 15.0) -> None:
     time.sleep(0.05)
 
 
+def _wait_for_records(path: Path, count: int = 1, timeout: float = 15.0) -> list[dict]:
+  """The first `count` whole lines of a JSONL file another process is appending to (it may exist, still empty)."""
+  end = time.time() + timeout
+  while True:
+    text = path.read_text() if path.exists() else ""
+    lines = [line for line in text.split("\n")[:-1] if line.strip()]  # a line without its newline is unfinished
+    if len(lines) >= count:
+      return [json.loads(line) for line in lines]
+    assert time.time() < end, f"timed out waiting for {count} record(s) in {path}: {text!r}"
+    time.sleep(0.05)
+
+
 def _launch(script: Path, *args: str, env=None, check: bool = True) -> subprocess.CompletedProcess:
   p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT,
                      timeout=60)
@@ -233,8 +245,7 @@ def test_tpu_train_dry_run_pasted_into_bash_delivers_arguments_intact(sandbox, r
   r = _bash(line, dict(sandbox.env, REMOTE_SHELL=remote_shell), sandbox.tmp)
   assert r.returncode == 0, r.stderr
   assert "started pid" in r.stdout
-  _wait_for(sandbox.stub_out)
-  (rec,) = _records(sandbox.stub_out)
+  (rec,) = _wait_for_records(sandbox.stub_out)
   assert rec["argv"] == ["train", *AWKWARD]
   assert rec["env"]["JAXPROMPT_DISTRIBUTED"] == "auto" and rec["env"]["JAX_PLATFORMS"] == "tpu"
   assert rec["env"]["MY_VAR"] == "a 'b' $c"

@@ -50,8 +50,18 @@ def trim(ids: list[int], length: int, eos: int | None) -> tuple[list[int], bool]
   return ids[:length], True
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-  return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+_CHUNK = 4096  # texts per tokenizer call
+
+
+def ids_of(tokenizer, texts: Sequence[str], special: bool) -> list[list[int]]:
+  """The token ids of each text: each distinct text once (labels and targets repeat), in batched calls (a fast
+  tokenizer encodes a list in parallel; one call per text made tokenisation the slow part of setup)."""
+  unique = list(dict.fromkeys(texts))
+  table: dict[str, list[int]] = {}
+  for i in range(0, len(unique), _CHUNK):
+    chunk = unique[i:i + _CHUNK]
+    table.update(zip(chunk, tokenizer(chunk, add_special_tokens=special)["input_ids"]))
+  return [list(table[t]) for t in texts]
 
 
 def _pad_id(tokenizer) -> int:
@@ -61,8 +71,7 @@ def _pad_id(tokenizer) -> int:
 def _input_rows(tokenizer, texts: Sequence[str], *, drop_eos: bool) -> list[list[int]]:
   """Generation inputs: tokenised with special tokens; an empty input starts from BOS (or EOS / 0)."""
   eos, rows = tokenizer.eos_token_id, []
-  for t in texts:
-    ids = _ids(tokenizer, t, True)
+  for ids in ids_of(tokenizer, texts, True):
     if drop_eos and eos is not None and ids and ids[-1] == eos:
       ids = ids[:-1]
     if not ids:
@@ -76,6 +85,7 @@ class _Batch:
   lays out rows)."""
 
   LOSS_MASK: ClassVar[str]  # the field that is 1 where a target token carries a loss
+  TARGET_SPECIAL: ClassVar[bool]  # whether targets are tokenised with the tokenizer's special tokens
 
   @property
   def size(self) -> int:
@@ -106,9 +116,11 @@ class _Batch:
     """`{"inputs", "targets"}` examples -> one batch of numpy arrays holding every row (layout: the class)."""
     if not examples:
       raise DataError(f"{name}: the dataset is empty")
-    ins, tgts, cut_in, cut_tgt = [], [], 0, 0
-    for ex in examples:
-      (a, ca), (t, ct) = cls._tokenize(tokenizer, ex, input_length, target_length)
+    ins, tgts, cut_in, cut_tgt, eos = [], [], 0, 0, tokenizer.eos_token_id
+    in_ids = ids_of(tokenizer, [ex["inputs"] for ex in examples], True)
+    tgt_ids = ids_of(tokenizer, [ex["targets"] for ex in examples], cls.TARGET_SPECIAL)
+    for a_ids, t_ids in zip(in_ids, tgt_ids):
+      (a, ca), (t, ct) = cls._tokenize(eos, a_ids, t_ids, input_length, target_length)
       ins.append(a)
       tgts.append(t)
       cut_in, cut_tgt = cut_in + ca, cut_tgt + ct
@@ -125,12 +137,11 @@ class Seq2SeqBatch(_Batch):
   target_ids: jax.Array  # [B, T]
   target_mask: jax.Array  # [B, T]
   LOSS_MASK: ClassVar[str] = "target_mask"
+  TARGET_SPECIAL: ClassVar[bool] = True
 
   @staticmethod
-  def _tokenize(tokenizer, ex, input_length: int, target_length: int):
-    eos = tokenizer.eos_token_id
-    return (trim(_ids(tokenizer, ex["inputs"], True), input_length, eos),
-            trim(_ids(tokenizer, ex["targets"], True), target_length, eos))
+  def _tokenize(eos, input_ids: list[int], target_ids: list[int], input_length: int, target_length: int):
+    return trim(input_ids, input_length, eos), trim(target_ids, target_length, eos)
 
   @classmethod
   def _layout(cls, ins, tgts, pad: int, input_length: int, target_length: int) -> "Seq2SeqBatch":
@@ -139,7 +150,7 @@ class Seq2SeqBatch(_Batch):
   @staticmethod
   def encode_labels(tokenizer, labels: Sequence[str], target_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Label strings -> (ids, mask) [C, T] as decoder targets (with EOS)."""
-    rows = [trim(_ids(tokenizer, lab, True), target_length, tokenizer.eos_token_id)[0] for lab in labels]
+    rows = [trim(ids, target_length, tokenizer.eos_token_id)[0] for ids in ids_of(tokenizer, labels, True)]
     return pad_rows(rows, target_length, _pad_id(tokenizer))
 
   @staticmethod
@@ -172,15 +183,15 @@ class CausalBatch(_Batch):
   input_ids: jax.Array  # [B, L], left-padded
   input_mask: jax.Array  # [B, L]
   LOSS_MASK: ClassVar[str] = "target_valid"
+  TARGET_SPECIAL: ClassVar[bool] = False
 
   @staticmethod
-  def _tokenize(tokenizer, ex, input_length: int, target_length: int):
+  def _tokenize(eos, input_ids: list[int], target_ids: list[int], input_length: int, target_length: int):
     """The input keeps BOS (when the tokenizer adds one) and drops a final EOS; the target is its text + EOS."""
-    eos = tokenizer.eos_token_id
-    a = _ids(tokenizer, ex["inputs"], True)
+    a = input_ids
     if eos is not None and a and a[-1] == eos:
       a = a[:-1]
-    t = _ids(tokenizer, ex["targets"], False) + ([eos] if eos is not None else [])
+    t = target_ids + ([eos] if eos is not None else [])
     return (a[:input_length], len(a) > input_length), (t[:target_length], len(t) > target_length)
 
   @classmethod
@@ -194,8 +205,8 @@ class CausalBatch(_Batch):
   def encode_labels(tokenizer, labels: Sequence[str], target_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Label strings -> (ids, mask) [C, T] as continuations: the text + EOS, no BOS."""
     eos = tokenizer.eos_token_id
-    rows = [trim(_ids(tokenizer, lab, False) + ([eos] if eos is not None else []), target_length, eos)[0]
-            for lab in labels]
+    rows = [trim(ids + ([eos] if eos is not None else []), target_length, eos)[0]
+            for ids in ids_of(tokenizer, labels, False)]
     return pad_rows(rows, target_length, _pad_id(tokenizer))
 
   @staticmethod

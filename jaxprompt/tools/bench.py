@@ -96,8 +96,9 @@ class _IdTokenizer:
 
   pad_token_id, eos_token_id, bos_token_id = 0, None, None
 
-  def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-    return {"input_ids": [int(t) for t in text.split()]}
+  def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
+    ids = lambda t: [int(w) for w in t.split()]  # noqa: E731
+    return {"input_ids": ids(text) if isinstance(text, str) else [ids(t) for t in text]}
 
 
 def random_batch(base, preset: Preset, seed: int = 0):
