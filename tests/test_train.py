@@ -146,3 +146,26 @@ def test_loop_writes_logs_plot_predictions_and_keeps_the_best(byte_t5, tmp_path)
   kept = Checkpointer(tmp_path / "checkpoints").steps()
   best = summary["best_step"]
   assert 4 in kept and best in kept and len(kept) <= 2  # the last one plus the best
+
+
+def test_dropout_draws_jax_random_bits_exactly_jitted_and_sharded():
+  """Dropout's keys and masks come from our unrolled Threefry (cheap to compile on CPU): bitwise those of
+  `jax.random.split` / `jax.random.bernoulli`, also with the rows sharded over 8 devices; other key types fall
+  back to `jax.random` itself."""
+  from jaxprompt.models import layers as L
+
+  mesh = shd.make_mesh(devices=jax.devices()[:8], data=8)
+  split = jax.jit(lambda k: [L.split_keys(k, n) for n in (1, 2, 5, 24)])
+  for seed in (0, 2**31 + 5):
+    key = jax.random.fold_in(jax.random.key(seed), 11)
+    for ours, n in zip(split(key), (1, 2, 5, 24)):
+      assert np.array_equal(jax.random.key_data(ours), jax.random.key_data(jax.random.split(key, n)))
+    for shape, p in (((7,), 0.9), ((3, 5), 0.5), ((8, 20, 64), 0.9), ((16, 4, 12, 12), 0.999)):
+      want = np.asarray(jax.random.bernoulli(key, p, shape))
+      assert 0 < want.sum() < want.size
+      sharding = shd.batch_sharding(mesh, len(shape)) if shape[0] % 8 == 0 else None  # rows over 8 devices
+      draw = jax.jit(lambda k, x, p=p: L.bernoulli(k, p, x.shape) & (x > -1), in_shardings=(None, sharding))
+      assert np.array_equal(draw(key, jnp.zeros(shape)), want)
+  other = jax.random.key(1, impl="rbg")
+  assert np.array_equal(L.bernoulli(other, 0.5, (4, 6)), jax.random.bernoulli(other, 0.5, (4, 6)))
+  assert np.array_equal(jax.random.key_data(L.split_keys(other, 3)), jax.random.key_data(jax.random.split(other, 3)))

@@ -104,7 +104,7 @@ class PromptedModel(nnx.Module):
     """(the prompt's dropout key, the base's): a method that draws no dropout leaves the base's key as it was."""
     if not self.prompt.uses_dropout or dropout_rng is None:
       return None, dropout_rng
-    return tuple(jax.random.split(dropout_rng))
+    return tuple(L.split_keys(dropout_rng, 2))
 
   def embed_inputs(self, input_ids, attention_mask=None, prompt_ids=None):
     """input_ids [B, L] -> (inputs_embeds [B, P + L, H], mask [B, P + L]): a soft prompt before the tokens."""
