@@ -230,6 +230,12 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_serve(args) -> int:
+  from jaxprompt.serve.server import run
+
+  return run(args)
+
+
 def cmd_preview(args) -> int:
   from jaxprompt import config as C
   from jaxprompt.run import task_data
@@ -387,6 +393,31 @@ def _add_generate(sub) -> None:
   p.set_defaults(fn=cmd_generate)
 
 
+def _add_serve(sub) -> None:
+  p = sub.add_parser("serve", help="serve a frozen model with many prompts over HTTP (OpenAI-compatible)",
+                     description=(
+      "One frozen base model, every prompt in --prompts (workdirs, exports, PEFT adapters, .npy) by name, one HTTP "
+      "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics. "
+      "Requests for different prompts are batched together. Needs the serve extra."))
+  p.add_argument("--model", required=True, help="base model: HF folder, hub id, .gguf, builtin:quickstart")
+  p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
+  p.add_argument("--prompts", help="a folder of prompts, each served under its file or folder name")
+  p.add_argument("--name", help="the base model's own name in the API (default: the model folder's name)")
+  p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--max-batch", type=int, default=16, help="requests per model call (default 16)")
+  p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others (default 5)")
+  p.add_argument("--queue-size", type=int, default=256, help="queued requests before 503s (default 256)")
+  p.add_argument("--max-input-tokens", type=int, default=512, help="longest input (default 512)")
+  p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
+  p.add_argument("--admin-token", help="enables POST/DELETE /v1/prompts (or env JAXPROMPT_ADMIN_TOKEN)")
+  p.add_argument("--warmup", action="store_true", help="compile every batch and length bucket before serving")
+  p.add_argument("--drain-seconds", type=int, default=60, help="on SIGTERM, how long in-flight requests may take")
+  p.add_argument("--allow-other-base", action="store_true", help="serve prompts recorded for another base model")
+  _debug(p)
+  p.set_defaults(fn=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -394,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_export_inspect(sub)
   _add_plan_bench(sub)
   _add_generate(sub)
+  _add_serve(sub)
   return parser
 
 

@@ -64,7 +64,7 @@ def ids_of(tokenizer, texts: Sequence[str], special: bool) -> list[list[int]]:
   return [list(table[t]) for t in texts]
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
   return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
@@ -127,7 +127,7 @@ class _Batch:
     if cut_in or cut_tgt:
       log.warning("%s: truncated %d of %d inputs to %d tokens and %d targets to %d tokens", name, cut_in,
                   len(examples), input_length, cut_tgt, target_length)
-    return cls._layout(ins, tgts, _pad_id(tokenizer), input_length, target_length)
+    return cls._layout(ins, tgts, pad_id(tokenizer), input_length, target_length)
 
 
 @struct.dataclass
@@ -151,14 +151,25 @@ class Seq2SeqBatch(_Batch):
   def encode_labels(tokenizer, labels: Sequence[str], target_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Label strings -> (ids, mask) [C, T] as decoder targets (with EOS)."""
     rows = [trim(ids, target_length, tokenizer.eos_token_id)[0] for ids in ids_of(tokenizer, labels, True)]
-    return pad_rows(rows, target_length, _pad_id(tokenizer))
+    return pad_rows(rows, target_length, pad_id(tokenizer))
 
   @staticmethod
-  def encode_inputs(tokenizer, texts: Sequence[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder inputs for generation, right-padded as in training and PEFT (T5's relative positions would
-    otherwise put a soft prompt further from a shorter input)."""
-    rows = [r[:max_length] if max_length else r for r in _input_rows(tokenizer, texts, drop_eos=False)]
-    return pad_rows(rows, max(len(r) for r in rows), _pad_id(tokenizer))
+  def input_rows(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Generation inputs' tokens (with EOS, as in training)."""
+    return _input_rows(tokenizer, texts, drop_eos=False)
+
+  @staticmethod
+  def layout_inputs(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder inputs right-padded as in training and PEFT (T5's relative positions would otherwise put a soft
+    prompt further from a shorter input)."""
+    return pad_rows(rows, length, pad_id)
+
+  @classmethod
+  def encode_inputs(cls, tokenizer, texts: Sequence[str], max_length: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder inputs for generation [B, longest]."""
+    rows = [r[:max_length] if max_length else r for r in cls.input_rows(tokenizer, texts)]
+    return cls.layout_inputs(rows, max(len(r) for r in rows), pad_id(tokenizer))
 
   def cropped(self, input_length: int) -> "Seq2SeqBatch":
     return self.replace(input_ids=self.input_ids[:, :input_length], input_mask=self.input_mask[:, :input_length])
@@ -207,14 +218,24 @@ class CausalBatch(_Batch):
     eos = tokenizer.eos_token_id
     rows = [trim(ids + ([eos] if eos is not None else []), target_length, eos)[0]
             for ids in ids_of(tokenizer, labels, False)]
-    return pad_rows(rows, target_length, _pad_id(tokenizer))
+    return pad_rows(rows, target_length, pad_id(tokenizer))
 
   @staticmethod
-  def encode_inputs(tokenizer, texts: Sequence[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts for generation, left-padded as in training's scoring inputs and as transformers pads for
-    generation; a final EOS is dropped, and a long input keeps its end."""
-    rows = [r[-max_length:] if max_length else r for r in _input_rows(tokenizer, texts, drop_eos=True)]
-    return pad_rows(rows, max(len(r) for r in rows), _pad_id(tokenizer), left=True)
+  def input_rows(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Generation prompts' tokens (BOS kept, a final EOS dropped)."""
+    return _input_rows(tokenizer, texts, drop_eos=True)
+
+  @staticmethod
+  def layout_inputs(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded, as training's scoring inputs and as transformers pads for generation."""
+    return pad_rows(rows, length, pad_id, left=True)
+
+  @classmethod
+  def encode_inputs(cls, tokenizer, texts: Sequence[str], max_length: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts for generation [B, longest]; a long input keeps its end."""
+    rows = [r[-max_length:] if max_length else r for r in cls.input_rows(tokenizer, texts)]
+    return cls.layout_inputs(rows, max(len(r) for r in rows), pad_id(tokenizer))
 
   def cropped(self, input_length: int) -> "CausalBatch":
     # `tokens` is right-padded (a row's input + target fit in input_length + T); the input alone is left-padded

@@ -64,7 +64,7 @@ def generate(model, *, input_ids=None, attention_mask=None, inputs_embeds=None, 
     attention_mask: [B, L], 1 for real positions (default: all ones).
     config: the settings (default `GenerateConfig()`); `**options` (max_new_tokens, method, temperature,
       top_k, top_p, num_beams, alpha, seed) override its fields. "sample" draws from `rng` (default
-      `jax.random.key(seed)`).
+      `jax.random.key(seed)`; a key per row [B] makes each row draw as it would alone, whatever the batch).
     eos_id: an id or ids that finish a row; None: the model config's eos_token_id; -1: never stop early.
     pad_id: emitted by finished rows; None: the config's pad_token_id (or 0).
   """
@@ -130,7 +130,8 @@ def _generate(graphdef, state, ids, mask, prefix, temperature, rng, *, opts: _Op
 
 def _filter_and_sample(logits, temperature, top_k, top_p, rng):
   """Sample from logits [B, V] / temperature, keeping the top_k largest and the smallest set of
-  tokens whose probability reaches top_p (the most likely token always stays)."""
+  tokens whose probability reaches top_p (the most likely token always stays). `rng`: one key, or a key per
+  row [B] (each row then draws as it would alone)."""
   x = logits / temperature
   if top_k > 0:
     kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][..., -1:]
@@ -141,7 +142,17 @@ def _filter_and_sample(logits, temperature, top_k, top_p, rng):
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # mass before a token is still short of top_p
     cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     x = jnp.where(x < cutoff, -jnp.inf, x)
+  if rng.ndim == 1:
+    return jax.vmap(lambda k, row: jax.random.categorical(k, row))(rng, x)
   return jax.random.categorical(rng, x, axis=-1)
+
+
+def _split(rng):
+  """(next key, this step's key), for one key or a key per row."""
+  if rng.ndim == 1:
+    both = jax.vmap(jax.random.split)(rng)
+    return both[:, 0], both[:, 1]
+  return tuple(jax.random.split(rng))
 
 
 def _is_eos(tokens, eos):
@@ -151,17 +162,22 @@ def _is_eos(tokens, eos):
   return out
 
 
-def _sample_loop(model, logits0, cache, opts, temperature, rng):
+def sample_init(logits0, cache, opts: _Options, rng) -> dict:
+  """The greedy / sampling loop's state after the prefill (`start`)."""
   b, t_new = logits0.shape[0], opts.max_new_tokens
-  init = dict(t=jnp.int32(0), logits=logits0, cache=cache, tokens=jnp.full((b, t_new), opts.pad, jnp.int32),
-              finished=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32), scores=jnp.zeros((b,), jnp.float32),
-              rng=rng)
+  return dict(t=jnp.int32(0), logits=logits0, cache=cache, tokens=jnp.full((b, t_new), opts.pad, jnp.int32),
+              finished=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
+              scores=jnp.zeros((b,), jnp.float32), rng=rng)
+
+
+def sample_steps(model, s: dict, opts: _Options, temperature, until) -> dict:
+  """Run greedy / sampling steps on state `s` until step `until` (at most max_new_tokens) or every row is done."""
 
   def cond(s):
-    return (s["t"] < t_new) & ~jnp.all(s["finished"])
+    return (s["t"] < jnp.minimum(until, opts.max_new_tokens)) & ~jnp.all(s["finished"])
 
   def body(s):
-    rng, sub = jax.random.split(s["rng"])
+    rng, sub = _split(s["rng"])
     logits = s["logits"]
     if opts.method == "greedy":
       tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -177,8 +193,42 @@ def _sample_loop(model, logits0, cache, opts, temperature, rng):
                 lengths=s["lengths"] + alive.astype(jnp.int32), scores=s["scores"] + jnp.where(alive, logp, 0.0),
                 rng=rng)
 
-  s = jax.lax.while_loop(cond, body, init)
+  return jax.lax.while_loop(cond, body, s)
+
+
+def _sample_loop(model, logits0, cache, opts, temperature, rng):
+  s = sample_steps(model, sample_init(logits0, cache, opts, rng), opts, temperature, opts.max_new_tokens)
   return dict(tokens=s["tokens"], lengths=s["lengths"], scores=s["scores"])
+
+
+# -- step by step (streaming, the server) ----------------------------------------------------------
+
+
+def options(model, config: GenerateConfig, *, eos_id=None, pad_id=None, embeds: bool = False) -> _Options:
+  """The static settings of a greedy / sampling run (`start` / `advance`)."""
+  if config.method == "beam":
+    raise UsageError("step-by-step decoding is greedy or sampling; beam search runs whole (`generate`)")
+  cfg = model.config
+  if pad_id is None:
+    pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
+  return _Options(method=config.method, max_new_tokens=config.max_new_tokens, top_k=config.top_k, top_p=config.top_p,
+                  num_beams=1, alpha=config.alpha, eos=_eos_ids(eos_id, cfg), pad=int(pad_id), embeds=embeds)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
+def start(graphdef, state, ids, mask, prefix, rng, *, opts: _Options) -> dict:
+  """Prefill (`nnx.split` of the base: graphdef, state) -> the loop state, no token chosen yet. With `advance`,
+  the same tokens as `generate` in steps a caller can read (streaming)."""
+  model = nnx.merge(graphdef, state)
+  inputs = dict(inputs_embeds=ids) if opts.embeds else dict(input_ids=ids)
+  logits0, cache = model.prefill(**inputs, attention_mask=mask, prefix=prefix, max_new_tokens=opts.max_new_tokens)
+  return sample_init(logits0, cache, opts, rng)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("s",))
+def advance(graphdef, state, s: dict, temperature, until, *, opts: _Options) -> dict:
+  """Steps of `start`'s loop up to step `until` (or until every row is done)."""
+  return sample_steps(nnx.merge(graphdef, state), s, opts, temperature, until)
 
 
 # -- beam search -----------------------------------------------------------------------------------

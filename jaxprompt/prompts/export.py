@@ -46,7 +46,7 @@ def _provenance(value: np.ndarray, info: dict, fmt: str) -> dict:
   return dict(format="jaxprompt-prompt/1", export_format=fmt, prompt_length=int(value.shape[0]), hidden_size=hidden,
               prompt_spec=spec, base_model=info.get("base_model"), base_architecture=info.get("base_architecture"),
               source=info.get("source"), step=info.get("step"), metrics=info.get("metrics"),
-              tokenizer=info.get("tokenizer"), prompt_config=info.get("prompt_config"),
+              tokenizer=info.get("tokenizer"), prompt_config=info.get("prompt_config"), task=info.get("task"),
               exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               jaxprompt_version=__version__)
 

@@ -173,7 +173,8 @@ def _checkpoint_prompt(source: Path, step: str | int) -> TrainedPrompt:
   cfg = meta.get("config") or {}
   info = dict(base_model=meta.get("base_model"), base_architecture=meta.get("base_architecture"),
               source=str(ckdir / str(chosen)), step=chosen, metrics=meta.get("metrics"),
-              tokenizer=cfg.get("model", {}).get("tokenizer"), prompt_config=cfg.get("prompt"), prompt_spec=spec)
+              tokenizer=cfg.get("model", {}).get("tokenizer"), prompt_config=cfg.get("prompt"), prompt_spec=spec,
+              task=meta.get("task") or {"name": cfg.get("data", {}).get("task")})
   return TrainedPrompt(value, spec, params, info)
 
 

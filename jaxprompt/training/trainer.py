@@ -91,7 +91,8 @@ class Trainer:
 
   def checkpoint_meta(self) -> dict:
     return dict(base_model=self.run.identity.to_dict(), base_architecture=self.run.architecture(),
-                config=self.cfg.to_dict(), prompt_spec=self.run.prompt_spec)
+                config=self.cfg.to_dict(), prompt_spec=self.run.prompt_spec,
+                task=dict(name=self.cfg.data.task, labels=list(self.run.labels or [])))
 
   def initial_state(self) -> TrainState:
     """A fresh state, or the latest checkpoint's (checked against the base model)."""

@@ -1,0 +1,291 @@
+"""The HTTP API (FastAPI): OpenAI-compatible completions, rank classification, prompt admin, health and metrics.
+
+  POST /v1/completions    OpenAI's completions API (model = a prompt's name, or the base's name for no prompt)
+  GET  /v1/models         the served names
+  POST /v1/classify       {"model", "input": str | [str], "labels"?: [str]} -> per-label log-probabilities
+  POST /v1/prompts        {"name", "path"} add a prompt (needs --admin-token: `Authorization: Bearer TOKEN`)
+  DELETE /v1/prompts/{n}  remove one (the same)
+  GET  /health            200 {"status": "ok"} (503 while draining)
+  GET  /metrics           Prometheus text
+
+Errors are OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}; `param` names the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxprompt.errors import UserError
+from jaxprompt.serve.engine import Draining, Engine, Overloaded, Request, Sampling
+from jaxprompt.serve.metrics import Metrics
+
+
+class ApiError(Exception):
+  def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+               headers: dict | None = None):
+    super().__init__(message)
+    self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           headers: dict | None = None) -> JSONResponse:
+  return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
+                      headers=headers)
+
+
+Text = Annotated[str, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]  # JSON ints are numbers too
+
+
+class CompletionRequest(BaseModel):
+  model_config = ConfigDict(extra="allow")
+  model: Text
+  prompt: Text | list[Text]
+  max_tokens: Annotated[int, Field(strict=True, ge=1)] = 16
+  temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] = 1.0
+  top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] = 1.0
+  n: Annotated[int, Field(strict=True)] = 1
+  stop: Text | list[Text] | None = None
+  seed: Annotated[int, Field(strict=True)] | None = None
+  stream: Annotated[bool, Field(strict=True)] = False
+
+
+class ClassifyRequest(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+  model: Text
+  input: Text | list[Text]
+  labels: list[Text] | None = None
+
+
+class AddPrompt(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+  name: Text
+  path: Text
+
+
+_UNSUPPORTED = {"echo": False, "logprobs": None, "best_of": 1, "suffix": None, "logit_bias": None}
+
+
+def create_app(engine: Engine, *, base_name: str, admin_token: str | None = None) -> FastAPI:
+  metrics: Metrics = engine.metrics
+  state = {"draining": False}
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    engine.start()
+    yield
+    state["draining"] = True
+    await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+  app = FastAPI(title="jaxprompt", lifespan=lifespan)
+
+  @app.middleware("http")
+  async def count(request: HttpRequest, call_next):
+    start = time.monotonic()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    endpoint = getattr(route, "path", "other")
+    metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+    metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - start)
+    return response
+
+  @app.exception_handler(ApiError)
+  async def api_error(_, e: ApiError):
+    return _error(e.status, e.message, e.param, e.kind, e.headers)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(_, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    loc = [x for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+      return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'invalid')})")
+    if not loc or first.get("type") in ("model_attributes_type", "dict_type"):
+      return _error(400, "the request body must be a JSON object")
+    param = str(loc[0])
+    where = param + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))  # union member names left out
+    return _error(400, f"{where}: {first.get('msg', 'invalid value')}", param)
+
+  def _prompt(name: str):
+    if name == base_name:
+      return None
+    p = engine.store.get(name)
+    if p is None:
+      raise ApiError(404, f"model {name!r} is not served (GET /v1/models lists them)", "model", "not_found_error")
+    return p
+
+  def _inputs(value, field: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+      raise ApiError(400, f"{field}: give at least one input", field)
+    return texts
+
+  def _tokens(text: str, field: str, index: int, multi: bool) -> list[int]:
+    tokens = engine.encode(text)
+    if len(tokens) > engine.max_input_tokens:
+      where = f"{field}[{index}]" if multi else field
+      raise ApiError(400, f"{where}: {len(tokens)} tokens, over this server's limit of {engine.max_input_tokens}",
+                     field)
+    return tokens
+
+  def _submit(reqs: list[Request]) -> None:
+    try:
+      if state["draining"]:
+        raise Draining()
+      engine.submit(reqs)
+    except Overloaded:
+      raise ApiError(503, f"the queue is full ({engine.queue_size} requests); retry shortly", kind="server_error",
+                     headers={"Retry-After": "1"}) from None
+    except Draining:
+      raise ApiError(503, "the server is shutting down", kind="server_error", headers={"Retry-After": "5"}) from None
+
+  async def _run(reqs: list[Request], futures: list[asyncio.Future]) -> list[Any]:
+    _submit(reqs)
+    results = await asyncio.gather(*futures)
+    for r in results:
+      if isinstance(r, Exception):
+        raise ApiError(500, f"internal error: {type(r).__name__}: {r}", kind="server_error")
+    return results
+
+  def _future(loop) -> tuple[asyncio.Future, Any]:
+    fut = loop.create_future()
+    return fut, lambda result: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+  @app.get("/health")
+  async def health():
+    if state["draining"]:
+      return _error(503, "the server is shutting down", kind="server_error")
+    return {"status": "ok", "prompts": len(engine.store.names()), "queue_depth": engine.queue_depth}
+
+  @app.get("/metrics")
+  async def prometheus():
+    metrics.prompts.set(len(engine.store.names()))
+    return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+  @app.get("/v1/models")
+  async def models():
+    now = int(time.time())
+    names = [base_name] + engine.store.names()
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "jaxprompt"}
+                                       for n in names]}
+
+  @app.post("/v1/completions")
+  async def completions(body: CompletionRequest):
+    for field, default in _UNSUPPORTED.items():
+      if (body.model_extra or {}).get(field, default) not in (default, None, False):
+        raise ApiError(400, f"{field}: not supported by this server", field)
+    if body.n != 1:
+      raise ApiError(400, "n: only n=1 is supported (send the prompt again for more samples)", "n")
+    if body.max_tokens > engine.max_tokens:
+      raise ApiError(400, f"max_tokens: {body.max_tokens} is over this server's limit of {engine.max_tokens}",
+                     "max_tokens")
+    prompt = _prompt(body.model)
+    texts = _inputs(body.prompt, "prompt")
+    stop = tuple([body.stop] if isinstance(body.stop, str) else body.stop or ())
+    if len(stop) > 4:
+      raise ApiError(400, "stop: at most 4 stop sequences", "stop")
+    sampling = (Sampling("greedy") if body.temperature == 0 else
+                Sampling("sample", temperature=float(body.temperature), top_p=float(body.top_p)))
+    tokens = [_tokens(t, "prompt", i, len(texts) > 1) for i, t in enumerate(texts)]
+    loop = asyncio.get_running_loop()
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    futures, reqs = [], []
+    stream: asyncio.Queue | None = asyncio.Queue() if body.stream else None
+    for i, (text, toks) in enumerate(zip(texts, tokens)):
+      fut, done = _future(loop)
+      on_delta = None
+      if stream is not None:
+        on_delta = (lambda i: lambda delta: loop.call_soon_threadsafe(stream.put_nowait, (i, delta, None)))(i)
+        done = (lambda i, done: lambda result: (done(result), loop.call_soon_threadsafe(
+            stream.put_nowait, (i, None, result))))(i, done)
+      futures.append(fut)
+      reqs.append(Request("complete", prompt, text, toks, done, max_tokens=body.max_tokens, sampling=sampling,
+                          stop=stop, seed=body.seed, on_delta=on_delta))
+    if stream is None:
+      results = await _run(reqs, futures)
+      choices = [dict(text=r["text"], index=i, logprobs=None, finish_reason=r["finish_reason"])
+                 for i, r in enumerate(results)]
+      used = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)
+      return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+              "usage": {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}}
+    _submit(reqs)
+
+    async def events():
+      left = len(reqs)
+      while left:
+        i, delta, result = await stream.get()
+        if result is None:
+          chunk = dict(text=delta, index=i, logprobs=None, finish_reason=None)
+        elif isinstance(result, Exception):
+          yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
+          left -= 1
+          continue
+        else:
+          chunk = dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"])
+          left -= 1
+        yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                                     "choices": [chunk]}) + "\n\n"
+      yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+  @app.post("/v1/classify")
+  async def classify(body: ClassifyRequest):
+    prompt = _prompt(body.model)
+    texts = _inputs(body.input, "input")
+    labels = tuple(body.labels) if body.labels is not None else (prompt.labels if prompt is not None else None)
+    if not labels:
+      raise ApiError(400, f"labels: model {body.model!r} records no labels; give them", "labels")
+    if len(set(labels)) != len(labels) or any(not lab for lab in labels):
+      raise ApiError(400, "labels: give distinct, non-empty label strings", "labels")
+    tokens = [_tokens(t, "input", i, len(texts) > 1) for i, t in enumerate(texts)]
+    loop = asyncio.get_running_loop()
+    futures, reqs = [], []
+    for text, toks in zip(texts, tokens):
+      fut, done = _future(loop)
+      futures.append(fut)
+      reqs.append(Request("classify", prompt, text, toks, done, labels=labels))
+    results = await _run(reqs, futures)
+    return {"object": "list", "model": body.model, "labels": list(labels),
+            "data": [dict(index=i, label=r["label"], scores=r["scores"]) for i, r in enumerate(results)]}
+
+  def _admin(request: HttpRequest) -> None:
+    if admin_token is None:
+      raise ApiError(403, "prompt administration is off (start the server with --admin-token)", kind="permission_error")
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
+      raise ApiError(401, "a valid admin token is needed (Authorization: Bearer TOKEN)", kind="authentication_error")
+
+  @app.post("/v1/prompts", status_code=201)
+  async def add_prompt(body: AddPrompt, request: HttpRequest):
+    _admin(request)
+    if body.name == base_name:
+      raise ApiError(400, f"name: {base_name!r} is the base model's name", "name")
+    loop = asyncio.get_running_loop()
+    try:
+      served = await loop.run_in_executor(None, engine.store.add, body.name, body.path)
+    except UserError as e:
+      raise ApiError(400 if "already served" not in str(e) else 409, str(e).splitlines()[0], "path") from None
+    return {"id": served.name, "object": "model", "method": served.method, "length": served.length,
+            "source": served.source}
+
+  @app.delete("/v1/prompts/{name}")
+  async def remove_prompt(name: str, request: HttpRequest):
+    _admin(request)
+    try:
+      engine.store.remove(name)
+    except KeyError:
+      raise ApiError(404, f"model {name!r} is not served", "name", "not_found_error") from None
+    return {"id": name, "object": "model", "deleted": True}
+
+  return app

@@ -1,0 +1,462 @@
+"""The serving engine: one frozen base model, many prompts, requests coalesced into mixed-prompt batches.
+
+Notation: B batch (bucketed), L input length (bucketed), T new tokens (bucketed), P prompt length, C labels.
+
+The HTTP layer (asyncio) submits `Request`s; one worker thread takes the oldest, waits up to `max_wait_ms` for more
+that can share its batch (the same prompt *group* and decoding settings; `max_batch` at most), runs them as one
+mixed-prompt batch and hands each request its result through callbacks. Shapes are bucketed (powers of two), so a
+running server compiles a bounded set of programs: per prompt group, batch bucket, length bucket and new-token
+bucket one prefill and one decode-chunk program (`inference.decoding.start` / `advance`).
+
+A prompt is turned, once, when it is loaded, into what every request reuses (`ServedPrompt.prefix`, batch 1):
+  decoders: its keys and values at every layer (a soft prompt of any method run once at positions 0..P-1, as
+    `Decoder.shared_prompt` does in training; a prefix-tuning table as it is), so a request prefills only its own
+    tokens: a prompt is a pre-filled cache;
+  T5: its input embeddings (the encoder is bidirectional: nothing to precompute) or a prefix's keys/values.
+Prompts whose arrays have the same shapes form a group and are stacked in a bank on the device; a batch gathers
+one row of the bank per request. A group never mixes kinds or lengths (the base alone is the group of no prompt).
+
+Decoding runs in chunks of `chunk` tokens so streams receive text as it is made and a batch stops once every
+request in it is done (EOS, its own max_tokens, or a stop string); greedy is exact against `jaxprompt generate`,
+and a seeded sampled request draws from its own key (the same text alone or in any batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprompt.config import GenerateConfig
+from jaxprompt.data.batches import pad_id
+from jaxprompt.errors import PromptError, UserError
+from jaxprompt.inference import decoding
+from jaxprompt.models.interface import Prefix
+from jaxprompt.prompts import methods
+from jaxprompt.prompts.io import load_prompt_source
+
+log = logging.getLogger(__name__)
+
+_FIELDS = ("embeds", "keys", "values")
+_BATCH_AXIS = {"embeds": 0, "keys": 1, "values": 1}
+
+
+class Overloaded(Exception):
+  """The queue is full (HTTP 503 with Retry-After)."""
+
+
+class Draining(Exception):
+  """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+def buckets(limit: int, smallest: int) -> tuple[int, ...]:
+  """Powers of two from `smallest` below `limit`, then `limit`."""
+  out, b = [], smallest
+  while b < limit:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (limit,)
+
+
+def bucket(n: int, sizes: Sequence[int]) -> int:
+  return next(s for s in sizes if s >= n)
+
+
+# -- prompts ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedPrompt:
+  name: str
+  source: str
+  method: str
+  prefix: Prefix  # batch-1 arrays on the device (see the module docstring)
+  labels: tuple[str, ...] | None  # the labels recorded with the prompt's task (classify's default)
+  info: dict
+
+  @property
+  def group(self) -> tuple:
+    """Prompts whose prefixes have these shapes share a bank (and a batch)."""
+    return tuple((f, tuple(getattr(self.prefix, f).shape)) for f in _FIELDS if getattr(self.prefix, f) is not None)
+
+  @property
+  def length(self) -> int:
+    return max(self.prefix.length, self.prefix.kv_length)
+
+
+def _prompt_source_paths(folder: Path) -> list[Path]:
+  """What a prompts folder holds: workdirs, checkpoint steps, PEFT adapter folders, .npy / .safetensors files."""
+  out = []
+  for p in sorted(folder.iterdir()):
+    if p.name.startswith("."):
+      continue
+    if p.is_dir() or p.suffix in (".npy", ".safetensors"):
+      out.append(p)
+  return out
+
+
+class PromptStore:
+  """Prompts by name, each checked against the base and precomputed for serving (thread-safe, copy-on-write)."""
+
+  def __init__(self, base, *, allow_other_base: bool = False):
+    self.base = base
+    self.allow_other_base = allow_other_base
+    self._graphdef, self._state = nnx.split(base)
+    self._shared = jax.jit(lambda state, embeds: nnx.merge(self._graphdef, state).shared_prompt(
+        Prefix(embeds=embeds), 1)[0])
+    self._lock = threading.Lock()
+    self._prompts: dict[str, ServedPrompt] = {}
+    self._banks: dict[tuple, tuple[dict[str, int], Prefix]] = {}
+
+  def load_dir(self, folder: str | Path) -> list[str]:
+    """Load every prompt in `folder` (named after its file or folder); a bad one is skipped with a one-line log.
+    -> the problems (one line each)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+      raise PromptError(f"--prompts {folder} is not a folder")
+    problems = []
+    for path in _prompt_source_paths(folder):
+      name = path.stem if path.is_file() else path.name
+      try:
+        self.add(name, path)
+      except UserError as e:
+        line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        problems.append(f"{path}: skipped: {line}")
+        log.warning("prompt %s skipped: %s", path, line)
+    return problems
+
+  def prepare(self, name: str, path: str | Path) -> ServedPrompt:
+    """Load and check one prompt and compute what requests reuse (does not add it)."""
+    if not name or "/" in name:
+      raise PromptError(f"prompt name {name!r}: give a non-empty name without '/'")
+    src = load_prompt_source(path)
+    for warning in src.check(self.base, str(path), strict=not self.allow_other_base):
+      log.warning(warning)
+    module = methods.fixed(src.value, src.spec, self.base.prefix_slots(), where=str(path))
+    prefix = module.prefix(1)
+    if self.base.kind == "causal" and prefix.embeds is not None:
+      prefix = self._shared(self._state, jnp.asarray(prefix.embeds))
+    prefix = jax.tree.map(jax.device_put, prefix)
+    task = src.info.get("task") or {}
+    labels = tuple(task["labels"]) if task.get("labels") else None
+    return ServedPrompt(name=name, source=str(path), method=src.method, prefix=prefix, labels=labels, info=src.info)
+
+  def add(self, name: str, path: str | Path, *, replace: bool = False) -> ServedPrompt:
+    if name in self._prompts and not replace:
+      raise PromptError(f"prompt {name!r} is already served (DELETE it first)")
+    served = self.prepare(name, path)
+    with self._lock:
+      prompts = dict(self._prompts, **{name: served})
+      self._prompts, self._banks = prompts, self._build_banks(prompts)
+    return served
+
+  def remove(self, name: str) -> None:
+    with self._lock:
+      if name not in self._prompts:
+        raise KeyError(name)
+      prompts = {k: v for k, v in self._prompts.items() if k != name}
+      self._prompts, self._banks = prompts, self._build_banks(prompts)
+
+  @staticmethod
+  def _build_banks(prompts: dict[str, ServedPrompt]) -> dict:
+    groups: dict[tuple, list[ServedPrompt]] = {}
+    for p in prompts.values():
+      groups.setdefault(p.group, []).append(p)
+    banks = {}
+    for group, members in groups.items():
+      stacked = {f: jnp.concatenate([getattr(m.prefix, f) for m in members], axis=_BATCH_AXIS[f])
+                 for f, _ in group}
+      banks[group] = ({m.name: i for i, m in enumerate(members)}, Prefix(**stacked))
+    return banks
+
+  def get(self, name: str) -> ServedPrompt | None:
+    return self._prompts.get(name)
+
+  def names(self) -> list[str]:
+    return list(self._prompts)
+
+  def rows(self, prompts: Sequence[ServedPrompt]) -> Prefix:
+    """The batch's prefix [.., B, ..]: row b from prompt b's bank row (all of one group)."""
+    index, bank = self._banks[prompts[0].group]
+    ids = jnp.asarray([index[p.name] for p in prompts], jnp.int32)
+    return Prefix(**{f: jnp.take(getattr(bank, f), ids, axis=_BATCH_AXIS[f]) for f in _FIELDS
+                     if getattr(bank, f) is not None})
+
+
+# -- requests --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """A completion's decoding settings (requests share a batch only with equal settings)."""
+  method: str = "greedy"  # greedy | sample
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """One input under one prompt (None: the base alone). kind "complete": generate up to `max_tokens`;
+  "classify": score `labels`. `on_delta(text)` receives a stream's new text; `on_done(result | exception)`
+  is called exactly once."""
+
+  kind: str
+  prompt: ServedPrompt | None
+  text: str
+  tokens: list[int]
+  on_done: Callable
+  max_tokens: int = 16
+  sampling: Sampling = Sampling()
+  stop: tuple[str, ...] = ()
+  seed: int | None = None
+  labels: tuple[str, ...] = ()
+  on_delta: Callable | None = None
+  created: float = dataclasses.field(default_factory=time.monotonic)
+
+  @property
+  def key(self) -> tuple:
+    group = self.prompt.group if self.prompt is not None else ()
+    if self.kind == "classify":
+      return ("classify", group, self.labels)
+    return ("complete", group, self.sampling)
+
+
+class _Text:
+  """A completion's text as tokens arrive: stop strings cut it, a stream gets only text that can no longer change
+  (the last token and a possible start of a stop string are held back until the end)."""
+
+  def __init__(self, tokenizer, stop: tuple[str, ...], on_delta):
+    self.tokenizer, self.stop, self.on_delta = tokenizer, stop, on_delta
+    self.sent = ""
+    self.text = ""
+    self.stopped = False
+
+  def _cut(self, text: str) -> tuple[str, bool]:
+    at = [text.find(s) for s in self.stop if s and s in text]
+    return (text[:min(at)], True) if at else (text, False)
+
+  def update(self, tokens: list[int], final: bool) -> None:
+    text, self.stopped = self._cut(self.tokenizer.decode(tokens, skip_special_tokens=True))
+    self.text = text
+    if self.on_delta is None:
+      return
+    if not (final or self.stopped):
+      safe = self._cut(self.tokenizer.decode(tokens[:-1], skip_special_tokens=True))[0]
+      hold = max((len(s) - 1 for s in self.stop), default=0)
+      text = safe[:max(len(self.sent), len(safe) - hold)]
+      text = text.rstrip("\ufffd")  # an unfinished multi-byte character
+    if text.startswith(self.sent) and len(text) > len(self.sent):
+      self.on_delta(text[len(self.sent):])
+      self.sent = text
+
+
+# -- the engine ------------------------------------------------------------------------------------------------
+
+
+class Engine:
+  """Queue, batcher and the jitted calls (see the module docstring). `start()` runs the worker thread;
+  `stop()` lets it finish every queued request first."""
+
+  def __init__(self, base, tokenizer, store: PromptStore, *, max_batch: int = 16, max_wait_ms: float = 5.0,
+               queue_size: int = 256, max_input_tokens: int = 512, max_tokens: int = 256, chunk: int = 8,
+               metrics=None):
+    self.base, self.tokenizer, self.store = base, tokenizer, store
+    self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+    self.queue_size, self.max_input_tokens, self.max_tokens, self.chunk = queue_size, max_input_tokens, max_tokens, chunk
+    self.batch_sizes = buckets(max_batch, 1)
+    self.lengths = buckets(max_input_tokens, min(16, max_input_tokens))
+    self.new_tokens = buckets(max_tokens, min(16, max_tokens))
+    self.metrics = metrics
+    self.graphdef, self.state = nnx.split(base)
+    self._pad = pad_id(tokenizer)
+    self._labels: dict[tuple, tuple[jax.Array, jax.Array]] = {}
+    self._rank = jax.jit(lambda state, batch, ids, mask, prefix: nnx.merge(self.graphdef, state).label_logprobs(
+        batch, ids, mask, prefix))
+    self._pending: list[Request] = []
+    self._cond = threading.Condition()
+    self._stopping = False
+    self._busy = False
+    self._thread: threading.Thread | None = None
+
+  # -- intake ------------------------------------------------------------------------------------------------
+
+  def encode(self, text: str) -> list[int]:
+    return self.base.batch_type.input_rows(self.tokenizer, [text])[0]
+
+  def submit(self, requests: Sequence[Request]) -> None:
+    """Queue all of `requests` or none (Overloaded when they do not fit, Draining while stopping)."""
+    with self._cond:
+      if self._stopping:
+        raise Draining()
+      if len(self._pending) + len(requests) > self.queue_size:
+        raise Overloaded()
+      self._pending.extend(requests)
+      self._cond.notify_all()
+      self._gauge()
+
+  @property
+  def queue_depth(self) -> int:
+    return len(self._pending)
+
+  def _gauge(self) -> None:
+    if self.metrics is not None:
+      self.metrics.queue_depth.set(len(self._pending))
+
+  # -- the worker ----------------------------------------------------------------------------------------------
+
+  def start(self) -> None:
+    self._thread = threading.Thread(target=self._loop, name="jaxprompt-engine", daemon=True)
+    self._thread.start()
+
+  def stop(self, timeout: float | None = None) -> None:
+    """Take no new requests, answer every queued one, then stop the worker."""
+    with self._cond:
+      self._stopping = True
+      self._cond.notify_all()
+    if self._thread is not None:
+      self._thread.join(timeout)
+
+  def _take(self) -> list[Request] | None:
+    with self._cond:
+      while not self._pending:
+        if self._stopping:
+          return None
+        self._cond.wait()
+      key = self._pending[0].key
+      deadline = self._pending[0].created + self.max_wait
+      while not self._stopping:
+        same = sum(1 for r in self._pending if r.key == key)
+        left = deadline - time.monotonic()
+        if same >= self.max_batch or left <= 0:
+          break
+        self._cond.wait(left)
+      batch = [r for r in self._pending if r.key == key][:self.max_batch]
+      taken = set(map(id, batch))
+      self._pending = [r for r in self._pending if id(r) not in taken]
+      self._busy = True
+      self._gauge()
+      return batch
+
+  def _loop(self) -> None:
+    while True:
+      batch = self._take()
+      if batch is None:
+        return
+      try:
+        started = time.monotonic()
+        tokens = self._run(batch)
+        if self.metrics is not None:
+          self.metrics.batch_size.observe(len(batch))
+          self.metrics.batches.inc()
+          if tokens:
+            self.metrics.generated_tokens.inc(tokens)
+            self.metrics.tokens_per_second.set(tokens / max(time.monotonic() - started, 1e-9))
+      except Exception as e:  # noqa: BLE001 — a failed batch answers its requests, the server goes on
+        log.exception("batch of %d failed", len(batch))
+        for r in batch:
+          r.on_done(e)
+      finally:
+        self._busy = False
+
+  def _run(self, batch: list[Request]) -> int:
+    return self._classify(batch) if batch[0].kind == "classify" else self._complete(batch)
+
+  def _prefix(self, batch: list[Request], size: int) -> Prefix | None:
+    if batch[0].prompt is None:
+      return None
+    prompts = [r.prompt for r in batch]
+    return self.store.rows(prompts + [prompts[0]] * (size - len(batch)))
+
+  def _complete(self, batch: list[Request]) -> int:
+    n = len(batch)
+    b = bucket(n, self.batch_sizes)
+    rows = [r.tokens for r in batch] + [batch[0].tokens] * (b - n)
+    length = bucket(max(len(r) for r in rows), self.lengths)
+    ids, mask = self.base.batch_type.layout_inputs(rows, length, self._pad)
+    t_new = bucket(max(r.max_tokens for r in batch), self.new_tokens)
+    s = batch[0].sampling
+    opts = decoding.options(self.base, GenerateConfig(method=s.method, max_new_tokens=t_new, temperature=s.temperature,
+                                                      top_p=s.top_p, top_k=s.top_k))
+    seeds = [r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little") for r in batch]
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + [seeds[0]] * (b - n), jnp.uint32))
+    state = decoding.start(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(mask), self._prefix(batch, b),
+                           keys, opts=opts)
+    temperature = jnp.asarray(s.temperature, jnp.float32)
+    texts = [_Text(self.tokenizer, r.stop, r.on_delta) for r in batch]
+    done = [False] * n
+    counts = [0] * n
+    t = 0
+    eos = set(opts.eos)
+    while not all(done):
+      t = min(t + self.chunk, t_new)
+      state = decoding.advance(self.graphdef, self.state, state, temperature, jnp.int32(t), opts=opts)
+      tokens, lengths = np.asarray(state["tokens"]), np.asarray(state["lengths"])
+      for i, r in enumerate(batch):
+        if done[i]:
+          continue
+        k = min(int(lengths[i]), r.max_tokens)
+        row = tokens[i, :k].tolist()
+        ended = bool(row) and row[-1] in eos
+        final = ended or k >= r.max_tokens or t >= t_new
+        texts[i].update(row[:-1] if ended else row, final)
+        if final or texts[i].stopped:
+          done[i] = True
+          counts[i] = k
+          finish = "stop" if ended or texts[i].stopped else "length"
+          r.on_done(dict(text=texts[i].text, finish_reason=finish, prompt_tokens=len(r.tokens),
+                         completion_tokens=k))
+      if t >= t_new:
+        break
+    return sum(counts)
+
+  def labels(self, labels: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+    """The label strings as decoder targets / continuations [C, longest] (cached)."""
+    if labels not in self._labels:
+      rows = self.base.batch_type.encode_labels(self.tokenizer, labels, self.max_input_tokens)
+      width = max(int(np.asarray(rows[1]).sum(axis=1).max()), 1)  # the longest label, no padding beyond it
+      self._labels[labels] = tuple(jnp.asarray(a[:, :width]) for a in rows)
+    return self._labels[labels]
+
+  def _classify(self, batch: list[Request]) -> int:
+    n = len(batch)
+    b = bucket(n, self.batch_sizes)
+    labels = batch[0].labels
+    label_ids, label_mask = self.labels(labels)
+    rows = [r for r in batch] + [batch[0]] * (b - n)
+    length = bucket(max(len(r.tokens) for r in rows), self.lengths)
+    examples = [{"inputs": r.text, "targets": labels[0]} for r in rows]
+    data = self.base.batch_type.encode(examples, self.tokenizer, input_length=length,
+                                       target_length=label_ids.shape[1], name="classify")
+    scores = np.asarray(self._rank(self.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask,
+                                   self._prefix(batch, b)))
+    for i, r in enumerate(batch):
+      row = scores[i]
+      r.on_done(dict(label=labels[int(np.argmax(row))], scores={lab: float(v) for lab, v in zip(labels, row)},
+                     prompt_tokens=len(r.tokens)))
+    return 0
+
+  def warmup(self) -> tuple[int, float]:
+    """Compile greedy completion for every prompt group, batch bucket and length bucket (the smallest new-token
+    bucket) before serving. -> (programs, seconds)."""
+    start, count = time.monotonic(), 0
+    groups = {p.group: p for p in map(self.store.get, self.store.names())}
+    for prompt in [None, *groups.values()]:
+      for b in self.batch_sizes:
+        for length in self.lengths:
+          done = threading.Event()
+          reqs = [Request("complete", prompt, "", [self._pad] * length, lambda _: None, max_tokens=1)
+                  for _ in range(b)]
+          reqs[-1].on_done = lambda _: done.set()
+          self._complete(reqs)
+          count += 1
+    return count, time.monotonic() - start

@@ -1,0 +1,82 @@
+"""`jaxprompt serve`: load the base and the prompts, warm up, serve until SIGTERM / SIGINT (then drain, exit 0)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def build(model: str, *, prompts: str | None = None, tokenizer: str | None = None, name: str | None = None,
+          admin_token: str | None = None, allow_other_base: bool = False, **engine_options):
+  """(app, engine, problems): the FastAPI app over an engine serving `model` and the prompts in folder `prompts`."""
+  from jaxprompt.models.loading import load_model, load_tokenizer
+  from jaxprompt.serve.app import create_app
+  from jaxprompt.serve.engine import Engine, PromptStore
+  from jaxprompt.serve.metrics import Metrics
+
+  base = load_model(model)
+  tok = load_tokenizer(tokenizer or model)
+  store = PromptStore(base, allow_other_base=allow_other_base)
+  problems = store.load_dir(prompts) if prompts else []
+  engine = Engine(base, tok, store, metrics=Metrics(), **engine_options)
+  base_name = name or Path(str(model).rstrip("/")).name or "base"
+  if base_name in store.names():
+    from jaxprompt.errors import UsageError
+
+    raise UsageError(f"--name {base_name!r} is also a prompt's name; pick another --name for the base")
+  return create_app(engine, base_name=base_name, admin_token=admin_token), engine, problems
+
+
+def _server_class():
+  import uvicorn
+
+  class Server(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM / SIGINT that shut it down gracefully ends the process normally (exit 0):
+    uvicorn re-raises the signal after its shutdown, so the process would die of it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+      handled = (signal.SIGINT, signal.SIGTERM)
+      previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+      try:
+        yield
+      finally:
+        for sig, handler in previous.items():
+          signal.signal(sig, handler)
+
+  return Server
+
+
+def run(args) -> int:
+  try:
+    import uvicorn
+  except ImportError:
+    from jaxprompt.errors import UsageError
+
+    raise UsageError("jaxprompt serve needs the serve extra: pip install 'jaxprompt[serve]' (FastAPI, uvicorn)") from None
+  token = args.admin_token or os.environ.get("JAXPROMPT_ADMIN_TOKEN") or None
+  app, engine, problems = build(args.model, prompts=args.prompts, tokenizer=args.tokenizer, name=args.name,
+                                admin_token=token, allow_other_base=args.allow_other_base,
+                                max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                                max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens)
+  for line in problems:
+    print(f"jaxprompt: warning: {line}", file=sys.stderr)
+  if args.warmup:
+    start = time.monotonic()
+    programs, _ = engine.warmup()
+    print(f"jaxprompt: warmed up {programs} shapes in {time.monotonic() - start:.0f} s", file=sys.stderr)
+  names = engine.store.names()
+  print(f"jaxprompt: serving {len(names)} prompt(s) ({', '.join(names) or 'none'}) on http://{args.host}:{args.port}",
+        file=sys.stderr, flush=True)
+  config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
+                          timeout_graceful_shutdown=args.drain_seconds)
+  _server_class()(config).run()  # SIGTERM / SIGINT: stop accepting, answer in-flight requests, then return
+  print("jaxprompt: server stopped", file=sys.stderr)
+  return 0

@@ -1,0 +1,286 @@
+"""`jaxprompt serve`: the OpenAI client against the server, batching across prompts, classify vs eval, admin, bad
+input, overload and SIGTERM. Servers bind 127.0.0.1 on a free port and are always stopped; every load loop is
+bounded in count and time."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from jaxprompt import config as C  # noqa: E402
+from jaxprompt.inference import text as T  # noqa: E402
+from jaxprompt.prompts.io import load_prompt_source  # noqa: E402
+from tests.test_causal import write_byte_decoder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["max: 3 7 1 8 2", "hello there", "min: 9 4", "a"]
+TOKEN = "s3cret"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 240.0) -> None:
+  end = time.time() + timeout
+  while time.time() < end:
+    if proc is not None and proc.poll() is not None:
+      raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+    try:
+      if httpx.get(url + "/health", timeout=2).status_code == 200:
+        return
+    except httpx.HTTPError:
+      pass
+    time.sleep(0.2)
+  raise AssertionError(f"server at {url} not healthy after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+  """A tiny byte-level Llama and a folder of prompts: three soft prompts (.npy), a prefix-tuning export and a
+  broken file (skipped at load)."""
+  root = tmp_path_factory.mktemp("serve")
+  folder = write_byte_decoder(root / "llama", "llama3-gqa-untied", seed=5)
+  prompts = root / "prompts"
+  prompts.mkdir()
+  rng = np.random.default_rng(0)
+  for name in ("alpha", "beta", "gamma"):
+    np.save(prompts / f"{name}.npy", rng.normal(size=(4, 32)).astype(np.float32))
+  (prompts / "broken.npy").write_bytes(b"not an array")
+  spare = root / "spare.npy"
+  np.save(spare, rng.normal(size=(4, 32)).astype(np.float32))
+  return folder, prompts, spare
+
+
+@pytest.fixture(scope="module")
+def server(material):
+  """The server in this process (a uvicorn thread), so its compiled programs are this session's."""
+  import uvicorn
+
+  from jaxprompt.serve.server import build
+
+  folder, prompts, _ = material
+  app, engine, problems = build(str(folder), prompts=str(prompts), name="base", admin_token=TOKEN, max_batch=16,
+                                max_wait_ms=20, max_tokens=32, max_input_tokens=64)
+  port = _free_port()
+  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=srv.run, daemon=True)
+  thread.start()
+  url = f"http://127.0.0.1:{port}"
+  try:
+    _wait_healthy(url)
+    yield url, engine, problems
+  finally:
+    srv.should_exit = True
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def _reference(engine, prompts_dir: Path, name: str, texts, max_new_tokens: int) -> list[str]:
+  """What `jaxprompt generate --greedy --prompt NAME.npy` prints for these inputs (the function it calls)."""
+  prompt = [load_prompt_source(prompts_dir / f"{name}.npy")]
+  records = T.generate_text(engine.base, engine.tokenizer, texts, prompt, max_new_tokens=max_new_tokens)
+  return [r["output"] for r in records]
+
+
+def test_openai_client_gets_generate_greedy_text_for_each_prompt_and_streams_it(server, material):
+  url, engine, problems = server
+  _, prompts, _ = material
+  assert len(problems) == 1 and "broken.npy" in problems[0]  # skipped with one line, not a crash
+  client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+  assert {m.id for m in client.models.list().data} == {"base", "alpha", "beta", "gamma"}
+  for name in ("alpha", "beta"):
+    want = _reference(engine, prompts, name, TEXTS, 8)
+    got = client.completions.create(model=name, prompt=TEXTS, max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
+    assert got.usage.completion_tokens > 0 and got.usage.prompt_tokens > 0
+    pieces = [c.choices[0].text for c in client.completions.create(model=name, prompt=TEXTS[0], max_tokens=8,
+                                                                   temperature=0, stream=True)]
+    assert "".join(pieces) == want[0] and len(pieces) >= 2
+  # a stop string cuts the text (and is not part of it)
+  full = client.completions.create(model="alpha", prompt=TEXTS[1], max_tokens=8, temperature=0).choices[0].text
+  if len(full) >= 3:
+    cut = client.completions.create(model="alpha", prompt=TEXTS[1], max_tokens=8, temperature=0, stop=full[2])
+    assert cut.choices[0].text == full[:full.index(full[2])] and cut.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_over_three_prompts_batch_and_each_equals_its_single_result(server):
+  url, engine, _ = server
+  jobs = [(name, TEXTS[i % len(TEXTS)]) for i, name in enumerate(["alpha", "beta", "gamma"] * 21 + ["base"])]
+  body = lambda name, text, **kw: dict(model=name, prompt=text, max_tokens=6, temperature=0, **kw)  # noqa: E731
+  single = {}
+  with httpx.Client(timeout=120) as c:
+    for job in sorted(set(jobs)):
+      r = c.post(url + "/v1/completions", json=body(*job))
+      assert r.status_code == 200, r.text
+      single[job] = r.json()["choices"][0]["text"]
+    before = _batch_stats(c.get(url + "/metrics").text)
+
+  async def fire():
+    async with httpx.AsyncClient(timeout=120) as c:
+      return await asyncio.gather(*[c.post(url + "/v1/completions", json=body(*job)) for job in jobs])
+
+  responses = asyncio.run(asyncio.wait_for(fire(), 300))
+  assert len(responses) == 64 and all(r.status_code == 200 for r in responses), [r.text for r in responses][:3]
+  assert [r.json()["choices"][0]["text"] for r in responses] == [single[j] for j in jobs]
+  assert len({r.json()["id"] for r in responses}) == 64
+  with httpx.Client(timeout=60) as c:
+    after = _batch_stats(c.get(url + "/metrics").text)
+    requests, batches = after[0] - before[0], after[1] - before[1]
+    assert requests == 64 and requests / batches > 1, (requests, batches)
+    # a seeded sample is the same alone and inside a batch of other requests
+    sampled = dict(model="beta", prompt=TEXTS[0], max_tokens=8, temperature=1.0, seed=7)
+    alone = c.post(url + "/v1/completions", json=sampled).json()["choices"][0]["text"]
+
+    async def crowd():
+      async with httpx.AsyncClient(timeout=120) as ac:
+        others = [ac.post(url + "/v1/completions", json=dict(sampled, seed=s)) for s in range(8)]
+        return await asyncio.gather(ac.post(url + "/v1/completions", json=sampled), *others)
+
+    crowded = asyncio.run(asyncio.wait_for(crowd(), 300))
+    assert crowded[0].json()["choices"][0]["text"] == alone
+    assert len({r.json()["choices"][0]["text"] for r in crowded}) > 1  # different seeds, different samples
+
+
+def _batch_stats(text: str) -> tuple[float, float]:
+  """(requests batched, batches) from the Prometheus text."""
+  values = {}
+  for line in text.splitlines():
+    if line.startswith("jaxprompt_batch_size_sum") or line.startswith("jaxprompt_batch_size_count"):
+      name, value = line.split()
+      values[name] = float(value)
+  return values["jaxprompt_batch_size_sum"], values["jaxprompt_batch_size_count"]
+
+
+def test_classify_scores_equal_jaxprompt_eval_rank_scores(server, material):
+  from jaxprompt.evaluation.evaluator import Evaluator
+  from jaxprompt.run import build_run
+  from jaxprompt import sharding as shd
+
+  url, _, _ = server
+  folder, prompts, _ = material
+  cfg = C.load(None, [f"model.path={folder}", "prompt.init=file", f"prompt.init_file={prompts / 'gamma.npy'}",
+                      "prompt.length=4", "data.task=quickstart", "data.taskless=true", "data.input_length=16",
+                      "data.target_length=2", "eval.max_examples=6", "eval.batch_size=6"])
+  run, _ = build_run(cfg, mesh=shd.make_mesh(devices=jax.devices()[:1]), with_train_data=False)
+  evaluator = Evaluator(run)
+  _, records = evaluator(run.prompt)
+  r = httpx.post(url + "/v1/classify", json={"model": "gamma", "input": [x["inputs"] for x in records],
+                                             "labels": list(run.labels)}, timeout=120)
+  assert r.status_code == 200, r.text
+  got = r.json()["data"]
+  for rec, row in zip(records, got):
+    np.testing.assert_allclose([row["scores"][lab] for lab in run.labels], rec["scores"], atol=1e-4)
+    assert row["label"] == rec["prediction"]
+  assert httpx.post(url + "/v1/classify", json={"model": "gamma", "input": "1 2"}).status_code == 400  # no labels
+
+
+def test_bad_requests_get_4xx_naming_the_field_and_the_next_good_one_is_answered(server):
+  url, _, _ = server
+  good = dict(model="alpha", prompt="1 2 3", max_tokens=4, temperature=0)
+  cases = [
+      (dict(good, model="nope"), 404, "model"),
+      (dict(good, prompt=5), 400, "prompt"),
+      (dict(good, max_tokens="4"), 400, "max_tokens"),
+      (dict(good, max_tokens=10_000), 400, "max_tokens"),
+      (dict(good, temperature=-1), 400, "temperature"),
+      (dict(good, prompt="x" * 200), 400, "prompt"),
+      (dict(good, n=3), 400, "n"),
+      (dict(good, prompt=[]), 400, "prompt"),
+      ({"prompt": "1"}, 400, "model"),
+  ]
+  with httpx.Client(timeout=120) as c:
+    for body, status, param in cases:
+      r = c.post(url + "/v1/completions", json=body)
+      assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
+      assert c.post(url + "/v1/completions", json=good).status_code == 200
+    r = c.post(url + "/v1/completions", content=b'{"model": "alpha", "prompt": ', headers={
+        "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+    async def mixed():  # bad ones arriving with good ones never fail the good ones
+      async with httpx.AsyncClient(timeout=120) as ac:
+        return await asyncio.gather(*[ac.post(url + "/v1/completions", json=good if i % 2 else dict(good, prompt=5))
+                                      for i in range(8)])
+
+    rs = asyncio.run(asyncio.wait_for(mixed(), 300))
+    assert [r.status_code for r in rs] == [400, 200] * 4
+
+
+def test_prompts_are_added_and_removed_over_the_api_only_with_the_admin_token(server, material):
+  url, _, _ = server
+  _, _, spare = material
+  with httpx.Client(timeout=120) as c:
+    add = dict(name="delta", path=str(spare))
+    assert c.post(url + "/v1/prompts", json=add).status_code == 401
+    assert c.post(url + "/v1/prompts", json=add, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = c.post(url + "/v1/prompts", json=add, headers=auth)
+    assert r.status_code == 201 and r.json()["length"] == 4
+    assert c.post(url + "/v1/prompts", json=dict(name="bad", path=str(spare) + ".missing"), headers=auth
+                  ).status_code == 400
+    done = c.post(url + "/v1/completions", json=dict(model="delta", prompt="1 2", max_tokens=4, temperature=0))
+    assert done.status_code == 200
+    assert "delta" in {m["id"] for m in c.get(url + "/v1/models").json()["data"]}
+    assert c.delete(url + "/v1/prompts/delta").status_code == 401
+    assert c.delete(url + "/v1/prompts/delta", headers=auth).status_code == 200
+    assert c.post(url + "/v1/completions", json=dict(model="delta", prompt="1")).status_code == 404
+
+
+def test_overload_gives_503s_and_sigterm_answers_requests_in_flight_then_exits_0(material, tmp_path):
+  folder, prompts, _ = material
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen([sys.executable, "-m", "jaxprompt.cli", "serve", "--model", str(folder), "--prompts",
+                           str(prompts), "--port", str(port), "--queue-size", "4", "--max-batch", "2",
+                           "--max-wait-ms", "1", "--max-tokens", "16"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    _wait_healthy(url, proc)
+    body = dict(model="alpha", prompt="1 2 3", max_tokens=16, temperature=0)
+    want = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+    async def flood(n):
+      async with httpx.AsyncClient(timeout=120) as c:
+        return await asyncio.gather(*[c.post(url + "/v1/completions", json=body) for _ in range(n)])
+
+    rs = asyncio.run(asyncio.wait_for(flood(40), 300))
+    codes = [r.status_code for r in rs]
+    assert set(codes) == {200, 503} and codes.count(200) >= 4, codes
+    assert all(r.headers.get("retry-after") for r in rs if r.status_code == 503)
+    ok = [r.json() for r in rs if r.status_code == 200]
+    assert all(o["choices"][0]["text"] == want for o in ok) and len({o["id"] for o in ok}) == len(ok)
+
+    async def in_flight():
+      async with httpx.AsyncClient(timeout=120) as c:
+        tasks = [asyncio.create_task(c.post(url + "/v1/completions", json=body)) for _ in range(3)]
+        await asyncio.sleep(0.3)  # sent, being answered
+        proc.send_signal(signal.SIGTERM)
+        return await asyncio.gather(*tasks)
+
+    rs = asyncio.run(asyncio.wait_for(in_flight(), 300))
+    assert [r.status_code for r in rs] == [200] * 3 and all(r.json()["choices"][0]["text"] == want for r in rs)
+    assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
+    assert "server stopped" in proc.stderr.read()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait(30)
