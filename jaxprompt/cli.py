@@ -40,9 +40,22 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
   from jaxprompt import config as C
+  from jaxprompt.errors import UsageError
   from jaxprompt.training.trainer import evaluate
 
   cfg = C.load(args.config, args.overrides)
+  if args.ensemble:
+    if args.workdir:
+      raise UsageError("give --workdir (one run) or --ensemble (several prompts), not both")
+    from jaxprompt.evaluation.ensemble import evaluate_ensemble
+
+    _init_distributed(args)
+    result = evaluate_ensemble(cfg, args.ensemble, how=args.combine, step=args.step,
+                               allow_other_base=args.allow_other_base)
+    print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
+    return 0
+  if not args.workdir:
+    raise UsageError("eval needs --workdir (the training run) or --ensemble PROMPT PROMPT ...")
   _init_distributed(args)
   print(json.dumps(evaluate(cfg, args.workdir, step=args.step)))
   return 0
@@ -152,9 +165,16 @@ def cmd_bench(args) -> int:
   from jaxprompt.errors import UsageError
   from jaxprompt.tools import bench as BN
 
-  if args.preset not in BN.PRESETS:
+  if args.serve:
+    from jaxprompt.tools.bench_serve import run_serve_bench
+
+    if not args.model:
+      raise UsageError("bench --serve needs --model (a causal base model with its tokenizer)")
+    result = run_serve_bench(args.model, tokenizer=args.tokenizer, prompts=args.num_prompts, clients=args.clients,
+                             requests=args.requests, max_tokens=args.max_tokens, vs_peft=args.vs_peft)
+  elif args.preset not in BN.PRESETS:
     raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
-  if args.data:
+  elif args.data:
     from jaxprompt.tools.bench_data import run_data_bench
 
     if not (args.task and args.tokenizer):
@@ -230,6 +250,22 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_similarity(args) -> int:
+  from jaxprompt.prompts.io import load_prompt_source
+  from jaxprompt.prompts.similarity import rank
+
+  target = load_prompt_source(args.target, args.step).embeddings(args.target)
+  sources = {s: load_prompt_source(s, args.step).embeddings(s) for s in args.sources}
+  ranked = rank(target, sources, args.metric)
+  if args.json:
+    print(json.dumps({"target": args.target, "metric": args.metric,
+                      "ranking": [{"source": s, "similarity": round(v, 6)} for s, v in ranked]}))
+  else:
+    for i, (s, v) in enumerate(ranked, 1):
+      print(f"{i:3d}  {v:+.4f}  {s}")
+  return 0
+
+
 def cmd_serve(args) -> int:
   from jaxprompt.serve.server import run
 
@@ -277,8 +313,13 @@ def _add_train_eval(sub) -> None:
   p = sub.add_parser("eval", help="evaluate a trained prompt on the eval split",
                      description="Evaluate a checkpoint of --workdir on the config's eval split.")
   _common(p)
-  p.add_argument("--workdir", required=True, help="the training run's directory")
+  p.add_argument("--workdir", help="the training run's directory")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
+  p.add_argument("--ensemble", nargs="+", metavar="PROMPT", help="instead of --workdir: score every example under "
+                 "each prompt (workdirs, exports, PEFT adapters) in one mixed batch and combine them (--combine)")
+  p.add_argument("--combine", choices=["vote", "mean"], default="vote", help="ensemble: majority vote (ties: summed "
+                 "log-probability; default) or mean log-probability")
+  p.add_argument("--allow-other-base", action="store_true", help="ensemble: prompts recorded for another base")
   p.set_defaults(fn=cmd_eval)
   p = sub.add_parser("preview", help="print preprocessed examples (what the model is fed, before tokenising)",
                      description="Print a split's examples as JSON lines with `inputs` and `targets` exactly as "
@@ -342,11 +383,20 @@ def _add_plan_bench(sub) -> None:
   p.add_argument("--data", help="real rows: train on this file (the recipe shape: prompt 100, batch 32, inputs up "
                  "to 512), --iters steps, against PEFT with per-batch dynamic padding under --vs-peft")
   p.add_argument("--task", help="with --data: the task that reads the file (e.g. rte, cb, sst2, trec)")
-  p.add_argument("--tokenizer", help="with --data: a tokenizer folder (its vocabulary must fit the preset's)")
+  p.add_argument("--tokenizer", help="with --data / --serve: a tokenizer folder (with --data its vocabulary must fit "
+                 "the preset's)")
   p.add_argument("--length-buckets", default="auto", type=_buckets_arg,
                  help="with --data: auto (default), none, or comma-separated lengths")
   p.add_argument("--group-by-length", type=int, default=0,
                  help="with --data: batches of similar lengths, windows of N batches (data.group_by_length)")
+  g = p.add_argument_group("--serve: the HTTP server under load (127.0.0.1 only)")
+  g.add_argument("--serve", action="store_true", help="drive `jaxprompt serve` with concurrent clients over K "
+                 "prompts, against one-at-a-time serving and (--vs-peft) PEFT's one-adapter-per-request pattern")
+  g.add_argument("--model", help="with --serve: a causal base model (its tokenizer beside it, or --tokenizer)")
+  g.add_argument("--num-prompts", type=int, default=8, help="with --serve: K prompts (default 8)")
+  g.add_argument("--clients", type=int, default=16, help="with --serve: C concurrent clients (default 16)")
+  g.add_argument("--requests", type=int, default=128, help="with --serve: requests in all (default 128)")
+  g.add_argument("--max-tokens", type=int, default=16, help="with --serve: tokens per completion (default 16)")
   p.add_argument("--json", help="write the results as JSON")
   _debug(p)
   p.set_defaults(fn=cmd_bench)
@@ -393,6 +443,22 @@ def _add_generate(sub) -> None:
   p.set_defaults(fn=cmd_generate)
 
 
+def _add_similarity(sub) -> None:
+  p = sub.add_parser("similarity", help="rank source prompts by similarity to a target prompt (SPoT transfer)",
+                     description=(
+      "Prompt transfer (SPoT): rank trained source prompts by how alike they are to a target task's prompt (e.g. one "
+      "trained briefly on the target), to pick the source that initialises the target (prompt.init: file). "
+      "Metrics: average (cosine of the average tokens), per_token (mean cosine over token pairs), max (each target "
+      "token's best source token)."))
+  p.add_argument("target", help="the target task's prompt (workdir, export, PEFT adapter, .npy)")
+  p.add_argument("sources", nargs="+", help="candidate source prompts")
+  p.add_argument("--metric", choices=["average", "per_token", "max"], default="average")
+  p.add_argument("--step", default="best", help="checkpoint of workdir prompts: best, latest or a step")
+  p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+  _debug(p)
+  p.set_defaults(fn=cmd_similarity)
+
+
 def _add_serve(sub) -> None:
   p = sub.add_parser("serve", help="serve a frozen model with many prompts over HTTP (OpenAI-compatible)",
                      description=(
@@ -426,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_plan_bench(sub)
   _add_generate(sub)
   _add_serve(sub)
+  _add_similarity(sub)
   return parser
 
 

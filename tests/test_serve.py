@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+import jaxprompt
+
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -62,6 +64,12 @@ def material(tmp_path_factory):
   rng = np.random.default_rng(0)
   for name in ("alpha", "beta", "gamma"):
     np.save(prompts / f"{name}.npy", rng.normal(size=(4, 32)).astype(np.float32))
+  # a prefix-tuning prompt: keys/values [P, Y, 2, K, D] for every layer (its method in the provenance file beside it)
+  slots = jaxprompt.load_model(folder).prefix_slots()
+  np.save(prompts / "prefixed.npy", rng.normal(size=(4, slots.layers, 2, slots.heads, slots.head_dim)).astype(
+      np.float32))
+  (prompts / "prefixed.json").write_text(json.dumps({"prompt_spec": {"method": "prefix_tuning",
+                                                                     "prefix_projection": False}}))
   (prompts / "broken.npy").write_bytes(b"not an array")
   spare = root / "spare.npy"
   np.save(spare, rng.normal(size=(4, 32)).astype(np.float32))
@@ -104,8 +112,8 @@ def test_openai_client_gets_generate_greedy_text_for_each_prompt_and_streams_it(
   _, prompts, _ = material
   assert len(problems) == 1 and "broken.npy" in problems[0]  # skipped with one line, not a crash
   client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-  assert {m.id for m in client.models.list().data} == {"base", "alpha", "beta", "gamma"}
-  for name in ("alpha", "beta"):
+  assert {m.id for m in client.models.list().data} == {"base", "alpha", "beta", "gamma", "prefixed"}
+  for name in ("alpha", "prefixed"):
     want = _reference(engine, prompts, name, TEXTS, 8)
     got = client.completions.create(model=name, prompt=TEXTS, max_tokens=8, temperature=0)
     assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
@@ -122,7 +130,8 @@ def test_openai_client_gets_generate_greedy_text_for_each_prompt_and_streams_it(
 
 def test_concurrent_requests_over_three_prompts_batch_and_each_equals_its_single_result(server):
   url, engine, _ = server
-  jobs = [(name, TEXTS[i % len(TEXTS)]) for i, name in enumerate(["alpha", "beta", "gamma"] * 21 + ["base"])]
+  # soft prompts and a prefix-tuning prompt of the same length share batches (on a decoder both are keys/values)
+  jobs = [(name, TEXTS[i % len(TEXTS)]) for i, name in enumerate(["alpha", "beta", "prefixed"] * 21 + ["base"])]
   body = lambda name, text, **kw: dict(model=name, prompt=text, max_tokens=6, temperature=0, **kw)  # noqa: E731
   single = {}
   with httpx.Client(timeout=120) as c:
@@ -250,7 +259,8 @@ def test_overload_gives_503s_and_sigterm_answers_requests_in_flight_then_exits_0
   env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen([sys.executable, "-m", "jaxprompt.cli", "serve", "--model", str(folder), "--prompts",
                            str(prompts), "--port", str(port), "--queue-size", "4", "--max-batch", "2",
-                           "--max-wait-ms", "1", "--max-tokens", "16"], cwd=ROOT, env=env,
+                           "--max-wait-ms", "1", "--max-tokens", "16", "--max-input-tokens", "16", "--warmup"],
+                          cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   url = f"http://127.0.0.1:{port}"
   try:
@@ -279,7 +289,10 @@ def test_overload_gives_503s_and_sigterm_answers_requests_in_flight_then_exits_0
     rs = asyncio.run(asyncio.wait_for(in_flight(), 300))
     assert [r.status_code for r in rs] == [200] * 3 and all(r.json()["choices"][0]["text"] == want for r in rs)
     assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
-    assert "server stopped" in proc.stderr.read()
+    err = proc.stderr.read()
+    # warm-up: batch buckets 1, 2 x length bucket 16 x (the base alone, the prompts: on a decoder soft prompts and
+    # prefixes of one length are one group, keys and values)
+    assert "warmed up 4 shapes" in err and "server stopped" in err, err[-3000:]
   finally:
     if proc.poll() is None:
       proc.kill()

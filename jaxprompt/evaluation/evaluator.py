@@ -108,15 +108,21 @@ class Evaluator:
             preds[i] = M.postprocess(run.labels, texts[i]) if run.labels else -1
     return dict(eval_loss=ce / max(tokens, 1.0), eval_seq_accuracy=seq / n), preds, texts, scores
 
+  def classification_metrics(self, preds: np.ndarray) -> dict:
+    """The task's classification metrics of predicted classes [N] (-1: no valid class) against the gold labels;
+    the confusion matrix goes to `self.confusion`."""
+    run = self.run
+    scored = self.gold >= 0  # test splits carry no labels
+    groups = [ex.get("group") for ex in self.examples] if any("group" in ex for ex in self.examples) else None
+    names = [m for m in run.task.metrics if m in M.CLASSIFICATION]
+    self.confusion = M.confusion_matrix(self.gold[scored], preds[scored], len(run.labels)).tolist()
+    return M.classification_metrics(names, self.gold[scored], preds[scored], run.labels,
+                                    None if groups is None else [g for g, k in zip(groups, scored) if k])
+
   def _task_metrics(self, preds: np.ndarray, texts: list) -> dict:
     run = self.run
     if run.labels and self.mode in ("rank", "generate"):
-      scored = self.gold >= 0  # test splits carry no labels
-      groups = [ex.get("group") for ex in self.examples] if any("group" in ex for ex in self.examples) else None
-      names = [m for m in run.task.metrics if m in M.CLASSIFICATION]
-      self.confusion = M.confusion_matrix(self.gold[scored], preds[scored], len(run.labels)).tolist()
-      return M.classification_metrics(names, self.gold[scored], preds[scored], run.labels,
-                                      None if groups is None else [g for g, k in zip(groups, scored) if k])
+      return self.classification_metrics(preds)
     if self.mode == "generate":
       names = [m for m in run.task.metrics if m in M.GENERATION]
       return M.generation_metrics(names, [t or "" for t in texts], self.examples)

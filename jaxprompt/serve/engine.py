@@ -185,11 +185,17 @@ class PromptStore:
     return list(self._prompts)
 
   def rows(self, prompts: Sequence[ServedPrompt]) -> Prefix:
-    """The batch's prefix [.., B, ..]: row b from prompt b's bank row (all of one group)."""
-    index, bank = self._banks[prompts[0].group]
-    ids = jnp.asarray([index[p.name] for p in prompts], jnp.int32)
-    return Prefix(**{f: jnp.take(getattr(bank, f), ids, axis=_BATCH_AXIS[f]) for f in _FIELDS
-                     if getattr(bank, f) is not None})
+    """The batch's prefix [.., B, ..]: row b from prompt b's bank row (all of one group). A request whose prompt
+    was removed or replaced since it was queued still runs with the prompt it asked for."""
+    with self._lock:
+      served, banks = self._prompts, self._banks
+    index, bank = banks.get(prompts[0].group, ({}, None))
+    fields = [f for f, _ in prompts[0].group]
+    if all(served.get(p.name) is p and p.name in index for p in prompts):
+      ids = jnp.asarray([index[p.name] for p in prompts], jnp.int32)
+      return Prefix(**{f: jnp.take(getattr(bank, f), ids, axis=_BATCH_AXIS[f]) for f in fields})
+    return Prefix(**{f: jnp.concatenate([getattr(p.prefix, f) for p in prompts], axis=_BATCH_AXIS[f])
+                     for f in fields})
 
 
 # -- requests --------------------------------------------------------------------------------------------------
@@ -453,10 +459,7 @@ class Engine:
     for prompt in [None, *groups.values()]:
       for b in self.batch_sizes:
         for length in self.lengths:
-          done = threading.Event()
-          reqs = [Request("complete", prompt, "", [self._pad] * length, lambda _: None, max_tokens=1)
-                  for _ in range(b)]
-          reqs[-1].on_done = lambda _: done.set()
-          self._complete(reqs)
+          self._complete([Request("complete", prompt, "", [self._pad] * length, lambda _: None, max_tokens=1)
+                          for _ in range(b)])
           count += 1
     return count, time.monotonic() - start

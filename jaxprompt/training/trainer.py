@@ -176,6 +176,8 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
 def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", mesh=None) -> dict:
   """Evaluate a checkpoint of `workdir` ("best", "latest" or a step number) on the eval split."""
   workdir = Path(workdir)
+  if not (workdir / "checkpoints").is_dir():  # before loading anything
+    raise CheckpointError(f"{workdir}: no checkpoints to evaluate")
   run, _ = build_run(cfg, mesh=mesh, with_train_data=False)
   ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, metric=cfg.eval.metric,
                       mode=selection_mode(cfg.eval.metric))
