@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jaxprompt.errors import UserError
 from jaxprompt.serve.engine import Draining, Engine, Overloaded, Request, Sampling
-from jaxprompt.serve.metrics import Metrics
 
 
 class ApiError(Exception):
@@ -77,15 +76,213 @@ class AddPrompt(BaseModel):
 _UNSUPPORTED = {"echo": False, "logprobs": None, "best_of": 1, "suffix": None, "logit_bias": None}
 
 
+def _validation_error(_, e: RequestValidationError) -> JSONResponse:
+  first = e.errors()[0] if e.errors() else {}
+  loc = [x for x in first.get("loc", ()) if x != "body"]
+  if first.get("type") == "json_invalid":
+    return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'invalid')})")
+  if not loc or first.get("type") in ("model_attributes_type", "dict_type"):
+    return _error(400, "the request body must be a JSON object")
+  param = str(loc[0])
+  where = param + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))  # union member names left out
+  return _error(400, f"{where}: {first.get('msg', 'invalid value')}", param)
+
+
+def _sse(rid: str, created: int, model: str, choice: dict) -> str:
+  return "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                "choices": [choice]}) + "\n\n"
+
+
+class _Api:
+  """The endpoints over one engine (registered by `create_app`)."""
+
+  def __init__(self, engine: Engine, base_name: str, admin_token: str | None):
+    self.engine, self.base_name, self.admin_token = engine, base_name, admin_token
+    self.draining = False
+
+  # -- helpers -------------------------------------------------------------------------------------------------
+
+  def prompt(self, name: str):
+    if name == self.base_name:
+      return None
+    p = self.engine.store.get(name)
+    if p is None:
+      raise ApiError(404, f"model {name!r} is not served (GET /v1/models lists them)", "model", "not_found_error")
+    return p
+
+  @staticmethod
+  def inputs(value, field: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+      raise ApiError(400, f"{field}: give at least one input", field)
+    return texts
+
+  def tokens(self, texts: list[str], field: str) -> list[list[int]]:
+    out = []
+    for i, text in enumerate(texts):
+      toks = self.engine.encode(text)
+      if len(toks) > self.engine.max_input_tokens:
+        where = f"{field}[{i}]" if len(texts) > 1 else field
+        raise ApiError(400, f"{where}: {len(toks)} tokens, over this server's limit of "
+                       f"{self.engine.max_input_tokens}", field)
+      out.append(toks)
+    return out
+
+  def submit(self, reqs: list[Request]) -> None:
+    try:
+      if self.draining:
+        raise Draining()
+      self.engine.submit(reqs)
+    except Overloaded:
+      raise ApiError(503, f"the queue is full ({self.engine.queue_size} requests); retry shortly",
+                     kind="server_error", headers={"Retry-After": "1"}) from None
+    except Draining:
+      raise ApiError(503, "the server is shutting down", kind="server_error", headers={"Retry-After": "5"}) from None
+
+  async def answers(self, reqs: list[Request], futures: list[asyncio.Future]) -> list[Any]:
+    self.submit(reqs)
+    results = await asyncio.gather(*futures)
+    for r in results:
+      if isinstance(r, Exception):
+        raise ApiError(500, f"internal error: {type(r).__name__}: {r}", kind="server_error")
+    return results
+
+  @staticmethod
+  def future(loop) -> tuple[asyncio.Future, Any]:
+    fut = loop.create_future()
+    return fut, lambda result: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+  def admin(self, request: HttpRequest) -> None:
+    if self.admin_token is None:
+      raise ApiError(403, "prompt administration is off (start the server with --admin-token)",
+                     kind="permission_error")
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
+      raise ApiError(401, "a valid admin token is needed (Authorization: Bearer TOKEN)", kind="authentication_error")
+
+  # -- endpoints -----------------------------------------------------------------------------------------------
+
+  async def health(self):
+    if self.draining:
+      return _error(503, "the server is shutting down", kind="server_error")
+    return {"status": "ok", "prompts": len(self.engine.store.names()), "queue_depth": self.engine.queue_depth}
+
+  async def metrics(self):
+    self.engine.metrics.prompts.set(len(self.engine.store.names()))
+    return PlainTextResponse(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+  async def models(self):
+    now = int(time.time())
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "jaxprompt"}
+                                       for n in [self.base_name] + self.engine.store.names()]}
+
+  def _completion_requests(self, body: CompletionRequest) -> list[Request]:
+    """Checked requests (no callbacks yet), one per input."""
+    for field, default in _UNSUPPORTED.items():
+      if (body.model_extra or {}).get(field, default) not in (default, None, False):
+        raise ApiError(400, f"{field}: not supported by this server", field)
+    if body.n != 1:
+      raise ApiError(400, "n: only n=1 is supported (send the prompt again for more samples)", "n")
+    if body.max_tokens > self.engine.max_tokens:
+      raise ApiError(400, f"max_tokens: {body.max_tokens} is over this server's limit of {self.engine.max_tokens}",
+                     "max_tokens")
+    prompt = self.prompt(body.model)
+    texts = self.inputs(body.prompt, "prompt")
+    stop = tuple([body.stop] if isinstance(body.stop, str) else body.stop or ())
+    if len(stop) > 4:
+      raise ApiError(400, "stop: at most 4 stop sequences", "stop")
+    sampling = (Sampling("greedy") if body.temperature == 0 else
+                Sampling("sample", temperature=float(body.temperature), top_p=float(body.top_p)))
+    return [Request("complete", prompt, text, toks, None, max_tokens=body.max_tokens, sampling=sampling, stop=stop,
+                    seed=body.seed) for text, toks in zip(texts, self.tokens(texts, "prompt"))]
+
+  async def completions(self, body: CompletionRequest):
+    reqs = self._completion_requests(body)
+    loop = asyncio.get_running_loop()
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    futures = []
+    for r in reqs:
+      fut, r.on_done = self.future(loop)
+      futures.append(fut)
+    if not body.stream:
+      results = await self.answers(reqs, futures)
+      choices = [dict(text=r["text"], index=i, logprobs=None, finish_reason=r["finish_reason"])
+                 for i, r in enumerate(results)]
+      used = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)
+      return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+              "usage": {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}}
+    stream: asyncio.Queue = asyncio.Queue()
+    for i, r in enumerate(reqs):
+      done = r.on_done
+      r.on_delta = lambda delta, i=i: loop.call_soon_threadsafe(stream.put_nowait, (i, delta, None))
+      r.on_done = lambda result, i=i, done=done: (done(result), loop.call_soon_threadsafe(
+          stream.put_nowait, (i, None, result)))
+    self.submit(reqs)
+
+    async def events():
+      left = len(reqs)
+      while left:
+        i, delta, result = await stream.get()
+        if result is None:
+          yield _sse(rid, created, body.model, dict(text=delta, index=i, logprobs=None, finish_reason=None))
+          continue
+        left -= 1
+        if isinstance(result, Exception):
+          yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
+        else:
+          yield _sse(rid, created, body.model, dict(text="", index=i, logprobs=None,
+                                                    finish_reason=result["finish_reason"]))
+      yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+  async def classify(self, body: ClassifyRequest):
+    prompt = self.prompt(body.model)
+    texts = self.inputs(body.input, "input")
+    labels = tuple(body.labels) if body.labels is not None else (prompt.labels if prompt is not None else None)
+    if not labels:
+      raise ApiError(400, f"labels: model {body.model!r} records no labels; give them", "labels")
+    if len(set(labels)) != len(labels) or any(not lab for lab in labels):
+      raise ApiError(400, "labels: give distinct, non-empty label strings", "labels")
+    loop = asyncio.get_running_loop()
+    futures, reqs = [], []
+    for text, toks in zip(texts, self.tokens(texts, "input")):
+      fut, done = self.future(loop)
+      futures.append(fut)
+      reqs.append(Request("classify", prompt, text, toks, done, labels=labels))
+    results = await self.answers(reqs, futures)
+    return {"object": "list", "model": body.model, "labels": list(labels),
+            "data": [dict(index=i, label=r["label"], scores=r["scores"]) for i, r in enumerate(results)]}
+
+  async def add_prompt(self, body: AddPrompt, request: HttpRequest):
+    self.admin(request)
+    if body.name == self.base_name:
+      raise ApiError(400, f"name: {self.base_name!r} is the base model's name", "name")
+    try:
+      served = await asyncio.get_running_loop().run_in_executor(None, self.engine.store.add, body.name, body.path)
+    except UserError as e:
+      raise ApiError(409 if "already served" in str(e) else 400, str(e).splitlines()[0], "path") from None
+    return JSONResponse({"id": served.name, "object": "model", "method": served.method, "length": served.length,
+                         "source": served.source}, status_code=201)
+
+  async def remove_prompt(self, name: str, request: HttpRequest):
+    self.admin(request)
+    try:
+      self.engine.store.remove(name)
+    except KeyError:
+      raise ApiError(404, f"model {name!r} is not served", "name", "not_found_error") from None
+    return {"id": name, "object": "model", "deleted": True}
+
+
 def create_app(engine: Engine, *, base_name: str, admin_token: str | None = None) -> FastAPI:
-  metrics: Metrics = engine.metrics
-  state = {"draining": False}
+  """The FastAPI app: the engine runs from startup to shutdown (which waits for every queued request)."""
+  api = _Api(engine, base_name, admin_token)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
     engine.start()
     yield
-    state["draining"] = True
+    api.draining = True
     await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
   app = FastAPI(title="jaxprompt", lifespan=lifespan)
@@ -94,198 +291,16 @@ def create_app(engine: Engine, *, base_name: str, admin_token: str | None = None
   async def count(request: HttpRequest, call_next):
     start = time.monotonic()
     response = await call_next(request)
-    route = request.scope.get("route")
-    endpoint = getattr(route, "path", "other")
-    metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-    metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - start)
+    endpoint = getattr(request.scope.get("route"), "path", "other")
+    engine.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+    engine.metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - start)
     return response
 
-  @app.exception_handler(ApiError)
-  async def api_error(_, e: ApiError):
-    return _error(e.status, e.message, e.param, e.kind, e.headers)
-
-  @app.exception_handler(RequestValidationError)
-  async def invalid(_, e: RequestValidationError):
-    first = e.errors()[0] if e.errors() else {}
-    loc = [x for x in first.get("loc", ()) if x != "body"]
-    if first.get("type") == "json_invalid":
-      return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'invalid')})")
-    if not loc or first.get("type") in ("model_attributes_type", "dict_type"):
-      return _error(400, "the request body must be a JSON object")
-    param = str(loc[0])
-    where = param + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))  # union member names left out
-    return _error(400, f"{where}: {first.get('msg', 'invalid value')}", param)
-
-  def _prompt(name: str):
-    if name == base_name:
-      return None
-    p = engine.store.get(name)
-    if p is None:
-      raise ApiError(404, f"model {name!r} is not served (GET /v1/models lists them)", "model", "not_found_error")
-    return p
-
-  def _inputs(value, field: str) -> list[str]:
-    texts = [value] if isinstance(value, str) else list(value)
-    if not texts:
-      raise ApiError(400, f"{field}: give at least one input", field)
-    return texts
-
-  def _tokens(text: str, field: str, index: int, multi: bool) -> list[int]:
-    tokens = engine.encode(text)
-    if len(tokens) > engine.max_input_tokens:
-      where = f"{field}[{index}]" if multi else field
-      raise ApiError(400, f"{where}: {len(tokens)} tokens, over this server's limit of {engine.max_input_tokens}",
-                     field)
-    return tokens
-
-  def _submit(reqs: list[Request]) -> None:
-    try:
-      if state["draining"]:
-        raise Draining()
-      engine.submit(reqs)
-    except Overloaded:
-      raise ApiError(503, f"the queue is full ({engine.queue_size} requests); retry shortly", kind="server_error",
-                     headers={"Retry-After": "1"}) from None
-    except Draining:
-      raise ApiError(503, "the server is shutting down", kind="server_error", headers={"Retry-After": "5"}) from None
-
-  async def _run(reqs: list[Request], futures: list[asyncio.Future]) -> list[Any]:
-    _submit(reqs)
-    results = await asyncio.gather(*futures)
-    for r in results:
-      if isinstance(r, Exception):
-        raise ApiError(500, f"internal error: {type(r).__name__}: {r}", kind="server_error")
-    return results
-
-  def _future(loop) -> tuple[asyncio.Future, Any]:
-    fut = loop.create_future()
-    return fut, lambda result: loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
-
-  @app.get("/health")
-  async def health():
-    if state["draining"]:
-      return _error(503, "the server is shutting down", kind="server_error")
-    return {"status": "ok", "prompts": len(engine.store.names()), "queue_depth": engine.queue_depth}
-
-  @app.get("/metrics")
-  async def prometheus():
-    metrics.prompts.set(len(engine.store.names()))
-    return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-  @app.get("/v1/models")
-  async def models():
-    now = int(time.time())
-    names = [base_name] + engine.store.names()
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "jaxprompt"}
-                                       for n in names]}
-
-  @app.post("/v1/completions")
-  async def completions(body: CompletionRequest):
-    for field, default in _UNSUPPORTED.items():
-      if (body.model_extra or {}).get(field, default) not in (default, None, False):
-        raise ApiError(400, f"{field}: not supported by this server", field)
-    if body.n != 1:
-      raise ApiError(400, "n: only n=1 is supported (send the prompt again for more samples)", "n")
-    if body.max_tokens > engine.max_tokens:
-      raise ApiError(400, f"max_tokens: {body.max_tokens} is over this server's limit of {engine.max_tokens}",
-                     "max_tokens")
-    prompt = _prompt(body.model)
-    texts = _inputs(body.prompt, "prompt")
-    stop = tuple([body.stop] if isinstance(body.stop, str) else body.stop or ())
-    if len(stop) > 4:
-      raise ApiError(400, "stop: at most 4 stop sequences", "stop")
-    sampling = (Sampling("greedy") if body.temperature == 0 else
-                Sampling("sample", temperature=float(body.temperature), top_p=float(body.top_p)))
-    tokens = [_tokens(t, "prompt", i, len(texts) > 1) for i, t in enumerate(texts)]
-    loop = asyncio.get_running_loop()
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    futures, reqs = [], []
-    stream: asyncio.Queue | None = asyncio.Queue() if body.stream else None
-    for i, (text, toks) in enumerate(zip(texts, tokens)):
-      fut, done = _future(loop)
-      on_delta = None
-      if stream is not None:
-        on_delta = (lambda i: lambda delta: loop.call_soon_threadsafe(stream.put_nowait, (i, delta, None)))(i)
-        done = (lambda i, done: lambda result: (done(result), loop.call_soon_threadsafe(
-            stream.put_nowait, (i, None, result))))(i, done)
-      futures.append(fut)
-      reqs.append(Request("complete", prompt, text, toks, done, max_tokens=body.max_tokens, sampling=sampling,
-                          stop=stop, seed=body.seed, on_delta=on_delta))
-    if stream is None:
-      results = await _run(reqs, futures)
-      choices = [dict(text=r["text"], index=i, logprobs=None, finish_reason=r["finish_reason"])
-                 for i, r in enumerate(results)]
-      used = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)
-      return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
-              "usage": {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}}
-    _submit(reqs)
-
-    async def events():
-      left = len(reqs)
-      while left:
-        i, delta, result = await stream.get()
-        if result is None:
-          chunk = dict(text=delta, index=i, logprobs=None, finish_reason=None)
-        elif isinstance(result, Exception):
-          yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
-          left -= 1
-          continue
-        else:
-          chunk = dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"])
-          left -= 1
-        yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                                     "choices": [chunk]}) + "\n\n"
-      yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-  @app.post("/v1/classify")
-  async def classify(body: ClassifyRequest):
-    prompt = _prompt(body.model)
-    texts = _inputs(body.input, "input")
-    labels = tuple(body.labels) if body.labels is not None else (prompt.labels if prompt is not None else None)
-    if not labels:
-      raise ApiError(400, f"labels: model {body.model!r} records no labels; give them", "labels")
-    if len(set(labels)) != len(labels) or any(not lab for lab in labels):
-      raise ApiError(400, "labels: give distinct, non-empty label strings", "labels")
-    tokens = [_tokens(t, "input", i, len(texts) > 1) for i, t in enumerate(texts)]
-    loop = asyncio.get_running_loop()
-    futures, reqs = [], []
-    for text, toks in zip(texts, tokens):
-      fut, done = _future(loop)
-      futures.append(fut)
-      reqs.append(Request("classify", prompt, text, toks, done, labels=labels))
-    results = await _run(reqs, futures)
-    return {"object": "list", "model": body.model, "labels": list(labels),
-            "data": [dict(index=i, label=r["label"], scores=r["scores"]) for i, r in enumerate(results)]}
-
-  def _admin(request: HttpRequest) -> None:
-    if admin_token is None:
-      raise ApiError(403, "prompt administration is off (start the server with --admin-token)", kind="permission_error")
-    given = request.headers.get("authorization", "")
-    if not secrets.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
-      raise ApiError(401, "a valid admin token is needed (Authorization: Bearer TOKEN)", kind="authentication_error")
-
-  @app.post("/v1/prompts", status_code=201)
-  async def add_prompt(body: AddPrompt, request: HttpRequest):
-    _admin(request)
-    if body.name == base_name:
-      raise ApiError(400, f"name: {base_name!r} is the base model's name", "name")
-    loop = asyncio.get_running_loop()
-    try:
-      served = await loop.run_in_executor(None, engine.store.add, body.name, body.path)
-    except UserError as e:
-      raise ApiError(400 if "already served" not in str(e) else 409, str(e).splitlines()[0], "path") from None
-    return {"id": served.name, "object": "model", "method": served.method, "length": served.length,
-            "source": served.source}
-
-  @app.delete("/v1/prompts/{name}")
-  async def remove_prompt(name: str, request: HttpRequest):
-    _admin(request)
-    try:
-      engine.store.remove(name)
-    except KeyError:
-      raise ApiError(404, f"model {name!r} is not served", "name", "not_found_error") from None
-    return {"id": name, "object": "model", "deleted": True}
-
+  app.add_exception_handler(ApiError, lambda _, e: _error(e.status, e.message, e.param, e.kind, e.headers))
+  app.add_exception_handler(RequestValidationError, _validation_error)
+  for method, path, fn in (("GET", "/health", api.health), ("GET", "/metrics", api.metrics),
+                           ("GET", "/v1/models", api.models), ("POST", "/v1/completions", api.completions),
+                           ("POST", "/v1/classify", api.classify), ("POST", "/v1/prompts", api.add_prompt),
+                           ("DELETE", "/v1/prompts/{name}", api.remove_prompt)):
+    app.add_api_route(path, fn, methods=[method])
   return app

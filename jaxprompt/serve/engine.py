@@ -143,7 +143,7 @@ class PromptStore:
       log.warning(warning)
     module = methods.fixed(src.value, src.spec, self.base.prefix_slots(), where=str(path))
     prefix = module.prefix(1)
-    if self.base.kind == "causal" and prefix.embeds is not None:
+    if hasattr(self.base, "shared_prompt") and prefix.embeds is not None:  # a decoder: run the prompt once
       prefix = self._shared(self._state, jnp.asarray(prefix.embeds))
     prefix = jax.tree.map(jax.device_put, prefix)
     task = src.info.get("task") or {}
@@ -360,10 +360,11 @@ class Engine:
         return
       try:
         started = time.monotonic()
-        tokens = self._run(batch)
-        if self.metrics is not None:
+        if self.metrics is not None:  # counted before any answer leaves
           self.metrics.batch_size.observe(len(batch))
           self.metrics.batches.inc()
+        tokens = self._run(batch)
+        if self.metrics is not None:
           if tokens:
             self.metrics.generated_tokens.inc(tokens)
             self.metrics.tokens_per_second.set(tokens / max(time.monotonic() - started, 1e-9))
