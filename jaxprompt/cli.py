@@ -250,6 +250,18 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_sweep(args) -> int:
+  from jaxprompt.tools.sweep import parse_grid, sweep
+
+  grid = parse_grid(args.grid)
+  _init_distributed(args)
+  workdir = args.workdir or str(Path("runs") / (Path(args.config).stem + "_sweep"))
+  rows = sweep(args.config, workdir, grid, overrides=args.overrides, progress=not args.no_progress)
+  print((Path(workdir) / "sweep.md").read_text(), end="")
+  print(json.dumps({"workdir": workdir, "variants": len(rows)}))
+  return 0
+
+
 def cmd_similarity(args) -> int:
   from jaxprompt.prompts.io import load_prompt_source
   from jaxprompt.prompts.similarity import rank
@@ -443,6 +455,18 @@ def _add_generate(sub) -> None:
   p.set_defaults(fn=cmd_generate)
 
 
+def _add_sweep(sub) -> None:
+  p = sub.add_parser("sweep", help="train hyper-parameter variants of a config on one loaded model", description=(
+      "Every combination of the --grid values, trained one after another on one loaded frozen model (one workdir "
+      "each, resumable), then a summary: WORKDIR/sweep.md, sweep.json and sweep.png (best dev metric per variant)."))
+  _common(p)
+  p.add_argument("--grid", action="append", required=True, metavar="SECTION.KEY=V1,V2",
+                 help="values to try for one key (repeatable: the variants are every combination)")
+  p.add_argument("--workdir", help="the sweep's directory (default: runs/<config name>_sweep)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.set_defaults(fn=cmd_sweep)
+
+
 def _add_similarity(sub) -> None:
   p = sub.add_parser("similarity", help="rank source prompts by similarity to a target prompt (SPoT transfer)",
                      description=(
@@ -493,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_generate(sub)
   _add_serve(sub)
   _add_similarity(sub)
+  _add_sweep(sub)
   return parser
 
 

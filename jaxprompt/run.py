@@ -162,13 +162,21 @@ class Run:
     return jax.tree.map(lambda x: x.sharding, self.frozen)
 
 
-def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True) -> tuple[Run, TaskData | None]:
-  """Load, check and assemble; returns the run and (unless `with_train_data=False`) its training split."""
+def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: dict | None = None
+              ) -> tuple[Run, TaskData | None]:
+  """Load, check and assemble; returns the run and (unless `with_train_data=False`) its training split. `bases`:
+  loaded (base, tokenizer) by model section and mesh, shared between runs (a sweep loads its base once)."""
   mesh = mesh or mesh_from_config(cfg.mesh)
   train = task_data(cfg.data, cfg.data.train_split) if with_train_data else None
   task = train.task if train is not None else sources.task_from_config(cfg.data)
   validate(cfg, task, mesh)
-  base, tokenizer = load_base(cfg.model, mesh)
+  key = (cfg.model, tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()))
+  if bases is not None and key in bases:
+    base, tokenizer = bases[key]
+  else:
+    base, tokenizer = load_base(cfg.model, mesh)
+    if bases is not None:
+      bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)
   method = methods.build(cfg.prompt, base, tokenizer, task.labels, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
   graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, method), PromptParam, ...)

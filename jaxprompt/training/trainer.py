@@ -148,11 +148,12 @@ class Trainer:
     self.mlog.close()
 
 
-def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=None) -> dict:
-  """Prompt-tune as `cfg` says, in `workdir` (resuming from its latest checkpoint). Returns a summary."""
+def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=None, bases: dict | None = None) -> dict:
+  """Prompt-tune as `cfg` says, in `workdir` (resuming from its latest checkpoint). Returns a summary. `bases`:
+  loaded base models to share between runs (`run.build_run`)."""
   workdir = checked_workdir(workdir)
   t_setup = time.time()
-  run, train_data = build_run(cfg, mesh=mesh)
+  run, train_data = build_run(cfg, mesh=mesh, bases=bases)
   if jax.process_index() == 0:
     (workdir / "config.yaml").write_text(C.dump(cfg))
     (workdir / "base_model.json").write_text(json.dumps(run.identity.to_dict(), indent=2))
