@@ -6,10 +6,8 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,12 +29,6 @@ from tests.test_causal import write_byte_decoder  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["max: 3 7 1 8 2", "hello there", "min: 9 4", "a"]
 TOKEN = "s3cret"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 240.0) -> None:
@@ -79,25 +71,13 @@ def material(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(material):
   """The server in this process (a uvicorn thread), so its compiled programs are this session's."""
-  import uvicorn
-
-  from jaxprompt.serve.server import build
+  from jaxprompt.serve.server import build, serving
 
   folder, prompts, _ = material
   app, engine, problems = build(str(folder), prompts=str(prompts), name="base", admin_token=TOKEN, max_batch=16,
                                 max_wait_ms=20, max_tokens=32, max_input_tokens=64)
-  port = _free_port()
-  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  thread = threading.Thread(target=srv.run, daemon=True)
-  thread.start()
-  url = f"http://127.0.0.1:{port}"
-  try:
-    _wait_healthy(url)
+  with serving(app) as url:
     yield url, engine, problems
-  finally:
-    srv.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive()
 
 
 def _reference(engine, prompts_dir: Path, name: str, texts, max_new_tokens: int) -> list[str]:
@@ -254,7 +234,9 @@ def test_prompts_are_added_and_removed_over_the_api_only_with_the_admin_token(se
 
 def test_overload_gives_503s_and_sigterm_answers_requests_in_flight_then_exits_0(material, tmp_path):
   folder, prompts, _ = material
-  port = _free_port()
+  from jaxprompt.serve.server import free_port
+
+  port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen([sys.executable, "-m", "jaxprompt.cli", "serve", "--model", str(folder), "--prompts",

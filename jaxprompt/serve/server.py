@@ -6,7 +6,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,3 +82,39 @@ def run(args) -> int:
   _server_class()(config).run()  # SIGTERM / SIGINT: stop accepting, answer in-flight requests, then return
   print("jaxprompt: server stopped", file=sys.stderr)
   return 0
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app, *, timeout: float = 240.0):
+  """Serve `app` from a thread on a free 127.0.0.1 port (benchmarks, tests, notebooks); yields its URL once /health
+  answers; always stopped on exit."""
+  import httpx
+  import uvicorn
+
+  port = free_port()
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  url = f"http://127.0.0.1:{port}"
+  try:
+    end = time.monotonic() + timeout
+    while True:
+      try:
+        if httpx.get(url + "/health", timeout=2).status_code == 200:
+          break
+      except httpx.HTTPError:
+        pass
+      if time.monotonic() > end or not thread.is_alive():
+        raise RuntimeError(f"the server at {url} did not start")
+      time.sleep(0.1)
+    yield url
+  finally:
+    server.should_exit = True
+    thread.join(30)

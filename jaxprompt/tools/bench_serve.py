@@ -9,10 +9,7 @@ Every request is greedy with the same max_tokens, so all three do the same decod
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -20,39 +17,6 @@ import numpy as np
 
 INPUTS = ["Once upon a time", "The little dog", "She wanted to", "One day, a boy named Tim", "The sun was",
           "In the park", "Mom said", "They played with"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serving(app):
-  import httpx
-  import uvicorn
-
-  port = _free_port()
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  url = f"http://127.0.0.1:{port}"
-  try:
-    end = time.time() + 120
-    while True:
-      try:
-        if httpx.get(url + "/health", timeout=2).status_code == 200:
-          break
-      except httpx.HTTPError:
-        pass
-      if time.time() > end:
-        raise RuntimeError("bench server did not start")
-      time.sleep(0.1)
-    yield url
-  finally:
-    server.should_exit = True
-    thread.join(30)
 
 
 def _pct(xs, q):
@@ -139,7 +103,7 @@ def run_serve_bench(model: str, *, tokenizer: str | None = None, prompts: int = 
   import torch  # noqa: F401 — fail early under --vs-peft without the torch extra
 
   from jaxprompt.models.loading import load_model, load_tokenizer, save_pretrained
-  from jaxprompt.serve.server import build
+  from jaxprompt.serve.server import build, serving
 
   base = load_model(model)
   tok = load_tokenizer(tokenizer or model)
@@ -160,7 +124,7 @@ def run_serve_bench(model: str, *, tokenizer: str | None = None, prompts: int = 
       app, engine, _ = build(model, max_batch=max_batch, max_wait_ms=5.0, **opts)
       programs, seconds = engine.warmup()  # every batch x length bucket compiled before the clock starts
       result[label + "_warmup"] = dict(programs=programs, seconds=seconds)
-      with _serving(app) as url:
+      with serving(app) as url:
         result[label] = asyncio.run(_drive(url, jobs, conc, max_tokens, timeout))
         result[label]["mean_batch"] = _batch_mean(url)
       print(f"{label}: {result[label]['requests_per_s']:.2f} req/s, {result[label]['tokens_per_s']:.1f} tok/s, "
