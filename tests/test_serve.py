@@ -25,6 +25,7 @@ from jaxprompt import config as C  # noqa: E402
 from jaxprompt.inference import text as T  # noqa: E402
 from jaxprompt.prompts.io import load_prompt_source  # noqa: E402
 from tests.test_causal import write_byte_decoder  # noqa: E402
+from tests.test_train import byte_t5  # noqa: E402, F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["max: 3 7 1 8 2", "hello there", "min: 9 4", "a"]
@@ -279,3 +280,26 @@ def test_overload_gives_503s_and_sigterm_answers_requests_in_flight_then_exits_0
     if proc.poll() is None:
       proc.kill()
       proc.wait(30)
+
+
+def test_t5_prompts_and_prefixes_are_served_with_generate_s_text(byte_t5, tmp_path):
+  """The encoder-decoder kind: soft prompts (input embeddings, a bank per batch) and a prefix (keys/values for the
+  decoder layers) of T5, through the OpenAI client, equal `jaxprompt generate --greedy`."""
+  from jaxprompt.serve.server import build, serving
+
+  prompts = tmp_path / "prompts"
+  prompts.mkdir()
+  rng = np.random.default_rng(1)
+  np.save(prompts / "soft.npy", rng.normal(size=(4, 32)).astype(np.float32))
+  slots = jaxprompt.load_model(byte_t5).prefix_slots()
+  np.save(prompts / "pfx.npy", rng.normal(size=(4, slots.layers, 2, slots.heads, slots.head_dim)).astype(np.float32))
+  (prompts / "pfx.json").write_text(json.dumps({"prompt_spec": {"method": "prefix_tuning", "prefix_projection": False}}))
+  app, engine, problems = build(str(byte_t5), prompts=str(prompts), name="t5", max_batch=4, max_tokens=16,
+                                max_input_tokens=32)
+  assert problems == []
+  with serving(app) as url:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    for name in ("soft", "pfx"):
+      want = _reference(engine, prompts, name, TEXTS[:3], 6)
+      got = client.completions.create(model=name, prompt=TEXTS[:3], max_tokens=6, temperature=0)
+      assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
