@@ -34,8 +34,10 @@ def test_a_2x2_sweep_loads_the_base_once_and_writes_its_summary(byte_t5, tmp_pat
   raw["eval"].update(at_end=True, every=0, max_examples=8)
   raw["train"]["steps"] = 3
   cfg.write_text(yaml.safe_dump(raw))
-  code = main(["sweep", str(cfg), "--workdir", str(tmp_path / "sw"), "--grid", "optimizer.learning_rate=0.3,0.01",
-               "--grid", "prompt.length=2,4", "--no-progress"])
+  # data.seed x eval.batch_size: four variants whose train steps are one program (compiled once, then taken from
+  # the persistent compilation cache) and whose eval programs are two
+  code = main(["sweep", str(cfg), "--workdir", str(tmp_path / "sw"), "--grid", "data.seed=0,1",
+               "--grid", "eval.batch_size=4,8", "--no-progress"])
   assert code == 0
   assert loads == [str(byte_t5)]  # one load for four variants
   summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
@@ -45,7 +47,7 @@ def test_a_2x2_sweep_loads_the_base_once_and_writes_its_summary(byte_t5, tmp_pat
     assert (tmp_path / "sw" / row["variant"] / "checkpoints" / "3").is_dir()
   assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
   table = (tmp_path / "sw" / "sweep.md").read_text()
-  assert table.count("\n") == 6 and "prompt.length=4" in table and table in capsys.readouterr().out
+  assert table.count("\n") == 6 and "data.seed=1,eval.batch_size=8" in table and table in capsys.readouterr().out
   # a bad value fails before anything trains
   assert main(["sweep", str(cfg), "--workdir", str(tmp_path / "bad"), "--grid", "prompt.length=2,x"]) == 2
   assert not (tmp_path / "bad").exists()
