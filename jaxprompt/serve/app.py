@@ -56,7 +56,7 @@ class CompletionRequest(BaseModel):
   top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] = 1.0
   n: Annotated[int, Field(strict=True)] = 1
   stop: Text | list[Text] | None = None
-  seed: Annotated[int, Field(strict=True)] | None = None
+  seed: Annotated[int, Field(strict=True, ge=0, lt=2**32)] | None = None  # as `jaxprompt generate --seed`
   stream: Annotated[bool, Field(strict=True)] = False
 
 
