@@ -322,7 +322,7 @@ def _add_train_eval(sub) -> None:
   p.add_argument("--workdir", help="output directory (default: runs/<config name>)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(fn=cmd_train)
-  p = sub.add_parser("eval", help="evaluate a trained prompt on the eval split",
+  p = sub.add_parser("eval", help="evaluate a trained prompt (or an ensemble of prompts) on the eval split",
                      description="Evaluate a checkpoint of --workdir on the config's eval split.")
   _common(p)
   p.add_argument("--workdir", help="the training run's directory")
