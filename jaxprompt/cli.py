@@ -323,7 +323,8 @@ def _add_train_eval(sub) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(fn=cmd_train)
   p = sub.add_parser("eval", help="evaluate a trained prompt (or an ensemble of prompts) on the eval split",
-                     description="Evaluate a checkpoint of --workdir on the config's eval split.")
+                     description="Evaluate a checkpoint of --workdir on the config's eval split, or (--ensemble) "
+                     "several prompts at once, combined by majority vote or mean log-probability.")
   _common(p)
   p.add_argument("--workdir", help="the training run's directory")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
