@@ -102,11 +102,24 @@ def test_openai_client_gets_generate_greedy_text_for_each_prompt_and_streams_it(
     pieces = [c.choices[0].text for c in client.completions.create(model=name, prompt=TEXTS[0], max_tokens=8,
                                                                    temperature=0, stream=True)]
     assert "".join(pieces) == want[0] and len(pieces) >= 2
+  # a long completion streams in more than one piece of text (decoding runs in chunks of 8 tokens)
+  long = [(m, t) for m in ("alpha", "beta", "gamma") for t in TEXTS
+          if client.completions.create(model=m, prompt=t, max_tokens=24, temperature=0).usage.completion_tokens > 17]
+  assert long
+  m, t = long[0]
+  pieces = [c.choices[0].text for c in client.completions.create(model=m, prompt=t, max_tokens=24, temperature=0,
+                                                                 stream=True)]
+  whole = client.completions.create(model=m, prompt=t, max_tokens=24, temperature=0).choices[0].text
+  assert "".join(pieces) == whole and sum(1 for p in pieces if p) >= 2, pieces
   # a stop string cuts the text (and is not part of it)
-  full = client.completions.create(model="alpha", prompt=TEXTS[1], max_tokens=8, temperature=0).choices[0].text
-  if len(full) >= 3:
-    cut = client.completions.create(model="alpha", prompt=TEXTS[1], max_tokens=8, temperature=0, stop=full[2])
-    assert cut.choices[0].text == full[:full.index(full[2])] and cut.choices[0].finish_reason == "stop"
+  pairs = [(m, t) for m in ("alpha", "beta", "gamma") for t in TEXTS]
+  texts = [client.completions.create(model=m, prompt=t, max_tokens=8, temperature=0).choices[0].text
+           for m, t in pairs]
+  full = max(texts, key=len)
+  assert len(full) >= 3, texts
+  m, t = pairs[texts.index(full)]
+  cut = client.completions.create(model=m, prompt=t, max_tokens=8, temperature=0, stop=full[2]).choices[0]
+  assert cut.text == full[:full.index(full[2])] and cut.finish_reason == "stop"
 
 
 def test_concurrent_requests_over_three_prompts_batch_and_each_equals_its_single_result(server):
