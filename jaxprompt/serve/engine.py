@@ -291,7 +291,6 @@ class Engine:
     self._pending: list[Request] = []
     self._cond = threading.Condition()
     self._stopping = False
-    self._busy = False
     self._thread: threading.Thread | None = None
 
   # -- intake ------------------------------------------------------------------------------------------------
@@ -349,7 +348,6 @@ class Engine:
       batch = [r for r in self._pending if r.key == key][:self.max_batch]
       taken = set(map(id, batch))
       self._pending = [r for r in self._pending if id(r) not in taken]
-      self._busy = True
       self._gauge()
       return batch
 
@@ -372,8 +370,6 @@ class Engine:
         log.exception("batch of %d failed", len(batch))
         for r in batch:
           r.on_done(e)
-      finally:
-        self._busy = False
 
   def _run(self, batch: list[Request]) -> int:
     return self._classify(batch) if batch[0].kind == "classify" else self._complete(batch)
