@@ -286,11 +286,14 @@ def cmd_serve(args) -> int:
 
 def cmd_preview(args) -> int:
   from jaxprompt import config as C
-  from jaxprompt.run import task_data
+  from jaxprompt.run import members_of, task_data
 
   cfg = C.load(args.config, args.overrides)
-  for ex in task_data(cfg.data, args.split or cfg.data.train_split).examples[:args.n]:
-    print(json.dumps({"inputs": ex["inputs"], "targets": ex["targets"]}, ensure_ascii=False))
+  members = members_of(cfg.data)
+  for m in members:  # a mixture: each task's first examples, named
+    for ex in task_data(m.data, args.split or cfg.data.train_split).examples[:args.n]:
+      record = {"inputs": ex["inputs"], "targets": ex["targets"]}
+      print(json.dumps({"task": m.name, **record} if len(members) > 1 else record, ensure_ascii=False))
   return 0
 
 

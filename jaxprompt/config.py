@@ -56,6 +56,9 @@ class PromptConfig:
   encoder_reparameterization_type: Literal["MLP", "LSTM"] | None = None  # p_tuning encoder (default MLP)
   encoder_num_layers: int | None = None  # p_tuning LSTM layers (default 2)
   encoder_dropout: float | None = None  # p_tuning LSTM dropout between layers (default 0.0)
+  # with data.mixture: one prompt per member (a bank [K, P, ...] trained together, each row under its task's
+  # prompt); false: one prompt shared by every task (e.g. SPoT's source prompt)
+  per_task: bool = False
 
   def __post_init__(self):
     for option, methods in _METHOD_OPTIONS.items():
@@ -93,6 +96,32 @@ class CustomTaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixtureMember:
+  """One task of `data.mixture`: where its rows come from (as data.task / files / ... for a single task) and how
+  often it is drawn."""
+
+  task: str
+  name: str | None = None  # how metrics, checkpoints and exports name it (default: the task's name)
+  rate: float | None = None  # relative mixing rate; None for every member: examples-proportional (data.mixture_cap)
+  files: dict[str, str] = dataclasses.field(default_factory=dict)
+  custom: CustomTaskConfig | None = None
+  # None: as the data section says (data.taskless, data.tfds_data_dir, data.hf_datasets)
+  taskless: bool | None = None
+  tfds_data_dir: str | None = None
+  hf_datasets: bool | None = None
+
+  def __post_init__(self):
+    if self.rate is not None and not self.rate > 0:
+      raise ConfigError(f"data.mixture: task {self.task!r} has rate {self.rate}; a rate must be > 0")
+
+
+# what only a mixture member says (with data.mixture these stay unset in the data section), and what a member
+# takes from the data section unless it sets its own
+_MEMBER_ONLY = ("task", "files", "custom")
+_MEMBER_INHERITS = ("taskless", "tfds_data_dir", "hf_datasets")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   task: str = "quickstart"
   taskless: bool = False  # the paper's variant: drop the leading task name from the inputs
@@ -111,8 +140,16 @@ class DataConfig:
   # > 0: batches of similar input lengths (less padding): each window of this many batches is sorted by length
   # before it is cut into batches, then the batches are shuffled (HF Trainer's group_by_length uses 50); 0: off
   group_by_length: int = 0
+  # several tasks in one run (seqio-style): each batch row is drawn from a member with probability proportional to
+  # its rate, or (no rates) to its number of training examples, each capped at mixture_cap
+  mixture: tuple[MixtureMember, ...] = ()
+  mixture_cap: int | None = None
 
   def __post_init__(self):
+    if self.mixture:
+      self._check_mixture()
+    elif self.mixture_cap is not None:
+      raise ConfigError("data.mixture_cap applies to a data.mixture")
     if isinstance(self.length_buckets, tuple):
       bad = [b for b in self.length_buckets if not 0 < b <= self.input_length]
       if bad or not self.length_buckets:
@@ -120,6 +157,38 @@ class DataConfig:
                           f"({self.input_length}), or auto / none")
     if self.group_by_length < 0:
       raise ConfigError(f"data.group_by_length: {self.group_by_length} must be >= 0 (batches per window; 0 is off)")
+
+  def _check_mixture(self) -> None:
+    names = [m.name or m.task for m in self.mixture]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+      raise ConfigError(f"data.mixture: {', '.join(map(repr, twice))} appears more than once; give each member its "
+                        "own name (data.mixture[i].name)")
+    rated = [m.rate is not None for m in self.mixture]
+    if any(rated) and not all(rated):
+      raise ConfigError("data.mixture: give every member a rate, or none (then each is drawn in proportion to its "
+                        "number of training examples)")
+    if self.mixture_cap is not None and (all(rated) or self.mixture_cap < 1):
+      raise ConfigError(f"data.mixture_cap: {self.mixture_cap} caps examples-proportional rates (members without "
+                        "a rate) and must be >= 1")
+    defaults = DataConfig()
+    given = [f for f in _MEMBER_ONLY if getattr(self, f) != getattr(defaults, f)]
+    if given:
+      raise ConfigError(f"data.{given[0]} names one task's data; with data.mixture each member sets its own "
+                        f"(data.mixture[i].{given[0]})")
+    if self.group_by_length:
+      raise ConfigError("data.group_by_length does not apply to a data.mixture (its batches mix tasks at random)")
+
+  def members(self) -> tuple["DataConfig", ...]:
+    """One single-task data section per task of the run: this one, or one per mixture member."""
+    if not self.mixture:
+      return (self,)
+    return tuple(dataclasses.replace(
+        self, task=m.task, files=m.files, custom=m.custom, mixture=(), mixture_cap=None,
+        **{f: getattr(self if getattr(m, f) is None else m, f) for f in _MEMBER_INHERITS}) for m in self.mixture)
+
+  def member_names(self) -> tuple[str, ...]:
+    return tuple(m.name or m.task for m in self.mixture) if self.mixture else (self.task,)
 
   def buckets(self) -> tuple[int, ...]:
     """The input lengths batches are padded to, ascending (the last is input_length)."""

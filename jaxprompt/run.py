@@ -1,6 +1,6 @@
 """A `Run`: everything training and evaluation need, built once from a Config and checked up front.
 
-    config ─► mesh ─► frozen base (straight into its shards) + tokenizer ─► task ─► initial prompt
+    config ─► mesh ─► frozen base (straight into its shards) + tokenizer ─► task(s) ─► initial prompt (or bank)
            ─► PromptedModel split by type: graphdef, prompt (PromptParam values), frozen (the rest)
 
 `validate` checks the whole config against the task and the mesh before anything is trained, so a typo in
@@ -72,9 +72,37 @@ class TaskData:
 
 
 def task_data(dcfg: C.DataConfig, split: str) -> TaskData:
-  """Text-to-text examples of one split of the configured task."""
+  """Text-to-text examples of one split of the configured task (a single-task data section)."""
   sd = sources.task_examples(dcfg, split)
   return TaskData(sd.examples, sd.task)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One task of a run: a single-task run has one, a `data.mixture` one per entry. `data` is its own single-task
+  data section (where its splits come from); `rate` its mixing rate (None: examples-proportional)."""
+
+  name: str
+  task: Task
+  data: C.DataConfig
+  rate: float | None = None
+
+  @property
+  def labels(self) -> tuple[str, ...] | None:
+    return self.task.labels
+
+
+def members_of(dcfg: C.DataConfig) -> tuple[Member, ...]:
+  """The tasks a data section trains on, in order (a mixture's member i is prompt i of a per-task bank)."""
+  rates = [m.rate for m in dcfg.mixture] or [None]
+  return tuple(Member(name, sources.task_from_config(d), d, rate)
+               for name, d, rate in zip(dcfg.member_names(), dcfg.members(), rates))
+
+
+def union_labels(members) -> tuple[str, ...] | None:
+  """Every member's label strings, in order, each once (None when no member has labels)."""
+  out = tuple(dict.fromkeys(lab for m in members for lab in (m.labels or ())))
+  return out or None
 
 
 def available_metrics(task: Task, mode: str) -> tuple[str, ...]:
@@ -85,22 +113,29 @@ def available_metrics(task: Task, mode: str) -> tuple[str, ...]:
   return LOSS_METRICS + tuple(m for m in task.metrics if m in known)
 
 
-def validate(cfg: C.Config, task: Task, mesh) -> None:
-  """The config against the task and the mesh, before any work (`ConfigError` naming the key)."""
+def mixture_metrics(members, mode: str) -> tuple[str, ...]:
+  """What evaluating several tasks reports: each member's metrics as NAME/metric, and the metrics every member
+  computes, averaged over the members, under their plain names."""
+  each = [available_metrics(m.task, mode) for m in members]
+  if len(members) == 1:
+    return each[0]
+  common = tuple(k for k in each[0] if all(k in e for e in each))
+  return common + tuple(f"{m.name}/{k}" for m, e in zip(members, each) for k in e)
+
+
+def validate(cfg: C.Config, members, mesh) -> None:
+  """The config against the tasks and the mesh, before any work (`ConfigError` naming the key)."""
   tc, ec = cfg.train, cfg.eval
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if tc.batch_size % (tc.microbatches * dp):
     raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by train.microbatches "
                       f"({tc.microbatches}) x data-parallel devices ({dp})")
-  metrics = available_metrics(task, ec.mode)
+  metrics = mixture_metrics(members, ec.mode)
   if ec.metric not in metrics:
-    raise ConfigError(f"eval.metric {ec.metric!r} is not computed for task {task.name} in eval.mode "
+    names = ", ".join(m.task.name for m in members)
+    raise ConfigError(f"eval.metric {ec.metric!r} is not computed for task {names} in eval.mode "
                       f"{ec.mode}; available: {', '.join(metrics)}")
-  if cfg.prompt.init == "class_labels" and not task.labels:
-    raise ConfigError(f"prompt.init class_labels needs a task with label strings; {task.name} is generative")
-  if cfg.prompt.init == "class_labels" and len(task.labels) > cfg.prompt.length:
-    raise ConfigError(f"prompt.length {cfg.prompt.length} is shorter than the {len(task.labels)} class labels "
-                      "that prompt.init class_labels writes into it")
+  _validate_prompt(cfg.prompt, cfg.data, members)
   for key, value in (("data.input_length", cfg.data.input_length),
                      ("data.target_length", cfg.data.target_length), ("train.batch_size", tc.batch_size),
                      ("train.microbatches", tc.microbatches), ("train.log_every", tc.log_every),
@@ -108,6 +143,23 @@ def validate(cfg: C.Config, task: Task, mesh) -> None:
                      ("checkpoint.keep", cfg.checkpoint.keep)):
     if value < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _validate_prompt(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
+  if pc.per_task and not dc.mixture:
+    raise ConfigError("prompt.per_task trains one prompt per task of a data.mixture; this config has one task")
+  if pc.per_task and (pc.method == "p_tuning" or pc.option("prefix_projection")):
+    what = "P-tuning encoders" if pc.method == "p_tuning" else "prefix projections"
+    raise ConfigError(f"prompt.per_task: a bank of {what} is not supported; use prompt_tuning or prefix_tuning "
+                      "without projection")
+  groups = [(m.name, m.labels) for m in members] if pc.per_task else [(members[0].task.name if len(members) == 1
+                                                                       else "the mixture", union_labels(members))]
+  for name, labels in groups if pc.init == "class_labels" else ():
+    if not labels:
+      raise ConfigError(f"prompt.init class_labels needs a task with label strings; {name} is generative")
+    if len(labels) > pc.length:
+      raise ConfigError(f"prompt.length {pc.length} is shorter than the {len(labels)} class labels of {name} "
+                        "that prompt.init class_labels writes into it")
 
 
 @dataclasses.dataclass
@@ -121,7 +173,7 @@ class Run:
   graphdef: Any
   prompt: dict  # pure dict of PromptParam values
   frozen: dict  # pure dict of the frozen base weights
-  task: Task
+  members: tuple[Member, ...]  # the tasks (one, or a mixture's)
   prompt_spec: dict  # the prompt method and its options (`PromptMethod.spec()`)
 
   @property
@@ -133,8 +185,33 @@ class Run:
     return self.base.kind
 
   @property
+  def per_task(self) -> bool:
+    """One prompt per member (a bank; row b uses prompt `task_ids[b]`)?"""
+    return self.cfg.prompt.per_task
+
+  @property
+  def task(self) -> Task:
+    """The run's task (a single-task run; a mixture has `members`)."""
+    if len(self.members) != 1:
+      raise ConfigError(f"this needs one task; the config has a mixture of {len(self.members)} "
+                        f"({', '.join(m.name for m in self.members)})")
+    return self.members[0].task
+
+  @property
   def labels(self) -> tuple[str, ...] | None:
-    return self.task.labels
+    """The label strings of the run's task(s), each once."""
+    return union_labels(self.members)
+
+  def task_record(self) -> dict:
+    """What checkpoints and exports record about the task(s): {name, labels}, and for a mixture its members (with
+    their prompt ids when each has its own prompt)."""
+    if len(self.members) == 1:
+      return dict(name=self.members[0].name, labels=list(self.labels or []))
+    out = dict(name="+".join(m.name for m in self.members), labels=list(self.labels or []),
+               mixture=[dict(name=m.name, labels=list(m.labels or [])) for m in self.members])
+    if self.per_task:
+      out["per_task"] = True
+    return out
 
   @property
   def prompt_array(self) -> np.ndarray:
@@ -163,13 +240,14 @@ class Run:
 
 
 def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: dict | None = None
-              ) -> tuple[Run, TaskData | None]:
-  """Load, check and assemble; returns the run and (unless `with_train_data=False`) its training split. `bases`:
+              ) -> tuple[Run, tuple[TaskData, ...] | None]:
+  """Load, check and assemble; returns the run and (unless `with_train_data=False`) the training split of each of
+  its tasks (`Run.members`, in order). `bases`:
   loaded (base, tokenizer) by model section and mesh, shared between runs (a sweep loads its base once)."""
   mesh = mesh or mesh_from_config(cfg.mesh)
-  train = task_data(cfg.data, cfg.data.train_split) if with_train_data else None
-  task = train.task if train is not None else sources.task_from_config(cfg.data)
-  validate(cfg, task, mesh)
+  members = members_of(cfg.data)
+  train = tuple(task_data(m.data, cfg.data.train_split) for m in members) if with_train_data else None
+  validate(cfg, members, mesh)
   key = (cfg.model, tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()))
   if bases is not None and key in bases:
     base, tokenizer = bases[key]
@@ -178,9 +256,13 @@ def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: 
     if bases is not None:
       bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)
-  method = methods.build(cfg.prompt, base, tokenizer, task.labels, jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
+  rng = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
+  if cfg.prompt.per_task:
+    method = methods.build_bank(cfg.prompt, base, tokenizer, [m.labels for m in members], rng)
+  else:
+    method = methods.build(cfg.prompt, base, tokenizer, union_labels(members), rng)
   graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, method), PromptParam, ...)
   prompt = jax.device_put(prompt_state.to_pure_dict(), shd.replicated(mesh))
   run = Run(cfg=cfg, mesh=mesh, base=base, tokenizer=tokenizer, graphdef=graphdef, prompt=prompt,
-            frozen=frozen_state.to_pure_dict(), task=task, prompt_spec=method.spec())
+            frozen=frozen_state.to_pure_dict(), members=members, prompt_spec=method.spec())
   return run, train

@@ -305,7 +305,7 @@ def test_only_the_method_trains(byte_t5, method):
   from jaxprompt.data.pipeline import BatchStream
 
   cfg = tiny_cfg(byte_t5, **{"prompt.length": P, "model.dropout": 0.1, **METHOD_OVERRIDES[method]})
-  run, data = build_run(cfg, mesh=one_device())
+  run, (data,) = build_run(cfg, mesh=one_device())
   tx = build_optimizer(cfg.optimizer, cfg.train.steps)
   opt = tx.init(run.prompt)
   shapes = {x.shape for x in jax.tree.leaves(run.prompt)}

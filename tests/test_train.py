@@ -46,7 +46,7 @@ def small_cfg(folder, **over) -> C.Config:
 
 
 def _steps(cfg, mesh, n):
-  run, data = build_run(cfg, mesh=mesh)
+  run, (data,) = build_run(cfg, mesh=mesh)
   tx = build_optimizer(cfg.optimizer, cfg.train.steps)
   step = jax.jit(make_train_step(run.graphdef, tx, z_loss=cfg.train.z_loss, microbatches=cfg.train.microbatches))
   stream = BatchStream(run.encode(data.examples, "train"), cfg.train.batch_size, seed=0)
@@ -61,7 +61,7 @@ def _steps(cfg, mesh, n):
 def test_optimizer_state_is_prompt_shaped_and_frozen_weights_are_untouched(byte_t5):
   cfg = small_cfg(byte_t5)
   mesh = shd.make_mesh(devices=jax.devices()[:1])
-  run, data = build_run(cfg, mesh=mesh)
+  run, (data,) = build_run(cfg, mesh=mesh)
   before = jax.tree.map(lambda x: np.array(x), run.frozen)
   tx = build_optimizer(cfg.optimizer, 10)
   opt = tx.init(run.prompt)

@@ -13,6 +13,9 @@ the kind:
                 target_index / target_valid [B, T] locate the target tokens in `tokens` (the only ones with a
                 loss, so logits are needed there only); input_ids / input_mask [B, L] hold the input alone,
                 left-padded, for rank scoring and generation.
+
+Both carry an optional `task_ids` [B] (int32): the prompt each row uses when a run trains one prompt per task
+(`prompt.per_task`, a bank [K, P, ...]); None otherwise.
 """
 
 from __future__ import annotations
@@ -96,6 +99,10 @@ class _Batch:
     """[B, T]: 1 where a target token carries a loss."""
     return getattr(self, self.LOSS_MASK)
 
+  def with_task_ids(self, ids) -> "_Batch":
+    """The same rows, each under prompt `ids[b]` of a bank (an int, or [B] ints)."""
+    return self.replace(task_ids=np.broadcast_to(np.asarray(ids, np.int32), (num_rows(self),)).copy())
+
   @property
   def input_length(self) -> int:
     """L: the (padded) input length of this batch."""
@@ -136,6 +143,7 @@ class Seq2SeqBatch(_Batch):
   input_mask: jax.Array  # [B, L]
   target_ids: jax.Array  # [B, T]
   target_mask: jax.Array  # [B, T]
+  task_ids: jax.Array | None = None  # [B]: each row's prompt in a bank (prompt.per_task)
   LOSS_MASK: ClassVar[str] = "target_mask"
   TARGET_SPECIAL: ClassVar[bool] = True
 
@@ -193,6 +201,7 @@ class CausalBatch(_Batch):
   target_valid: jax.Array  # [B, T]
   input_ids: jax.Array  # [B, L], left-padded
   input_mask: jax.Array  # [B, L]
+  task_ids: jax.Array | None = None  # [B]: each row's prompt in a bank (prompt.per_task)
   LOSS_MASK: ClassVar[str] = "target_valid"
   TARGET_SPECIAL: ClassVar[bool] = False
 
@@ -267,3 +276,8 @@ def num_rows(batch) -> int:
 def take_rows(batch, idx: np.ndarray):
   """Rows `idx` of a numpy batch (any batch type)."""
   return jax.tree.map(lambda a: a[idx], batch)
+
+
+def concat_rows(batches: Sequence):
+  """One numpy batch holding the rows of `batches` (of one type and length layout) in order."""
+  return jax.tree.map(lambda *a: np.concatenate(a), *batches)

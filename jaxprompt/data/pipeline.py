@@ -66,6 +66,7 @@ class BatchStream:
     self.seed, self.shuffle = seed, shuffle
     self.process_index = process_index
     self.position = position
+    self.member_positions: list[int] = []  # a mixture's per-task positions (`MixtureStream`)
     self._perm_cache: dict[int, np.ndarray] = {}
 
   def _perm(self, epoch: int) -> np.ndarray:
@@ -108,8 +109,11 @@ class BatchStream:
   def __iter__(self) -> Iterator[Any]:
     return self
 
+  def _next_indices(self) -> np.ndarray:
+    return self.global_indices(self.position)
+
   def __next__(self) -> Any:
-    every = self.global_indices(self.position)
+    every = self._next_indices()
     batch = take_rows(self.rows, self._share(every))
     if self.buckets:
       batch = batch.cropped(fit_bucket(int(self.lengths[every].max()), self.buckets))
@@ -117,6 +121,60 @@ class BatchStream:
     self.last_pad_fraction = 1.0 - float(self.lengths[every].sum()) / (self.global_batch * batch.input_length)
     self.position += 1
     return batch
+
+
+def mixing_rates(sizes: Sequence[int], rates: Sequence[float | None], cap: int | None = None) -> np.ndarray:
+  """Each member's probability of being drawn: its rate, or (no rates) its number of examples capped at `cap`
+  (seqio's examples-proportional mixing with `maximum`), normalised."""
+  raw = np.asarray([r if r is not None else min(n, cap or n) for n, r in zip(sizes, rates)], np.float64)
+  return raw / raw.sum()
+
+
+class MixtureStream(BatchStream):
+  """Global batches drawn from several tasks' rows (`rows` holds them one member after another, `sizes` rows
+  each): every slot of batch k picks a member with probability `rates` (a generator seeded by (seed, k)), then
+  takes that member's next example from its own endless shuffled epochs (seeded by (seed, member, epoch)).
+  `member_positions` (examples each member has given) and `position` are all that resuming needs."""
+
+  def __init__(self, rows: Any, sizes: Sequence[int], rates: Sequence[float], global_batch: int, *,
+               member_positions: Sequence[int] = (), **kw):
+    super().__init__(rows, global_batch, **kw)
+    if sum(sizes) != self.n or len(rates) != len(sizes):
+      raise ValueError(f"mixture of {len(sizes)} members with {sum(sizes)} rows and {len(rates)} rates, got "
+                       f"{self.n} rows")
+    self.sizes, self.rates = tuple(sizes), np.asarray(rates, np.float64)
+    self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    self.member_positions = list(member_positions) or [0] * len(sizes)
+    if len(self.member_positions) != len(sizes):
+      raise DataError(f"the checkpoint has data positions for {len(self.member_positions)} tasks, the mixture has "
+                      f"{len(sizes)}: resume with the mixture it was trained on")
+    self._member_perms: dict[tuple[int, int], np.ndarray] = {}
+
+  def _member_index(self, member: int, pos: int) -> int:
+    n = self.sizes[member]
+    key = (member, pos // n)
+    if key not in self._member_perms:
+      if len(self._member_perms) > 4 * len(self.sizes):
+        self._member_perms.clear()
+      rng = np.random.default_rng([self.seed, member, pos // n])
+      self._member_perms[key] = rng.permutation(n) if self.shuffle else np.arange(n)
+    return int(self.offsets[member] + self._member_perms[key][pos % n])
+
+  def _next_indices(self) -> np.ndarray:
+    which = np.random.default_rng([self.seed, self.position, 1 << 20]).choice(len(self.sizes), self.global_batch,
+                                                                               p=self.rates)
+    out = np.empty(self.global_batch, np.int64)
+    for j, m in enumerate(which):
+      out[j] = self._member_index(m, self.member_positions[m])
+      self.member_positions[m] += 1
+    return out
+
+  def global_indices(self, k: int) -> np.ndarray:
+    raise NotImplementedError("a mixture's batches depend on the members' positions: iterate the stream")
+
+  @property
+  def epoch(self) -> float:
+    return float(np.mean(np.asarray(self.member_positions) / np.asarray(self.sizes)))
 
 
 def eval_batches(rows: Any, batch_size: int, *, process_index: int = 0, process_count: int = 1,

@@ -38,15 +38,16 @@ def combine(scores: np.ndarray, how: str = "vote") -> np.ndarray:
 
 def member_scores(run, evaluator: Evaluator, values, specs) -> np.ndarray:
   """Rank scores [K, N, C] of every eval example under each of K prompts, in mixed batches of K x B rows."""
-  if not run.labels:
-    raise UsageError(f"an ensemble needs a classification task (label strings to rank); {run.task.name} has none")
+  if not evaluator.labels:
+    raise UsageError(f"an ensemble needs a classification task (label strings to rank); {evaluator.task.name} has "
+                     "none")
   k = len(values)
   model = PromptedModel(run.base, methods.bank(values, specs, run.base.prefix_slots()))
   graphdef, state = nnx.split(model)
   rank = jax.jit(lambda state, batch, ids, label_ids, label_mask: nnx.merge(graphdef, state).label_logprobs(
       batch, label_ids, label_mask, prompt_ids=ids))
   hosts, local = jax.process_count(), evaluator.batch_size // jax.process_count()
-  out = np.zeros((k, len(evaluator.examples), len(run.labels)), np.float32)
+  out = np.zeros((k, len(evaluator.examples), len(evaluator.labels)), np.float32)
   for batch, w, index in eval_batches(evaluator.arrays, evaluator.batch_size, process_index=jax.process_index(),
                                       process_count=hosts, buckets=run.cfg.data.buckets()):
     tiled = jax.tree.map(lambda a: np.concatenate([a] * k), (batch, w))
@@ -71,6 +72,8 @@ def evaluate_ensemble(cfg, sources, *, how: str = "vote", step: str | int = "bes
     raise UsageError(f"unknown ensemble combination {how!r}; choose one of {', '.join(COMBINE)}")
   if len(sources) < 2:
     raise UsageError("an ensemble needs at least two prompts")
+  if cfg.data.mixture:
+    raise UsageError("an ensemble scores one task: give a config with data.task, not a data.mixture")
   run, _ = build_run(cfg, mesh=mesh, with_train_data=False)
   prompts = [load_prompt_source(s, step) for s in sources]
   for p, s in zip(prompts, sources):
@@ -81,5 +84,5 @@ def evaluate_ensemble(cfg, sources, *, how: str = "vote", step: str | int = "bes
              for s, sc in zip(sources, scores)]
   preds = combine(scores, how)
   return dict(combine=how, members=members, ensemble=evaluator.classification_metrics(preds),
-              predictions=[run.labels[i] for i in preds])
+              predictions=[evaluator.labels[i] for i in preds])
 

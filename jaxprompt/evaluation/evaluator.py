@@ -43,15 +43,22 @@ def _round_up(n: int, k: int) -> int:
 
 
 class Evaluator:
-  """Evaluates prompts of one `run.Run` on its eval split (or on `examples`)."""
+  """Evaluates prompts of one `run.Run` on the eval split of one of its tasks (`member`; default: its only one),
+  or on `examples`. `prompt_id`: the prompt of a bank every row uses (a per-task run's member)."""
 
-  def __init__(self, run, examples: list[dict] | None = None):
+  def __init__(self, run, examples: list[dict] | None = None, *, member=None, prompt_id: int | None = None):
     cfg = run.cfg
     self.run = run
+    self.member = member if member is not None else run.members[0]
+    if member is None and len(run.members) != 1:
+      raise ValueError("a mixture is evaluated task by task: give the member (or use `evaluator_for`)")
+    self.task, self.labels = self.member.task, self.member.labels
     if examples is None:
-      examples = task_data(cfg.data, cfg.data.eval_split).examples
+      examples = task_data(self.member.data, cfg.data.eval_split).examples
     self.examples = examples[:cfg.eval.max_examples] if cfg.eval.max_examples else examples
-    self.arrays = run.encode(self.examples, f"{cfg.data.task}/{cfg.data.eval_split}")
+    self.arrays = run.encode(self.examples, f"{self.member.name}/{cfg.data.eval_split}")
+    if prompt_id is not None:
+      self.arrays = self.arrays.with_task_ids(prompt_id)
     # every host gets the same number of rows, and the batch splits evenly over the (data, fsdp) axes
     shards = math.lcm(jax.process_count(), run.mesh.shape["data"] * run.mesh.shape["fsdp"])
     self.batch_size = _round_up(min(cfg.eval.batch_size, len(self.examples)), shards)
@@ -60,11 +67,11 @@ class Evaluator:
     self._loss = jax.jit(loss_step, out_shardings=rep)
     self._rank = jax.jit(rank_step, out_shardings=rep)
     # a generative task has no label strings to rank
-    self.mode = "generate" if cfg.eval.mode == "rank" and not run.labels else cfg.eval.mode
-    if run.labels:
-      ids, mask = run.base.batch_type.encode_labels(run.tokenizer, run.labels, cfg.data.target_length)
+    self.mode = "generate" if cfg.eval.mode == "rank" and not self.labels else cfg.eval.mode
+    if self.labels:
+      ids, mask = run.base.batch_type.encode_labels(run.tokenizer, self.labels, cfg.data.target_length)
       self.label_ids, self.label_mask = jnp.asarray(ids), jnp.asarray(mask)
-      self.gold = np.array([ex["label"] if "label" in ex else _label_index(run.labels, ex["targets"])
+      self.gold = np.array([ex["label"] if "label" in ex else _label_index(self.labels, ex["targets"])
                             for ex in self.examples])
     self.confusion: list[list[int]] | None = None
 
@@ -72,7 +79,8 @@ class Evaluator:
     run = self.run
     model = nnx.merge(run.graphdef, prompt, run.frozen)
     # the config's generate: settings (greedy by default), as many new tokens as a target may have
-    out = generate(model.base, input_ids=dev.input_ids, attention_mask=dev.input_mask, prefix=model.prefix(dev.size),
+    out = generate(model.base, input_ids=dev.input_ids, attention_mask=dev.input_mask,
+                   prefix=model.prefix(dev.size, dev.task_ids),
                    config=run.cfg.generate, max_new_tokens=run.cfg.data.target_length)
     tokens = out["tokens"]
     if jax.process_count() > 1:
@@ -105,31 +113,29 @@ class Evaluator:
         for i, row in zip(index, self._generate(prompt, dev)):
           if i >= 0:
             texts[i] = self._decode(row)
-            preds[i] = M.postprocess(run.labels, texts[i]) if run.labels else -1
+            preds[i] = M.postprocess(self.labels, texts[i]) if self.labels else -1
     return dict(eval_loss=ce / max(tokens, 1.0), eval_seq_accuracy=seq / n), preds, texts, scores
 
   def classification_metrics(self, preds: np.ndarray) -> dict:
     """The task's classification metrics of predicted classes [N] (-1: no valid class) against the gold labels;
     the confusion matrix goes to `self.confusion`."""
-    run = self.run
     scored = self.gold >= 0  # test splits carry no labels
     groups = [ex.get("group") for ex in self.examples] if any("group" in ex for ex in self.examples) else None
-    names = [m for m in run.task.metrics if m in M.CLASSIFICATION]
-    self.confusion = M.confusion_matrix(self.gold[scored], preds[scored], len(run.labels)).tolist()
-    return M.classification_metrics(names, self.gold[scored], preds[scored], run.labels,
+    names = [m for m in self.task.metrics if m in M.CLASSIFICATION]
+    self.confusion = M.confusion_matrix(self.gold[scored], preds[scored], len(self.labels)).tolist()
+    return M.classification_metrics(names, self.gold[scored], preds[scored], self.labels,
                                     None if groups is None else [g for g, k in zip(groups, scored) if k])
 
   def _task_metrics(self, preds: np.ndarray, texts: list) -> dict:
-    run = self.run
-    if run.labels and self.mode in ("rank", "generate"):
+    if self.labels and self.mode in ("rank", "generate"):
       return self.classification_metrics(preds)
     if self.mode == "generate":
-      names = [m for m in run.task.metrics if m in M.GENERATION]
+      names = [m for m in self.task.metrics if m in M.GENERATION]
       return M.generation_metrics(names, [t or "" for t in texts], self.examples)
     return {}
 
   def _records(self, preds, texts, scores) -> list[dict]:
-    labels, out = self.run.labels, []
+    labels, out = self.labels, []
     for i, ex in enumerate(self.examples):
       rec = dict(index=i, inputs=ex["inputs"], targets=ex["targets"])
       if self.mode == "rank":
@@ -146,18 +152,27 @@ class Evaluator:
     metrics.update(self._task_metrics(preds, texts))
     return metrics, self._records(preds, texts, scores)
 
+  def confusion_record(self) -> dict | None:
+    """The last classification's confusion matrix as written to confusion_<name>.json (None: none yet)."""
+    if self.confusion is None:
+      return None
+    labels = list(self.labels)
+    return {"labels": labels, "rows": "gold", "columns": labels + ["<invalid>"], "counts": self.confusion}
+
   def write_report(self, directory: Path, name: str, records: list[dict]) -> None:
     """predictions/<name>.jsonl and, for classification, predictions/confusion_<name>.json (process 0)."""
-    if jax.process_index() != 0:
-      return
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f"{name}.jsonl", "w") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
-    if self.confusion is not None:
-      labels = list(self.run.labels)
-      (directory / f"confusion_{name}.json").write_text(json.dumps(
-          {"labels": labels, "rows": "gold", "columns": labels + ["<invalid>"], "counts": self.confusion}))
+    _write_report(directory, name, records, self.confusion_record())
+
+
+def _write_report(directory: Path, name: str, records: list[dict], confusion: dict | None) -> None:
+  if jax.process_index() != 0:
+    return
+  directory.mkdir(parents=True, exist_ok=True)
+  with open(directory / f"{name}.jsonl", "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  if confusion:
+    (directory / f"confusion_{name}.json").write_text(json.dumps(confusion))
 
 
 def _label_index(labels, target: str) -> int:
@@ -165,3 +180,36 @@ def _label_index(labels, target: str) -> int:
     return list(labels).index(target)
   except ValueError:
     raise DataError(f"target {target!r} is not one of the task's labels {list(labels)}") from None
+
+
+class MixtureEvaluator:
+  """A mixture's tasks evaluated one after another (each under its own prompt when the run has one per task):
+  every member's metrics as NAME/metric, and the mean over the members of each metric they all compute under its
+  plain name (`run.mixture_metrics`)."""
+
+  def __init__(self, run):
+    self.run = run
+    self.members = [Evaluator(run, member=m, prompt_id=k if run.per_task else None)
+                    for k, m in enumerate(run.members)]
+
+  def __call__(self, prompt) -> tuple[dict, list[dict]]:
+    each, records = [], []
+    for ev in self.members:
+      metrics, recs = ev(prompt)
+      each.append(metrics)
+      records += [dict(r, task=ev.member.name) for r in recs]
+    out = {k: float(np.mean([m[k] for m in each])) for k in each[0] if all(k in m for m in each)}
+    for ev, metrics in zip(self.members, each):
+      out.update({f"{ev.member.name}/{k}": v for k, v in metrics.items()})
+    return out, records
+
+  def write_report(self, directory: Path, name: str, records: list[dict]) -> None:
+    """predictions/<name>.jsonl (every task's records, each naming its task) and, for classification tasks,
+    predictions/confusion_<name>.json with one matrix per task (process 0)."""
+    confusion = {ev.member.name: ev.confusion_record() for ev in self.members if ev.confusion is not None}
+    _write_report(directory, name, records, {"tasks": confusion} if confusion else None)
+
+
+def evaluator_for(run):
+  """The evaluator of a run's eval split(s): one task, or a mixture's tasks."""
+  return Evaluator(run) if len(run.members) == 1 else MixtureEvaluator(run)

@@ -24,7 +24,8 @@ from jaxprompt.errors import ExportError
 from jaxprompt.fileio import write_file_atomically, write_folder_atomically
 from jaxprompt.models import hf
 from jaxprompt.models.loading import load_model, load_tokenizer, save_pretrained
-from jaxprompt.prompts.io import PEFT_TASK_TYPES, PROVENANCE, load_trained_prompt
+from jaxprompt.prompts.io import (PEFT_TASK_TYPES, PROVENANCE, load_prompt_bank, load_trained_prompt, split_task,
+                                 task_slug)
 from jaxprompt.version import __version__
 
 # prompt.init -> PEFT's PromptTuningInit. class_labels is "sampled vocabulary, then the labels' embeddings" and
@@ -103,43 +104,87 @@ def peft_tensor(value: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(value.reshape(value.shape[0], -1), np.float32)
 
 
+EXTENSIONS = {"peft": "", "numpy": ".npy", "safetensors": ".safetensors"}  # a bank member's entry in OUT/
+BANK_FILE = "bank.safetensors"
+
+
 def export_prompt(source: str | Path, fmt: str, out: str | Path, *, step: str | int = "best",
                   with_base: bool = False, overwrite: bool = False) -> Path:
   """Export a trained prompt's inference value. fmt: "peft" (a folder), "numpy" (.npy float32: [P, H] input
-  embeddings, or a prefix table [P, Y, 2, K, D]) or "safetensors" (the same array, `prompt_embeddings`)."""
+  embeddings, or a prefix table [P, Y, 2, K, D]) or "safetensors" (the same array, `prompt_embeddings`).
+
+  A per-task run (`prompt.per_task`) exports every task: OUT/ gets one export per task, named after it
+  (`task_slug`: OUT/quickstart_max/ for peft, OUT/quickstart_max.npy ...), and OUT/bank.safetensors holding the
+  bank [tasks, P, ...] (`prompt_embeddings`, the task names in its provenance); "SOURCE@TASK" exports one task."""
+  if fmt not in EXTENSIONS:
+    raise ExportError(f"unknown export format {fmt!r} ({', '.join(EXTENSIONS)})")
+  out = Path(out)
+  bank = load_prompt_bank(source, step) if split_task(source)[1] is None else None
+  if bank is not None:
+    return _export_bank(*bank, fmt, out, with_base=with_base, overwrite=overwrite)
   value, info = load_trained_prompt(source, step)
   value = np.ascontiguousarray(value, np.float32)
-  out = Path(out)
-  prov = _provenance(value, info, fmt)
+  if with_base and fmt != "peft":
+    raise ExportError("--with-base needs --format peft (it writes DIR/base beside the adapter)")
+  if fmt == "numpy" and out.suffix != ".npy":
+    raise ExportError(f"--format numpy writes a .npy file, got {out}")
   if fmt == "peft":
     peft_config(value, info, None)  # refuse before writing anything
     def write(tmp: Path):
-      base_path = None
       if with_base:
         write_base(info, tmp / "base")
-        base_path = str((out / "base").absolute())
-      (tmp / "adapter_config.json").write_text(json.dumps(peft_config(value, info, base_path), indent=2))
-      hf.save_safetensors({"prompt_embeddings": peft_tensor(value)}, tmp / "adapter_model.safetensors",
-                          metadata={"format": "pt"})
-      (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2))
+      _write(value, info, fmt, tmp, str((out / "base").absolute()) if with_base else None)
 
     return write_folder_atomically(out, write, overwrite=overwrite)
-  if with_base:
-    raise ExportError("--with-base needs --format peft (it writes DIR/base beside the adapter)")
-  if fmt == "numpy":
-    if out.suffix != ".npy":
-      raise ExportError(f"--format numpy writes a .npy file, got {out}")
-    write_file_atomically(out.with_suffix(".json"), lambda t: t.write_text(json.dumps(prov, indent=2)),
+  if fmt == "numpy":  # the provenance beside it first: a .npy is never left without its record
+    write_file_atomically(out.with_suffix(".json"), lambda t: _write_json(t, _provenance(value, info, fmt)),
                           overwrite=overwrite)
-    def save_npy(t: Path):
-      with open(t, "wb") as f:
-        np.save(f, value, allow_pickle=False)
+  return write_file_atomically(out, lambda t: _write(value, info, fmt, t), overwrite=overwrite)
 
-    return write_file_atomically(out, save_npy, overwrite=overwrite)
-  if fmt == "safetensors":
-    return write_file_atomically(out, lambda t: hf.save_safetensors({"prompt_embeddings": value}, t, metadata={
-        "format": "pt", "jaxprompt": json.dumps(prov)}), overwrite=overwrite)
-  raise ExportError(f"unknown export format {fmt!r} (peft, numpy, safetensors)")
+
+def _write(value: np.ndarray, info: dict, fmt: str, path: Path, base_path: str | None = None) -> None:
+  """One prompt in format `fmt` at `path` (a folder for peft, a file otherwise; `base_path`: the base model a peft
+  adapter names, when written beside it). A numpy export's provenance is the caller's."""
+  prov = _provenance(value, info, fmt)
+  if fmt == "peft":
+    path.mkdir(exist_ok=True)
+    _write_json(path / "adapter_config.json", peft_config(value, info, base_path))
+    hf.save_safetensors({"prompt_embeddings": peft_tensor(value)}, path / "adapter_model.safetensors",
+                        metadata={"format": "pt"})
+    _write_json(path / PROVENANCE, prov)
+  elif fmt == "numpy":
+    with open(path, "wb") as f:
+      np.save(f, value, allow_pickle=False)
+  else:
+    hf.save_safetensors({"prompt_embeddings": value}, path, metadata={"format": "pt", "jaxprompt": json.dumps(prov)})
+
+
+def _write_json(path: Path, obj: dict) -> None:
+  path.write_text(json.dumps(obj, indent=2))
+
+
+def _export_bank(whole, bank: dict, fmt: str, out: Path, *, with_base: bool, overwrite: bool) -> Path:
+  """A per-task run: OUT/<task> per task in `fmt`, plus OUT/bank.safetensors (and OUT/base with --with-base), one
+  folder written atomically."""
+  members = [(task_slug(name), np.ascontiguousarray(tp.value, np.float32), tp.info) for name, tp in bank.items()]
+  if with_base and fmt != "peft":
+    raise ExportError("--with-base needs --format peft (it writes DIR/base beside the adapters)")
+  if fmt == "peft":
+    for _, value, info in members:
+      peft_config(value, info, None)  # refuse before writing anything
+
+  def write(tmp: Path):
+    if with_base:  # one copy of the base, named by every adapter
+      write_base(whole.info, tmp / "base")
+    for slug, value, info in members:
+      _write(value, info, fmt, tmp / (slug + EXTENSIONS[fmt]), str((out / "base").absolute()) if with_base else None)
+      if fmt == "numpy":
+        _write_json(tmp / f"{slug}.json", _provenance(value, info, fmt))
+    value, info = np.ascontiguousarray(whole.value, np.float32), dict(whole.info, prompt_spec=whole.spec)
+    hf.save_safetensors({"prompt_embeddings": value}, tmp / BANK_FILE, metadata={
+        "format": "pt", "jaxprompt": json.dumps(_provenance(value[0], info, "safetensors"))})
+
+  return write_folder_atomically(out, write, overwrite=overwrite)
 
 
 def write_base(info: dict, folder: Path) -> None:

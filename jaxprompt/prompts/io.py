@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -128,9 +130,72 @@ class TrainedPrompt:
     return warnings
 
 
+def task_slug(name: str) -> str:
+  """A task's name as a file or prompt name ("super_glue/rte" -> "super_glue_rte", "quickstart:max" ->
+  "quickstart_max")."""
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def split_task(source: str | Path) -> tuple[Path, str | None]:
+  """"PATH@TASK" -> (PATH, TASK): one task's prompt of a per-task run or bank. A path that exists is taken whole."""
+  text = str(source)
+  if Path(text).exists() or "@" not in text:
+    return Path(text), None
+  path, task = text.rsplit("@", 1)
+  return Path(path), task
+
+
+def bank_tasks(info: dict) -> list[str] | None:
+  """The task names of a per-task prompt bank, in prompt order (None: a single prompt)."""
+  task = info.get("task") or {}
+  return [m["name"] for m in task.get("mixture") or ()] if task.get("per_task") else None
+
+
 def load_prompt_source(source: str | Path, step: str | int = "best") -> TrainedPrompt:
-  """A prompt from a workdir, a checkpoint step folder, a PEFT adapter folder or a file export."""
-  source = Path(source)
+  """A prompt from a workdir, a checkpoint step folder, a PEFT adapter folder or a file export; "SOURCE@TASK"
+  picks one task's prompt of a per-task run (`prompt.per_task`) or its exported bank."""
+  source, task = split_task(source)
+  tp = _load_whole(source, step)
+  names = bank_tasks(tp.info)
+  if names is None:
+    if task is not None:
+      raise PromptError(f"{source}: holds one prompt, not one per task: drop '@{task}'")
+    return tp
+  if task is None:
+    raise PromptError(f"{source}: holds one prompt per task ({', '.join(names)}): choose one as {source}@TASK")
+  return bank_member(tp, names, task, source)
+
+
+def load_prompt_bank(source: str | Path, step: str | int = "best"
+                     ) -> tuple[TrainedPrompt, dict[str, TrainedPrompt]] | None:
+  """A per-task run's or bank's prompts: (the whole bank, values [tasks, ...]; each task's prompt by name). None
+  when `source` holds a single prompt."""
+  tp = _load_whole(Path(source), step)
+  names = bank_tasks(tp.info)
+  return None if names is None else (tp, {n: bank_member(tp, names, n, Path(source)) for n in names})
+
+
+def prompt_task_names(source: str | Path, step: str | int = "best") -> list[str] | None:
+  """The tasks of a per-task run or bank at `source`, in prompt order (None: it holds a single prompt)."""
+  return bank_tasks(_load_whole(Path(source), step).info)
+
+
+def bank_member(bank: TrainedPrompt, names: list[str], task: str, where: Path) -> TrainedPrompt:
+  """Task `task`'s prompt (by name or `task_slug`) of a bank holding `names`' prompts in order."""
+  matches = [k for k, n in enumerate(names) if task in (n, task_slug(n))]
+  if not matches:
+    raise PromptError(f"{where}: no prompt for task {task!r}; it has {', '.join(names)}")
+  k = matches[0]
+  if bank.value.shape[0] != len(names):
+    raise PromptError(f"{where}: a bank of {len(names)} tasks holds {bank.value.shape[0]} prompts")
+  member = bank.info["task"]["mixture"][k]
+  info = dict(bank.info, task=dict(name=member["name"], labels=member.get("labels") or []), bank_index=k)
+  params = None if bank.params is None else jax.tree.map(lambda a: a[k], bank.params)
+  return TrainedPrompt(bank.value[k], bank.spec, params, info)
+
+
+def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
+  """What a source holds, a per-task bank whole ([K, ...] values)."""
   if not source.exists():
     raise MissingPathError(f"{source} does not exist")
   if not (source.is_file() or (source / "adapter_config.json").exists()):
@@ -142,9 +207,10 @@ def load_prompt_source(source: str | Path, step: str | int = "best") -> TrainedP
     value, spec = peft_value(value, meta["peft"], source)
   else:
     spec = info.get("prompt_spec") or {"method": "prompt_tuning"}
-  want = 5 if spec.get("method") == "prefix_tuning" else 2
-  if value.ndim != want:
-    shape = "[P, Y, 2, K, D]" if want == 5 else "[P, H]"
+  shape = "[P, Y, 2, K, D]" if spec.get("method") == "prefix_tuning" else "[P, H]"
+  if bank_tasks(info) is not None:
+    shape = "[tasks, " + shape[1:]
+  if value.ndim != shape.count(",") + 1:
     raise PromptError(f"{source}: a {spec.get('method', 'prompt_tuning')} prompt is {shape}, got shape {value.shape}")
   return TrainedPrompt(value, spec, None, info)
 

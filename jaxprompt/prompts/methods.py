@@ -55,6 +55,13 @@ def build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PromptMethod:
   return PrefixTuning(slots, table=jax.random.uniform(rng, shape, jnp.float32, *pcfg.init_range))
 
 
+def build_bank(pcfg, base, tokenizer, labels: Sequence[Sequence[str] | None], rng: jax.Array) -> PromptMethod:
+  """`prompt.per_task`: one prompt per task as one bank (row b uses prompt `task_ids[b]`), prompt k initialised as
+  a run on task k alone would start (the same key, its own labels)."""
+  modules = [build(pcfg, base, tokenizer, lab, rng) for lab in labels]
+  return bank([m.inference_value() for m in modules], [m.spec() for m in modules], base.prefix_slots())
+
+
 def _resume_from_file(pcfg, base, tokenizer, labels, rng) -> PromptMethod:
   """p_tuning / prefix_tuning from a file: the source's parameters when it is the same method with the same
   options (a jaxprompt workdir keeps encoders); a bare prefix table for prefix tuning without projection."""

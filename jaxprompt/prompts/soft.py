@@ -126,10 +126,16 @@ class PromptedModel(nnx.Module):
     return logits[:, logits.shape[1] - input_ids.shape[1]:] if decoder_input_ids is None else logits
 
   def score_targets(self, batch, *, prompt_ids=None, dropout_rng=None):
-    """(logits [B, T, V], targets [B, T], loss mask [B, T]) of a training batch (`models.interface`)."""
+    """(logits [B, T, V], targets [B, T], loss mask [B, T]) of a training batch (`models.interface`); a bank's
+    prompt per row: `prompt_ids`, else the batch's `task_ids`."""
     p_rng, rng = self._split(dropout_rng)
-    return self.base.score_targets(batch, self.prefix(batch.size, prompt_ids, dropout_rng=p_rng), dropout_rng=rng)
+    prefix = self.prefix(batch.size, _ids(prompt_ids, batch), dropout_rng=p_rng)
+    return self.base.score_targets(batch, prefix, dropout_rng=rng)
 
   def label_logprobs(self, batch, label_ids, label_mask, *, prompt_ids=None) -> jax.Array:
-    """[B, C] rank-classification scores under the prompt."""
-    return self.base.label_logprobs(batch, label_ids, label_mask, self.prefix(batch.size, prompt_ids))
+    """[B, C] rank-classification scores under the prompt (a bank's: as `score_targets`)."""
+    return self.base.label_logprobs(batch, label_ids, label_mask, self.prefix(batch.size, _ids(prompt_ids, batch)))
+
+
+def _ids(prompt_ids, batch):
+  return prompt_ids if prompt_ids is not None else batch.task_ids

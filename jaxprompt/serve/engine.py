@@ -42,7 +42,7 @@ from jaxprompt.errors import PromptError, UserError
 from jaxprompt.inference import decoding
 from jaxprompt.models.interface import Prefix
 from jaxprompt.prompts import methods
-from jaxprompt.prompts.io import load_prompt_source
+from jaxprompt.prompts.io import load_prompt_source, prompt_task_names, task_slug
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,27 @@ def _prompt_source_paths(folder: Path) -> list[Path]:
   return out
 
 
+def _named_sources(paths: Sequence[Path]) -> list[tuple[str, str]]:
+  """(name, source) of each prompt in `paths`, named after its file or folder; a per-task run or bank gives one
+  prompt per task, "NAME.TASK" (`task_slug`) — except an export's bank.safetensors beside its tasks' own exports,
+  which it would only repeat."""
+  names = {p.stem if p.is_file() else p.name for p in paths}
+  out = []
+  for path in paths:
+    name = path.stem if path.is_file() else path.name
+    try:
+      tasks = prompt_task_names(path)
+    except UserError:  # reported when the source itself is loaded
+      tasks = None
+    if tasks is None:
+      out.append((name, str(path)))
+    elif path.is_file() and all(task_slug(t) in names for t in tasks):
+      log.info("%s: its tasks are served from their own exports", path)
+    else:
+      out += [(f"{name}.{task_slug(t)}", f"{path}@{t}") for t in tasks]
+  return out
+
+
 class PromptStore:
   """Prompts by name, each checked against the base and precomputed for serving (thread-safe, copy-on-write)."""
 
@@ -124,14 +145,13 @@ class PromptStore:
     if not folder.is_dir():
       raise PromptError(f"--prompts {folder} is not a folder")
     problems = []
-    for path in _prompt_source_paths(folder):
-      name = path.stem if path.is_file() else path.name
+    for name, source in _named_sources(_prompt_source_paths(folder)):
       try:
-        self.add(name, path)
+        self.add(name, source)
       except UserError as e:
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        problems.append(f"{path}: skipped: {line}")
-        log.warning("prompt %s skipped: %s", path, line)
+        problems.append(f"{source}: skipped: {line}")
+        log.warning("prompt %s skipped: %s", source, line)
     return problems
 
   def prepare(self, name: str, path: str | Path) -> ServedPrompt:

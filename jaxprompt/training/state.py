@@ -28,6 +28,7 @@ class TrainState:
   opt_state: Any  # optimizer state: prompt-shaped leaves only
   step: int = 0
   position: int = 0  # global batches consumed: the data stream's resume point
+  member_positions: tuple[int, ...] = ()  # a mixture: examples each task has given (its stream's resume point)
   best: Best = Best()
   stale_evals: int = 0  # evaluations since `best` last improved (early stopping)
   seed: int = 0  # dropout RNG seed
@@ -37,12 +38,13 @@ class TrainState:
 
   def counters(self) -> dict:
     """The host part, as checkpoint metadata."""
-    return dict(step=self.step, position=self.position, seed=self.seed, stale_evals=self.stale_evals,
-                best=dataclasses.asdict(self.best))
+    return dict(step=self.step, position=self.position, member_positions=list(self.member_positions), seed=self.seed,
+                stale_evals=self.stale_evals, best=dataclasses.asdict(self.best))
 
   def with_counters(self, meta: dict) -> "TrainState":
     """This state with the host counters a checkpoint's metadata recorded."""
     best = meta.get("best") or {}
     return self.replace(step=int(meta["step"]), position=int(meta["position"]),
+                        member_positions=tuple(int(p) for p in meta.get("member_positions") or ()),
                         stale_evals=int(meta.get("stale_evals", 0)),
                         best=Best(best.get("step"), best.get("value")))

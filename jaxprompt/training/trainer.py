@@ -14,16 +14,18 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
-from jaxprompt.data.pipeline import BatchStream
+from jaxprompt.data.batches import concat_rows
+from jaxprompt.data.pipeline import BatchStream, MixtureStream, mixing_rates
 from jaxprompt.errors import CheckpointError, WorkdirError
-from jaxprompt.evaluation.evaluator import Evaluator
-from jaxprompt.run import Run, build_run
+from jaxprompt.evaluation.evaluator import evaluator_for
+from jaxprompt.run import Run, TaskData, build_run
 from jaxprompt.training import hooks as H
 from jaxprompt.training.checkpoint import Checkpointer, selection_mode
 from jaxprompt.training.optim import build_optimizer
@@ -70,7 +72,8 @@ def check_identity(meta: dict, run: Run, where: Path) -> None:
 class Trainer:
   """One training run in one workdir: the jitted step, the data stream, the hooks and where they write."""
 
-  def __init__(self, run: Run, workdir: Path, examples: list[dict], *, progress: bool = True):
+  def __init__(self, run: Run, workdir: Path, train: Sequence[TaskData], *, progress: bool = True):
+    """`train`: the training split of each of the run's tasks (`build_run`)."""
     from tqdm.auto import tqdm
 
     cfg, tc = run.cfg, run.cfg.train
@@ -78,8 +81,12 @@ class Trainer:
     self.tx = build_optimizer(cfg.optimizer, tc.steps)
     metric = cfg.eval.metric
     self.ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, metric=metric, mode=selection_mode(metric))
-    self.rows = run.encode(examples, f"{cfg.data.task}/{cfg.data.train_split}")
-    self.evaluator = Evaluator(run) if (cfg.eval.every or cfg.eval.at_end) else None
+    each = [run.encode(d.examples, f"{m.name}/{cfg.data.train_split}") for m, d in zip(run.members, train)]
+    if run.per_task:
+      each = [rows.with_task_ids(k) for k, rows in enumerate(each)]
+    self.sizes = [len(d.examples) for d in train]
+    self.rows = concat_rows(each)
+    self.evaluator = evaluator_for(run) if (cfg.eval.every or cfg.eval.at_end) else None
     self.mlog = MetricsLog(workdir)
     self.bar = tqdm(total=tc.steps, desc="prompt tuning", disable=not (progress and jax.process_index() == 0),
                     dynamic_ncols=True, unit="step")
@@ -92,7 +99,7 @@ class Trainer:
   def checkpoint_meta(self) -> dict:
     return dict(base_model=self.run.identity.to_dict(), base_architecture=self.run.architecture(),
                 config=self.cfg.to_dict(), prompt_spec=self.run.prompt_spec,
-                task=dict(name=self.cfg.data.task, labels=list(self.run.labels or [])))
+                task=self.run.task_record())
 
   def initial_state(self) -> TrainState:
     """A fresh state, or the latest checkpoint's (checked against the base model)."""
@@ -115,19 +122,29 @@ class Trainer:
     return jax.jit(step, in_shardings=(p_sh, o_sh, run.frozen_shardings(), None, None),
                    out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
 
+  def _stream(self, state: TrainState) -> BatchStream:
+    """The training batches from where `state` left off: one task's, or a mixture's."""
+    d = self.cfg.data
+    kw = dict(seed=d.seed, position=state.position, process_index=jax.process_index(),
+              process_count=jax.process_count(), buckets=d.buckets())
+    if not d.mixture:
+      return BatchStream(self.rows, self.cfg.train.batch_size, group_by_length=d.group_by_length, **kw)
+    rates = mixing_rates(self.sizes, [m.rate for m in self.run.members], d.mixture_cap)
+    return MixtureStream(self.rows, self.sizes, rates, self.cfg.train.batch_size,
+                         member_positions=state.member_positions, **kw)
+
   def fit(self, state: TrainState) -> TrainState:
     """Train from `state` to train.steps (or an early stop); raises `Preempted` after a signal's checkpoint."""
     tc = self.cfg.train
-    self.stream = BatchStream(self.rows, tc.batch_size, seed=self.cfg.data.seed, position=state.position,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              buckets=self.cfg.data.buckets(), group_by_length=self.cfg.data.group_by_length)
+    self.stream = self._stream(state)
     step_fn, frozen = self._step_fn(state), self.run.frozen
     self.bar.update(state.step)
     while state.step < tc.steps:
       batch = self.run.device_batch(next(self.stream))
       prompt, opt_state, metrics = step_fn(state.prompt, state.opt_state, frozen, batch,
                                            jnp.asarray(state.step, jnp.int32))
-      state = state.replace(prompt=prompt, opt_state=opt_state, step=state.step + 1, position=self.stream.position)
+      state = state.replace(prompt=prompt, opt_state=opt_state, step=state.step + 1, position=self.stream.position,
+                            member_positions=tuple(self.stream.member_positions))
       self.bar.update(1)
       metrics = dict(metrics, input_length=self.stream.last_length, pad_fraction=self.stream.last_pad_fraction)
       end = H.StepEnd(step=state.step, last=state.step == tc.steps, metrics=metrics)
@@ -157,7 +174,7 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
   if jax.process_index() == 0:
     (workdir / "config.yaml").write_text(C.dump(cfg))
     (workdir / "base_model.json").write_text(json.dumps(run.identity.to_dict(), indent=2))
-  trainer = Trainer(run, workdir, train_data.examples, progress=progress)
+  trainer = Trainer(run, workdir, train_data, progress=progress)
   try:
     state = trainer.initial_state()
     start = state.step
@@ -190,7 +207,7 @@ def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", me
                                  None)
   check_identity(meta, run, ckpt.directory)
   ckpt.close()
-  evaluator = Evaluator(run)
+  evaluator = evaluator_for(run)
   metrics, records = evaluator(prompt)
   evaluator.write_report(workdir, f"predictions_eval_step_{chosen}", records)
   return {"step": chosen, **metrics}
