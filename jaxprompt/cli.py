@@ -332,7 +332,8 @@ def _add_train_eval(sub) -> None:
   p.add_argument("--workdir", help="the training run's directory")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
   p.add_argument("--ensemble", nargs="+", metavar="PROMPT", help="instead of --workdir: score every example under "
-                 "each prompt (workdirs, exports, PEFT adapters) in one mixed batch and combine them (--combine)")
+                 "each prompt (workdirs, exports, PEFT adapters; SOURCE@TASK for a per-task run's) in one mixed batch "
+                 "and combine them (--combine)")
   p.add_argument("--combine", choices=["vote", "mean"], default="vote", help="ensemble: majority vote (ties: summed "
                  "log-probability; default) or mean log-probability")
   p.add_argument("--allow-other-base", action="store_true", help="ensemble: prompts recorded for another base")
@@ -351,8 +352,11 @@ def _add_export_inspect(sub) -> None:
       "Export a prompt from a training workdir, a checkpoint step folder, or another export. "
       "--format peft writes a HF PEFT prompt-tuning adapter folder (peft.PeftModel.from_pretrained(base, DIR)); "
       "numpy writes the original repo's .npy [P, H] float32; safetensors one tensor 'prompt_embeddings'. "
+      "A run with one prompt per task (prompt.per_task) exports every task into the folder --out, named after it, "
+      "plus bank.safetensors; SOURCE@TASK exports one. "
       "Written atomically; an existing output is kept unless --overwrite."))
-  p.add_argument("source", help="WORKDIR, WORKDIR/checkpoints/STEP, or an exported prompt")
+  p.add_argument("source", help="WORKDIR, WORKDIR/checkpoints/STEP, or an exported prompt (SOURCE@TASK: one task's "
+                 "prompt of a per-task run)")
   p.add_argument("--format", required=True, choices=["peft", "numpy", "safetensors"])
   p.add_argument("--out", required=True, help="output folder (peft) or file (.npy / .safetensors)")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
@@ -443,7 +447,8 @@ def _add_generate(sub) -> None:
   p.add_argument("--model", help="base model: HF folder, hub id, .gguf, builtin:quickstart (default: recorded)")
   p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
   p.add_argument("--prompt", action="append", default=[], metavar="WORKDIR_OR_EXPORT",
-                 help="a trained prompt: workdir, checkpoint step, PEFT folder, .npy or .safetensors (repeatable)")
+                 help="a trained prompt: workdir, checkpoint step, PEFT folder, .npy or .safetensors (repeatable); "
+                 "WORKDIR@TASK: one task's prompt of a per-task run")
   p.add_argument("--step", default="best", help="checkpoint of a workdir prompt: best, latest or a step")
   g = p.add_mutually_exclusive_group()
   g.add_argument("--input", help="one input text")
@@ -490,7 +495,8 @@ def _add_similarity(sub) -> None:
 def _add_serve(sub) -> None:
   p = sub.add_parser("serve", help="serve a frozen model with many prompts over HTTP (OpenAI-compatible)",
                      description=(
-      "One frozen base model, every prompt in --prompts (workdirs, exports, PEFT adapters, .npy) by name, one HTTP "
+      "One frozen base model, every prompt in --prompts (workdirs, exports, PEFT adapters, .npy) by name (a per-task "
+      "run: one per task, NAME.TASK), one HTTP "
       "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics. "
       "Requests for different prompts are batched together. Needs the serve extra."))
   p.add_argument("--model", required=True, help="base model: HF folder, hub id, .gguf, builtin:quickstart")

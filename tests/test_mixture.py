@@ -15,7 +15,7 @@ from jaxprompt import sharding as shd
 from jaxprompt.cli import main
 from jaxprompt.data.batches import Seq2SeqBatch, concat_rows
 from jaxprompt.data.pipeline import MixtureStream, mixing_rates
-from jaxprompt.errors import ConfigError, PromptError
+from jaxprompt.errors import CheckpointError, ConfigError, PromptError
 from jaxprompt.evaluation.evaluator import Evaluator
 from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_prompt_source
@@ -137,6 +137,11 @@ def test_a_resumed_mixture_equals_an_uninterrupted_one(byte_t5, tmp_path):
   np.testing.assert_array_equal(start[0], np.asarray(alone.prompt["prompt"]["embeddings"]))
   assert not np.allclose(a.value, start[1]) and not np.allclose(a.value, load_prompt_source(
       f"{tmp_path / 'full'}@{MAX}", step=6).value)
+  # a workdir resumes only with the tasks it was trained on
+  with pytest.raises(CheckpointError, match=r"trained on the tasks \['quickstart:max', 'quickstart:min'\], but the "
+                     r"config has \['quickstart:min', 'quickstart:max'\]"):
+    train(small_cfg(byte_t5, **{"data.mixture": [{"task": MIN}, {"task": MAX}], "prompt.per_task": True,
+                                "train.steps": 8}), tmp_path / "full", progress=False, mesh=mesh)
 
 
 def test_a_shared_prompt_trains_on_a_mixture_with_the_union_of_labels(byte_t5, tmp_path):

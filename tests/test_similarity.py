@@ -39,7 +39,8 @@ def _unit(x):
 
 @pytest.mark.slow
 def test_the_two_stage_transfer_recipe_runs_end_to_end(tmp_path, monkeypatch):
-  """configs/transfer: a source prompt (quickstart `min`), then the target (`max`) initialised from it."""
+  """configs/transfer: a source prompt (one prompt on a mixture of quickstart `min`, `first`, `last`), then the target
+  (`max`) initialised from it."""
   import os
   from pathlib import Path
 
@@ -53,7 +54,8 @@ def test_the_two_stage_transfer_recipe_runs_end_to_end(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # the target config names runs/transfer_source, relative to where it runs
   short = {"train.steps": 20, "eval.every": 0, "eval.max_examples": 50, "checkpoint.every": 20, "train.plot": False}
   source = jaxprompt.train(root / "configs/transfer/source.yaml", "runs/transfer_source", **short)
-  assert source.final_step == 20 and source.config.data.task == "quickstart:min"
+  assert source.final_step == 20 and source.config.data.member_names() == ("quickstart:min", "quickstart:first",
+                                                                           "quickstart:last")
   target_cfg = jaxprompt.load_config(root / "configs/transfer/target.yaml", short)
   run, _ = build_run(target_cfg, with_train_data=False)
   np.testing.assert_array_equal(np.asarray(run.prompt["prompt"]["embeddings"]),

@@ -16,6 +16,10 @@ rows, so every host picks the same one; the order of examples is the unbucketed 
 Grouping by length (`data.group_by_length` = W > 0, HF's `group_by_length` with W = 50): each window of W batches
 of the epoch's permutation is sorted by input length, cut into batches, and the batches are shuffled within the
 window — batches of similar lengths, so less padding, still a pure function of (seed, epoch).
+
+A mixture of tasks (`MixtureStream`, `data.mixture`): the rows of every task one after another; each slot of batch
+k picks a task by its mixing rate (seeded by (seed, k)) and takes that task's next example from its own shuffled
+epochs, so resuming needs k and every task's position.
 """
 
 from __future__ import annotations

@@ -405,21 +405,27 @@ class Decoder(FrozenLM):
     values as a key/value prefix — exactly the per-row computation without P extra tokens per row through every
     layer (gradients reach the prompt through the keys/values). -> (the prefix to use, the prompt's last final
     hidden state [1, H], which predicts a first token after an empty input; None where nothing was shared).
+    Rows of a bank of K < B prompts (`Prefix.bank`, one prompt per task or per ensemble member) run the K
+    prompts once each (batch K) and every row takes its prompt's keys/values (the last hidden state is then [B, H]).
     Falls back to the per-row prompt (logged once) where that is not exact: dropout on the prompt positions,
-    a prompt per row (a bank), or a prompt together with a key/value prefix."""
+    a different prompt in every row, or a prompt together with a key/value prefix."""
     if prefix is None or prefix.embeds is None or prefix.length == 0 or not self.share_prompt:
       return prefix, None
+    banked = prefix.bank_ids is not None and prefix.bank.shape[0] < batch_size
     per_row = ("dropout touches the prompt positions" if dropout_rng is not None and self.config.dropout_rate else
-               "each row has its own prompt" if prefix.embeds.shape[0] != 1 and batch_size > 1 else
+               "each row has its own prompt" if prefix.embeds.shape[0] != 1 and batch_size > 1 and not banked else
                "a key/value prefix is present" if prefix.keys is not None else None)
     if per_row:
       _log_once(f"soft prompt run per row (not shared across the batch): {per_row}")
       return prefix, None
-    x = prefix.embeds.reshape((1,) + prefix.embeds.shape[-2:]).astype(self.dtype)
-    p = x.shape[1]
-    cache = self.init_cache(1, p).replace(key_mask=jnp.ones((1, p), jnp.int32))
-    h, cache = self._extend(cache, x, jnp.arange(p)[None], 0)
-    return Prefix(keys=cache.k, values=cache.v), h[:, -1]
+    x = (prefix.bank if banked else prefix.embeds[:1]).astype(self.dtype)  # [K or 1, P, H]: each distinct prompt
+    k, p = x.shape[:2]
+    cache = self.init_cache(k, p).replace(key_mask=jnp.ones((k, p), jnp.int32))
+    h, cache = self._extend(cache, x, jnp.broadcast_to(jnp.arange(p), (k, p)), 0)
+    if not banked:
+      return Prefix(keys=cache.k, values=cache.v), h[:, -1]
+    ids = prefix.bank_ids
+    return Prefix(keys=cache.k[:, ids], values=cache.v[:, ids]), h[ids, -1]
 
 
   def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
@@ -468,7 +474,7 @@ class Decoder(FrozenLM):
     p = s - batch.input_ids.shape[1]
     if p or last is not None:  # an empty input (all padding, no BOS): its first label token follows the prompt's
       empty = jnp.repeat(jnp.sum(batch.input_mask, axis=1) == 0, c)  # last slot, as in training
-      after = logits[:, p - 1] if p else self.logits(last[:, None])[:, 0]
+      after = logits[:, p - 1] if p else L.repeat_rows(self.logits(last[:, None])[:, 0], c if last.shape[0] > 1 else 1)
       pred = pred.at[:, 0].set(jnp.where(empty[:, None], after, pred[:, 0]))
     return L.sequence_logprob(pred, jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))).reshape(b, c)
 

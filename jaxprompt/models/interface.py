@@ -35,11 +35,16 @@ class Prefix:
     (cast to the compute dtype).
   keys, values: [Y, B, P, K, D] (or [Y, 1, P, K, D]) per attention layer Y (T5: each decoder layer), K key/value
     heads of D dims: slots every query of the layer attends to, before the layer's own keys.
+  bank, bank_ids: where per-row `embeds` came from, when they are rows of a bank: the K distinct prompts
+    [K, P, H] and each row's prompt [B] (`embeds` = bank[bank_ids]). A model may use them to compute each distinct
+    prompt once (`Decoder.shared_prompt`); one that does not just reads `embeds`.
   """
 
   embeds: jax.Array | None = None
   keys: jax.Array | None = None
   values: jax.Array | None = None
+  bank: jax.Array | None = None
+  bank_ids: jax.Array | None = None
 
   @property
   def length(self) -> int:

@@ -65,6 +65,8 @@ class SoftPrompt(PromptMethod):
     return self.embeddings[...]
 
   def prefix(self, batch_size: int, prompt_ids=None, *, dropout_rng=None) -> Prefix:
+    if self.embeddings.ndim == 3:  # a bank: the rows, and which of the K prompts each is (`Prefix.bank`)
+      return Prefix(embeds=self.rows(prompt_ids), bank=self.embeddings[...], bank_ids=prompt_ids)
     return Prefix(embeds=self.rows(prompt_ids))
 
   def rows(self, prompt_ids: jax.Array | None = None) -> jax.Array:

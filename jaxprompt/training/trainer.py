@@ -69,6 +69,16 @@ def check_identity(meta: dict, run: Run, where: Path) -> None:
         f"but the config loads {run.identity.path!r} (fingerprint {run.identity.fingerprint}); use another --workdir")
 
 
+def check_tasks(meta: dict, run: Run, where: Path) -> None:
+  """A mixture's checkpoint resumes only with the same tasks in the same order (its data positions and any per-task
+  prompts are kept per task)."""
+  saved = [m["name"] for m in (meta.get("task") or {}).get("mixture") or ()]
+  now = [m["name"] for m in run.task_record().get("mixture") or ()]
+  if (saved or now) and saved != now:
+    raise CheckpointError(f"{where}: checkpoint was trained on the tasks {saved or 'of one task'}, but the config has "
+                          f"{now or 'one task'}; use another --workdir")
+
+
 class Trainer:
   """One training run in one workdir: the jitted step, the data stream, the hooks and where they write."""
 
@@ -109,6 +119,7 @@ class Trainer:
     latest = self.ckpt.latest_step()
     if latest is None:
       return state
+    check_tasks(self.ckpt.read_meta(latest), self.run, self.ckpt.directory)
     state, meta = self.ckpt.restore_state(latest, state)
     check_identity(meta, self.run, self.ckpt.directory)
     log.info("resumed from %s at step %d", self.ckpt.directory / str(latest), state.step)
