@@ -18,6 +18,7 @@ loaders and the data layer never import it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -108,17 +109,38 @@ def cache_dir() -> Path:
 
 
 def ensure_base_model(progress: bool = True) -> Path:
-  """The cached pre-trained quickstart model folder; pre-trains it (about a minute) on first use."""
+  """The cached pre-trained quickstart model folder; pre-trains it (about a minute) on first use. Processes that
+  start together (several local runs, parallel test workers) pre-train it once: the others wait for it."""
   target = cache_dir()
-  if (target / "config.json").exists() and (target / "model.safetensors").exists():
+  done = lambda: (target / "config.json").exists() and (target / "model.safetensors").exists()
+  if done():
     return target
-  model = pretrain(progress=progress)
-  tok = tokenizer()
-  try:
-    save_pretrained(model, target, tokenizer=tok)
-  except FileExistsError:  # another process finished first
-    pass
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with _exclusive(target.with_name(target.name + ".lock")):
+    if not done():  # nobody finished it while we waited
+      model = pretrain(progress=progress)
+      try:
+        save_pretrained(model, target, tokenizer=tokenizer())
+      except FileExistsError:  # a process without the lock (another platform) finished first
+        pass
   return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+  """An exclusive lock on `lock_file` while the block runs (POSIX advisory locks; elsewhere no lock: a race then
+  only pre-trains twice, the folder is written atomically)."""
+  try:
+    import fcntl
+  except ImportError:
+    yield
+    return
+  with open(lock_file, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _mixture(n: int, seed: int) -> list[dict]:
