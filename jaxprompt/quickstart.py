@@ -116,7 +116,7 @@ def ensure_base_model(progress: bool = True) -> Path:
   if done():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
-  with _exclusive(target.with_name(target.name + ".lock")):
+  with _exclusive(target.with_name(f".{target.name}.lock")):
     if not done():  # nobody finished it while we waited
       model = pretrain(progress=progress)
       try:
