@@ -183,7 +183,8 @@ def cmd_bench(args) -> int:
                             steps=args.iters, buckets=args.length_buckets, group_by_length=args.group_by_length)
   else:
     result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
-                          structural=not args.no_structural, generation=not args.no_generation)
+                          structural=not args.no_structural, generation=not args.no_generation,
+                          layer_loop=args.layer_loop)
   if args.json:
     from jaxprompt.fileio import write_file_atomically
 
@@ -398,6 +399,8 @@ def _add_plan_bench(sub) -> None:
   p.add_argument("--vs-peft", action="store_true", help="also run PyTorch + PEFT on the same shapes")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   p.add_argument("--iters", type=int, default=5, help="timed steps after warm-up")
+  p.add_argument("--layer-loop", choices=["auto", "scan", "unroll"], default="auto",
+                 help="layers in a scan or unrolled (model.layer_loop; auto: unrolled on the CPU)")
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
   p.add_argument("--data", help="real rows: train on this file (the recipe shape: prompt 100, batch 32, inputs up "

@@ -29,6 +29,8 @@ class ModelConfig:
   dtype: str = "float32"  # frozen weights: float32 | bfloat16
   compute_dtype: str = "float32"  # activations: float32 | bfloat16 (the paper: bfloat16)
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+  # layers as a scan (compile time flat in depth) or unrolled (faster steps on the CPU); auto: unrolled on the CPU
+  layer_loop: Literal["auto", "scan", "unroll"] = "auto"
   dropout: float | None = None  # overrides the model config's dropout rate (the paper: 0.1)
   allow_pytorch_bin: bool = False  # a pickle; never loaded unless asked for
 
@@ -135,7 +137,8 @@ class DataConfig:
   target_length: int = 8
   seed: int = 0  # shuffling order
   # pad each batch's input only to the smallest of these lengths that holds its longest input (one compiled step
-  # per bucket): "auto" = powers of two from 64 below input_length, then input_length; "none": input_length
+  # per bucket): "auto" = 64, 96, 128, 192, 256, 384, ... (2^k and 1.5 x 2^k) below input_length, then
+  # input_length; "none": input_length
   length_buckets: Literal["auto", "none"] | tuple[int, ...] = "auto"
   # > 0: batches of similar input lengths (less padding): each window of this many batches is sorted by length
   # before it is cut into batches, then the batches are shuffled (HF Trainer's group_by_length uses 50); 0: off
@@ -218,7 +221,9 @@ class OptimizerConfig:
 class TrainConfig:
   steps: int = 30000
   batch_size: int = 32  # global
-  microbatches: int = 1  # gradient accumulation
+  # gradient accumulation: the batch in this many equal chunks; auto: 1 on GPU/TPU, and on the CPU chunks of at
+  # most ~4096 tokens (`training.step.auto_microbatches`: a big batch's activations outgrow the CPU's caches)
+  microbatches: int | Literal["auto"] = "auto"
   z_loss: float = 1e-4
   seed: int = 0
   log_every: int = 50

@@ -38,6 +38,7 @@ def load_base(mcfg: C.ModelConfig, mesh=None):
   """(frozen base model, tokenizer) as the model section says."""
   base = load_model(mcfg.path, dtype=jnp.dtype(mcfg.dtype), mesh=mesh, compute_dtype=jnp.dtype(mcfg.compute_dtype),
                     remat=mcfg.remat, revision=mcfg.revision, allow_pytorch_bin=mcfg.allow_pytorch_bin)
+  base.layer_loop = mcfg.layer_loop
   if mcfg.dropout is not None and hasattr(base.config, "dropout_rate"):
     base.config = dataclasses.replace(base.config, dropout_rate=mcfg.dropout)
   tok_path = mcfg.tokenizer or mcfg.path
@@ -127,9 +128,11 @@ def validate(cfg: C.Config, members, mesh) -> None:
   """The config against the tasks and the mesh, before any work (`ConfigError` naming the key)."""
   tc, ec = cfg.train, cfg.eval
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  if tc.batch_size % (tc.microbatches * dp):
+  if tc.microbatches != "auto" and tc.batch_size % (tc.microbatches * dp):
     raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by train.microbatches "
                       f"({tc.microbatches}) x data-parallel devices ({dp})")
+  if tc.batch_size % dp:
+    raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by the data-parallel devices ({dp})")
   metrics = mixture_metrics(members, ec.mode)
   if ec.metric not in metrics:
     names = ", ".join(m.task.name for m in members)
@@ -138,7 +141,8 @@ def validate(cfg: C.Config, members, mesh) -> None:
   _validate_prompt(cfg.prompt, cfg.data, members)
   for key, value in (("data.input_length", cfg.data.input_length),
                      ("data.target_length", cfg.data.target_length), ("train.batch_size", tc.batch_size),
-                     ("train.microbatches", tc.microbatches), ("train.log_every", tc.log_every),
+                     ("train.microbatches", 1 if tc.microbatches == "auto" else tc.microbatches),
+                     ("train.log_every", tc.log_every),
                      ("eval.batch_size", ec.batch_size), ("checkpoint.every", cfg.checkpoint.every),
                      ("checkpoint.keep", cfg.checkpoint.keep)):
     if value < 1:

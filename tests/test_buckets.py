@@ -27,7 +27,8 @@ EXAMPLES = [{"inputs": " ".join(str(3 + (i * 7 + j) % 80) for j in range(n)), "t
 
 
 def test_bucket_lengths_and_their_config():
-  assert bucket_lengths("auto", 512) == (64, 128, 256, 512)
+  assert bucket_lengths("auto", 512) == (64, 96, 128, 192, 256, 384, 512)
+  assert bucket_lengths("auto", 100) == (64, 96, 100)
   assert bucket_lengths("auto", 12) == (12,) and bucket_lengths("none", 512) == (512,)
   assert bucket_lengths((100, 300, 100), 512) == (100, 300, 512)  # the limit always closes the list
   assert C.load(None, ["data.length_buckets=[64, 200]"]).data.buckets() == (64, 200, 512)

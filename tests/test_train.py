@@ -101,6 +101,22 @@ def test_gradient_accumulation_matches_the_full_batch(byte_t5):
   np.testing.assert_allclose(b[3], a[3], rtol=1e-5)
 
 
+def test_auto_microbatches_chunk_big_batches_on_the_cpu_and_change_nothing_else(byte_t5):
+  from jaxprompt.training.step import auto_microbatches
+
+  # the fewest chunks of <= 4096 tokens, whole rows on every data-parallel device, the same for 1 and 8 devices
+  assert [auto_microbatches(32, 364), auto_microbatches(32, 236), auto_microbatches(8, 236)] == [4, 2, 1]
+  assert auto_microbatches(32, 364, data_parallel=8) == 4 and auto_microbatches(6, 5000) == 6
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  big = {"model.dropout": 0.0, "train.batch_size": 32, "data.input_length": 125}  # 32 x (4 + 125 + 3) tokens
+  assert auto_microbatches(32, 4 + 125 + 3) == 2
+  auto = _steps(small_cfg(byte_t5, **big), mesh, 2)  # train.microbatches: auto (the default) -> 2 chunks
+  one = _steps(small_cfg(byte_t5, **big, **{"train.microbatches": 1}), mesh, 2)
+  np.testing.assert_allclose(np.asarray(auto[1]["prompt"]["embeddings"]), np.asarray(one[1]["prompt"]["embeddings"]),
+                             atol=1e-5)
+  np.testing.assert_allclose(auto[3], one[3], rtol=1e-5)
+
+
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(byte_t5, tmp_path):
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   full = small_cfg(byte_t5)

@@ -104,6 +104,11 @@ class _Batch:
     return self.replace(task_ids=np.broadcast_to(np.asarray(ids, np.int32), (num_rows(self),)).copy())
 
   @property
+  def row_length(self) -> int:
+    """The tokens a row carries: its (padded) input and target, L + T."""
+    return self.input_ids.shape[1] + self.loss_mask.shape[1]
+
+  @property
   def input_length(self) -> int:
     """L: the (padded) input length of this batch."""
     return self.input_ids.shape[1]

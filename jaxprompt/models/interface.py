@@ -176,6 +176,7 @@ class FrozenLM(nnx.Module):
     self.config = cfg
     self.dtype = jnp.dtype(dtype)
     self.remat = remat
+    self.layer_loop = "auto"  # scan the layers, or unroll them (auto: unrolled on the CPU; `layers.unrolls`)
     self.init_params(cfg, rngs, param_dtype)
 
   def init_params(self, cfg, rngs: nnx.Rngs, param_dtype) -> None:

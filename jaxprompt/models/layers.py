@@ -381,9 +381,23 @@ def remat_policy(name: str):
   return policies[name]
 
 
+LAYER_LOOPS = ("auto", "scan", "unroll")
+
+
+def unrolls(loop: str) -> bool:
+  """Whether layers run unrolled: "unroll", or "auto" on the CPU. A scan keeps compile time flat in depth (what
+  accelerators and big models need); on the CPU the unrolled stack runs ~10% faster (T5-small train step,
+  measured: 1110 vs 1243 ms) because a scan copies every layer's weights and saved activations in and out of
+  its stacked buffers, and compiling a small model's few layers costs little (3.6 vs 2.6 s for 8+8 layers)."""
+  if loop not in LAYER_LOOPS:
+    raise ModelError(f"unknown layer loop {loop!r}; choose one of {', '.join(LAYER_LOOPS)}")
+  return loop == "unroll" or (loop == "auto" and jax.default_backend() == "cpu")
+
+
 def scan_layers(layer_fn: Callable, x: jax.Array, stacked: dict, rng: jax.Array | None, remat: str = "none",
-                per_layer=None):
-  """Run `layer_fn(params_of_one_layer, x, rng) -> x` over params stacked on axis 0 with lax.scan.
+                per_layer=None, loop: str = "auto"):
+  """Run `layer_fn(params_of_one_layer, x, rng) -> x` over params stacked on axis 0 with lax.scan, unrolled as
+  `loop` says (`unrolls`).
 
   With `per_layer` (a pytree stacked on axis 0 like the params: a KV cache, per-layer settings),
   `layer_fn(p, x, rng, per_layer_i) -> (x, out_i)` and the result is `(x, outs stacked on axis 0)`.
@@ -399,7 +413,7 @@ def scan_layers(layer_fn: Callable, x: jax.Array, stacked: dict, rng: jax.Array 
 
   if remat != "none":
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-  x, outs = jax.lax.scan(body, x, (stacked, rngs, per_layer), unroll=True if _UNROLL.get() else 1)
+  x, outs = jax.lax.scan(body, x, (stacked, rngs, per_layer), unroll=True if _UNROLL.get() or unrolls(loop) else 1)
   return x if per_layer is None else (x, outs)
 
 

@@ -178,7 +178,7 @@ class T5(FrozenLM):
       h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
       return x + L.dropout(L.mlp(h, p["mlp"], L.activation(cfg.act_name), rate, r[2]), rate, r[3])
 
-    x = L.scan_layers(layer, x, L.arrays(self.encoder.layers), rngs[1], self.remat)
+    x = L.scan_layers(layer, x, L.arrays(self.encoder.layers), rngs[1], self.remat, loop=self.layer_loop)
     x = L.rms_norm(x, self.encoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2])
 
@@ -222,7 +222,7 @@ class T5(FrozenLM):
     else:
       per_layer = {} if prefix_kv is None else dict(pk=prefix_kv[0], pv=prefix_kv[1])
     x, kv = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], self.remat if cache is None else "none",
-                          per_layer)
+                          per_layer, loop=self.layer_loop)
     x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2]), kv
 

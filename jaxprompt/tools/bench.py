@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxprompt import config as C
 from jaxprompt.inference.decoding import generate
+from jaxprompt.models.layers import unrolls
 from jaxprompt.models.loading import build_model, config_from_dict
 from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt, prompt_bank
 from jaxprompt.prompts.io import PEFT_TASK_TYPES
@@ -83,12 +84,14 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
   return 2 * n**3 / t, f"measured {n}x{n} {dtype} matmul on {kind or dev.platform}"
 
 
-def random_base(preset: Preset, dtype: str = "float32", layers: int | None = None):
-  """A randomly initialised base model of the preset's shape."""
+def random_base(preset: Preset, dtype: str = "float32", layers: int | None = None, layer_loop: str = "auto"):
+  """A randomly initialised base model of the preset's shape (`layer_loop`: `model.layer_loop`)."""
   hf_cfg = dict(preset.hf_config)
   if layers is not None:
     hf_cfg.update({k: layers for k in ("num_layers", "num_decoder_layers", "num_hidden_layers") if k in hf_cfg})
-  return build_model(config_from_dict(hf_cfg), dtype=jnp.dtype(dtype))
+  base = build_model(config_from_dict(hf_cfg), dtype=jnp.dtype(dtype))
+  base.layer_loop = layer_loop
+  return base
 
 
 class _IdTokenizer:
@@ -113,10 +116,10 @@ def random_batch(base, preset: Preset, seed: int = 0):
 
 
 def setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False,
-          share_prompt: bool = True):
+          share_prompt: bool = True, layer_loop: str = "auto"):
   """(step_fn, prompt, opt_state, frozen, batch) for the preset's shapes, random weights. `share_prompt=False`:
   a causal model runs the prompt in every row (PEFT's computation) instead of once per batch."""
-  base = random_base(preset, dtype, layers)
+  base = random_base(preset, dtype, layers, layer_loop)
   if hasattr(base, "share_prompt"):
     base.share_prompt = share_prompt
   model = PromptedModel(base, SoftPrompt(jnp.zeros((preset.prompt_length, base.hidden_size)) + 0.1))
@@ -128,13 +131,13 @@ def setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: 
   else:
     graphdef, ps, fs = nnx.split(model, PromptParam, ...)
     prompt, frozen = ps.to_pure_dict(), fs.to_pure_dict()
-  step_fn = make_train_step(graphdef, tx, z_loss=1e-4)
+  step_fn = make_train_step(graphdef, tx, z_loss=1e-4, microbatches=C.TrainConfig().microbatches)  # the default
   return step_fn, prompt, tx.init(prompt), frozen, batch
 
 
 def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2, iters: int = 5,
-                     layers: int | None = None, share_prompt: bool = True) -> dict:
-  step_fn, prompt, opt, frozen, batch = setup(preset, dtype, layers, share_prompt=share_prompt)
+                     layers: int | None = None, share_prompt: bool = True, layer_loop: str = "auto") -> dict:
+  step_fn, prompt, opt, frozen, batch = setup(preset, dtype, layers, share_prompt=share_prompt, layer_loop=layer_loop)
   jitted = jax.jit(step_fn, donate_argnums=(0, 1))
   t0 = time.perf_counter()
   compiled = jitted.lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
@@ -160,8 +163,8 @@ def full_finetune_flops(preset: Preset, dtype: str = "float32") -> float:
   return costs.flops(step_fn, prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32))
 
 
-def compile_seconds(preset: Preset, layers: int, dtype: str = "float32") -> float:
-  step_fn, prompt, opt, frozen, batch = setup(preset, dtype, layers)
+def compile_seconds(preset: Preset, layers: int, dtype: str = "float32", layer_loop: str = "scan") -> float:
+  step_fn, prompt, opt, frozen, batch = setup(preset, dtype, layers, layer_loop=layer_loop)
   jax.clear_caches()
   t0 = time.perf_counter()
   jax.jit(step_fn).lower(prompt, opt, frozen, batch, jnp.asarray(0, jnp.int32)).compile()
@@ -210,7 +213,7 @@ def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iter
 
 
 def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32", iters: int = 5,
-              structural: bool = True, generation: bool = True, log=print) -> dict:
+              structural: bool = True, generation: bool = True, layer_loop: str = "auto", log=print) -> dict:
   """The whole benchmark as a dict (also printed as a table by `log`)."""
   preset = PRESETS[preset_name]
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -218,9 +221,10 @@ def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32"
   peak, how = device_peak(dtype if dev.platform == "cpu" else "bfloat16")
   out: dict = dict(preset=preset_name, dtype=dtype, device=getattr(dev, "device_kind", dev.platform),
                    devices=jax.device_count(), threads=threads, peak_flops=peak, peak_source=how,
-                   shape=dataclasses.asdict(preset))
+                   shape=dataclasses.asdict(preset), layer_loop=layer_loop,
+                   layers_unrolled=unrolls(layer_loop))
   log(f"device: {out['device']} x{out['devices']} ({threads} CPU threads); peak {peak / 1e9:.0f} GFLOP/s ({how})")
-  r = bench_train_step(preset, dtype=dtype, iters=iters)
+  r = bench_train_step(preset, dtype=dtype, iters=iters, layer_loop=layer_loop)
   r["utilization"] = r["achieved_flops"] / peak
   out["jaxprompt"] = r
   log(f"jaxprompt train step: {r['step_seconds'] * 1e3:.0f} ms median, {r['tokens_per_second']:.0f} tokens/s, "
@@ -228,7 +232,7 @@ def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32"
       f"({100 * r['utilization']:.0f}% of peak), compile {r['compile_seconds']:.1f} s, "
       f"{r['device_memory_gib']:.2f} GiB device memory")
   if "num_hidden_layers" in preset.hf_config:  # causal: the same step with the prompt run in every row, as PEFT does
-    rr = bench_train_step(preset, dtype=dtype, iters=max(3, iters // 2), share_prompt=False)
+    rr = bench_train_step(preset, dtype=dtype, iters=max(3, iters // 2), share_prompt=False, layer_loop=layer_loop)
     out["jaxprompt_per_row_prompt"] = rr
     out["shared_prompt_speedup"] = rr["step_seconds"] / r["step_seconds"]
     log(f"jaxprompt with the prompt in every row (PEFT's work): {rr['step_seconds'] * 1e3:.0f} ms, "
@@ -247,9 +251,14 @@ def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32"
         "(frozen weights get no weight-gradient matmuls)")
     c6, c24 = compile_seconds(preset, 6, dtype), compile_seconds(preset, 24, dtype)
     out.update(compile_6_layers=c6, compile_24_layers=c24, compile_ratio_24_vs_6=c24 / c6)
-    log(f"compile time: 6 layers {c6:.1f} s, 24 layers {c24:.1f} s ({c24 / c6:.2f}x: layers run in a scan)")
+    log(f"compile time, layers in a scan (GPU/TPU's default): 6 layers {c6:.1f} s, 24 layers {c24:.1f} s "
+        f"({c24 / c6:.2f}x)")
+    if unrolls(layer_loop):  # what unrolling costs in compile time
+      u6, u24 = compile_seconds(preset, 6, dtype, "unroll"), compile_seconds(preset, 24, dtype, "unroll")
+      out.update(compile_6_layers_unrolled=u6, compile_24_layers_unrolled=u24)
+      log(f"compile time, layers unrolled (this run's): 6 layers {u6:.1f} s, 24 layers {u24:.1f} s ({u24 / u6:.2f}x)")
   if generation:
-    g = bench_generation(preset, threads=threads, vs_peft=vs_peft)
+    g = bench_generation(preset, threads=threads, vs_peft=vs_peft, layer_loop=layer_loop)
     out["generation"] = g
     log(f"generation, {g['num_prompts']} prompts x {g['per_prompt']} examples x {g['new_tokens']} new tokens: "
         f"jaxprompt one mixed-prompt batch {g['jaxprompt_seconds']:.2f} s ({g['jaxprompt_tokens_per_second']:.0f} "
@@ -270,9 +279,10 @@ def _torch_model(preset: Preset, task: str):
 
 
 def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 8, new_tokens: int = 32,
-                     input_length: int = 32, threads: int = 2, vs_peft: bool = True, iters: int = 3) -> dict:
+                     input_length: int = 32, threads: int = 2, vs_peft: bool = True, iters: int = 3,
+                     layer_loop: str = "auto") -> dict:
   """K prompts x N examples: one jitted mixed-prompt batch (jaxprompt) vs PEFT generating per prompt."""
-  base = random_base(preset)
+  base = random_base(preset, layer_loop=layer_loop)
   rng = np.random.default_rng(0)
   prompts = [rng.normal(size=(preset.prompt_length, base.hidden_size)).astype(np.float32) * 0.5
              for _ in range(num_prompts)]

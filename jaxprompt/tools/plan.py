@@ -84,6 +84,7 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
 
   def build():
     base = build_model(config, param_dtype=pdt, dtype=cdt, remat=remat)
+    base.layer_loop = "scan"  # what the accelerators the plan is for run (compile time flat in depth)
     # the configured method's structure (its initial values do not matter to a plan)
     return PromptedModel(base, methods.build(methods.with_random_init(cfg.prompt), base, None, None,
                                              jax.random.key(0)))
@@ -100,7 +101,9 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   bs = shd.batch_sharding(mesh)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bs), abstract.base.dummy_batch(
       cfg.train.batch_size, cfg.data.input_length, cfg.data.target_length))
-  step_fn = make_train_step(graphdef, tx, z_loss=cfg.train.z_loss, microbatches=cfg.train.microbatches)
+  # "auto" is one piece on the accelerators a plan is for (chunking is the CPU's)
+  microbatches = 1 if cfg.train.microbatches == "auto" else cfg.train.microbatches
+  step_fn = make_train_step(graphdef, tx, z_loss=cfg.train.z_loss, microbatches=microbatches)
   step = jax.jit(step_fn, out_shardings=(jax.tree.map(lambda _: rep, prompt), jax.tree.map(lambda _: rep, opt), rep),
                  donate_argnums=(0, 1))
   start = time.time()
@@ -141,7 +144,7 @@ def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, b
       continue
     mesh = shd.make_mesh(m["data"], m["fsdp"], m["model"], devices=devs)
     dp = m["data"] * m["fsdp"]
-    if cfg.train.batch_size % (dp * cfg.train.microbatches):
+    if cfg.train.batch_size % (dp * (1 if cfg.train.microbatches == "auto" else cfg.train.microbatches)):
       log(f"skip data={m['data']},fsdp={m['fsdp']},model={m['model']}: batch {cfg.train.batch_size} does not split")
       continue
     for remat in remats:

@@ -18,8 +18,26 @@ from flax import nnx
 from jaxprompt.training.losses import TokenSums, cross_entropy
 
 
-def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int = 1, seed: int = 0) -> Callable:
-  """-> train_step(prompt, opt_state, frozen, batch, step) -> (prompt, opt_state, metrics)."""
+CPU_CHUNK_TOKENS = 4096
+
+
+def auto_microbatches(rows: int, tokens_per_row: int, data_parallel: int = 1) -> int:
+  """`train.microbatches: auto`: 1 on GPU/TPU; on the CPU the fewest equal chunks of at most CPU_CHUNK_TOKENS
+  tokens, each a whole number of rows on every data-parallel device. The CPU's train step slows down once a
+  batch's activations outgrow its caches (measured, T5-small: batch 32 x 356 tokens 10.1 s in one piece, 6.4 s in
+  4 chunks, 6.6 s in 8; batch 32 x 236: 4.7 s, 3.8 s in 2; Llama-small 32 x 364: 6.9 s, 5.1 s in 4). The chunk
+  depends on the global batch, not on the device count, so results do not either."""
+  if jax.default_backend() != "cpu":
+    return 1
+  per_device = max(rows // data_parallel, 1)
+  return next(m for m in range(1, per_device + 1)
+              if per_device % m == 0 and (rows // m) * tokens_per_row <= CPU_CHUNK_TOKENS or m == per_device)
+
+
+def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1, seed: int = 0,
+                    data_parallel: int = 1) -> Callable:
+  """-> train_step(prompt, opt_state, frozen, batch, step) -> (prompt, opt_state, metrics). `microbatches`: a
+  number, or "auto" (`auto_microbatches`, decided per batch shape when the step is traced)."""
 
   def loss_fn(prompt, frozen, mb, rng, tokens):
     logits, targets, mask = nnx.merge(graphdef, prompt, frozen).score_targets(mb, dropout_rng=rng)
@@ -29,12 +47,19 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int = 1, seed:
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def chunks(prompt, frozen, batch) -> int:
+    if microbatches != "auto":
+      return microbatches
+    prompt_length = nnx.merge(graphdef, prompt, frozen).prompt.length  # static: trace time
+    return auto_microbatches(batch.size, prompt_length + batch.row_length, data_parallel)
+
   def gradients(prompt, frozen, batch, rng):
     tokens = jnp.maximum(jnp.sum(batch.loss_mask).astype(jnp.float32), 1.0)
-    if microbatches == 1:
+    n = chunks(prompt, frozen, batch)
+    if n == 1:
       (_, sums), grads = grad_fn(prompt, frozen, batch, rng, tokens)
       return grads, sums
-    split = jax.tree.map(lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
+    split = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
     def body(carry, xs):
       mb, i = xs
@@ -42,7 +67,7 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int = 1, seed:
       return jax.tree.map(jnp.add, carry, (g, s)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, prompt), TokenSums.zeros())
-    (grads, sums), _ = jax.lax.scan(body, zeros, (split, jnp.arange(microbatches)))
+    (grads, sums), _ = jax.lax.scan(body, zeros, (split, jnp.arange(n)))
     return grads, sums
 
   def train_step(prompt, opt_state, frozen, batch, step):

@@ -129,7 +129,8 @@ class Trainer:
     tc, run = self.cfg.train, self.run
     rep = shd.replicated(run.mesh)
     p_sh, o_sh = run.prompt_shardings(), jax.tree.map(lambda _: rep, state.opt_state)
-    step = make_train_step(run.graphdef, self.tx, z_loss=tc.z_loss, microbatches=tc.microbatches, seed=state.seed)
+    step = make_train_step(run.graphdef, self.tx, z_loss=tc.z_loss, microbatches=tc.microbatches, seed=state.seed,
+                           data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"])
     return jax.jit(step, in_shardings=(p_sh, o_sh, run.frozen_shardings(), None, None),
                    out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
 
