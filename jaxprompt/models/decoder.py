@@ -390,7 +390,9 @@ class Decoder(FrozenLM):
       h = self._norm(x, p, "mlp_norm")
       return x + L.dropout(L.mlp(h, p["mlp"], act), rate, r[2]), out
 
-    x, outs = L.scan_layers(layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer, loop=self.layer_loop)
+    # cached steps stay a scan: unrolled, every layer's cache update becomes a copy of the whole cache
+    x, outs = L.scan_layers(layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer,
+                            loop=self.layer_loop if cache is None else "scan")
     p = dict(final_norm=self.final_norm[...])
     if cfg.norm_type == "layer":
       p["final_norm_bias"] = self.final_norm_bias[...]

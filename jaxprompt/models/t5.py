@@ -221,8 +221,9 @@ class T5(FrozenLM):
       per_layer = dict(k=cache.k, v=cache.v, cross_k=cache.cross_k, cross_v=cache.cross_v)
     else:
       per_layer = {} if prefix_kv is None else dict(pk=prefix_kv[0], pv=prefix_kv[1])
+    # a cached step stays a scan: unrolled, every layer's cache update becomes a copy of the whole cache
     x, kv = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], self.remat if cache is None else "none",
-                          per_layer, loop=self.layer_loop)
+                          per_layer, loop=self.layer_loop if cache is None else "scan")
     x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2]), kv
 
