@@ -400,7 +400,8 @@ def _add_plan_bench(sub) -> None:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   p.add_argument("--iters", type=int, default=5, help="timed steps after warm-up")
   p.add_argument("--layer-loop", choices=["auto", "scan", "unroll"], default="auto",
-                 help="layers in a scan or unrolled (model.layer_loop; auto: unrolled on the CPU)")
+                 help="layers in a scan or unrolled (model.layer_loop; auto: unrolled on the CPU, the presets "
+                 "being wide enough)")
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
   p.add_argument("--data", help="real rows: train on this file (the recipe shape: prompt 100, batch 32, inputs up "

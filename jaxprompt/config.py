@@ -30,6 +30,7 @@ class ModelConfig:
   compute_dtype: str = "float32"  # activations: float32 | bfloat16 (the paper: bfloat16)
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
   # layers as a scan (compile time flat in depth) or unrolled (faster steps on the CPU); auto: unrolled on the CPU
+  # for models of hidden size 256 or more (`models.layers.unrolls`)
   layer_loop: Literal["auto", "scan", "unroll"] = "auto"
   dropout: float | None = None  # overrides the model config's dropout rate (the paper: 0.1)
   allow_pytorch_bin: bool = False  # a pickle; never loaded unless asked for

@@ -188,7 +188,7 @@ def test_one_run_trains_a_prompt_per_task_to_the_quickstart_s_accuracy(quickstar
                                            f"step_{summary['best_step']}.jsonl").read_text().splitlines()]
   assert {r["task"] for r in records} == {MAX, MIN} and len(records) == 1000
   confusion = json.loads((root / "mix" / "predictions" / f"confusion_step_{summary['best_step']}.json").read_text())
-  assert set(confusion["tasks"]) == {MAX, MIN}
+  assert set(confusion["tasks"]) == {MAX, MIN} and (root / "mix" / "curves.png").stat().st_size > 10_000
   # within 2 points of the quickstart prompt trained alone on each task
   by_task = {row["overrides"]["data.task"]: row["best_value"] for row in alone}
   for task in (MAX, MIN):

@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxprompt import config as C
@@ -115,6 +116,43 @@ def test_auto_microbatches_chunk_big_batches_on_the_cpu_and_change_nothing_else(
   np.testing.assert_allclose(np.asarray(auto[1]["prompt"]["embeddings"]), np.asarray(one[1]["prompt"]["embeddings"]),
                              atol=1e-5)
   np.testing.assert_allclose(auto[3], one[3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_unrolled_layers_compute_what_the_scan_computes(byte_t5, tmp_path, kind):
+  """model.layer_loop: the CPU's unrolled stack and the accelerators' scan give the same loss and prompt gradient,
+  and generation (cached steps) the same tokens."""
+  from flax import nnx
+
+  from jaxprompt.data.batches import CausalBatch, Seq2SeqBatch
+  from jaxprompt.inference import generate
+  from jaxprompt.models.interface import Prefix
+  from jaxprompt.models.layers import unrolls
+  from jaxprompt.models.loading import load_model
+  from tests.hf_models import IdTokenizer, write_decoder
+
+  assert unrolls("auto", 512) and not unrolls("auto", 64) and unrolls("unroll", 64) and not unrolls("scan", 512)
+  folder = byte_t5 if kind == "t5" else write_decoder(tmp_path / "m", "llama3-gqa-untied", seed=1)
+  models = [load_model(folder) for _ in range(2)]
+  models[0].layer_loop, models[1].layer_loop = "scan", "unroll"
+  batch_type = Seq2SeqBatch if kind == "t5" else CausalBatch
+  examples = [{"inputs": "5 9 17 33", "targets": "40 41"}, {"inputs": "7", "targets": "12 13 14"}]
+  batch = jax.tree.map(jnp.asarray, batch_type.encode(examples, IdTokenizer(), input_length=6, target_length=3,
+                                                      name="t"))
+  prompt = jax.random.normal(jax.random.key(0), (4, models[0].hidden_size)) * 0.5
+
+  def loss(p, m):
+    logits, targets, mask = m.score_targets(batch, Prefix(embeds=p[None]))
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
+
+  (l_scan, g_scan), (l_unrolled, g_unrolled) = [nnx.jit(lambda m, p: jax.value_and_grad(loss)(p, m))(m, prompt)
+                                                for m in models]
+  np.testing.assert_allclose(l_unrolled, l_scan, rtol=1e-5)
+  np.testing.assert_allclose(g_unrolled, g_scan, rtol=1e-5, atol=1e-6 * float(jnp.abs(g_scan).max()))
+  ids, mask = batch_type.encode_inputs(IdTokenizer(), [e["inputs"] for e in examples])
+  outs = [generate(m, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=Prefix(embeds=prompt[None]),
+                   max_new_tokens=4, eos_id=-1)["tokens"] for m in models]
+  np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(byte_t5, tmp_path):
