@@ -182,7 +182,7 @@ def test_one_run_trains_a_prompt_per_task_to_the_quickstart_s_accuracy(quickstar
   evals = [json.loads(line) for line in (root / "mix" / "metrics.jsonl").read_text().splitlines()]
   best = next(e for e in evals if e["kind"] == "eval" and e["step"] == summary["best_step"])
   for task in (MAX, MIN):
-    assert best[f"{task}/accuracy"] >= 0.97, best  # measured: 0.996 / 0.984 (alone, 300 steps: 1.0 / 0.99)
+    assert best[f"{task}/accuracy"] >= 0.97, best  # measured: 0.990 / 0.996 at step 400 (alone: 0.998 / 0.998)
   assert best["accuracy"] == pytest.approx((best[f"{MAX}/accuracy"] + best[f"{MIN}/accuracy"]) / 2)
   records = [json.loads(line) for line in (root / "mix" / "predictions" /
                                            f"step_{summary['best_step']}.jsonl").read_text().splitlines()]
