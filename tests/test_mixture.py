@@ -214,6 +214,16 @@ def test_every_task_s_export_is_its_prompt_and_scores_as_in_the_mixture(quicksta
     metrics, _ = Evaluator(run)({"prompt": {"embeddings": jax.numpy.asarray(adapter.value)}})
     assert metrics["accuracy"] == evals[summary["best_step"]][f"{task}/accuracy"]
   np.testing.assert_array_equal(bank.value, load_prompt_source(out / "quickstart_min").value)
+  # other formats: one file per task (with its provenance) plus the bank; --with-base: one base for every adapter
+  npy = export_prompt(root / "mix", "numpy", tmp_path / "npy")
+  assert sorted(p.name for p in npy.iterdir()) == ["bank.safetensors", "quickstart_max.json", "quickstart_max.npy",
+                                                   "quickstart_min.json", "quickstart_min.npy"]
+  np.testing.assert_array_equal(np.load(npy / "quickstart_max.npy"), load_prompt_source(out / "quickstart_max").value)
+  assert load_prompt_source(npy / "quickstart_max.npy").info["task"]["name"] == MAX
+  with_base = export_prompt(f"{root / 'mix'}", "peft", tmp_path / "with_base", with_base=True)
+  assert (with_base / "base" / "model.safetensors").exists() and not (with_base / "quickstart_max" / "base").exists()
+  named = json.loads((with_base / "quickstart_min" / "adapter_config.json").read_text())["base_model_name_or_path"]
+  assert named == str((with_base / "base").absolute())
   with pytest.raises(PromptError, match=r"holds one prompt per task \(quickstart:max, quickstart:min\): choose one"):
     load_prompt_source(root / "mix")
   with pytest.raises(PromptError, match="no prompt for task 'quickstart:first'"):
