@@ -194,14 +194,6 @@ class Run:
     return self.cfg.prompt.per_task
 
   @property
-  def task(self) -> Task:
-    """The run's task (a single-task run; a mixture has `members`)."""
-    if len(self.members) != 1:
-      raise ConfigError(f"this needs one task; the config has a mixture of {len(self.members)} "
-                        f"({', '.join(m.name for m in self.members)})")
-    return self.members[0].task
-
-  @property
   def labels(self) -> tuple[str, ...] | None:
     """The label strings of the run's task(s), each once."""
     return union_labels(self.members)
