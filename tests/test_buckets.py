@@ -20,7 +20,7 @@ from jaxprompt.training.checkpoint import Checkpointer
 from jaxprompt.training.trainer import evaluate, train
 from tests.hf_models import IdTokenizer, write_decoder, write_t5
 from tests.test_causal import tiny_cfg
-from tests.test_train import byte_t5  # noqa: F401  (session fixture)
+from tests.test_train import byte_t5, train_interrupted  # noqa: F401  (session fixture)
 
 EXAMPLES = [{"inputs": " ".join(str(3 + (i * 7 + j) % 80) for j in range(n)), "targets": f"{10 + i} {20 + i}"}
             for i, n in enumerate([5, 1, 0, 7, 3, 2, 6, 4])]  # real input lengths 0..7 of a limit of 32
@@ -106,9 +106,7 @@ def test_cropped_batches_give_every_example_the_same_loss_and_scores(base):
 def test_resuming_mid_epoch_with_buckets_is_exact_and_eval_is_unchanged(byte_t5, tmp_path):
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   over = {"data.length_buckets": [6, 9]}  # the taskless digit inputs are 1-11 bytes of a limit of 12
-  train(tiny_cfg(byte_t5, **over), tmp_path / "full", progress=False, mesh=mesh)
-  train(tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path / "split", progress=False, mesh=mesh)
-  train(tiny_cfg(byte_t5, **over), tmp_path / "split", progress=False, mesh=mesh)
+  train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path, mesh)
   final = lambda w: Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
   for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "split"))):
     np.testing.assert_array_equal(x, y)

@@ -32,7 +32,7 @@ from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train
 from tests.hf_models import load_decoder, load_t5, write_decoder, write_t5
 from tests.test_causal import byte_llama, tiny_cfg, write_byte_decoder  # noqa: F401  (session fixture)
-from tests.test_train import byte_t5  # noqa: F401  (session fixture)
+from tests.test_train import byte_t5, train_interrupted  # noqa: F401  (session fixture)
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 P = 3
@@ -329,9 +329,8 @@ def test_resuming_a_reparameterised_method_is_exact(byte_t5, tmp_path, method):
   """The checkpoint keeps the MLP / LSTM (PEFT's file keeps only their output), with the LSTM's dropout RNG: an
   interrupted run resumes to the uninterrupted one's parameters, bit for bit."""
   over = {"prompt.length": P, "model.dropout": 0.1, **METHOD_OVERRIDES[method]}
-  train(tiny_cfg(byte_t5, **over), tmp_path / "full", progress=False, mesh=one_device())
-  train(tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path / "split", progress=False, mesh=one_device())
-  train(tiny_cfg(byte_t5, **over), tmp_path / "split", progress=False, mesh=one_device())
+  train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path,
+                    one_device())
   final = lambda w: Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
   a, b = final(tmp_path / "full"), final(tmp_path / "split")
   assert jax.tree.structure(a) == jax.tree.structure(b) and len(jax.tree.leaves(a)) > 2  # the encoder is there

@@ -22,7 +22,7 @@ from jaxprompt.prompts.io import load_prompt_source
 from jaxprompt.run import build_run
 from jaxprompt.training.checkpoint import Checkpointer
 from jaxprompt.training.trainer import train
-from tests.test_train import byte_t5, small_cfg  # noqa: F401  (session fixture)
+from tests.test_train import byte_t5, small_cfg, train_interrupted  # noqa: F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX, MIN = "quickstart:max", "quickstart:min"
@@ -115,9 +115,7 @@ def _mix_cfg(folder, **over):
 def test_a_resumed_mixture_equals_an_uninterrupted_one(byte_t5, tmp_path):
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   full = _mix_cfg(byte_t5)
-  train(full, tmp_path / "full", progress=False, mesh=mesh)
-  train(_mix_cfg(byte_t5, **{"train.steps": 3}), tmp_path / "split", progress=False, mesh=mesh)  # "killed" at 3
-  train(full, tmp_path / "split", progress=False, mesh=mesh)  # resumes at 3, runs to 6
+  train_interrupted(full, _mix_cfg(byte_t5, **{"train.steps": 3}), tmp_path, mesh)
 
   def final(workdir):
     tp = load_prompt_source(f"{workdir}@{MIN}", step=6)

@@ -46,6 +46,14 @@ def small_cfg(folder, **over) -> C.Config:
   return C.from_dict(raw)
 
 
+def train_interrupted(full, killed, root, mesh):
+  """`full` trained in root/full without a stop; in root/split first `killed` (the same run "killed" at its
+  train.steps), then `full` again, which resumes from the checkpoint and runs to the end."""
+  train(full, root / "full", progress=False, mesh=mesh)
+  train(killed, root / "split", progress=False, mesh=mesh)
+  train(full, root / "split", progress=False, mesh=mesh)
+
+
 def _steps(cfg, mesh, n):
   run, (data,) = build_run(cfg, mesh=mesh)
   tx = build_optimizer(cfg.optimizer, cfg.train.steps)
@@ -158,9 +166,7 @@ def test_unrolled_layers_compute_what_the_scan_computes(byte_t5, tmp_path, kind)
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(byte_t5, tmp_path):
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   full = small_cfg(byte_t5)
-  train(full, tmp_path / "full", progress=False, mesh=mesh)
-  train(small_cfg(byte_t5, **{"train.steps": 3}), tmp_path / "split", progress=False, mesh=mesh)  # "killed" at 3
-  train(full, tmp_path / "split", progress=False, mesh=mesh)  # resumes at 3, runs to 6
+  train_interrupted(full, small_cfg(byte_t5, **{"train.steps": 3}), tmp_path, mesh)
 
   def final(workdir):
     c = Checkpointer(workdir / "checkpoints")
