@@ -17,7 +17,7 @@ from jaxprompt.models import layers as L
 from jaxprompt.models import load_model
 from jaxprompt.prompts import PromptedModel, SoftPrompt
 from jaxprompt.training.checkpoint import Checkpointer
-from jaxprompt.training.trainer import evaluate, train
+from jaxprompt.training.trainer import evaluate
 from tests.hf_models import IdTokenizer, write_decoder, write_t5
 from tests.test_causal import tiny_cfg
 from tests.test_train import byte_t5, train_interrupted  # noqa: F401  (session fixture)
