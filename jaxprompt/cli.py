@@ -180,7 +180,8 @@ def cmd_bench(args) -> int:
     if not (args.task and args.tokenizer):
       raise UsageError("bench --data needs --task (how to read the file) and --tokenizer (a tokenizer folder)")
     result = run_data_bench(args.preset, args.data, args.task, args.tokenizer, vs_peft=args.vs_peft,
-                            steps=args.iters, buckets=args.length_buckets, group_by_length=args.group_by_length)
+                            steps=args.iters, buckets=args.length_buckets, group_by_length=args.group_by_length,
+                            pack=args.pack)
   else:
     result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
                           structural=not args.no_structural, generation=not args.no_generation,
@@ -411,6 +412,9 @@ def _add_plan_bench(sub) -> None:
                  "the preset's)")
   p.add_argument("--length-buckets", default="auto", type=_buckets_arg,
                  help="with --data: auto (default), none, or comma-separated lengths")
+  p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                 help="with --data: pack several examples per row, each with its prompt (data.pack; default: for "
+                      "seq2seq presets)")
   p.add_argument("--group-by-length", type=int, default=0,
                  help="with --data: batches of similar lengths, windows of N batches (data.group_by_length)")
   g = p.add_argument_group("--serve: the HTTP server under load (127.0.0.1 only)")

@@ -144,6 +144,12 @@ class DataConfig:
   # > 0: batches of similar input lengths (less padding): each window of this many batches is sorted by length
   # before it is cut into batches, then the batches are shuffled (HF Trainer's group_by_length uses 50); 0: off
   group_by_length: int = 0
+  # seq2seq (T5) training: several examples per row, each with its own prompt, attention kept inside each example
+  # (T5X-style packing: every example's loss and gradient as unpacked; only dropout masks fall elsewhere). A row
+  # is as long as the unpacked one (prompt + the batch's length bucket); packing refills its padding with other
+  # examples, so a step runs fewer rows for the same examples. auto: on for seq2seq models with an input prompt
+  # (prompt_tuning, p_tuning), off otherwise. Evaluation is not packed
+  pack: bool | Literal["auto"] = "auto"
   # several tasks in one run (seqio-style): each batch row is drawn from a member with probability proportional to
   # its rate, or (no rates) to its number of training examples, each capped at mixture_cap
   mixture: tuple[MixtureMember, ...] = ()

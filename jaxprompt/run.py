@@ -150,6 +150,9 @@ def validate(cfg: C.Config, members, mesh) -> None:
 
 
 def _validate_prompt(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
+  if dc.pack is True and pc.method not in methods.EMBEDDING_METHODS:
+    raise ConfigError(f"data.pack needs a prompt before the input (prompt_tuning, p_tuning); {pc.method} puts "
+                      "keys/values in every layer")
   if pc.per_task and not dc.mixture:
     raise ConfigError("prompt.per_task trains one prompt per task of a data.mixture; this config has one task")
   if pc.per_task and (pc.method == "p_tuning" or pc.option("prefix_projection")):
@@ -223,6 +226,14 @@ class Run:
     return self.base.batch_type.encode(examples, self.tokenizer, input_length=d.input_length,
                                        target_length=d.target_length, name=name)
 
+  @property
+  def packs(self) -> bool:
+    """Are training rows packed (`data.pack`; auto: a seq2seq model with an input prompt)?"""
+    pack = self.cfg.data.pack
+    if pack == "auto":
+      return hasattr(self.base, "score_packed") and self.cfg.prompt.method in methods.EMBEDDING_METHODS
+    return pack
+
   def device_batch(self, local):
     """This host's rows of a global batch -> arrays sharded over (data, fsdp) across all hosts."""
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, v.ndim), v),
@@ -252,6 +263,9 @@ def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: 
     if bases is not None:
       bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)
+  if cfg.data.pack is True and not hasattr(base, "score_packed"):
+    raise ConfigError(f"data.pack packs seq2seq (T5) rows; this {base.kind} model shares its prompt between rows "
+                      "instead (set data.pack=false)")
   rng = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
   if cfg.prompt.per_task:
     method = methods.build_bank(cfg.prompt, base, tokenizer, [m.labels for m in members], rng)

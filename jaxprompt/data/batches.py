@@ -103,6 +103,22 @@ class _Batch:
     """The same rows, each under prompt `ids[b]` of a bank (an int, or [B] ints)."""
     return self.replace(task_ids=np.broadcast_to(np.asarray(ids, np.int32), (num_rows(self),)).copy())
 
+  packed: ClassVar[bool] = False  # several examples per row (`PackedSeq2SeqBatch`)
+
+  @property
+  def loss_segments(self) -> jax.Array | None:
+    """[B, T] the example each target token belongs to, when a row holds several (packed); None: one per row."""
+    return None
+
+  @property
+  def num_examples(self):
+    """Examples in this batch (rows, unless packed)."""
+    return self.size
+
+  def tokens_per_row(self, prompt_length: int) -> int:
+    """Token slots one row runs through the model: a prompt, the input and the target."""
+    return prompt_length + self.row_length
+
   @property
   def row_length(self) -> int:
     """The tokens a row carries: its (padded) input and target, L + T."""
@@ -196,6 +212,95 @@ class Seq2SeqBatch(_Batch):
   def shapes(cls, batch_size: int, input_length: int, target_length: int) -> "Seq2SeqBatch":
     s = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
     return cls(s(input_length), s(input_length), s(target_length), s(target_length))
+
+
+@struct.dataclass
+class PackedSeq2SeqBatch(_Batch):
+  """Several seq2seq examples per row (`data.pack`, T5X-style packing), each with its own soft prompt: encoder row
+  r holds segments [prompt; input] one after another, decoder row r the same examples' targets, and attention never
+  crosses a segment (segment ids; 0 = padding). Relative positions inside a segment are those of the example alone,
+  so every example's logits equal its unpacked row's. R rows, S encoder slots, T' decoder slots."""
+
+  input_ids: jax.Array  # [R, S]: input tokens (pad at prompt slots)
+  input_segments: jax.Array  # [R, S]: 1, 2, ... per example in the row; 0 = padding
+  prompt_slots: jax.Array  # [R, S]: k * P + i at prompt position i of an example under prompt k; -1 elsewhere
+  decoder_input_ids: jax.Array  # [R, T']: each example's targets shifted right, starting with the start token
+  target_ids: jax.Array  # [R, T']
+  target_mask: jax.Array  # [R, T']
+  target_segments: jax.Array  # [R, T']: the segment of the encoder row each target token belongs to; 0 = padding
+  task_ids: jax.Array | None = None  # unused: prompts are chosen per slot (`prompt_slots`)
+  LOSS_MASK: ClassVar[str] = "target_mask"
+  packed: ClassVar[bool] = True
+
+  @property
+  def input_mask(self) -> jax.Array:
+    return (self.input_segments > 0).astype(np.int32)
+
+  @property
+  def loss_segments(self) -> jax.Array:
+    return self.target_segments
+
+  def tokens_per_row(self, prompt_length: int) -> int:
+    return self.row_length  # prompts are inside the rows
+
+  @property
+  def num_examples(self):
+    """Examples packed in this batch (traced under jit): the segments that start in the decoder rows."""
+    seg = self.target_segments
+    starts = (seg[:, 1:] != seg[:, :-1]) & (seg[:, 1:] > 0)
+    return (seg[:, 0] > 0).sum() + starts.sum()
+
+  @classmethod
+  def shapes(cls, rows: int, input_length: int, target_length: int) -> "PackedSeq2SeqBatch":
+    s = lambda n: jax.ShapeDtypeStruct((rows, n), np.int32)
+    return cls(s(input_length), s(input_length), s(input_length), *[s(target_length) for _ in range(4)])
+
+
+def pack_bins(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+  """First-fit decreasing: indices of `sizes` grouped into bins of at most `capacity` (each size <= capacity),
+  deterministic (ties keep index order)."""
+  bins: list[list[int]] = []
+  room: list[int] = []
+  for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+    j = next((j for j, r in enumerate(room) if r >= sizes[i]), None)
+    if j is None:
+      bins.append([])
+      room.append(capacity)
+      j = len(bins) - 1
+    bins[j].append(i)
+    room[j] -= sizes[i]
+  return bins
+
+
+def pack_seq2seq(batch: Seq2SeqBatch, bins: Sequence[Sequence[int]], prompt_length: int, rows: int,
+                 input_length: int, target_length: int, start_id: int, pad: int = 0) -> PackedSeq2SeqBatch:
+  """Rows of `batch` (numpy) packed as `bins` says (bin r -> row r, examples in bin order) into `rows` rows of
+  `input_length` encoder and `target_length` decoder slots; rows past the bins are padding."""
+  ids = np.asarray(batch.input_ids)
+  lens, tlens = batch.input_lengths(), np.asarray(batch.target_mask).sum(axis=1)
+  tgt = np.asarray(batch.target_ids)
+  tasks = np.zeros(len(ids), np.int32) if batch.task_ids is None else np.asarray(batch.task_ids)
+  full = lambda v: np.full((rows, input_length), v, np.int32)
+  tfull = lambda v: np.full((rows, target_length), v, np.int32)
+  inp, seg, slots = full(pad), full(0), full(-1)
+  dec, out, tmask, tseg = tfull(pad), tfull(pad), tfull(0), tfull(0)
+  for r, members in enumerate(bins):
+    at = t_at = 0
+    for s, i in enumerate(members, start=1):
+      n, t = prompt_length + int(lens[i]), int(tlens[i])
+      if at + n > input_length or t_at + t > target_length:
+        raise DataError(f"packing: example {i} ({n} encoder / {t} decoder tokens) does not fit row {r} "
+                        f"({input_length} / {target_length} slots)")
+      slots[r, at:at + prompt_length] = tasks[i] * prompt_length + np.arange(prompt_length)
+      inp[r, at + prompt_length:at + n] = ids[i, :lens[i]]
+      seg[r, at:at + n] = s
+      out[r, t_at:t_at + t] = tgt[i, :t]
+      dec[r, t_at] = start_id
+      dec[r, t_at + 1:t_at + t] = tgt[i, :t - 1]
+      tmask[r, t_at:t_at + t] = 1
+      tseg[r, t_at:t_at + t] = s
+      at, t_at = at + n, t_at + t
+  return PackedSeq2SeqBatch(inp, seg, slots, dec, out, tmask, tseg)
 
 
 @struct.dataclass

@@ -17,6 +17,12 @@ Grouping by length (`data.group_by_length` = W > 0, HF's `group_by_length` with 
 of the epoch's permutation is sorted by input length, cut into batches, and the batches are shuffled within the
 window — batches of similar lengths, so less padding, still a pure function of (seed, epoch).
 
+Packing (`data.pack`, seq2seq models): each host's share of a global batch goes into as few rows as first-fit
+decreasing allows, several examples per row, each with its own prompt slots (`data.batches.pack_seq2seq`); a row is
+as long as the unpacked row (prompt + the batch's length bucket), and every host packs into as many rows as the
+fullest host needs (one shape per step on every host). Which examples a step trains on is the unpacked order's, so
+resuming stays exact.
+
 A mixture of tasks (`MixtureStream`, `data.mixture`): the rows of every task one after another; each slot of batch
 k picks a task by its mixing rate (seeded by (seed, k)) and takes that task's next example from its own shuffled
 epochs, so resuming needs k and every task's position.
@@ -24,11 +30,12 @@ epochs, so resuming needs k and every task's position.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import dataclasses
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxprompt.data.batches import num_rows, take_rows
+from jaxprompt.data.batches import num_rows, pack_bins, pack_seq2seq, take_rows
 from jaxprompt.errors import DataError
 
 
@@ -53,17 +60,54 @@ def fit_bucket(needed: int, buckets: Sequence[int]) -> int:
   return next((b for b in buckets if b >= needed), buckets[-1])
 
 
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """How a stream packs seq2seq examples into rows (`data.pack`).
+
+  prompt_length: P, the slots each example's prompt takes in its row.
+  start_id: the decoder start token.
+  rows_for: (rows needed, row slots) -> rows to use (>= needed): room for an even split into devices and
+    microbatches (`training.step.packed_rows`); None: as needed.
+  A packed row is as long as the batch's unpacked row would be, P + its length bucket: packing refills the padding
+  of the unpacked rows with other examples (fewer rows), it never makes a row longer (attention's cost per token
+  grows with the row)."""
+
+  prompt_length: int
+  start_id: int
+  rows_for: Callable[[int, int], int] | None = None
+
+  def pack(self, batch, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], share: int):
+    """This host's rows `batch` (share `share` of the global batch, cropped to its length bucket; the input and
+    target lengths of every host's share: `inputs`, `targets`) -> a `PackedSeq2SeqBatch` of the same shape on every
+    host."""
+    length = self.prompt_length + batch.input_length
+    plans = [pack_bins([self.prompt_length + int(n) for n in s], length) for s in inputs]
+    rows = max(len(p) for p in plans)
+    tlength = max(int(t[b].sum()) for p, t in zip(plans, targets) for b in p)
+    tlength = _pow2(max(tlength, batch.target_mask.shape[1]), 8)
+    if self.rows_for:
+      rows = self.rows_for(rows, length + tlength)
+    return pack_seq2seq(batch, plans[share], self.prompt_length, rows, length, tlength, self.start_id)
+
+
+def _pow2(n: int, least: int) -> int:
+  return max(least, 1 << (n - 1).bit_length())
+
+
 class BatchStream:
   """Endless shuffled global batches; `position` (batches consumed) is all that resuming needs."""
 
   def __init__(self, rows: Any, global_batch: int, *, seed: int = 0, shuffle: bool = True,
                process_index: int = 0, process_count: int = 1, position: int = 0,
-               buckets: Sequence[int] | None = None, group_by_length: int = 0):
+               buckets: Sequence[int] | None = None, group_by_length: int = 0, packing: Packing | None = None):
     self.rows = rows
+    self.packing = packing
+    self.process_count = process_count
     self.n = num_rows(rows)
     self.buckets = tuple(buckets) if buckets else None
     self.group = group_by_length
     self.lengths = rows.input_lengths()  # [N] real input tokens
+    self.target_lengths = np.asarray(rows.loss_mask).sum(axis=1)  # [N] target tokens
     self.last_length = rows.input_length  # the input length of the last batch (its bucket)
     self.last_pad_fraction = 0.0  # of the last global batch's input slots, the padding
     if global_batch % process_count:
@@ -125,7 +169,13 @@ class BatchStream:
     if self.buckets:
       batch = batch.cropped(fit_bucket(int(self.lengths[every].max()), self.buckets))
     self.last_length = batch.input_length
-    self.last_pad_fraction = 1.0 - float(self.lengths[every].sum()) / (self.global_batch * batch.input_length)
+    slots = self.global_batch * batch.input_length  # input slots, prompts not counted
+    if self.packing:
+      shares = every.reshape(self.process_count, self.local)
+      batch = self.packing.pack(batch, [self.lengths[s] for s in shares], [self.target_lengths[s] for s in shares],
+                                self.process_index)
+      slots = self.process_count * batch.size * batch.input_length - self.global_batch * self.packing.prompt_length
+    self.last_pad_fraction = 1.0 - float(self.lengths[every].sum()) / slots
     self.position += 1
     return batch
 

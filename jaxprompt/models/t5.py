@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxprompt.data.batches import Seq2SeqBatch
+from jaxprompt.data.batches import PackedSeq2SeqBatch, Seq2SeqBatch
 from jaxprompt.errors import ModelError
 from jaxprompt.models import layers as L
 from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots
@@ -160,13 +160,16 @@ class T5(FrozenLM):
   def embedding_table(self) -> jax.Array:
     return self.shared[...]
 
-  def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, *, dropout_rng=None) -> jax.Array:
-    """-> encoder hidden states [B, L, H]. `inputs_embeds` [B, L, H] replaces the embedding lookup."""
+  def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, *, segment_ids=None,
+             dropout_rng=None) -> jax.Array:
+    """-> encoder hidden states [B, L, H]. `inputs_embeds` [B, L, H] replaces the embedding lookup.
+    `segment_ids` [B, L] (packed rows): a token attends only to tokens of its own segment."""
     cfg = self.config
     x, attention_mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds)
     rngs = L.split_rng(dropout_rng, 3)
     pos = jnp.arange(x.shape[1])
-    bias = _position_bias(self.encoder.relative_attention_bias[...], pos, pos, True, cfg) + L.mask_to_bias(attention_mask)
+    bias = _position_bias(self.encoder.relative_attention_bias[...], pos, pos, True, cfg)
+    bias = bias + (L.mask_to_bias(attention_mask) if segment_ids is None else _segment_bias(segment_ids, segment_ids))
     rate = cfg.dropout_rate
     x = L.dropout(x, rate, rngs[0])
 
@@ -182,17 +185,23 @@ class T5(FrozenLM):
     x = L.rms_norm(x, self.encoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2])
 
-  def _decoder(self, x, q_pos, k_pos, decoder_mask, enc, cache: T5Cache | None, index, dropout_rng, prefix_kv=None):
+  def _decoder(self, x, q_pos, k_pos, decoder_mask, enc, cache: T5Cache | None, index, dropout_rng, prefix_kv=None,
+               segments=None):
     """The decoder stack, teacher-forced (`enc` = (encoder output [B, S, H], its mask) for cross attention, no
     cache; `prefix_kv` [Y, B, P, K, D] self-attention slots in front) or one cached step (`cache` holds everything;
     new k/v written at slot `index`). x [B, l, H] at positions q_pos [l] attends to key slots at positions
-    k_pos [S'] -> final hidden states [B, l, H]."""
+    k_pos [S'] -> final hidden states [B, l, H]. `segments` (packed rows, teacher forcing): (decoder segment ids
+    [B, l], encoder segment ids [B, S]): attention stays inside a segment; `enc`'s mask is then unused."""
     cfg = self.config
     self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg)
     self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, L.MASK_VALUE)[None, None]
     if decoder_mask is not None:
       self_bias = self_bias + L.mask_to_bias(decoder_mask)
-    cross_bias = L.mask_to_bias(enc[1] if cache is None else cache.encoder_mask)
+    if segments is not None:
+      self_bias = self_bias + _segment_bias(segments[0], segments[0])
+      cross_bias = _segment_bias(*segments)
+    else:
+      cross_bias = L.mask_to_bias(enc[1] if cache is None else cache.encoder_mask)
     rngs = L.split_rng(dropout_rng, 3)
     rate, act = cfg.dropout_rate, L.activation(cfg.act_name)
     x = L.dropout(x, rate, rngs[0])
@@ -275,6 +284,22 @@ class T5(FrozenLM):
     logits = self.forward(batch.input_ids, batch.input_mask, dec_in, prefix=prefix, dropout_rng=dropout_rng)
     return logits, batch.target_ids, batch.target_mask
 
+  def score_packed(self, batch: PackedSeq2SeqBatch, prompts: jax.Array | None, *, dropout_rng=None):
+    """`score_targets` of a packed batch: `prompts` [K * P, H] (K prompts of P vectors; None: no prompt) fill the
+    prompt slots (`batch.prompt_slots`), every example attends only inside its segment -> (logits [R, T', V],
+    targets, loss mask), each example's logits those of its unpacked row."""
+    enc_rng, dec_rng = L.split_rng(dropout_rng, 2)
+    x = self.embed(batch.input_ids)
+    if prompts is not None:
+      slots = batch.prompt_slots
+      x = jnp.where((slots >= 0)[..., None], prompts.astype(x.dtype)[jnp.maximum(slots, 0)], x)
+    seg = batch.input_segments
+    enc = self.encode(inputs_embeds=x, attention_mask=seg > 0, segment_ids=seg, dropout_rng=enc_rng)
+    t = batch.decoder_input_ids.shape[1]
+    x, _ = self._decoder(self.embed(batch.decoder_input_ids), jnp.arange(t), jnp.arange(t), None,
+                         (enc.astype(self.dtype), None), None, 0, dec_rng, segments=(batch.target_segments, seg))
+    return self.logits(x), batch.target_ids, batch.target_mask
+
   def label_logprobs(self, batch: Seq2SeqBatch, label_ids, label_mask, prefix: Prefix | None = None) -> jax.Array:
     """Encode once, decode every label: [B, C]."""
     b, c = batch.size, label_ids.shape[0]
@@ -345,6 +370,11 @@ class T5(FrozenLM):
   def reorder_cache(self, cache: T5Cache, origin: jax.Array) -> T5Cache:
     # cross-attention state is the same for every beam of an example: only the self-attention k/v move
     return cache.replace(k=cache.k[:, origin], v=cache.v[:, origin])
+
+
+def _segment_bias(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
+  """[B, L], [B, S] segment ids -> additive bias [B, 1, L, S]: 0 within a segment, masked across."""
+  return jnp.where(q_segments[:, None, :, None] == k_segments[:, None, None, :], 0.0, L.MASK_VALUE).astype(jnp.float32)
 
 
 def shift_right(targets: jax.Array, start_id: int) -> jax.Array:

@@ -115,6 +115,9 @@ class PTuning(PromptMethod):
     # computed once for one row and repeated over the batch, as PEFT does (peft#2043)
     return Prefix(embeds=self.encode(dropout_rng)[None])  # [1, P, H]: the same for every row
 
+  def packed_table(self, dropout_rng=None) -> jax.Array:
+    return self.encode(dropout_rng)
+
   def spec(self) -> dict:
     return dict(method=self.method, encoder_reparameterization_type=self.encoder,
                 encoder_hidden_size=self.hidden_size, encoder_num_layers=self.num_layers,

@@ -40,6 +40,12 @@ class PromptMethod(nnx.Module):
   def inference_value(self) -> jax.Array:
     raise NotImplementedError
 
+  def packed_table(self, dropout_rng=None) -> jax.Array:
+    """Every prompt's input embeddings as one table [K * P, H] (K prompts: a bank, else 1), what packed rows
+    gather their prompt slots from (`data.batches.PackedSeq2SeqBatch`)."""
+    raise PromptError(f"{self.method} puts no embeddings before the input: packed rows (data.pack) need "
+                      "prompt_tuning or p_tuning")
+
   def spec(self) -> dict:
     return dict(method=self.method)
 
@@ -68,6 +74,9 @@ class SoftPrompt(PromptMethod):
     if self.embeddings.ndim == 3:  # a bank: the rows, and which of the K prompts each is (`Prefix.bank`)
       return Prefix(embeds=self.rows(prompt_ids), bank=self.embeddings[...], bank_ids=prompt_ids)
     return Prefix(embeds=self.rows(prompt_ids))
+
+  def packed_table(self, dropout_rng=None) -> jax.Array:
+    return self.embeddings[...].reshape(-1, self.embeddings.shape[-1])
 
   def rows(self, prompt_ids: jax.Array | None = None) -> jax.Array:
     """[1, P, H]: one prompt for all rows, or [B, P, H]: row `prompt_ids[b]` of a [K, P, H] bank."""
@@ -131,6 +140,8 @@ class PromptedModel(nnx.Module):
     """(logits [B, T, V], targets [B, T], loss mask [B, T]) of a training batch (`models.interface`); a bank's
     prompt per row: `prompt_ids`, else the batch's `task_ids`."""
     p_rng, rng = self._split(dropout_rng)
+    if batch.packed:  # several examples per row, each with its prompt in its own slots
+      return self.base.score_packed(batch, self.prompt.packed_table(p_rng), dropout_rng=rng)
     prefix = self.prefix(batch.size, _ids(prompt_ids, batch), dropout_rng=p_rng)
     return self.base.score_targets(batch, prefix, dropout_rng=rng)
 

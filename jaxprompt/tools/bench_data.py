@@ -1,8 +1,10 @@
 """`jaxprompt bench --data FILE --task TASK`: prompt tuning on real rows, the paper's recipe shape (prompt 100,
 batch 32, inputs up to 512 tokens, targets 8) on a preset model, against PyTorch + PEFT in the same process.
 
-Both sides get the same batches in the same order. jaxprompt pads each batch to its length bucket
-(`data.length_buckets`) and, for a causal model, runs the shared soft prompt once per batch; PEFT gets what a
+Both sides get the same batches in the same order. jaxprompt packs a seq2seq model's examples several to a row
+(`data.pack`, each with its prompt; `pack=False`: each batch padded to its length bucket, `data.length_buckets`)
+and, for a causal model, pads each batch to its length bucket and runs the shared soft prompt once per batch; PEFT
+gets what a
 careful PyTorch user gets from `DataCollatorWithPadding`: each batch padded to its own longest row. Reported:
 examples/s and real (non-pad) tokens/s — the input and target tokens of the examples, no prompt, no padding.
 """
@@ -17,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt.data.pipeline import BatchStream, bucket_lengths
+from jaxprompt import config as C
+from jaxprompt.data.pipeline import BatchStream, Packing, bucket_lengths
 from jaxprompt.data.sources import load_split
 from jaxprompt.errors import UsageError
 from jaxprompt.models.loading import load_tokenizer
 from jaxprompt.tools import bench as BN
+from jaxprompt.training.step import packed_rows
 
 RECIPE = dict(batch_size=32, input_length=512, target_length=8, prompt_length=100)  # Lester et al. (2021)
 
@@ -43,16 +47,28 @@ def _longest_row(inputs: dict) -> dict:
   return out
 
 
-def _batches(preset: BN.Preset, base, data_file, task: str, tokenizer, steps: int, buckets, group: int):
+def _packing(preset: BN.Preset, base) -> Packing:
+  """What `data.pack` does with the preset's shapes and the default `train.microbatches` on one device."""
+  rows_for = lambda n, tokens: packed_rows(n, tokens, microbatches=C.TrainConfig().microbatches)
+  return Packing(preset.prompt_length, base.config.decoder_start_token_id, rows_for)
+
+
+def _batches(preset: BN.Preset, base, data_file, task: str, tokenizer, steps: int, buckets, group: int,
+             pack: bool):
   examples = load_split(task, "train", files={"train": data_file})
   tok = load_tokenizer(tokenizer)
   if len(tok) > base.config.vocab_size:
     raise UsageError(f"tokenizer {tokenizer} has {len(tok)} tokens but preset vocab is {base.config.vocab_size}")
   rows = base.batch_type.encode(examples, tok, input_length=preset.input_length,
                                 target_length=preset.target_length, name=f"{task} {data_file}")
-  stream = BatchStream(rows, preset.batch_size, seed=0, buckets=bucket_lengths(buckets, preset.input_length),
-                       group_by_length=group)
-  return [next(stream) for _ in range(steps)], len(examples), float(rows.input_lengths().mean())
+  kw = dict(seed=0, buckets=bucket_lengths(buckets, preset.input_length), group_by_length=group)
+  plain = BatchStream(rows, preset.batch_size, **kw)  # what PEFT gets
+  unpacked = [next(plain) for _ in range(steps)]
+  ours = unpacked
+  if pack:
+    stream = BatchStream(rows, preset.batch_size, packing=_packing(preset, base), **kw)
+    ours = [next(stream) for _ in range(steps)]
+  return ours, unpacked, len(examples), float(rows.input_lengths().mean())
 
 
 def _time_ours(preset: BN.Preset, batches) -> dict:
@@ -65,7 +81,7 @@ def _time_ours(preset: BN.Preset, batches) -> dict:
                                        jnp.asarray(0, jnp.int32))
     return m["loss"]
 
-  shapes = {b.input_length: b for b in batches}
+  shapes = {jax.tree.map(np.shape, b): b for b in batches}
   t0 = time.perf_counter()
   for b in shapes.values():  # one compile per bucket, before the clock starts
     jax.block_until_ready(run(b))
@@ -75,7 +91,8 @@ def _time_ours(preset: BN.Preset, batches) -> dict:
     loss = run(b)
   jax.block_until_ready(loss)
   return dict(seconds=time.perf_counter() - t0, compile_and_warmup_seconds=compile_s,
-              input_lengths=[b.input_length for b in batches])
+              input_lengths=[b.input_length for b in batches], rows=[b.size for b in batches],
+              slots=sum(b.size * b.tokens_per_row(preset.prompt_length) for b in batches))
 
 
 def _time_peft(preset: BN.Preset, base, batches, threads: int) -> dict:
@@ -93,35 +110,48 @@ def _time_peft(preset: BN.Preset, base, batches, threads: int) -> dict:
   t0 = time.perf_counter()
   for inputs in hf:
     step(inputs)
-  return dict(seconds=time.perf_counter() - t0, input_lengths=[int(x["input_ids"].shape[1]) for x in hf])
+  def slots(x):  # prompt + input (+ decoder targets) per row
+    n = x["input_ids"].shape[1] + (0 if x["labels"].shape[1] == x["input_ids"].shape[1] else x["labels"].shape[1])
+    return x["input_ids"].shape[0] * (preset.prompt_length + n)
+
+  return dict(seconds=time.perf_counter() - t0, input_lengths=[int(x["input_ids"].shape[1]) for x in hf],
+              slots=sum(slots(x) for x in hf))
 
 
 def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft: bool = False, steps: int = 6,
-                   buckets="auto", group_by_length: int = 0, log=print) -> dict:
-  """The real-data benchmark as a dict (also printed by `log`)."""
+                   buckets="auto", group_by_length: int = 0, pack: bool | None = None, log=print) -> dict:
+  """The real-data benchmark as a dict (also printed by `log`). `pack`: pack a seq2seq model's rows (None: when
+  the model is seq2seq)."""
   preset = dataclasses.replace(BN.PRESETS[preset_name], **RECIPE)
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   base = BN.random_base(preset)
-  batches, n, mean_len = _batches(preset, base, data_file, task, tokenizer, steps, buckets, group_by_length)
-  real = sum(_real_tokens(b) for b in batches)
+  if pack is None:
+    pack = hasattr(base, "score_packed")
+  elif pack and not hasattr(base, "score_packed"):
+    raise UsageError(f"--pack packs seq2seq rows; {preset_name} is a {base.kind} model")
+  batches, unpacked, n, mean_len = _batches(preset, base, data_file, task, tokenizer, steps, buckets,
+                                            group_by_length, pack)
+  real = sum(_real_tokens(b) for b in unpacked)
   examples = steps * preset.batch_size
   out = dict(preset=preset_name, task=task, data=str(data_file), examples_in_file=n, mean_input_tokens=mean_len,
              steps=steps, threads=threads, shape=dataclasses.asdict(preset), real_tokens=real,
-             length_buckets=buckets, group_by_length=group_by_length)
+             length_buckets=buckets, group_by_length=group_by_length, pack=pack)
   log(f"{task}: {n} rows from {data_file}, mean input {mean_len:.0f} tokens (limit {preset.input_length}); "
       f"{steps} steps of {preset.batch_size}, prompt {preset.prompt_length}, {threads} threads; buckets {buckets}, "
-      f"group_by_length {group_by_length}")
+      f"group_by_length {group_by_length}, {'packed' if pack else 'not packed'}")
   r = _time_ours(preset, batches)
   r.update(examples_per_second=examples / r["seconds"], real_tokens_per_second=real / r["seconds"])
   out["jaxprompt"] = r
+  shape = (f"packed rows x length {sorted(set(zip(r['rows'], r['input_lengths'])))}" if pack
+           else f"input buckets {sorted(set(r['input_lengths']))}")
   log(f"jaxprompt: {r['examples_per_second']:.2f} examples/s, {r['real_tokens_per_second']:.0f} real tokens/s "
-      f"(input buckets {sorted(set(r['input_lengths']))}; compile + warm-up {r['compile_and_warmup_seconds']:.0f} s)")
+      f"({shape}; {r['slots']} token slots; compile + warm-up {r['compile_and_warmup_seconds']:.0f} s)")
   if vs_peft:
-    pr = _time_peft(preset, base, batches, threads)
+    pr = _time_peft(preset, base, unpacked, threads)
     pr.update(examples_per_second=examples / pr["seconds"], real_tokens_per_second=real / pr["seconds"])
     out["peft"] = pr
     out["speedup_vs_peft"] = pr["seconds"] / r["seconds"]
     log(f"PyTorch + PEFT (per-batch dynamic padding, longest rows {min(pr['input_lengths'])}-"
-        f"{max(pr['input_lengths'])}): {pr['examples_per_second']:.2f} examples/s, "
+        f"{max(pr['input_lengths'])}; {pr['slots']} token slots): {pr['examples_per_second']:.2f} examples/s, "
         f"{pr['real_tokens_per_second']:.0f} real tokens/s -> jaxprompt is {out['speedup_vs_peft']:.2f}x")
   return out

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -87,10 +87,10 @@ class LogMetrics(Hook):
   """Every `train.log_every` steps (and at the end or a stop): fetch the steps' metrics in one transfer, apply
   the NaN policy, write metrics.jsonl / TensorBoard, update the progress bar."""
 
-  def __init__(self, cadence: Cadence, nan_policy: str, tokens_per_step: Callable[[float], float]):
-    """`tokens_per_step(input_length)`: the tokens a step runs (prompt and targets included) at that input
-    length (the batch's length bucket, the step metric `input_length`)."""
-    self.cadence, self.nan_policy, self.tokens_per_step = cadence, nan_policy, tokens_per_step
+  def __init__(self, cadence: Cadence, nan_policy: str):
+    """Throughput is the step metric `slots` (token slots the step ran: prompts, inputs with their padding,
+    targets) per second."""
+    self.cadence, self.nan_policy = cadence, nan_policy
     self.pending: list[tuple[int, Any]] = []
     self.last_flush = time.time()
 
@@ -108,7 +108,7 @@ class LogMetrics(Hook):
     dt = (time.time() - self.last_flush) / len(self.pending)
     self.last_flush = time.time()
     avg = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
-    avg.update(step_time=dt, tokens_per_second=self.tokens_per_step(avg["input_length"]) / dt, skipped_steps=len(bad),
+    avg.update(step_time=dt, tokens_per_second=avg["slots"] / dt, skipped_steps=len(bad),
                epoch=trainer.stream.epoch)
     trainer.mlog.write(end.step, avg)
     trainer.bar.set_postfix(loss=f"{avg['loss']:.4f}", acc=f"{avg['token_accuracy']:.3f}",
@@ -169,9 +169,8 @@ class Checkpoint(Hook):
 def default_hooks(cfg, manager) -> list[Hook]:
   """The hooks a config asks for, in the order they run after each step."""
   tc, ec = cfg.train, cfg.eval
-  tokens_per_step = lambda n: tc.batch_size * (n + cfg.data.target_length + cfg.prompt.length)
   return [Preemption(manager),
-          LogMetrics(Cadence(tc.log_every, at_end=True, on_stop=True), tc.nan_policy, tokens_per_step),
+          LogMetrics(Cadence(tc.log_every, at_end=True, on_stop=True), tc.nan_policy),
           Evaluate(Cadence(ec.every, at_end=ec.at_end), ec.metric),
           EarlyStop(ec.patience, ec.metric),
           Checkpoint(Cadence(cfg.checkpoint.every, at_end=True, on_stop=True))]

@@ -27,9 +27,10 @@ class TokenSums:
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0,
-                  weights: jax.Array | None = None) -> TokenSums:
+                  weights: jax.Array | None = None, segments: jax.Array | None = None) -> TokenSums:
   """logits [B, T, V] (any float dtype, computed in float32), targets / mask [B, T] -> `TokenSums`.
-  `weights` [B] (0 for padding rows of an eval batch) drops whole rows."""
+  `weights` [B] (0 for padding rows of an eval batch) drops whole rows. `segments` [B, T] (packed rows: the
+  example of each target token, 0 for none): sequence accuracy counts examples, not rows."""
   logits = logits.astype(jnp.float32)
   mask = mask.astype(jnp.float32)
   if weights is not None:
@@ -39,8 +40,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss
   ce = (log_z - gold) * mask
   zl = z_loss * jnp.square(log_z) * mask
   hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * mask
-  seq_correct = (jnp.sum(hit, -1) == jnp.sum(mask, -1)).astype(jnp.float32)
+  if segments is not None:  # per (row, example): one-hot over the at most T examples of a row
+    of = (segments[..., None] == jnp.arange(1, segments.shape[-1] + 1)).astype(jnp.float32)  # [B, T, T]
+    present = jnp.einsum("bt,bts->bs", mask, of) > 0
+    missed = jnp.einsum("bt,bts->bs", mask - hit, of) > 0
+    seq_correct = (present & ~missed).astype(jnp.float32)
+  else:
+    seq_correct = (jnp.sum(hit, -1) == jnp.sum(mask, -1)).astype(jnp.float32)
   if weights is not None:
-    seq_correct = seq_correct * weights.astype(jnp.float32)
+    seq_correct = seq_correct * weights.reshape(weights.shape + (1,) * (seq_correct.ndim - 1)).astype(jnp.float32)
   return TokenSums(loss=jnp.sum(ce + zl), ce=jnp.sum(ce), z_loss=jnp.sum(zl), correct=jnp.sum(hit),
                    tokens=jnp.sum(mask), seq_correct=jnp.sum(seq_correct))

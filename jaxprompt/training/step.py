@@ -34,6 +34,31 @@ def auto_microbatches(rows: int, tokens_per_row: int, data_parallel: int = 1) ->
               if per_device % m == 0 and (rows // m) * tokens_per_row <= CPU_CHUNK_TOKENS or m == per_device)
 
 
+PACKED_ROW_GRID = 4
+
+
+def packed_rows(needed: int, tokens_per_row: int, *, microbatches: int | str, data_parallel: int = 1,
+                processes: int = 1) -> int:
+  """Rows per host for a packed batch (`data.pack`) that needs `needed`: the fewest >= needed on a grid of
+  max(PACKED_ROW_GRID, the host's data-parallel devices) rows (a few compiled shapes per length bucket, not one per
+  row count) whose global count splits evenly over the data-parallel devices and into the step's microbatches
+  (`auto`: chunks of at least half CPU_CHUNK_TOKENS, so an awkward row count does not become one-row chunks)."""
+  local = max(data_parallel // processes, 1)
+  grid = -(-max(PACKED_ROW_GRID, local) // local) * local
+  n = -(-needed // grid) * grid
+  while True:
+    rows = n * processes
+    if microbatches == "auto":
+      m = auto_microbatches(rows, tokens_per_row, data_parallel)
+      if m == 1 or (rows // m) * tokens_per_row * 2 >= CPU_CHUNK_TOKENS or rows // m <= data_parallel:
+        return n
+    elif rows % (microbatches * data_parallel) == 0:
+      return n
+    if n >= 2 * needed + grid:
+      return n
+    n += grid
+
+
 def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1, seed: int = 0,
                     data_parallel: int = 1) -> Callable:
   """-> train_step(prompt, opt_state, frozen, batch, step) -> (prompt, opt_state, metrics). `microbatches`: a
@@ -41,7 +66,7 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1,
 
   def loss_fn(prompt, frozen, mb, rng, tokens):
     logits, targets, mask = nnx.merge(graphdef, prompt, frozen).score_targets(mb, dropout_rng=rng)
-    sums = cross_entropy(logits, targets, mask, z_loss)
+    sums = cross_entropy(logits, targets, mask, z_loss, segments=mb.loss_segments)
     # normalised by the whole batch's token count, so microbatch gradients add up exactly
     return sums.loss / tokens, sums
 
@@ -51,7 +76,7 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1,
     if microbatches != "auto":
       return microbatches
     prompt_length = nnx.merge(graphdef, prompt, frozen).prompt.length  # static: trace time
-    return auto_microbatches(batch.size, prompt_length + batch.row_length, data_parallel)
+    return auto_microbatches(batch.size, batch.tokens_per_row(prompt_length), data_parallel)
 
   def gradients(prompt, frozen, batch, rng):
     tokens = jnp.maximum(jnp.sum(batch.loss_mask).astype(jnp.float32), 1.0)
@@ -80,7 +105,7 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1,
     finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_prompt)]))
     # a non-finite step never reaches the state: the loop then stops (nan_policy error) or goes on (skip)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    return keep(new_prompt, prompt), keep(new_opt, opt_state), _metrics(sums, gnorm, finite, batch.size)
+    return keep(new_prompt, prompt), keep(new_opt, opt_state), _metrics(sums, gnorm, finite, batch.num_examples)
 
   return train_step
 

@@ -9,6 +9,7 @@ Running the same command again resumes exactly from the latest checkpoint (data 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
 from jaxprompt.data.batches import concat_rows
-from jaxprompt.data.pipeline import BatchStream, MixtureStream, mixing_rates
+from jaxprompt.data.pipeline import BatchStream, MixtureStream, Packing, mixing_rates
 from jaxprompt.errors import CheckpointError, WorkdirError
 from jaxprompt.evaluation.evaluator import evaluator_for
 from jaxprompt.run import Run, TaskData, build_run
@@ -30,7 +31,7 @@ from jaxprompt.training import hooks as H
 from jaxprompt.training.checkpoint import Checkpointer, selection_mode
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.state import TrainState
-from jaxprompt.training.step import make_train_step
+from jaxprompt.training.step import make_train_step, packed_rows
 from jaxprompt.training.tracking import MetricsLog, plot_curves
 
 log = logging.getLogger(__name__)
@@ -138,12 +139,21 @@ class Trainer:
     """The training batches from where `state` left off: one task's, or a mixture's."""
     d = self.cfg.data
     kw = dict(seed=d.seed, position=state.position, process_index=jax.process_index(),
-              process_count=jax.process_count(), buckets=d.buckets())
+              process_count=jax.process_count(), buckets=d.buckets(), packing=self._packing())
     if not d.mixture:
       return BatchStream(self.rows, self.cfg.train.batch_size, group_by_length=d.group_by_length, **kw)
     rates = mixing_rates(self.sizes, [m.rate for m in self.run.members], d.mixture_cap)
     return MixtureStream(self.rows, self.sizes, rates, self.cfg.train.batch_size,
                          member_positions=state.member_positions, **kw)
+
+  def _packing(self) -> Packing | None:
+    """How the stream packs rows (`data.pack`), or None."""
+    run, tc = self.run, self.cfg.train
+    if not run.packs:
+      return None
+    rows_for = functools.partial(packed_rows, microbatches=tc.microbatches, processes=jax.process_count(),
+                                 data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"])
+    return Packing(self.cfg.prompt.length, run.base.config.decoder_start_token_id, rows_for)
 
   def fit(self, state: TrainState) -> TrainState:
     """Train from `state` to train.steps (or an early stop); raises `Preempted` after a signal's checkpoint."""
@@ -152,13 +162,16 @@ class Trainer:
     step_fn, frozen = self._step_fn(state), self.run.frozen
     self.bar.update(state.step)
     while state.step < tc.steps:
-      batch = self.run.device_batch(next(self.stream))
+      local = next(self.stream)
+      slots = jax.process_count() * local.size * local.tokens_per_row(self.cfg.prompt.length)
+      batch = self.run.device_batch(local)
       prompt, opt_state, metrics = step_fn(state.prompt, state.opt_state, frozen, batch,
                                            jnp.asarray(state.step, jnp.int32))
       state = state.replace(prompt=prompt, opt_state=opt_state, step=state.step + 1, position=self.stream.position,
                             member_positions=tuple(self.stream.member_positions))
       self.bar.update(1)
-      metrics = dict(metrics, input_length=self.stream.last_length, pad_fraction=self.stream.last_pad_fraction)
+      metrics = dict(metrics, input_length=self.stream.last_length, pad_fraction=self.stream.last_pad_fraction,
+                     slots=slots, rows=local.size * jax.process_count())
       end = H.StepEnd(step=state.step, last=state.step == tc.steps, metrics=metrics)
       for hook in self.hooks:
         state = hook(self, state, end) or state
