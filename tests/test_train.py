@@ -229,3 +229,37 @@ def test_dropout_draws_jax_random_bits_exactly_jitted_and_sharded():
   other = jax.random.key(1, impl="rbg")
   assert np.array_equal(L.bernoulli(other, 0.5, (4, 6)), jax.random.bernoulli(other, 0.5, (4, 6)))
   assert np.array_equal(jax.random.key_data(L.split_keys(other, 3)), jax.random.key_data(jax.random.split(other, 3)))
+
+
+@pytest.mark.parametrize("heads, kv_heads, bias_shape, rate", [
+    (6, 6, (2, 1, 5, 7), 0.0), (8, 4, (1, 1, 5, 7), 0.0), (4, 2, (2, 4, 5, 7), 0.3), (4, 4, None, 0.2),
+    (4, 1, (5, 7), 0.0)])
+def test_attention_and_its_own_backward_pass_equal_the_plain_formula(heads, kv_heads, bias_shape, rate):
+  """`dot_product_attention` (its own backward pass) against autodiff of the textbook formula with the K/V heads
+  repeated: outputs and the gradients of queries, keys, values and bias, with GQA, dropout and broadcast biases."""
+  from jaxprompt.models import layers as L
+
+  r = np.random.default_rng(0)
+  q = jnp.asarray(r.standard_normal((2, 5, heads, 8)), jnp.float32)
+  k, v = (jnp.asarray(r.standard_normal((2, 7, kv_heads, 8)), jnp.float32) for _ in range(2))
+  bias = None if bias_shape is None else jnp.asarray(r.standard_normal(bias_shape), jnp.float32)
+  rng = jax.random.key(3) if rate else None
+
+  def plain(q, k, v, bias=None):
+    g = heads // kv_heads
+    scores = jnp.einsum("blnd,bsnd->bnls", q, jnp.repeat(k, g, axis=2)) * 0.35 + (0.0 if bias is None else bias)
+    p = jax.nn.softmax(scores, -1)
+    if rate:
+      p = jnp.where(L.bernoulli(rng, 1 - rate, p.shape), p / (1 - rate), 0.0)
+    return jnp.einsum("bnls,bsnd->blnd", p, jnp.repeat(v, g, axis=2))
+
+  def ours(q, k, v, bias=None):
+    return L.dot_product_attention(q, k, v, bias, scale=0.35, dropout_rate=rate, dropout_rng=rng)
+
+  args = (q, k, v) if bias is None else (q, k, v, bias)
+  np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-6)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args))))(*args)
+           for f in (ours, plain)]
+  for a, b in zip(*grads):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
