@@ -85,6 +85,7 @@ def test_packed_layout_prompt_slots_decoder_inputs_and_padding_rows():
   np.testing.assert_array_equal(p.decoder_input_ids[0, :t0], [0, *full.target_ids[0, :t0 - 1]])  # shifted right
   assert p.decoder_input_ids[0, t0] == 0 and p.target_segments[0, t0] == 2  # example 2 starts anew
   assert int(p.num_examples) == 3 and p.tokens_per_row(P) == 16 + 8
+  assert p.input_lengths().tolist() == [lens[0] + lens[2], lens[1], 0]  # prompts not counted
   with pytest.raises(Exception, match="does not fit row 0"):
     pack_seq2seq(full, [[0, 1, 2]], P, 1, 12, 8, start_id=0)
 

@@ -234,7 +234,12 @@ class PackedSeq2SeqBatch(_Batch):
 
   @property
   def input_mask(self) -> jax.Array:
+    """[R, S]: 1 at every slot an example uses (its prompt's included)."""
     return (self.input_segments > 0).astype(np.int32)
+
+  def input_lengths(self) -> np.ndarray:
+    """[R] real input tokens per row, prompts not counted (numpy)."""
+    return ((np.asarray(self.input_segments) > 0) & (np.asarray(self.prompt_slots) < 0)).sum(axis=1)
 
   @property
   def loss_segments(self) -> jax.Array:
