@@ -109,6 +109,7 @@ def test_packed_rows_split_over_devices_and_microbatches():
   assert packed_rows(5, 20, microbatches="auto") == 8  # the row grid: a few shapes per bucket
   assert packed_rows(9, 20, microbatches=1, data_parallel=8) == 16
   assert packed_rows(9, 20, microbatches=3, data_parallel=2) == 12
+  assert packed_rows(1, 20, microbatches=16) == 16  # every microbatch gets a row, however few are needed
   assert packed_rows(3, 20, microbatches=1, data_parallel=8, processes=2) == 4  # 8 rows over 2 hosts
   for needed in range(1, 40):  # CPU chunks: never down to one-row chunks of short rows
     n = packed_rows(needed, 364, microbatches="auto")

@@ -228,7 +228,6 @@ class PackedSeq2SeqBatch(_Batch):
   target_ids: jax.Array  # [R, T']
   target_mask: jax.Array  # [R, T']
   target_segments: jax.Array  # [R, T']: the segment of the encoder row each target token belongs to; 0 = padding
-  task_ids: jax.Array | None = None  # unused: prompts are chosen per slot (`prompt_slots`)
   LOSS_MASK: ClassVar[str] = "target_mask"
   packed: ClassVar[bool] = True
 
@@ -255,11 +254,6 @@ class PackedSeq2SeqBatch(_Batch):
     starts = (seg[:, 1:] != seg[:, :-1]) & (seg[:, 1:] > 0)
     return (seg[:, 0] > 0).sum() + starts.sum()
 
-  @classmethod
-  def shapes(cls, rows: int, input_length: int, target_length: int) -> "PackedSeq2SeqBatch":
-    s = lambda n: jax.ShapeDtypeStruct((rows, n), np.int32)
-    return cls(s(input_length), s(input_length), s(input_length), *[s(target_length) for _ in range(4)])
-
 
 def pack_bins(sizes: Sequence[int], capacity: int) -> list[list[int]]:
   """First-fit decreasing: indices of `sizes` grouped into bins of at most `capacity` (each size <= capacity),
@@ -278,17 +272,17 @@ def pack_bins(sizes: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def pack_seq2seq(batch: Seq2SeqBatch, bins: Sequence[Sequence[int]], prompt_length: int, rows: int,
-                 input_length: int, target_length: int, start_id: int, pad: int = 0) -> PackedSeq2SeqBatch:
+                 input_length: int, target_length: int, start_id: int) -> PackedSeq2SeqBatch:
   """Rows of `batch` (numpy) packed as `bins` says (bin r -> row r, examples in bin order) into `rows` rows of
-  `input_length` encoder and `target_length` decoder slots; rows past the bins are padding."""
+  `input_length` encoder and `target_length` decoder slots (pad id 0, T5's); rows past the bins are padding."""
   ids = np.asarray(batch.input_ids)
   lens, tlens = batch.input_lengths(), np.asarray(batch.target_mask).sum(axis=1)
   tgt = np.asarray(batch.target_ids)
   tasks = np.zeros(len(ids), np.int32) if batch.task_ids is None else np.asarray(batch.task_ids)
   full = lambda v: np.full((rows, input_length), v, np.int32)
   tfull = lambda v: np.full((rows, target_length), v, np.int32)
-  inp, seg, slots = full(pad), full(0), full(-1)
-  dec, out, tmask, tseg = tfull(pad), tfull(pad), tfull(0), tfull(0)
+  inp, seg, slots = full(0), full(0), full(-1)
+  dec, out, tmask, tseg = tfull(0), tfull(0), tfull(0), tfull(0)
   for r, members in enumerate(bins):
     at = t_at = 0
     for s, i in enumerate(members, start=1):

@@ -25,7 +25,7 @@ from jaxprompt.data.sources import load_split
 from jaxprompt.errors import UsageError
 from jaxprompt.models.loading import load_tokenizer
 from jaxprompt.tools import bench as BN
-from jaxprompt.training.step import packed_rows
+from jaxprompt.training.step import make_packing
 
 RECIPE = dict(batch_size=32, input_length=512, target_length=8, prompt_length=100)  # Lester et al. (2021)
 
@@ -49,8 +49,8 @@ def _longest_row(inputs: dict) -> dict:
 
 def _packing(preset: BN.Preset, base) -> Packing:
   """What `data.pack` does with the preset's shapes and the default `train.microbatches` on one device."""
-  rows_for = lambda n, tokens: packed_rows(n, tokens, microbatches=C.TrainConfig().microbatches)
-  return Packing(preset.prompt_length, base.config.decoder_start_token_id, rows_for)
+  return make_packing(preset.prompt_length, base.config.decoder_start_token_id,
+                      microbatches=C.TrainConfig().microbatches)
 
 
 def _batches(preset: BN.Preset, base, data_file, task: str, tokenizer, steps: int, buckets, group: int,

@@ -9,12 +9,14 @@ calls `score_targets` (`models.interface`), so one step serves every model kind 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxprompt.data.pipeline import Packing
 from jaxprompt.training.losses import TokenSums, cross_entropy
 
 
@@ -52,11 +54,18 @@ def packed_rows(needed: int, tokens_per_row: int, *, microbatches: int | str, da
       m = auto_microbatches(rows, tokens_per_row, data_parallel)
       if m == 1 or (rows // m) * tokens_per_row * 2 >= CPU_CHUNK_TOKENS or rows // m <= data_parallel:
         return n
+      if n >= 2 * needed + grid:  # no better split nearby: take the fewest chunks auto finds
+        return n
     elif rows % (microbatches * data_parallel) == 0:
       return n
-    if n >= 2 * needed + grid:
-      return n
     n += grid
+
+
+def make_packing(prompt_length: int, start_id: int, *, microbatches: int | str, data_parallel: int = 1,
+                 processes: int = 1) -> Packing:
+  """`data.pack`'s `data.pipeline.Packing` for a step with these microbatches on this many devices and hosts."""
+  return Packing(prompt_length, start_id, functools.partial(packed_rows, microbatches=microbatches,
+                                                             data_parallel=data_parallel, processes=processes))
 
 
 def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1, seed: int = 0,

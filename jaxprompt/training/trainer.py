@@ -9,7 +9,6 @@ Running the same command again resumes exactly from the latest checkpoint (data 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from jaxprompt.training import hooks as H
 from jaxprompt.training.checkpoint import Checkpointer, selection_mode
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.state import TrainState
-from jaxprompt.training.step import make_train_step, packed_rows
+from jaxprompt.training.step import make_packing, make_train_step
 from jaxprompt.training.tracking import MetricsLog, plot_curves
 
 log = logging.getLogger(__name__)
@@ -151,9 +150,8 @@ class Trainer:
     run, tc = self.run, self.cfg.train
     if not run.packs:
       return None
-    rows_for = functools.partial(packed_rows, microbatches=tc.microbatches, processes=jax.process_count(),
-                                 data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"])
-    return Packing(self.cfg.prompt.length, run.base.config.decoder_start_token_id, rows_for)
+    return make_packing(self.cfg.prompt.length, run.base.config.decoder_start_token_id, microbatches=tc.microbatches,
+                        data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"], processes=jax.process_count())
 
   def fit(self, state: TrainState) -> TrainState:
     """Train from `state` to train.steps (or an early stop); raises `Preempted` after a signal's checkpoint."""
