@@ -181,7 +181,7 @@ def cmd_bench(args) -> int:
       raise UsageError("bench --data needs --task (how to read the file) and --tokenizer (a tokenizer folder)")
     result = run_data_bench(args.preset, args.data, args.task, args.tokenizer, vs_peft=args.vs_peft,
                             steps=args.iters, buckets=args.length_buckets, group_by_length=args.group_by_length,
-                            pack=args.pack)
+                            pack=args.pack, evaluate=args.eval)
   else:
     result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
                           structural=not args.no_structural, generation=not args.no_generation,
@@ -417,6 +417,9 @@ def _add_plan_bench(sub) -> None:
                       "seq2seq presets)")
   p.add_argument("--group-by-length", type=int, default=0,
                  help="with --data: batches of similar lengths, windows of N batches (data.group_by_length)")
+  p.add_argument("--eval", action="store_true",
+                 help="with --data: also time rank classification (the eval loss and every label's score) on the "
+                      "same batches; under --vs-peft against PEFT scoring each (example, label) pair")
   g = p.add_argument_group("--serve: the HTTP server under load (127.0.0.1 only)")
   g.add_argument("--serve", action="store_true", help="drive `jaxprompt serve` with concurrent clients over K "
                  "prompts, against one-at-a-time serving and (--vs-peft) PEFT's one-adapter-per-request pattern")

@@ -26,14 +26,16 @@ from jaxprompt.training.losses import cross_entropy
 
 
 def make_eval_fns(graphdef, *, z_loss: float):
-  """(loss_step, rank_step), pure: (prompt, frozen, batch, ...) -> loss sums / [B, C] label scores."""
+  """(loss_step, rank_step), pure: (prompt, frozen, batch, weights[, label ids, label mask]) -> loss sums /
+  (loss sums, [B, C] label scores), the second from one pass over what the two share (`eval_scores`)."""
 
   def loss_step(prompt, frozen, batch, weights):
     logits, targets, mask = nnx.merge(graphdef, prompt, frozen).score_targets(batch)
     return cross_entropy(logits, targets, mask, z_loss, weights=weights)
 
-  def rank_step(prompt, frozen, batch, label_ids, label_mask):
-    return nnx.merge(graphdef, prompt, frozen).label_logprobs(batch, label_ids, label_mask)
+  def rank_step(prompt, frozen, batch, weights, label_ids, label_mask):
+    (logits, targets, mask), scores = nnx.merge(graphdef, prompt, frozen).eval_scores(batch, label_ids, label_mask)
+    return cross_entropy(logits, targets, mask, z_loss, weights=weights), scores
 
   return loss_step, rank_step
 
@@ -102,14 +104,15 @@ class Evaluator:
     for batch, w, index in eval_batches(self.arrays, self.batch_size, process_index=jax.process_index(),
                                         process_count=jax.process_count(), buckets=run.cfg.data.buckets()):
       dev, weights = run.device_batch((batch, w))
-      s = jax.device_get(self._loss(prompt, run.frozen, dev, weights))
-      ce, tokens, seq = ce + float(s.ce), tokens + float(s.tokens), seq + float(s.seq_correct)
-      if self.mode == "rank":
-        sc = np.asarray(jax.device_get(self._rank(prompt, run.frozen, dev, self.label_ids, self.label_mask)))
-        for i, row in zip(index, sc):
+      if self.mode == "rank":  # the loss and every label's score from one pass
+        s, sc = jax.device_get(self._rank(prompt, run.frozen, dev, weights, self.label_ids, self.label_mask))
+        for i, row in zip(index, np.asarray(sc)):
           if i >= 0:
             preds[i], scores[int(i)] = int(np.argmax(row)), [round(float(v), 5) for v in row]
-      elif self.mode == "generate":
+      else:
+        s = jax.device_get(self._loss(prompt, run.frozen, dev, weights))
+      ce, tokens, seq = ce + float(s.ce), tokens + float(s.tokens), seq + float(s.seq_correct)
+      if self.mode == "generate":
         for i, row in zip(index, self._generate(prompt, dev)):
           if i >= 0:
             texts[i] = self._decode(row)

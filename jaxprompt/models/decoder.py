@@ -459,26 +459,41 @@ class Decoder(FrozenLM):
     return self.logits(hs), targets, batch.target_valid * (at >= 0).astype(batch.target_valid.dtype)
 
   def label_logprobs(self, batch: CausalBatch, label_ids, label_mask, prefix: Prefix | None = None) -> jax.Array:
-    """[prefix, input (left-padded), label] per (example, label) -> [B, C]."""
-    b, (c, t) = batch.size, label_ids.shape
-    prefix, last = self.shared_prompt(prefix, b)
-    x, m = self.input_embeddings(batch.input_ids, batch.input_mask, prefix=prefix)  # [B, S, H], [B, S]
-    xs = jnp.concatenate([jnp.repeat(x, c, axis=0), jnp.tile(self.embed(label_ids), (b, 1, 1))], axis=1)
-    ms = jnp.concatenate([jnp.repeat(m, c, axis=0), jnp.tile(label_mask, (b, 1))], axis=1)
-    # positions count real tokens only (left padding sits between prompt and input), as in training, where
-    # [prompt, input, target] start at position 0 (P with a key/value prefix) and padding comes last
-    kv = prefix.kv(b, repeat=c) if prefix is not None else None
-    pk = 0 if kv is None else kv[0].shape[2]
-    logits = self.logits(self.hidden(inputs_embeds=xs, attention_mask=ms, prefix_kv=kv,
-                                     positions=pk + jnp.maximum(jnp.cumsum(ms, axis=1) - 1, 0)))
-    s = x.shape[1]
-    pred = logits[:, s - 1:s + t - 1]
-    p = s - batch.input_ids.shape[1]
-    if p or last is not None:  # an empty input (all padding, no BOS): its first label token follows the prompt's
-      empty = jnp.repeat(jnp.sum(batch.input_mask, axis=1) == 0, c)  # last slot, as in training
-      after = logits[:, p - 1] if p else L.repeat_rows(self.logits(last[:, None])[:, 0], c if last.shape[0] > 1 else 1)
-      pred = pred.at[:, 0].set(jnp.where(empty[:, None], after, pred[:, 0]))
-    return L.sequence_logprob(pred, jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))).reshape(b, c)
+    """[prefix, input (left-padded), label] per (example, label) -> [B, C]. The input runs once into a cache
+    (`prefill`) and only the C labels' tokens run per example: L + C * T tokens per example, not C * (L + T)."""
+    (scores,) = self._continuations(batch, prefix, [(label_ids, label_mask)])
+    return scores
+
+  def eval_scores(self, batch: CausalBatch, label_ids, label_mask, prefix: Prefix | None = None):
+    """`score_targets` and `label_logprobs` of one batch with the input run once: (logits [B, T, V], targets,
+    loss mask), [B, C]."""
+    idx = batch.target_index
+    targets = jnp.take_along_axis(batch.tokens, idx, axis=1)
+    # as `score_targets`: a target at token 0 (an empty input) has a loss only after a soft prompt's positions
+    prompted = prefix is not None and prefix.embeds is not None and prefix.length > 0
+    mask = batch.target_valid * ((idx > 0) | prompted).astype(batch.target_valid.dtype)
+    (logits, mask), scores = self._continuations(batch, prefix, [None, (label_ids, label_mask)], gold=(targets, mask))
+    return (logits, targets, mask), scores
+
+  def _continuations(self, batch: CausalBatch, prefix: Prefix | None, conts, gold=None) -> list:
+    """Run [prefix, left-padded input] once into a cache of L + T slots, then every continuation from it: each
+    of `conts` (ids, mask) [C, T] -> [B, C] log-likelihoods (the cache repeated C times); None -> the batch's
+    own `gold` (targets, mask) [B, T] -> (logits [B, T, V], loss mask). Positions count real tokens only, as in
+    training, so each score is the training likelihood of that continuation as the target."""
+    longest = max((gold[0] if c is None else c[0]).shape[1] for c in conts)
+    first, cache = self.prefill(batch.input_ids, batch.input_mask, prefix=prefix, max_new_tokens=max(longest - 1, 1))
+    b, out = batch.size, []
+    for cont in conts:
+      ids, mask = gold if cont is None else (jnp.tile(cont[0], (b, 1)), jnp.tile(cont[1], (b, 1)))
+      r, t = ids.shape[0] // b, ids.shape[1]
+      rows = jax.tree.map(lambda a: L.repeat_rows(a, r, axis=_batch_axis(a)), cache)
+      # token 0 follows the input's last real slot (or a prompt's last slot after an empty input), as in training
+      logits = L.repeat_rows(first, r)[:, None]
+      if t > 1:
+        h, _ = self._extend(rows, self.embed(ids[:, :t - 1]), rows.next_pos[:, None] + jnp.arange(t - 1), rows.start)
+        logits = jnp.concatenate([logits, self.logits(h)], axis=1)
+      out.append((logits, mask) if cont is None else L.sequence_logprob(logits, ids, mask).reshape(b, r))
+    return out
 
   def prefix_slots(self) -> PrefixSlots:
     # PEFT (#1901): with num_key_value_heads the prefix has K heads of head_dim (config.head_dim when set)

@@ -121,6 +121,10 @@ class PromptableLM(Protocol):
                      ) -> jax.Array:
     """Rank classification: sum of label-token log-likelihoods for every (example, label) -> [B, C]."""
 
+  def eval_scores(self, batch, label_ids: jax.Array, label_mask: jax.Array, prefix: Prefix | None = None
+                  ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """`score_targets` (no dropout) and `label_logprobs` of one batch, computing what they share once."""
+
   def prefill(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, prefix: Prefix | None = None,
               max_new_tokens: int, num_beams: int = 1) -> tuple[jax.Array, Any]:
     """Run a generation prefix once -> (logits of the first new token [B * W, V], decoding cache with every

@@ -186,12 +186,14 @@ class T5(FrozenLM):
     return L.dropout(x, rate, rngs[2])
 
   def _decoder(self, x, q_pos, k_pos, decoder_mask, enc, cache: T5Cache | None, index, dropout_rng, prefix_kv=None,
-               segments=None):
+               segments=None, cross_kv=None):
     """The decoder stack, teacher-forced (`enc` = (encoder output [B, S, H], its mask) for cross attention, no
     cache; `prefix_kv` [Y, B, P, K, D] self-attention slots in front) or one cached step (`cache` holds everything;
     new k/v written at slot `index`). x [B, l, H] at positions q_pos [l] attends to key slots at positions
     k_pos [S'] -> final hidden states [B, l, H]. `segments` (packed rows, teacher forcing): (decoder segment ids
-    [B, l], encoder segment ids [B, S]): attention stays inside a segment; `enc`'s mask is then unused."""
+    [B, l], encoder segment ids [B, S]): attention stays inside a segment; `enc`'s mask is then unused.
+    `cross_kv` (teacher forcing): cross-attention keys and values [Y, B, S, N, D], projected already (`enc`'s
+    states are then unused)."""
     cfg = self.config
     self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg)
     self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, L.MASK_VALUE)[None, None]
@@ -220,7 +222,7 @@ class T5(FrozenLM):
       x = x + L.dropout(_attend(a, q, k, v, self_bias, rate, r[0]), rate, r[1])
       h = L.rms_norm(x, p["cross_attn_norm"], cfg.layer_norm_epsilon)
       # teacher forcing projects the encoder output here; cached steps projected it once (prefill)
-      qkv = _qkv(c, h, enc[0]) if cache is None else _qkv(c, h, None) + (xs["cross_k"], xs["cross_v"])
+      qkv = _qkv(c, h, enc[0]) if "cross_k" not in xs else _qkv(c, h, None) + (xs["cross_k"], xs["cross_v"])
       x = x + L.dropout(_attend(c, *qkv, cross_bias, rate, r[2]), rate, r[3])
       h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
       x = x + L.dropout(L.mlp(h, p["mlp"], act, rate, r[4]), rate, r[5])
@@ -230,6 +232,8 @@ class T5(FrozenLM):
       per_layer = dict(k=cache.k, v=cache.v, cross_k=cache.cross_k, cross_v=cache.cross_v)
     else:
       per_layer = {} if prefix_kv is None else dict(pk=prefix_kv[0], pv=prefix_kv[1])
+      if cross_kv is not None:
+        per_layer.update(cross_k=cross_kv[0], cross_v=cross_kv[1])
     # a cached step stays a scan: unrolled, every layer's cache update becomes a copy of the whole cache
     x, kv = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], self.remat if cache is None else "none",
                           per_layer, loop=self.layer_loop if cache is None else "scan")
@@ -302,14 +306,36 @@ class T5(FrozenLM):
 
   def label_logprobs(self, batch: Seq2SeqBatch, label_ids, label_mask, prefix: Prefix | None = None) -> jax.Array:
     """Encode once, decode every label: [B, C]."""
-    b, c = batch.size, label_ids.shape[0]
     x, m = self.input_embeddings(batch.input_ids, batch.input_mask, prefix=prefix)
-    enc = jnp.repeat(self.encode(inputs_embeds=x, attention_mask=m), c, axis=0)
+    return self._rank(self.encode(inputs_embeds=x, attention_mask=m), m, label_ids, label_mask, prefix)
+
+  def eval_scores(self, batch: Seq2SeqBatch, label_ids, label_mask, prefix: Prefix | None = None):
+    """`score_targets` and `label_logprobs` of one batch from one encoder pass: (logits [B, T, V], targets, loss
+    mask), [B, C]."""
+    x, m = self.input_embeddings(batch.input_ids, batch.input_mask, prefix=prefix)
+    enc = self.encode(inputs_embeds=x, attention_mask=m)
+    kv = prefix.kv(batch.size) if prefix is not None else None
+    logits = self.decode(shift_right(batch.target_ids, self.config.decoder_start_token_id), enc, m, prefix_kv=kv)
+    return (logits, batch.target_ids, batch.target_mask), self._rank(enc, m, label_ids, label_mask, prefix)
+
+  def _rank(self, enc, m, label_ids, label_mask, prefix: Prefix | None) -> jax.Array:
+    """Every label decoded from the encoder states enc [B, S, H] (mask m) -> [B, C] log-likelihoods; the
+    cross-attention keys and values are projected once per example, not once per label."""
+    b, (c, t) = enc.shape[0], label_ids.shape
     tgt, tmask = jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))
     kv = prefix.kv(b, repeat=c) if prefix is not None else None
-    logits = self.decode(shift_right(tgt, self.config.decoder_start_token_id), enc, jnp.repeat(m, c, axis=0),
-                         prefix_kv=kv)
-    return L.sequence_logprob(logits, tgt, tmask).reshape(b, c)
+    pk = 0 if kv is None else kv[0].shape[2]
+    cross = tuple(jnp.repeat(a, c, axis=1) for a in self._cross_kv(enc.astype(self.dtype)))
+    x, _ = self._decoder(self.embed(shift_right(tgt, self.config.decoder_start_token_id)), pk + jnp.arange(t),
+                         jnp.arange(pk + t), None, (None, jnp.repeat(m, c, axis=0)), None, 0, None, kv,
+                         cross_kv=cross)
+    return L.sequence_logprob(self.logits(x), tgt, tmask).reshape(b, c)
+
+  def _cross_kv(self, enc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Encoder states [B, S, H] -> every decoder layer's cross-attention keys and values [Y, B, S, N, D]."""
+    cross = L.arrays(self.decoder.layers.cross_attn)
+    return (jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype)),
+            jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype)))
 
   def prefix_slots(self) -> PrefixSlots:
     c = self.config
@@ -342,9 +368,7 @@ class T5(FrozenLM):
     w, pk = num_beams, 0 if prefix is None else prefix.kv_length
     x, mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
     enc = L.repeat_rows(self.encode(inputs_embeds=x, attention_mask=mask), w).astype(self.dtype)
-    cross = L.arrays(self.decoder.layers.cross_attn)
-    ck = jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype))
-    cv = jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype))
+    ck, cv = self._cross_kv(enc)
     cache = self.init_cache(enc.shape[0], pk + max_new_tokens + 1)  # the last slot is never read
     cache = cache.replace(cross_k=ck, cross_v=cv, encoder_mask=L.repeat_rows(mask, w), start=pk)
     if pk:

@@ -149,6 +149,11 @@ class PromptedModel(nnx.Module):
     """[B, C] rank-classification scores under the prompt (a bank's: as `score_targets`)."""
     return self.base.label_logprobs(batch, label_ids, label_mask, self.prefix(batch.size, _ids(prompt_ids, batch)))
 
+  def eval_scores(self, batch, label_ids, label_mask, *, prompt_ids=None):
+    """(`score_targets`'s triple, `label_logprobs`) of an evaluation batch, sharing the work the two have in
+    common (T5: one encoder pass; decoders: the input runs once, then the target and every label from its cache)."""
+    return self.base.eval_scores(batch, label_ids, label_mask, self.prefix(batch.size, _ids(prompt_ids, batch)))
+
 
 def _ids(prompt_ids, batch):
   return prompt_ids if prompt_ids is not None else batch.task_ids

@@ -7,6 +7,11 @@ and, for a causal model, pads each batch to its length bucket and runs the share
 gets what a
 careful PyTorch user gets from `DataCollatorWithPadding`: each batch padded to its own longest row. Reported:
 examples/s and real (non-pad) tokens/s — the input and target tokens of the examples, no prompt, no padding.
+
+`evaluate=True` also times rank classification (the eval loss and every label's score) on the same batches:
+jaxprompt's one pass (`eval_scores`: T5 encodes once; a causal model runs the input once, then the target and each
+label from its cache) against PEFT scoring every (example, label) pair as its own sequence, as lm-eval-harness
+does, plus its loss pass.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxprompt import config as C
 from jaxprompt.data.pipeline import BatchStream, Packing, bucket_lengths
 from jaxprompt.data.sources import load_split
+from jaxprompt.data.tasks import get_task
 from jaxprompt.errors import UsageError
+from jaxprompt.evaluation.evaluator import make_eval_fns
 from jaxprompt.models.loading import load_tokenizer
+from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
 from jaxprompt.tools import bench as BN
 from jaxprompt.training.step import make_packing
 
@@ -68,7 +77,7 @@ def _batches(preset: BN.Preset, base, data_file, task: str, tokenizer, steps: in
   if pack:
     stream = BatchStream(rows, preset.batch_size, packing=_packing(preset, base), **kw)
     ours = [next(stream) for _ in range(steps)]
-  return ours, unpacked, len(examples), float(rows.input_lengths().mean())
+  return ours, unpacked, len(examples), float(rows.input_lengths().mean()), tok
 
 
 def _time_ours(preset: BN.Preset, batches) -> dict:
@@ -118,10 +127,74 @@ def _time_peft(preset: BN.Preset, base, batches, threads: int) -> dict:
               slots=sum(slots(x) for x in hf))
 
 
+def _time_eval_ours(preset: BN.Preset, base, batches, label_ids, label_mask) -> dict:
+  """The evaluator's rank step (loss sums and [B, C] label scores in one pass) over `batches`."""
+  model = PromptedModel(base, SoftPrompt(jnp.zeros((preset.prompt_length, base.hidden_size)) + 0.1))
+  graphdef, ps, fs = nnx.split(model, PromptParam, ...)
+  prompt, frozen = ps.to_pure_dict(), fs.to_pure_dict()
+  rank = jax.jit(make_eval_fns(graphdef, z_loss=1e-4)[1])
+  ids, mask = jnp.asarray(label_ids), jnp.asarray(label_mask)
+  run = lambda b: rank(prompt, frozen, jax.tree.map(jnp.asarray, b), jnp.ones((b.size,)), ids, mask)  # noqa: E731
+  for b in {jax.tree.map(np.shape, b): b for b in batches}.values():  # one compile per bucket
+    jax.block_until_ready(run(b))
+  t0 = time.perf_counter()
+  out = [run(b) for b in batches]
+  jax.block_until_ready(out)
+  return dict(seconds=time.perf_counter() - t0)
+
+
+def _label_rows(batch, kind: str, label_ids, label_mask, c: int) -> dict:
+  """transformers inputs scoring label c as every row's target: seq2seq, the inputs with the label as labels;
+  causal, [input, label] right-padded to the longest row, labels -100 except on the label."""
+  lab = [int(t) for t, m in zip(label_ids[c], label_mask[c]) if m]
+  if kind == "seq2seq":
+    inputs = _longest_row(batch.hf_inputs())
+    return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                labels=np.tile(np.asarray(lab), (batch.size, 1)))
+  ins = [[int(t) for t, m in zip(r, k) if m] for r, k in zip(np.asarray(batch.input_ids), np.asarray(batch.input_mask))]
+  n = max(len(a) for a in ins) + len(lab)
+  ids, att, labels = np.zeros((batch.size, n), np.int64), np.zeros((batch.size, n), np.int64), np.full((batch.size, n), -100)
+  for i, a in enumerate(ins):
+    ids[i, :len(a) + len(lab)], att[i, :len(a) + len(lab)], labels[i, len(a):len(a) + len(lab)] = a + lab, 1, lab
+  return dict(input_ids=ids, attention_mask=att, labels=labels)
+
+
+def _time_eval_peft(preset: BN.Preset, base, batches, label_ids, label_mask, threads: int) -> dict:
+  """PEFT's evaluation of the same batches: the loss pass (dynamic padding), then one pass per label scoring
+  it as every row's target (the label log-likelihoods summed per row, as rank classification needs them)."""
+  import torch
+
+  torch.set_num_threads(threads)
+  model, _ = BN._peft_model(preset, base)
+  model.eval()
+  as_torch = lambda d: {k: torch.as_tensor(v, dtype=torch.long) for k, v in d.items()}  # noqa: E731
+  work = [(as_torch(_longest_row(b.hf_inputs())),
+           [as_torch(_label_rows(b, base.kind, label_ids, label_mask, c)) for c in range(len(label_ids))])
+          for b in batches]
+
+  def score(inputs):
+    logits = model(**inputs).logits
+    labels = inputs["labels"]
+    if base.kind != "seq2seq":  # PEFT returns the virtual tokens' positions too; position t predicts t + 1
+      logits, labels = logits[:, -labels.shape[1]:-1], labels[:, 1:]
+    logp = torch.log_softmax(logits.float(), -1)
+    keep = labels >= 0
+    return (logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * keep).sum(-1)
+
+  with torch.no_grad():
+    model(**work[0][0])  # warm-up
+    t0 = time.perf_counter()
+    for loss_inputs, per_label in work:
+      model(**loss_inputs).loss.item()
+      torch.stack([score(x) for x in per_label], -1)
+    return dict(seconds=time.perf_counter() - t0)
+
+
 def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft: bool = False, steps: int = 6,
-                   buckets="auto", group_by_length: int = 0, pack: bool | None = None, log=print) -> dict:
+                   buckets="auto", group_by_length: int = 0, pack: bool | None = None, evaluate: bool = False,
+                   log=print) -> dict:
   """The real-data benchmark as a dict (also printed by `log`). `pack`: pack a seq2seq model's rows (None: when
-  the model is seq2seq)."""
+  the model is seq2seq). `evaluate`: also time rank classification (the task's labels) on the unpacked batches."""
   preset = dataclasses.replace(BN.PRESETS[preset_name], **RECIPE)
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   base = BN.random_base(preset)
@@ -129,7 +202,7 @@ def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft
     pack = hasattr(base, "score_packed")
   elif pack and not hasattr(base, "score_packed"):
     raise UsageError(f"--pack packs seq2seq rows; {preset_name} is a {base.kind} model")
-  batches, unpacked, n, mean_len = _batches(preset, base, data_file, task, tokenizer, steps, buckets,
+  batches, unpacked, n, mean_len, tok = _batches(preset, base, data_file, task, tokenizer, steps, buckets,
                                             group_by_length, pack)
   real = sum(_real_tokens(b) for b in unpacked)
   examples = steps * preset.batch_size
@@ -154,4 +227,20 @@ def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft
     log(f"PyTorch + PEFT (per-batch dynamic padding, longest rows {min(pr['input_lengths'])}-"
         f"{max(pr['input_lengths'])}; {pr['slots']} token slots): {pr['examples_per_second']:.2f} examples/s, "
         f"{pr['real_tokens_per_second']:.0f} real tokens/s -> jaxprompt is {out['speedup_vs_peft']:.2f}x")
+  if evaluate:
+    labels = get_task(task).labels
+    if not labels:
+      raise UsageError(f"--eval ranks label strings; task {task!r} is generative")
+    label_ids, label_mask = base.batch_type.encode_labels(tok, labels, preset.target_length)
+    ev = _time_eval_ours(preset, base, unpacked, label_ids, label_mask)
+    ev["examples_per_second"] = examples / ev["seconds"]
+    out["eval"] = dict(labels=list(labels), jaxprompt=ev)
+    log(f"rank classification ({len(labels)} labels; loss + every label's score, one pass): "
+        f"{ev['examples_per_second']:.2f} examples/s")
+    if vs_peft:
+      pe = _time_eval_peft(preset, base, unpacked, label_ids, label_mask, threads)
+      pe["examples_per_second"] = examples / pe["seconds"]
+      out["eval"].update(peft=pe, speedup_vs_peft=pe["seconds"] / ev["seconds"])
+      log(f"PyTorch + PEFT rank classification (a loss pass, then each (example, label) as its own sequence): "
+          f"{pe['examples_per_second']:.2f} examples/s -> jaxprompt is {out['eval']['speedup_vs_peft']:.2f}x")
   return out

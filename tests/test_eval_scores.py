@@ -1,0 +1,90 @@
+"""Evaluation in one pass (`eval_scores`): the loss and every label's rank-classification score of a batch, with
+the work they share done once (T5: one encoder pass, cross-attention keys/values projected once per example;
+decoders: the input runs once into a cache, then the target and every label from it). Each label's score must be
+its training likelihood as the target (what `score_targets`, checked against PEFT, gives), and the loss must be
+`score_targets`' loss, for every kind of prefix: none, one prompt, a prompt per row, a bank, a key/value prefix."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxprompt.data.batches import CausalBatch, Seq2SeqBatch
+from jaxprompt.models import load_model
+from jaxprompt.models.interface import Prefix
+from tests.hf_models import IdTokenizer, write_decoder, write_t5
+
+P = 3
+EXAMPLES = [  # unequal lengths (padding) and an empty input
+    {"inputs": "5 9 17 33 8", "targets": "40 41"},
+    {"inputs": "7", "targets": "12 13 14"},
+    {"inputs": "", "targets": "20"},
+    {"inputs": "60 61 62", "targets": "70"},
+]
+LABELS = ["40 41", "12", "20 21"]  # with EOS: 3, 2 and 3 tokens (as targets, not truncated)
+BANK_IDS = jnp.asarray([1, 0, 1, 1])
+PREFIXES = ["none", "one", "per-row", "bank", "kv"]
+
+
+@pytest.fixture(scope="module", params=["t5v11-gated-untied", "llama3-gqa-untied", "gpt2"])
+def base(request, tmp_path_factory):
+  folder = tmp_path_factory.mktemp("evalscores") / "m"
+  if request.param.startswith("t5"):
+    return load_model(write_t5(folder, request.param, seed=4, vocab_size=96))
+  return load_model(write_decoder(folder, request.param, seed=4))
+
+
+def _prefix(base, kind: str) -> Prefix | None:
+  key, h = jax.random.key(7), base.hidden_size
+  if kind == "none":
+    return None
+  if kind == "one":
+    return Prefix(embeds=jax.random.normal(key, (1, P, h)) * 0.5)
+  if kind == "per-row":  # a different prompt in every row: nothing to share
+    return Prefix(embeds=jax.random.normal(key, (len(EXAMPLES), P, h)) * 0.5)
+  if kind == "bank":
+    bank = jax.random.normal(key, (2, P, h)) * 0.5
+    return Prefix(embeds=bank[BANK_IDS], bank=bank, bank_ids=BANK_IDS)
+  s = base.prefix_slots()  # prefix tuning's key/value slots
+  shape = (len(s.layer_of), 1, P, s.heads, s.head_dim)
+  return Prefix(keys=jax.random.normal(key, shape) * 0.5, values=jax.random.normal(jax.random.key(8), shape) * 0.5)
+
+
+def _encode(base, examples):
+  return jax.tree.map(jnp.asarray, base.batch_type.encode(examples, IdTokenizer(), input_length=6, target_length=3,
+                                                          name="e"))
+
+
+def _row_loglik(logits, targets, mask):
+  logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+  gold = np.take_along_axis(np.asarray(logp), np.asarray(targets)[..., None], axis=-1)[..., 0]
+  return (gold * np.asarray(mask)).sum(-1)
+
+
+@pytest.mark.parametrize("kind", PREFIXES)
+def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(base, kind):
+  prefix = _prefix(base, kind)
+  batch = _encode(base, EXAMPLES)
+  label_ids, label_mask = (jnp.asarray(a) for a in base.batch_type.encode_labels(IdTokenizer(), LABELS, 3))
+  (logits, targets, mask), scores = nnx.jit(lambda m: m.eval_scores(batch, label_ids, label_mask, prefix))(base)
+  want_logits, want_targets, want_mask = nnx.jit(lambda m: m.score_targets(batch, prefix))(base)
+  np.testing.assert_array_equal(mask, want_mask)
+  np.testing.assert_array_equal(np.asarray(targets)[np.asarray(mask) > 0],
+                                np.asarray(want_targets)[np.asarray(want_mask) > 0])
+  real = np.asarray(mask) > 0
+  assert real.sum() >= 6
+  np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(want_logits)[real], rtol=1e-5, atol=1e-5)
+
+  scores = np.asarray(scores)
+  assert scores.shape == (len(EXAMPLES), len(LABELS)) and np.isfinite(scores).all()
+  np.testing.assert_allclose(np.asarray(nnx.jit(lambda m: m.label_logprobs(batch, label_ids, label_mask, prefix))(
+      base)), scores, rtol=1e-5, atol=1e-5)
+  for c, label in enumerate(LABELS):
+    as_target = _encode(base, [dict(ex, targets=label) for ex in EXAMPLES])
+    lg, tg, mk = nnx.jit(lambda m: m.score_targets(as_target, prefix))(base)
+    # a target right after an empty input has no training loss without a soft prompt before it (nothing predicts
+    # it); such a row's rank score is not a likelihood and is not compared
+    scored = np.asarray(mk).sum(-1) == np.asarray(label_mask[c]).sum()
+    assert scored.sum() >= 3
+    np.testing.assert_allclose(scores[scored, c], _row_loglik(lg, tg, mk)[scored], rtol=1e-5, atol=1e-5)
