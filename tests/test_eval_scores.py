@@ -88,3 +88,32 @@ def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(b
     scored = np.asarray(mk).sum(-1) == np.asarray(label_mask[c]).sum()
     assert scored.sum() >= 3
     np.testing.assert_allclose(scores[scored, c], _row_loglik(lg, tg, mk)[scored], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks,unrolled", [(2, 8), (4, 1)], ids=["2 unrolled", "4 in a scan"])
+def test_eval_steps_in_chunks_equal_one_piece(base, monkeypatch, chunks, unrolled):
+  """On the CPU a large eval batch runs in chunks of rows (`auto_microbatches`): loss sums and label scores must
+  equal the batch in one piece, rows in order."""
+  import jaxprompt.evaluation.evaluator as E
+  from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
+
+  model = PromptedModel(base, SoftPrompt(jax.random.normal(jax.random.key(3), (P, base.hidden_size)) * 0.5))
+  graphdef, ps, fs = nnx.split(model, PromptParam, ...)
+  batch = _encode(base, EXAMPLES)
+  weights = jnp.asarray([1.0, 1.0, 0.0, 1.0])  # a padding row: no loss
+  labels = [jnp.asarray(a) for a in base.batch_type.encode_labels(IdTokenizer(), LABELS, 3)]
+
+  def run(n):
+    monkeypatch.setattr(E, "auto_microbatches", lambda *a, **k: n)
+    monkeypatch.setattr(E, "MAX_UNROLLED_CHUNKS", unrolled)
+    loss_step, rank_step = E.make_eval_fns(graphdef, z_loss=1e-4)
+    args = (ps.to_pure_dict(), fs.to_pure_dict(), batch, weights)
+    return jax.jit(loss_step)(*args), jax.jit(rank_step)(*args, *labels)
+
+  (loss1, (sums1, scores1)), (loss_n, (sums_n, scores_n)) = run(1), run(chunks)
+  assert scores_n.shape == (len(EXAMPLES), len(LABELS))
+  np.testing.assert_allclose(scores_n, scores1, rtol=1e-5, atol=1e-5)
+  for a, b in ((loss_n, loss1), (sums_n, sums1), (sums1, loss1)):
+    for field in ("ce", "z_loss", "correct", "tokens", "seq_correct"):
+      np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5)
+  assert float(loss1.tokens) < float(jnp.sum(batch.loss_mask))  # the padding row's targets are not counted

@@ -22,12 +22,18 @@ from jaxprompt.errors import DataError
 from jaxprompt.evaluation import metrics as M
 from jaxprompt.inference.decoding import generate
 from jaxprompt.run import task_data
-from jaxprompt.training.losses import cross_entropy
+from jaxprompt.training.losses import TokenSums, cross_entropy
+from jaxprompt.training.step import auto_microbatches
 
 
-def make_eval_fns(graphdef, *, z_loss: float):
+MAX_UNROLLED_CHUNKS = 8
+
+
+def make_eval_fns(graphdef, *, z_loss: float, data_parallel: int = 1):
   """(loss_step, rank_step), pure: (prompt, frozen, batch, weights[, label ids, label mask]) -> loss sums /
-  (loss sums, [B, C] label scores), the second from one pass over what the two share (`eval_scores`)."""
+  (loss sums, [B, C] label scores), the second from one pass over what the two share (`eval_scores`). On the CPU a
+  large batch runs in chunks of rows (`training.step.auto_microbatches`, as the train step does: the same
+  results, faster once activations outgrow the caches)."""
 
   def loss_step(prompt, frozen, batch, weights):
     logits, targets, mask = nnx.merge(graphdef, prompt, frozen).score_targets(batch)
@@ -37,7 +43,29 @@ def make_eval_fns(graphdef, *, z_loss: float):
     (logits, targets, mask), scores = nnx.merge(graphdef, prompt, frozen).eval_scores(batch, label_ids, label_mask)
     return cross_entropy(logits, targets, mask, z_loss, weights=weights), scores
 
-  return loss_step, rank_step
+  def chunked(fn):
+    def run(prompt, frozen, batch, weights, *labels):
+      prompt_length = nnx.merge(graphdef, prompt, frozen).prompt.length  # static: trace time
+      n = auto_microbatches(batch.size, batch.tokens_per_row(prompt_length), data_parallel)
+      if n == 1:
+        return fn(prompt, frozen, batch, weights, *labels)
+      k = batch.size // n
+      # chunks unrolled (independent: XLA overlaps them; a scan over them measured no faster than one piece), up
+      # to MAX_UNROLLED_CHUNKS of them, then a scan (compile time grows with the unrolled count)
+      if n <= MAX_UNROLLED_CHUNKS:
+        outs = [fn(prompt, frozen, jax.tree.map(lambda x: x[i * k:(i + 1) * k], batch), weights[i * k:(i + 1) * k],
+                   *labels) for i in range(n)]
+        out = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      else:
+        split = lambda x: x.reshape((n, k) + x.shape[1:])  # noqa: E731
+        out = jax.lax.map(lambda xs: fn(prompt, frozen, *xs, *labels), (jax.tree.map(split, batch), split(weights)))
+      if isinstance(out, TokenSums):
+        return jax.tree.map(lambda a: a.sum(0), out)
+      sums, scores = out
+      return jax.tree.map(lambda a: a.sum(0), sums), scores.reshape((-1,) + scores.shape[2:])
+    return run
+
+  return chunked(loss_step), chunked(rank_step)
 
 
 def _round_up(n: int, k: int) -> int:
@@ -64,7 +92,8 @@ class Evaluator:
     # every host gets the same number of rows, and the batch splits evenly over the (data, fsdp) axes
     shards = math.lcm(jax.process_count(), run.mesh.shape["data"] * run.mesh.shape["fsdp"])
     self.batch_size = _round_up(min(cfg.eval.batch_size, len(self.examples)), shards)
-    loss_step, rank_step = make_eval_fns(run.graphdef, z_loss=cfg.train.z_loss)
+    loss_step, rank_step = make_eval_fns(run.graphdef, z_loss=cfg.train.z_loss,
+                                         data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"])
     rep = shd.replicated(run.mesh)  # replicated outputs: every process reads every example's result
     self._loss = jax.jit(loss_step, out_shardings=rep)
     self._rank = jax.jit(rank_step, out_shardings=rep)
