@@ -407,7 +407,7 @@ def _add_plan_bench(sub) -> None:
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
   p.add_argument("--data", help="real rows: train on this file (the recipe shape: prompt 100, batch 32, inputs up "
                  "to 512), --iters steps, against PEFT with per-batch dynamic padding under --vs-peft")
-  p.add_argument("--task", help="with --data: the task that reads the file (e.g. rte, cb, sst2, trec)")
+  p.add_argument("--task", help="with --data: the task that reads the file (e.g. rte, cb, boolq)")
   p.add_argument("--tokenizer", help="with --data / --serve: a tokenizer folder (with --data its vocabulary must fit "
                  "the preset's)")
   p.add_argument("--length-buckets", default="auto", type=_buckets_arg,
