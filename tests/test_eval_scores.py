@@ -117,3 +117,19 @@ def test_eval_steps_in_chunks_equal_one_piece(base, monkeypatch, chunks, unrolle
     for field in ("ce", "z_loss", "correct", "tokens", "seq_correct"):
       np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5)
   assert float(loss1.tokens) < float(jnp.sum(batch.loss_mask))  # the padding row's targets are not counted
+
+
+@pytest.mark.parametrize("batch_type", [Seq2SeqBatch, CausalBatch], ids=["seq2seq", "causal"])
+def test_hf_rows_with_a_label_as_target_are_the_training_rows_of_that_target(batch_type):
+  """`bench --eval` scores PEFT on `hf_with_target` rows: they must be the rows training would give PEFT with the
+  label as every example's target (after trimming the padding every row has)."""
+  tok = IdTokenizer()
+  batch = batch_type.encode(EXAMPLES, tok, input_length=6, target_length=3, name="e")
+  ids, mask = batch_type.encode_labels(tok, ["40 41"], 3)
+  got = batch.hf_with_target([int(t) for t, m in zip(ids[0], mask[0]) if m])
+  want = batch_type.encode([dict(ex, targets="40 41") for ex in EXAMPLES], tok, input_length=6, target_length=3,
+                           name="e").hf_inputs()
+  for k in want:
+    n = got[k].shape[1]
+    np.testing.assert_array_equal(got[k], want[k][:, :n], err_msg=k)
+    assert (want[k][:, n:] == (-100 if k == "labels" else 0)).all(), k  # beyond: padding in every row

@@ -208,6 +208,11 @@ class Seq2SeqBatch(_Batch):
     labels = np.where(np.asarray(self.target_mask) > 0, np.asarray(self.target_ids), -100)
     return dict(input_ids=np.asarray(self.input_ids), attention_mask=np.asarray(self.input_mask), labels=labels)
 
+  def hf_with_target(self, target: Sequence[int]) -> dict[str, np.ndarray]:
+    """`hf_inputs` with `target` (token ids) as every row's target: how transformers scores one label per row."""
+    return dict(input_ids=np.asarray(self.input_ids), attention_mask=np.asarray(self.input_mask),
+                labels=np.tile(np.asarray(target, np.int64), (self.size, 1)))
+
   @classmethod
   def shapes(cls, batch_size: int, input_length: int, target_length: int) -> "Seq2SeqBatch":
     s = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
@@ -370,6 +375,17 @@ class CausalBatch(_Batch):
     at = np.asarray(self.target_index)[r, t]
     labels[r, at] = tokens[r, at]
     return dict(input_ids=tokens, attention_mask=np.asarray(self.token_mask), labels=labels)
+
+  def hf_with_target(self, target: Sequence[int]) -> dict[str, np.ndarray]:
+    """`hf_inputs` with `target` (token ids) as every row's target: [input, target] right-padded to the longest,
+    labels -100 except on the target (how transformers scores one label per row)."""
+    ins = [list(r[k > 0]) for r, k in zip(np.asarray(self.input_ids), np.asarray(self.input_mask))]
+    n, t = max(len(a) for a in ins) + len(target), list(target)
+    ids, mask, labels = (np.zeros((self.size, n), np.int64), np.zeros((self.size, n), np.int64),
+                         np.full((self.size, n), -100))
+    for i, a in enumerate(ins):
+      ids[i, :len(a) + len(t)], mask[i, :len(a) + len(t)], labels[i, len(a):len(a) + len(t)] = a + t, 1, t
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
   @classmethod
   def shapes(cls, batch_size: int, input_length: int, target_length: int) -> "CausalBatch":

@@ -171,7 +171,7 @@ def compile_seconds(preset: Preset, layers: int, dtype: str = "float32", layer_l
   return time.perf_counter() - t0
 
 
-def _peft_model(preset: Preset, base, **prompt_tuning):
+def peft_model(preset: Preset, base, **prompt_tuning):
   """The preset as a random transformers model wrapped by PEFT prompt tuning (task type from our model kind)."""
   from peft import PromptTuningConfig, get_peft_model
 
@@ -186,7 +186,7 @@ def peft_trainable(preset: Preset, base, threads: int):
   from transformers.optimization import Adafactor
 
   torch.set_num_threads(threads)
-  model, _ = _peft_model(preset, base)
+  model, _ = peft_model(preset, base)
   model.train()
   opt = Adafactor([p for p in model.parameters() if p.requires_grad], lr=0.3, relative_step=False,
                   scale_parameter=False, warmup_init=False, decay_rate=-0.8, clip_threshold=1.0, weight_decay=1e-5)
@@ -305,7 +305,7 @@ def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 
     from peft import PromptTuningConfig
 
     torch.set_num_threads(threads)
-    pm, task = _peft_model(preset, base, num_transformer_submodules=1)
+    pm, task = peft_model(preset, base, num_transformer_submodules=1)
     for k in range(1, num_prompts):
       pm.add_adapter(f"p{k}", PromptTuningConfig(task_type=task, num_virtual_tokens=preset.prompt_length,
                                                  num_transformer_submodules=1))

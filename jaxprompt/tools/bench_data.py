@@ -143,40 +143,24 @@ def _time_eval_ours(preset: BN.Preset, base, batches, label_ids, label_mask) -> 
   return dict(seconds=time.perf_counter() - t0)
 
 
-def _label_rows(batch, kind: str, label_ids, label_mask, c: int) -> dict:
-  """transformers inputs scoring label c as every row's target: seq2seq, the inputs with the label as labels;
-  causal, [input, label] right-padded to the longest row, labels -100 except on the label."""
-  lab = [int(t) for t, m in zip(label_ids[c], label_mask[c]) if m]
-  if kind == "seq2seq":
-    inputs = _longest_row(batch.hf_inputs())
-    return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                labels=np.tile(np.asarray(lab), (batch.size, 1)))
-  ins = [[int(t) for t, m in zip(r, k) if m] for r, k in zip(np.asarray(batch.input_ids), np.asarray(batch.input_mask))]
-  n = max(len(a) for a in ins) + len(lab)
-  ids, att, labels = np.zeros((batch.size, n), np.int64), np.zeros((batch.size, n), np.int64), np.full((batch.size, n), -100)
-  for i, a in enumerate(ins):
-    ids[i, :len(a) + len(lab)], att[i, :len(a) + len(lab)], labels[i, len(a):len(a) + len(lab)] = a + lab, 1, lab
-  return dict(input_ids=ids, attention_mask=att, labels=labels)
-
-
 def _time_eval_peft(preset: BN.Preset, base, batches, label_ids, label_mask, threads: int) -> dict:
   """PEFT's evaluation of the same batches: the loss pass (dynamic padding), then one pass per label scoring
   it as every row's target (the label log-likelihoods summed per row, as rank classification needs them)."""
   import torch
 
   torch.set_num_threads(threads)
-  model, _ = BN._peft_model(preset, base)
+  model, _ = BN.peft_model(preset, base)
   model.eval()
   as_torch = lambda d: {k: torch.as_tensor(v, dtype=torch.long) for k, v in d.items()}  # noqa: E731
-  work = [(as_torch(_longest_row(b.hf_inputs())),
-           [as_torch(_label_rows(b, base.kind, label_ids, label_mask, c)) for c in range(len(label_ids))])
+  labels = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in zip(label_ids, label_mask)]
+  work = [(as_torch(_longest_row(b.hf_inputs())), [as_torch(_longest_row(b.hf_with_target(t))) for t in labels])
           for b in batches]
 
   def score(inputs):
     logits = model(**inputs).logits
     labels = inputs["labels"]
-    if base.kind != "seq2seq":  # PEFT returns the virtual tokens' positions too; position t predicts t + 1
-      logits, labels = logits[:, -labels.shape[1]:-1], labels[:, 1:]
+    if labels.shape[1] == inputs["input_ids"].shape[1]:  # causal: PEFT returns the virtual tokens' positions too,
+      logits, labels = logits[:, -labels.shape[1]:-1], labels[:, 1:]  # and position t predicts t + 1
     logp = torch.log_softmax(logits.float(), -1)
     keep = labels >= 0
     return (logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * keep).sum(-1)
