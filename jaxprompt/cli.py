@@ -172,6 +172,8 @@ def cmd_bench(args) -> int:
       raise UsageError("bench --serve needs --model (a causal base model with its tokenizer)")
     result = run_serve_bench(args.model, tokenizer=args.tokenizer, prompts=args.num_prompts, clients=args.clients,
                              requests=args.requests, max_tokens=args.max_tokens, vs_peft=args.vs_peft)
+  elif args.eval and not args.data:
+    raise UsageError("bench --eval times evaluation on real rows: give --data FILE --task TASK --tokenizer DIR")
   elif args.preset not in BN.PRESETS:
     raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
   elif args.data:

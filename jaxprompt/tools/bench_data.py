@@ -186,8 +186,11 @@ def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft
     pack = hasattr(base, "score_packed")
   elif pack and not hasattr(base, "score_packed"):
     raise UsageError(f"--pack packs seq2seq rows; {preset_name} is a {base.kind} model")
+  labels = get_task(task).labels if evaluate else None
+  if evaluate and not labels:  # before minutes of training benchmark, not after
+    raise UsageError(f"--eval ranks label strings; task {task!r} is generative")
   batches, unpacked, n, mean_len, tok = _batches(preset, base, data_file, task, tokenizer, steps, buckets,
-                                            group_by_length, pack)
+                                                 group_by_length, pack)
   real = sum(_real_tokens(b) for b in unpacked)
   examples = steps * preset.batch_size
   out = dict(preset=preset_name, task=task, data=str(data_file), examples_in_file=n, mean_input_tokens=mean_len,
@@ -212,9 +215,6 @@ def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft
         f"{max(pr['input_lengths'])}; {pr['slots']} token slots): {pr['examples_per_second']:.2f} examples/s, "
         f"{pr['real_tokens_per_second']:.0f} real tokens/s -> jaxprompt is {out['speedup_vs_peft']:.2f}x")
   if evaluate:
-    labels = get_task(task).labels
-    if not labels:
-      raise UsageError(f"--eval ranks label strings; task {task!r} is generative")
     label_ids, label_mask = base.batch_type.encode_labels(tok, labels, preset.target_length)
     ev = _time_eval_ours(preset, base, unpacked, label_ids, label_mask)
     ev["examples_per_second"] = examples / ev["seconds"]
