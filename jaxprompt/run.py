@@ -24,7 +24,7 @@ from jaxprompt import sharding as shd
 from jaxprompt.data import sources
 from jaxprompt.data.tasks import Task
 from jaxprompt.errors import ConfigError, DataError
-from jaxprompt.evaluation import metrics as M
+from jaxprompt import metrics as M
 from jaxprompt.models.loading import architecture_summary, load_model, load_tokenizer
 from jaxprompt.prompts import PromptedModel, PromptParam
 from jaxprompt.prompts import methods

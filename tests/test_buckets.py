@@ -16,7 +16,7 @@ from jaxprompt.data.pipeline import BatchStream, bucket_lengths, eval_batches
 from jaxprompt.models import layers as L
 from jaxprompt.models import load_model
 from jaxprompt.prompts import PromptedModel, SoftPrompt
-from jaxprompt.training.checkpoint import Checkpointer
+from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.trainer import evaluate
 from tests.hf_models import IdTokenizer, write_decoder, write_t5
 from tests.test_causal import tiny_cfg

@@ -25,7 +25,7 @@ from jaxprompt.inference import text as inference
 from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_trained_prompt
 from jaxprompt.run import build_run, task_data
-from jaxprompt.training.losses import cross_entropy
+from jaxprompt.losses import cross_entropy
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import evaluate, train

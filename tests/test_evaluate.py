@@ -15,7 +15,7 @@ from jaxprompt import sharding as shd
 from jaxprompt.evaluation.evaluator import Evaluator
 from jaxprompt.models import load_model
 from jaxprompt.run import build_run
-from jaxprompt.training.checkpoint import Checkpointer
+from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.trainer import train
 from jaxprompt.models.t5 import shift_right
 from tests.hf_models import write_decoder

@@ -29,7 +29,7 @@ from jaxprompt.inference import text as inference
 from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_trained_prompt
 from jaxprompt.run import build_run
-from jaxprompt.training.losses import cross_entropy
+from jaxprompt.losses import cross_entropy
 from jaxprompt.training.trainer import train
 from tests.hf_models import write_t5
 from tests.test_causal import one_device, run_cli, tiny_cfg, write_byte_decoder

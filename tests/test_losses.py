@@ -8,7 +8,7 @@ from transformers import ByT5Tokenizer
 from jaxprompt import prompts as P
 from jaxprompt.data.batches import CausalBatch
 from jaxprompt.models import load_model
-from jaxprompt.training.losses import cross_entropy
+from jaxprompt.losses import cross_entropy
 from tests.hf_models import write_decoder
 
 

@@ -26,7 +26,7 @@ from jaxprompt.prompts.methods import bank
 from jaxprompt import load_prompted
 from jaxprompt.prompts.prefix import PrefixTuning
 from jaxprompt.run import build_run
-from jaxprompt.training.checkpoint import Checkpointer
+from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train

@@ -5,7 +5,7 @@ import pytest
 import scipy.stats
 import sklearn.metrics as skm
 
-from jaxprompt.evaluation import metrics as M
+from jaxprompt import metrics as M
 from jaxprompt.data.t5_formats import STSB_LABELS
 
 

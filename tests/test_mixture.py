@@ -20,7 +20,7 @@ from jaxprompt.evaluation.evaluator import Evaluator
 from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_prompt_source
 from jaxprompt.run import build_run
-from jaxprompt.training.checkpoint import Checkpointer
+from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.trainer import train
 from tests.test_train import byte_t5, small_cfg, train_interrupted  # noqa: F401  (session fixture)
 

@@ -18,8 +18,8 @@ from jaxprompt.models import load_model
 from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
 from jaxprompt.prompts.encoders import PTuning
 from jaxprompt.run import build_run
-from jaxprompt.training.checkpoint import Checkpointer
-from jaxprompt.training.losses import cross_entropy
+from jaxprompt.checkpoint import Checkpointer
+from jaxprompt.losses import cross_entropy
 from jaxprompt.training.step import auto_microbatches, packed_rows
 from tests.hf_models import IdTokenizer, write_t5
 from tests.test_buckets import EXAMPLES

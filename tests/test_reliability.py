@@ -15,7 +15,7 @@ import pytest
 
 from jaxprompt import config as C
 from jaxprompt.prompts.io import load_trained_prompt
-from jaxprompt.training.checkpoint import Checkpointer
+from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.trainer import EXIT_PREEMPTED
 from tests.test_train import byte_t5  # noqa: F401  (session fixture)
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # checkpoint to Orbax's background writer — i.e. while that checkpoint is being written.
 DRIVER = r"""
 import os, signal, sys
-import jaxprompt.training.checkpoint as ck
+import jaxprompt.checkpoint as ck
 kill_at = int(os.environ.get("KILL_DURING_SAVE", "-1"))
 orig = ck.Checkpointer.save
 def save(self, step, *a, **k):

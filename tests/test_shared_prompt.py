@@ -14,7 +14,7 @@ from jaxprompt.data.batches import CausalBatch
 from jaxprompt.inference import generate
 from jaxprompt.models import load_model
 from jaxprompt.models.interface import Prefix
-from jaxprompt.training.losses import cross_entropy
+from jaxprompt.losses import cross_entropy
 from tests.hf_models import IdTokenizer, write_decoder
 
 P = 4

@@ -13,7 +13,7 @@ from jaxprompt import config as C
 from jaxprompt import sharding as shd
 from jaxprompt.data.pipeline import BatchStream
 from jaxprompt.run import build_run
-from jaxprompt.training.checkpoint import Checkpointer
+from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train

@@ -28,7 +28,7 @@ import functools
 import string
 from typing import Any, Callable, Mapping, Sequence
 
-from jaxprompt.evaluation import metrics as M
+from jaxprompt import metrics as M
 from jaxprompt.data import rows as R
 from jaxprompt.data import superglue_raw, t5_formats as T5
 from jaxprompt.errors import DataError

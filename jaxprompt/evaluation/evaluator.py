@@ -19,10 +19,10 @@ from flax import nnx
 from jaxprompt import sharding as shd
 from jaxprompt.data.pipeline import eval_batches
 from jaxprompt.errors import DataError
-from jaxprompt.evaluation import metrics as M
+from jaxprompt import metrics as M
 from jaxprompt.inference.decoding import generate
 from jaxprompt.run import task_data
-from jaxprompt.training.losses import TokenSums, cross_entropy
+from jaxprompt.losses import TokenSums, cross_entropy
 from jaxprompt.training.step import auto_microbatches
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
 from jaxprompt.models import hf
 from jaxprompt.prompts.specs import from_spec
-from jaxprompt.training.checkpoint import Checkpointer, find_checkpoint_dir
+from jaxprompt.checkpoint import Checkpointer, find_checkpoint_dir
 
 PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
 PEFT_METHODS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxprompt.errors import NonFiniteError
-from jaxprompt.training.checkpoint import selection_mode
+from jaxprompt.checkpoint import selection_mode
 from jaxprompt.training.state import Best, TrainState
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprompt.data.pipeline import Packing
-from jaxprompt.training.losses import TokenSums, cross_entropy
+from jaxprompt.losses import TokenSums, cross_entropy
 
 
 CPU_CHUNK_TOKENS = 4096

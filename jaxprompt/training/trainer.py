@@ -27,7 +27,7 @@ from jaxprompt.errors import CheckpointError, WorkdirError
 from jaxprompt.evaluation.evaluator import evaluator_for
 from jaxprompt.run import Run, TaskData, build_run
 from jaxprompt.training import hooks as H
-from jaxprompt.training.checkpoint import Checkpointer, selection_mode
+from jaxprompt.checkpoint import Checkpointer, selection_mode
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.state import TrainState
 from jaxprompt.training.step import make_packing, make_train_step

@@ -24,7 +24,6 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxprompt.config import CheckpointConfig
 from jaxprompt.errors import CheckpointError
-from jaxprompt.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +77,12 @@ class Checkpointer:
       ck.metric, ck.mode = metric, selection_mode(metric)
     return ck
 
-  def save_state(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
-    """Checkpoint `state` at its step, with `meta` (base identity, config) beside its counters."""
+  def save_state(self, state, meta: dict, metrics: dict | None = None) -> None:
+    """Checkpoint `state` (a `training.state.TrainState`: any record with step, prompt, opt_state and counters()) at its step, with `meta` (base identity, config) beside its counters."""
     self.save(state.step, state.prompt, state.opt_state, {**meta, **state.counters()}, metrics)
 
-  def restore_state(self, step: int, like: TrainState) -> tuple[TrainState, dict]:
-    """The state saved at `step`, restored into the shardings of `like`, and its metadata."""
+  def restore_state(self, step: int, like):
+    """(the state saved at `step`, restored into the shardings and type of `like`; its metadata)."""
     prompt, opt_state, meta = self.restore(step, abstract_like(like.prompt), abstract_like(like.opt_state))
     return like.replace(prompt=prompt, opt_state=opt_state).with_counters(meta), meta
 
