@@ -16,20 +16,20 @@ the kind:
 
 Both carry an optional `task_ids` [B] (int32): the prompt each row uses when a run trains one prompt per task
 (`prompt.per_task`, a bank [K, P, ...]); None otherwise.
+
+This module is a leaf (numpy, JAX and Flax only): models name their batch type without importing the data layer.
+Layouts work on token ids; tokenisation (text -> ids, the tokenizer's special tokens) is `data.encoding`'s.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import numpy as np
 from flax import struct
 
 from jaxprompt.errors import DataError
-
-log = logging.getLogger(__name__)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, left: bool = False
@@ -53,34 +53,12 @@ def trim(ids: list[int], length: int, eos: int | None) -> tuple[list[int], bool]
   return ids[:length], True
 
 
-_CHUNK = 4096  # texts per tokenizer call
-
-
-def ids_of(tokenizer, texts: Sequence[str], special: bool) -> list[list[int]]:
-  """The token ids of each text: each distinct text once (labels and targets repeat), in batched calls (a fast
-  tokenizer encodes a list in parallel; one call per text made tokenisation the slow part of setup)."""
-  unique = list(dict.fromkeys(texts))
-  table: dict[str, list[int]] = {}
-  for i in range(0, len(unique), _CHUNK):
-    chunk = unique[i:i + _CHUNK]
-    table.update(zip(chunk, tokenizer(chunk, add_special_tokens=special)["input_ids"]))
-  return [list(table[t]) for t in texts]
-
-
-def pad_id(tokenizer) -> int:
-  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def _input_rows(tokenizer, texts: Sequence[str], *, drop_eos: bool) -> list[list[int]]:
-  """Generation inputs: tokenised with special tokens; an empty input starts from BOS (or EOS / 0)."""
-  eos, rows = tokenizer.eos_token_id, []
-  for ids in ids_of(tokenizer, texts, True):
-    if drop_eos and eos is not None and ids and ids[-1] == eos:
-      ids = ids[:-1]
-    if not ids:
-      ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (eos or 0)]
-    rows.append(ids)
-  return rows
+def input_row(ids: list[int], *, eos: int | None, bos: int | None, drop_eos: bool) -> list[int]:
+  """A generation input's tokens (tokenised with special tokens): a final EOS dropped when `drop_eos`; an empty
+  input starts from BOS (or EOS / 0)."""
+  if drop_eos and eos is not None and ids and ids[-1] == eos:
+    ids = ids[:-1]
+  return ids or [bos if bos is not None else (eos or 0)]
 
 
 class _Batch:
@@ -139,23 +117,17 @@ class _Batch:
     raise NotImplementedError
 
   @classmethod
-  def encode(cls, examples: Sequence[Mapping[str, str]], tokenizer, *, input_length: int, target_length: int,
-             name: str = "data"):
-    """`{"inputs", "targets"}` examples -> one batch of numpy arrays holding every row (layout: the class)."""
-    if not examples:
-      raise DataError(f"{name}: the dataset is empty")
-    ins, tgts, cut_in, cut_tgt, eos = [], [], 0, 0, tokenizer.eos_token_id
-    in_ids = ids_of(tokenizer, [ex["inputs"] for ex in examples], True)
-    tgt_ids = ids_of(tokenizer, [ex["targets"] for ex in examples], cls.TARGET_SPECIAL)
-    for a_ids, t_ids in zip(in_ids, tgt_ids):
+  def from_token_ids(cls, input_ids: Sequence[list[int]], target_ids: Sequence[list[int]], *, eos: int | None,
+                     pad: int, input_length: int, target_length: int) -> tuple["_Batch", int, int]:
+    """Tokenised examples (inputs with special tokens; targets as `TARGET_SPECIAL` says) -> (one numpy batch of
+    every row in this type's layout, inputs cut, targets cut)."""
+    ins, tgts, cut_in, cut_tgt = [], [], 0, 0
+    for a_ids, t_ids in zip(input_ids, target_ids, strict=True):
       (a, ca), (t, ct) = cls._tokenize(eos, a_ids, t_ids, input_length, target_length)
       ins.append(a)
       tgts.append(t)
       cut_in, cut_tgt = cut_in + ca, cut_tgt + ct
-    if cut_in or cut_tgt:
-      log.warning("%s: truncated %d of %d inputs to %d tokens and %d targets to %d tokens", name, cut_in,
-                  len(examples), input_length, cut_tgt, target_length)
-    return cls._layout(ins, tgts, pad_id(tokenizer), input_length, target_length)
+    return cls._layout(ins, tgts, pad, input_length, target_length), cut_in, cut_tgt
 
 
 @struct.dataclass
@@ -176,29 +148,25 @@ class Seq2SeqBatch(_Batch):
   def _layout(cls, ins, tgts, pad: int, input_length: int, target_length: int) -> "Seq2SeqBatch":
     return cls(*pad_rows(ins, input_length, pad), *pad_rows(tgts, target_length, pad))
 
-  @staticmethod
-  def encode_labels(tokenizer, labels: Sequence[str], target_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Label strings -> (ids, mask) [C, T] as decoder targets (with EOS)."""
-    rows = [trim(ids, target_length, tokenizer.eos_token_id)[0] for ids in ids_of(tokenizer, labels, True)]
-    return pad_rows(rows, target_length, pad_id(tokenizer))
+  LABEL_SPECIAL: ClassVar[bool] = True  # labels are decoder targets: tokenised with special tokens (EOS)
+  INPUT_DROP_EOS: ClassVar[bool] = False  # generation inputs keep their EOS, as in training
 
   @staticmethod
-  def input_rows(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Generation inputs' tokens (with EOS, as in training)."""
-    return _input_rows(tokenizer, texts, drop_eos=False)
+  def label_rows(label_ids: Sequence[list[int]], *, eos: int | None, pad: int, target_length: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenised labels -> (ids, mask) [C, T] as decoder targets (with EOS)."""
+    return pad_rows([trim(ids, target_length, eos)[0] for ids in label_ids], target_length, pad)
+
+  @staticmethod
+  def cut_input(row: list[int], max_length: int) -> list[int]:
+    """A long generation input keeps its start (an encoder input, as in training)."""
+    return row[:max_length]
 
   @staticmethod
   def layout_inputs(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Encoder inputs right-padded as in training and PEFT (T5's relative positions would otherwise put a soft
     prompt further from a shorter input)."""
     return pad_rows(rows, length, pad_id)
-
-  @classmethod
-  def encode_inputs(cls, tokenizer, texts: Sequence[str], max_length: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder inputs for generation [B, longest]."""
-    rows = [r[:max_length] if max_length else r for r in cls.input_rows(tokenizer, texts)]
-    return cls.layout_inputs(rows, max(len(r) for r in rows), pad_id(tokenizer))
 
   def cropped(self, input_length: int) -> "Seq2SeqBatch":
     return self.replace(input_ids=self.input_ids[:, :input_length], input_mask=self.input_mask[:, :input_length])
@@ -335,30 +303,25 @@ class CausalBatch(_Batch):
                                           target_length, 0)
     return cls(tokens, token_mask, target_index, target_valid, *pad_rows(ins, input_length, pad, left=True))
 
-  @staticmethod
-  def encode_labels(tokenizer, labels: Sequence[str], target_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Label strings -> (ids, mask) [C, T] as continuations: the text + EOS, no BOS."""
-    eos = tokenizer.eos_token_id
-    rows = [trim(ids + ([eos] if eos is not None else []), target_length, eos)[0]
-            for ids in ids_of(tokenizer, labels, False)]
-    return pad_rows(rows, target_length, pad_id(tokenizer))
+  LABEL_SPECIAL: ClassVar[bool] = False  # labels are continuations: the text + EOS, no BOS
+  INPUT_DROP_EOS: ClassVar[bool] = True  # generation prompts keep BOS and drop a final EOS
 
   @staticmethod
-  def input_rows(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Generation prompts' tokens (BOS kept, a final EOS dropped)."""
-    return _input_rows(tokenizer, texts, drop_eos=True)
+  def label_rows(label_ids: Sequence[list[int]], *, eos: int | None, pad: int, target_length: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenised labels (no special tokens) -> (ids, mask) [C, T] as continuations: the text + EOS."""
+    rows = [trim(ids + ([eos] if eos is not None else []), target_length, eos)[0] for ids in label_ids]
+    return pad_rows(rows, target_length, pad)
+
+  @staticmethod
+  def cut_input(row: list[int], max_length: int) -> list[int]:
+    """A long generation prompt keeps its end (what the next token follows)."""
+    return row[-max_length:]
 
   @staticmethod
   def layout_inputs(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded, as training's scoring inputs and as transformers pads for generation."""
     return pad_rows(rows, length, pad_id, left=True)
-
-  @classmethod
-  def encode_inputs(cls, tokenizer, texts: Sequence[str], max_length: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts for generation [B, longest]; a long input keeps its end."""
-    rows = [r[-max_length:] if max_length else r for r in cls.input_rows(tokenizer, texts)]
-    return cls.layout_inputs(rows, max(len(r) for r in rows), pad_id(tokenizer))
 
   def cropped(self, input_length: int) -> "CausalBatch":
     # `tokens` is right-padded (a row's input + target fit in input_length + T); the input alone is left-padded

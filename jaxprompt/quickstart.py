@@ -34,8 +34,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxprompt.batches import Seq2SeqBatch
+from jaxprompt.data import encoding
 from jaxprompt.data import tasks as TK
-from jaxprompt.data.batches import Seq2SeqBatch
 from jaxprompt.data.pipeline import BatchStream
 from jaxprompt.errors import DataError
 from jaxprompt.models.loading import ModelSource, register_source, save_pretrained
@@ -157,7 +158,7 @@ def pretrain(progress: bool = True) -> T5:
 
   p = PRETRAIN
   tok = tokenizer()
-  data = Seq2SeqBatch.encode(_mixture(20000, p["seed"]), tok, input_length=p["input_length"],
+  data = encoding.encode(Seq2SeqBatch, _mixture(20000, p["seed"]), tok, input_length=p["input_length"],
                              target_length=p["target_length"], name="quickstart mixture")
   stream = BatchStream(data, p["batch_size"], seed=p["seed"])
   model = T5(MODEL_CONFIG, rngs=nnx.Rngs(p["seed"]))

@@ -20,14 +20,13 @@ import numpy as np
 from flax import nnx
 
 from jaxprompt import config as C
+from jaxprompt import metrics as M
 from jaxprompt import sharding as shd
-from jaxprompt.data import sources
+from jaxprompt.data import encoding, sources
 from jaxprompt.data.tasks import Task
 from jaxprompt.errors import ConfigError, DataError
-from jaxprompt import metrics as M
 from jaxprompt.models.loading import architecture_summary, load_model, load_tokenizer
-from jaxprompt.prompts import PromptedModel, PromptParam
-from jaxprompt.prompts import methods
+from jaxprompt.prompts import PromptedModel, PromptParam, methods
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +222,7 @@ class Run:
   def encode(self, examples: list[dict], name: str):
     """Examples -> one numpy batch of every row, laid out for this model kind."""
     d = self.cfg.data
-    return self.base.batch_type.encode(examples, self.tokenizer, input_length=d.input_length,
+    return encoding.encode(self.base.batch_type, examples, self.tokenizer, input_length=d.input_length,
                                        target_length=d.target_length, name=name)
 
   @property

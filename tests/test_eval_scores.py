@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprompt.data.batches import CausalBatch, Seq2SeqBatch
+from jaxprompt.batches import CausalBatch, Seq2SeqBatch
+from jaxprompt.data import encoding
 from jaxprompt.models import load_model
 from jaxprompt.models.interface import Prefix
-from tests.hf_models import IdTokenizer, write_decoder, write_t5
+from tests.helpers_hf import IdTokenizer, write_decoder, write_t5
 
 P = 3
 EXAMPLES = [  # unequal lengths (padding) and an empty input
@@ -52,8 +53,8 @@ def _prefix(base, kind: str) -> Prefix | None:
 
 
 def _encode(base, examples):
-  return jax.tree.map(jnp.asarray, base.batch_type.encode(examples, IdTokenizer(), input_length=6, target_length=3,
-                                                          name="e"))
+  return jax.tree.map(jnp.asarray, encoding.encode(base.batch_type, examples, IdTokenizer(), input_length=6,
+                                                   target_length=3, name="e"))
 
 
 def _row_loglik(logits, targets, mask):
@@ -66,7 +67,7 @@ def _row_loglik(logits, targets, mask):
 def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(base, kind):
   prefix = _prefix(base, kind)
   batch = _encode(base, EXAMPLES)
-  label_ids, label_mask = (jnp.asarray(a) for a in base.batch_type.encode_labels(IdTokenizer(), LABELS, 3))
+  label_ids, label_mask = (jnp.asarray(a) for a in encoding.encode_labels(base.batch_type, IdTokenizer(), LABELS, 3))
   (logits, targets, mask), scores = nnx.jit(lambda m: m.eval_scores(batch, label_ids, label_mask, prefix))(base)
   want_logits, want_targets, want_mask = nnx.jit(lambda m: m.score_targets(batch, prefix))(base)
   np.testing.assert_array_equal(mask, want_mask)
@@ -82,7 +83,7 @@ def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(b
       base)), scores, rtol=1e-5, atol=1e-5)
   for c, label in enumerate(LABELS):
     as_target = _encode(base, [dict(ex, targets=label) for ex in EXAMPLES])
-    lg, tg, mk = nnx.jit(lambda m: m.score_targets(as_target, prefix))(base)
+    lg, tg, mk = nnx.jit(lambda m, as_target=as_target: m.score_targets(as_target, prefix))(base)
     # a target right after an empty input has no training loss without a soft prompt before it (nothing predicts
     # it); such a row's rank score is not a likelihood and is not compared
     scored = np.asarray(mk).sum(-1) == np.asarray(label_mask[c]).sum()
@@ -101,7 +102,7 @@ def test_eval_steps_in_chunks_equal_one_piece(base, monkeypatch, chunks, unrolle
   graphdef, ps, fs = nnx.split(model, PromptParam, ...)
   batch = _encode(base, EXAMPLES)
   weights = jnp.asarray([1.0, 1.0, 0.0, 1.0])  # a padding row: no loss
-  labels = [jnp.asarray(a) for a in base.batch_type.encode_labels(IdTokenizer(), LABELS, 3)]
+  labels = [jnp.asarray(a) for a in encoding.encode_labels(base.batch_type, IdTokenizer(), LABELS, 3)]
 
   def run(n):
     monkeypatch.setattr(E, "auto_microbatches", lambda *a, **k: n)
@@ -124,11 +125,11 @@ def test_hf_rows_with_a_label_as_target_are_the_training_rows_of_that_target(bat
   """`bench --eval` scores PEFT on `hf_with_target` rows: they must be the rows training would give PEFT with the
   label as every example's target (after trimming the padding every row has)."""
   tok = IdTokenizer()
-  batch = batch_type.encode(EXAMPLES, tok, input_length=6, target_length=3, name="e")
-  ids, mask = batch_type.encode_labels(tok, ["40 41"], 3)
-  got = batch.hf_with_target([int(t) for t, m in zip(ids[0], mask[0]) if m])
-  want = batch_type.encode([dict(ex, targets="40 41") for ex in EXAMPLES], tok, input_length=6, target_length=3,
-                           name="e").hf_inputs()
+  batch = encoding.encode(batch_type, EXAMPLES, tok, input_length=6, target_length=3, name="e")
+  ids, mask = encoding.encode_labels(batch_type, tok, ["40 41"], 3)
+  got = batch.hf_with_target([int(t) for t, m in zip(ids[0], mask[0], strict=True) if m])
+  want = encoding.encode(batch_type, [dict(ex, targets="40 41") for ex in EXAMPLES], tok, input_length=6,
+                         target_length=3, name="e").hf_inputs()
   for k in want:
     n = got[k].shape[1]
     np.testing.assert_array_equal(got[k], want[k][:, :n], err_msg=k)

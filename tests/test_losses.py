@@ -6,10 +6,11 @@ import numpy as np
 from transformers import ByT5Tokenizer
 
 from jaxprompt import prompts as P
-from jaxprompt.data.batches import CausalBatch
-from jaxprompt.models import load_model
+from jaxprompt.batches import CausalBatch
+from jaxprompt.data import encoding
 from jaxprompt.losses import cross_entropy
-from tests.hf_models import write_decoder
+from jaxprompt.models import load_model
+from tests.helpers_hf import write_decoder
 
 
 def test_cross_entropy_and_z_loss_against_numpy():
@@ -30,8 +31,9 @@ def test_causal_loss_is_on_target_tokens_only_and_the_window_equals_full_logits(
   base = load_model(write_decoder(tmp_path / "llama", "llama3-gqa-untied", vocab_size=384))
   model = P.PromptedModel(base, P.SoftPrompt(jax.random.normal(jax.random.key(1), (3, base.hidden_size))))
   tok = ByT5Tokenizer()
-  batch = CausalBatch.encode([{"inputs": "abc", "targets": "xy"}, {"inputs": "a longer input", "targets": "z"}],
-                             tok, input_length=16, target_length=4)
+  batch = encoding.encode(CausalBatch,
+                          [{"inputs": "abc", "targets": "xy"}, {"inputs": "a longer input", "targets": "z"}],
+                          tok, input_length=16, target_length=4)
   batch = jax.tree.map(jnp.asarray, batch)
   logits_w, targets_w, mask_w = model.score_targets(batch)
   loss_w = cross_entropy(logits_w, targets_w, mask_w).ce
@@ -39,13 +41,13 @@ def test_causal_loss_is_on_target_tokens_only_and_the_window_equals_full_logits(
   logits = model.full_logits(batch.tokens, batch.token_mask)
   p = logits.shape[1] - batch.tokens.shape[1]
   target_mask = np.zeros(batch.tokens.shape, np.int32)
-  for b, (idx, valid) in enumerate(zip(np.asarray(batch.target_index), np.asarray(batch.target_valid))):
+  for b, (idx, valid) in enumerate(zip(np.asarray(batch.target_index), np.asarray(batch.target_valid), strict=True)):
     target_mask[b, idx[valid > 0]] = 1
   loss_f = cross_entropy(logits[:, p:-1], batch.tokens[:, 1:], jnp.asarray(target_mask[:, 1:])).ce
   np.testing.assert_allclose(float(loss_w), float(loss_f), rtol=1e-5)
   # explicitly: -sum log p(target token | prompt, input, earlier target tokens), one row at a time
   want = 0.0
-  for b, (inp, tgt) in enumerate([("abc", "xy"), ("a longer input", "z")]):
+  for inp, tgt in [("abc", "xy"), ("a longer input", "z")]:
     seq = tok(inp)["input_ids"][:-1] + tok(tgt, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     n_in = len(tok(inp)["input_ids"]) - 1
     logp = jax.nn.log_softmax(model.full_logits(jnp.asarray([seq]), jnp.ones((1, len(seq)), jnp.int32))[0], -1)

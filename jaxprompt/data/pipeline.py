@@ -35,9 +35,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxprompt.data.batches import num_rows, pack_bins, pack_seq2seq, take_rows
+from jaxprompt.batches import num_rows, pack_bins, pack_seq2seq, take_rows
 from jaxprompt.errors import DataError
-
 
 MIN_AUTO_BUCKET = 64
 

@@ -16,15 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprompt import metrics as M
 from jaxprompt import sharding as shd
+from jaxprompt.data import encoding
 from jaxprompt.data.pipeline import eval_batches
 from jaxprompt.errors import DataError
-from jaxprompt import metrics as M
 from jaxprompt.inference.decoding import generate
-from jaxprompt.run import task_data
 from jaxprompt.losses import TokenSums, cross_entropy
+from jaxprompt.run import task_data
 from jaxprompt.training.step import auto_microbatches
-
 
 MAX_UNROLLED_CHUNKS = 8
 
@@ -100,7 +100,7 @@ class Evaluator:
     # a generative task has no label strings to rank
     self.mode = "generate" if cfg.eval.mode == "rank" and not self.labels else cfg.eval.mode
     if self.labels:
-      ids, mask = run.base.batch_type.encode_labels(run.tokenizer, self.labels, cfg.data.target_length)
+      ids, mask = encoding.encode_labels(run.base.batch_type, run.tokenizer, self.labels, cfg.data.target_length)
       self.label_ids, self.label_mask = jnp.asarray(ids), jnp.asarray(mask)
       self.gold = np.array([ex["label"] if "label" in ex else _label_index(self.labels, ex["targets"])
                             for ex in self.examples])

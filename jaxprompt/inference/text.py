@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprompt.config import GenerateConfig
+from jaxprompt.data import encoding
 from jaxprompt.inference.decoding import generate
 from jaxprompt.prompts import PromptedModel, methods
 from jaxprompt.prompts.io import TrainedPrompt, load_prompt_source
@@ -42,7 +43,7 @@ def generate_text(base, tokenizer, texts: Sequence[str], prompts: Sequence[Train
   """Generate for every (prompt, input) pair; one record per pair, in prompt-major order. A prompt is a
   `TrainedPrompt` (any method) or an array of input embeddings [P, H]; `config` and `**options` as
   `inference.decoding.generate`."""
-  ids, mask = base.batch_type.encode_inputs(tokenizer, texts)
+  ids, mask = encoding.encode_inputs(base.batch_type, tokenizer, texts)
   n, k = len(texts), max(len(prompts), 1)
   which = np.repeat(np.arange(k), n)
   prefix = None

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxprompt.data.batches import CausalBatch
+from jaxprompt.batches import CausalBatch
 from jaxprompt.errors import ModelError
 from jaxprompt.models import hf
 from jaxprompt.models import layers as L

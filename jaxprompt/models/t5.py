@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxprompt.data.batches import PackedSeq2SeqBatch, Seq2SeqBatch
+from jaxprompt.batches import PackedSeq2SeqBatch, Seq2SeqBatch
 from jaxprompt.errors import ModelError
 from jaxprompt.models import layers as L
 from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots

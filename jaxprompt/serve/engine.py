@@ -37,7 +37,8 @@ import numpy as np
 from flax import nnx
 
 from jaxprompt.config import GenerateConfig
-from jaxprompt.data.batches import pad_id
+from jaxprompt.data import encoding
+from jaxprompt.data.encoding import pad_id
 from jaxprompt.errors import PromptError, UserError
 from jaxprompt.inference import decoding
 from jaxprompt.models.interface import Prefix
@@ -316,7 +317,7 @@ class Engine:
   # -- intake ------------------------------------------------------------------------------------------------
 
   def encode(self, text: str) -> list[int]:
-    return self.base.batch_type.input_rows(self.tokenizer, [text])[0]
+    return encoding.input_rows(self.base.batch_type, self.tokenizer, [text])[0]
 
   def submit(self, requests: Sequence[Request]) -> None:
     """Queue all of `requests` or none (Overloaded when they do not fit, Draining while stopping)."""
@@ -445,7 +446,7 @@ class Engine:
   def labels(self, labels: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
     """The label strings as decoder targets / continuations [C, longest] (cached)."""
     if labels not in self._labels:
-      rows = self.base.batch_type.encode_labels(self.tokenizer, labels, self.max_input_tokens)
+      rows = encoding.encode_labels(self.base.batch_type, self.tokenizer, labels, self.max_input_tokens)
       width = max(int(np.asarray(rows[1]).sum(axis=1).max()), 1)  # the longest label, no padding beyond it
       self._labels[labels] = tuple(jnp.asarray(a[:, :width]) for a in rows)
     return self._labels[labels]
@@ -458,7 +459,7 @@ class Engine:
     rows = [r for r in batch] + [batch[0]] * (b - n)
     length = bucket(max(len(r.tokens) for r in rows), self.lengths)
     examples = [{"inputs": r.text, "targets": labels[0]} for r in rows]
-    data = self.base.batch_type.encode(examples, self.tokenizer, input_length=length,
+    data = encoding.encode(self.base.batch_type, examples, self.tokenizer, input_length=length,
                                        target_length=label_ids.shape[1], name="classify")
     scores = np.asarray(self._rank(self.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask,
                                    self._prefix(batch, b)))

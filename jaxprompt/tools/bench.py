@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprompt import config as C
+from jaxprompt.data import encoding
 from jaxprompt.inference.decoding import generate
 from jaxprompt.models.layers import unrolls
 from jaxprompt.models.loading import build_model, config_from_dict
@@ -110,7 +111,7 @@ def random_batch(base, preset: Preset, seed: int = 0):
   words = lambda n: " ".join(map(str, rng.integers(2, 1000, n)))
   examples = [{"inputs": words(preset.input_length), "targets": words(preset.target_length)}
               for _ in range(preset.batch_size)]
-  batch = base.batch_type.encode(examples, _IdTokenizer(), input_length=preset.input_length,
+  batch = encoding.encode(base.batch_type, examples, _IdTokenizer(), input_length=preset.input_length,
                                  target_length=preset.target_length, name="bench")
   return jax.tree.map(jnp.asarray, batch)
 

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprompt import config as C
+from jaxprompt.data import encoding
 from jaxprompt.data.pipeline import BatchStream, Packing, bucket_lengths
 from jaxprompt.data.sources import load_split
 from jaxprompt.data.tasks import get_task
@@ -68,7 +69,7 @@ def _batches(preset: BN.Preset, base, data_file, task: str, tokenizer, steps: in
   tok = load_tokenizer(tokenizer)
   if len(tok) > base.config.vocab_size:
     raise UsageError(f"tokenizer {tokenizer} has {len(tok)} tokens but preset vocab is {base.config.vocab_size}")
-  rows = base.batch_type.encode(examples, tok, input_length=preset.input_length,
+  rows = encoding.encode(base.batch_type, examples, tok, input_length=preset.input_length,
                                 target_length=preset.target_length, name=f"{task} {data_file}")
   kw = dict(seed=0, buckets=bucket_lengths(buckets, preset.input_length), group_by_length=group)
   plain = BatchStream(rows, preset.batch_size, **kw)  # what PEFT gets
@@ -215,7 +216,7 @@ def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft
         f"{max(pr['input_lengths'])}; {pr['slots']} token slots): {pr['examples_per_second']:.2f} examples/s, "
         f"{pr['real_tokens_per_second']:.0f} real tokens/s -> jaxprompt is {out['speedup_vs_peft']:.2f}x")
   if evaluate:
-    label_ids, label_mask = base.batch_type.encode_labels(tok, labels, preset.target_length)
+    label_ids, label_mask = encoding.encode_labels(base.batch_type, tok, labels, preset.target_length)
     ev = _time_eval_ours(preset, base, unpacked, label_ids, label_mask)
     ev["examples_per_second"] = examples / ev["seconds"]
     out["eval"] = dict(labels=list(labels), jaxprompt=ev)

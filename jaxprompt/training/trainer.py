@@ -21,13 +21,13 @@ import jax.numpy as jnp
 
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
-from jaxprompt.data.batches import concat_rows
+from jaxprompt.batches import concat_rows
+from jaxprompt.checkpoint import Checkpointer, selection_mode
 from jaxprompt.data.pipeline import BatchStream, MixtureStream, Packing, mixing_rates
 from jaxprompt.errors import CheckpointError, WorkdirError
 from jaxprompt.evaluation.evaluator import evaluator_for
 from jaxprompt.run import Run, TaskData, build_run
 from jaxprompt.training import hooks as H
-from jaxprompt.checkpoint import Checkpointer, selection_mode
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.state import TrainState
 from jaxprompt.training.step import make_packing, make_train_step
