@@ -33,7 +33,7 @@ def _python_blocks():
     text = page.read_text()
     for m in FENCE.finditer(text):
       if m.group(1).strip().split(" ")[0] in ("python", "py"):
-        yield page, text[:m.start(2)].count("\n") + 1, m.group(2)
+        yield page, text[: m.start(2)].count("\n") + 1, m.group(2)
 
 
 BLOCKS = list(_python_blocks())
@@ -51,9 +51,10 @@ def test_every_python_block_says_whether_it_runs():
     first = code.split("\n", 1)[0].strip()
     where = f"docs/{page.relative_to(DOCS)}:{line}"
     assert first == RUN or first.startswith(TESTED_BY) or first.startswith(NOT_RUN), (
-        f"{where}: a python block's first line must be `{RUN}`, `{TESTED_BY}tests/FILE.py` or `{NOT_RUN}...: why`")
+      f"{where}: a python block's first line must be `{RUN}`, `{TESTED_BY}tests/FILE.py` or `{NOT_RUN}...: why`"
+    )
     if first.startswith(TESTED_BY):
-      test_file = ROOT / first[len(TESTED_BY):].split()[0]
+      test_file = ROOT / first[len(TESTED_BY) :].split()[0]
       assert test_file.is_file(), f"{where}: {test_file} does not exist"
       assert page.name in test_file.read_text(), f"{where}: {test_file.name} does not read {page.name}"
     if first.startswith(NOT_RUN):
@@ -63,8 +64,11 @@ def test_every_python_block_says_whether_it_runs():
 @pytest.fixture
 def user_cache(monkeypatch):
   # the user's cache, as the other tests use it: the quickstart base is pre-trained at most once per machine
-  monkeypatch.setenv("JAXPROMPT_CACHE", os.environ.get("JAXPROMPT_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"))
+  monkeypatch.setenv(
+    "JAXPROMPT_CACHE",
+    os.environ.get("JAXPROMPT_CACHE")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"),
+  )
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[_id(b) for b in RUNNABLE])
@@ -77,13 +81,22 @@ def test_runnable_example(block, tmp_path, monkeypatch, user_cache):
 
 
 def test_the_site_builds_in_strict_mode(tmp_path):
-  missing = [m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
-             if importlib.util.find_spec(m.split(".")[0]) is None]
+  missing = [
+    m
+    for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
+    if importlib.util.find_spec(m.split(".")[0]) is None
+  ]
   if missing:
     pytest.skip(f"the docs tools are not installed ({', '.join(missing)}): pip install -e '.[docs]' (CI does)")
   env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-  proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert (tmp_path / "site" / "reference" / "api" / "index.html").exists()
   api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
