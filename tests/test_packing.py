@@ -15,12 +15,13 @@ from jaxprompt import sharding as shd
 from jaxprompt.data.batches import PackedSeq2SeqBatch, Seq2SeqBatch, pack_bins, pack_seq2seq
 from jaxprompt.data.pipeline import BatchStream, Packing
 from jaxprompt.models import load_model
+from jaxprompt.models.cpu import auto_microbatches
 from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
 from jaxprompt.prompts.encoders import PTuning
 from jaxprompt.run import build_run
 from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.losses import cross_entropy
-from jaxprompt.training.step import auto_microbatches, packed_rows
+from jaxprompt.training.step import packed_rows
 from tests.hf_models import IdTokenizer, write_t5
 from tests.test_buckets import EXAMPLES
 from tests.test_causal import byte_llama, tiny_cfg  # noqa: F401  (session fixture)

@@ -111,7 +111,7 @@ def test_gradient_accumulation_matches_the_full_batch(byte_t5):
 
 
 def test_auto_microbatches_chunk_big_batches_on_the_cpu_and_change_nothing_else(byte_t5):
-  from jaxprompt.training.step import auto_microbatches
+  from jaxprompt.models.cpu import auto_microbatches
 
   # the fewest chunks of <= 4096 tokens, whole rows on every data-parallel device, the same for 1 and 8 devices
   assert [auto_microbatches(32, 364), auto_microbatches(32, 236), auto_microbatches(8, 236)] == [4, 2, 1]

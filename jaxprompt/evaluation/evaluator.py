@@ -23,8 +23,8 @@ from jaxprompt.data.pipeline import eval_batches
 from jaxprompt.errors import DataError
 from jaxprompt.inference.decoding import generate
 from jaxprompt.losses import TokenSums, cross_entropy
+from jaxprompt.models.cpu import auto_microbatches
 from jaxprompt.run import task_data
-from jaxprompt.training.step import auto_microbatches
 
 MAX_UNROLLED_CHUNKS = 8
 
@@ -32,7 +32,7 @@ MAX_UNROLLED_CHUNKS = 8
 def make_eval_fns(graphdef, *, z_loss: float, data_parallel: int = 1):
   """(loss_step, rank_step), pure: (prompt, frozen, batch, weights[, label ids, label mask]) -> loss sums /
   (loss sums, [B, C] label scores), the second from one pass over what the two share (`eval_scores`). On the CPU a
-  large batch runs in chunks of rows (`training.step.auto_microbatches`, as the train step does: the same
+  large batch runs in chunks of rows (`models.cpu.auto_microbatches`, as the train step does: the same
   results, faster once activations outgrow the caches)."""
 
   def loss_step(prompt, frozen, batch, weights):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 from typing import Callable
 
@@ -24,6 +23,8 @@ import numpy as np
 from flax import nnx
 
 from jaxprompt.errors import ModelError
+from jaxprompt.models import attention, cpu
+from jaxprompt.models.cpu import AUTO_UNROLL_MIN_WIDTH, LAYER_LOOPS, unrolls  # noqa: F401 (the layer loop's API)
 
 # Added to attention scores at masked keys. The most negative float32, as transformers does, so
 # that masked keys get exactly zero weight and fully-masked rows stay finite.
@@ -42,59 +43,18 @@ def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> ja
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-# Dropout's random bits. They are JAX's own: the default Threefry-2x32 key and its partitionable counters, so
-# every mask, split and sharded layout is bitwise what `jax.random.split` / `jax.random.bernoulli` give (tested).
-# The hash is written out here because on CPU JAX lowers each Threefry call as a 5-trip while loop: a train step of
-# a model with dropout holds dozens of them, and they took two thirds of the step's compile time (the quickstart
-# step: 15 s, 8 s with this; no change at run time). GPU/TPU lower Threefry to these same unrolled rounds. Other key
-# types (a user's `jax_default_prng_impl`), and arrays of 2^32 elements or more, go to `jax.random` itself.
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The Threefry-2x32 block cipher (20 rounds, as `jax.random`) on uint32 counters (x1, x2) under key (k1, k2)."""
-  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
-  x1, x2 = x1 + ks[0], x2 + ks[1]
-  for i in range(5):
-    for r in _ROTATIONS[i % 2]:
-      x1 = x1 + x2
-      x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
-    x1, x2 = x1 + ks[(i + 1) % 3], x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
-  return x1, x2
-
-
-def _threefry_key(rng: jax.Array, size: int) -> jax.Array | None:
-  """The key's two uint32 words, or None where `jax.random` must do it (another key type, 2^32 counters)."""
-  if size >= 2**32 or str(jax.random.key_impl(rng)) != "threefry2x32" or not jax.config.jax_threefry_partitionable:
-    return None
-  return jax.random.key_data(rng)
-
-
-def _counters(shape: tuple[int, ...]) -> jax.Array:
-  """The flat index of every element as uint32 (JAX's partitionable counters: a sum of per-axis iotas)."""
-  strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
-  return sum((jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(s) for d, s in enumerate(strides)),
-             jnp.zeros(shape, jnp.uint32))
-
+# Dropout's random bits: JAX's default Threefry-2x32 key and partitionable counters. On the CPU they come from
+# `cpu.threefry2x32` (written out: far cheaper to compile there than JAX's loop), elsewhere from `jax.random`, whose
+# lowering is already those unrolled rounds; the bits are the same (tested, also sharded).
 
 def split_keys(rng: jax.Array, n: int) -> jax.Array:
   """`jax.random.split(rng, n)`: n keys [n]."""
-  kd = _threefry_key(rng, n)
-  if kd is None:
-    return jax.random.split(rng, n)
-  b1, b2 = threefry2x32(kd[0], kd[1], jnp.zeros((n,), jnp.uint32), _counters((n,)))
-  return jax.random.wrap_key_data(jnp.stack([b1, b2], axis=1), impl=jax.random.key_impl(rng))
+  return cpu.split_keys(rng, n) if jax.default_backend() == "cpu" else jax.random.split(rng, n)
 
 
 def bernoulli(rng: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
   """`jax.random.bernoulli(rng, p, shape)`: True with probability p (float32 uniforms, as JAX draws them)."""
-  kd = _threefry_key(rng, math.prod(shape))
-  if kd is None:
-    return jax.random.bernoulli(rng, p, shape)
-  b1, b2 = threefry2x32(kd[0], kd[1], jnp.zeros(shape, jnp.uint32), _counters(shape))
-  bits = (b1 ^ b2) >> np.uint32(32 - 23) | np.array(1.0, np.float32).view(np.uint32)
-  uniform = jnp.maximum(jnp.float32(0.0), jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1.0))
-  return uniform < jnp.float32(p)
+  return cpu.bernoulli(rng, p, shape) if jax.default_backend() == "cpu" else jax.random.bernoulli(rng, p, shape)
 
 
 def split_rng(rng: jax.Array | None, n: int) -> list:
@@ -232,13 +192,6 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
   return jnp.where(mask[:, None, None, :].astype(bool), 0.0, MASK_VALUE).astype(jnp.float32)
 
 
-def causal_bias(length_q: int, length_k: int, offset: jax.Array | int = 0) -> jax.Array:
-  """[1, 1, L, S] additive causal bias; query i (at absolute position offset+i) sees keys <= it."""
-  q = jnp.arange(length_q)[:, None] + offset
-  k = jnp.arange(length_k)[None, :]
-  return jnp.where(k <= q, 0.0, MASK_VALUE).astype(jnp.float32)[None, None]
-
-
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -248,79 +201,13 @@ def dot_product_attention(
     scale: float,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    implementation: str = "auto",
 ) -> jax.Array:
-  """Grouped-query attention. q [B, L, N, D], k/v [B, S, K, D], bias broadcastable to [B, N, L, S].
-
-  Scores and softmax in float32; returns [B, L, N, D] in q's dtype. Differentiated by `_attention`'s own backward
-  pass (the standard attention gradient): autodiff of the softmax takes an extra pass over the [B, N, L, S]
-  scores (the row sums of dP * P) where rowsum(dO * O), over D, gives the same numbers — the scores are the
-  memory-bound part of a CPU step (T5-small, 7 rows of 512: attention forward + backward 143 -> 116 ms).
-  """
-  keep = None
-  if dropout_rng is not None and dropout_rate > 0.0:
-    b, l, n, _ = q.shape
-    keep = bernoulli(dropout_rng, 1.0 - dropout_rate, (b, n, l, k.shape[1]))
-  bias = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
-  return _attention(float(scale), float(dropout_rate) if keep is not None else 0.0, q, k, v, bias, keep)
-
-
-def _heads_major(x: jax.Array, kh: int) -> jax.Array:
-  """[B, L, N, D] -> [B, K, G * L, D]: the G query heads of each K/V head merged into the rows — plain batched
-  matmuls, which XLA runs ~2-3x faster on CPU than 5-D einsums (measured), and no K/V copies for GQA."""
-  b, l, n, d = x.shape
-  return x.reshape(b, l, kh, n // kh, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, (n // kh) * l, d)
-
-
-def _rows_major(x: jax.Array, l: int, n: int) -> jax.Array:
-  """The inverse of `_heads_major`: [B, K, G * L, D] -> [B, L, N, D]."""
-  b, kh, _, d = x.shape
-  return x.reshape(b, kh, n // kh, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, n, d)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(scale, rate, q, k, v, bias, keep):
-  return _attention_fwd(scale, rate, q, k, v, bias, keep)[0]
-
-
-def _attention_fwd(scale, rate, q, k, v, bias, keep):
-  b, l, n, _ = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  qh = _heads_major(q, kh)
-  scores = jnp.matmul(qh, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(scores.reshape(b, n, l, s) * scale + bias, axis=-1)
-  used = probs if keep is None else jnp.where(keep, probs / (1.0 - rate), 0.0)
-  out = jnp.matmul(used.astype(v.dtype).reshape(b, kh, -1, s), v.transpose(0, 2, 1, 3))  # [B, K, G*L, D]
-  return _rows_major(out, l, n), (qh, k, v, probs, keep, out, bias)
-
-
-def _attention_bwd(scale, rate, res, d_out):
-  qh, k, v, probs, keep, out, bias = res
-  b, l, n, _ = d_out.shape
-  s, kh = k.shape[1], k.shape[2]
-  do = _heads_major(d_out, kh)
-  p = probs.reshape(b, kh, -1, s)
-  used = p if keep is None else jnp.where(keep.reshape(p.shape), p / (1.0 - rate), 0.0)
-  dv = jnp.matmul(used.transpose(0, 1, 3, 2).astype(do.dtype), do)  # [B, K, S, D]
-  d_used = jnp.matmul(do, v.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)  # [B, K, G*L, S]
-  dp = d_used if keep is None else jnp.where(keep.reshape(p.shape), d_used / (1.0 - rate), 0.0)
-  # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O) over D, not S
-  row = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  ds = p * (dp - row)  # d(scores * scale + bias)
-  dsq = (ds * scale).astype(qh.dtype)
-  dq = _rows_major(jnp.matmul(dsq, k.transpose(0, 2, 1, 3)), l, n)
-  dk = jnp.matmul(dsq.transpose(0, 1, 3, 2), qh).transpose(0, 2, 1, 3)  # [B, S, K, D]
-  return (dq.astype(qh.dtype), dk.astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype),
-          _unbroadcast(ds.reshape(b, n, l, s), bias.shape), None)
-
-
-def _unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """The cotangent of an array of `shape` broadcast to x's shape: x summed over the broadcast axes."""
-  x = x.sum(axis=tuple(range(x.ndim - len(shape)))) if x.ndim > len(shape) else x
-  axes = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
-  return x.sum(axis=axes, keepdims=True) if axes else x
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+  """Grouped-query attention. q [B, L, N, D], k/v [B, S, K, D], bias broadcastable to [B, N, L, S] -> [B, L, N, D]
+  in q's dtype, scores and softmax in float32: `attention.attend` with this `implementation` ("auto": the cuDNN
+  kernel on GPU, the Pallas kernel on TPU, the CPU kernel on the CPU; see `attention.IMPLEMENTATIONS`)."""
+  return attention.attend(q, k, v, bias, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                          implementation=implementation)
 
 
 def project_qkv(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -434,25 +321,6 @@ def remat_policy(name: str):
   if name not in policies:
     raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(policies)}")
   return policies[name]
-
-
-LAYER_LOOPS = ("auto", "scan", "unroll")
-
-
-AUTO_UNROLL_MIN_WIDTH = 256
-
-
-def unrolls(loop: str, width: int | None = None) -> bool:
-  """Whether layers of hidden size `width` run unrolled: "unroll", or "auto" on the CPU for models of hidden size
-  AUTO_UNROLL_MIN_WIDTH or more. A scan keeps compile time flat in depth (what accelerators need); on the CPU an
-  unrolled stack runs ~10% faster (T5-small train step, measured: 1110 vs 1243 ms) because a scan copies every
-  layer's weights and saved activations in and out of its stacked buffers, for a longer compile (3.6 vs 2.6 s for
-  8+8 layers). A tiny model gains nothing worth its compile time (the quickstart's, width 64: 16.4 s unrolled,
-  14.8 s as a scan, for 300 steps)."""
-  if loop not in LAYER_LOOPS:
-    raise ModelError(f"unknown layer loop {loop!r}; choose one of {', '.join(LAYER_LOOPS)}")
-  big = width is None or width >= AUTO_UNROLL_MIN_WIDTH
-  return loop == "unroll" or (loop == "auto" and big and jax.default_backend() == "cpu")
 
 
 def scan_layers(layer_fn: Callable, x: jax.Array, stacked: dict, rng: jax.Array | None, remat: str = "none",

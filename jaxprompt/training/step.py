@@ -18,22 +18,7 @@ from flax import nnx
 
 from jaxprompt.data.pipeline import Packing
 from jaxprompt.losses import TokenSums, cross_entropy
-
-
-CPU_CHUNK_TOKENS = 4096
-
-
-def auto_microbatches(rows: int, tokens_per_row: int, data_parallel: int = 1) -> int:
-  """`train.microbatches: auto`: 1 on GPU/TPU; on the CPU the fewest equal chunks of at most CPU_CHUNK_TOKENS
-  tokens, each a whole number of rows on every data-parallel device. The CPU's train step slows down once a
-  batch's activations outgrow its caches (measured, T5-small: batch 32 x 356 tokens 10.1 s in one piece, 6.4 s in
-  4 chunks, 6.6 s in 8; batch 32 x 236: 4.7 s, 3.8 s in 2; Llama-small 32 x 364: 6.9 s, 5.1 s in 4). The chunk
-  depends on the global batch, not on the device count, so results do not either."""
-  if jax.default_backend() != "cpu":
-    return 1
-  per_device = max(rows // data_parallel, 1)
-  return next(m for m in range(1, per_device + 1)
-              if per_device % m == 0 and (rows // m) * tokens_per_row <= CPU_CHUNK_TOKENS or m == per_device)
+from jaxprompt.models.cpu import CPU_CHUNK_TOKENS, auto_microbatches
 
 
 PACKED_ROW_GRID = 4
