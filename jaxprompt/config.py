@@ -32,6 +32,8 @@ class ModelConfig:
   # layers as a scan (compile time flat in depth) or unrolled (faster steps on the CPU); auto: unrolled on the CPU
   # for models of hidden size 256 or more (`models.layers.unrolls`)
   layer_loop: Literal["auto", "scan", "unroll"] = "auto"
+  # auto: cuDNN (jax.nn.dot_product_attention) on GPU, a Pallas flash kernel on TPU, the CPU kernel on the CPU
+  attention: Literal["auto", "xla", "cudnn", "pallas", "cpu"] = "auto"
   dropout: float | None = None  # overrides the model config's dropout rate (the paper: 0.1)
   allow_pytorch_bin: bool = False  # a pickle; never loaded unless asked for
 
@@ -40,7 +42,11 @@ class ModelConfig:
 _METHOD_OPTIONS = {"prefix_projection": ("prefix_tuning",), "encoder_hidden_size": ("prefix_tuning", "p_tuning"),
                    "encoder_reparameterization_type": ("p_tuning",), "encoder_num_layers": ("p_tuning",),
                    "encoder_dropout": ("p_tuning",)}
-_PREFIX_INITS = ("random_uniform", "file")  # a prefix is keys and values, not token embeddings
+# options that need another option of their method set: (method, option) -> the option it needs
+_OPTION_NEEDS = {("prefix_tuning", "encoder_hidden_size"): "prefix_projection"}
+# the inits a method takes, where it does not take them all, and why
+_METHOD_INITS = {"prefix_tuning": (("random_uniform", "file"), "its parameters are keys and values, not token "
+                                                              "embeddings")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +73,18 @@ class PromptConfig:
     for option, methods in _METHOD_OPTIONS.items():
       if getattr(self, option) is not None and self.method not in methods:
         raise ConfigError(f"prompt.{option} applies to method {' / '.join(methods)}, not {self.method}")
-    if self.encoder_hidden_size is not None and self.method == "prefix_tuning" and not self.prefix_projection:
-      raise ConfigError("prompt.encoder_hidden_size applies to prefix_tuning with prompt.prefix_projection: true")
+    for (method, option), needs in _OPTION_NEEDS.items():
+      if self.method == method and getattr(self, option) is not None and not getattr(self, needs):
+        raise ConfigError(f"prompt.{option} applies to {method} with prompt.{needs}: true")
     lstm = self.encoder_reparameterization_type == "LSTM"
     for option in ("encoder_num_layers", "encoder_dropout"):
       if getattr(self, option) is not None and not lstm:
         raise ConfigError(f"prompt.{option} applies to the LSTM encoder (prompt.encoder_reparameterization_type: "
                           "LSTM); the MLP has exactly 3 layers and no dropout")
-    if self.method == "prefix_tuning" and self.init not in _PREFIX_INITS:
-      raise ConfigError(f"prompt.init {self.init} does not apply to method prefix_tuning (its parameters are keys "
-                        f"and values, not token embeddings): use {' or '.join(_PREFIX_INITS)}")
+    inits, why = _METHOD_INITS.get(self.method, (None, None))
+    if inits is not None and self.init not in inits:
+      raise ConfigError(f"prompt.init {self.init} does not apply to method {self.method} ({why}): use "
+                        f"{' or '.join(inits)}")
     if self.length < 0:
       raise ConfigError(f"prompt.length must be >= 0 (0: the base model alone), got {self.length}")
 

@@ -25,8 +25,11 @@ from jaxprompt import sharding as shd
 from jaxprompt.data import encoding, sources
 from jaxprompt.data.tasks import Task
 from jaxprompt.errors import ConfigError, DataError
+from jaxprompt.models import hf
 from jaxprompt.models.loading import architecture_summary, load_model, load_tokenizer
-from jaxprompt.prompts import PromptedModel, PromptParam, methods
+from jaxprompt.prompts import PromptedModel, PromptParam, methods, registry
+from jaxprompt.prompts.record import TaskMember, TaskRecord
+from jaxprompt.prompts.spec import PromptSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,8 @@ LOSS_METRICS = ("eval_loss", "eval_seq_accuracy")  # every eval mode computes th
 def load_base(mcfg: C.ModelConfig, mesh=None):
   """(frozen base model, tokenizer) as the model section says."""
   base = load_model(mcfg.path, dtype=jnp.dtype(mcfg.dtype), mesh=mesh, compute_dtype=jnp.dtype(mcfg.compute_dtype),
-                    remat=mcfg.remat, revision=mcfg.revision, allow_pytorch_bin=mcfg.allow_pytorch_bin)
-  base.layer_loop = mcfg.layer_loop
-  if mcfg.dropout is not None and hasattr(base.config, "dropout_rate"):
-    base.config = dataclasses.replace(base.config, dropout_rate=mcfg.dropout)
+                    remat=mcfg.remat, layer_loop=mcfg.layer_loop, attention=mcfg.attention, dropout=mcfg.dropout,
+                    revision=mcfg.revision, allow_pytorch_bin=mcfg.allow_pytorch_bin)
   tok_path = mcfg.tokenizer or mcfg.path
   tokenizer = load_tokenizer(tok_path)
   if len(tokenizer) > base.config.vocab_size:
@@ -149,14 +150,14 @@ def validate(cfg: C.Config, members, mesh) -> None:
 
 
 def _validate_prompt(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
-  if dc.pack is True and pc.method not in methods.EMBEDDING_METHODS:
-    raise ConfigError(f"data.pack needs a prompt before the input (prompt_tuning, p_tuning); {pc.method} puts "
-                      "keys/values in every layer")
+  if dc.pack is True and not registry.get(pc.method).embeds:
+    raise ConfigError(f"data.pack needs a prompt before the input ({', '.join(registry.names(embeds=True))}); "
+                      f"{pc.method} puts keys/values in every layer")
   if pc.per_task and not dc.mixture:
     raise ConfigError("prompt.per_task trains one prompt per task of a data.mixture; this config has one task")
-  if pc.per_task and (pc.method == "p_tuning" or pc.option("prefix_projection")):
-    what = "P-tuning encoders" if pc.method == "p_tuning" else "prefix projections"
-    raise ConfigError(f"prompt.per_task: a bank of {what} is not supported; use prompt_tuning or prefix_tuning "
+  refusal = methods.bank_refusal(pc) if pc.per_task else None
+  if refusal:
+    raise ConfigError(f"prompt.per_task: a bank of {refusal} is not supported; use prompt_tuning or prefix_tuning "
                       "without projection")
   groups = [(m.name, m.labels) for m in members] if pc.per_task else [(members[0].task.name if len(members) == 1
                                                                        else "the mixture", union_labels(members))]
@@ -180,7 +181,7 @@ class Run:
   prompt: dict  # pure dict of PromptParam values
   frozen: dict  # pure dict of the frozen base weights
   members: tuple[Member, ...]  # the tasks (one, or a mixture's)
-  prompt_spec: dict  # the prompt method and its options (`PromptMethod.spec()`)
+  prompt_spec: PromptSpec  # the prompt method and its options (`PromptMethod.spec()`)
 
   @property
   def identity(self):
@@ -200,23 +201,16 @@ class Run:
     """The label strings of the run's task(s), each once."""
     return union_labels(self.members)
 
-  def task_record(self) -> dict:
-    """What checkpoints and exports record about the task(s): {name, labels}, and for a mixture its members (with
-    their prompt ids when each has its own prompt)."""
+  def task_record(self) -> TaskRecord:
+    """What checkpoints and exports record about the task(s): name and labels, and for a mixture its members (and
+    whether each has its own prompt)."""
+    labels = tuple(self.labels or ())
     if len(self.members) == 1:
-      return dict(name=self.members[0].name, labels=list(self.labels or []))
-    out = dict(name="+".join(m.name for m in self.members), labels=list(self.labels or []),
-               mixture=[dict(name=m.name, labels=list(m.labels or [])) for m in self.members])
-    if self.per_task:
-      out["per_task"] = True
-    return out
+      return TaskRecord(name=self.members[0].name, labels=labels)
+    return TaskRecord(name="+".join(m.name for m in self.members), labels=labels, per_task=self.per_task,
+                      mixture=tuple(TaskMember(m.name, tuple(m.labels or ())) for m in self.members))
 
-  @property
-  def prompt_array(self) -> np.ndarray:
-    """The prompt's inference value: input embeddings [P, H] or a prefix table [P, Y, 2, K, D]."""
-    return np.asarray(jax.device_get(nnx.merge(self.graphdef, self.prompt, self.frozen).prompt.inference_value()))
-
-  def architecture(self) -> dict:
+  def architecture(self) -> hf.Architecture:
     return architecture_summary(self.base)
 
   def encode(self, examples: list[dict], name: str):
@@ -230,7 +224,7 @@ class Run:
     """Are training rows packed (`data.pack`; auto: a seq2seq model with an input prompt)?"""
     pack = self.cfg.data.pack
     if pack == "auto":
-      return hasattr(self.base, "score_packed") and self.cfg.prompt.method in methods.EMBEDDING_METHODS
+      return self.base.supports_packing and registry.get(self.cfg.prompt.method).embeds
     return pack
 
   def device_batch(self, local):
@@ -262,7 +256,7 @@ def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: 
     if bases is not None:
       bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)
-  if cfg.data.pack is True and not hasattr(base, "score_packed"):
+  if cfg.data.pack is True and not base.supports_packing:
     raise ConfigError(f"data.pack packs seq2seq (T5) rows; this {base.kind} model shares its prompt between rows "
                       "instead (set data.pack=false)")
   rng = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)

@@ -24,15 +24,16 @@ import torch
 from flax import nnx
 
 from jaxprompt import config as C
-from jaxprompt.data.batches import Seq2SeqBatch
+from jaxprompt.batches import Seq2SeqBatch
+from jaxprompt.data import encoding
 from jaxprompt.inference import text as inference
+from jaxprompt.losses import cross_entropy
 from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_trained_prompt
 from jaxprompt.run import build_run
-from jaxprompt.losses import cross_entropy
 from jaxprompt.training.trainer import train
-from tests.hf_models import write_t5
-from tests.test_causal import one_device, run_cli, tiny_cfg, write_byte_decoder
+from tests.helpers import one_device, run_cli, tiny_cfg, write_byte_decoder
+from tests.helpers_hf import write_t5
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 P_LEN = 4
@@ -107,8 +108,8 @@ def test_peft_gives_our_logits_and_loss(trained):
   np.testing.assert_array_equal(peft_model.get_prompt_embedding_to_save("default").numpy(), value)
   model = _ours(run, value)
   tok = run.tokenizer
-  examples = [{"inputs": t, "targets": y} for t, y in zip(TEXTS, ["8", "hello", "x y"])]
-  arrays = run.base.batch_type.encode(examples, tok, input_length=16, target_length=6)
+  examples = [{"inputs": t, "targets": y} for t, y in zip(TEXTS, ["8", "hello", "x y"], strict=True)]
+  arrays = encoding.encode(run.base.batch_type, examples, tok, input_length=16, target_length=6)
   logits, targets, mask = nnx.jit(lambda m, b: m.score_targets(b))(model, jax.tree.map(jnp.asarray, arrays))
   sums = jax.jit(cross_entropy)(logits, targets, mask)
   ours_loss = float(sums.ce / sums.tokens)
@@ -124,7 +125,7 @@ def test_peft_gives_our_logits_and_loss(trained):
       # the training layout (right padding) and the generation layout (left padding): all positions see the
       # prompt, so every logit is defined, prompt positions included ([B, P + L, V])
       ids, m = arrays.tokens, arrays.token_mask
-      left_ids, left_m = run.base.batch_type.encode_inputs(tok, TEXTS)
+      left_ids, left_m = encoding.encode_inputs(run.base.batch_type, tok, TEXTS)
       ref = [peft_model(input_ids=_t(i), attention_mask=_t(mm)).logits.numpy() for i, mm in ((ids, m),
                                                                                               (left_ids, left_m))]
       ours = [np.asarray(model.full_logits(jnp.asarray(i), jnp.asarray(mm))) for i, mm in ((ids, m),
@@ -132,11 +133,13 @@ def test_peft_gives_our_logits_and_loss(trained):
       assert ours[0].shape == (3, P_LEN + ids.shape[1], 384)
       # PEFT labels the prompt positions -100; HF shifts the labels inside the loss
       ref_loss = peft_model(input_ids=_t(ids), attention_mask=_t(m), labels=_t(labels)).loss.item()
-  diff = max(np.abs(np.asarray(o) - np.asarray(r)).max() for o, r in zip(ours, ref)) if kind == "causal" else \
-      np.abs(ours - ref).max()
+  if kind == "causal":
+    diff = max(np.abs(np.asarray(o) - np.asarray(r)).max() for o, r in zip(ours, ref, strict=True))
+  else:
+    diff = np.abs(ours - ref).max()
   print(f"{trained['name']}: PEFT vs ours max |logit diff| {diff:.2e}, loss {ref_loss:.6f} vs {ours_loss:.6f}")
   if kind == "causal":
-    for o, r in zip(ours, ref):
+    for o, r in zip(ours, ref, strict=True):
       np.testing.assert_allclose(o, r, atol=TOL, rtol=TOL)
   else:
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)
@@ -146,13 +149,13 @@ def test_peft_gives_our_logits_and_loss(trained):
 def _slot_position_greedy(model, ids, mask, steps):
   """Greedy decoding as PEFT does it on a left-padded batch: [prompt, padding, input, new tokens] at positions
   0, 1, 2, ... by slot (padding counted), recomputed without a cache."""
-  b, l = ids.shape
+  b, length = ids.shape
   m = jnp.concatenate([jnp.ones((b, P_LEN), jnp.int32), jnp.asarray(mask), jnp.ones((b, steps), jnp.int32)], 1)
   fwd = nnx.jit(lambda model, seq: model.full_logits(seq, m[:, P_LEN:]))  # the prompt goes in front
   seq = np.concatenate([ids, np.zeros((b, steps), ids.dtype)], axis=1)
   for t in range(steps):
-    seq[:, l + t] = np.asarray(fwd(model, jnp.asarray(seq)))[:, P_LEN + l + t - 1].argmax(-1)
-  return seq[:, l:]
+    seq[:, length + t] = np.asarray(fwd(model, jnp.asarray(seq)))[:, P_LEN + length + t - 1].argmax(-1)
+  return seq[:, length:]
 
 
 def peft_greedy(peft_model, ids, mask, eos) -> list[tuple[list[int], float]]:
@@ -188,7 +191,7 @@ def test_peft_greedy_generation_equals_ours(trained):
     enc = tok(TEXTS, padding=True, return_tensors="np")  # right padding, as in training
     check_generations(ours, peft_greedy(peft_model, enc["input_ids"], enc["attention_mask"], eos))
     return
-  ids, mask = run.base.batch_type.encode_inputs(tok, TEXTS)  # left padding
+  ids, mask = encoding.encode_inputs(run.base.batch_type, tok, TEXTS)  # left padding
   batch = peft_greedy(peft_model, ids, mask, eos)
   alone = [peft_greedy(peft_model, ids[i:i + 1, mask[i] == 1], mask[i:i + 1, mask[i] == 1], eos)[0]
            for i in range(len(TEXTS))]
@@ -252,13 +255,13 @@ def test_quickstart_with_base_runs_in_pytorch_and_predicts_as_jaxprompt_generate
   # and from the export folder (its provenance names the built-in base)
   assert run_cli(capsys, "generate", "--prompt", out, "--input-file", tmp_path / "dev.txt",
                  "--max-new-tokens", 4) == torch_preds
-  acc = np.mean([p == ex["targets"] for p, ex in zip(torch_preds, dev)])
+  acc = np.mean([p == ex["targets"] for p, ex in zip(torch_preds, dev, strict=True)])
   print(f"quickstart (100 steps, dev accuracy {summary['best_value']:.3f}) in PyTorch + PEFT: {acc:.3f} of "
         f"{len(dev)} dev examples right, predictions identical to `jaxprompt generate`")
   # logits on the dev examples
   run, _ = build_run(cfg, mesh=one_device(), with_train_data=False)
   value, _ = load_trained_prompt(out)
-  arrays = Seq2SeqBatch.encode(dev[:8], run.tokenizer, input_length=20, target_length=4)
+  arrays = encoding.encode(Seq2SeqBatch, dev[:8], run.tokenizer, input_length=20, target_length=4)
   dec = np.concatenate([np.zeros((8, 1), np.int32), arrays.target_ids[:, :-1]], axis=1)
   with torch.no_grad():
     ref = peft_model(input_ids=_t(arrays.input_ids), attention_mask=_t(arrays.input_mask),
@@ -301,8 +304,8 @@ def test_peft_made_adapter_imports_and_gives_peft_logits(peft_made, name, tmp_pa
   peft_model = PeftModel.from_pretrained(_torch_base(kind, folder), adapter).eval()
   cfg = tiny_cfg(folder, **{"prompt.length": 5, "prompt.init": "file", "prompt.init_file": str(adapter)})
   run, _ = build_run(cfg, mesh=one_device(), with_train_data=False)
-  np.testing.assert_array_equal(run.prompt_array, stored[:5])
-  model = _ours(run, run.prompt_array)
+  np.testing.assert_array_equal(_prompt_value(run), stored[:5])
+  model = _ours(run, _prompt_value(run))
   tok = run.tokenizer
   if kind == "seq2seq":
     enc = tok(TEXTS, padding=True, return_tensors="np")
@@ -312,7 +315,7 @@ def test_peft_made_adapter_imports_and_gives_peft_logits(peft_made, name, tmp_pa
       ref = peft_model(input_ids=_t(ids), attention_mask=_t(mask), decoder_input_ids=_t(dec)).logits.numpy()
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec)))
   else:
-    ids, mask = run.base.batch_type.encode_inputs(tok, TEXTS)
+    ids, mask = encoding.encode_inputs(run.base.batch_type, tok, TEXTS)
     with torch.no_grad():
       ref = peft_model(input_ids=_t(ids), attention_mask=_t(mask)).logits.numpy()[:, 5:]  # real positions only
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
@@ -320,11 +323,16 @@ def test_peft_made_adapter_imports_and_gives_peft_logits(peft_made, name, tmp_pa
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)
   # `jaxprompt generate --prompt DIR`: base (PEFT's base_model_name_or_path) and tokenizer found from the adapter
   (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
-  got = [json.loads(l) for l in run_cli(capsys, "generate", "--prompt", adapter, "--input-file", tmp_path / "in.txt",
-                                          "--max-new-tokens", NEW, "--jsonl")]
+  got = [json.loads(line) for line in run_cli(capsys, "generate", "--prompt", adapter, "--input-file",
+                                              tmp_path / "in.txt", "--max-new-tokens", NEW, "--jsonl")]
   eos = tok.eos_token_id
   if kind == "seq2seq":
     check_generations(got, peft_greedy(peft_model, ids, mask, eos))
   else:  # row by row (see the module docstring on PEFT and left padding)
     check_generations(got, [peft_greedy(peft_model, ids[i:i + 1, mask[i] == 1], mask[i:i + 1, mask[i] == 1], eos)[0]
                             for i in range(3)])
+
+
+def _prompt_value(run) -> np.ndarray:
+  """The run's prompt as inference uses it."""
+  return np.asarray(nnx.merge(run.graphdef, run.prompt, run.frozen).prompt.inference_value())

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprompt.data.batches import CausalBatch
+from jaxprompt.batches import CausalBatch
+from jaxprompt.data import encoding
 from jaxprompt.inference import generate
+from jaxprompt.losses import cross_entropy
 from jaxprompt.models import load_model
 from jaxprompt.models.interface import Prefix
-from jaxprompt.losses import cross_entropy
-from tests.hf_models import IdTokenizer, write_decoder
+from tests.helpers_hf import IdTokenizer, write_decoder
 
 P = 4
 RTOL = 1e-5
@@ -57,16 +58,16 @@ BANKS = pytest.mark.parametrize("bank", [False, True], ids=["one prompt", "a ban
 
 def _both(base):
   """(the model as loaded: sharing on by default, the same model with sharing off: PEFT's per-row prompt)."""
-  assert base.share_prompt
+  assert base.options.share_prompt
   per_row = nnx.clone(base)
-  per_row.share_prompt = False
+  per_row.options = dataclasses.replace(base.options, share_prompt=False)
   return base, per_row
 
 
 @BANKS
 def test_loss_and_gradient_equal_the_per_row_prompt(base, bank):
-  batch = jax.tree.map(jnp.asarray, CausalBatch.encode(EXAMPLES, IdTokenizer(), input_length=6, target_length=3,
-                                                       name="t"))
+  batch = jax.tree.map(jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, IdTokenizer(), input_length=6,
+                                                    target_length=3, name="t"))
 
   def loss(prompt, model):
     logits, targets, mask = model.score_targets(batch, _prefix(prompt))
@@ -88,8 +89,9 @@ def test_loss_and_gradient_equal_the_per_row_prompt(base, bank):
 @BANKS
 def test_rank_classification_scores_equal_the_per_row_prompt(base, bank):
   tok = IdTokenizer()
-  batch = jax.tree.map(jnp.asarray, CausalBatch.encode(EXAMPLES, tok, input_length=6, target_length=3, name="e"))
-  label_ids, label_mask = CausalBatch.encode_labels(tok, ["40 41", "12", "20 21 22"], 3)
+  batch = jax.tree.map(jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, tok, input_length=6, target_length=3,
+                                                    name="e"))
+  label_ids, label_mask = encoding.encode_labels(CausalBatch, tok, ["40 41", "12", "20 21 22"], 3)
   prefix = _prefix(_value(base, 1, bank))
   scores = nnx.jit(lambda m: m.label_logprobs(batch, jnp.asarray(label_ids), jnp.asarray(label_mask), prefix))
   shared, per_row = (np.asarray(scores(m)) for m in _both(base))
@@ -99,7 +101,7 @@ def test_rank_classification_scores_equal_the_per_row_prompt(base, bank):
 
 @BANKS
 def test_generation_equals_the_per_row_prompt(base, bank):
-  ids, mask = CausalBatch.encode_inputs(IdTokenizer(), [e["inputs"] for e in EXAMPLES])
+  ids, mask = encoding.encode_inputs(CausalBatch, IdTokenizer(), [e["inputs"] for e in EXAMPLES])
   prefix = _prefix(_value(base, 2, bank))
   outs = [generate(m, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, max_new_tokens=6,
                    eos_id=-1) for m in _both(base)]

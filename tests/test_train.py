@@ -9,49 +9,15 @@ import numpy as np
 import optax
 import pytest
 
-from jaxprompt import config as C
 from jaxprompt import sharding as shd
+from jaxprompt.checkpoint import Checkpointer
+from jaxprompt.data import encoding
 from jaxprompt.data.pipeline import BatchStream
 from jaxprompt.run import build_run
-from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train
-from tests.hf_models import write_t5
-
-
-@pytest.fixture(scope="session")
-def byte_t5(tmp_path_factory):
-  """A tiny random T5 over ByT5's byte vocabulary, with its tokenizer saved beside it."""
-  from transformers import ByT5Tokenizer
-
-  folder = write_t5(tmp_path_factory.mktemp("byte_t5") / "m", "t5v11-gated-untied", vocab_size=384, seed=3)
-  ByT5Tokenizer().save_pretrained(folder)
-  return folder
-
-
-def small_cfg(folder, **over) -> C.Config:
-  raw = {
-      "model": {"path": str(folder)},
-      "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
-      "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
-      "optimizer": {"name": "adafactor", "learning_rate": 0.3},
-      "train": {"steps": 6, "batch_size": 8, "log_every": 2, "plot": False},
-      "eval": {"every": 0, "at_end": False, "max_examples": 16, "batch_size": 8},
-      "checkpoint": {"every": 3, "keep": 5, "async_save": False},
-  }
-  for k, v in over.items():
-    sec, key = k.split(".")
-    raw.setdefault(sec, {})[key] = v
-  return C.from_dict(raw)
-
-
-def train_interrupted(full, killed, root, mesh):
-  """`full` trained in root/full without a stop; in root/split first `killed` (the same run "killed" at its
-  train.steps), then `full` again, which resumes from the checkpoint and runs to the end."""
-  train(full, root / "full", progress=False, mesh=mesh)
-  train(killed, root / "split", progress=False, mesh=mesh)
-  train(full, root / "split", progress=False, mesh=mesh)
+from tests.helpers import small_cfg, train_interrupted
 
 
 def _steps(cfg, mesh, n):
@@ -77,14 +43,14 @@ def test_optimizer_state_is_prompt_shaped_and_frozen_weights_are_untouched(byte_
   p_shape = run.prompt["prompt"]["embeddings"].shape
   for leaf in jax.tree.leaves(opt):
     assert leaf.size <= 1 or leaf.shape == p_shape, leaf.shape  # counters, unfactored placeholders, or [P, H]
-  assert sum(l.size for l in jax.tree.leaves(opt)) <= 2 * np.prod(p_shape) + 8
+  assert sum(leaf.size for leaf in jax.tree.leaves(opt)) <= 2 * np.prod(p_shape) + 8
   step = jax.jit(make_train_step(run.graphdef, tx, z_loss=1e-4), donate_argnums=(0, 1))
   stream = BatchStream(run.encode(data.examples, "train"), 8)
   prompt = jax.tree.map(jnp.copy, run.prompt)
   for i in range(5):
     prompt, opt, _ = step(prompt, opt, run.frozen, run.device_batch(next(stream)), jnp.asarray(i))
   after = jax.tree.map(np.asarray, run.frozen)
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(a, b)  # bitwise unchanged
   assert not np.allclose(np.asarray(prompt["prompt"]["embeddings"]), np.asarray(run.prompt["prompt"]["embeddings"]))
   # the prompt is the only thing the split calls trainable
@@ -132,21 +98,20 @@ def test_unrolled_layers_compute_what_the_scan_computes(byte_t5, tmp_path, kind)
   and generation (cached steps) the same tokens."""
   from flax import nnx
 
-  from jaxprompt.data.batches import CausalBatch, Seq2SeqBatch
+  from jaxprompt.batches import CausalBatch, Seq2SeqBatch
   from jaxprompt.inference import generate
   from jaxprompt.models.interface import Prefix
   from jaxprompt.models.layers import unrolls
   from jaxprompt.models.loading import load_model
-  from tests.hf_models import IdTokenizer, write_decoder
+  from tests.helpers_hf import IdTokenizer, write_decoder
 
   assert unrolls("auto", 512) and not unrolls("auto", 64) and unrolls("unroll", 64) and not unrolls("scan", 512)
   folder = byte_t5 if kind == "t5" else write_decoder(tmp_path / "m", "llama3-gqa-untied", seed=1)
-  models = [load_model(folder) for _ in range(2)]
-  models[0].layer_loop, models[1].layer_loop = "scan", "unroll"
+  models = [load_model(folder, layer_loop=loop) for loop in ("scan", "unroll")]
   batch_type = Seq2SeqBatch if kind == "t5" else CausalBatch
   examples = [{"inputs": "5 9 17 33", "targets": "40 41"}, {"inputs": "7", "targets": "12 13 14"}]
-  batch = jax.tree.map(jnp.asarray, batch_type.encode(examples, IdTokenizer(), input_length=6, target_length=3,
-                                                      name="t"))
+  batch = jax.tree.map(jnp.asarray, encoding.encode(batch_type, examples, IdTokenizer(), input_length=6,
+                                                    target_length=3, name="t"))
   prompt = jax.random.normal(jax.random.key(0), (4, models[0].hidden_size)) * 0.5
 
   def loss(p, m):
@@ -157,7 +122,7 @@ def test_unrolled_layers_compute_what_the_scan_computes(byte_t5, tmp_path, kind)
                                                 for m in models]
   np.testing.assert_allclose(l_unrolled, l_scan, rtol=1e-5)
   np.testing.assert_allclose(g_unrolled, g_scan, rtol=1e-5, atol=1e-6 * float(jnp.abs(g_scan).max()))
-  ids, mask = batch_type.encode_inputs(IdTokenizer(), [e["inputs"] for e in examples])
+  ids, mask = encoding.encode_inputs(batch_type, IdTokenizer(), [e["inputs"] for e in examples])
   outs = [generate(m, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=Prefix(embeds=prompt[None]),
                    max_new_tokens=4, eos_id=-1)["tokens"] for m in models]
   np.testing.assert_array_equal(outs[0], outs[1])
@@ -191,14 +156,14 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(byte_t5, tmp_pa
 def test_loop_writes_logs_plot_predictions_and_keeps_the_best(byte_t5, tmp_path):
   cfg = small_cfg(byte_t5, **{"train.steps": 4, "train.plot": True, "eval.every": 2, "checkpoint.keep": 1})
   summary = train(cfg, tmp_path, progress=False, mesh=shd.make_mesh(devices=jax.devices()[:1]))
-  recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_recs = [r for r in recs if r["kind"] == "train"]
   evals = [r for r in recs if r["kind"] == "eval"]
   assert [r["step"] for r in train_recs] == [2, 4] and [r["step"] for r in evals] == [2, 4]
   assert all(r["tokens_per_second"] > 0 and r["step_time"] > 0 for r in train_recs)
   assert (tmp_path / "curves.png").stat().st_size > 10_000
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-  preds = [json.loads(l) for l in (tmp_path / "predictions" / "step_4.jsonl").read_text().splitlines()]
+  preds = [json.loads(line) for line in (tmp_path / "predictions" / "step_4.jsonl").read_text().splitlines()]
   assert len(preds) == 16 and {"inputs", "prediction", "correct"} <= set(preds[0])
   # the logged accuracy is the fraction of those predictions that are right
   assert evals[-1]["accuracy"] == np.mean([p["correct"] for p in preds])
@@ -218,7 +183,7 @@ def test_dropout_draws_jax_random_bits_exactly_jitted_and_sharded():
   split = jax.jit(lambda k: [L.split_keys(k, n) for n in (1, 2, 5, 24)])
   for seed in (0, 2**31 + 5):
     key = jax.random.fold_in(jax.random.key(seed), 11)
-    for ours, n in zip(split(key), (1, 2, 5, 24)):
+    for ours, n in zip(split(key), (1, 2, 5, 24), strict=True):
       assert np.array_equal(jax.random.key_data(ours), jax.random.key_data(jax.random.split(key, n)))
     for shape, p in (((7,), 0.9), ((3, 5), 0.5), ((8, 20, 64), 0.9), ((16, 4, 12, 12), 0.999)):
       want = np.asarray(jax.random.bernoulli(key, p, shape))
@@ -260,6 +225,6 @@ def test_attention_and_its_own_backward_pass_equal_the_plain_formula(heads, kv_h
   np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-6)
   grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args))))(*args)
            for f in (ours, plain)]
-  for a, b in zip(*grads):
+  for a, b in zip(*grads, strict=True):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

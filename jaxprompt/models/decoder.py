@@ -30,6 +30,7 @@ from flax import nnx, struct
 from jaxprompt.batches import CausalBatch
 from jaxprompt.errors import ModelError
 from jaxprompt.models import hf
+from jaxprompt.models import kv as KV
 from jaxprompt.models import layers as L
 from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots
 
@@ -297,8 +298,6 @@ class Decoder(FrozenLM):
       self.final_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
     if not cfg.tie_word_embeddings:
       self.lm_head = L.param(L.normal_init(rngs, (h, v), _INIT_STD, param_dtype), ("embed", "vocab"))
-    # run a soft prompt shared by every row once per batch (`shared_prompt`); False: per row, as PEFT does
-    self.share_prompt = True
 
   # -- the stack -------------------------------------------------------------------------------
 
@@ -321,7 +320,8 @@ class Decoder(FrozenLM):
     positions = jnp.broadcast_to(positions, (b, l))
     if pk:
       attention_mask = jnp.concatenate([jnp.ones((b, pk), attention_mask.dtype), attention_mask], axis=1)
-    h, _ = self._run(x, positions, attention_mask, pk + jnp.arange(l), None, 0, dropout_rng, prefix_kv)
+    h, _ = self._run(x, positions=positions, key_mask=attention_mask, q_index=pk + jnp.arange(l),
+                     kv=KV.source(prefix_kv), dropout_rng=dropout_rng)
     return h
 
   def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
@@ -341,11 +341,11 @@ class Decoder(FrozenLM):
       return L.layer_norm(x, p[name], p[f"{name}_bias"], self.config.norm_eps)
     return L.rms_norm(x, p[name], self.config.norm_eps)
 
-  def _run(self, x, positions, key_mask, q_index, cache: DecoderCache | None, index, dropout_rng, prefix_kv=None):
-    """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] (the slots of the queries). Without a cache
-    the keys are `prefix_kv`'s P slots (if any) then the queries' own (S = P + L); with one, each layer writes its
-    new k/v at slot `index` and attends over all S slots, masked by slot (causal, padding, sliding window) as
-    transformers masks by cache position."""
+  def _run(self, x, *, positions, key_mask, q_index, kv: KV.KVSource, index=0, dropout_rng=None):
+    """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] (the slots of the queries), `kv` the other keys
+    and values every layer attends to (`models.kv`: none; a prefix's P slots, S = P + L; or a cache of S slots the
+    new keys/values are written into at `index`), masked by slot (causal, padding, sliding window) as transformers
+    masks by cache position -> (final hidden states [B, L, H], the updated cache or None)."""
     cfg = self.config
     rate = cfg.dropout_rate
     rngs = L.split_rng(dropout_rng, 2)
@@ -358,11 +358,8 @@ class Decoder(FrozenLM):
     rope = L.rope_cos_sin(positions, cfg.inv_freq()) if cfg.position_type == "rope" else None
     scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
     act = L.activation(cfg.hidden_act)
-    per_layer = dict(window=jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32))
-    if cache is not None:
-      per_layer.update(k=cache.k, v=cache.v)
-    elif prefix_kv is not None:
-      per_layer.update(pk=prefix_kv[0], pv=prefix_kv[1])
+    cached = isinstance(kv, KV.Cached)
+    per_layer = dict(window=jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32), kv=kv)
 
     def layer(p, x, rng, xs):
       r = L.split_rng(rng, 3)
@@ -370,33 +367,20 @@ class Decoder(FrozenLM):
       # transformers' sliding window: key slot > query slot - window
       ok = allowed & ((w == 0) | (distance < w))[None, None]
       bias = jnp.where(ok, 0.0, L.MASK_VALUE).astype(jnp.float32)  # [B, 1, L, S]
-      a = p["attn"]
-      h = self._norm(x, p, "attn_norm")
-      q = L.project_qkv(h, a["q"], a.get("q_bias"))
-      k = L.project_qkv(h, a["k"], a.get("k_bias"))
-      v = L.project_qkv(h, a["v"], a.get("v_bias"))
-      if rope is not None:
-        q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
-      out = {}
-      if cache is not None:
-        k = jax.lax.dynamic_update_slice(xs["k"], k.astype(xs["k"].dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(xs["v"], v.astype(xs["v"].dtype), (0, index, 0, 0))
-        out = dict(k=k, v=v)
-      elif "pk" in xs:  # prefix keys as given: already "rotated", as PEFT stores them in the cache
-        k = jnp.concatenate([xs["pk"].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([xs["pv"].astype(v.dtype), v], axis=1)
-      o = L.dot_product_attention(q, k, v, bias, scale=scale, dropout_rate=rate, dropout_rng=r[0])
-      x = x + L.dropout(L.project_out(o, a["o"], a.get("o_bias")), rate, r[1])
+      o, written = KV.self_attention(p["attn"], self._norm(x, p, "attn_norm"), xs["kv"], bias=bias, scale=scale,
+                                     index=index, rope=rope, dropout_rate=rate, dropout_rng=r[0],
+                                     implementation=self.attention)
+      x = x + L.dropout(o, rate, r[1])
       h = self._norm(x, p, "mlp_norm")
-      return x + L.dropout(L.mlp(h, p["mlp"], act), rate, r[2]), out
+      return x + L.dropout(L.mlp(h, p["mlp"], act), rate, r[2]), written
 
     # cached steps stay a scan: unrolled, every layer's cache update becomes a copy of the whole cache
-    x, outs = L.scan_layers(layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer,
-                            loop=self.layer_loop if cache is None else "scan")
+    x, written = L.scan_layers(layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer,
+                               loop="scan" if cached else self.layer_loop)
     p = dict(final_norm=self.final_norm[...])
     if cfg.norm_type == "layer":
       p["final_norm_bias"] = self.final_norm_bias[...]
-    return self._norm(x, p, "final_norm"), (outs if cache is not None else None)
+    return self._norm(x, p, "final_norm"), written
 
   # -- prompted entry points (models.interface.PromptableLM) ------------------------------------
 
@@ -411,7 +395,7 @@ class Decoder(FrozenLM):
     prompts once each (batch K) and every row takes its prompt's keys/values (the last hidden state is then [B, H]).
     Falls back to the per-row prompt (logged once) where that is not exact: dropout on the prompt positions,
     a different prompt in every row, or a prompt together with a key/value prefix."""
-    if prefix is None or prefix.embeds is None or prefix.length == 0 or not self.share_prompt:
+    if prefix is None or prefix.embeds is None or prefix.length == 0 or not self.options.share_prompt:
       return prefix, None
     banked = prefix.bank_ids is not None and prefix.bank.shape[0] < batch_size
     per_row = ("dropout touches the prompt positions" if dropout_rng is not None and self.config.dropout_rate else
@@ -526,10 +510,8 @@ class Decoder(FrozenLM):
     w, pk = num_beams, 0 if prefix is None else prefix.kv_length
     key_mask = jnp.concatenate([jnp.ones((b, pk), mask.dtype), mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
     cache = self.init_cache(b, pk + l + max_new_tokens).replace(key_mask=key_mask)  # [B, S] slots
-    if pk:
-      keys, values = prefix.kv(b)
-      cache = cache.replace(k=cache.k.at[:, :, :pk].set(keys.astype(self.dtype)),
-                            v=cache.v.at[:, :, :pk].set(values.astype(self.dtype)))
+    k, v = KV.fill_prefix(cache.k, cache.v, prefix, b)
+    cache = cache.replace(k=k, v=v)
     h, cache = self._extend(cache, x, pk + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), pk)
     last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
     h_last = h[jnp.arange(b), last]
@@ -546,9 +528,9 @@ class Decoder(FrozenLM):
   def _extend(self, cache: DecoderCache, x: jax.Array, positions: jax.Array, index) -> tuple[jax.Array, DecoderCache]:
     """Run l new tokens [B, l, H] (positions [B, l]) at cache slots index..index+l-1 -> (final hidden states
     [B, l, H], the cache with their k/v)."""
-    q_index = index + jnp.arange(x.shape[1])
-    h, kv = self._run(x.astype(self.dtype), positions, cache.key_mask, q_index, cache, index, None)
-    return h, cache.replace(**kv)
+    h, written = self._run(x.astype(self.dtype), positions=positions, key_mask=cache.key_mask,
+                           q_index=index + jnp.arange(x.shape[1]), kv=KV.Cached(cache.k, cache.v), index=index)
+    return h, cache.replace(k=written.keys, v=written.values)
 
   def reorder_cache(self, cache: DecoderCache, origin: jax.Array) -> DecoderCache:
     return cache.replace(k=cache.k[:, origin], v=cache.v[:, origin], key_mask=cache.key_mask[origin],

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxprompt.models import attention
 from jaxprompt.models import layers as L
 
 
@@ -97,8 +98,11 @@ class PromptableLM(Protocol):
 
   kind: ClassVar[str]
   batch_type: ClassVar[type]  # Seq2SeqBatch | CausalBatch: how the data layer lays out tokens for this kind
+  supports_packing: ClassVar[bool]  # `score_packed` runs several examples per row (data.pack)
   config: Any
   dtype: Any  # compute dtype
+  options: "ModelOptions"  # how it runs (layer loop, attention, remat, sharing a prompt), fixed at construction
+  identity: Any  # where its weights came from (`models.hf.ModelIdentity`), or None for a model built here
 
   @property
   def hidden_size(self) -> int: ...
@@ -142,6 +146,15 @@ class PromptableLM(Protocol):
   def prefix_slots(self) -> PrefixSlots:
     """The layout of a key/value prefix for this model (prefix tuning), as PEFT lays it out."""
 
+  def shared_prompt(self, prefix: Prefix | None, batch_size: int, dropout_rng=None
+                    ) -> tuple[Prefix | None, jax.Array | None]:
+    """A soft prompt shared by every row, computed once where the model kind allows (decoders: its keys/values,
+    `Decoder.shared_prompt`) -> (the prefix to use, the prompt's last final hidden state or None); T5's encoder is
+    bidirectional, so there it returns the prefix unchanged."""
+
+  def score_packed(self, batch, prompts: jax.Array | None, *, dropout_rng=None):
+    """`score_targets` of a packed batch (`batches.PackedSeq2SeqBatch`), where `supports_packing`."""
+
 
 @runtime_checkable
 class Seq2SeqLM(PromptableLM, Protocol):
@@ -167,21 +180,65 @@ class CausalLM(PromptableLM, Protocol):
     """Final hidden states [B, L, H] -> logits [B, L, V] float32."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """How a model runs, fixed when it is built (`models.loading.load_model` / `build_model` take these).
+
+  layer_loop: scan the layers or unroll them ("auto": `layers.unrolls`); a cached decoding step always scans.
+  attention: the attention implementation (`models.attention.IMPLEMENTATIONS`; "auto" picks per platform).
+  remat: the layer scan's rematerialisation policy (`layers.remat_policy`).
+  share_prompt: run a soft prompt shared by every row once per batch where the kind allows (decoders:
+    `shared_prompt`); False runs it per row, as PEFT does (benchmarks compare the two).
+  """
+
+  layer_loop: str = "auto"
+  attention: str = "auto"
+  remat: str = "none"
+  share_prompt: bool = True
+
+  def __post_init__(self):
+    L.unrolls(self.layer_loop)  # validates
+    attention.resolve(self.attention)  # validates
+    L.remat_policy(self.remat)  # validates
+
+
 class FrozenLM(nnx.Module):
-  """What every model family shares: its config, compute dtype and remat policy, the token embedding lookup,
-  inputs with a prefix in front, and the dummy batch of its kind. Subclasses set `kind`, `batch_type`, create
-  their parameters in `init_params`, and implement `embedding_table` and the rest of their kind's Protocol.
-  Weights are float32 (or `param_dtype`); compute runs in `dtype`; logits are float32."""
+  """What every model family shares: its config, compute dtype and options, where its weights came from, the token
+  embedding lookup, inputs with a prefix in front, and the dummy batch of its kind. Subclasses set `kind`,
+  `batch_type`, `supports_packing`, create their parameters in `init_params`, and implement `embedding_table` and
+  the rest of their kind's Protocol. Weights are float32 (or `param_dtype`); compute runs in `dtype`; logits are
+  float32."""
 
   kind: ClassVar[str]
   batch_type: ClassVar[type]
+  supports_packing: ClassVar[bool] = False
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none"):
+  def __init__(self, cfg, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
+               options: ModelOptions | None = None, identity=None):
     self.config = cfg
     self.dtype = jnp.dtype(dtype)
-    self.remat = remat
-    self.layer_loop = "auto"  # scan the layers, or unroll them (auto: unrolled on the CPU; `layers.unrolls`)
+    self.options = options or ModelOptions()
+    self.identity = identity
     self.init_params(cfg, rngs, param_dtype)
+
+  @property
+  def remat(self) -> str:
+    return self.options.remat
+
+  @property
+  def layer_loop(self) -> str:
+    return self.options.layer_loop
+
+  @property
+  def attention(self) -> str:
+    return self.options.attention
+
+  def shared_prompt(self, prefix: Prefix | None, batch_size: int, dropout_rng=None):
+    """Nothing to share (see `PromptableLM.shared_prompt`): the prefix as it is."""
+    return prefix, None
+
+  def score_packed(self, batch, prompts, *, dropout_rng=None):
+    raise NotImplementedError(f"{type(self).__name__} does not pack rows (supports_packing is False)")
 
   def init_params(self, cfg, rngs: nnx.Rngs, param_dtype) -> None:
     raise NotImplementedError

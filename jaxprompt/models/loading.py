@@ -18,9 +18,8 @@ from jax.sharding import Mesh
 
 from jaxprompt.errors import MissingPathError, ModelError
 from jaxprompt.fileio import write_folder_atomically
-from jaxprompt.models import decoder
-from jaxprompt.models import hf
-from jaxprompt.models import t5
+from jaxprompt.models import decoder, hf, t5
+from jaxprompt.models.interface import ModelOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +51,13 @@ def architecture_for(model_type: str | None, where: str) -> Architecture:
   return ARCHITECTURES[model_type]
 
 
-def build_model(config, *, seed: int = 0, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none"):
-  """A randomly initialised model for `config` (a T5Config, a DecoderConfig)."""
+def build_model(config, *, seed: int = 0, param_dtype=jnp.float32, dtype=jnp.float32, options: ModelOptions | None = None,
+                identity: hf.ModelIdentity | None = None, **option_fields):
+  """A randomly initialised model for `config` (a T5Config, a DecoderConfig). `options` (`ModelOptions`), or its
+  fields as keywords (layer_loop=, attention=, remat=, share_prompt=), say how it runs."""
   cls = architecture_for(config.model_type, type(config).__name__).model_cls
-  return cls(config, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, remat=remat)
+  options = dataclasses.replace(options or ModelOptions(), **option_fields)
+  return cls(config, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, options=options, identity=identity)
 
 
 def config_from_dict(hf_cfg: dict):
@@ -65,9 +67,11 @@ def config_from_dict(hf_cfg: dict):
   return arch.config_from_hf(hf_cfg, set() if hf_cfg.get("tie_word_embeddings", True) else {"lm_head.weight"})
 
 
-def abstract_model(config, *, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none"):
+def abstract_model(config, *, param_dtype=jnp.float32, dtype=jnp.float32, options: ModelOptions | None = None,
+                   identity: hf.ModelIdentity | None = None, **option_fields):
   """The model for `config` as shapes only (nnx.eval_shape): nothing is allocated."""
-  return nnx.eval_shape(lambda: build_model(config, param_dtype=param_dtype, dtype=dtype, remat=remat))
+  return nnx.eval_shape(lambda: build_model(config, param_dtype=param_dtype, dtype=dtype, options=options,
+                                            identity=identity, **option_fields))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,8 @@ def register_source(name: str, source: ModelSource) -> None:
 
 
 def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None,
-               remat: str = "none", revision: str | None = None, allow_pytorch_bin: bool = False):
+               remat: str = "none", layer_loop: str = "auto", attention: str = "auto", share_prompt: bool = True,
+               dropout: float | None = None, revision: str | None = None, allow_pytorch_bin: bool = False):
   """Load a frozen base model.
 
   Args:
@@ -97,27 +102,28 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None 
     dtype: parameter dtype (default float32; bfloat16 halves memory for frozen weights).
     mesh: place each parameter straight into its shards as `jaxprompt.sharding.RULES` says.
     compute_dtype: activation dtype (default: float32).
-    remat: rematerialisation policy for the layer scan ("none", "full", "dots", "dots_no_batch").
+    remat, layer_loop, attention, share_prompt: how the model runs (`models.interface.ModelOptions`).
+    dropout: the model's dropout rate in training (None: its config's).
     allow_pytorch_bin: accept a pickle-based pytorch_model.bin (loaded with weights_only=True).
   Returns the model; `model.identity` records where it came from (`hf.ModelIdentity`).
   """
-  if str(path_or_hub_id) in SOURCES:
-    model = load_model(SOURCES[str(path_or_hub_id)].folder(), dtype, mesh, compute_dtype=compute_dtype, remat=remat)
-    model.identity = dataclasses.replace(model.identity, path=str(path_or_hub_id))
-    return model
+  options = ModelOptions(layer_loop=layer_loop, attention=attention, remat=remat, share_prompt=share_prompt)
+  name = str(path_or_hub_id)
+  if name in SOURCES:
+    path_or_hub_id = SOURCES[name].folder()
   if str(path_or_hub_id).endswith(".gguf"):
     from jaxprompt.models import gguf
 
     ckpt = gguf.open_checkpoint(path_or_hub_id)
   else:
     ckpt = _hf_checkpoint(str(path_or_hub_id), revision, allow_pytorch_bin)
+  identity = dataclasses.replace(ckpt.identity, path=name) if name in SOURCES else ckpt.identity
+  config = ckpt.config if dropout is None else dataclasses.replace(ckpt.config, dropout_rate=dropout)
   param_dtype = jnp.dtype(dtype or jnp.float32)
-  abstract = abstract_model(ckpt.config, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or jnp.float32),
-                            remat=remat)
-  model = hf.load_weights(abstract, ckpt.weight_map, ckpt.reader, mesh=mesh, param_dtype=param_dtype,
-                          aliases=ckpt.aliases, source=ckpt.source)
-  model.identity = ckpt.identity
-  return model
+  abstract = abstract_model(config, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or jnp.float32),
+                            options=options, identity=identity)
+  return hf.load_weights(abstract, ckpt.weight_map, ckpt.reader, mesh=mesh, param_dtype=param_dtype,
+                         aliases=ckpt.aliases, source=ckpt.source)
 
 
 def _hf_checkpoint(path_or_hub_id: str, revision: str | None, allow_pytorch_bin: bool) -> hf.Checkpoint:
@@ -131,13 +137,13 @@ def _hf_checkpoint(path_or_hub_id: str, revision: str | None, allow_pytorch_bin:
   return hf.Checkpoint(reader, config, arch.weight_map(config), arch.aliases_for(config), identity, str(folder))
 
 
-def architecture_summary(base) -> dict:
+def architecture_summary(base) -> hf.Architecture:
   """What an exported prompt must say about its base (PEFT's adapter_config fields among them)."""
   c = base.config
   first = lambda *names: next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
-  return dict(kind=base.kind, model_type=c.model_type, hidden_size=base.hidden_size, vocab_size=c.vocab_size,
-              num_layers=first("num_layers", "num_hidden_layers", "n_layer"),
-              num_attention_heads=first("num_heads", "num_attention_heads", "n_head"))
+  return hf.Architecture(kind=base.kind, model_type=c.model_type, hidden_size=base.hidden_size,
+                         vocab_size=c.vocab_size, num_layers=first("num_layers", "num_hidden_layers", "n_layer"),
+                         num_attention_heads=first("num_heads", "num_attention_heads", "n_head"))
 
 
 def save_pretrained(model, folder: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, dtype=None) -> Path:

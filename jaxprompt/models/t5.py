@@ -19,6 +19,7 @@ from flax import nnx, struct
 
 from jaxprompt.batches import PackedSeq2SeqBatch, Seq2SeqBatch
 from jaxprompt.errors import ModelError
+from jaxprompt.models import kv as KV
 from jaxprompt.models import layers as L
 from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots
 
@@ -119,10 +120,6 @@ def _qkv(p: dict, x: jax.Array, kv: jax.Array | None):
   return (q,) if kv is None else (q, L.project_qkv(kv, p["k"]), L.project_qkv(kv, p["v"]))
 
 
-def _attend(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, rate: float, rng) -> jax.Array:
-  return L.project_out(L.dot_product_attention(q, k, v, bias, scale=1.0, dropout_rate=rate, dropout_rng=rng), p["o"])
-
-
 @struct.dataclass
 class T5Cache:
   """Cached decoding state: self-attention k/v [Y, B, T, N, D] for T decoder slots (a key/value prefix's P slots
@@ -142,6 +139,7 @@ class T5(FrozenLM):
 
   kind = "seq2seq"
   batch_type = Seq2SeqBatch
+  supports_packing = True
 
   def init_params(self, cfg: T5Config, rngs: nnx.Rngs, param_dtype) -> None:
     self.shared = L.param(L.normal_init(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype), ("vocab", "embed"))
@@ -175,9 +173,10 @@ class T5(FrozenLM):
 
     def layer(p, x, rng):
       r = L.split_rng(rng, 5)
-      a = p["self_attn"]
       h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
-      x = x + L.dropout(_attend(a, *_qkv(a, h, h), bias, rate, r[0]), rate, r[1])
+      o, _ = KV.self_attention(p["self_attn"], h, KV.Fresh(), bias=bias, scale=1.0, dropout_rate=rate,
+                               dropout_rng=r[0], implementation=self.attention)
+      x = x + L.dropout(o, rate, r[1])
       h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
       return x + L.dropout(L.mlp(h, p["mlp"], L.activation(cfg.act_name), rate, r[2]), rate, r[3])
 
@@ -185,60 +184,55 @@ class T5(FrozenLM):
     x = L.rms_norm(x, self.encoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2])
 
-  def _decoder(self, x, q_pos, k_pos, decoder_mask, enc, cache: T5Cache | None, index, dropout_rng, prefix_kv=None,
-               segments=None, cross_kv=None):
-    """The decoder stack, teacher-forced (`enc` = (encoder output [B, S, H], its mask) for cross attention, no
-    cache; `prefix_kv` [Y, B, P, K, D] self-attention slots in front) or one cached step (`cache` holds everything;
-    new k/v written at slot `index`). x [B, l, H] at positions q_pos [l] attends to key slots at positions
-    k_pos [S'] -> final hidden states [B, l, H]. `segments` (packed rows, teacher forcing): (decoder segment ids
-    [B, l], encoder segment ids [B, S]): attention stays inside a segment; `enc`'s mask is then unused.
-    `cross_kv` (teacher forcing): cross-attention keys and values [Y, B, S, N, D], projected already (`enc`'s
-    states are then unused)."""
+  def _decoder(self, x, *, q_pos, k_pos, kv: KV.KVSource, cross_bias, encoder=None, cross_kv=None,
+               decoder_mask=None, segments=None, index=0, dropout_rng=None):
+    """The decoder stack: x [B, l, H] at positions q_pos [l] attends to self-attention key slots at positions
+    k_pos [S'] from `kv` (`models.kv`: teacher forcing with or without a prefix's P slots in front, or a cache
+    written at slot `index`), and across to the encoder: its states `encoder` [B, S, H] (projected here) or
+    `cross_kv` (keys, values) [Y, B, S, N, D] projected already, with `cross_bias` [B|1, 1, l|1, S].
+    `decoder_mask` [B, S'] masks self-attention slots; `segments` (packed rows): decoder segment ids [B, l] keep
+    self-attention inside a segment -> (final hidden states [B, l, H], the updated cache or None)."""
     cfg = self.config
     self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg)
     self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, L.MASK_VALUE)[None, None]
     if decoder_mask is not None:
       self_bias = self_bias + L.mask_to_bias(decoder_mask)
     if segments is not None:
-      self_bias = self_bias + _segment_bias(segments[0], segments[0])
-      cross_bias = _segment_bias(*segments)
-    else:
-      cross_bias = L.mask_to_bias(enc[1] if cache is None else cache.encoder_mask)
+      self_bias = self_bias + _segment_bias(segments, segments)
+    cached = isinstance(kv, KV.Cached)
     rngs = L.split_rng(dropout_rng, 3)
     rate, act = cfg.dropout_rate, L.activation(cfg.act_name)
     x = L.dropout(x, rate, rngs[0])
 
     def layer(p, x, rng, xs):
       r = L.split_rng(rng, 7)
-      a, c = p["self_attn"], p["cross_attn"]
+      c = p["cross_attn"]
       h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
-      q, k, v = _qkv(a, h, h)
-      if cache is not None:
-        k = jax.lax.dynamic_update_slice(xs["k"], k.astype(xs["k"].dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(xs["v"], v.astype(xs["v"].dtype), (0, index, 0, 0))
-      elif "pk" in xs:
-        k = jnp.concatenate([xs["pk"].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([xs["pv"].astype(v.dtype), v], axis=1)
-      x = x + L.dropout(_attend(a, q, k, v, self_bias, rate, r[0]), rate, r[1])
+      o, written = KV.self_attention(p["self_attn"], h, xs["kv"], bias=self_bias, scale=1.0, index=index,
+                                     dropout_rate=rate, dropout_rng=r[0], implementation=self.attention)
+      x = x + L.dropout(o, rate, r[1])
       h = L.rms_norm(x, p["cross_attn_norm"], cfg.layer_norm_epsilon)
-      # teacher forcing projects the encoder output here; cached steps projected it once (prefill)
-      qkv = _qkv(c, h, enc[0]) if "cross_k" not in xs else _qkv(c, h, None) + (xs["cross_k"], xs["cross_v"])
-      x = x + L.dropout(_attend(c, *qkv, cross_bias, rate, r[2]), rate, r[3])
+      # teacher forcing projects the encoder output here; cached steps and ranking projected it once
+      qkv = _qkv(c, h, encoder) if "cross_k" not in xs else _qkv(c, h, None) + (xs["cross_k"], xs["cross_v"])
+      x = x + L.dropout(self._attend(c, *qkv, cross_bias, rate, r[2]), rate, r[3])
       h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
       x = x + L.dropout(L.mlp(h, p["mlp"], act, rate, r[4]), rate, r[5])
-      return x, (dict(k=k, v=v) if cache is not None else {})
+      return x, written
 
-    if cache is not None:
-      per_layer = dict(k=cache.k, v=cache.v, cross_k=cache.cross_k, cross_v=cache.cross_v)
-    else:
-      per_layer = {} if prefix_kv is None else dict(pk=prefix_kv[0], pv=prefix_kv[1])
-      if cross_kv is not None:
-        per_layer.update(cross_k=cross_kv[0], cross_v=cross_kv[1])
+    per_layer = dict(kv=kv)
+    if cross_kv is not None:
+      per_layer.update(cross_k=cross_kv[0], cross_v=cross_kv[1])
     # a cached step stays a scan: unrolled, every layer's cache update becomes a copy of the whole cache
-    x, kv = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], self.remat if cache is None else "none",
-                          per_layer, loop=self.layer_loop if cache is None else "scan")
+    x, written = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], "none" if cached else self.remat,
+                               per_layer, loop="scan" if cached else self.layer_loop)
     x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
-    return L.dropout(x, rate, rngs[2]), kv
+    return L.dropout(x, rate, rngs[2]), written
+
+  def _attend(self, p: dict, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, rate: float, rng):
+    """Cross-attention (T5 scales no scores) -> [B, l, H]."""
+    o = L.dot_product_attention(q, k, v, bias, scale=1.0, dropout_rate=rate, dropout_rng=rng,
+                                implementation=self.attention)
+    return L.project_out(o, p["o"])
 
   def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
              *, prefix_kv=None, dropout_rng=None) -> jax.Array:
@@ -252,9 +246,10 @@ class T5(FrozenLM):
     if pk and decoder_attention_mask is not None:
       decoder_attention_mask = jnp.concatenate([jnp.ones((b, pk), decoder_attention_mask.dtype),
                                                 decoder_attention_mask], axis=1)
-    enc = (encoder_hidden.astype(self.dtype), encoder_attention_mask)
-    x, _ = self._decoder(self.embed(decoder_input_ids), pk + jnp.arange(t), jnp.arange(pk + t), decoder_attention_mask,
-                         enc, None, 0, dropout_rng, prefix_kv)
+    x, _ = self._decoder(self.embed(decoder_input_ids), q_pos=pk + jnp.arange(t), k_pos=jnp.arange(pk + t),
+                         kv=KV.source(prefix_kv), encoder=encoder_hidden.astype(self.dtype),
+                         cross_bias=L.mask_to_bias(encoder_attention_mask), decoder_mask=decoder_attention_mask,
+                         dropout_rng=dropout_rng)
     return self.logits(x)
 
   def logits(self, x: jax.Array) -> jax.Array:
@@ -300,8 +295,10 @@ class T5(FrozenLM):
     seg = batch.input_segments
     enc = self.encode(inputs_embeds=x, attention_mask=seg > 0, segment_ids=seg, dropout_rng=enc_rng)
     t = batch.decoder_input_ids.shape[1]
-    x, _ = self._decoder(self.embed(batch.decoder_input_ids), jnp.arange(t), jnp.arange(t), None,
-                         (enc.astype(self.dtype), None), None, 0, dec_rng, segments=(batch.target_segments, seg))
+    x, _ = self._decoder(self.embed(batch.decoder_input_ids), q_pos=jnp.arange(t), k_pos=jnp.arange(t),
+                         kv=KV.Fresh(), encoder=enc.astype(self.dtype),
+                         cross_bias=_segment_bias(batch.target_segments, seg), segments=batch.target_segments,
+                         dropout_rng=dec_rng)
     return self.logits(x), batch.target_ids, batch.target_mask
 
   def label_logprobs(self, batch: Seq2SeqBatch, label_ids, label_mask, prefix: Prefix | None = None) -> jax.Array:
@@ -326,9 +323,9 @@ class T5(FrozenLM):
     kv = prefix.kv(b, repeat=c) if prefix is not None else None
     pk = 0 if kv is None else kv[0].shape[2]
     cross = tuple(jnp.repeat(a, c, axis=1) for a in self._cross_kv(enc.astype(self.dtype)))
-    x, _ = self._decoder(self.embed(shift_right(tgt, self.config.decoder_start_token_id)), pk + jnp.arange(t),
-                         jnp.arange(pk + t), None, (None, jnp.repeat(m, c, axis=0)), None, 0, None, kv,
-                         cross_kv=cross)
+    x, _ = self._decoder(self.embed(shift_right(tgt, self.config.decoder_start_token_id)), q_pos=pk + jnp.arange(t),
+                         k_pos=jnp.arange(pk + t), kv=KV.source(kv), cross_kv=cross,
+                         cross_bias=L.mask_to_bias(jnp.repeat(m, c, axis=0)))
     return L.sequence_logprob(self.logits(x), tgt, tmask).reshape(b, c)
 
   def _cross_kv(self, enc: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -371,10 +368,8 @@ class T5(FrozenLM):
     ck, cv = self._cross_kv(enc)
     cache = self.init_cache(enc.shape[0], pk + max_new_tokens + 1)  # the last slot is never read
     cache = cache.replace(cross_k=ck, cross_v=cv, encoder_mask=L.repeat_rows(mask, w), start=pk)
-    if pk:
-      keys, values = prefix.kv(mask.shape[0], repeat=w)
-      cache = cache.replace(k=cache.k.at[:, :, :pk].set(keys.astype(self.dtype)),
-                            v=cache.v.at[:, :, :pk].set(values.astype(self.dtype)))
+    k, v = KV.fill_prefix(cache.k, cache.v, prefix, mask.shape[0], repeat=w)
+    cache = cache.replace(k=k, v=v)
     start = jnp.full((enc.shape[0], 1), self.config.decoder_start_token_id, jnp.int32)
     logits, cache = self._cached_step(cache, start, pk)
     return logits[:, 0], cache
@@ -386,10 +381,11 @@ class T5(FrozenLM):
   def _cached_step(self, cache: T5Cache, decoder_input_ids: jax.Array, index) -> tuple[jax.Array, T5Cache]:
     """Decoder tokens [B, l] at slots index..index+l-1 -> (logits [B, l, V] float32, updated cache); equals the
     matching rows of `decode` on the whole prefix."""
-    q_pos = index + jnp.arange(decoder_input_ids.shape[1])
-    x, kv = self._decoder(self.embed(decoder_input_ids), q_pos, jnp.arange(cache.k.shape[2]), None, None, cache,
-                          index, None)
-    return self.logits(x), cache.replace(**kv)
+    x, written = self._decoder(self.embed(decoder_input_ids), q_pos=index + jnp.arange(decoder_input_ids.shape[1]),
+                               k_pos=jnp.arange(cache.k.shape[2]), kv=KV.Cached(cache.k, cache.v),
+                               cross_kv=(cache.cross_k, cache.cross_v), cross_bias=L.mask_to_bias(cache.encoder_mask),
+                               index=index)
+    return self.logits(x), cache.replace(k=written.keys, v=written.values)
 
   def reorder_cache(self, cache: T5Cache, origin: jax.Array) -> T5Cache:
     # cross-attention state is the same for every beam of an example: only the self-attention k/v move

@@ -8,7 +8,8 @@ semantics: T5's encoder input only; a decoder's whole sequence, positions 0..P+L
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+import dataclasses
+from typing import Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +19,16 @@ from flax import nnx
 from jaxprompt.errors import PromptError
 from jaxprompt.models import layers as L
 from jaxprompt.models.interface import Prefix
+from jaxprompt.prompts.init import initial_prompt
 from jaxprompt.prompts.params import PromptParam
+from jaxprompt.prompts.spec import Method, PromptSpec
 
 
 class PromptMethod(nnx.Module):
   """A prompt-learning method. Its trainable variables are `PromptParam`s (so the optimizer, checkpoints and export
   select them by type); `prefix(batch_size, prompt_ids, dropout_rng=)` is what it puts in front of a batch
   (`models.interface.Prefix`); `inference_value()` is what a trained prompt amounts to at inference (and what
-  PEFT saves); `spec()` describes it (JSON: method, options) for checkpoints and exports."""
+  PEFT saves); `spec()` describes it (`spec.PromptSpec`: method, options) for checkpoints and exports."""
 
   method: ClassVar[str]
   uses_dropout: ClassVar[bool] = False  # does `prefix` draw dropout (it then takes its own key)
@@ -46,15 +49,27 @@ class PromptMethod(nnx.Module):
     raise PromptError(f"{self.method} puts no embeddings before the input: packed rows (data.pack) need "
                       "prompt_tuning or p_tuning")
 
-  def spec(self) -> dict:
-    return dict(method=self.method)
+  def spec(self) -> PromptSpec:
+    raise NotImplementedError
+
+  @classmethod
+  def stack(cls, modules: Sequence["PromptMethod"]) -> "PromptMethod":
+    """K fixed modules of this class (`Method.fixed`) as one bank for mixed batches (row b uses prompt_ids[b])."""
+    raise PromptError(f"{cls.__name__} prompts cannot form a bank")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuningSpec(PromptSpec):
+  """Prompt tuning has no options."""
+
+  method: ClassVar[str] = "prompt_tuning"
 
 
 class SoftPrompt(PromptMethod):
   """Prompt tuning: `embeddings` [P, H] float32, replicated (logical axes prompt / prompt_embed) — or a bank
   [K, P, H] of K prompts for mixed-prompt batches, where each example picks its prompt by id."""
 
-  method = "prompt_tuning"
+  method = PromptTuningSpec.method
 
   def __init__(self, value: jax.Array | np.ndarray):
     value = jnp.asarray(value, jnp.float32)
@@ -77,6 +92,13 @@ class SoftPrompt(PromptMethod):
 
   def packed_table(self, dropout_rng=None) -> jax.Array:
     return self.embeddings[...].reshape(-1, self.embeddings.shape[-1])
+
+  def spec(self) -> PromptSpec:
+    return PromptTuningSpec()
+
+  @classmethod
+  def stack(cls, modules: Sequence[PromptMethod]) -> "SoftPrompt":
+    return prompt_bank([m.embeddings[...] for m in modules])
 
   def rows(self, prompt_ids: jax.Array | None = None) -> jax.Array:
     """[1, P, H]: one prompt for all rows, or [B, P, H]: row `prompt_ids[b]` of a [K, P, H] bank."""
@@ -117,10 +139,6 @@ class PromptedModel(nnx.Module):
       return None, dropout_rng
     return tuple(L.split_keys(dropout_rng, 2))
 
-  def embed_inputs(self, input_ids, attention_mask=None, prompt_ids=None):
-    """input_ids [B, L] -> (inputs_embeds [B, P + L, H], mask [B, P + L]): a soft prompt before the tokens."""
-    return self.base.input_embeddings(input_ids, attention_mask, prefix=self.prefix(input_ids.shape[0], prompt_ids))
-
   def full_logits(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
                   prompt_ids=None, dropout_rng=None) -> jax.Array:
     """The base's logits as PEFT returns them: seq2seq [B, T, V]; causal [B, P + L, V] with the soft prompt's
@@ -157,3 +175,70 @@ class PromptedModel(nnx.Module):
 
 def _ids(prompt_ids, batch):
   return prompt_ids if prompt_ids is not None else batch.task_ids
+
+
+# -- prompt tuning's registry entry (`prompts.registry`), and what the input-embedding methods share -------------
+
+# prompt.init -> PEFT's PromptTuningInit. class_labels is "sampled vocabulary, then the labels' embeddings" and
+# file continues whatever init made that prompt: PEFT has no closer names. PEFT only reads this field when a
+# prompt is created for training, never when an adapter is loaded.
+PEFT_INIT = {"random_uniform": "RANDOM", "sampled_vocab": "SAMPLE_VOCAB", "class_labels": "SAMPLE_VOCAB",
+             "text": "TEXT"}
+
+
+def restored(build_fn: Callable[[], PromptMethod], params: dict) -> PromptMethod:
+  """The module `build_fn` makes, holding a checkpoint's parameters (built abstractly: no initialiser runs)."""
+  module = nnx.eval_shape(build_fn)
+  nnx.update(module, jax.tree.map(jnp.asarray, params))
+  return module
+
+
+def check_embeddings(value: np.ndarray, base, where: str) -> None:
+  """Input embeddings [P, H] fit a base of hidden size H."""
+  if value.shape[1] != base.hidden_size:
+    raise PromptError(f"{where}: prompt is {value.shape}, this model's hidden size is {base.hidden_size}")
+
+
+def fixed_embeddings(value, spec: PromptSpec, slots, where: str) -> SoftPrompt:
+  return SoftPrompt(value)
+
+
+def peft_embeddings(value: np.ndarray, peft: dict, where) -> np.ndarray:
+  """The [P, H] rows the input receives of a PROMPT_TUNING / P_TUNING adapter's `prompt_embeddings` (a seq2seq
+  [2P, H] tensor's second half is never read)."""
+  p, token_dim = peft["num_virtual_tokens"], peft.get("token_dim")
+  if token_dim not in (None, value.shape[1]):
+    raise PromptError(f"{where}: token_dim {token_dim} does not match prompt_embeddings {value.shape}")
+  if value.shape[0] < p or value.shape[0] % p:
+    raise PromptError(f"{where}: prompt_embeddings has {value.shape[0]} rows for {p} virtual tokens")
+  return value[:p]
+
+
+def embedding_peft_fields(value: np.ndarray, record) -> dict:
+  """PEFT's fields of an input-embedding method (its PromptEmbedding / PromptEncoder), options aside."""
+  arch = record.architecture
+  return dict(token_dim=int(value.shape[1]), num_transformer_submodules=1, num_layers=arch.num_layers,
+              num_attention_heads=arch.num_attention_heads)
+
+
+def _peft_init(record, base_path: str | None) -> dict:
+  """PEFT's prompt_tuning_init fields for the init that actually made the prompt (RANDOM when unknown)."""
+  pc = record.prompt_config or {}
+  init = PEFT_INIT.get(pc.get("init"), "RANDOM")
+  if init == "TEXT" and pc.get("init_text"):
+    return dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=pc["init_text"],
+                tokenizer_name_or_path=record.tokenizer or base_path)
+  return dict(prompt_tuning_init="SAMPLE_VOCAB" if init == "TEXT" else init, prompt_tuning_init_text=None,
+              tokenizer_name_or_path=None)
+
+
+PROMPT_TUNING = Method(
+    name=PromptTuningSpec.method, spec_type=PromptTuningSpec,
+    description="prompt tuning (Lester et al. 2021): learned input embeddings [P, H] before the input",
+    embeds=True, value_shape="[P, H]", saves="embeddings [P, H]", peft_type="PROMPT_TUNING",
+    build=lambda pcfg, base, tokenizer, labels, rng: SoftPrompt(initial_prompt(pcfg, base, tokenizer, labels, rng)),
+    rebuild=lambda spec, params: SoftPrompt(params["embeddings"]),
+    fixed=fixed_embeddings, check=check_embeddings,
+    peft_fields=lambda value, record, base_path: {**embedding_peft_fields(value, record),
+                                                  **_peft_init(record, base_path)},
+    peft_read=lambda value, peft, where: (peft_embeddings(value, peft, where), PromptTuningSpec()))

@@ -44,6 +44,7 @@ from jaxprompt.inference import decoding
 from jaxprompt.models.interface import Prefix
 from jaxprompt.prompts import methods
 from jaxprompt.prompts.io import load_prompt_source, prompt_task_names, task_slug
+from jaxprompt.prompts.record import PromptRecord
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ServedPrompt:
   method: str
   prefix: Prefix  # batch-1 arrays on the device (see the module docstring)
   labels: tuple[str, ...] | None  # the labels recorded with the prompt's task (classify's default)
-  info: dict
+  record: PromptRecord
 
   @property
   def group(self) -> tuple:
@@ -164,12 +165,12 @@ class PromptStore:
       log.warning(warning)
     module = methods.fixed(src.value, src.spec, self.base.prefix_slots(), where=str(path))
     prefix = module.prefix(1)
-    if hasattr(self.base, "shared_prompt") and prefix.embeds is not None:  # a decoder: run the prompt once
+    if prefix.embeds is not None:  # a decoder runs the prompt once (`shared_prompt`); T5 keeps the embeddings
       prefix = self._shared(self._state, jnp.asarray(prefix.embeds))
     prefix = jax.tree.map(jax.device_put, prefix)
-    task = src.info.get("task") or {}
-    labels = tuple(task["labels"]) if task.get("labels") else None
-    return ServedPrompt(name=name, source=str(path), method=src.method, prefix=prefix, labels=labels, info=src.info)
+    labels = src.record.task.labels if src.record.task is not None else ()
+    return ServedPrompt(name=name, source=str(path), method=src.method, prefix=prefix, labels=labels or None,
+                        record=src.record)
 
   def add(self, name: str, path: str | Path, *, replace: bool = False) -> ServedPrompt:
     if name in self._prompts and not replace:

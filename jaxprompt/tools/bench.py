@@ -85,14 +85,15 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
   return 2 * n**3 / t, f"measured {n}x{n} {dtype} matmul on {kind or dev.platform}"
 
 
-def random_base(preset: Preset, dtype: str = "float32", layers: int | None = None, layer_loop: str = "auto"):
-  """A randomly initialised base model of the preset's shape (`layer_loop`: `model.layer_loop`)."""
+def random_base(preset: Preset, dtype: str = "float32", layers: int | None = None, layer_loop: str = "auto",
+                share_prompt: bool = True, attention: str = "auto"):
+  """A randomly initialised base model of the preset's shape (`layer_loop`, `attention`: the model section's;
+  `share_prompt`: `models.interface.ModelOptions`)."""
   hf_cfg = dict(preset.hf_config)
   if layers is not None:
     hf_cfg.update({k: layers for k in ("num_layers", "num_decoder_layers", "num_hidden_layers") if k in hf_cfg})
-  base = build_model(config_from_dict(hf_cfg), dtype=jnp.dtype(dtype))
-  base.layer_loop = layer_loop
-  return base
+  return build_model(config_from_dict(hf_cfg), dtype=jnp.dtype(dtype), layer_loop=layer_loop,
+                     share_prompt=share_prompt, attention=attention)
 
 
 class _IdTokenizer:
@@ -120,9 +121,7 @@ def setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: 
           share_prompt: bool = True, layer_loop: str = "auto"):
   """(step_fn, prompt, opt_state, frozen, batch) for the preset's shapes, random weights. `share_prompt=False`:
   a causal model runs the prompt in every row (PEFT's computation) instead of once per batch."""
-  base = random_base(preset, dtype, layers, layer_loop)
-  if hasattr(base, "share_prompt"):
-    base.share_prompt = share_prompt
+  base = random_base(preset, dtype, layers, layer_loop, share_prompt=share_prompt)
   model = PromptedModel(base, SoftPrompt(jnp.zeros((preset.prompt_length, base.hidden_size)) + 0.1))
   batch = random_batch(base, preset)
   tx = build_optimizer(C.OptimizerConfig(), 1000)

@@ -184,8 +184,8 @@ def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   base = BN.random_base(preset)
   if pack is None:
-    pack = hasattr(base, "score_packed")
-  elif pack and not hasattr(base, "score_packed"):
+    pack = base.supports_packing
+  elif pack and not base.supports_packing:
     raise UsageError(f"--pack packs seq2seq rows; {preset_name} is a {base.kind} model")
   labels = get_task(task).labels if evaluate else None
   if evaluate and not labels:  # before minutes of training benchmark, not after

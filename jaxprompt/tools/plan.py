@@ -83,8 +83,9 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   config = config_from_dict(hf_cfg)
 
   def build():
-    base = build_model(config, param_dtype=pdt, dtype=cdt, remat=remat)
-    base.layer_loop = "scan"  # what the accelerators the plan is for run (compile time flat in depth)
+    # a scan: what the accelerators the plan is for run (compile time flat in depth)
+    base = build_model(config, param_dtype=pdt, dtype=cdt, remat=remat, layer_loop="scan",
+                       attention=cfg.model.attention)
     # the configured method's structure (its initial values do not matter to a plan)
     return PromptedModel(base, methods.build(methods.with_random_init(cfg.prompt), base, None, None,
                                              jax.random.key(0)))

@@ -1,0 +1,109 @@
+"""The one self-attention path of every model: where a layer's keys and values come from, and the block itself.
+
+Notation: Y layers, B batch, L new tokens (queries), P prefix slots, S cache slots, N query heads, K key/value heads,
+D head dim, H hidden.
+
+A self-attention layer attends over its own new keys/values plus, at most, one other source (`KVSource`):
+  `Fresh`    nothing else (a full forward pass);
+  `Prefixed` P slots in front of its own (a key/value prefix: prefix tuning, deep prompts, a shared prompt's keys
+             and values) — used as given, no rotary embedding applied to them, as PEFT stores them;
+  `Cached`   a cache of S slots [B, S, K, D]: the new keys/values are written at `index` (one slot for every row, or
+             each row's own slot [B] — a server's decode slots) and the layer attends over all S, the mask in the
+             bias deciding which slots are real.
+Sources hold every layer's arrays stacked [Y, ...]; the layer scan hands each layer its own slice. T5's decoder
+self-attention and the decoder-only models go through `self_attention`; `fill_prefix` writes a prefix into the
+front of a fresh cache for both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxprompt.models import layers as L
+
+
+def write_rows(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+  """cache [.., B, S, K, D] with new [.., B, l, K, D] written at slot `index` (a scalar: every row; [B]: row b at
+  index[b]) along the slot axis (-3)."""
+  new = new.astype(cache.dtype)
+  if jnp.ndim(index) == 0:
+    start = (0,) * (cache.ndim - 3) + (index, 0, 0)
+    return jax.lax.dynamic_update_slice(cache, new, start)
+  axis = cache.ndim - 4  # the batch axis
+  put = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0))  # noqa: E731
+  return jax.vmap(put, in_axes=(axis, axis, 0), out_axes=axis)(cache, new, jnp.asarray(index, jnp.int32))
+
+
+@struct.dataclass
+class Fresh:
+  """No keys/values besides the layer's own."""
+
+  def attach(self, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array, None]:
+    return k, v, None
+
+
+@struct.dataclass
+class Prefixed:
+  """keys/values [(Y,) B, P, K, D] in front of the layer's own (read only)."""
+
+  keys: jax.Array
+  values: jax.Array
+
+  def attach(self, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array, None]:
+    return (jnp.concatenate([self.keys.astype(k.dtype), k], axis=1),
+            jnp.concatenate([self.values.astype(v.dtype), v], axis=1), None)
+
+
+@struct.dataclass
+class Cached:
+  """A cache [(Y,) B, S, K, D]: the layer's new keys/values are written at `index` and it attends over all S slots
+  (the bias masks the unused ones). `attach` returns the updated cache."""
+
+  keys: jax.Array
+  values: jax.Array
+
+  def attach(self, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array, "Cached"]:
+    keys, values = write_rows(self.keys, k, index), write_rows(self.values, v, index)
+    return keys, values, Cached(keys, values)
+
+
+KVSource = Fresh | Prefixed | Cached
+
+
+def source(prefix_kv=None, cache=None) -> KVSource:
+  """The source of a stack's self-attention: a cache (k, v) [Y, B, S, K, D], else a prefix (k, v) [Y, B, P, K, D],
+  else none."""
+  if cache is not None:
+    return Cached(*cache)
+  if prefix_kv is not None:
+    return Prefixed(*prefix_kv)
+  return Fresh()
+
+
+def fill_prefix(keys: jax.Array, values: jax.Array, prefix, batch_size: int, repeat: int = 1):
+  """A fresh cache's k/v [Y, B * repeat, S, K, D] with a `models.interface.Prefix`'s key/value slots written into
+  its first P slots (each row repeated `repeat` times: beams); unchanged without a key/value prefix."""
+  if prefix is None or prefix.kv_length == 0:
+    return keys, values
+  pk, pv = prefix.kv(batch_size, repeat=repeat)
+  return write_rows(keys, pk, 0), write_rows(values, pv, 0)
+
+
+def self_attention(p: dict, h: jax.Array, kv: KVSource, *, bias: jax.Array | None, scale: float, index=0,
+                   rope: tuple[jax.Array, jax.Array] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
+                   implementation: str = "auto") -> tuple[jax.Array, Cached | None]:
+  """One layer's self-attention over normed inputs h [B, L, H]: q/k/v projections `p` (q [H, N, D], k/v [H, K, D],
+  o [N, D, H], optional q_bias / k_bias / v_bias / o_bias), rotary embedding (cos, sin) on queries and new keys,
+  keys/values from `kv` (see the module docstring), scores + `bias` (broadcastable to [B, N, L, S]) ->
+  (output [B, L, H] before dropout, the updated cache or None)."""
+  q = L.project_qkv(h, p["q"], p.get("q_bias"))
+  k = L.project_qkv(h, p["k"], p.get("k_bias"))
+  v = L.project_qkv(h, p["v"], p.get("v_bias"))
+  if rope is not None:
+    q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
+  k, v, written = kv.attach(k, v, index)
+  o = L.dot_product_attention(q, k, v, bias, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                              implementation=implementation)
+  return L.project_out(o, p["o"], p.get("o_bias")), written
