@@ -32,7 +32,7 @@ def cmd_train(args) -> int:
   cfg = C.load(args.config, args.overrides)
   _init_distributed(args)
   workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-  summary = train(cfg, workdir, progress=not args.no_progress)
+  summary = train(cfg, workdir, progress=not args.no_progress).summary()
   if jax.process_index() == 0:
     print(json.dumps({"workdir": workdir, **summary}))
   return 0
@@ -57,7 +57,8 @@ def cmd_eval(args) -> int:
   if not args.workdir:
     raise UsageError("eval needs --workdir (the training run) or --ensemble PROMPT PROMPT ...")
   _init_distributed(args)
-  print(json.dumps(evaluate(cfg, args.workdir, step=args.step)))
+  result = evaluate(cfg, args.workdir, step=args.step)
+  print(json.dumps({"step": result.step, **result.metrics}))
   return 0
 
 
@@ -73,15 +74,16 @@ def cmd_inspect(args) -> int:
   import numpy as np
 
   from jaxprompt.models.loading import load_model, load_tokenizer
-  from jaxprompt.prompts.io import load_trained_prompt
+  from jaxprompt.prompts.io import load_prompt_source
   from jaxprompt.tools.inspection import inspect_prompt, similarity_heatmap
 
-  value, info = load_trained_prompt(args.source, args.step)
+  tp = load_prompt_source(args.source, args.step)
+  value, record = tp.embeddings(args.source), tp.record
   table = tokenizer = None
-  model_path = args.model or (info.get("base_model") or {}).get("path")
+  model_path = args.model or (record.base.path if record.base is not None else None)
   if model_path:
     table = np.asarray(load_model(model_path).embedding_table(), np.float32)
-    tokenizer = load_tokenizer(info.get("tokenizer") or model_path)
+    tokenizer = load_tokenizer(record.tokenizer or model_path)
   for rec in inspect_prompt(value, table, tokenizer, top_k=args.top_k):
     print(json.dumps(rec, ensure_ascii=False))
   out = Path(args.heatmap) if args.heatmap else Path(args.source).with_name(Path(args.source).name + "_similarity.png")
@@ -238,7 +240,7 @@ def cmd_generate(args) -> int:
   loaded = text.load_prompts(args.prompt, step=args.step)
   model_path, tok = args.model, args.tokenizer
   if model_path is None:
-    model_path, recorded_tok = text.recorded_base([p.info for p in loaded])
+    model_path, recorded_tok = text.recorded_base([p.record for p in loaded])
     if model_path is None:
       raise UsageError("--model is needed: no --prompt records its base model")
     tok = tok or recorded_tok

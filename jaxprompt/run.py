@@ -62,20 +62,9 @@ def mesh_from_config(mc: C.MeshConfig):
     raise ConfigError(f"mesh: {e}") from None
 
 
-@dataclasses.dataclass
-class TaskData:
-  examples: list[dict]
-  task: Task
-
-  @property
-  def labels(self) -> tuple[str, ...] | None:
-    return self.task.labels  # None: a generative task
-
-
-def task_data(dcfg: C.DataConfig, split: str) -> TaskData:
-  """Text-to-text examples of one split of the configured task (a single-task data section)."""
-  sd = sources.task_examples(dcfg, split)
-  return TaskData(sd.examples, sd.task)
+# a split's examples and its task (`data.sources`), under the names training uses
+TaskData = sources.SplitData
+task_data = sources.task_examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +218,7 @@ class Run:
 
   def device_batch(self, local):
     """This host's rows of a global batch -> arrays sharded over (data, fsdp) across all hosts."""
-    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, v.ndim), v),
-                        local)
+    return shd.device_batch(self.mesh, local)
 
   def prompt_shardings(self):
     return jax.tree.map(lambda _: shd.replicated(self.mesh), self.prompt)

@@ -13,8 +13,11 @@ import torch
 from flax import nnx
 
 from jaxprompt import config as C
+from jaxprompt import load_prompted
 from jaxprompt import sharding as shd
+from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.cli import main
+from jaxprompt.data import encoding
 from jaxprompt.inference import generate
 from jaxprompt.inference import text as inference
 from jaxprompt.models import load_model, load_tokenizer
@@ -23,16 +26,13 @@ from jaxprompt.prompts.encoders import PTuning
 from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_prompt_source
 from jaxprompt.prompts.methods import bank
-from jaxprompt import load_prompted
-from jaxprompt.prompts.prefix import PrefixTuning
+from jaxprompt.prompts.prefix import PrefixTuning, PrefixTuningSpec
 from jaxprompt.run import build_run
-from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train
-from tests.hf_models import load_decoder, load_t5, write_decoder, write_t5
-from tests.test_causal import byte_llama, tiny_cfg, write_byte_decoder  # noqa: F401  (session fixture)
-from tests.test_train import byte_t5, train_interrupted  # noqa: F401  (session fixture)
+from tests.helpers import tiny_cfg, train_interrupted, write_byte_decoder
+from tests.helpers_hf import load_decoder, load_t5, write_decoder, write_t5
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 P = 3
@@ -128,7 +128,8 @@ def test_p_tuning_encoder_equals_peft_prompt_encoder(encoder):
     st["mlp"][f"l{i}"] = dict(w=sd[f"mlp_head.{j}.weight"].T, b=sd[f"mlp_head.{j}.bias"])
   for layer in range(2) if encoder == "LSTM" else ():
     for d, suffix in (("fwd", ""), ("bwd", "_reverse")):
-      w = lambda name: sd[f"lstm_head.{name}_l{layer}{suffix}"]
+      def w(name, layer=layer, suffix=suffix):
+        return sd[f"lstm_head.{name}_l{layer}{suffix}"]
       st["lstm"][f"l{layer}_{d}"] = dict(w_ih=w("weight_ih").T, w_hh=w("weight_hh").T, b=w("bias_ih") + w("bias_hh"))
   nnx.update(ours, jax.tree.map(jnp.asarray, st))
   with torch.no_grad():
@@ -204,7 +205,7 @@ def test_trained_here_loads_in_peft_with_our_logits_and_greedy_tokens(byte_t5, b
   # greedy generation: the same tokens as PEFT's forward pass picks, each row alone (no padding)
   tok = load_tokenizer(folder)
   for text in TEXTS:
-    ids, mask = ours.base.batch_type.encode_inputs(tok, [text])
+    ids, mask = encoding.encode_inputs(ours.base.batch_type, tok, [text])
     got = generate(ours.base, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=ours.prefix(1),
                    max_new_tokens=5, eos_id=-1)["tokens"]
     np.testing.assert_array_equal(np.asarray(got), _peft_greedy(peft_model, torch.as_tensor(ids, dtype=torch.long),
@@ -248,7 +249,7 @@ def test_mixed_batches_of_prefixes_equal_separate_runs_and_cached_equals_uncache
   base = load_model(folders[model])
   seq2seq = model.startswith("t5")
   tables = [_random_prefix(base, k) for k in range(3)]
-  mixed = PromptedModel(base, bank(tables, [{"method": "prefix_tuning"}] * 3, base.prefix_slots()))
+  mixed = PromptedModel(base, bank(tables, [PrefixTuningSpec()] * 3, base.prefix_slots()))
   ids, mask, dec = (jnp.asarray(x.numpy()) if x is not None else None for x in _batch(seq2seq, seed=3))
   which = jnp.array([2, 0, 1])
   args = (ids, mask) + ((dec,) if seq2seq else ())
@@ -284,7 +285,7 @@ def test_p_tuning_generates_cached_as_uncached(folders, model):
 def _uncached_greedy(model: PromptedModel, ids, mask, seq2seq: bool, steps: int, prompt_ids=None) -> np.ndarray:
   """Greedy decoding by full forward passes, no cache: one fixed-shape jitted pass per step over the sequence
   so far (later slots are placeholders that causal attention keeps from the logits read)."""
-  b, l = ids.shape
+  b, length = ids.shape
   if seq2seq:
     fwd = nnx.jit(lambda m, dec: m(ids, mask, dec, prompt_ids=prompt_ids))
     dec = jnp.zeros((b, steps + 1), jnp.int32)
@@ -294,8 +295,8 @@ def _uncached_greedy(model: PromptedModel, ids, mask, seq2seq: bool, steps: int,
   fwd = nnx.jit(lambda m, seq: m(seq, jnp.ones_like(seq), prompt_ids=prompt_ids))
   seq = jnp.concatenate([ids, jnp.zeros((b, steps), jnp.int32)], 1)
   for t in range(steps):
-    seq = seq.at[:, l + t].set(jnp.argmax(fwd(model, seq)[:, l + t - 1], -1).astype(jnp.int32))
-  return np.asarray(seq[:, l:])
+    seq = seq.at[:, length + t].set(jnp.argmax(fwd(model, seq)[:, length + t - 1], -1).astype(jnp.int32))
+  return np.asarray(seq[:, length:])
 
 
 @pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
@@ -318,9 +319,9 @@ def test_only_the_method_trains(byte_t5, method):
   prompt = run.prompt
   for i in range(3):
     prompt, opt, m = step(prompt, opt, run.frozen, run.device_batch(next(stream)), jnp.asarray(i))
-  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(prompt), jax.tree.leaves(run.prompt))]
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(prompt), jax.tree.leaves(run.prompt), strict=True)]
   assert all(moved), moved
-  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.tree.map(np.asarray, run.frozen))):
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.tree.map(np.asarray, run.frozen)), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -331,10 +332,11 @@ def test_resuming_a_reparameterised_method_is_exact(byte_t5, tmp_path, method):
   over = {"prompt.length": P, "model.dropout": 0.1, **METHOD_OVERRIDES[method]}
   train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path,
                     one_device())
-  final = lambda w: Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
+  def final(w):
+    return Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
   a, b = final(tmp_path / "full"), final(tmp_path / "split")
   assert jax.tree.structure(a) == jax.tree.structure(b) and len(jax.tree.leaves(a)) > 2  # the encoder is there
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
 
 
@@ -344,7 +346,7 @@ def test_generate_cli_serves_prefix_and_p_tuning_prompts(byte_llama, tmp_path, c
   (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
   assert main(["generate", "--prompt", str(tmp_path / "prefix"), "--prompt", str(tmp_path / "prefix"), "--input-file",
                str(tmp_path / "in.txt"), "--max-new-tokens", "4", "--jsonl"]) == 0
-  rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   want = inference.generate_text(load_model(byte_llama), load_tokenizer(byte_llama), TEXTS,
                                  [load_prompt_source(tmp_path / "prefix")], max_new_tokens=4)
   assert [r["tokens"] for r in rows] == [w["tokens"] for w in want] * 2  # a bank of two prefixes, prompt-major
@@ -356,7 +358,8 @@ def test_generate_cli_serves_prefix_and_p_tuning_prompts(byte_llama, tmp_path, c
 
 def test_inapplicable_method_options_are_one_line_errors():
   for over, message in [
-      (["prompt.prefix_projection=true"], "prompt.prefix_projection applies to method prefix_tuning, not prompt_tuning"),
+      (["prompt.prefix_projection=true"],
+       "prompt.prefix_projection applies to method prefix_tuning, not prompt_tuning"),
       (["prompt.method=prefix_tuning"], "prompt.init class_labels does not apply to method prefix_tuning"),
       (["prompt.method=p_tuning", "prompt.encoder_dropout=0.1"], "prompt.encoder_dropout applies to the LSTM encoder"),
       (["prompt.method=prefix_tuning", "prompt.init=random_uniform", "prompt.encoder_hidden_size=8"],
@@ -395,6 +398,6 @@ def test_shipped_method_configs_learn_the_quickstart_task(quickstart_cache, tmp_
   cfg = C.load(root / "configs" / "methods" / f"{name}.yaml", ["train.plot=false"])
   summary = train(cfg, tmp_path, progress=False, mesh=one_device())
   n = sum(x.size for x in jax.tree.leaves(load_prompt_source(tmp_path).params))
-  print(f"{name}: best dev accuracy {summary['best_value']:.3f} at step {summary['best_step']}, {n} trained "
-        f"parameters, {summary['train_seconds']:.0f} s")
-  assert summary["best_value"] >= METHOD_CONFIGS[name]
+  print(f"{name}: best dev accuracy {summary.best_value:.3f} at step {summary.best_step}, {n} trained "
+        f"parameters, {summary.train_seconds:.0f} s")
+  assert summary.best_value >= METHOD_CONFIGS[name]

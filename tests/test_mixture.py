@@ -12,17 +12,17 @@ import pytest
 
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
+from jaxprompt.batches import Seq2SeqBatch, concat_rows
+from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.cli import main
-from jaxprompt.data.batches import Seq2SeqBatch, concat_rows
 from jaxprompt.data.pipeline import MixtureStream, mixing_rates
 from jaxprompt.errors import CheckpointError, ConfigError, PromptError
-from jaxprompt.evaluation.evaluator import Evaluator
+from jaxprompt.evaluation.evaluator import evaluator_for
 from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_prompt_source
 from jaxprompt.run import build_run
-from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.trainer import train
-from tests.test_train import byte_t5, small_cfg, train_interrupted  # noqa: F401  (session fixture)
+from tests.helpers import small_cfg, train_interrupted
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX, MIN = "quickstart:max", "quickstart:min"
@@ -150,7 +150,7 @@ def test_a_shared_prompt_trains_on_a_mixture_with_the_union_of_labels(byte_t5, t
   assert run.labels == tuple(str(i) for i in range(10)) and len(data) == 2 and not run.per_task
   train(cfg, tmp_path, progress=False, mesh=mesh)
   tp = load_prompt_source(tmp_path, step="latest")  # one prompt: no task to choose
-  assert tp.value.shape[0] == 12 and tp.info["task"]["name"] == f"{MAX}+{MIN}"
+  assert tp.value.shape[0] == 12 and tp.record.task.name == f"{MAX}+{MIN}"
   with pytest.raises(PromptError, match="holds one prompt, not one per task"):
     load_prompt_source(f"{tmp_path}@{MAX}", step="latest")
 
@@ -178,14 +178,14 @@ def quickstart_runs(tmp_path_factory):
 def test_one_run_trains_a_prompt_per_task_to_the_quickstart_s_accuracy(quickstart_runs):
   root, summary, alone = quickstart_runs
   evals = [json.loads(line) for line in (root / "mix" / "metrics.jsonl").read_text().splitlines()]
-  best = next(e for e in evals if e["kind"] == "eval" and e["step"] == summary["best_step"])
+  best = next(e for e in evals if e["kind"] == "eval" and e["step"] == summary.best_step)
   for task in (MAX, MIN):
     assert best[f"{task}/accuracy"] >= 0.97, best  # measured: 0.990 / 0.996 at step 400 (alone: 0.998 / 0.998)
   assert best["accuracy"] == pytest.approx((best[f"{MAX}/accuracy"] + best[f"{MIN}/accuracy"]) / 2)
   records = [json.loads(line) for line in (root / "mix" / "predictions" /
-                                           f"step_{summary['best_step']}.jsonl").read_text().splitlines()]
+                                           f"step_{summary.best_step}.jsonl").read_text().splitlines()]
   assert {r["task"] for r in records} == {MAX, MIN} and len(records) == 1000
-  confusion = json.loads((root / "mix" / "predictions" / f"confusion_step_{summary['best_step']}.json").read_text())
+  confusion = json.loads((root / "mix" / "predictions" / f"confusion_step_{summary.best_step}.json").read_text())
   assert set(confusion["tasks"]) == {MAX, MIN} and (root / "mix" / "curves.png").stat().st_size > 10_000
   # within 2 points of the quickstart prompt trained alone on each task
   by_task = {row["overrides"]["data.task"]: row["best_value"] for row in alone}
@@ -205,19 +205,19 @@ def test_every_task_s_export_is_its_prompt_and_scores_as_in_the_mixture(quicksta
     adapter = load_prompt_source(out / slug)
     assert json.loads((out / slug / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
     np.testing.assert_array_equal(adapter.value, load_prompt_source(f"{root / 'mix'}@{task}").value)
-    assert adapter.info["task"]["name"] == task and adapter.info["step"] == summary["best_step"]
+    assert adapter.record.task.name == task and adapter.record.step == summary.best_step
     # the adapter alone, in a single-task run of its task, scores what the mixture's evaluation reported for it
     cfg = C.load(ROOT / "configs" / "quickstart.yaml", [f"data.task={task}"])
     run, _ = build_run(cfg, mesh=mesh, with_train_data=False)
-    metrics, _ = Evaluator(run)({"prompt": {"embeddings": jax.numpy.asarray(adapter.value)}})
-    assert metrics["accuracy"] == evals[summary["best_step"]][f"{task}/accuracy"]
+    metrics, _ = evaluator_for(run)({"prompt": {"embeddings": jax.numpy.asarray(adapter.value)}})
+    assert metrics["accuracy"] == evals[summary.best_step][f"{task}/accuracy"]
   np.testing.assert_array_equal(bank.value, load_prompt_source(out / "quickstart_min").value)
   # other formats: one file per task (with its provenance) plus the bank; --with-base: one base for every adapter
   npy = export_prompt(root / "mix", "numpy", tmp_path / "npy")
   assert sorted(p.name for p in npy.iterdir()) == ["bank.safetensors", "quickstart_max.json", "quickstart_max.npy",
                                                    "quickstart_min.json", "quickstart_min.npy"]
   np.testing.assert_array_equal(np.load(npy / "quickstart_max.npy"), load_prompt_source(out / "quickstart_max").value)
-  assert load_prompt_source(npy / "quickstart_max.npy").info["task"]["name"] == MAX
+  assert load_prompt_source(npy / "quickstart_max.npy").record.task.name == MAX
   with_base = export_prompt(f"{root / 'mix'}", "peft", tmp_path / "with_base", with_base=True)
   assert (with_base / "base" / "model.safetensors").exists() and not (with_base / "quickstart_max" / "base").exists()
   named = json.loads((with_base / "quickstart_min" / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -237,7 +237,7 @@ def test_eval_generate_and_serve_take_a_task_s_prompt_by_name(quickstart_runs, t
   # eval of a per-task workdir reports every task and their mean
   assert main(["eval", str(ROOT / "configs" / "mixture.yaml"), "--workdir", str(mix)]) == 0
   scores = json.loads(capsys.readouterr().out)
-  assert scores["step"] == summary["best_step"] and scores["accuracy"] == pytest.approx(summary["best_value"])
+  assert scores["step"] == summary.best_step and scores["accuracy"] == pytest.approx(summary.best_value)
   assert {f"{MAX}/accuracy", f"{MIN}/accuracy"} <= set(scores)
   # generate: the same input under each task's prompt (one mixed batch), by name
   assert main(["generate", "--prompt", f"{mix}@{MAX}", "--prompt", f"{mix}@quickstart_min", "--input",

@@ -18,6 +18,7 @@ from jaxprompt.data import encoding
 from jaxprompt.inference.decoding import generate
 from jaxprompt.prompts import PromptedModel, methods
 from jaxprompt.prompts.io import TrainedPrompt, load_prompt_source
+from jaxprompt.prompts.record import PromptRecord
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +27,13 @@ def load_prompts(sources: Sequence[str], *, step: str | int = "best") -> list[Tr
   return [load_prompt_source(s, step) for s in sources]
 
 
-def recorded_base(infos: Sequence[dict]) -> tuple[str | None, str | None]:
-  """(model path, tokenizer) recorded with the first prompt that has them."""
-  for info in infos:
-    path = (info.get("base_model") or {}).get("path")
-    if path:
-      return path, info.get("tokenizer")
-    peft = info.get("peft") or {}
-    if peft.get("base_model_name_or_path"):
-      return peft["base_model_name_or_path"], None
+def recorded_base(records: Sequence[PromptRecord]) -> tuple[str | None, str | None]:
+  """(model path, tokenizer) recorded with the first prompt that has them (its record, or its PEFT config)."""
+  for record in records:
+    if record.base is not None and record.base.path:
+      return record.base.path, record.tokenizer
+    if record.peft and record.peft.get("base_model_name_or_path"):
+      return record.peft["base_model_name_or_path"], None
   return None, None
 
 
@@ -49,8 +48,7 @@ def generate_text(base, tokenizer, texts: Sequence[str], prompts: Sequence[Train
   prefix = None
   if prompts:
     ids, mask = np.tile(ids, (k, 1)), np.tile(mask, (k, 1))
-    tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt(np.asarray(p), {"method": "prompt_tuning"}, None, {})
-           for p in prompts]
+    tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt.from_embeddings(p) for p in prompts]
     module = methods.bank([p.value for p in tps], [p.spec for p in tps], base.prefix_slots())
     prefix = PromptedModel(base, module).prefix(k * n, jnp.asarray(which))
   out = generate(base, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, config=config,

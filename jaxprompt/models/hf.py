@@ -30,7 +30,6 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jaxprompt import sharding as shd
 from jaxprompt.errors import MissingPathError, WeightError
 
-
 # -- safetensors (memory-mapped) -----------------------------------------------------------------
 
 _ST_DTYPES = {
@@ -284,6 +283,31 @@ class ModelIdentity:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelIdentity":
+    """As `to_dict` wrote it; a field a hand-written record leaves out is None (unknown)."""
+    return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """What an exported prompt says about its base's shape (`models.loading.architecture_summary`; PEFT's
+  adapter_config fields among them). None: not recorded."""
+
+  kind: str | None = None  # seq2seq | causal
+  model_type: str | None = None
+  hidden_size: int | None = None
+  vocab_size: int | None = None
+  num_layers: int | None = None
+  num_attention_heads: int | None = None
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Architecture":
+    return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,16 +14,43 @@ prompt is at inference, and what PEFT saves, is its output [P, H] — so a jaxpr
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxprompt.errors import PromptError
 from jaxprompt.models import layers as L
 from jaxprompt.models.interface import Prefix
+from jaxprompt.prompts.init import initial_prompt
 from jaxprompt.prompts.params import PromptParam
 from jaxprompt.prompts.prefix import torch_linear_init
-from jaxprompt.prompts.soft import PromptMethod
+from jaxprompt.prompts.soft import (
+  PromptMethod,
+  check_embeddings,
+  embedding_peft_fields,
+  fixed_embeddings,
+  peft_embeddings,
+  restored,
+)
+from jaxprompt.prompts.spec import Method, PromptSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class PTuningSpec(PromptSpec):
+  """PEFT's PromptEncoder options (None: not recorded, e.g. an adapter_config.json without them)."""
+
+  method: ClassVar[str] = "p_tuning"
+  encoder_reparameterization_type: str | None = None  # MLP | LSTM
+  encoder_hidden_size: int | None = None
+  encoder_num_layers: int | None = None
+  encoder_dropout: float | None = None
+
+  def describe(self) -> str:
+    return f"{self.method} ({self.encoder_reparameterization_type})"
 
 
 def _linear(rng, fan_in: int, fan_out: int) -> nnx.Dict:
@@ -56,7 +83,7 @@ def lstm_direction(x: jax.Array, w_ih: jax.Array, w_hh: jax.Array, b: jax.Array,
 class PTuning(PromptMethod):
   """`embedding` [P, H] and its encoder (`mlp` or `lstm` + `mlp`); `prefix` gives every row the encoder's output."""
 
-  method = "p_tuning"
+  method = PTuningSpec.method
 
   def __init__(self, embedding: jax.Array, *, encoder: str, hidden_size: int, num_layers: int, dropout: float,
                rng: jax.Array):
@@ -118,7 +145,36 @@ class PTuning(PromptMethod):
   def packed_table(self, dropout_rng=None) -> jax.Array:
     return self.encode(dropout_rng)
 
-  def spec(self) -> dict:
-    return dict(method=self.method, encoder_reparameterization_type=self.encoder,
-                encoder_hidden_size=self.hidden_size, encoder_num_layers=self.num_layers,
-                encoder_dropout=self.dropout)
+  def spec(self) -> PTuningSpec:
+    return PTuningSpec(encoder_reparameterization_type=self.encoder, encoder_hidden_size=self.hidden_size,
+                       encoder_num_layers=self.num_layers, encoder_dropout=self.dropout)
+
+
+# -- the registry entry (`prompts.registry`) ------------------------------------------------------------------
+
+
+def _build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PTuning:
+  return PTuning(initial_prompt(pcfg, base, tokenizer, labels, rng),
+                 encoder=pcfg.option("encoder_reparameterization_type"),
+                 hidden_size=pcfg.option("encoder_hidden_size") or base.hidden_size,
+                 num_layers=pcfg.option("encoder_num_layers"), dropout=pcfg.option("encoder_dropout"),
+                 rng=jax.random.fold_in(rng, 2))
+
+
+def _rebuild(spec: PTuningSpec, params: dict) -> PTuning:
+  return restored(lambda: PTuning(jnp.zeros(np.shape(params["embedding"]), jnp.float32),
+                                  encoder=spec.encoder_reparameterization_type, hidden_size=spec.encoder_hidden_size,
+                                  num_layers=spec.encoder_num_layers, dropout=spec.encoder_dropout,
+                                  rng=jax.random.key(0)), params)
+
+
+P_TUNING = Method(
+    name=PTuningSpec.method, spec_type=PTuningSpec,
+    description="P-tuning (Liu et al. 2021): an MLP / LSTM encoder's output [P, H] before the input",
+    embeds=True, value_shape="[P, H]", saves="embedding [P, H] and its encoder", peft_type="P_TUNING",
+    build=_build, rebuild=_rebuild, fixed=fixed_embeddings, check=check_embeddings,
+    peft_fields=lambda value, record, base_path: {**embedding_peft_fields(value, record),
+                                                  **dataclasses.asdict(record.spec)},
+    peft_read=lambda value, peft, where: (peft_embeddings(value, peft, where), PTuningSpec.from_json(peft)),
+    # a bank would be K encoders' outputs, fixed: what trains is the encoder
+    bank_refusal=lambda pcfg: "P-tuning encoders")

@@ -1,19 +1,16 @@
 """Initial values of a soft prompt, as `prompt.init` says. Each initialiser returns float32 [P, H]; `table` is
 the frozen input embedding table [V, H]. The settings (ranges, vocabulary population) come from the config
-(`config.PromptConfig`), where their defaults live."""
+(`config.PromptConfig`), where their defaults live. `prompt.init: file` is any method's business, not an
+initialiser's: `methods.build` reads the file (so the method modules need not read prompt files)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jaxprompt.errors import PromptError
-from jaxprompt.prompts.io import load_prompt_source
-
-log = logging.getLogger(__name__)
 
 
 def random_uniform(rng: jax.Array, length: int, hidden: int, low: float, high: float) -> jax.Array:
@@ -68,18 +65,4 @@ def initial_prompt(pcfg, base, tokenizer, labels: Sequence[str] | None, rng: jax
     if not pcfg.init_text:
       raise PromptError("prompt.init text needs prompt.init_text")
     return from_text(table, pcfg.length, tokenizer(pcfg.init_text, add_special_tokens=False)["input_ids"])
-  if pcfg.init == "file":
-    return _from_file(pcfg, base, hidden)
   raise PromptError(f"unknown prompt.init {pcfg.init!r}")
-
-
-def _from_file(pcfg, base, hidden: int) -> jax.Array:
-  if not pcfg.init_file:
-    raise PromptError("prompt.init file needs prompt.init_file")
-  src = load_prompt_source(pcfg.init_file)
-  value = src.embeddings(pcfg.init_file)
-  for warning in src.check(base, pcfg.init_file, strict=not pcfg.allow_other_base):
-    log.warning(warning)
-  if value.shape != (pcfg.length, hidden):
-    raise PromptError(f"{pcfg.init_file}: prompt has shape {value.shape}, expected [P, H] = ({pcfg.length}, {hidden})")
-  return jnp.asarray(value)

@@ -3,7 +3,8 @@ jaxprompt workdirs or checkpoint steps; plus the checks that a prompt fits the b
 
 A PEFT prompt-tuning adapter is `adapter_config.json` + `adapter_model.safetensors` holding one float32 tensor
 `prompt_embeddings` [P, H] (PEFT's seq2seq default stores [2P, H], of which PROMPT_TUNING reads the first P).
-Every jaxprompt export carries `jaxprompt.json` (the base model's identity and architecture, the source).
+Every jaxprompt export carries its `record.PromptRecord` (`jaxprompt.json`: the base model's identity and
+architecture, the source, the method's spec).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprompt.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
 from jaxprompt.models import hf
-from jaxprompt.prompts.specs import from_spec
-from jaxprompt.checkpoint import Checkpointer, find_checkpoint_dir
+from jaxprompt.prompts import registry
+from jaxprompt.prompts.record import PromptRecord
+from jaxprompt.prompts.spec import PromptSpec
 
 PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
-PEFT_METHODS = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
 PROVENANCE = "jaxprompt.json"
 
 
@@ -52,7 +54,8 @@ def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
 
 def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
   """A prompt from a `.npy` file, a `.safetensors` file, or a PEFT adapter folder: (float32 array as stored,
-  metadata: the PEFT adapter config and/or our provenance file, if any)."""
+  metadata as the files hold it: "peft" (adapter_config.json), "jaxprompt" (jaxprompt.json), "safetensors" (the
+  file's metadata strings), where present)."""
   path = Path(path)
   if not path.exists():
     raise MissingPathError(f"prompt file {str(path)!r} does not exist")
@@ -84,49 +87,55 @@ def from_file(path: str | Path, length: int, hidden: int):
   return jnp.asarray(value)
 
 
-def _file_provenance(source: Path, meta: dict) -> dict:
-  info = dict(meta.get("jaxprompt", {}))
-  if not info and source.suffix == ".safetensors" and "jaxprompt" in meta.get("safetensors", {}):
-    info = json.loads(meta["safetensors"]["jaxprompt"])
-  if not info and source.suffix == ".npy" and source.with_suffix(".json").exists():
-    info = json.loads(source.with_suffix(".json").read_text())
-  return info
+def _file_record(source: Path, meta: dict) -> PromptRecord:
+  """The record a file export carries: its folder's jaxprompt.json, its safetensors "jaxprompt" metadata, or the
+  .json beside a .npy (none: a bare prompt-tuning record)."""
+  d = meta.get("jaxprompt", {})
+  st = meta.get("safetensors", {})
+  if not d and source.suffix == ".safetensors" and "jaxprompt" in st:
+    d = json.loads(st["jaxprompt"])
+  if not d and source.suffix == ".npy" and source.with_suffix(".json").exists():
+    d = _json_object(source.with_suffix(".json"))
+  return PromptRecord.from_json(d)
 
 
 @dataclasses.dataclass
 class TrainedPrompt:
   """What a prompt source holds. `value`: what the prompt is at inference (input embeddings [P, H] for
-  prompt_tuning / p_tuning, a key/value table [P, Y, 2, K, D] for prefix_tuning); `spec`: its method and options;
+  prompt_tuning / p_tuning, a key/value table [P, Y, 2, K, D] for prefix_tuning: its method's `value_shape`);
   `params`: every trained parameter (a jaxprompt checkpoint: encoders included), None for exports and adapters;
-  `info`: provenance (base model, source, step, PEFT config...)."""
+  `record`: its method's spec and provenance (base model, source, step, PEFT config...)."""
 
   value: np.ndarray
-  spec: dict
   params: dict | None
-  info: dict
+  record: PromptRecord
+
+  @classmethod
+  def from_embeddings(cls, value) -> "TrainedPrompt":
+    """Bare input embeddings [P, H] as a prompt-tuning prompt with no record."""
+    return cls(np.asarray(value, np.float32), None, PromptRecord())
+
+  @property
+  def spec(self) -> PromptSpec:
+    return self.record.spec
 
   @property
   def method(self) -> str:
-    return self.spec.get("method", "prompt_tuning")
+    return self.record.spec.method
 
   def embeddings(self, where: str) -> np.ndarray:
-    """The input embeddings [P, H] (refusing a key/value prefix, which has none)."""
-    if self.method == "prefix_tuning":
-      raise PromptError(f"{where}: a prefix_tuning prompt is keys and values for every layer, not input embeddings")
+    """The input embeddings [P, H] (refusing a method that has none, e.g. a key/value prefix)."""
+    entry = registry.of(self.spec)
+    if not entry.embeds:
+      raise PromptError(f"{where}: a {self.method} prompt is {entry.value_shape} ({entry.description}), not input "
+                        "embeddings")
     return self.value
 
   def check(self, base, where: str, *, strict: bool = True) -> list[str]:
     """Fits `base`? (kind, hidden size or prefix shape, base identity); PromptError, or warnings (not strict)."""
-    warnings = check_compatible(self.info, getattr(base, "identity", None), base.hidden_size, base.kind, where,
+    warnings = check_compatible(self.record, getattr(base, "identity", None), base.hidden_size, base.kind, where,
                                 strict=strict)
-    if self.method == "prefix_tuning":
-      s = base.prefix_slots()
-      want = (s.layers, 2, s.heads, s.head_dim)
-      if self.value.shape[1:] != want:
-        raise PromptError(f"{where}: prefix table is {self.value.shape}, this model's is [P, "
-                          f"{', '.join(map(str, want))}]")
-    elif self.value.shape[1] != base.hidden_size:
-      raise PromptError(f"{where}: prompt is {self.value.shape}, this model's hidden size is {base.hidden_size}")
+    registry.of(self.spec).check(self.value, base, where)
     return warnings
 
 
@@ -145,10 +154,9 @@ def split_task(source: str | Path) -> tuple[Path, str | None]:
   return Path(path), task
 
 
-def bank_tasks(info: dict) -> list[str] | None:
+def bank_tasks(record: PromptRecord) -> list[str] | None:
   """The task names of a per-task prompt bank, in prompt order (None: a single prompt)."""
-  task = info.get("task") or {}
-  return [m["name"] for m in task.get("mixture") or ()] if task.get("per_task") else None
+  return record.task.bank_tasks if record.task is not None else None
 
 
 def load_prompt_source(source: str | Path, step: str | int = "best") -> TrainedPrompt:
@@ -156,7 +164,7 @@ def load_prompt_source(source: str | Path, step: str | int = "best") -> TrainedP
   picks one task's prompt of a per-task run (`prompt.per_task`) or its exported bank."""
   source, task = split_task(source)
   tp = _load_whole(source, step)
-  names = bank_tasks(tp.info)
+  names = bank_tasks(tp.record)
   if names is None:
     if task is not None:
       raise PromptError(f"{source}: holds one prompt, not one per task: drop '@{task}'")
@@ -171,13 +179,13 @@ def load_prompt_bank(source: str | Path, step: str | int = "best"
   """A per-task run's or bank's prompts: (the whole bank, values [tasks, ...]; each task's prompt by name). None
   when `source` holds a single prompt."""
   tp = _load_whole(Path(source), step)
-  names = bank_tasks(tp.info)
+  names = bank_tasks(tp.record)
   return None if names is None else (tp, {n: bank_member(tp, names, n, Path(source)) for n in names})
 
 
 def prompt_task_names(source: str | Path, step: str | int = "best") -> list[str] | None:
   """The tasks of a per-task run or bank at `source`, in prompt order (None: it holds a single prompt)."""
-  return bank_tasks(_load_whole(Path(source), step).info)
+  return bank_tasks(_load_whole(Path(source), step).record)
 
 
 def bank_member(bank: TrainedPrompt, names: list[str], task: str, where: Path) -> TrainedPrompt:
@@ -188,10 +196,8 @@ def bank_member(bank: TrainedPrompt, names: list[str], task: str, where: Path) -
   k = matches[0]
   if bank.value.shape[0] != len(names):
     raise PromptError(f"{where}: a bank of {len(names)} tasks holds {bank.value.shape[0]} prompts")
-  member = bank.info["task"]["mixture"][k]
-  info = dict(bank.info, task=dict(name=member["name"], labels=member.get("labels") or []), bank_index=k)
   params = None if bank.params is None else jax.tree.map(lambda a: a[k], bank.params)
-  return TrainedPrompt(bank.value[k], bank.spec, params, info)
+  return TrainedPrompt(bank.value[k], params, bank.record.bank_member(k))
 
 
 def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
@@ -201,24 +207,24 @@ def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
   if not (source.is_file() or (source / "adapter_config.json").exists()):
     return _checkpoint_prompt(source, step)
   value, meta = read_prompt_file(source)
-  info = _file_provenance(source, meta)
-  if "peft" in meta:
-    info.setdefault("peft", meta["peft"])
+  record = _file_record(source, meta)
+  if "peft" in meta:  # the adapter says what it is: its spec, not the export's
     value, spec = peft_value(value, meta["peft"], source)
-  else:
-    spec = info.get("prompt_spec") or {"method": "prompt_tuning"}
-  shape = "[P, Y, 2, K, D]" if spec.get("method") == "prefix_tuning" else "[P, H]"
-  if bank_tasks(info) is not None:
+    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"])
+  entry = registry.of(record.spec)
+  shape = entry.value_shape
+  if bank_tasks(record) is not None:
     shape = "[tasks, " + shape[1:]
   if value.ndim != shape.count(",") + 1:
-    raise PromptError(f"{source}: a {spec.get('method', 'prompt_tuning')} prompt is {shape}, got shape {value.shape}")
-  return TrainedPrompt(value, spec, None, info)
+    raise PromptError(f"{source}: a {entry.name} prompt is {shape}, got shape {value.shape}")
+  return TrainedPrompt(value, None, record)
 
 
 def load_trained_prompt(source: str | Path, step: str | int = "best") -> tuple[np.ndarray, dict]:
-  """(inference value, provenance incl. `prompt_spec`) of a workdir, a checkpoint step folder, or an export."""
+  """(inference value, its record as JSON: `PromptRecord.to_json`) of a workdir, a checkpoint step folder, or an
+  export."""
   tp = load_prompt_source(source, step)
-  return tp.value, dict(tp.info, prompt_spec=tp.spec)
+  return tp.value, tp.record.to_json()
 
 
 def _checkpoint_prompt(source: Path, step: str | int) -> TrainedPrompt:
@@ -233,24 +239,20 @@ def _checkpoint_prompt(source: Path, step: str | int) -> TrainedPrompt:
     raise CheckpointError(f"{ckdir}: no checkpoint at step {chosen} (have {ck.steps()})")
   prompt, meta = ck.restore_prompt(chosen)
   ck.close()
-  spec = meta.get("prompt_spec") or {"method": "prompt_tuning"}  # checkpoints before round 2: prompt tuning
+  record = dataclasses.replace(PromptRecord.from_json(meta), source=str(ckdir / str(chosen)), step=chosen)
   params = prompt["prompt"]
-  value = np.asarray(from_spec(spec, params).inference_value(), np.float32)
-  cfg = meta.get("config") or {}
-  info = dict(base_model=meta.get("base_model"), base_architecture=meta.get("base_architecture"),
-              source=str(ckdir / str(chosen)), step=chosen, metrics=meta.get("metrics"),
-              tokenizer=cfg.get("model", {}).get("tokenizer"), prompt_config=cfg.get("prompt"), prompt_spec=spec,
-              task=meta.get("task") or {"name": cfg.get("data", {}).get("task")})
-  return TrainedPrompt(value, spec, params, info)
+  value = np.asarray(registry.of(record.spec).rebuild(record.spec, params).inference_value(), np.float32)
+  return TrainedPrompt(value, params, record)
 
 
-def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, dict]:
-  """The inference value and spec of a PEFT adapter's `prompt_embeddings`, its adapter_config.json checked:
-  PROMPT_TUNING / P_TUNING -> the [P, H] rows the input receives (a seq2seq [2P, H] tensor's second half is never
-  read); PREFIX_TUNING -> the flat table [P, Y * 2 * K * D] as [P, Y, 2, K, D]."""
+def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, PromptSpec]:
+  """The inference value and spec of a PEFT adapter's `prompt_embeddings`, its adapter_config.json checked (the
+  method's own reading: `Method.peft_read`)."""
   kind = peft.get("peft_type")
-  if kind not in PEFT_METHODS:
-    raise PromptError(f"{where}: peft_type is {kind!r}; soft-prompt adapters are {', '.join(PEFT_METHODS)}")
+  entry = registry.by_peft_type(kind)
+  if entry is None:
+    raise PromptError(f"{where}: peft_type is {kind!r}; soft-prompt adapters are "
+                      f"{', '.join(registry.METHODS[n].peft_type for n in registry.names())}")
   if not peft.get("task_type"):
     raise PromptError(f"{where}: adapter_config.json has no task_type (PEFT would silently ignore the prompt)")
   p = peft.get("num_virtual_tokens")
@@ -258,45 +260,22 @@ def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, 
     raise PromptError(f"{where}: adapter_config.json num_virtual_tokens must be a positive integer, got {p!r}")
   if value.ndim != 2:
     raise PromptError(f"{where}: prompt_embeddings must be 2-D, got shape {value.shape}")
-  if kind == "PREFIX_TUNING":
-    return _peft_prefix(value, peft, where), {"method": "prefix_tuning", "prefix_projection": False}
-  if peft.get("token_dim") not in (None, value.shape[1]):
-    raise PromptError(f"{where}: token_dim {peft.get('token_dim')} does not match prompt_embeddings {value.shape}")
-  if value.shape[0] < p or value.shape[0] % p:
-    raise PromptError(f"{where}: prompt_embeddings has {value.shape[0]} rows for {p} virtual tokens")
-  spec = {"method": PEFT_METHODS[kind]}
-  if kind == "P_TUNING":
-    spec.update({k: peft.get(k) for k in ("encoder_reparameterization_type", "encoder_hidden_size",
-                                          "encoder_num_layers", "encoder_dropout")})
-  return value[:p], spec
+  return entry.peft_read(value, peft, where)
 
 
-def _peft_prefix(value: np.ndarray, peft: dict, where: Path) -> np.ndarray:
-  p, y, heads, t = (peft.get(k) for k in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"))
-  if not all(isinstance(x, int) and x > 0 for x in (y, heads, t)) or t % heads:
-    raise PromptError(f"{where}: a PREFIX_TUNING adapter_config.json needs positive num_layers, num_attention_heads "
-                      f"and token_dim (a multiple of the heads), got {y}, {heads}, {t}")
-  if value.shape != (p, y * 2 * t):
-    raise PromptError(f"{where}: prompt_embeddings is {value.shape}, expected [num_virtual_tokens, num_layers * 2 * "
-                      f"token_dim] = ({p}, {y * 2 * t})")
-  # PEFT's get_prompt: view [P, 2Y, heads, head_dim], slot 2l + kv -> ours [P, Y, 2, heads, head_dim]
-  return value.reshape(p, y, 2, heads, t // heads)
-
-
-def check_compatible(info: dict, identity: Any, hidden: int, kind: str, where: str, *, strict: bool = True) -> list[str]:
-  """Check an imported prompt against a base model. Raises PromptError (strict) or returns warnings."""
+def check_compatible(record: PromptRecord, identity: Any, hidden: int, kind: str, where: str, *,
+                     strict: bool = True) -> list[str]:
+  """Check an imported prompt's record against a base model. Raises PromptError (strict) or returns warnings."""
   problems = []
-  prov_hidden = (info.get("base_architecture") or {}).get("hidden_size") or info.get("hidden_size")
-  peft = info.get("peft") or {}
-  if peft:
-    want = PEFT_TASK_TYPES.get(kind)
-    if peft.get("task_type") != want:
-      raise PromptError(f"{where}: adapter task_type {peft.get('task_type')!r} does not fit a {kind} model ({want})")
-  if prov_hidden not in (None, hidden):
-    raise PromptError(f"{where}: prompt was made for hidden size {prov_hidden}, the model has {hidden}")
-  base = info.get("base_model") or {}
-  if base.get("fingerprint") and identity is not None and base["fingerprint"] != identity.fingerprint:
-    msg = (f"{where}: prompt was trained on base {base.get('path')!r} (fingerprint {base['fingerprint']}), "
+  if record.peft:
+    want, got = PEFT_TASK_TYPES.get(kind), record.peft.get("task_type")
+    if got != want:
+      raise PromptError(f"{where}: adapter task_type {got!r} does not fit a {kind} model ({want})")
+  if record.hidden_size not in (None, hidden):
+    raise PromptError(f"{where}: prompt was made for hidden size {record.hidden_size}, the model has {hidden}")
+  base = record.base
+  if base is not None and base.fingerprint and identity is not None and base.fingerprint != identity.fingerprint:
+    msg = (f"{where}: prompt was trained on base {base.path!r} (fingerprint {base.fingerprint}), "
            f"not on {identity.path!r} ({identity.fingerprint})")
     if strict:
       raise PromptError(msg + "; pass --allow-other-base to use it anyway")

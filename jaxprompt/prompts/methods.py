@@ -1,13 +1,9 @@
-"""The soft-prompt family, built from a config or from what a trained prompt left behind.
+"""The soft-prompt family, built from a config or from what a trained prompt left behind — for every registered
+method alike (`prompts.registry`: what each method is, what it trains, where it goes, its PEFT type).
 
-  method         trains                                        goes in                       PEFT type
-  prompt_tuning  embeddings [P, H]                             the input embeddings          PROMPT_TUNING
-  p_tuning       embeddings [P, H] + an MLP / LSTM encoder     the input embeddings          P_TUNING
-  prefix_tuning  keys/values [P, Y, 2, K, D] (+ an MLP)        every attention layer         PREFIX_TUNING
-
-A trained prompt's *spec* (`PromptMethod.spec()`: method and options, JSON) travels with checkpoints and exports;
-with its parameters it rebuilds the module (`from_spec`), and its inference value (what PEFT saves) rebuilds the
-fixed module that inference uses (`fixed`, `bank`).
+A trained prompt's *spec* (`PromptMethod.spec()`: method and options) travels with checkpoints and exports in its
+record (`record.PromptRecord`); with its parameters it rebuilds the module (`Method.rebuild`), and its inference
+value (what PEFT saves) rebuilds the fixed module that inference uses (`fixed`, `bank`).
 """
 
 from __future__ import annotations
@@ -24,35 +20,20 @@ from flax import nnx
 
 from jaxprompt.errors import PromptError
 from jaxprompt.models.interface import PrefixSlots
-from jaxprompt.prompts.encoders import PTuning
-from jaxprompt.prompts.init import initial_prompt, random_uniform
+from jaxprompt.prompts import registry
 from jaxprompt.prompts.io import load_prompt_source
-from jaxprompt.prompts.prefix import PrefixTuning
-from jaxprompt.prompts.soft import PromptMethod, SoftPrompt, prompt_bank
+from jaxprompt.prompts.soft import PromptMethod
+from jaxprompt.prompts.spec import PromptSpec
 
 log = logging.getLogger(__name__)
-
-EMBEDDING_METHODS = ("prompt_tuning", "p_tuning")  # what they leave behind is input embeddings [P, H]
 
 
 def build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PromptMethod:
   """The configured method's module on `base`, initialised as `pcfg.init` says (`config.PromptConfig`)."""
-  if pcfg.init == "file" and pcfg.method != "prompt_tuning":
-    return _resume_from_file(pcfg, base, tokenizer, labels, rng)
-  if pcfg.method == "prompt_tuning":
-    return SoftPrompt(initial_prompt(pcfg, base, tokenizer, labels, rng))
-  if pcfg.method == "p_tuning":
-    h = base.hidden_size
-    return PTuning(initial_prompt(pcfg, base, tokenizer, labels, rng), encoder=pcfg.option("encoder_reparameterization_type"),
-                   hidden_size=pcfg.option("encoder_hidden_size") or h, num_layers=pcfg.option("encoder_num_layers"),
-                   dropout=pcfg.option("encoder_dropout"), rng=jax.random.fold_in(rng, 2))
-  slots = base.prefix_slots()
-  if pcfg.option("prefix_projection"):
-    t = slots.token_dim
-    return PrefixTuning(slots, embedding=random_uniform(rng, pcfg.length, t, *pcfg.init_range),
-                        hidden_size=pcfg.option("encoder_hidden_size") or t, rng=jax.random.fold_in(rng, 2))
-  shape = (pcfg.length, slots.layers, 2, slots.heads, slots.head_dim)
-  return PrefixTuning(slots, table=jax.random.uniform(rng, shape, jnp.float32, *pcfg.init_range))
+  entry = registry.get(pcfg.method)
+  if pcfg.init == "file":
+    return _from_file(pcfg, base, tokenizer, labels, rng)
+  return entry.build(pcfg, base, tokenizer, labels, rng)
 
 
 def build_bank(pcfg, base, tokenizer, labels: Sequence[Sequence[str] | None], rng: jax.Array) -> PromptMethod:
@@ -62,24 +43,32 @@ def build_bank(pcfg, base, tokenizer, labels: Sequence[Sequence[str] | None], rn
   return bank([m.inference_value() for m in modules], [m.spec() for m in modules], base.prefix_slots())
 
 
-def _resume_from_file(pcfg, base, tokenizer, labels, rng) -> PromptMethod:
-  """p_tuning / prefix_tuning from a file: the source's parameters when it is the same method with the same
-  options (a jaxprompt workdir keeps encoders); a bare prefix table for prefix tuning without projection."""
+def bank_refusal(pcfg) -> str | None:
+  """Why `pcfg`'s method cannot train as a per-task bank (`prompt.per_task`), or None."""
+  return registry.get(pcfg.method).bank_refusal(pcfg)
+
+
+def _from_file(pcfg, base, tokenizer, labels, rng) -> PromptMethod:
+  """`prompt.init: file`, any method: the source's parameters when it is the same method with the same options
+  (a jaxprompt workdir keeps encoders), else its trained value when that is what a fresh module of the method is
+  made of (input embeddings for prompt tuning, a bare table for prefix tuning without projection)."""
   if not pcfg.init_file:
     raise PromptError("prompt.init file needs prompt.init_file")
-  fresh = build(with_random_init(pcfg), base, tokenizer, labels, rng)
+  fresh = registry.get(pcfg.method).build(with_random_init(pcfg), base, tokenizer, labels, rng)
   src = load_prompt_source(pcfg.init_file)
   for warning in src.check(base, pcfg.init_file, strict=not pcfg.allow_other_base):
     log.warning(warning)
   if src.params is not None and src.spec == fresh.spec():
     nnx.update(fresh, jax.tree.map(jnp.asarray, src.params))
     return fresh
-  if src.method == "prefix_tuning" and fresh.spec() == dict(method="prefix_tuning", prefix_projection=False,
-                                                           slots=base.prefix_slots().to_dict()):
-    return fixed(src.value, src.spec, base.prefix_slots(), length=pcfg.length, where=pcfg.init_file)
-  raise PromptError(f"{pcfg.init_file}: holds a {_describe(src.spec)} prompt{'' if src.params else ' (its output only)'}"
-                    f"; prompt.init file for {_describe(fresh.spec())} needs a jaxprompt workdir of the same method "
-                    "and options (or train it as prompt_tuning from this file)")
+  module = fixed(src.value, src.spec, base.prefix_slots(), where=pcfg.init_file)
+  if module.spec() == fresh.spec():
+    check_length(src.value, src.spec, pcfg.length, pcfg.init_file)
+    return module
+  output = "" if src.params else " (its output only)"
+  raise PromptError(f"{pcfg.init_file}: holds a {src.spec.describe()} prompt{output}; prompt.init file for "
+                    f"{fresh.spec().describe()} needs a jaxprompt workdir of the same method and options (or train "
+                    f"it as {module.spec().describe()} from this file)")
 
 
 def with_random_init(pcfg):
@@ -87,42 +76,31 @@ def with_random_init(pcfg):
   return dataclasses.replace(pcfg, init="random_uniform", init_file=None)
 
 
-def _describe(spec: dict) -> str:
-  m = spec.get("method", "prompt_tuning")
-  if m == "p_tuning":
-    return f"p_tuning ({spec.get('encoder_reparameterization_type')})"
-  if m == "prefix_tuning":
-    return f"prefix_tuning ({'with' if spec.get('prefix_projection') else 'without'} projection)"
-  return m
-
-
-def fixed(value, spec: dict, slots: PrefixSlots | None = None, *, length: int | None = None,
+def fixed(value, spec: PromptSpec, slots: PrefixSlots | None = None, *, length: int | None = None,
           where: str = "prompt") -> PromptMethod:
-  """The inference module of a trained prompt's value: input embeddings (prompt_tuning, p_tuning) or a key/value
-  table (prefix_tuning) checked against the base's `slots`."""
+  """The inference module of a trained prompt's value (`Method.fixed`): input embeddings, or a key/value table
+  checked against the base's `slots`."""
   value = np.asarray(value, np.float32)
-  if length is not None and value.shape[0] != length:
-    raise PromptError(f"{where}: prompt has {value.shape[0]} positions, prompt.length is {length}")
-  if spec.get("method", "prompt_tuning") in EMBEDDING_METHODS:
-    return SoftPrompt(value)
-  want = (slots.layers, 2, slots.heads, slots.head_dim)
-  if value.shape[1:] != want:
-    raise PromptError(f"{where}: prefix table is {value.shape}, this model's is [P, {', '.join(map(str, want))}]")
-  return PrefixTuning(slots, table=value)
+  if length is not None:
+    check_length(value, spec, length, where)
+  return registry.of(spec).fixed(value, spec, slots, where)
 
 
-def bank(values: Sequence, specs: Sequence[dict], slots: PrefixSlots | None = None) -> PromptMethod:
+def check_length(value, spec: PromptSpec, length: int, where: str) -> None:
+  """A trained value has `length` (prompt.length) positions."""
+  if value.shape[0] != length:
+    raise PromptError(f"{where}: prompt has shape {value.shape}, expected {registry.of(spec).value_shape} = "
+                      f"{(length, *value.shape[1:])}")
+
+
+def bank(values: Sequence, specs: Sequence[PromptSpec], slots: PrefixSlots | None = None) -> PromptMethod:
   """K trained prompts of one kind as one module for mixed batches (row b uses prompt_ids[b])."""
-  kinds = {s.get("method", "prompt_tuning") in EMBEDDING_METHODS for s in specs}
-  if len(kinds) > 1:
-    raise PromptError("a mixed batch needs prompts of one kind: input-embedding prompts (prompt_tuning, p_tuning) "
-                      "and key/value prefixes (prefix_tuning) cannot share a batch")
-  if kinds.pop():
-    return prompt_bank(list(values))
-  tables = [fixed(v, s, slots).table[...] for v, s in zip(values, specs)]
-  if len({t.shape for t in tables}) != 1:
-    raise PromptError(f"prefixes in a bank must share one shape, got {sorted({t.shape for t in tables})}")
-  return PrefixTuning(slots, table=jnp.stack(tables))
+  modules = [fixed(v, s, slots) for v, s in zip(values, specs, strict=True)]
+  if len({type(m) for m in modules}) > 1:
+    raise PromptError(f"a mixed batch needs prompts of one kind: input-embedding prompts "
+                      f"({', '.join(registry.names(embeds=True))}) and key/value prefixes "
+                      f"({', '.join(registry.names(embeds=False))}) cannot share a batch")
+  return type(modules[0]).stack(modules)
 
 
 def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "best",

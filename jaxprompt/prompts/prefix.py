@@ -12,16 +12,44 @@ does. The reparameterisation is a training device: what a trained prefix is, and
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxprompt.errors import PromptError
+from jaxprompt.errors import ExportError, PromptError
 from jaxprompt.models import layers as L
 from jaxprompt.models.interface import Prefix, PrefixSlots
+from jaxprompt.prompts.init import random_uniform
 from jaxprompt.prompts.params import PromptParam
-from jaxprompt.prompts.soft import PromptMethod
+from jaxprompt.prompts.soft import PromptMethod, restored
+from jaxprompt.prompts.spec import Method, PromptSpec
+
+# seq2seq: PEFT's EncoderDecoderCache path (2 submodules), the one that gives the decoder's self-attention the prefix
+PEFT_PREFIX_SUBMODULES = {"seq2seq": 2, "causal": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuningSpec(PromptSpec):
+  """`slots`: the base's table layout (None: not recorded — a PEFT adapter's, the base's is taken);
+  `encoder_hidden_size`: the projection's width (with `prefix_projection` only)."""
+
+  method: ClassVar[str] = "prefix_tuning"
+  prefix_projection: bool = False
+  slots: PrefixSlots | None = None
+  encoder_hidden_size: int | None = None
+
+  @classmethod
+  def from_json(cls, d: dict) -> "PrefixTuningSpec":
+    slots = d.get("slots")
+    return cls(prefix_projection=bool(d.get("prefix_projection")), encoder_hidden_size=d.get("encoder_hidden_size"),
+               slots=None if slots is None else PrefixSlots.from_dict(slots))
+
+  def describe(self) -> str:
+    return f"{self.method} ({'with' if self.prefix_projection else 'without'} projection)"
 
 
 def torch_linear_init(rng: jax.Array, fan_in: int, shape: tuple[int, ...]) -> jax.Array:
@@ -34,7 +62,7 @@ class PrefixTuning(PromptMethod):
   """A key/value prefix: `table` [P, Y, 2, K, D] (or a bank [N, P, Y, 2, K, D] for mixed batches), or with a
   projection `embedding` [P, T] + `w1` [T, E], `b1` [E], `w2` [E, Y * 2 * T], `b2` [Y * 2 * T]."""
 
-  method = "prefix_tuning"
+  method = PrefixTuningSpec.method
 
   def __init__(self, slots: PrefixSlots, *, table: jax.Array | None = None, embedding: jax.Array | None = None,
                hidden_size: int | None = None, rng: jax.Array | None = None):
@@ -83,8 +111,84 @@ class PrefixTuning(PromptMethod):
     kv = jnp.transpose(t, (3, 2, 0, 1, 4, 5))  # [2, Y', B|1, P, K, D]
     return Prefix(keys=kv[0], values=kv[1])
 
-  def spec(self) -> dict:
-    s = dict(method=self.method, prefix_projection=self.projection, slots=self.slots.to_dict())
-    if self.projection:
-      s["encoder_hidden_size"] = int(self.w1.shape[1])
-    return s
+  def spec(self) -> PrefixTuningSpec:
+    return PrefixTuningSpec(prefix_projection=self.projection, slots=self.slots,
+                            encoder_hidden_size=int(self.w1.shape[1]) if self.projection else None)
+
+  @classmethod
+  def stack(cls, modules: Sequence[PromptMethod]) -> "PrefixTuning":
+    tables = [m.table[...] for m in modules]
+    if len({t.shape for t in tables}) != 1:
+      raise PromptError(f"prefixes in a bank must share one shape, got {sorted({t.shape for t in tables})}")
+    return cls(modules[0].slots, table=jnp.stack(tables))
+
+
+# -- the registry entry (`prompts.registry`) ------------------------------------------------------------------
+
+
+def _build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PrefixTuning:
+  """Keys and values, not token embeddings: initialised uniformly (`prompt.init_range`) whatever the task."""
+  slots = base.prefix_slots()
+  if pcfg.option("prefix_projection"):
+    t = slots.token_dim
+    return PrefixTuning(slots, embedding=random_uniform(rng, pcfg.length, t, *pcfg.init_range),
+                        hidden_size=pcfg.option("encoder_hidden_size") or t, rng=jax.random.fold_in(rng, 2))
+  shape = (pcfg.length, slots.layers, 2, slots.heads, slots.head_dim)
+  return PrefixTuning(slots, table=jax.random.uniform(rng, shape, jnp.float32, *pcfg.init_range))
+
+
+def _rebuild(spec: PrefixTuningSpec, params: dict) -> PrefixTuning:
+  if not spec.prefix_projection:
+    return PrefixTuning(spec.slots, table=params["table"])
+  return restored(lambda: PrefixTuning(spec.slots, embedding=jnp.zeros(np.shape(params["embedding"]), jnp.float32),
+                                       hidden_size=spec.encoder_hidden_size, rng=jax.random.key(0)), params)
+
+
+def check_table(value: np.ndarray, slots: PrefixSlots, where: str) -> None:
+  """A prefix table [P, Y, 2, K, D] fits a base whose `slots` are these."""
+  want = (slots.layers, 2, slots.heads, slots.head_dim)
+  if value.shape[1:] != want:
+    raise PromptError(f"{where}: prefix table is {value.shape}, this model's is [P, {', '.join(map(str, want))}]")
+
+
+def _fixed(value, spec: PrefixTuningSpec, slots: PrefixSlots, where: str) -> PrefixTuning:
+  check_table(value, slots, where)
+  return PrefixTuning(slots, table=value)
+
+
+def _peft_fields(value: np.ndarray, record, base_path) -> dict:
+  spec = record.spec
+  problem = spec.slots.peft_problem if spec.slots is not None else None
+  if problem:
+    raise ExportError(f"PEFT cannot run this prefix: {problem} (jaxprompt trains and serves it; export it "
+                      "--format numpy or safetensors instead)")
+  _, y, _, heads, d = value.shape
+  return dict(token_dim=heads * d, num_attention_heads=heads, num_layers=y,
+              num_transformer_submodules=PEFT_PREFIX_SUBMODULES[record.architecture.kind],
+              prefix_projection=spec.prefix_projection, encoder_hidden_size=spec.encoder_hidden_size or heads * d,
+              init_weights=None)
+
+
+def _peft_read(value: np.ndarray, peft: dict, where) -> tuple[np.ndarray, PrefixTuningSpec]:
+  """A PREFIX_TUNING adapter's flat table [P, Y * 2 * K * D] as [P, Y, 2, K, D] (the projection is not saved)."""
+  p, y, heads, t = (peft.get(k) for k in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"))
+  if not all(isinstance(x, int) and x > 0 for x in (y, heads, t)) or t % heads:
+    raise PromptError(f"{where}: a PREFIX_TUNING adapter_config.json needs positive num_layers, num_attention_heads "
+                      f"and token_dim (a multiple of the heads), got {y}, {heads}, {t}")
+  if value.shape != (p, y * 2 * t):
+    raise PromptError(f"{where}: prompt_embeddings is {value.shape}, expected [num_virtual_tokens, num_layers * 2 * "
+                      f"token_dim] = ({p}, {y * 2 * t})")
+  # PEFT's get_prompt: view [P, 2Y, heads, head_dim], slot 2l + kv -> ours [P, Y, 2, heads, head_dim]
+  return value.reshape(p, y, 2, heads, t // heads), PrefixTuningSpec(prefix_projection=False)
+
+
+PREFIX_TUNING = Method(
+    name=PrefixTuningSpec.method, spec_type=PrefixTuningSpec,
+    description="prefix tuning (Li & Liang 2021) / deep prompts (P-tuning v2): keys and values [P, Y, 2, K, D] "
+                "before every attention layer",
+    embeds=False, value_shape="[P, Y, 2, K, D]", saves="table [P, Y, 2, K, D], or embedding [P, K * D] and its MLP",
+    peft_type="PREFIX_TUNING", build=_build, rebuild=_rebuild, fixed=_fixed,
+    check=lambda value, base, where: check_table(value, base.prefix_slots(), where),
+    peft_fields=_peft_fields, peft_read=_peft_read,
+    # a bank of projections would be K fixed tables: what trains is the projection
+    bank_refusal=lambda pcfg: "prefix projections" if pcfg.option("prefix_projection") else None)

@@ -9,6 +9,7 @@ Running the same command again resumes exactly from the latest checkpoint (data 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,13 +23,15 @@ import jax.numpy as jnp
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
 from jaxprompt.batches import concat_rows
-from jaxprompt.checkpoint import Checkpointer, selection_mode
+from jaxprompt.checkpoint import Checkpointer, abstract_like, selection_mode
 from jaxprompt.data.pipeline import BatchStream, MixtureStream, Packing, mixing_rates
 from jaxprompt.errors import CheckpointError, WorkdirError
 from jaxprompt.evaluation.evaluator import evaluator_for
+from jaxprompt.prompts.record import PromptRecord
 from jaxprompt.run import Run, TaskData, build_run
 from jaxprompt.training import hooks as H
 from jaxprompt.training.optim import build_optimizer
+from jaxprompt.training.results import EvalResult, TrainResult
 from jaxprompt.training.state import TrainState
 from jaxprompt.training.step import make_packing, make_train_step
 from jaxprompt.training.tracking import MetricsLog, plot_curves
@@ -60,20 +63,20 @@ def checked_workdir(workdir: str | Path) -> Path:
   return workdir
 
 
-def check_identity(meta: dict, run: Run, where: Path) -> None:
-  """A checkpoint must come from the base model the config loads."""
-  saved = meta.get("base_model", {})
-  if saved and saved.get("fingerprint") != run.identity.fingerprint:
+def check_identity(record: PromptRecord, run: Run, where: Path) -> None:
+  """A checkpoint (its `PromptRecord`) must come from the base model the config loads."""
+  saved = record.base
+  if saved is not None and saved.fingerprint != run.identity.fingerprint:
     raise CheckpointError(
-        f"{where}: checkpoint was trained on base model {saved.get('path')!r} (fingerprint {saved.get('fingerprint')}), "
+        f"{where}: checkpoint was trained on base model {saved.path!r} (fingerprint {saved.fingerprint}), "
         f"but the config loads {run.identity.path!r} (fingerprint {run.identity.fingerprint}); use another --workdir")
 
 
-def check_tasks(meta: dict, run: Run, where: Path) -> None:
-  """A mixture's checkpoint resumes only with the same tasks in the same order (its data positions and any per-task
-  prompts are kept per task)."""
-  saved = [m["name"] for m in (meta.get("task") or {}).get("mixture") or ()]
-  now = [m["name"] for m in run.task_record().get("mixture") or ()]
+def check_tasks(record: PromptRecord, run: Run, where: Path) -> None:
+  """A mixture's checkpoint (its `PromptRecord`) resumes only with the same tasks in the same order (its data
+  positions and any per-task prompts are kept per task)."""
+  saved = [m.name for m in record.task.mixture] if record.task is not None else []
+  now = [m.name for m in run.task_record().mixture]
   if (saved or now) and saved != now:
     raise CheckpointError(f"{where}: checkpoint was trained on the tasks {saved or 'of one task'}, but the config has "
                           f"{now or 'one task'}; use another --workdir")
@@ -96,20 +99,21 @@ class Trainer:
       each = [rows.with_task_ids(k) for k, rows in enumerate(each)]
     self.sizes = [len(d.examples) for d in train]
     self.rows = concat_rows(each)
-    self.evaluator = evaluator_for(run) if (cfg.eval.every or cfg.eval.at_end) else None
     self.mlog = MetricsLog(workdir)
     self.bar = tqdm(total=tc.steps, desc="prompt tuning", disable=not (progress and jax.process_index() == 0),
                     dynamic_ncols=True, unit="step")
-    self.hooks = H.default_hooks(cfg, self.ckpt.manager)
     self.stream: BatchStream | None = None
+    self.hooks = H.default_hooks(cfg, ckpt=self.ckpt, mlog=self.mlog, bar=self.bar, meta=self.checkpoint_meta(),
+                                 evaluator=evaluator_for(run) if (cfg.eval.every or cfg.eval.at_end) else None,
+                                 epoch=lambda: self.stream.epoch, report_dir=workdir / "predictions", say=self.say)
 
   def say(self, text: str) -> None:
     H.print_line(text, self.bar)
 
   def checkpoint_meta(self) -> dict:
-    return dict(base_model=self.run.identity.to_dict(), base_architecture=self.run.architecture(),
-                config=self.cfg.to_dict(), prompt_spec=self.run.prompt_spec,
-                task=self.run.task_record())
+    """The run's `PromptRecord` as every checkpoint's metadata holds it (JSON, beside the training counters)."""
+    return PromptRecord(spec=self.run.prompt_spec, base=self.run.identity, architecture=self.run.architecture(),
+                        task=self.run.task_record(), config=self.cfg.to_dict()).to_json()
 
   def initial_state(self) -> TrainState:
     """A fresh state, or the latest checkpoint's (checked against the base model)."""
@@ -119,9 +123,9 @@ class Trainer:
     latest = self.ckpt.latest_step()
     if latest is None:
       return state
-    check_tasks(self.ckpt.read_meta(latest), self.run, self.ckpt.directory)
+    check_tasks(PromptRecord.from_json(self.ckpt.read_meta(latest)), self.run, self.ckpt.directory)
     state, meta = self.ckpt.restore_state(latest, state)
-    check_identity(meta, self.run, self.ckpt.directory)
+    check_identity(PromptRecord.from_json(meta), self.run, self.ckpt.directory)
     log.info("resumed from %s at step %d", self.ckpt.directory / str(latest), state.step)
     return state
 
@@ -170,15 +174,24 @@ class Trainer:
       self.bar.update(1)
       metrics = dict(metrics, input_length=self.stream.last_length, pad_fraction=self.stream.last_pad_fraction,
                      slots=slots, rows=local.size * jax.process_count())
-      end = H.StepEnd(step=state.step, last=state.step == tc.steps, metrics=metrics)
-      for hook in self.hooks:
-        state = hook(self, state, end) or state
-      if end.stop == "preempted":
+      info = H.StepInfo(step=state.step, last=state.step == tc.steps, metrics=metrics)
+      state, info = self._after_step(state, info)
+      if info.stop == "preempted":
         self.ckpt.wait()
         raise Preempted(state.step)
-      if end.stop:
+      if info.stop:
         break
     return state
+
+  def _after_step(self, state: TrainState, info: H.StepInfo) -> tuple[TrainState, H.StepInfo]:
+    """Every hook in order; a `Stop` is seen by the hooks after it (`StepInfo.stop`)."""
+    for hook in self.hooks:
+      out = hook(state, info)
+      if isinstance(out, H.Stop):
+        info = dataclasses.replace(info, stop=info.stop or out.reason)
+      elif out is not None:
+        state = out
+    return state, info
 
   def close(self) -> None:
     self.bar.close()
@@ -188,9 +201,10 @@ class Trainer:
     self.mlog.close()
 
 
-def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=None, bases: dict | None = None) -> dict:
-  """Prompt-tune as `cfg` says, in `workdir` (resuming from its latest checkpoint). Returns a summary. `bases`:
-  loaded base models to share between runs (`run.build_run`)."""
+def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=None, bases: dict | None = None
+          ) -> TrainResult:
+  """Prompt-tune as `cfg` says, in `workdir` (resuming from its latest checkpoint). `bases`: loaded base models to
+  share between runs (`run.build_run`)."""
   workdir = checked_workdir(workdir)
   t_setup = time.time()
   run, train_data = build_run(cfg, mesh=mesh, bases=bases)
@@ -201,20 +215,22 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
   try:
     state = trainer.initial_state()
     start = state.step
-    summary = dict(setup_seconds=round(time.time() - t_setup, 2))
+    setup_seconds = round(time.time() - t_setup, 2)
+    t_train = time.time()
     state = trainer.fit(state)
   finally:
     trainer.close()
-  summary.update(final_step=state.step if cfg.train.steps > start else start, best_step=state.best.step,
-                 best_value=state.best.value, metric=cfg.eval.metric, train_seconds=round(time.time() - t_setup, 2))
+  result = TrainResult(workdir=workdir, final_step=state.step if cfg.train.steps > start else start,
+                       best_step=state.best.step, best_value=state.best.value, metric=cfg.eval.metric,
+                       setup_seconds=setup_seconds, train_seconds=round(time.time() - t_train, 2), config=cfg)
   if jax.process_index() == 0:
     if cfg.train.plot:
       plot_curves(workdir, metric=cfg.eval.metric)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  return summary
+    (workdir / "summary.json").write_text(json.dumps(result.summary(), indent=2))
+  return result
 
 
-def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", mesh=None) -> dict:
+def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", mesh=None) -> EvalResult:
   """Evaluate a checkpoint of `workdir` ("best", "latest" or a step number) on the eval split."""
   workdir = Path(workdir)
   if not (workdir / "checkpoints").is_dir():  # before loading anything
@@ -225,12 +241,12 @@ def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", me
   if not ckpt.steps():
     raise CheckpointError(f"{workdir}: no checkpoints to evaluate")
   chosen = ckpt.choose(step)
-  prompt, _, meta = ckpt.restore(chosen, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                                     sharding=x.sharding), run.prompt),
-                                 None)
-  check_identity(meta, run, ckpt.directory)
+  prompt, _, meta = ckpt.restore(chosen, abstract_like(run.prompt), None)
+  check_identity(PromptRecord.from_json(meta), run, ckpt.directory)
   ckpt.close()
   evaluator = evaluator_for(run)
   metrics, records = evaluator(prompt)
-  evaluator.write_report(workdir, f"predictions_eval_step_{chosen}", records)
-  return {"step": chosen, **metrics}
+  name = f"predictions_eval_step_{chosen}"
+  evaluator.write_report(workdir, name, records)
+  return EvalResult(step=chosen, metrics={k: float(v) for k, v in metrics.items()},
+                    predictions=workdir / f"{name}.jsonl")

@@ -1,0 +1,84 @@
+"""What a prompt method is to the rest of the package: a spec (its options: a frozen dataclass, JSON in checkpoints
+and exports) and a registry entry (`Method`: how it is built, rebuilt, read back from PEFT and exported to it).
+
+Each method's module defines its spec and its entry next to its NNX module (prompt_tuning in `soft`, p_tuning in
+`encoders`, prefix_tuning in `prefix`); `prompts.registry` lists the entries. Nothing else names a method: a new
+method is its own module plus one line in the registry.
+
+Notation: P prompt length, H hidden, Y prefix table layers, K key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+
+def _jsonable(value):
+  """Tuples as lists (what JSON reads back), through dicts and lists."""
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+  """A method and its options, as a trained prompt records them (`PromptMethod.spec()`). `to_json` is the dict
+  checkpoints and exports have always held: {"method": NAME, option: value, ...}, options that are None left out
+  (they were never written)."""
+
+  method: ClassVar[str]
+
+  def to_json(self) -> dict:
+    out = {"method": self.method}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if value is not None:
+        out[f.name] = _jsonable(value.to_dict() if hasattr(value, "to_dict") else value)
+    return out
+
+  @classmethod
+  def from_json(cls, d: dict) -> "PromptSpec":
+    """The spec of a JSON dict (its "method" already resolved to this class; unknown keys ignored: a newer
+    writer's options an older reader cannot use)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+  def describe(self) -> str:
+    """The method and its options in a few words, for messages."""
+    return self.method
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A registry entry: everything the package needs to know about one prompt method.
+
+  build(pcfg, base, tokenizer, labels, rng) -> PromptMethod: the configured module on `base` (`config.PromptConfig`;
+    `prompt.init: file` is handled before it is called, by `methods.build`).
+  rebuild(spec, params) -> PromptMethod: the trained module from its spec and a checkpoint's `prompt` tree.
+  fixed(value, spec, slots) -> PromptMethod: the inference module of a trained value (what `inference_value()`
+    returned, what PEFT saves); a key/value method checks the value against the base's `PrefixSlots`.
+  check(value, base, where): raises PromptError when a trained value does not fit `base`.
+  bank_refusal(pcfg) -> str | None: what cannot be trained as a per-task bank (`prompt.per_task`), None if it can.
+  peft_fields(value, spec, record, base_path) -> dict: the method's fields of PEFT's adapter_config.json (beside
+    task_type, num_virtual_tokens, peft_type and the base model's name).
+  peft_read(value, peft, where) -> (value, spec): a PEFT adapter's `prompt_embeddings` (already 2-D, with a
+    positive num_virtual_tokens) as the inference value, and the spec its adapter_config.json describes.
+  """
+
+  name: str
+  spec_type: type[PromptSpec]
+  description: str  # one line for people
+  embeds: bool  # puts input embeddings [P, H] before the input (packable rows; shares banks with its kind)
+  value_shape: str  # the inference value's shape in the notation above, e.g. "[P, H]"
+  saves: str  # what a checkpoint keeps (an export keeps the value)
+  peft_type: str  # PEFT's peft_type
+  build: Callable[..., Any]
+  rebuild: Callable[[Any, dict], Any]
+  fixed: Callable[..., Any]
+  check: Callable[[Any, Any, str], None]
+  peft_fields: Callable[..., dict]
+  peft_read: Callable[..., tuple[Any, PromptSpec]]
+  bank_refusal: Callable[[Any], str | None] = lambda pcfg: None
