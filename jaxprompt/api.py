@@ -8,44 +8,14 @@ names, `train(cfg, wd, train__steps=100)`; values are Python values (not YAML te
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
 from jaxprompt import config as C
 from jaxprompt.errors import ConfigError
+from jaxprompt.training.results import EvalResult, TrainResult
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-  """What a training run ended with. `best_*` are None when it never evaluated."""
-
-  workdir: Path
-  final_step: int
-  best_step: int | None
-  best_value: float | None
-  metric: str
-  setup_seconds: float
-  train_seconds: float
-  config: C.Config
-
-  @property
-  def checkpoints(self) -> Path:
-    return self.workdir / "checkpoints"
-
-  @property
-  def metrics_file(self) -> Path:
-    """One JSON line per logged step and per evaluation."""
-    return self.workdir / "metrics.jsonl"
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalResult:
-  """One checkpoint evaluated on the eval split: its step, the metrics, and the per-example predictions file."""
-
-  step: int
-  metrics: dict[str, float]
-  predictions: Path
+__all__ = ["EvalResult", "TrainResult", "evaluate", "evaluate_ensemble", "load_config", "train"]
 
 
 def _dotted(key: str) -> str:
@@ -90,11 +60,7 @@ def train(config: str | Path | Mapping | C.Config, workdir: str | Path | None = 
     if not isinstance(config, (str, Path)):
       raise ConfigError("train(): give a workdir (the config is not a file to name it after)")
     workdir = Path("runs") / Path(config).stem
-  workdir = Path(workdir)
-  s = trainer.train(cfg, workdir, progress=progress, mesh=mesh)
-  return TrainResult(workdir=workdir, final_step=s["final_step"], best_step=s["best_step"], best_value=s["best_value"],
-                     metric=s["metric"], setup_seconds=s["setup_seconds"], train_seconds=s["train_seconds"],
-                     config=cfg)
+  return trainer.train(cfg, Path(workdir), progress=progress, mesh=mesh)
 
 
 def evaluate(config: str | Path | Mapping | C.Config, workdir: str | Path, *, step: str | int = "best", mesh=None,
@@ -102,11 +68,7 @@ def evaluate(config: str | Path | Mapping | C.Config, workdir: str | Path, *, st
   """Evaluate a checkpoint of `workdir` ("best", "latest" or a step) as `jaxprompt eval` does. -> EvalResult."""
   from jaxprompt.training import trainer
 
-  cfg = load_config(config, overrides)
-  out = trainer.evaluate(cfg, workdir, step=step, mesh=mesh)
-  chosen = out.pop("step")
-  return EvalResult(step=chosen, metrics={k: float(v) for k, v in out.items()},
-                    predictions=Path(workdir) / f"predictions_eval_step_{chosen}.jsonl")
+  return trainer.evaluate(load_config(config, overrides), workdir, step=step, mesh=mesh)
 
 
 

@@ -121,6 +121,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
                                            *([None] * (ndim - 1))))
 
 
+def device_batch(mesh: Mesh, local):
+  """This host's rows of a global batch (a pytree of numpy arrays) -> arrays sharded over (data, fsdp) across
+  all hosts."""
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v), local)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -11,19 +11,16 @@ import pytest
 
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
-from jaxprompt.data.batches import CausalBatch, Seq2SeqBatch
+from jaxprompt.batches import CausalBatch, Seq2SeqBatch
+from jaxprompt.checkpoint import Checkpointer
+from jaxprompt.data import encoding
 from jaxprompt.data.pipeline import BatchStream, bucket_lengths, eval_batches
 from jaxprompt.models import layers as L
 from jaxprompt.models import load_model
 from jaxprompt.prompts import PromptedModel, SoftPrompt
-from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.training.trainer import evaluate
-from tests.hf_models import IdTokenizer, write_decoder, write_t5
-from tests.test_causal import tiny_cfg
-from tests.test_train import byte_t5, train_interrupted  # noqa: F401  (session fixture)
-
-EXAMPLES = [{"inputs": " ".join(str(3 + (i * 7 + j) % 80) for j in range(n)), "targets": f"{10 + i} {20 + i}"}
-            for i, n in enumerate([5, 1, 0, 7, 3, 2, 6, 4])]  # real input lengths 0..7 of a limit of 32
+from tests.helpers import BUCKET_EXAMPLES, tiny_cfg, train_interrupted
+from tests.helpers_hf import IdTokenizer, write_decoder, write_t5
 
 
 def test_bucket_lengths_and_their_config():
@@ -38,7 +35,7 @@ def test_bucket_lengths_and_their_config():
 
 @pytest.mark.parametrize("batch_type", [Seq2SeqBatch, CausalBatch])
 def test_the_stream_pads_to_the_bucket_of_the_longest_input_in_the_unbucketed_order(batch_type):
-  rows = batch_type.encode(EXAMPLES, IdTokenizer(), input_length=32, target_length=3, name="t")
+  rows = encoding.encode(batch_type, BUCKET_EXAMPLES, IdTokenizer(), input_length=32, target_length=3, name="t")
   plain = BatchStream(rows, 2, seed=1)
   bucketed = BatchStream(rows, 2, seed=1, buckets=(4, 8, 32))
   hosts = [BatchStream(rows, 2, seed=1, buckets=(4, 8, 32), process_index=i, process_count=2) for i in range(2)]
@@ -63,12 +60,13 @@ def test_the_stream_pads_to_the_bucket_of_the_longest_input_in_the_unbucketed_or
 
 def test_grouping_by_length_pads_less_and_stays_a_resumable_permutation():
   examples = [{"inputs": " ".join(["7"] * (i * 5 % 31)), "targets": "9"} for i in range(64)]
-  rows = Seq2SeqBatch.encode(examples, IdTokenizer(), input_length=32, target_length=2, name="t")
+  rows = encoding.encode(Seq2SeqBatch, examples, IdTokenizer(), input_length=32, target_length=2, name="t")
   plain, grouped = BatchStream(rows, 4, seed=2), BatchStream(rows, 4, seed=2, group_by_length=4)
   epoch = [next(grouped) for _ in range(16)]  # one epoch: 64 examples
   seen = np.concatenate([grouped.global_indices(k) for k in range(16)])
   assert sorted(seen.tolist()) == list(range(64))  # every example once
-  pad = lambda bs: sum(b.input_length * 4 - b.input_lengths().sum() for b in bs)
+  def pad(bs):
+    return sum(b.input_length * 4 - b.input_lengths().sum() for b in bs)
   assert pad([b.cropped(int(b.input_lengths().max())) for b in epoch]) < 0.5 * pad(
       [b.cropped(int(b.input_lengths().max())) for b in (next(plain) for _ in range(16))])
   resumed = BatchStream(rows, 4, seed=2, group_by_length=4, position=7)
@@ -89,7 +87,7 @@ def base(request, tmp_path_factory):
 def test_cropped_batches_give_every_example_the_same_loss_and_scores(base):
   model = PromptedModel(base, SoftPrompt(jax.random.normal(jax.random.key(0), (3, base.hidden_size)) * 0.5))
   tok = IdTokenizer()
-  full = base.batch_type.encode(EXAMPLES, tok, input_length=32, target_length=3, name="t")
+  full = encoding.encode(base.batch_type, BUCKET_EXAMPLES, tok, input_length=32, target_length=3, name="t")
   cropped = full.cropped(8)
   assert cropped.input_length == 8 and (cropped.input_lengths() == full.input_lengths()).all()
 
@@ -98,7 +96,7 @@ def test_cropped_batches_give_every_example_the_same_loss_and_scores(base):
     return np.asarray(L.sequence_logprob(logits, targets, mask))
 
   np.testing.assert_allclose(per_example(cropped), per_example(full), rtol=1e-5)
-  labels = [jnp.asarray(a) for a in base.batch_type.encode_labels(tok, ["10 20", "11", "40 41"], 3)]
+  labels = [jnp.asarray(a) for a in encoding.encode_labels(base.batch_type, tok, ["10 20", "11", "40 41"], 3)]
   scores = [np.asarray(model.label_logprobs(jax.tree.map(jnp.asarray, b), *labels)) for b in (cropped, full)]
   np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5)
 
@@ -107,13 +105,14 @@ def test_resuming_mid_epoch_with_buckets_is_exact_and_eval_is_unchanged(byte_t5,
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   over = {"data.length_buckets": [6, 9]}  # the taskless digit inputs are 1-11 bytes of a limit of 12
   train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path, mesh)
-  final = lambda w: Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
-  for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "split"))):
+  def final(w):
+    return Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
+  for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "split")), strict=True):
     np.testing.assert_array_equal(x, y)
   recs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
   assert all(0 <= r["pad_fraction"] < 1 and r["input_length"] <= 12 for r in recs if r["kind"] == "train")
   # evaluation of the same checkpoint: bucketed (two compiled shapes) = padded to the limit
   ev = [evaluate(tiny_cfg(byte_t5, **{"data.length_buckets": b}), tmp_path / "full", step=6, mesh=mesh)
         for b in ("none", [4, 8])]
-  assert ev[0]["accuracy"] == ev[1]["accuracy"]
-  assert ev[0]["eval_loss"] == pytest.approx(ev[1]["eval_loss"], rel=1e-5)
+  assert ev[0].metrics["accuracy"] == ev[1].metrics["accuracy"]
+  assert ev[0].metrics["eval_loss"] == pytest.approx(ev[1].metrics["eval_loss"], rel=1e-5)

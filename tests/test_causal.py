@@ -7,6 +7,7 @@ stories260K) a trained prompt lowers the held-out loss of a style the model neve
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,68 +16,22 @@ import pytest
 from flax import nnx
 
 import jaxprompt
-from jaxprompt import cli
 from jaxprompt import config as C
 from jaxprompt import prompts as P
-from jaxprompt import sharding as shd
-from jaxprompt.data.batches import CausalBatch
-from jaxprompt.evaluation.evaluator import Evaluator
+from jaxprompt.batches import CausalBatch
+from jaxprompt.data import encoding
+from jaxprompt.evaluation.evaluator import evaluator_for
 from jaxprompt.inference import text as inference
+from jaxprompt.losses import cross_entropy
 from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_trained_prompt
 from jaxprompt.run import build_run, task_data
-from jaxprompt.losses import cross_entropy
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import evaluate, train
-from tests.hf_models import write_decoder
+from tests.helpers import one_device, run_cli, tiny_cfg
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
-
-
-def one_device():
-  return shd.make_mesh(devices=jax.devices()[:1])
-
-
-def write_byte_decoder(folder, variant: str, seed: int = 0, **over):
-  """A tiny random decoder over ByT5's byte vocabulary (pad 0, EOS 1; no BOS), with that tokenizer saved beside
-  it, so the quickstart digit tasks and free text run on it."""
-  from transformers import ByT5Tokenizer
-
-  kw = dict(vocab_size=384, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-  kw.update(over)
-  folder = write_decoder(folder, variant, seed=seed, **kw)
-  ByT5Tokenizer().save_pretrained(folder)
-  return folder
-
-
-@pytest.fixture(scope="session")
-def byte_llama(tmp_path_factory):
-  """Llama 3 style: grouped-query attention, llama3 RoPE scaling, untied head."""
-  return write_byte_decoder(tmp_path_factory.mktemp("byte_llama") / "m", "llama3-gqa-untied", seed=5)
-
-
-def tiny_cfg(folder, **over) -> C.Config:
-  """A tiny run on any base folder: the taskless quickstart digit task, 6 steps, no eval; `section.key` overrides."""
-  raw = {
-      "model": {"path": str(folder)},
-      "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
-      "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
-      "optimizer": {"name": "adafactor", "learning_rate": 0.3},
-      "train": {"steps": 6, "batch_size": 8, "log_every": 3, "plot": False},
-      "eval": {"every": 0, "at_end": False, "max_examples": 16, "batch_size": 8},
-      "checkpoint": {"every": 3, "keep": 5, "async_save": False},
-  }
-  for k, v in over.items():
-    sec, key = k.split(".")
-    raw.setdefault(sec, {})[key] = v
-  return C.from_dict(raw)
-
-
-def run_cli(capsys, *argv) -> list[str]:
-  capsys.readouterr()
-  assert cli.main(list(map(str, argv))) == 0
-  return capsys.readouterr().out.splitlines()
 
 
 # -- causal semantics on a tiny random Llama ----------------------------------------------------------
@@ -111,7 +66,7 @@ def _explicit_target_logps(model, tok, inputs: str, target_ids: list[int]) -> np
 @jax.jit
 def row_ce(logits, targets, mask):
   """Summed cross-entropy of each row [B]."""
-  return jax.vmap(lambda l, t, m: cross_entropy(l[None], t[None], m[None]).ce)(logits, targets, mask)
+  return jax.vmap(lambda row, t, m: cross_entropy(row[None], t[None], m[None]).ce)(logits, targets, mask)
 
 
 def score_targets(model, batch):
@@ -126,7 +81,7 @@ def test_causal_loss_counts_only_target_tokens(prompted_llama):
   want_ce = -sum(e.sum() for e in explicit)
   want_tokens = sum(len(e) for e in explicit)
   for lengths in ((12, 14), (20, 30)):  # more right padding changes nothing
-    batch = jax.tree.map(jnp.asarray, CausalBatch.encode(EXAMPLES, tok, input_length=lengths[0],
+    batch = jax.tree.map(jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, tok, input_length=lengths[0],
                                                          target_length=lengths[1]))
     logits, targets, mask = score_targets(model, batch)
     s = jax.jit(cross_entropy)(logits, targets, mask)
@@ -147,13 +102,13 @@ def test_causal_rank_scores_equal_the_training_likelihood(prompted_llama):
   ([prompt, input, target, right padding]) scores it as the target, an empty input included."""
   model, tok = prompted_llama
   labels = ("7", "a longer one", "no")
-  batch = jax.tree.map(jnp.asarray, CausalBatch.encode(EXAMPLES, tok, input_length=12, target_length=14))
-  lab_ids, lab_mask = CausalBatch.encode_labels(tok, labels, target_length=14)
+  batch = jax.tree.map(jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, tok, input_length=12, target_length=14))
+  lab_ids, lab_mask = encoding.encode_labels(CausalBatch, tok, labels, target_length=14)
   scores = np.asarray(nnx.jit(lambda m, b, i, k: m.label_logprobs(b, i, k))(model, batch, jnp.asarray(lab_ids),
                                                                            jnp.asarray(lab_mask)))
   assert scores.shape == (4, 3)
   for c, label in enumerate(labels):
-    as_target = CausalBatch.encode([dict(ex, targets=label) for ex in EXAMPLES], tok, input_length=12,
+    as_target = encoding.encode(CausalBatch, [dict(ex, targets=label) for ex in EXAMPLES], tok, input_length=12,
                                    target_length=14)
     logits, targets, mask = score_targets(model, as_target)
     np.testing.assert_allclose(scores[:, c], -row_ce(logits, targets, mask), rtol=1e-5, atol=1e-5)
@@ -166,9 +121,10 @@ def test_loop_resume_eval_export_and_generate_with_a_decoder_folder(byte_llama, 
   mesh = one_device()
   full = tiny_cfg(byte_llama, **{"eval.at_end": True})
   summary = train(full, tmp_path / "full", progress=False, mesh=mesh)
-  assert summary["final_step"] == 6 and summary["metric"] == "accuracy"
-  evals = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
-  assert [e["step"] for e in evals] == [6] and summary["best_value"] == evals[0]["accuracy"]
+  assert summary.final_step == 6 and summary.metric == "accuracy"
+  evals = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+           if '"eval"' in line]
+  assert [e["step"] for e in evals] == [6] and summary.best_value == evals[0]["accuracy"]
   train(tiny_cfg(byte_llama, **{"train.steps": 3}), tmp_path / "split", progress=False, mesh=mesh)  # "killed"
   train(full, tmp_path / "split", progress=False, mesh=mesh)  # resumes at step 3
   a, info = load_trained_prompt(tmp_path / "full", "latest")
@@ -178,9 +134,9 @@ def test_loop_resume_eval_export_and_generate_with_a_decoder_folder(byte_llama, 
   assert info["step"] == 6
   # rank-classification eval of the saved checkpoint gives the loop's numbers
   ev = evaluate(full, tmp_path / "full", step=6, mesh=mesh)
-  np.testing.assert_allclose(ev["accuracy"], summary["best_value"])
-  recs = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-  np.testing.assert_allclose(ev["eval_loss"], [r for r in recs if r["kind"] == "eval"][-1]["eval_loss"], rtol=1e-6)
+  np.testing.assert_allclose(ev.metrics["accuracy"], summary.best_value)
+  recs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose(ev.metrics["eval_loss"], [r for r in recs if r["kind"] == "eval"][-1]["eval_loss"], rtol=1e-6)
   # exports
   npy = export_prompt(tmp_path / "full", "numpy", tmp_path / "p.npy", step="latest")
   np.testing.assert_array_equal(np.load(npy), a)
@@ -194,7 +150,7 @@ def test_loop_resume_eval_export_and_generate_with_a_decoder_folder(byte_llama, 
   for src in (tmp_path / "full", adapter, npy):
     lines = run_cli(capsys, "generate", "--prompt", src, "--step", "latest", "--input-file", tmp_path / "in.txt",
                     "--max-new-tokens", 6, "--jsonl")
-    outs[src] = [json.loads(l) for l in lines]
+    outs[src] = [json.loads(line) for line in lines]
   base, tok = jaxprompt.load_model(byte_llama), jaxprompt.load_tokenizer(byte_llama)
   want = inference.generate_text(base, tok, texts, [a], max_new_tokens=6)
   for src, got in outs.items():
@@ -252,10 +208,10 @@ def stories_run(fixtures_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_prompt_tuning_lowers_heldout_loss_on_stories260K(stories_run):
   cfg, work, summary, seconds = stories_run
-  assert summary["final_step"] == 200 and summary["metric"] == "eval_loss"
+  assert summary.final_step == 200 and summary.metric == "eval_loss"
   loss_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, mode="loss"))
   run, _ = build_run(loss_cfg, mesh=one_device(), with_train_data=False)
-  evaluator = Evaluator(run)
+  evaluator = evaluator_for(run)
   initial = evaluator(run.prompt)[0]["eval_loss"]
   trained_value, _ = load_trained_prompt(work)  # the best checkpoint
   trained = evaluator({"prompt": {"embeddings": jnp.asarray(trained_value)}})[0]["eval_loss"]
@@ -264,16 +220,16 @@ def test_prompt_tuning_lowers_heldout_loss_on_stories260K(stories_run):
   arrays = evaluator.arrays
   logits = run.base(input_ids=jnp.asarray(arrays.tokens), attention_mask=jnp.asarray(arrays.token_mask))
   target_mask = np.zeros(arrays.tokens.shape, np.int32)  # 1 at every target token
-  for b, (idx, valid) in enumerate(zip(arrays.target_index, arrays.target_valid)):
+  for b, (idx, valid) in enumerate(zip(arrays.target_index, arrays.target_valid, strict=True)):
     target_mask[b, idx[valid > 0]] = 1
   s = cross_entropy(logits[:, :-1], jnp.asarray(arrays.tokens[:, 1:]), jnp.asarray(target_mask[:, 1:]))
   np.testing.assert_allclose(no_prompt, float(s.ce / s.tokens), rtol=1e-5)
-  np.testing.assert_allclose(trained, summary["best_value"], rtol=1e-5)
+  np.testing.assert_allclose(trained, summary.best_value, rtol=1e-5)
   print(f"stories260K held-out target loss (nats/token): base model alone {no_prompt:.4f}, initial prompt "
         f"{initial:.4f}, trained prompt (200 adafactor steps) {trained:.4f}; train+eval {seconds:.1f} s")
   assert trained < no_prompt / 3 and trained < initial / 3  # measured: 3.84 / 3.94 -> 0.63
   # greedy continuations of held-out stories now follow the style (names unseen in training)
-  preds = [json.loads(l) for l in (work / "predictions" / "step_200.jsonl").read_text().splitlines()]
+  preds = [json.loads(line) for line in (work / "predictions" / "step_200.jsonl").read_text().splitlines()]
   examples = task_data(cfg.data, "validation").examples
   assert len(preds) == len(examples) == 48
   styled = [p["prediction"].startswith(p["targets"].split(",")[0] + ",") for p in preds]
@@ -287,12 +243,12 @@ def test_generate_cli_on_the_gguf_workdir_matches_the_evaluator(stories_run, tmp
   """`jaxprompt generate --prompt WORKDIR` (model and tokenizer from the recorded GGUF file) batches inputs of
   other lengths, with other padding, than the evaluator did: the same continuations."""
   _, work, _, _ = stories_run
-  preds = [json.loads(l) for l in (work / "predictions" / "step_200.jsonl").read_text().splitlines()][:8]
+  preds = [json.loads(line) for line in (work / "predictions" / "step_200.jsonl").read_text().splitlines()][:8]
   (tmp_path / "in.txt").write_text("".join(p["inputs"] + "\n" for p in preds))
   lines = run_cli(capsys, "generate", "--prompt", work, "--step", "200", "--input-file", tmp_path / "in.txt",
                   "--max-new-tokens", 20, "--jsonl")
   # JSON lines: a continuation may itself hold a newline
-  assert [json.loads(l)["output"].strip() for l in lines] == [p["prediction"] for p in preds]
+  assert [json.loads(line)["output"].strip() for line in lines] == [p["prediction"] for p in preds]
 
 
 @pytest.mark.slow
@@ -308,7 +264,7 @@ def test_gguf_prompt_exported_with_base_gives_our_logits_in_peft(stories_run, tm
   value, _ = load_trained_prompt(out)
   hf_tok = AutoTokenizer.from_pretrained(out / "base")
   run, _ = build_run(cfg, mesh=one_device(), with_train_data=False)
-  texts = [p["opening"] for p in map(json.loads, open(cfg.data.files["validation"]))][:4]
+  texts = [p["opening"] for p in map(json.loads, Path(cfg.data.files["validation"]).read_text().splitlines())][:4]
   for t in texts:
     assert hf_tok(t)["input_ids"] == run.tokenizer(t)["input_ids"]
   arrays = run.encode([{"inputs": t, "targets": STYLE.format(n="Zoe", a="cat")} for t in texts], "x")

@@ -11,9 +11,8 @@ from jaxprompt import config as C
 from jaxprompt import sharding as shd
 from jaxprompt.cli import main
 from jaxprompt.evaluation.ensemble import combine
-from jaxprompt.evaluation.evaluator import Evaluator
+from jaxprompt.evaluation.evaluator import evaluator_for
 from jaxprompt.run import build_run
-from tests.test_train import byte_t5  # noqa: F401  (session fixture)
 
 
 def _cfg(folder, init_file=None):
@@ -44,7 +43,7 @@ def test_an_ensemble_of_three_equals_a_majority_vote_of_three_separate_evals(byt
   separate = []
   for f in files:
     run, _ = build_run(_cfg(byte_t5, f), mesh=mesh, with_train_data=False)
-    metrics, records = Evaluator(run)(run.prompt)
+    metrics, records = evaluator_for(run)(run.prompt)
     separate.append((metrics, records))
   labels = list(run.labels)
   preds = np.array([[labels.index(r["prediction"]) for r in recs] for _, recs in separate])  # [K, N]
@@ -55,7 +54,7 @@ def test_an_ensemble_of_three_equals_a_majority_vote_of_three_separate_evals(byt
   assert len(set(map(tuple, preds))) > 1  # the members disagree somewhere: the vote is not trivial
   result = jaxprompt.evaluate_ensemble(_cfg(byte_t5), files, mesh=mesh)
   assert result["predictions"] == [labels[i] for i in want]
-  for member, (metrics, _) in zip(result["members"], separate):
+  for member, (metrics, _) in zip(result["members"], separate, strict=True):
     assert member["accuracy"] == pytest.approx(metrics["accuracy"])
   gold = np.array([labels.index(r["targets"]) for r in separate[0][1]])
   assert result["ensemble"]["accuracy"] == pytest.approx(float(np.mean(want == gold)))

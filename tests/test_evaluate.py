@@ -12,14 +12,16 @@ import pytest
 from jaxprompt import config as C
 from jaxprompt import prompts as P
 from jaxprompt import sharding as shd
-from jaxprompt.evaluation.evaluator import Evaluator
-from jaxprompt.models import load_model
-from jaxprompt.run import build_run
 from jaxprompt.checkpoint import Checkpointer
-from jaxprompt.training.trainer import train
+from jaxprompt.data import encoding
+from jaxprompt.evaluation.evaluator import evaluator_for
+from jaxprompt.models import load_model
 from jaxprompt.models.t5 import shift_right
-from tests.hf_models import write_decoder
-from tests.test_train import byte_t5, small_cfg  # noqa: F401  (session fixture)
+from jaxprompt.run import build_run
+from jaxprompt.training.trainer import train
+from tests.helpers import small_cfg
+from tests.helpers_hf import write_decoder
+
 
 def _one_device():
   return shd.make_mesh(devices=jax.devices()[:1])
@@ -51,8 +53,8 @@ def test_rank_classification_equals_explicit_log_likelihoods(byte_t5, tmp_path, 
     base = load_model(write_decoder(tmp_path / "llama", "llama3-gqa-untied", vocab_size=384))
   model = P.PromptedModel(base, P.SoftPrompt(jax.random.normal(jax.random.key(0), (3, base.hidden_size))))
   labels = ["yes", "no", "maybe"]
-  lab_ids, lab_mask = base.batch_type.encode_labels(tok, labels, target_length=6)
-  batch = base.batch_type.encode([{"inputs": "is it?", "targets": "yes"},
+  lab_ids, lab_mask = encoding.encode_labels(base.batch_type, tok, labels, target_length=6)
+  batch = encoding.encode(base.batch_type, [{"inputs": "is it?", "targets": "yes"},
                                   {"inputs": "a longer question here", "targets": "no"}],
                                  tok, input_length=24, target_length=6)
   batch = jax.tree.map(jnp.asarray, batch)
@@ -67,7 +69,7 @@ def test_rank_classification_equals_explicit_log_likelihoods(byte_t5, tmp_path, 
 def test_generation_eval_counts_unknown_strings_as_wrong(byte_t5):
   cfg = small_cfg(byte_t5, **{"eval.mode": "generate", "eval.max_examples": 12})
   run, _ = build_run(cfg, mesh=_one_device(), with_train_data=False)
-  ev = Evaluator(run)
+  ev = evaluator_for(run)
   metrics, records = ev(run.prompt)
   # a random model emits no label string: every prediction is class -1, wrong, in the <invalid> column
   invalid = sum(row[-1] for row in ev.confusion)
@@ -82,7 +84,7 @@ def test_eval_batch_is_rounded_to_the_mesh_and_gives_the_single_device_result(by
   cfg = small_cfg(byte_t5, **{"eval.max_examples": 12, "eval.batch_size": 10})
   one, _ = build_run(cfg, mesh=_one_device(), with_train_data=False)
   eight, _ = build_run(cfg, mesh=shd.make_mesh(data=4, fsdp=2), with_train_data=False)
-  ev1, ev8 = Evaluator(one), Evaluator(eight)
+  ev1, ev8 = evaluator_for(one), evaluator_for(eight)
   assert (ev1.batch_size, ev8.batch_size) == (10, 16)  # 10 rows do not split over data x fsdp = 8
   m1, r1 = ev1(one.prompt)
   m8, r8 = ev8(eight.prompt)
@@ -111,19 +113,19 @@ def test_custom_tsv_task_end_to_end(byte_t5, tmp_path, fixtures_dir):
   raw["checkpoint"].update(every=2, keep=1)
   cfg = C.from_dict(raw)
   summary = train(cfg, tmp_path / "run", progress=False, mesh=_one_device())
-  evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-           if '"eval"' in l]
+  evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if '"eval"' in line]
   assert [e["step"] for e in evals] == [2, 4, 6]
   assert {"accuracy", "f1", "matthews", "eval_loss"} <= set(evals[0])
-  preds = [json.loads(l) for l in (tmp_path / "run" / "predictions" / "step_6.jsonl").read_text().splitlines()]
+  preds = [json.loads(line) for line in (tmp_path / "run" / "predictions" / "step_6.jsonl").read_text().splitlines()]
   assert len(preds) == 20 and preds[0]["inputs"].startswith("sentiment: ")
   assert {p["prediction"] for p in preds} <= {"negative", "positive"}
   conf = json.loads((tmp_path / "run" / "predictions" / "confusion_step_6.json").read_text())
   assert sum(map(sum, conf["counts"])) == 20 and conf["columns"][-1] == "<invalid>"
   kept = Checkpointer(tmp_path / "run" / "checkpoints").steps()
-  assert summary["best_step"] in kept and 6 in kept
+  assert summary.best_step in kept and 6 in kept
   best = max(evals, key=lambda e: (e["accuracy"], -e["step"]))
-  assert summary["best_step"] == best["step"]
+  assert summary.best_step == best["step"]
 
 
 def test_preview_prints_what_the_model_is_fed(capsys, fixtures_dir):
@@ -132,7 +134,7 @@ def test_preview_prints_what_the_model_is_fed(capsys, fixtures_dir):
   cb = fixtures_dir / "data/superglue/cb/val.jsonl"
   assert main(["preview", "configs/paper/t5-small-lm-adapt.yaml", "--set", "data.task=cb", "--set",
                f"data.files.validation={cb}", "--split", "validation", "--n", "2"]) == 0
-  out = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   first = json.loads(cb.read_text().splitlines()[0])
   assert out[0] == {"inputs": f"cb hypothesis: {first['hypothesis']} premise: {first['premise']}",
                     "targets": first["label"]}

@@ -256,7 +256,7 @@ def test_quickstart_with_base_runs_in_pytorch_and_predicts_as_jaxprompt_generate
   assert run_cli(capsys, "generate", "--prompt", out, "--input-file", tmp_path / "dev.txt",
                  "--max-new-tokens", 4) == torch_preds
   acc = np.mean([p == ex["targets"] for p, ex in zip(torch_preds, dev, strict=True)])
-  print(f"quickstart (100 steps, dev accuracy {summary['best_value']:.3f}) in PyTorch + PEFT: {acc:.3f} of "
+  print(f"quickstart (100 steps, dev accuracy {summary.best_value:.3f}) in PyTorch + PEFT: {acc:.3f} of "
         f"{len(dev)} dev examples right, predictions identical to `jaxprompt generate`")
   # logits on the dev examples
   run, _ = build_run(cfg, mesh=one_device(), with_train_data=False)

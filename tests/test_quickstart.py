@@ -51,7 +51,7 @@ def test_the_prompt_is_what_solves_the_taskless_task(quickstart_run, monkeypatch
   from jaxprompt import config as C
   from jaxprompt import quickstart
   from jaxprompt import sharding as shd
-  from jaxprompt.evaluation.evaluator import Evaluator
+  from jaxprompt.evaluation.evaluator import evaluator_for
   from jaxprompt.run import build_run
   from jaxprompt.training.trainer import evaluate
 
@@ -62,12 +62,12 @@ def test_the_prompt_is_what_solves_the_taskless_task(quickstart_run, monkeypatch
   # the same frozen model, no prompt: inputs without their task prefix are ambiguous
   bare = C.load(ROOT / "configs/quickstart.yaml", ["prompt.length=0"])
   run, _ = build_run(bare, mesh=mesh, with_train_data=False)
-  no_prompt, _ = Evaluator(run)(run.prompt)
+  no_prompt, _ = evaluator_for(run)(run.prompt)
   # with the prefix the base model itself solves the task (it was pre-trained on it)
   prefixed = C.load(ROOT / "configs/quickstart.yaml", ["prompt.length=0", "data.taskless=false"])
   run_p, _ = build_run(prefixed, mesh=mesh, with_train_data=False)
-  with_prefix, _ = Evaluator(run_p)(run_p.prompt)
-  print(f"quickstart dev accuracy: tuned prompt {tuned['accuracy']:.3f}, no prompt {no_prompt['accuracy']:.3f}, "
+  with_prefix, _ = evaluator_for(run_p)(run_p.prompt)
+  print(f"quickstart dev accuracy: tuned prompt {tuned.metrics['accuracy']:.3f}, no prompt {no_prompt['accuracy']:.3f}, "
         f"text prefix {with_prefix['accuracy']:.3f}")
-  assert tuned["accuracy"] >= 0.9 and with_prefix["accuracy"] >= 0.9
+  assert tuned.metrics["accuracy"] >= 0.9 and with_prefix["accuracy"] >= 0.9
   assert no_prompt["accuracy"] < 0.6

@@ -24,8 +24,7 @@ openai = pytest.importorskip("openai")
 from jaxprompt import config as C  # noqa: E402
 from jaxprompt.inference import text as T  # noqa: E402
 from jaxprompt.prompts.io import load_prompt_source  # noqa: E402
-from tests.test_causal import write_byte_decoder  # noqa: E402
-from tests.test_train import byte_t5  # noqa: E402, F401  (session fixture)
+from tests.helpers import write_byte_decoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["max: 3 7 1 8 2", "hello there", "min: 9 4", "a"]
@@ -126,7 +125,10 @@ def test_concurrent_requests_over_three_prompts_batch_and_each_equals_its_single
   url, engine, _ = server
   # soft prompts and a prefix-tuning prompt of the same length share batches (on a decoder both are keys/values)
   jobs = [(name, TEXTS[i % len(TEXTS)]) for i, name in enumerate(["alpha", "beta", "prefixed"] * 21 + ["base"])]
-  body = lambda name, text, **kw: dict(model=name, prompt=text, max_tokens=6, temperature=0, **kw)  # noqa: E731
+
+  def body(name, text, **kw):
+    return dict(model=name, prompt=text, max_tokens=6, temperature=0, **kw)
+
   single = {}
   with httpx.Client(timeout=120) as c:
     for job in sorted(set(jobs)):
@@ -172,9 +174,9 @@ def _batch_stats(text: str) -> tuple[float, float]:
 
 
 def test_classify_scores_equal_jaxprompt_eval_rank_scores(server, material):
-  from jaxprompt.evaluation.evaluator import Evaluator
-  from jaxprompt.run import build_run
   from jaxprompt import sharding as shd
+  from jaxprompt.evaluation.evaluator import evaluator_for
+  from jaxprompt.run import build_run
 
   url, _, _ = server
   folder, prompts, _ = material
@@ -182,13 +184,13 @@ def test_classify_scores_equal_jaxprompt_eval_rank_scores(server, material):
                       "prompt.length=4", "data.task=quickstart", "data.taskless=true", "data.input_length=16",
                       "data.target_length=2", "eval.max_examples=6", "eval.batch_size=6"])
   run, _ = build_run(cfg, mesh=shd.make_mesh(devices=jax.devices()[:1]), with_train_data=False)
-  evaluator = Evaluator(run)
+  evaluator = evaluator_for(run)
   _, records = evaluator(run.prompt)
   r = httpx.post(url + "/v1/classify", json={"model": "gamma", "input": [x["inputs"] for x in records],
                                              "labels": list(run.labels)}, timeout=120)
   assert r.status_code == 200, r.text
   got = r.json()["data"]
-  for rec, row in zip(records, got):
+  for rec, row in zip(records, got, strict=True):
     np.testing.assert_allclose([row["scores"][lab] for lab in run.labels], rec["scores"], atol=1e-4)
     assert row["label"] == rec["prediction"]
   assert httpx.post(url + "/v1/classify", json={"model": "gamma", "input": "1 2"}).status_code == 400  # no labels
@@ -307,7 +309,8 @@ def test_t5_prompts_and_prefixes_are_served_with_generate_s_text(byte_t5, tmp_pa
   np.save(prompts / "soft.npy", rng.normal(size=(4, 32)).astype(np.float32))
   slots = jaxprompt.load_model(byte_t5).prefix_slots()
   np.save(prompts / "pfx.npy", rng.normal(size=(4, slots.layers, 2, slots.heads, slots.head_dim)).astype(np.float32))
-  (prompts / "pfx.json").write_text(json.dumps({"prompt_spec": {"method": "prefix_tuning", "prefix_projection": False}}))
+  (prompts / "pfx.json").write_text(json.dumps({"prompt_spec": {"method": "prefix_tuning",
+                                                                 "prefix_projection": False}}))
   app, engine, problems = build(str(byte_t5), prompts=str(prompts), name="t5", max_batch=4, max_tokens=16,
                                 max_input_tokens=32)
   assert problems == []

@@ -169,7 +169,7 @@ def test_loop_writes_logs_plot_predictions_and_keeps_the_best(byte_t5, tmp_path)
   assert evals[-1]["accuracy"] == np.mean([p["correct"] for p in preds])
   assert all(p["correct"] == (p["prediction"] == p["targets"]) for p in preds)
   kept = Checkpointer(tmp_path / "checkpoints").steps()
-  best = summary["best_step"]
+  best = summary.best_step
   assert 4 in kept and best in kept and len(kept) <= 2  # the last one plus the best
 
 

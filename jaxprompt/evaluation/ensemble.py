@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxprompt.data.pipeline import eval_batches
 from jaxprompt.errors import UsageError
-from jaxprompt.evaluation.evaluator import Evaluator
+from jaxprompt.evaluation.evaluator import Evaluator, evaluator_for
 from jaxprompt.prompts import PromptedModel, methods
 from jaxprompt.prompts.io import load_prompt_source
 
@@ -78,7 +78,7 @@ def evaluate_ensemble(cfg, sources, *, how: str = "vote", step: str | int = "bes
   prompts = [load_prompt_source(s, step) for s in sources]
   for p, s in zip(prompts, sources):
     p.check(run.base, str(s), strict=not allow_other_base)
-  evaluator = Evaluator(run)
+  evaluator = evaluator_for(run)
   scores = member_scores(run, evaluator, [p.value for p in prompts], [p.spec for p in prompts])
   members = [dict(source=str(s), **evaluator.classification_metrics(np.argmax(sc, -1)))
              for s, sc in zip(sources, scores)]

@@ -104,7 +104,7 @@ def sweep(config: str | Path, workdir: str | Path, grid: list[tuple[str, list[An
     log.info("sweep variant %d/%d: %s", i, len(planned), name)
     if progress:
       print(f"jaxprompt: sweep variant {i}/{len(planned)}: {name}", flush=True)
-    s = trainer.train(cfg, workdir / name, progress=progress, mesh=mesh, bases=bases)
+    s = trainer.train(cfg, workdir / name, progress=progress, mesh=mesh, bases=bases).summary()
     rows.append(dict(variant=name, overrides=over, **{k: s[k] for k in ("best_value", "best_step", "final_step",
                                                                          "metric", "train_seconds")}))
   metric = planned[0][2].eval.metric

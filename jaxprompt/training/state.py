@@ -23,6 +23,14 @@ class Best:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalPoint:
+  """An evaluation of the run: its step and metrics (the floats)."""
+
+  step: int
+  metrics: dict
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainState:
   prompt: Any  # pure dict of PromptParam values, replicated
   opt_state: Any  # optimizer state: prompt-shaped leaves only
@@ -32,6 +40,7 @@ class TrainState:
   best: Best = Best()
   stale_evals: int = 0  # evaluations since `best` last improved (early stopping)
   seed: int = 0  # dropout RNG seed
+  last_eval: EvalPoint | None = None  # the latest evaluation of this process (checkpoints record its metrics)
 
   def replace(self, **changes) -> "TrainState":
     return dataclasses.replace(self, **changes)
