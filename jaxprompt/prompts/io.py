@@ -133,7 +133,7 @@ class TrainedPrompt:
 
   def check(self, base, where: str, *, strict: bool = True) -> list[str]:
     """Fits `base`? (kind, hidden size or prefix shape, base identity); PromptError, or warnings (not strict)."""
-    warnings = check_compatible(self.record, getattr(base, "identity", None), base.hidden_size, base.kind, where,
+    warnings = check_compatible(self.record, base.identity, base.hidden_size, base.kind, where,
                                 strict=strict)
     registry.of(self.spec).check(self.value, base, where)
     return warnings
