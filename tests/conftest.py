@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices, a persistent compilation cache, shared tiny models."""
+"""Test setup: 8 simulated CPU devices, a persistent compilation cache, and the fixtures test modules share
+(tiny models built once per session). Shared plain helpers live in helpers.py and helpers_hf.py."""
 
 import atexit
 import os
@@ -38,3 +39,23 @@ def fixtures_dir() -> Path:
   if not FIXTURES.exists():
     pytest.skip(f"real fixtures not found at {FIXTURES} (they live in ../shared/fixtures beside the repo)")
   return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def byte_t5(tmp_path_factory):
+  """A tiny random T5 over ByT5's byte vocabulary, with its tokenizer saved beside it."""
+  from transformers import ByT5Tokenizer
+
+  from tests.helpers_hf import write_t5
+
+  folder = write_t5(tmp_path_factory.mktemp("byte_t5") / "m", "t5v11-gated-untied", vocab_size=384, seed=3)
+  ByT5Tokenizer().save_pretrained(folder)
+  return folder
+
+
+@pytest.fixture(scope="session")
+def byte_llama(tmp_path_factory):
+  """Llama 3 style: grouped-query attention, llama3 RoPE scaling, untied head."""
+  from tests.helpers import write_byte_decoder
+
+  return write_byte_decoder(tmp_path_factory.mktemp("byte_llama") / "m", "llama3-gqa-untied", seed=5)

@@ -1,4 +1,5 @@
-"""Tiny random transformers models written to disk: the references our models are checked against."""
+"""Test helpers (not a test module): tiny random transformers models written to disk, the references our models
+are checked against, and a whitespace-id tokenizer."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
 
   shutil.copytree(src, dst)
   f = hf.SafetensorsFile(dst / "model.safetensors")
-  tensors = {k: np.array(f.get(k)) for k in f.keys()}
+  names = f.keys()  # a list: a SafetensorsFile is no mapping
+  tensors = {k: np.array(f.get(k)) for k in names}
   del f
   edit(tensors)
   hf.save_safetensors(tensors, dst / "model.safetensors")
@@ -121,5 +123,7 @@ class IdTokenizer:
   pad_token_id, eos_token_id, bos_token_id = 0, 2, None
 
   def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
-    ids = lambda t: [int(w) for w in t.split()]  # noqa: E731
+    def ids(t):
+      return [int(w) for w in t.split()]
+
     return {"input_ids": ids(text) if isinstance(text, str) else [ids(t) for t in text]}

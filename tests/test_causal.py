@@ -136,7 +136,8 @@ def test_loop_resume_eval_export_and_generate_with_a_decoder_folder(byte_llama, 
   ev = evaluate(full, tmp_path / "full", step=6, mesh=mesh)
   np.testing.assert_allclose(ev.metrics["accuracy"], summary.best_value)
   recs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-  np.testing.assert_allclose(ev.metrics["eval_loss"], [r for r in recs if r["kind"] == "eval"][-1]["eval_loss"], rtol=1e-6)
+  np.testing.assert_allclose(ev.metrics["eval_loss"], [r for r in recs if r["kind"] == "eval"][-1]["eval_loss"],
+                             rtol=1e-6)
   # exports
   npy = export_prompt(tmp_path / "full", "numpy", tmp_path / "p.npy", step="latest")
   np.testing.assert_array_equal(np.load(npy), a)

@@ -30,7 +30,8 @@ def test_paper_configs_use_the_original_hyperparameters():
     o = cfg.optimizer
     assert (o.name, o.learning_rate, o.decay_rate, o.clipping_threshold, o.weight_decay, o.momentum) == (
         "adafactor", 0.3, 0.8, 1.0, 1e-5, None)
-    assert (cfg.prompt.length, cfg.prompt.init, cfg.train.batch_size, cfg.train.steps) == (100, "class_labels", 32, 30000)
+    assert (cfg.prompt.length, cfg.prompt.init, cfg.train.batch_size, cfg.train.steps) == (100, "class_labels", 32,
+                                                                                           30000)
     assert cfg.train.z_loss == 1e-4 and cfg.model.dropout == 0.1 and cfg.model.compute_dtype == "bfloat16"
     assert cfg.model.path.startswith("google/t5-") and cfg.model.path.endswith("-lm-adapt")
     assert cfg.model.allow_pytorch_bin  # these hub repos ship pytorch_model.bin
@@ -95,7 +96,8 @@ def test_generate_settings_come_from_the_config_section_then_the_flags(tmp_path)
 
   f = tmp_path / "g.yaml"
   f.write_text("generate:\n  method: beam\n  num_beams: 3\n  max_new_tokens: 5\n")
-  parse = lambda *argv: _generate_config(build_parser().parse_args(["generate", *argv]))
+  def parse(*argv):
+    return _generate_config(build_parser().parse_args(["generate", *argv]))
   g = parse("--config", str(f), "--max-new-tokens", "7")
   assert (g.method, g.num_beams, g.max_new_tokens) == ("beam", 3, 7)
   g = parse("--temperature", "0.5")

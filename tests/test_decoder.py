@@ -13,7 +13,7 @@ from jaxprompt import sharding as shd
 from jaxprompt.models import hf
 from jaxprompt.models.decoder import Decoder, DecoderConfig
 from jaxprompt.models.loading import build_model
-from tests.hf_models import DECODER_VARIANTS, load_decoder, write_decoder, rewrite_checkpoint
+from tests.helpers_hf import DECODER_VARIANTS, load_decoder, rewrite_checkpoint, write_decoder
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 
@@ -24,10 +24,10 @@ def decoder_dirs(tmp_path_factory):
   return {v: write_decoder(root / v, v, seed=i) for i, v in enumerate(DECODER_VARIANTS)}
 
 
-def _batch(b=3, l=11, vocab=96, seed=0):
+def _batch(b=3, length=11, vocab=96, seed=0):
   g = torch.Generator().manual_seed(seed)
-  ids = torch.randint(3, vocab, (b, l), generator=g)
-  mask = torch.ones(b, l, dtype=torch.long)
+  ids = torch.randint(3, vocab, (b, length), generator=g)
+  mask = torch.ones(b, length, dtype=torch.long)
   mask[1, 7:] = 0  # right padding
   if b > 2:
     mask[2, :3] = 0  # left padding
@@ -44,7 +44,8 @@ def _visible(mask, window=0):
   return (sees[None] & m[:, None, :]).any(-1)
 
 
-j = lambda t: jnp.asarray(t.numpy())
+def j(t):
+  return jnp.asarray(t.numpy())
 
 
 @pytest.mark.parametrize("variant", list(DECODER_VARIANTS))
@@ -116,7 +117,8 @@ def test_strict_loading_names_the_tensor(decoder_dirs, tmp_path):
   missing = rewrite_checkpoint(src, tmp_path / "missing", lambda t: t.pop(key))
   with pytest.raises(hf.WeightError, match=f"missing tensor '{key}'"):
     jaxprompt.load_model(missing)
-  extra = rewrite_checkpoint(src, tmp_path / "extra", lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}))
+  extra = rewrite_checkpoint(src, tmp_path / "extra",
+                             lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}))
   with pytest.raises(hf.WeightError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"):
     jaxprompt.load_model(extra)
   bad = rewrite_checkpoint(src, tmp_path / "bad", lambda t: t.update({key: np.zeros((32, 32), np.float32)}))
@@ -124,7 +126,8 @@ def test_strict_loading_names_the_tensor(decoder_dirs, tmp_path):
     jaxprompt.load_model(bad)
   # the fused GPT-2 tensor is checked whole
   fused = "transformer.h.0.attn.c_attn.weight"
-  bad2 = rewrite_checkpoint(decoder_dirs["gpt2"], tmp_path / "bad2", lambda t: t.update({fused: np.zeros((32, 64), np.float32)}))
+  bad2 = rewrite_checkpoint(decoder_dirs["gpt2"], tmp_path / "bad2",
+                            lambda t: t.update({fused: np.zeros((32, 64), np.float32)}))
   with pytest.raises(hf.WeightError, match=rf"tensor '{fused}' has shape \(32, 64\), expected \(32, 96\)"):
     jaxprompt.load_model(bad2)
 
@@ -169,7 +172,8 @@ def test_sharded_on_2x4_mesh_matches_single_device(decoder_dirs):
   assert sharded.embed_tokens[...].sharding.spec == P("model", None)
   ids, mask = (j(t) for t in _batch(b=4))
   want = single(ids, mask)
-  put = lambda x: jax.device_put(x, shd.batch_sharding(mesh))
+  def put(x):
+    return jax.device_put(x, shd.batch_sharding(mesh))
   got = jax.jit(lambda i, m: sharded(i, m))(put(ids), put(mask))
   assert got.sharding.spec[0] == "data"
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
@@ -188,8 +192,9 @@ def test_save_pretrained_round_trips_through_transformers(decoder_dirs, tmp_path
   assert DecoderConfig.from_hf(json.loads((out / "config.json").read_text())) == ours.config
   # the tensors come back bit for bit
   src, back = hf.CheckpointReader(decoder_dirs[variant]), hf.CheckpointReader(out)
-  assert sorted(src.keys()) == sorted(back.keys())
-  for k in src.keys():
+  names = src.keys()  # a list: a CheckpointReader is no mapping
+  assert sorted(names) == sorted(back.keys())
+  for k in names:
     np.testing.assert_array_equal(np.asarray(back.get(k)), np.asarray(src.get(k)))
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jaxprompt.cli import EXIT_USER_ERROR, main
-from tests.test_reliability import _write_config
-from tests.test_train import byte_t5  # noqa: F401  (session fixture)
+from jaxprompt.data import encoding
+from tests.helpers import write_config
 
 
 def _err(capsys, argv) -> str:
@@ -23,7 +23,7 @@ def _err(capsys, argv) -> str:
 
 @pytest.fixture
 def cfg(byte_t5, tmp_path):
-  return _write_config(byte_t5, tmp_path / "c.yaml", 2)
+  return write_config(byte_t5, tmp_path / "c.yaml", 2)
 
 
 def test_unknown_key_and_wrong_type(cfg, tmp_path, capsys):
@@ -90,7 +90,8 @@ def test_tokenizer_that_does_not_match_the_model(cfg, tmp_path, capsys, fixtures
 def test_imported_prompt_of_wrong_shape_or_for_another_base(cfg, byte_t5, tmp_path, capsys):
   np.save(tmp_path / "p.npy", np.zeros((7, 32), np.float32))
   base = ["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", "prompt.init=file"]
-  assert "shape (7, 32), expected [P, H] = (4, 32)" in _err(capsys, base + ["--set", f"prompt.init_file={tmp_path}/p.npy"])
+  assert "shape (7, 32), expected [P, H] = (4, 32)" in _err(capsys,
+                                                          base + ["--set", f"prompt.init_file={tmp_path}/p.npy"])
   np.save(tmp_path / "q.npy", np.zeros((4, 32), np.float32))
   (tmp_path / "q.json").write_text(json.dumps({"base_model": {"path": "other", "fingerprint": "0123456789abcdef"}}))
   msg = _err(capsys, base + ["--set", f"prompt.init_file={tmp_path}/q.npy"])
@@ -103,15 +104,15 @@ def test_imported_prompt_of_wrong_shape_or_for_another_base(cfg, byte_t5, tmp_pa
 def test_empty_dataset_and_truncation_warning(cfg, tmp_path, capsys, caplog):
   from transformers import ByT5Tokenizer
 
-  from jaxprompt.data.batches import Seq2SeqBatch
+  from jaxprompt.batches import Seq2SeqBatch
   from jaxprompt.errors import DataError
 
   tok = ByT5Tokenizer()
   with pytest.raises(DataError, match="train: the dataset is empty"):
-    Seq2SeqBatch.encode([], tok, input_length=8, target_length=2, name="train")
+    encoding.encode(Seq2SeqBatch, [], tok, input_length=8, target_length=2, name="train")
   with caplog.at_level(logging.WARNING):
-    out = Seq2SeqBatch.encode([{"inputs": "x" * 20, "targets": "y"}, {"inputs": "ab", "targets": "y" * 9}], tok,
-                              input_length=8, target_length=4, name="dev")
+    out = encoding.encode(Seq2SeqBatch, [{"inputs": "x" * 20, "targets": "y"}, {"inputs": "ab", "targets": "y" * 9}],
+                          tok, input_length=8, target_length=4, name="dev")
   assert "dev: truncated 1 of 2 inputs to 8 tokens and 1 targets to 4 tokens" in caplog.text
   assert out.input_ids[0, -1] == tok.eos_token_id  # EOS kept after trimming, as seqio does
 
@@ -167,8 +168,9 @@ def test_malformed_adapter_json_is_one_line(cfg, tmp_path, capsys):
 
   save_file({"prompt_embeddings": np.zeros((4, 32), np.float32)}, bad / "adapter_model.safetensors")
   (bad / "adapter_config.json").write_text("{not json")
-  init = lambda f: _err(capsys, ["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", "prompt.init=file",
-                                 "--set", f"prompt.init_file={f}"])
+  def init(f):
+    return _err(capsys, ["train", str(cfg), "--workdir", str(tmp_path / "w"), "--set", "prompt.init=file",
+                         "--set", f"prompt.init_file={f}"])
   assert "adapter_config.json: invalid JSON" in init(bad)
   (bad / "adapter_config.json").write_text("[1, 2]")
   assert "adapter_config.json: expected a JSON object, got list" in init(bad)

@@ -17,7 +17,7 @@ from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_trained_prompt, read_prompt_file
 from jaxprompt.run import build_run
 from jaxprompt.training.trainer import train
-from tests.test_train import byte_t5, small_cfg  # noqa: F401  (session fixture)
+from tests.helpers import small_cfg
 
 TOL = 1e-4
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import jaxprompt
-from jaxprompt.inference import decoding as gen
 from jaxprompt import sharding as shd
+from jaxprompt.inference import decoding as gen
 from jaxprompt.inference import generate
-from tests.hf_models import load_decoder, load_t5, write_decoder, write_t5
+from tests.helpers_hf import load_decoder, load_t5, write_decoder, write_t5
 
 T_NEW = 8
 
@@ -34,10 +34,10 @@ def models(gen_dirs):
   return {k: jaxprompt.load_model(v) for k, v in gen_dirs.items()}
 
 
-def _prefix(kind, b=3, l=7, vocab=96, seed=0):
+def _prefix(kind, b=3, length=7, vocab=96, seed=0):
   g = torch.Generator().manual_seed(seed)
-  ids = torch.randint(3, vocab, (b, l), generator=g)
-  mask = torch.ones(b, l, dtype=torch.long)
+  ids = torch.randint(3, vocab, (b, length), generator=g)
+  mask = torch.ones(b, length, dtype=torch.long)
   mask[1, :2] = 0  # left padding (decoders need it; T5 takes any)
   mask[2, :4] = 0
   if kind == "t5":
@@ -45,14 +45,15 @@ def _prefix(kind, b=3, l=7, vocab=96, seed=0):
   return ids, mask
 
 
-j = lambda t: jnp.asarray(t.numpy())
+def j(t):
+  return jnp.asarray(t.numpy())
 
 
 def _uncached_greedy(model, ids, mask, steps):
   """Recompute the whole sequence every step, no cache: the reference for cached decoding. The sequence
   lives in a fixed-size buffer (later slots are causally invisible), so one compiled forward serves all steps."""
   ids, mask = np.asarray(ids), np.asarray(mask)
-  b, l = ids.shape
+  b, length = ids.shape
   if model.kind == "seq2seq":
     fwd = jax.jit(lambda dec: model(jnp.asarray(ids), jnp.asarray(mask), decoder_input_ids=dec))
     dec = np.zeros((b, steps), np.int32)  # decoder_start_token_id, then the generated tokens
@@ -66,8 +67,8 @@ def _uncached_greedy(model, ids, mask, steps):
   fwd = jax.jit(lambda seq: model(seq, jnp.asarray(m), positions=jnp.asarray(pos)))
   seq = np.concatenate([ids, np.zeros((b, steps), ids.dtype)], axis=1)
   for t in range(steps):
-    seq[:, l + t] = np.asarray(fwd(jnp.asarray(seq)))[:, l + t - 1].argmax(-1)
-  return seq[:, l:]
+    seq[:, length + t] = np.asarray(fwd(jnp.asarray(seq)))[:, length + t - 1].argmax(-1)
+  return seq[:, length:]
 
 
 @pytest.mark.parametrize("name", ["llama", "t5"])
@@ -171,7 +172,7 @@ def test_beam_search_finds_the_best_sequence_by_enumeration(models, name):
   full = np.array(list(itertools.product(range(v), repeat=steps)), np.int32)
   cum = _prefix_logps(m, ids, mask, full)
   table = {}
-  for seq, c in zip(full.tolist(), cum):
+  for seq, c in zip(full.tolist(), cum, strict=True):
     for n in range(1, steps + 1):
       if eos not in seq[:n - 1] and (n == steps or seq[n - 1] == eos):
         table[tuple(seq[:n])] = c[n - 1] / ((5 + n) / 6) ** alpha
@@ -186,7 +187,7 @@ def test_beam_search_finds_the_best_sequence_by_enumeration(models, name):
   # returned beams are sorted and scored as enumeration scores them
   beam_scores = np.asarray(out["beam_scores"])[0]
   assert (np.diff(beam_scores) <= 0).all()
-  for seq, score in zip(np.asarray(out["beams"])[0], beam_scores):
+  for seq, score in zip(np.asarray(out["beams"])[0], beam_scores, strict=True):
     n = next((i + 1 for i, t in enumerate(seq) if t == eos), steps)
     np.testing.assert_allclose(score, table[tuple(seq[:n].tolist())], rtol=1e-5)
   # a narrow beam (the default 4) returns a real sequence with its true score
@@ -210,7 +211,8 @@ def test_top_k_1_sampling_equals_greedy(models, name):
 
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
-  draw = lambda **kw: np.asarray(gen._filter_and_sample(logits, 1.0, rng=jax.random.key(0), **kw))
+  def draw(**kw):
+    return np.asarray(gen._filter_and_sample(logits, 1.0, rng=jax.random.key(0), **kw))
   assert set(draw(top_k=2, top_p=1.0)) == {0, 1}
   assert set(draw(top_k=0, top_p=0.8)) == {0, 1}  # 0.5 + 0.3 reaches 0.8
   assert set(draw(top_k=0, top_p=0.81)) == {0, 1, 2}
@@ -224,8 +226,9 @@ def test_sampling_filters():
 def test_sampling_is_reproducible_and_rng_dependent(models):
   m = models["llama"]
   ids, mask = _prefix("llama")
-  run = lambda seed: np.asarray(generate(m, input_ids=j(ids), attention_mask=j(mask), max_new_tokens=T_NEW,
-                                         method="sample", temperature=1.5, rng=jax.random.key(seed))["tokens"])
+  def run(seed):
+    return np.asarray(generate(m, input_ids=j(ids), attention_mask=j(mask), max_new_tokens=T_NEW,
+                               method="sample", temperature=1.5, rng=jax.random.key(seed))["tokens"])
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0), run(1))
 
@@ -253,7 +256,8 @@ def test_sharded_generation_matches_single_device(gen_dirs, models):
   mesh = shd.make_mesh(data=2, model=4)
   sharded = jaxprompt.load_model(gen_dirs["llama"], mesh=mesh)
   ids, mask = _prefix("llama", b=4)
-  put = lambda x: jax.device_put(j(x), shd.batch_sharding(mesh))
+  def put(x):
+    return jax.device_put(j(x), shd.batch_sharding(mesh))
   for method in ("greedy", "beam"):
     want = generate(models["llama"], input_ids=j(ids), attention_mask=j(mask), max_new_tokens=6, method=method)
     got = generate(sharded, input_ids=put(ids), attention_mask=put(mask), max_new_tokens=6, method=method)

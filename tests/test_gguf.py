@@ -72,7 +72,8 @@ def reference(gguf_path):
 
 def test_config_and_layout(gguf_path, ours):
   c = ours.config
-  assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (64, 5, 8, 4, 8)
+  assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (64, 5, 8,
+                                                                                                            4, 8)
   assert (c.intermediate_size, c.vocab_size, c.rope_theta, c.bos_token_id, c.eos_token_id) == (172, 512, 10000.0, 1, 2)
   assert c.pad_token_id is None  # stored as 0xFFFFFFFF, i.e. none
   assert abs(c.norm_eps - 1e-5) < 1e-10

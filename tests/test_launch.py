@@ -8,6 +8,7 @@ argument full of shell syntax must reach the stub byte for byte, through the loc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -135,10 +136,8 @@ def sandbox(tmp_path):
   # Stop any detached stub this test started (by the pid it recorded).
   if box.stub_out.exists():
     for rec in _records(box.stub_out):
-      try:
+      with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(rec["pid"], 15)
-      except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _records(path: Path) -> list[dict]:
@@ -194,13 +193,13 @@ def test_tpu_dry_run_prints_parseable_gcloud_commands(tmp_path):
               "--git", "https://github.com/example/jaxprompt.git", "--ref", "v1.0", "--dry-run", "--", *AWKWARD)
   lines = p.stdout.splitlines()
   assert len(lines) == 3, p.stdout  # create, setup, train: one command per line
-  assert all(not l.startswith("#") for l in lines)  # notes go to stderr
+  assert all(not line.startswith("#") for line in lines)  # notes go to stderr
   for line in lines:
     argv = shlex.split(line)
     assert argv[:3] == ["gcloud", "compute", "tpus"]
     assert "--zone=us-central2-b" in argv and "--project=my proj" in argv
     assert subprocess.run(["bash", "-n", "-c", line]).returncode == 0
-  create, setup, train = (shlex.split(l) for l in lines)
+  create, setup, train = (shlex.split(line) for line in lines)
   assert create[3:6] == ["tpu-vm", "create", "my-pod"]
   assert {"--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--spot"} <= set(create)
   for argv, line in ((setup, lines[1]), (train, lines[2])):
@@ -213,18 +212,21 @@ def test_tpu_dry_run_prints_parseable_gcloud_commands(tmp_path):
 
 
 def test_tpu_queued_resource_and_other_subcommands():
-  run = lambda *a: _launch(TPU, *a, "--dry-run").stdout.splitlines()  # noqa: E731
-  (create,) = (shlex.split(l) for l in run("create", *POD, "--accelerator-type", "v5litepod-16", "--queued", "--spot"))
+  def run(*a):
+    return _launch(TPU, *a, "--dry-run").stdout.splitlines()
+
+  (create,) = (shlex.split(line)
+               for line in run("create", *POD, "--accelerator-type", "v5litepod-16", "--queued", "--spot"))
   assert create[3:6] == ["queued-resources", "create", "my-pod"]
   assert {"--node-id=my-pod", "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite",
           "--spot"} <= set(create)
-  (wait,) = (shlex.split(l) for l in run("wait", *POD, "--queued"))
+  (wait,) = (shlex.split(line) for line in run("wait", *POD, "--queued"))
   assert wait[3:6] == ["queued-resources", "describe", "my-pod"] and "--format=value(state.state)" in wait
-  (delete,) = (shlex.split(l) for l in run("delete", *POD, "--queued", "--yes"))
+  (delete,) = (shlex.split(line) for line in run("delete", *POD, "--queued", "--yes"))
   assert delete[3:6] == ["queued-resources", "delete", "my-pod"] and {"--force", "--quiet"} <= set(delete)
-  (delete,) = (shlex.split(l) for l in run("delete", *POD))
+  (delete,) = (shlex.split(line) for line in run("delete", *POD))
   assert delete[3:6] == ["tpu-vm", "delete", "my-pod"] and "--quiet" not in delete  # gcloud asks first
-  mkdir, scp = (shlex.split(l) for l in run("fetch-logs", *POD, "--dest", "out/logs"))
+  mkdir, scp = (shlex.split(line) for line in run("fetch-logs", *POD, "--dest", "out/logs"))
   assert mkdir == ["mkdir", "-p", "out/logs"]
   assert scp[3:8] == ["tpu-vm", "scp", "my-pod:jaxprompt-logs/*", "out/logs/", "--worker=all"]
   for sub, extra in (("logs", []), ("logs", ["--follow", "--worker", "0"]), ("stop", [])):
@@ -360,19 +362,19 @@ def test_slurm_dry_run_script_and_command(tmp_path):
   assert subprocess.run(["bash", "-n", "-c", p.stdout]).returncode == 0
   head, script, tail = _split_heredoc(p.stdout)
   assert shlex.split(head)[:3] == ["cat", ">", "rte base.sbatch"]
-  assert [shlex.split(l) for l in tail] == [["sbatch", "rte base.sbatch"]]
+  assert [shlex.split(line) for line in tail] == [["sbatch", "rte base.sbatch"]]
   (tmp_path / "job.sbatch").write_text(script)
   assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
   lines = script.splitlines()
   assert lines[0] == "#!/bin/bash"
-  directives = [l.split(" ", 1)[1] for l in lines if l.startswith("#SBATCH ")]
+  directives = [line.split(" ", 1)[1] for line in lines if line.startswith("#SBATCH ")]
   assert {"--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--time=12:00:00",
           "--cpus-per-task=32", "--job-name=rte base", "--signal=TERM@120"} <= set(directives)
   # sbatch stops reading directives at the first command: all of them come first.
-  first_cmd = next(i for i, l in enumerate(lines) if l and not l.startswith("#"))
-  assert all(i < first_cmd for i, l in enumerate(lines) if l.startswith("#SBATCH"))
+  first_cmd = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+  assert all(i < first_cmd for i, line in enumerate(lines) if line.startswith("#SBATCH"))
   assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in lines and "export JAXPROMPT_DISTRIBUTED=auto" in lines
-  (srun_line,) = [l for l in lines if l.startswith("srun ")]
+  (srun_line,) = [line for line in lines if line.startswith("srun ")]
   srun = shlex.split(srun_line)
   assert "--cpus-per-task=32" in srun and "--nodes=2" in srun
   assert srun[srun.index("jaxprompt"):][:2 + len(AWKWARD)] == ["jaxprompt", "train", *AWKWARD]

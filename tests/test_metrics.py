@@ -68,7 +68,8 @@ def test_classification_metrics_by_name(preds):
                                "macro_f1": skm.f1_score(g, p, labels=[0, 1, 2], average="macro")})
   # STS-B: correlations of the label strings' values; an invalid prediction is -1.0 (T5's string_to_float)
   gs, ps = np.array([0, 5, 10, 25, 13]), np.array([1, 5, -1, 24, 12])
-  vals = lambda idx: np.array([float(STSB_LABELS[i]) if i >= 0 else -1.0 for i in idx])
+  def vals(idx):
+    return np.array([float(STSB_LABELS[i]) if i >= 0 else -1.0 for i in idx])
   got = M.classification_metrics(["pearson", "spearman"], gs, ps, STSB_LABELS)
   assert got["pearson"] == pytest.approx(scipy.stats.pearsonr(vals(gs), vals(ps))[0])
   assert got["spearman"] == pytest.approx(scipy.stats.spearmanr(vals(gs), vals(ps))[0])

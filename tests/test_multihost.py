@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from jaxprompt.prompts.io import load_trained_prompt
-from tests.test_reliability import _write_config
-from tests.test_train import byte_t5  # noqa: F401  (session fixture)
+from tests.helpers import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +48,7 @@ def test_two_processes_preempted_on_one_host_resume_and_equal_one_process_and_on
   # SGD: Adafactor's first steps divide by a freshly estimated second moment and so amplify float32
   # reduction-order differences (all-reduce over gloo vs in-process vs none) to ~2e-6; SGD keeps them at
   # rounding level, so this checks the distributed machinery itself at 1e-6.
-  config = _write_config(byte_t5, tmp_path / "c.yaml", steps, **{
+  config = write_config(byte_t5, tmp_path / "c.yaml", steps, **{
       "mesh.data": -1, "train.batch_size": 16, "train.log_every": 1, "checkpoint.every": 1000,
       "eval.at_end": True, "eval.max_examples": 24, "eval.batch_size": 8,
       "optimizer.name": "sgd", "optimizer.learning_rate": 30.0})
@@ -73,7 +72,7 @@ def test_two_processes_preempted_on_one_host_resume_and_equal_one_process_and_on
   assert len(saved) == 1 and 3 <= saved[0] < steps  # one checkpoint, written by both hosts at the agreed step
   stopped = load_trained_prompt(work / "checkpoints" / str(saved[0]))[0]
   outs = [_ok(p) for p in launch()]
-  json_lines = [[l for l in o.splitlines() if l.startswith("{")] for o in outs]
+  json_lines = [[line for line in o.splitlines() if line.startswith("{")] for o in outs]
   assert len(json_lines[0]) == 1 and json_lines[1] == []  # only process 0 reports
   _ok(_run(config, tmp_path / "eight", 8))
   _ok(_run(config, tmp_path / "one", 1))

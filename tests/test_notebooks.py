@@ -59,7 +59,7 @@ def test_colab_badge_and_owner_placeholder(name):
   first = nb.cells[0]
   assert first.cell_type == "markdown" and url in first.source and "colab-badge.svg" in first.source, \
       f"{name}: the first cell needs the Open-in-Colab badge linking to {url}"
-  assert any(f"git+https://github.com/{{OWNER}}/jaxprompt" in src for src in _code(nb)), \
+  assert any("git+https://github.com/{OWNER}/jaxprompt" in src for src in _code(nb)), \
       f"{name}: the install cell must pip-install jaxprompt from the OWNER's repository"
 
 

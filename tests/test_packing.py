@@ -12,20 +12,19 @@ from flax import nnx
 
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
-from jaxprompt.data.batches import PackedSeq2SeqBatch, Seq2SeqBatch, pack_bins, pack_seq2seq
+from jaxprompt.batches import PackedSeq2SeqBatch, Seq2SeqBatch, pack_bins, pack_seq2seq
+from jaxprompt.checkpoint import Checkpointer
+from jaxprompt.data import encoding
 from jaxprompt.data.pipeline import BatchStream, Packing
+from jaxprompt.losses import cross_entropy
 from jaxprompt.models import load_model
 from jaxprompt.models.cpu import auto_microbatches
 from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
 from jaxprompt.prompts.encoders import PTuning
 from jaxprompt.run import build_run
-from jaxprompt.checkpoint import Checkpointer
-from jaxprompt.losses import cross_entropy
 from jaxprompt.training.step import packed_rows
-from tests.hf_models import IdTokenizer, write_t5
-from tests.test_buckets import EXAMPLES
-from tests.test_causal import byte_llama, tiny_cfg  # noqa: F401  (session fixture)
-from tests.test_train import byte_t5, train_interrupted  # noqa: F401  (session fixture)
+from tests.helpers import BUCKET_EXAMPLES, tiny_cfg, train_interrupted
+from tests.helpers_hf import IdTokenizer, write_t5
 
 P = 3
 
@@ -53,7 +52,7 @@ def _prompt(kind, hidden):
 @pytest.mark.parametrize("kind", ["one", "bank", "p_tuning"])
 def test_packed_rows_give_every_example_its_unpacked_loss_and_gradient(t5, kind):
   model = PromptedModel(t5, _prompt(kind, t5.hidden_size))
-  full = Seq2SeqBatch.encode(EXAMPLES, IdTokenizer(), input_length=32, target_length=3, name="t")
+  full = encoding.encode(Seq2SeqBatch, BUCKET_EXAMPLES, IdTokenizer(), input_length=32, target_length=3, name="t")
   if kind == "bank":
     full = full.with_task_ids(np.arange(8) % 2)
   bins = pack_bins([P + int(n) for n in full.input_lengths()], 14)
@@ -61,18 +60,20 @@ def test_packed_rows_give_every_example_its_unpacked_loss_and_gradient(t5, kind)
   packed = pack_seq2seq(full, bins, P, 5, 14, 8, t5.config.decoder_start_token_id)  # a fifth row of padding
   assert isinstance(packed, PackedSeq2SeqBatch) and int(packed.num_examples) == 8
 
-  loss = lambda b: lambda m: _sums(m, b).loss
+  def loss(b):
+    return lambda m: _sums(m, b).loss
   for field in ("loss", "ce", "z_loss", "correct", "tokens", "seq_correct"):
     np.testing.assert_allclose(getattr(_sums(model, packed), field), getattr(_sums(model, full), field), rtol=1e-5)
-  grad = lambda b: nnx.grad(loss(b), argnums=nnx.DiffState(0, PromptParam))(model)
+  def grad(b):
+    return nnx.grad(loss(b), argnums=nnx.DiffState(0, PromptParam))(model)
   grads = [jax.tree.leaves(nnx.state(grad(b), PromptParam)) for b in (full, packed)]
   assert grads[0] and len(grads[0]) == len(grads[1])
-  for a, b in zip(*grads):
+  for a, b in zip(*grads, strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()))
 
 
 def test_packed_layout_prompt_slots_decoder_inputs_and_padding_rows():
-  full = Seq2SeqBatch.encode(EXAMPLES[:3], IdTokenizer(), input_length=32, target_length=3, name="t")
+  full = encoding.encode(Seq2SeqBatch, BUCKET_EXAMPLES[:3], IdTokenizer(), input_length=32, target_length=3, name="t")
   full = full.with_task_ids([0, 1, 1])
   lens, tl = full.input_lengths(), np.asarray(full.target_mask).sum(1)  # inputs 5, 1, 0 tokens
   p = pack_seq2seq(full, [[0, 2], [1]], P, 3, 16, 8, start_id=0)
@@ -119,7 +120,7 @@ def test_packed_rows_split_over_devices_and_microbatches():
 
 
 def test_every_host_packs_its_share_into_one_shape_in_the_unpacked_order():
-  rows = Seq2SeqBatch.encode(EXAMPLES, IdTokenizer(), input_length=32, target_length=3, name="t")
+  rows = encoding.encode(Seq2SeqBatch, BUCKET_EXAMPLES, IdTokenizer(), input_length=32, target_length=3, name="t")
   packing = Packing(P, 0)
   plain = BatchStream(rows, 8, seed=1, buckets=(8, 32))
   hosts = [BatchStream(rows, 8, seed=1, buckets=(8, 32), process_index=i, process_count=2, packing=packing)
@@ -157,8 +158,9 @@ def test_packed_training_equals_unpacked_and_resumes_exactly(byte_t5, tmp_path):
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   over = {"data.input_length": 32, "model.dropout": 0.0}  # digits: 1-11 bytes, 2-4 examples per 36-slot row
   train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path, mesh)
-  final = lambda w, s=6: Checkpointer.reader(w / "checkpoints").restore_prompt(s)[0]
-  for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "split"))):
+  def final(w, s=6):
+    return Checkpointer.reader(w / "checkpoints").restore_prompt(s)[0]
+  for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "split")), strict=True):
     np.testing.assert_array_equal(x, y)
   recs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
   train_recs = [r for r in recs if r["kind"] == "train"]
@@ -169,8 +171,8 @@ def test_packed_training_equals_unpacked_and_resumes_exactly(byte_t5, tmp_path):
   plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
   plain = [r for r in plain if r["kind"] == "train"]
   assert all(r["rows"] == 8 for r in plain)
-  for a, b in zip(train_recs, plain):  # the same examples, the same losses
+  for a, b in zip(train_recs, plain, strict=True):  # the same examples, the same losses
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["seq_accuracy"] == b["seq_accuracy"]
     assert a["pad_fraction"] < b["pad_fraction"]
-  for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "plain"))):
+  for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "plain")), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

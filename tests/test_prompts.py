@@ -32,7 +32,7 @@ def test_sampled_vocab_rows_come_from_the_first_n_rows(table):
   x = np.asarray(PI.sampled_vocab(jax.random.key(2), table, 10, population=20))
   t = np.asarray(table)
   idx = [int(np.argmin(np.abs(t - row).sum(-1))) for row in x]
-  for row, i in zip(x, idx):
+  for row, i in zip(x, idx, strict=True):
     np.testing.assert_array_equal(row, t[i])
   assert max(idx) < 20 and len(set(idx)) == 10  # without replacement while possible
 
@@ -85,7 +85,7 @@ def test_prepend_extends_mask_with_ones():
 def test_mixed_prompt_batch_equals_each_prompt_alone(tmp_path_factory):
   """A prompt bank [K, P, H]: every example picks its prompt by id inside one jitted call."""
   from jaxprompt.models import load_model
-  from tests.hf_models import write_t5
+  from tests.helpers_hf import write_t5
 
   folder = write_t5(tmp_path_factory.mktemp("mixed") / "m", "t5v11-gated-untied", seed=5)
   base = load_model(folder)

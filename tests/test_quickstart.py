@@ -67,7 +67,7 @@ def test_the_prompt_is_what_solves_the_taskless_task(quickstart_run, monkeypatch
   prefixed = C.load(ROOT / "configs/quickstart.yaml", ["prompt.length=0", "data.taskless=false"])
   run_p, _ = build_run(prefixed, mesh=mesh, with_train_data=False)
   with_prefix, _ = evaluator_for(run_p)(run_p.prompt)
-  print(f"quickstart dev accuracy: tuned prompt {tuned.metrics['accuracy']:.3f}, no prompt {no_prompt['accuracy']:.3f}, "
-        f"text prefix {with_prefix['accuracy']:.3f}")
+  print(f"quickstart dev accuracy: tuned prompt {tuned.metrics['accuracy']:.3f}, "
+        f"no prompt {no_prompt['accuracy']:.3f}, text prefix {with_prefix['accuracy']:.3f}")
   assert tuned.metrics["accuracy"] >= 0.9 and with_prefix["accuracy"] >= 0.9
   assert no_prompt["accuracy"] < 0.6

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxprompt import config as C
-from jaxprompt.prompts.io import load_trained_prompt
 from jaxprompt.checkpoint import Checkpointer
+from jaxprompt.prompts.io import load_trained_prompt
 from jaxprompt.training.trainer import EXIT_PREEMPTED
-from tests.test_train import byte_t5  # noqa: F401  (session fixture)
+from tests.helpers import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,26 +35,6 @@ ck.Checkpointer.save = save
 from jaxprompt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def _write_config(folder, path: Path, steps: int, **extra) -> Path:
-  raw = {
-      "model": {"path": str(folder), "dropout": 0.1},
-      "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
-      "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
-      "train": {"steps": steps, "batch_size": 8, "log_every": 5, "plot": False},
-      "eval": {"every": 0, "at_end": False},
-      "checkpoint": {"every": 5, "keep": 2, "async_save": True},
-      "mesh": {"data": 1},
-  }
-  for k, v in extra.items():
-    sec, key = k.split(".")
-    raw.setdefault(sec, {})[key] = v
-  C.from_dict(raw)  # validate
-  import yaml
-
-  path.write_text(yaml.safe_dump(raw))
-  return path
 
 
 def _env(**extra):
@@ -79,7 +58,7 @@ def _final_prompt(workdir: Path, step: int) -> np.ndarray:
 @pytest.mark.slow
 def test_sigkill_at_random_points_and_during_checkpoint_writes(byte_t5, tmp_path):
   steps = 40
-  config = _write_config(byte_t5, tmp_path / "c.yaml", steps)
+  config = write_config(byte_t5, tmp_path / "c.yaml", steps)
   ref = _start(config, tmp_path / "ref")
   assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
   want = _final_prompt(tmp_path / "ref", steps)
@@ -119,7 +98,7 @@ def test_sigkill_at_random_points_and_during_checkpoint_writes(byte_t5, tmp_path
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(byte_t5, tmp_path):
   steps = 200
-  config = _write_config(byte_t5, tmp_path / "c.yaml", steps)
+  config = write_config(byte_t5, tmp_path / "c.yaml", steps)
   p = _start(config, tmp_path / "run")
   metrics = tmp_path / "run" / "metrics.jsonl"
   deadline = time.time() + 240
@@ -141,7 +120,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(byte_t5, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(byte_t5, tmp_path):
-  config = _write_config(byte_t5, tmp_path / "c.yaml", 30)
+  config = write_config(byte_t5, tmp_path / "c.yaml", 30)
   p = subprocess.run([sys.executable, "-m", "jaxprompt.cli", "train", str(config), "--workdir", str(tmp_path / "r"),
                       "--no-progress", "--set", "optimizer.learning_rate=.nan"], cwd=ROOT, env=_env(),
                      capture_output=True, text=True, timeout=300)
@@ -152,7 +131,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
                          str(tmp_path / "s"), "--no-progress", "--set", "optimizer.learning_rate=.nan", "--set",
                          "train.nan_policy=skip"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert skip.returncode == 0, skip.stderr[-2000:]
-  recs = [json.loads(l) for l in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+  recs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
   assert sum(r["skipped_steps"] for r in recs) == 30  # every update was non-finite and none was applied
   value, _ = load_trained_prompt(tmp_path / "s" / "checkpoints" / "30")
   assert np.isfinite(value).all()

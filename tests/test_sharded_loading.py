@@ -93,12 +93,13 @@ def test_each_host_holds_only_its_shards(tmp_path):
   for p in procs:
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-    results.append(json.loads([l for l in out.splitlines() if l.startswith("{")][-1]))
+    results.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
   single = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "big"), "single"], env=env,
                           capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
-  one = json.loads([l for l in single.stdout.splitlines() if l.startswith("{")][-1])
-  mb = lambda b: f"{b / 2**20:.0f} MB"
+  one = json.loads([line for line in single.stdout.splitlines() if line.startswith("{")][-1])
+  def mb(b):
+    return f"{b / 2**20:.0f} MB"
   print(f"model {mb(size)}; 2 hosts x 4 devices (fsdp=8): each host holds {mb(results[0]['local_shard_bytes'])}, "
         f"peak anonymous memory +{mb(results[0]['peak_anon_increase'])} / +{mb(results[1]['peak_anon_increase'])} "
         f"({results[0]['seconds']:.1f} s); unsharded single host: +{mb(one['peak_anon_increase'])}")

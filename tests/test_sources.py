@@ -12,14 +12,14 @@ import pytest
 
 from jaxprompt import config as C
 from jaxprompt.data import sources
-from jaxprompt.errors import DataError
 from jaxprompt.data.sources import load_split
 from jaxprompt.data.tasks import custom_task, get_task
+from jaxprompt.errors import DataError
 
 
 def _cb_rows(fixtures_dir, n=None):
   lines = (fixtures_dir / "data/superglue/cb/val.jsonl").read_text(encoding="utf-8").splitlines()
-  return [json.loads(l) for l in lines[:n]]
+  return [json.loads(line) for line in lines[:n]]
 
 
 def _write_jsonl(path, rows):
@@ -101,9 +101,9 @@ def test_original_superglue_layouts_match_tfds_rows(tmp_path):
   multirc_raw = {"idx": 4, "passage": {"text": "<b>Sent 1: </b>Bo ran.<br>", "questions": [
       {"idx": 9, "question": "Who ran?", "answers": [{"idx": 0, "text": "Bo", "label": 1},
                                                      {"idx": 1, "text": "Al", "label": 0}]}]}}
-  multirc_flat = [{"paragraph": "<b>Sent 1: </b>Bo ran.<br>", "question": "Who ran?", "answer": a, "label": l,
+  multirc_flat = [{"paragraph": "<b>Sent 1: </b>Bo ran.<br>", "question": "Who ran?", "answer": a, "label": label,
                    "idx": {"paragraph": 4, "question": 9, "answer": i}}
-                  for i, (a, l) in enumerate([("Bo", 1), ("Al", 0)])]
+                  for i, (a, label) in enumerate([("Bo", 1), ("Al", 0)])]
   text = "Bo met Al.\n@highlight\nAl left"
   record_raw = {"idx": 2, "passage": {"text": text, "entities": [{"start": 7, "end": 8}, {"start": 0, "end": 1},
                                                                   {"start": 22, "end": 23}]},

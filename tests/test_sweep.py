@@ -8,8 +8,7 @@ from jaxprompt import run as R
 from jaxprompt.cli import main
 from jaxprompt.errors import ConfigError
 from jaxprompt.tools.sweep import parse_grid, variant_name, variants
-from tests.test_causal import tiny_cfg  # noqa: F401
-from tests.test_train import byte_t5  # noqa: F401  (session fixture)
+from tests.helpers import tiny_cfg
 
 
 def test_grid_parsing_and_variant_names():

@@ -12,7 +12,7 @@ import torch
 import jaxprompt
 from jaxprompt import sharding as shd
 from jaxprompt.models import hf
-from tests.hf_models import T5_VARIANTS, load_t5, write_t5, rewrite_checkpoint
+from tests.helpers_hf import T5_VARIANTS, load_t5, rewrite_checkpoint, write_t5
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 
@@ -23,10 +23,10 @@ def t5_dirs(tmp_path_factory):
   return {v: write_t5(root / v, v, seed=i) for i, v in enumerate(T5_VARIANTS)}
 
 
-def _batch(vocab, b=3, l=11, t=6, seed=0):
+def _batch(vocab, b=3, length=11, t=6, seed=0):
   g = torch.Generator().manual_seed(seed)
-  ids = torch.randint(2, vocab, (b, l), generator=g)
-  mask = torch.ones(b, l, dtype=torch.long)
+  ids = torch.randint(2, vocab, (b, length), generator=g)
+  mask = torch.ones(b, length, dtype=torch.long)
   mask[1, 7:] = 0  # right padding
   mask[2, :3] = 0  # left padding (T5 has relative positions; both work)
   dec = torch.randint(2, vocab, (b, t), generator=g)
@@ -46,7 +46,8 @@ def test_logits_match_transformers(t5_dirs, variant):
     embeds = ref_model.shared(ids) * 1.0
     ref_e = ref_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec,
                       decoder_attention_mask=dec_mask).logits
-  j = lambda t: jnp.asarray(t.numpy())
+  def j(t):
+    return jnp.asarray(t.numpy())
   got = ours(input_ids=j(ids), attention_mask=j(mask), decoder_input_ids=j(dec), decoder_attention_mask=j(dec_mask))
   assert got.shape == tuple(ref.shape) and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), ref.numpy(), atol=TOL, rtol=TOL)
@@ -59,13 +60,16 @@ def test_logits_match_transformers(t5_dirs, variant):
 
 def test_config_variants_are_read_from_config(t5_dirs):
   relu = jaxprompt.load_model(t5_dirs["t5-relu-tied"]).config
-  assert (relu.is_gated, relu.act_name, relu.tie_word_embeddings, relu.scale_decoder_outputs) == (False, "relu", True, True)
+  assert (relu.is_gated, relu.act_name, relu.tie_word_embeddings, relu.scale_decoder_outputs) == (False, "relu", True,
+                                                                                                  True)
   v11 = jaxprompt.load_model(t5_dirs["t5v11-gated-untied"])
   assert (v11.config.is_gated, v11.config.act_name, v11.config.tie_word_embeddings) == (True, "gelu_new", False)
   assert v11.config.scale_decoder_outputs is False and hasattr(v11, "lm_head")
   deep = jaxprompt.load_model(t5_dirs["deep-enc-gated-silu"])
-  assert deep.encoder.layers.self_attn.q.shape == (3, 32, 4, 5) and deep.decoder.layers.self_attn.q.shape == (1, 32, 4, 5)
-  assert deep.identity.fingerprint == hf.config_fingerprint(json.loads((t5_dirs["deep-enc-gated-silu"] / "config.json").read_text()))
+  assert deep.encoder.layers.self_attn.q.shape == (3, 32, 4, 5)
+  assert deep.decoder.layers.self_attn.q.shape == (1, 32, 4, 5)
+  deep_config = json.loads((t5_dirs["deep-enc-gated-silu"] / "config.json").read_text())
+  assert deep.identity.fingerprint == hf.config_fingerprint(deep_config)
 
 
 def test_dropout_is_active_only_with_an_rng(t5_dirs):
@@ -85,8 +89,8 @@ def test_sharded_index_folder_loads(t5_dirs, tmp_path):
   assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
   a = jaxprompt.load_model(t5_dirs["t5v11-gated-untied"])
   b = jaxprompt.load_model(tmp_path / "sharded")
-  for (pa, va), (pb, vb) in zip(jax.tree.leaves_with_path(jax.tree.map(np.asarray, jax.tree.leaves(a))),
-                                jax.tree.leaves_with_path(jax.tree.map(np.asarray, jax.tree.leaves(b)))):
+  for (_pa, va), (_pb, vb) in zip(jax.tree.leaves_with_path(jax.tree.map(np.asarray, jax.tree.leaves(a))),
+                                jax.tree.leaves_with_path(jax.tree.map(np.asarray, jax.tree.leaves(b))), strict=True):
     np.testing.assert_array_equal(va, vb)
 
 
@@ -96,7 +100,9 @@ def test_strict_loading_names_the_tensor(t5_dirs, tmp_path):
   missing = rewrite_checkpoint(src, tmp_path / "missing", lambda t: t.pop(key))
   with pytest.raises(hf.WeightError, match=f"missing tensor '{key}'"):
     jaxprompt.load_model(missing)
-  extra = rewrite_checkpoint(src, tmp_path / "extra", lambda t: t.update({"encoder.block.0.layer.0.SelfAttention.q.bias": np.zeros(32, np.float32)}))
+  extra = rewrite_checkpoint(
+      src, tmp_path / "extra",
+      lambda t: t.update({"encoder.block.0.layer.0.SelfAttention.q.bias": np.zeros(32, np.float32)}))
   with pytest.raises(hf.WeightError, match="unexpected tensor 'encoder.block.0.layer.0.SelfAttention.q.bias'"):
     jaxprompt.load_model(extra)
   bad = rewrite_checkpoint(src, tmp_path / "bad", lambda t: t.update({key: np.zeros((47, 32), np.float32)}))
@@ -109,7 +115,8 @@ def test_pytorch_bin_needs_explicit_opt_in(t5_dirs, tmp_path):
   folder = tmp_path / "bin"
   folder.mkdir()
   shutil.copy(t5_dirs["t5-relu-tied"] / "config.json", folder)
-  sd = {k: v for k, v in ref.state_dict().items() if k not in ("lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
+  tied = ("lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+  sd = {k: v for k, v in ref.state_dict().items() if k not in tied}
   torch.save(sd, folder / "pytorch_model.bin")
   with pytest.raises(hf.WeightError, match="pytorch_model.bin"):
     jaxprompt.load_model(folder)
@@ -159,7 +166,8 @@ def test_sharded_on_2x4_mesh_matches_single_device(t5_dirs):
   assert sharded.shared[...].sharding.spec == jax.sharding.PartitionSpec("model", None)  # vocab 96 % 4 == 0
   ids, mask, dec, dec_mask = (jnp.asarray(t.numpy()) for t in _batch(96, b=4))
   want = single(ids, mask, dec, dec_mask)
-  put = lambda x: jax.device_put(x, shd.batch_sharding(mesh))
+  def put(x):
+    return jax.device_put(x, shd.batch_sharding(mesh))
   got = jax.jit(lambda i, m, d, dm: sharded(i, m, d, dm))(put(ids), put(mask), put(dec), put(dec_mask))
   assert got.sharding.spec[0] == "data"  # the batch stays split over the data axis
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

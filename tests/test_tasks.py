@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from jaxprompt.errors import DataError
 from jaxprompt.data.sources import load_split
 from jaxprompt.data.tasks import ALIASES, BUILTIN, custom_task, get_task
+from jaxprompt.errors import DataError
 
 
 def _jsonl(tmp_path, rows, name="rows.jsonl"):
@@ -54,8 +54,8 @@ def test_cb_fixture_t5_and_taskless(fixtures_dir):
   assert (val[1]["targets"], val[1]["label"]) == ("neutral", 2)
   tl = load_split(get_task("cb", taskless=True), "validation", files=files)
   assert tl[0]["inputs"] == ("hypothesis: Valence was helping premise: Valence the void-brain, Valence the virtuous "
-                             "valet. Why couldn't the figger choose his own portion of titanic anatomy to shaft? Did he "
-                             "think he was helping?")
+                             "valet. Why couldn't the figger choose his own portion of titanic anatomy to shaft? Did "
+                             "he think he was helping?")
   assert get_task("cb").metrics == ("macro_f1", "accuracy")
 
 
