@@ -631,6 +631,13 @@ def hf_weight_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
   return m
 
 
+def hf_tied(cfg: DecoderConfig) -> tuple[tuple[str, ...], ...]:
+  """A tied head is one tensor that a checkpoint may store as the embedding, as `lm_head.weight`, or both."""
+  if not cfg.tie_word_embeddings:
+    return ()
+  return ((f"{cfg.weight_prefix}{'wte' if cfg.model_type == 'gpt2' else 'embed_tokens'}.weight", "lm_head.weight"),)
+
+
 def hf_aliases(cfg: DecoderConfig) -> tuple[str, ...]:
   """Tensors a checkpoint may carry that the model does not need: consumed without being read."""
   out = ("lm_head.weight",) if cfg.tie_word_embeddings else ()  # a stored copy of the tied head

@@ -4,7 +4,8 @@ A weight map is a list of `(our_path, hf_key, transform)`. `hf_key` may contain 
 the stacked `layers` axis of our parameter, one HF tensor per layer. Loading is strict: every HF
 tensor must be consumed by the map (or be a declared alias), every mapped tensor must exist with the
 expected shape, and every parameter of the model must be filled; anything else is an error naming the
-tensor.
+tensor. A name that safetensors metadata declares as an alias of a stored tensor (`{dropped: kept}`, how
+safetensors saves a shared tensor once) reads that tensor.
 
 Safetensors files are memory-mapped and every transform is a *view* (reshape/transpose), so with a
 mesh each device's shard is read straight from disk: the host never holds an unsharded model.
@@ -128,15 +129,76 @@ class CheckpointReader:
       self._torch = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
     else:
       raise WeightError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    self._stored_as: dict[str, str] = self._metadata_aliases()  # a declared name -> the stored tensor it reads
+    self._where.update({name: self._where[target] for name, target in self._stored_as.items()})
+
+  def _metadata_aliases(self) -> dict[str, str]:
+    """Safetensors stores a shared tensor once and records each dropped name in its metadata as
+    `{dropped: kept}` (`safetensors.torch.save_model`): the dropped name reads the kept tensor. An entry whose
+    value is shaped like a tensor name of this checkpoint but is not stored is a broken alias."""
+    stored = set(self._where)
+    suffixes = {k.rsplit(".", 1)[-1] for k in stored}
+    out: dict[str, str] = {}
+    for f in dict.fromkeys(self._where.values()):
+      for name, target in f.metadata.items():
+        if name in stored or not isinstance(target, str):
+          continue
+        if target in stored:
+          out[name] = target
+        elif "." in name and "." in target and target.rsplit(".", 1)[-1] in suffixes:
+          raise WeightError(f"{f.path}: safetensors metadata aliases tensor {name!r} to {target!r}, "
+                            "which the checkpoint does not hold")
+    return out
 
   def keys(self) -> list[str]:
     return list(self._torch) if self._torch is not None else list(self._where)
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._torch[key].shape) if self._torch is not None else self._where[key].shape(key)
+    if self._torch is not None:
+      return tuple(self._torch[key].shape)
+    return self._where[key].shape(self._stored_as.get(key, key))
 
   def get(self, key: str) -> np.ndarray:
-    return self._torch[key] if self._torch is not None else self._where[key].get(key)
+    return self._torch[key] if self._torch is not None else self._where[key].get(self._stored_as.get(key, key))
+
+
+class TiedNames:
+  """A reader in which each group of names is one tensor (a tied head stored as the embedding, as the head, or
+  both): every name of a group reads the tensor stored under any of them. A group stored under two names must
+  hold one value there, else loading stops naming both."""
+
+  def __init__(self, reader, groups: Iterable[tuple[str, ...]], source: str):
+    self._reader = reader
+    self._to: dict[str, str] = {}
+    available = set(reader.keys())
+    for group in groups:
+      stored = [n for n in group if n in available]
+      if not stored:
+        continue
+      for other in stored[1:]:
+        if not _same_tensor(reader, stored[0], other):
+          raise WeightError(f"{source}: tied tensors {stored[0]!r} and {other!r} are both stored and hold "
+                            "different values (one tensor is expected under both names)")
+      self._to.update({n: stored[0] for n in group})
+
+  def keys(self) -> list[str]:
+    return list(dict.fromkeys([*self._reader.keys(), *self._to]))
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._reader.shape(self._to.get(key, key))
+
+  def get(self, key: str) -> np.ndarray:
+    return self._reader.get(self._to.get(key, key))
+
+
+def _same_tensor(reader, a: str, b: str, rows: int = 4096) -> bool:
+  """Do two stored tensors hold the same shape and values (compared a block of rows at a time)?"""
+  if tuple(reader.shape(a)) != tuple(reader.shape(b)):
+    return False
+  x, y = reader.get(a), reader.get(b)
+  if x.ndim == 0:
+    return bool(np.array_equal(x, y))
+  return all(np.array_equal(x[i:i + rows], y[i:i + rows]) for i in range(0, x.shape[0], rows))
 
 
 # -- transforms: HF layout -> ours, as views ------------------------------------------------------

@@ -28,9 +28,13 @@ class Architecture:
   model_cls: type
   weight_map: Callable[[Any], list[tuple[str, str, str]]]
   aliases: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()  # or config -> names
+  tied: Callable[[Any], tuple[tuple[str, ...], ...]] | None = None  # config -> groups of names of one tensor
 
   def aliases_for(self, config) -> tuple[str, ...]:
     return tuple(self.aliases(config)) if callable(self.aliases) else tuple(self.aliases)
+
+  def tied_for(self, config) -> tuple[tuple[str, ...], ...]:
+    return tuple(self.tied(config)) if self.tied is not None else ()
 
 
 def _t5_config(hf_cfg: dict, keys: set[str]) -> t5.T5Config:
@@ -40,8 +44,8 @@ def _t5_config(hf_cfg: dict, keys: set[str]) -> t5.T5Config:
 ARCHITECTURES: dict[str, Architecture] = {
     "t5": Architecture(_t5_config, t5.T5, t5.hf_weight_map, t5.HF_ALIASES),
     "mt5": Architecture(_t5_config, t5.T5, t5.hf_weight_map, t5.HF_ALIASES),
-    **{name: Architecture(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_weight_map, decoder.hf_aliases)
-       for name in decoder.FAMILIES},
+    **{name: Architecture(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_weight_map, decoder.hf_aliases,
+                          decoder.hf_tied) for name in decoder.FAMILIES},
 }
 
 
@@ -132,6 +136,7 @@ def _hf_checkpoint(path_or_hub_id: str, revision: str | None, allow_pytorch_bin:
   reader = hf.CheckpointReader(folder, allow_pytorch_bin=allow_pytorch_bin)
   arch = architecture_for(hf_cfg.get("model_type"), str(folder / "config.json"))
   config = arch.config_from_hf(hf_cfg, set(reader.keys()))
+  reader = hf.TiedNames(reader, arch.tied_for(config), str(folder))  # a tied head stored under either name
   identity = hf.ModelIdentity(path=path_or_hub_id, revision=revision, model_type=hf_cfg.get("model_type"),
                               fingerprint=hf.config_fingerprint(hf_cfg))
   return hf.Checkpoint(reader, config, arch.weight_map(config), arch.aliases_for(config), identity, str(folder))
