@@ -7,14 +7,29 @@ trained prompt of any method (`load_prompted`: PEFT adapters, jaxprompt workdirs
 and `UserError`, the base of every error that reports bad input.
 """
 
-from jaxprompt.version import __version__
-from jaxprompt.errors import UserError
+from jaxprompt import quickstart as _quickstart  # noqa: F401 — registers builtin:quickstart and its tasks
 from jaxprompt.api import EvalResult, TrainResult, evaluate, evaluate_ensemble, load_config, train
+from jaxprompt.errors import UserError
 from jaxprompt.models import load_model, load_tokenizer, save_pretrained
 from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt, prompt_bank
 from jaxprompt.prompts.methods import load_prompted
-from jaxprompt import quickstart as _quickstart  # noqa: F401 — registers builtin:quickstart and its tasks
+from jaxprompt.version import __version__
 
-__all__ = ["__version__", "UserError", "train", "evaluate", "evaluate_ensemble", "load_config", "TrainResult", "EvalResult", "load_model",
-           "load_tokenizer", "load_prompted", "save_pretrained", "PromptedModel", "PromptParam", "SoftPrompt",
-           "prompt_bank"]
+__all__ = [
+  "__version__",
+  "UserError",
+  "train",
+  "evaluate",
+  "evaluate_ensemble",
+  "load_config",
+  "TrainResult",
+  "EvalResult",
+  "load_model",
+  "load_tokenizer",
+  "load_prompted",
+  "save_pretrained",
+  "PromptedModel",
+  "PromptParam",
+  "SoftPrompt",
+  "prompt_bank",
+]

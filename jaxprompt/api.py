@@ -22,8 +22,9 @@ def _dotted(key: str) -> str:
   return key.replace("__", ".") if "." not in key else key
 
 
-def load_config(config: str | Path | Mapping | C.Config | None = None, overrides: Mapping[str, Any] | None = None,
-                ) -> C.Config:
+def load_config(
+  config: str | Path | Mapping | C.Config | None = None, overrides: Mapping[str, Any] | None = None
+) -> C.Config:
   """A checked `Config` from a YAML file, a dict (the YAML's structure) or a Config, with overrides
   ({"section.key": value} or {"section__key": value}) laid over it. Raises ConfigError naming the bad key."""
   if isinstance(config, C.Config):
@@ -49,8 +50,14 @@ def load_config(config: str | Path | Mapping | C.Config | None = None, overrides
     raise ConfigError(f"{where}{e}") from None
 
 
-def train(config: str | Path | Mapping | C.Config, workdir: str | Path | None = None, *, progress: bool = False,
-          mesh=None, **overrides) -> TrainResult:
+def train(
+  config: str | Path | Mapping | C.Config,
+  workdir: str | Path | None = None,
+  *,
+  progress: bool = False,
+  mesh=None,
+  **overrides,
+) -> TrainResult:
   """Prompt-tune as `jaxprompt train` does (resuming from the workdir's latest checkpoint). `workdir` defaults to
   runs/<config file name>. -> TrainResult."""
   from jaxprompt.training import trainer
@@ -63,17 +70,24 @@ def train(config: str | Path | Mapping | C.Config, workdir: str | Path | None = 
   return trainer.train(cfg, Path(workdir), progress=progress, mesh=mesh)
 
 
-def evaluate(config: str | Path | Mapping | C.Config, workdir: str | Path, *, step: str | int = "best", mesh=None,
-             **overrides) -> EvalResult:
+def evaluate(
+  config: str | Path | Mapping | C.Config, workdir: str | Path, *, step: str | int = "best", mesh=None, **overrides
+) -> EvalResult:
   """Evaluate a checkpoint of `workdir` ("best", "latest" or a step) as `jaxprompt eval` does. -> EvalResult."""
   from jaxprompt.training import trainer
 
   return trainer.evaluate(load_config(config, overrides), workdir, step=step, mesh=mesh)
 
 
-
-def evaluate_ensemble(config: str | Path | Mapping | C.Config, prompts, *, combine: str = "vote",
-                      step: str | int = "best", mesh=None, **overrides) -> dict:
+def evaluate_ensemble(
+  config: str | Path | Mapping | C.Config,
+  prompts,
+  *,
+  combine: str = "vote",
+  step: str | int = "best",
+  mesh=None,
+  **overrides,
+) -> dict:
   """`jaxprompt eval CONFIG --ensemble PROMPT...`: each prompt's metrics and the ensemble's (see
   `evaluation.ensemble`). -> {"combine", "members": [{"source", metrics...}], "ensemble": {...}, "predictions"}."""
   from jaxprompt.evaluation.ensemble import evaluate_ensemble as run_ensemble

@@ -32,8 +32,9 @@ from flax import struct
 from jaxprompt.errors import DataError
 
 
-def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, left: bool = False
-             ) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(
+  rows: Sequence[Sequence[int]], length: int, pad_id: int, *, left: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
   """Token rows -> (ids, mask) [N, length] int32, padded on the right (or the left)."""
   ids = np.full((len(rows), length), pad_id, np.int32)
   mask = np.zeros((len(rows), length), np.int32)
@@ -49,7 +50,7 @@ def trim(ids: list[int], length: int, eos: int | None) -> tuple[list[int], bool]
   if len(ids) <= length:
     return ids, False
   if eos is not None and ids and ids[-1] == eos:
-    return ids[:length - 1] + [eos], True
+    return ids[: length - 1] + [eos], True
   return ids[:length], True
 
 
@@ -117,8 +118,16 @@ class _Batch:
     raise NotImplementedError
 
   @classmethod
-  def from_token_ids(cls, input_ids: Sequence[list[int]], target_ids: Sequence[list[int]], *, eos: int | None,
-                     pad: int, input_length: int, target_length: int) -> tuple["_Batch", int, int]:
+  def from_token_ids(
+    cls,
+    input_ids: Sequence[list[int]],
+    target_ids: Sequence[list[int]],
+    *,
+    eos: int | None,
+    pad: int,
+    input_length: int,
+    target_length: int,
+  ) -> tuple["_Batch", int, int]:
     """Tokenised examples (inputs with special tokens; targets as `TARGET_SPECIAL` says) -> (one numpy batch of
     every row in this type's layout, inputs cut, targets cut)."""
     ins, tgts, cut_in, cut_tgt = [], [], 0, 0
@@ -152,8 +161,9 @@ class Seq2SeqBatch(_Batch):
   INPUT_DROP_EOS: ClassVar[bool] = False  # generation inputs keep their EOS, as in training
 
   @staticmethod
-  def label_rows(label_ids: Sequence[list[int]], *, eos: int | None, pad: int, target_length: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+  def label_rows(
+    label_ids: Sequence[list[int]], *, eos: int | None, pad: int, target_length: int
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenised labels -> (ids, mask) [C, T] as decoder targets (with EOS)."""
     return pad_rows([trim(ids, target_length, eos)[0] for ids in label_ids], target_length, pad)
 
@@ -178,12 +188,17 @@ class Seq2SeqBatch(_Batch):
 
   def hf_with_target(self, target: Sequence[int]) -> dict[str, np.ndarray]:
     """`hf_inputs` with `target` (token ids) as every row's target: how transformers scores one label per row."""
-    return dict(input_ids=np.asarray(self.input_ids), attention_mask=np.asarray(self.input_mask),
-                labels=np.tile(np.asarray(target, np.int64), (self.size, 1)))
+    return dict(
+      input_ids=np.asarray(self.input_ids),
+      attention_mask=np.asarray(self.input_mask),
+      labels=np.tile(np.asarray(target, np.int64), (self.size, 1)),
+    )
 
   @classmethod
   def shapes(cls, batch_size: int, input_length: int, target_length: int) -> "Seq2SeqBatch":
-    s = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
+    def s(n):
+      return jax.ShapeDtypeStruct((batch_size, n), np.int32)
+
     return cls(s(input_length), s(input_length), s(target_length), s(target_length))
 
 
@@ -244,16 +259,28 @@ def pack_bins(sizes: Sequence[int], capacity: int) -> list[list[int]]:
   return bins
 
 
-def pack_seq2seq(batch: Seq2SeqBatch, bins: Sequence[Sequence[int]], prompt_length: int, rows: int,
-                 input_length: int, target_length: int, start_id: int) -> PackedSeq2SeqBatch:
+def pack_seq2seq(
+  batch: Seq2SeqBatch,
+  bins: Sequence[Sequence[int]],
+  prompt_length: int,
+  rows: int,
+  input_length: int,
+  target_length: int,
+  start_id: int,
+) -> PackedSeq2SeqBatch:
   """Rows of `batch` (numpy) packed as `bins` says (bin r -> row r, examples in bin order) into `rows` rows of
   `input_length` encoder and `target_length` decoder slots (pad id 0, T5's); rows past the bins are padding."""
   ids = np.asarray(batch.input_ids)
   lens, tlens = batch.input_lengths(), np.asarray(batch.target_mask).sum(axis=1)
   tgt = np.asarray(batch.target_ids)
   tasks = np.zeros(len(ids), np.int32) if batch.task_ids is None else np.asarray(batch.task_ids)
-  full = lambda v: np.full((rows, input_length), v, np.int32)
-  tfull = lambda v: np.full((rows, target_length), v, np.int32)
+
+  def full(v):
+    return np.full((rows, input_length), v, np.int32)
+
+  def tfull(v):
+    return np.full((rows, target_length), v, np.int32)
+
   inp, seg, slots = full(0), full(0), full(-1)
   dec, out, tmask, tseg = tfull(0), tfull(0), tfull(0), tfull(0)
   for r, members in enumerate(bins):
@@ -261,16 +288,18 @@ def pack_seq2seq(batch: Seq2SeqBatch, bins: Sequence[Sequence[int]], prompt_leng
     for s, i in enumerate(members, start=1):
       n, t = prompt_length + int(lens[i]), int(tlens[i])
       if at + n > input_length or t_at + t > target_length:
-        raise DataError(f"packing: example {i} ({n} encoder / {t} decoder tokens) does not fit row {r} "
-                        f"({input_length} / {target_length} slots)")
-      slots[r, at:at + prompt_length] = tasks[i] * prompt_length + np.arange(prompt_length)
-      inp[r, at + prompt_length:at + n] = ids[i, :lens[i]]
-      seg[r, at:at + n] = s
-      out[r, t_at:t_at + t] = tgt[i, :t]
+        raise DataError(
+          f"packing: example {i} ({n} encoder / {t} decoder tokens) does not fit row {r} "
+          f"({input_length} / {target_length} slots)"
+        )
+      slots[r, at : at + prompt_length] = tasks[i] * prompt_length + np.arange(prompt_length)
+      inp[r, at + prompt_length : at + n] = ids[i, : lens[i]]
+      seg[r, at : at + n] = s
+      out[r, t_at : t_at + t] = tgt[i, :t]
       dec[r, t_at] = start_id
-      dec[r, t_at + 1:t_at + t] = tgt[i, :t - 1]
-      tmask[r, t_at:t_at + t] = 1
-      tseg[r, t_at:t_at + t] = s
+      dec[r, t_at + 1 : t_at + t] = tgt[i, : t - 1]
+      tmask[r, t_at : t_at + t] = 1
+      tseg[r, t_at : t_at + t] = s
       at, t_at = at + n, t_at + t
   return PackedSeq2SeqBatch(inp, seg, slots, dec, out, tmask, tseg)
 
@@ -298,17 +327,19 @@ class CausalBatch(_Batch):
 
   @classmethod
   def _layout(cls, ins, tgts, pad: int, input_length: int, target_length: int) -> "CausalBatch":
-    tokens, token_mask = pad_rows([a + t for a, t in zip(ins, tgts)], input_length + target_length, pad)
-    target_index, target_valid = pad_rows([list(range(len(a), len(a) + len(t))) for a, t in zip(ins, tgts)],
-                                          target_length, 0)
+    tokens, token_mask = pad_rows([a + t for a, t in zip(ins, tgts, strict=False)], input_length + target_length, pad)
+    target_index, target_valid = pad_rows(
+      [list(range(len(a), len(a) + len(t))) for a, t in zip(ins, tgts, strict=False)], target_length, 0
+    )
     return cls(tokens, token_mask, target_index, target_valid, *pad_rows(ins, input_length, pad, left=True))
 
   LABEL_SPECIAL: ClassVar[bool] = False  # labels are continuations: the text + EOS, no BOS
   INPUT_DROP_EOS: ClassVar[bool] = True  # generation prompts keep BOS and drop a final EOS
 
   @staticmethod
-  def label_rows(label_ids: Sequence[list[int]], *, eos: int | None, pad: int, target_length: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+  def label_rows(
+    label_ids: Sequence[list[int]], *, eos: int | None, pad: int, target_length: int
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenised labels (no special tokens) -> (ids, mask) [C, T] as continuations: the text + EOS."""
     rows = [trim(ids + ([eos] if eos is not None else []), target_length, eos)[0] for ids in label_ids]
     return pad_rows(rows, target_length, pad)
@@ -326,9 +357,12 @@ class CausalBatch(_Batch):
   def cropped(self, input_length: int) -> "CausalBatch":
     # `tokens` is right-padded (a row's input + target fit in input_length + T); the input alone is left-padded
     n = input_length + self.target_index.shape[1]
-    return self.replace(tokens=self.tokens[:, :n], token_mask=self.token_mask[:, :n],
-                        input_ids=self.input_ids[:, self.input_length - input_length:],
-                        input_mask=self.input_mask[:, self.input_length - input_length:])
+    return self.replace(
+      tokens=self.tokens[:, :n],
+      token_mask=self.token_mask[:, :n],
+      input_ids=self.input_ids[:, self.input_length - input_length :],
+      input_mask=self.input_mask[:, self.input_length - input_length :],
+    )
 
   def hf_inputs(self) -> dict[str, np.ndarray]:
     """The same rows in transformers' training layout: one sequence, labels -100 except on the targets."""
@@ -342,17 +376,22 @@ class CausalBatch(_Batch):
   def hf_with_target(self, target: Sequence[int]) -> dict[str, np.ndarray]:
     """`hf_inputs` with `target` (token ids) as every row's target: [input, target] right-padded to the longest,
     labels -100 except on the target (how transformers scores one label per row)."""
-    ins = [list(r[k > 0]) for r, k in zip(np.asarray(self.input_ids), np.asarray(self.input_mask))]
+    ins = [list(r[k > 0]) for r, k in zip(np.asarray(self.input_ids), np.asarray(self.input_mask), strict=False)]
     n, t = max(len(a) for a in ins) + len(target), list(target)
-    ids, mask, labels = (np.zeros((self.size, n), np.int64), np.zeros((self.size, n), np.int64),
-                         np.full((self.size, n), -100))
+    ids, mask, labels = (
+      np.zeros((self.size, n), np.int64),
+      np.zeros((self.size, n), np.int64),
+      np.full((self.size, n), -100),
+    )
     for i, a in enumerate(ins):
-      ids[i, :len(a) + len(t)], mask[i, :len(a) + len(t)], labels[i, len(a):len(a) + len(t)] = a + t, 1, t
+      ids[i, : len(a) + len(t)], mask[i, : len(a) + len(t)], labels[i, len(a) : len(a) + len(t)] = a + t, 1, t
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
   @classmethod
   def shapes(cls, batch_size: int, input_length: int, target_length: int) -> "CausalBatch":
-    s = lambda n: jax.ShapeDtypeStruct((batch_size, n), np.int32)
+    def s(n):
+      return jax.ShapeDtypeStruct((batch_size, n), np.int32)
+
     n = input_length + target_length
     return cls(s(n), s(n), s(target_length), s(target_length), s(input_length), s(input_length))
 

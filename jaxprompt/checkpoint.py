@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def selection_mode(metric: str) -> str:
-  """"min" for losses, "max" for everything else (accuracy, F1, correlations...)."""
+  """ "min" for losses, "max" for everything else (accuracy, F1, correlations...)."""
   return "min" if "loss" in metric else "max"
 
 
@@ -51,21 +51,30 @@ class Checkpointer:
   """The checkpoints of one workdir. `metric` / `mode` name the eval metric that picks the best step (kept
   beside the last `config.keep`); without a metric only the latest are kept."""
 
-  def __init__(self, directory: str | Path, config: CheckpointConfig | None = None, *, metric: str | None = None,
-               mode: str = "max"):
+  def __init__(
+    self, directory: str | Path, config: CheckpointConfig | None = None, *, metric: str | None = None, mode: str = "max"
+  ):
     config = config or CheckpointConfig()
     self.directory = Path(directory).absolute()
     self.metric, self.mode = metric, mode
     policies: list = [pp.LatestN(n=config.keep)]
     if config.keep_best and metric is not None:
-      policies.append(pp.BestN(get_metric_fn=_metric_fn(metric, mode), n=1,
-                               keep_checkpoints_without_metrics=False))
+      policies.append(pp.BestN(get_metric_fn=_metric_fn(metric, mode), n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=config.async_save,
-        create=True, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-        "prompt": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler()})
+      preservation_policy=pp.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=config.async_save,
+      create=True,
+      cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      item_handlers={
+        "prompt": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
 
   @classmethod
   def reader(cls, directory: str | Path) -> "Checkpointer":
@@ -78,7 +87,8 @@ class Checkpointer:
     return ck
 
   def save_state(self, state, meta: dict, metrics: dict | None = None) -> None:
-    """Checkpoint `state` (a `training.state.TrainState`: any record with step, prompt, opt_state and counters()) at its step, with `meta` (base identity, config) beside its counters."""
+    """Checkpoint `state` (a `training.state.TrainState`: any record with step, prompt, opt_state and counters())
+    at its step, with `meta` (base identity, config) beside its counters."""
     self.save(state.step, state.prompt, state.opt_state, {**meta, **state.counters()}, metrics)
 
   def restore_state(self, step: int, like):
@@ -102,9 +112,14 @@ class Checkpointer:
 
   def save(self, step: int, prompt: Any, opt_state: Any, meta: dict, metrics: dict | None = None) -> None:
     meta = dict(meta, step=step, metrics=metrics or {})
-    self.manager.save(step, args=ocp.args.Composite(
-        prompt=ocp.args.StandardSave(prompt), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), metrics=dict(metrics, _step=step) if metrics else None, force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        prompt=ocp.args.StandardSave(prompt), opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)
+      ),
+      metrics=dict(metrics, _step=step) if metrics else None,
+      force=True,
+    )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -145,10 +160,14 @@ class Checkpointer:
     """The prompt (as host numpy arrays, whatever topology saved it) and the metadata of one step."""
     tree = self.manager.item_metadata(step)["prompt"].tree
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
-                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    out = self.manager.restore(step, args=ocp.args.Composite(prompt=ocp.args.StandardRestore(target),
-                                                              meta=ocp.args.JsonRestore()))
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      tree,
+      is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+    )
+    out = self.manager.restore(
+      step, args=ocp.args.Composite(prompt=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    )
     return jax.tree.map(np.asarray, out["prompt"]), out["meta"]
 
   def close(self) -> None:

@@ -50,8 +50,9 @@ def cmd_eval(args) -> int:
     from jaxprompt.evaluation.ensemble import evaluate_ensemble
 
     _init_distributed(args)
-    result = evaluate_ensemble(cfg, args.ensemble, how=args.combine, step=args.step,
-                               allow_other_base=args.allow_other_base)
+    result = evaluate_ensemble(
+      cfg, args.ensemble, how=args.combine, step=args.step, allow_other_base=args.allow_other_base
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
     return 0
   if not args.workdir:
@@ -65,8 +66,11 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
   from jaxprompt.prompts.export import export_prompt
 
-  print(export_prompt(args.source, args.format, args.out, step=args.step, with_base=args.with_base,
-                      overwrite=args.overwrite))
+  print(
+    export_prompt(
+      args.source, args.format, args.out, step=args.step, with_base=args.with_base, overwrite=args.overwrite
+    )
+  )
   return 0
 
 
@@ -133,23 +137,29 @@ def cmd_plan(args) -> int:
   if not budget and not devices:  # the real devices: their own memory, where the backend reports it
     budget, kind = PL.detected_budget_gib()
     where = f"detected on {kind}"
-  print(f"plan for {cfg.model.path}: batch {cfg.train.batch_size}, inputs {cfg.data.input_length} + prompt "
-        f"{cfg.prompt.length}, targets {cfg.data.target_length}, weights {cfg.model.dtype}, compute "
-        f"{cfg.model.compute_dtype}, {devices or 'all'} devices" +
-        (f", budget {budget:.1f} GiB/device ({where})" if budget else ""))
+  print(
+    f"plan for {cfg.model.path}: batch {cfg.train.batch_size}, inputs {cfg.data.input_length} + prompt "
+    f"{cfg.prompt.length}, targets {cfg.data.target_length}, weights {cfg.model.dtype}, compute "
+    f"{cfg.model.compute_dtype}, {devices or 'all'} devices"
+    + (f", budget {budget:.1f} GiB/device ({where})" if budget else "")
+  )
   rows, best = PL.plan(cfg, devices=devices, meshes=meshes, budget_gib=budget, remats=remats)
   if not budget:
-    print("no memory budget: none was given (--budget-gib or --topology) and these devices report none, so no mesh "
-          "is recommended; the rows above are each mesh's memory per device")
+    print(
+      "no memory budget: none was given (--budget-gib or --topology) and these devices report none, so no mesh "
+      "is recommended; the rows above are each mesh's memory per device"
+    )
     _write_plan_json(args.json, rows, None, None)
     return 0
   if best is None:
     print("no candidate mesh fits")
     return 1
   m = best.mesh
-  print(f"recommended: --set mesh.data={m['data']} --set mesh.fsdp={m['fsdp']} --set mesh.model={m['model']} "
-        f"--set model.remat={best.remat}  ({best.total_gib:.2f} GiB per device, "
-        f"{best.flops_per_device / 1e12:.2f} TFLOP per device per step)")
+  print(
+    f"recommended: --set mesh.data={m['data']} --set mesh.fsdp={m['fsdp']} --set mesh.model={m['model']} "
+    f"--set model.remat={best.remat}  ({best.total_gib:.2f} GiB per device, "
+    f"{best.flops_per_device / 1e12:.2f} TFLOP per device per step)"
+  )
   _write_plan_json(args.json, rows, best, budget)
   return 0
 
@@ -158,8 +168,11 @@ def _write_plan_json(path, rows, best, budget) -> None:
   if path:
     from jaxprompt.fileio import write_file_atomically
 
-    table = {"rows": [dataclasses.asdict(r) for r in rows], "budget_gib": budget,
-             "recommended": None if best is None else dataclasses.asdict(best)}
+    table = {
+      "rows": [dataclasses.asdict(r) for r in rows],
+      "budget_gib": budget,
+      "recommended": None if best is None else dataclasses.asdict(best),
+    }
     write_file_atomically(path, lambda t: t.write_text(json.dumps(table, indent=2)), overwrite=True)
 
 
@@ -172,8 +185,15 @@ def cmd_bench(args) -> int:
 
     if not args.model:
       raise UsageError("bench --serve needs --model (a causal base model with its tokenizer)")
-    result = run_serve_bench(args.model, tokenizer=args.tokenizer, prompts=args.num_prompts, clients=args.clients,
-                             requests=args.requests, max_tokens=args.max_tokens, vs_peft=args.vs_peft)
+    result = run_serve_bench(
+      args.model,
+      tokenizer=args.tokenizer,
+      prompts=args.num_prompts,
+      clients=args.clients,
+      requests=args.requests,
+      max_tokens=args.max_tokens,
+      vs_peft=args.vs_peft,
+    )
   elif args.eval and not args.data:
     raise UsageError("bench --eval times evaluation on real rows: give --data FILE --task TASK --tokenizer DIR")
   elif args.preset not in BN.PRESETS:
@@ -183,13 +203,28 @@ def cmd_bench(args) -> int:
 
     if not (args.task and args.tokenizer):
       raise UsageError("bench --data needs --task (how to read the file) and --tokenizer (a tokenizer folder)")
-    result = run_data_bench(args.preset, args.data, args.task, args.tokenizer, vs_peft=args.vs_peft,
-                            steps=args.iters, buckets=args.length_buckets, group_by_length=args.group_by_length,
-                            pack=args.pack, evaluate=args.eval)
+    result = run_data_bench(
+      args.preset,
+      args.data,
+      args.task,
+      args.tokenizer,
+      vs_peft=args.vs_peft,
+      steps=args.iters,
+      buckets=args.length_buckets,
+      group_by_length=args.group_by_length,
+      pack=args.pack,
+      evaluate=args.eval,
+    )
   else:
-    result = BN.run_bench(args.preset, vs_peft=args.vs_peft, dtype=args.dtype, iters=args.iters,
-                          structural=not args.no_structural, generation=not args.no_generation,
-                          layer_loop=args.layer_loop)
+    result = BN.run_bench(
+      args.preset,
+      vs_peft=args.vs_peft,
+      dtype=args.dtype,
+      iters=args.iters,
+      structural=not args.no_structural,
+      generation=not args.no_generation,
+      layer_loop=args.layer_loop,
+    )
   if args.json:
     from jaxprompt.fileio import write_file_atomically
 
@@ -203,7 +238,9 @@ def _buckets_arg(text: str):
   try:
     return tuple(int(x) for x in text.split(","))
   except ValueError:
-    raise argparse.ArgumentTypeError(f"--length-buckets: {text!r} is not auto, none or comma-separated lengths")
+    raise argparse.ArgumentTypeError(
+      f"--length-buckets: {text!r} is not auto, none or comma-separated lengths"
+    ) from None
 
 
 def _generate_config(args):
@@ -212,8 +249,16 @@ def _generate_config(args):
 
   base = C.load(args.config, args.overrides).generate if args.config or args.overrides else C.GenerateConfig()
   method = "beam" if args.beams else "greedy" if args.greedy else "sample" if args.temperature is not None else None
-  given = dict(method=method, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-               top_p=args.top_p, num_beams=args.beams, alpha=args.alpha, seed=args.seed)
+  given = dict(
+    method=method,
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    num_beams=args.beams,
+    alpha=args.alpha,
+    seed=args.seed,
+  )
   return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -246,7 +291,7 @@ def cmd_generate(args) -> int:
     tok = tok or recorded_tok
   base = load_model(model_path)
   tokenizer = load_tokenizer(tok or model_path)
-  for p, src in zip(loaded, args.prompt):
+  for p, src in zip(loaded, args.prompt, strict=False):
     for warning in p.check(base, src, strict=not args.allow_other_base):
       print(f"jaxprompt: warning: {warning}", file=sys.stderr)
   for r in text.generate_text(base, tokenizer, texts, loaded, gen_cfg):
@@ -276,8 +321,15 @@ def cmd_similarity(args) -> int:
   sources = {s: load_prompt_source(s, args.step).embeddings(s) for s in args.sources}
   ranked = rank(target, sources, args.metric)
   if args.json:
-    print(json.dumps({"target": args.target, "metric": args.metric,
-                      "ranking": [{"source": s, "similarity": round(v, 6)} for s, v in ranked]}))
+    print(
+      json.dumps(
+        {
+          "target": args.target,
+          "metric": args.metric,
+          "ranking": [{"source": s, "similarity": round(v, 6)} for s, v in ranked],
+        }
+      )
+    )
   else:
     for i, (s, v) in enumerate(ranked, 1):
       print(f"{i:3d}  {v:+.4f}  {s}")
@@ -297,7 +349,7 @@ def cmd_preview(args) -> int:
   cfg = C.load(args.config, args.overrides)
   members = members_of(cfg.data)
   for m in members:  # a mixture: each task's first examples, named
-    for ex in task_data(m.data, args.split or cfg.data.train_split).examples[:args.n]:
+    for ex in task_data(m.data, args.split or cfg.data.train_split).examples[: args.n]:
       record = {"inputs": ex["inputs"], "targets": ex["targets"]}
       print(json.dumps({"task": m.name, **record} if len(members) > 1 else record, ensure_ascii=False))
   return 0
@@ -309,13 +361,20 @@ def cmd_preview(args) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("config", help="YAML config file (see configs/)")
   g = p.add_argument_group("multi-host (run the same command on every host)")
-  g.add_argument("--distributed", choices=["auto", "none"], default=None,
-                 help="auto: let JAX find the coordinator (TPU VMs, SLURM)")
+  g.add_argument(
+    "--distributed", choices=["auto", "none"], default=None, help="auto: let JAX find the coordinator (TPU VMs, SLURM)"
+  )
   g.add_argument("--coordinator", help="HOST:PORT of process 0, for any other cluster")
   g.add_argument("--num-processes", type=int)
   g.add_argument("--process-id", type=int)
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                 help="override a config value (repeatable), e.g. --set train.steps=100")
+  p.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="SECTION.KEY=VALUE",
+    help="override a config value (repeatable), e.g. --set train.steps=100",
+  )
   _debug(p)
 
 
@@ -324,29 +383,49 @@ def _debug(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_eval(sub) -> None:
-  p = sub.add_parser("train", help="train a soft prompt", description=(
+  p = sub.add_parser(
+    "train",
+    help="train a soft prompt",
+    description=(
       "Train a soft prompt as CONFIG says. Resumes from the latest checkpoint in --workdir. "
-      "Exit code 75 after a SIGTERM/SIGINT checkpoint (run the same command again to resume)."))
+      "Exit code 75 after a SIGTERM/SIGINT checkpoint (run the same command again to resume)."
+    ),
+  )
   _common(p)
   p.add_argument("--workdir", help="output directory (default: runs/<config name>)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(fn=cmd_train)
-  p = sub.add_parser("eval", help="evaluate a trained prompt (or an ensemble of prompts) on the eval split",
-                     description="Evaluate a checkpoint of --workdir on the config's eval split, or (--ensemble) "
-                     "several prompts at once, combined by majority vote or mean log-probability.")
+  p = sub.add_parser(
+    "eval",
+    help="evaluate a trained prompt (or an ensemble of prompts) on the eval split",
+    description="Evaluate a checkpoint of --workdir on the config's eval split, or (--ensemble) "
+    "several prompts at once, combined by majority vote or mean log-probability.",
+  )
   _common(p)
   p.add_argument("--workdir", help="the training run's directory")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
-  p.add_argument("--ensemble", nargs="+", metavar="PROMPT", help="instead of --workdir: score every example under "
-                 "each prompt (workdirs, exports, PEFT adapters; SOURCE@TASK for a per-task run's) in one mixed batch "
-                 "and combine them (--combine)")
-  p.add_argument("--combine", choices=["vote", "mean"], default="vote", help="ensemble: majority vote (ties: summed "
-                 "log-probability; default) or mean log-probability")
+  p.add_argument(
+    "--ensemble",
+    nargs="+",
+    metavar="PROMPT",
+    help="instead of --workdir: score every example under "
+    "each prompt (workdirs, exports, PEFT adapters; SOURCE@TASK for a per-task run's) in one mixed batch "
+    "and combine them (--combine)",
+  )
+  p.add_argument(
+    "--combine",
+    choices=["vote", "mean"],
+    default="vote",
+    help="ensemble: majority vote (ties: summed log-probability; default) or mean log-probability",
+  )
   p.add_argument("--allow-other-base", action="store_true", help="ensemble: prompts recorded for another base")
   p.set_defaults(fn=cmd_eval)
-  p = sub.add_parser("preview", help="print preprocessed examples (what the model is fed, before tokenising)",
-                     description="Print a split's examples as JSON lines with `inputs` and `targets` exactly as "
-                                 "the task's preprocessor makes them, before tokenisation.")
+  p = sub.add_parser(
+    "preview",
+    help="print preprocessed examples (what the model is fed, before tokenising)",
+    description="Print a split's examples as JSON lines with `inputs` and `targets` exactly as "
+    "the task's preprocessor makes them, before tokenisation.",
+  )
   _common(p)
   p.add_argument("--split", help="split (default: data.train_split)")
   p.add_argument("--n", type=int, default=5, help="how many examples")
@@ -354,26 +433,39 @@ def _add_train_eval(sub) -> None:
 
 
 def _add_export_inspect(sub) -> None:
-  p = sub.add_parser("export", help="export a trained prompt (PEFT adapter, .npy, safetensors)", description=(
+  p = sub.add_parser(
+    "export",
+    help="export a trained prompt (PEFT adapter, .npy, safetensors)",
+    description=(
       "Export a prompt from a training workdir, a checkpoint step folder, or another export. "
       "--format peft writes a HF PEFT prompt-tuning adapter folder (peft.PeftModel.from_pretrained(base, DIR)); "
       "numpy writes the original repo's .npy [P, H] float32; safetensors one tensor 'prompt_embeddings'. "
       "A run with one prompt per task (prompt.per_task) exports every task into the folder --out, named after it, "
       "plus bank.safetensors; SOURCE@TASK exports one. "
-      "Written atomically; an existing output is kept unless --overwrite."))
-  p.add_argument("source", help="WORKDIR, WORKDIR/checkpoints/STEP, or an exported prompt (SOURCE@TASK: one task's "
-                 "prompt of a per-task run)")
+      "Written atomically; an existing output is kept unless --overwrite."
+    ),
+  )
+  p.add_argument(
+    "source",
+    help="WORKDIR, WORKDIR/checkpoints/STEP, or an exported prompt (SOURCE@TASK: one task's prompt of a per-task run)",
+  )
   p.add_argument("--format", required=True, choices=["peft", "numpy", "safetensors"])
   p.add_argument("--out", required=True, help="output folder (peft) or file (.npy / .safetensors)")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
-  p.add_argument("--with-base", action="store_true",
-                 help="also write the frozen base model as a HF folder under OUT/base (peft format)")
+  p.add_argument(
+    "--with-base",
+    action="store_true",
+    help="also write the frozen base model as a HF folder under OUT/base (peft format)",
+  )
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
   _debug(p)
   p.set_defaults(fn=cmd_export)
-  p = sub.add_parser("inspect", help="norms and nearest tokens of each prompt vector, plus a similarity heatmap",
-                     description="Print, per prompt vector, its norm and nearest vocabulary tokens (cosine "
-                                 "similarity, JSON lines), and write a PNG heatmap of prompt-to-prompt similarity.")
+  p = sub.add_parser(
+    "inspect",
+    help="norms and nearest tokens of each prompt vector, plus a similarity heatmap",
+    description="Print, per prompt vector, its norm and nearest vocabulary tokens (cosine "
+    "similarity, JSON lines), and write a PNG heatmap of prompt-to-prompt similarity.",
+  )
   p.add_argument("source", help="WORKDIR, a checkpoint step folder, or an exported prompt")
   p.add_argument("--model", help="base model (default: the one recorded with the prompt)")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
@@ -383,87 +475,155 @@ def _add_export_inspect(sub) -> None:
   p.set_defaults(fn=cmd_inspect)
 
 
-def _add_plan_bench(sub) -> None:
-  p = sub.add_parser("plan", help="ahead-of-time memory/FLOPs plan for a config on N devices", description=(
+def _add_plan(sub) -> None:
+  p = sub.add_parser(
+    "plan",
+    help="ahead-of-time memory/FLOPs plan for a config on N devices",
+    description=(
       "Compile the train step ahead of time on abstract shapes (no weights are loaded; devices are simulated "
       "on the CPU) and report per-device memory (arguments, temporaries, total) and FLOPs per step for "
-      "candidate meshes, recommending the most data-parallel one that fits the budget."))
+      "candidate meshes, recommending the most data-parallel one that fits the budget."
+    ),
+  )
   _common(p)
   g = p.add_mutually_exclusive_group()
   g.add_argument("--devices", type=int, help="number of (simulated) devices")
   g.add_argument("--topology", help="a slice name, e.g. v3-8, v4-32, v5e-8, h100-8 (sets devices and budget)")
   p.add_argument("--mesh", help="only this mesh: data=N,fsdp=N,model=N, or 'config' for the config's mesh and remat")
-  p.add_argument("--budget-gib", type=float, help="memory per device (default: the topology's, else what the devices report; CPU reports none)")
+  p.add_argument(
+    "--budget-gib",
+    type=float,
+    help="memory per device (default: the topology's, else what the devices report; CPU reports none)",
+  )
   p.add_argument("--json", help="also write the table as JSON")
   p.set_defaults(fn=cmd_plan)
-  p = sub.add_parser("bench", help="measure the train step (optionally against PyTorch + PEFT)", description=(
+
+
+def _add_bench(sub) -> None:
+  p = sub.add_parser(
+    "bench",
+    help="measure the train step (optionally against PyTorch + PEFT)",
+    description=(
       "After warm-up: median train-step time, tokens/s, XLA FLOPs, achieved FLOP/s and utilisation of the "
       "device's peak (on CPU a matmul peak measured in the same run), compile time and device memory. "
-      "--vs-peft runs the same shapes through PyTorch + PEFT in the same invocation. Presets use random weights."))
+      "--vs-peft runs the same shapes through PyTorch + PEFT in the same invocation. Presets use random weights."
+    ),
+  )
   p.add_argument("--preset", default="t5-v1_1-small", help="shape preset (default t5-v1_1-small)")
   p.add_argument("--vs-peft", action="store_true", help="also run PyTorch + PEFT on the same shapes")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   p.add_argument("--iters", type=int, default=5, help="timed steps after warm-up")
-  p.add_argument("--layer-loop", choices=["auto", "scan", "unroll"], default="auto",
-                 help="layers in a scan or unrolled (model.layer_loop; auto: unrolled on the CPU, the presets "
-                 "being wide enough)")
+  p.add_argument(
+    "--layer-loop",
+    choices=["auto", "scan", "unroll"],
+    default="auto",
+    help="layers in a scan or unrolled (model.layer_loop; auto: unrolled on the CPU, the presets being wide enough)",
+  )
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
-  p.add_argument("--data", help="real rows: train on this file (the recipe shape: prompt 100, batch 32, inputs up "
-                 "to 512), --iters steps, against PEFT with per-batch dynamic padding under --vs-peft")
-  p.add_argument("--task", help="with --data: the task that reads the file (e.g. rte, cb, boolq)")
-  p.add_argument("--tokenizer", help="with --data / --serve: a tokenizer folder (with --data its vocabulary must fit "
-                 "the preset's)")
-  p.add_argument("--length-buckets", default="auto", type=_buckets_arg,
-                 help="with --data: auto (default), none, or comma-separated lengths")
-  p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
-                 help="with --data: pack several examples per row, each with its prompt (data.pack; default: for "
-                      "seq2seq presets)")
-  p.add_argument("--group-by-length", type=int, default=0,
-                 help="with --data: batches of similar lengths, windows of N batches (data.group_by_length)")
-  p.add_argument("--eval", action="store_true",
-                 help="with --data: also time rank classification (the eval loss and every label's score) on the "
-                      "same batches; under --vs-peft against PEFT scoring each (example, label) pair")
-  g = p.add_argument_group("--serve: the HTTP server under load (127.0.0.1 only)")
-  g.add_argument("--serve", action="store_true", help="drive `jaxprompt serve` with concurrent clients over K "
-                 "prompts, against one-at-a-time serving and (--vs-peft) PEFT's one-adapter-per-request pattern")
-  g.add_argument("--model", help="with --serve: a causal base model (its tokenizer beside it, or --tokenizer)")
-  g.add_argument("--num-prompts", type=int, default=8, help="with --serve: K prompts (default 8)")
-  g.add_argument("--clients", type=int, default=16, help="with --serve: C concurrent clients (default 16)")
-  g.add_argument("--requests", type=int, default=128, help="with --serve: requests in all (default 128)")
-  g.add_argument("--max-tokens", type=int, default=16, help="with --serve: tokens per completion (default 16)")
+  _add_bench_data_flags(p)
+  _add_bench_serve_flags(p)
   p.add_argument("--json", help="write the results as JSON")
   _debug(p)
   p.set_defaults(fn=cmd_bench)
 
 
+def _add_bench_data_flags(p: argparse.ArgumentParser) -> None:
+  """The `bench --data` flags: train (with --eval, also rank) on a file's real rows; --tokenizer serves --serve too."""
+  p.add_argument(
+    "--data",
+    help="real rows: train on this file (the recipe shape: prompt 100, batch 32, inputs up "
+    "to 512), --iters steps, against PEFT with per-batch dynamic padding under --vs-peft",
+  )
+  p.add_argument("--task", help="with --data: the task that reads the file (e.g. rte, cb, boolq)")
+  p.add_argument(
+    "--tokenizer", help="with --data / --serve: a tokenizer folder (with --data its vocabulary must fit the preset's)"
+  )
+  p.add_argument(
+    "--length-buckets",
+    default="auto",
+    type=_buckets_arg,
+    help="with --data: auto (default), none, or comma-separated lengths",
+  )
+  p.add_argument(
+    "--pack",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="with --data: pack several examples per row, each with its prompt (data.pack; default: for seq2seq presets)",
+  )
+  p.add_argument(
+    "--group-by-length",
+    type=int,
+    default=0,
+    help="with --data: batches of similar lengths, windows of N batches (data.group_by_length)",
+  )
+  p.add_argument(
+    "--eval",
+    action="store_true",
+    help="with --data: also time rank classification (the eval loss and every label's score) on the "
+    "same batches; under --vs-peft against PEFT scoring each (example, label) pair",
+  )
+
+
+def _add_bench_serve_flags(p: argparse.ArgumentParser) -> None:
+  """`bench --serve`: the HTTP server under concurrent load."""
+  g = p.add_argument_group("--serve: the HTTP server under load (127.0.0.1 only)")
+  g.add_argument(
+    "--serve",
+    action="store_true",
+    help="drive `jaxprompt serve` with concurrent clients over K "
+    "prompts, against one-at-a-time serving and (--vs-peft) PEFT's one-adapter-per-request pattern",
+  )
+  g.add_argument("--model", help="with --serve: a causal base model (its tokenizer beside it, or --tokenizer)")
+  g.add_argument("--num-prompts", type=int, default=8, help="with --serve: K prompts (default 8)")
+  g.add_argument("--clients", type=int, default=16, help="with --serve: C concurrent clients (default 16)")
+  g.add_argument("--requests", type=int, default=128, help="with --serve: requests in all (default 128)")
+  g.add_argument("--max-tokens", type=int, default=16, help="with --serve: tokens per completion (default 16)")
+
+
 # generation flags: each left out keeps config.GenerateConfig's default
 _GENERATE_FLAGS = (
-    ("--max-new-tokens", int, "tokens to generate at most"),
-    ("--temperature", float, "sample with this temperature"),
-    ("--top-k", int, "sampling: keep the k most likely tokens; 0 keeps all"),
-    ("--top-p", float, "sampling: nucleus probability mass; 1.0 is off"),
-    ("--beams", int, "beam search with this many beams"),
-    ("--alpha", float, "beam search length-penalty alpha (T5X)"),
-    ("--seed", int, "sampling seed"),
+  ("--max-new-tokens", int, "tokens to generate at most"),
+  ("--temperature", float, "sample with this temperature"),
+  ("--top-k", int, "sampling: keep the k most likely tokens; 0 keeps all"),
+  ("--top-p", float, "sampling: nucleus probability mass; 1.0 is off"),
+  ("--beams", int, "beam search with this many beams"),
+  ("--alpha", float, "beam search length-penalty alpha (T5X)"),
+  ("--seed", int, "sampling seed"),
 )
 
 
 def _add_generate(sub) -> None:
   from jaxprompt.config import GenerateConfig
 
-  p = sub.add_parser("generate", help="generate text with a frozen model and soft prompt(s)", description=(
+  p = sub.add_parser(
+    "generate",
+    help="generate text with a frozen model and soft prompt(s)",
+    description=(
       "Generate one output per input (per prompt, with several --prompt: they run as one mixed-prompt batch). "
       "Without --model the base model recorded with the prompt is used. Empty input means: start from BOS. "
-      "Settings left out come from the generate: section of --config (or its defaults)."))
+      "Settings left out come from the generate: section of --config (or its defaults)."
+    ),
+  )
   p.add_argument("--config", help="a YAML config whose generate: section sets the defaults")
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="generate.KEY=VALUE",
-                 help="override a value of --config (repeatable)")
+  p.add_argument(
+    "--set",
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="generate.KEY=VALUE",
+    help="override a value of --config (repeatable)",
+  )
   p.add_argument("--model", help="base model: HF folder, hub id, .gguf, builtin:quickstart (default: recorded)")
   p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
-  p.add_argument("--prompt", action="append", default=[], metavar="WORKDIR_OR_EXPORT",
-                 help="a trained prompt: workdir, checkpoint step, PEFT folder, .npy or .safetensors (repeatable); "
-                 "WORKDIR@TASK: one task's prompt of a per-task run")
+  p.add_argument(
+    "--prompt",
+    action="append",
+    default=[],
+    metavar="WORKDIR_OR_EXPORT",
+    help="a trained prompt: workdir, checkpoint step, PEFT folder, .npy or .safetensors (repeatable); "
+    "WORKDIR@TASK: one task's prompt of a per-task run",
+  )
   p.add_argument("--step", default="best", help="checkpoint of a workdir prompt: best, latest or a step")
   g = p.add_mutually_exclusive_group()
   g.add_argument("--input", help="one input text")
@@ -480,24 +640,38 @@ def _add_generate(sub) -> None:
 
 
 def _add_sweep(sub) -> None:
-  p = sub.add_parser("sweep", help="train hyper-parameter variants of a config on one loaded model", description=(
+  p = sub.add_parser(
+    "sweep",
+    help="train hyper-parameter variants of a config on one loaded model",
+    description=(
       "Every combination of the --grid values, trained one after another on one loaded frozen model (one workdir "
-      "each, resumable), then a summary: WORKDIR/sweep.md, sweep.json and sweep.png (best dev metric per variant)."))
+      "each, resumable), then a summary: WORKDIR/sweep.md, sweep.json and sweep.png (best dev metric per variant)."
+    ),
+  )
   _common(p)
-  p.add_argument("--grid", action="append", required=True, metavar="SECTION.KEY=V1,V2",
-                 help="values to try for one key (repeatable: the variants are every combination)")
+  p.add_argument(
+    "--grid",
+    action="append",
+    required=True,
+    metavar="SECTION.KEY=V1,V2",
+    help="values to try for one key (repeatable: the variants are every combination)",
+  )
   p.add_argument("--workdir", help="the sweep's directory (default: runs/<config name>_sweep)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.set_defaults(fn=cmd_sweep)
 
 
 def _add_similarity(sub) -> None:
-  p = sub.add_parser("similarity", help="rank source prompts by similarity to a target prompt (SPoT transfer)",
-                     description=(
+  p = sub.add_parser(
+    "similarity",
+    help="rank source prompts by similarity to a target prompt (SPoT transfer)",
+    description=(
       "Prompt transfer (SPoT): rank trained source prompts by how alike they are to a target task's prompt (e.g. one "
       "trained briefly on the target), to pick the source that initialises the target (prompt.init: file). "
       "Metrics: average (cosine of the average tokens), per_token (mean cosine over token pairs), max (each target "
-      "token's best source token)."))
+      "token's best source token)."
+    ),
+  )
   p.add_argument("target", help="the target task's prompt (workdir, export, PEFT adapter, .npy)")
   p.add_argument("sources", nargs="+", help="candidate source prompts")
   p.add_argument("--metric", choices=["average", "per_token", "max"], default="average")
@@ -508,12 +682,16 @@ def _add_similarity(sub) -> None:
 
 
 def _add_serve(sub) -> None:
-  p = sub.add_parser("serve", help="serve a frozen model with many prompts over HTTP (OpenAI-compatible)",
-                     description=(
+  p = sub.add_parser(
+    "serve",
+    help="serve a frozen model with many prompts over HTTP (OpenAI-compatible)",
+    description=(
       "One frozen base model, every prompt in --prompts (workdirs, exports, PEFT adapters, .npy) by name (a per-task "
       "run: one per task, NAME.TASK), one HTTP "
       "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics. "
-      "Requests for different prompts are batched together. Needs the serve extra."))
+      "Requests for different prompts are batched together. Needs the serve extra."
+    ),
+  )
   p.add_argument("--model", required=True, help="base model: HF folder, hub id, .gguf, builtin:quickstart")
   p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
   p.add_argument("--prompts", help="a folder of prompts, each served under its file or folder name")
@@ -538,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   _add_train_eval(sub)
   _add_export_inspect(sub)
-  _add_plan_bench(sub)
+  _add_plan(sub)
+  _add_bench(sub)
   _add_generate(sub)
   _add_serve(sub)
   _add_similarity(sub)
@@ -549,8 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
-                      format="%(levelname)s %(name)s: %(message)s")
+  logging.basicConfig(
+    level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
+    format="%(levelname)s %(name)s: %(message)s",
+  )
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from jaxprompt.errors import UserError
 

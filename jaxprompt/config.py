@@ -39,14 +39,19 @@ class ModelConfig:
 
 
 # prompt options that only some methods have: option -> the methods it applies to
-_METHOD_OPTIONS = {"prefix_projection": ("prefix_tuning",), "encoder_hidden_size": ("prefix_tuning", "p_tuning"),
-                   "encoder_reparameterization_type": ("p_tuning",), "encoder_num_layers": ("p_tuning",),
-                   "encoder_dropout": ("p_tuning",)}
+_METHOD_OPTIONS = {
+  "prefix_projection": ("prefix_tuning",),
+  "encoder_hidden_size": ("prefix_tuning", "p_tuning"),
+  "encoder_reparameterization_type": ("p_tuning",),
+  "encoder_num_layers": ("p_tuning",),
+  "encoder_dropout": ("p_tuning",),
+}
 # options that need another option of their method set: (method, option) -> the option it needs
 _OPTION_NEEDS = {("prefix_tuning", "encoder_hidden_size"): "prefix_projection"}
 # the inits a method takes, where it does not take them all, and why
-_METHOD_INITS = {"prefix_tuning": (("random_uniform", "file"), "its parameters are keys and values, not token "
-                                                              "embeddings")}
+_METHOD_INITS = {
+  "prefix_tuning": (("random_uniform", "file"), "its parameters are keys and values, not token embeddings")
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +84,27 @@ class PromptConfig:
     lstm = self.encoder_reparameterization_type == "LSTM"
     for option in ("encoder_num_layers", "encoder_dropout"):
       if getattr(self, option) is not None and not lstm:
-        raise ConfigError(f"prompt.{option} applies to the LSTM encoder (prompt.encoder_reparameterization_type: "
-                          "LSTM); the MLP has exactly 3 layers and no dropout")
+        raise ConfigError(
+          f"prompt.{option} applies to the LSTM encoder (prompt.encoder_reparameterization_type: "
+          "LSTM); the MLP has exactly 3 layers and no dropout"
+        )
     inits, why = _METHOD_INITS.get(self.method, (None, None))
     if inits is not None and self.init not in inits:
-      raise ConfigError(f"prompt.init {self.init} does not apply to method {self.method} ({why}): use "
-                        f"{' or '.join(inits)}")
+      raise ConfigError(
+        f"prompt.init {self.init} does not apply to method {self.method} ({why}): use {' or '.join(inits)}"
+      )
     if self.length < 0:
       raise ConfigError(f"prompt.length must be >= 0 (0: the base model alone), got {self.length}")
 
   def option(self, name: str):
     """A method option with its default filled in (encoder_hidden_size stays None: the model decides)."""
-    defaults = dict(prefix_projection=False, encoder_reparameterization_type="MLP", encoder_num_layers=2,
-                    encoder_dropout=0.0, encoder_hidden_size=None)
+    defaults = dict(
+      prefix_projection=False,
+      encoder_reparameterization_type="MLP",
+      encoder_num_layers=2,
+      encoder_dropout=0.0,
+      encoder_hidden_size=None,
+    )
     value = getattr(self, name)
     return defaults[name] if value is None else value
 
@@ -171,8 +184,10 @@ class DataConfig:
     if isinstance(self.length_buckets, tuple):
       bad = [b for b in self.length_buckets if not 0 < b <= self.input_length]
       if bad or not self.length_buckets:
-        raise ConfigError(f"data.length_buckets: {list(self.length_buckets)} must be lengths in 1..data.input_length "
-                          f"({self.input_length}), or auto / none")
+        raise ConfigError(
+          f"data.length_buckets: {list(self.length_buckets)} must be lengths in 1..data.input_length "
+          f"({self.input_length}), or auto / none"
+        )
     if self.group_by_length < 0:
       raise ConfigError(f"data.group_by_length: {self.group_by_length} must be >= 0 (batches per window; 0 is off)")
 
@@ -180,20 +195,28 @@ class DataConfig:
     names = [m.name or m.task for m in self.mixture]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-      raise ConfigError(f"data.mixture: {', '.join(map(repr, twice))} appears more than once; give each member its "
-                        "own name (data.mixture[i].name)")
+      raise ConfigError(
+        f"data.mixture: {', '.join(map(repr, twice))} appears more than once; give each member its "
+        "own name (data.mixture[i].name)"
+      )
     rated = [m.rate is not None for m in self.mixture]
     if any(rated) and not all(rated):
-      raise ConfigError("data.mixture: give every member a rate, or none (then each is drawn in proportion to its "
-                        "number of training examples)")
+      raise ConfigError(
+        "data.mixture: give every member a rate, or none (then each is drawn in proportion to its "
+        "number of training examples)"
+      )
     if self.mixture_cap is not None and (all(rated) or self.mixture_cap < 1):
-      raise ConfigError(f"data.mixture_cap: {self.mixture_cap} caps examples-proportional rates (members without "
-                        "a rate) and must be >= 1")
+      raise ConfigError(
+        f"data.mixture_cap: {self.mixture_cap} caps examples-proportional rates (members without "
+        "a rate) and must be >= 1"
+      )
     defaults = DataConfig()
     given = [f for f in _MEMBER_ONLY if getattr(self, f) != getattr(defaults, f)]
     if given:
-      raise ConfigError(f"data.{given[0]} names one task's data; with data.mixture each member sets its own "
-                        f"(data.mixture[i].{given[0]})")
+      raise ConfigError(
+        f"data.{given[0]} names one task's data; with data.mixture each member sets its own "
+        f"(data.mixture[i].{given[0]})"
+      )
     if self.group_by_length:
       raise ConfigError("data.group_by_length does not apply to a data.mixture (its batches mix tasks at random)")
 
@@ -201,9 +224,18 @@ class DataConfig:
     """One single-task data section per task of the run: this one, or one per mixture member."""
     if not self.mixture:
       return (self,)
-    return tuple(dataclasses.replace(
-        self, task=m.task, files=m.files, custom=m.custom, mixture=(), mixture_cap=None,
-        **{f: getattr(self if getattr(m, f) is None else m, f) for f in _MEMBER_INHERITS}) for m in self.mixture)
+    return tuple(
+      dataclasses.replace(
+        self,
+        task=m.task,
+        files=m.files,
+        custom=m.custom,
+        mixture=(),
+        mixture_cap=None,
+        **{f: getattr(self if getattr(m, f) is None else m, f) for f in _MEMBER_INHERITS},
+      )
+      for m in self.mixture
+    )
 
   def member_names(self) -> tuple[str, ...]:
     return tuple(m.name or m.task for m in self.mixture) if self.mixture else (self.task,)
@@ -276,8 +308,7 @@ class GenerateConfig:
     if self.method == "sample" and not self.temperature > 0:
       raise ConfigError(f"generate.temperature must be > 0 to sample, got {self.temperature} (use method greedy)")
     if self.method == "beam" and (self.num_beams < 1 or self.alpha < 0):
-      raise ConfigError(f"beam search needs generate.num_beams >= 1 and alpha >= 0, got {self.num_beams}, "
-                        f"{self.alpha}")
+      raise ConfigError(f"beam search needs generate.num_beams >= 1 and alpha >= 0, got {self.num_beams}, {self.alpha}")
     if not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ConfigError(f"generate.top_p must be in (0, 1] and top_k >= 0, got {self.top_p}, {self.top_k}")
 
@@ -358,7 +389,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
       return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if len(value) != len(args):
       raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-    return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
   if tp is bool:
     if isinstance(value, bool):
       return value

@@ -17,8 +17,12 @@ import jax
 from jaxprompt.errors import UsageError
 
 
-def initialize(mode: str | None = None, coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+  mode: str | None = None,
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
   """Initialise multi-process JAX if asked to; returns whether it did."""
   mode = mode or os.environ.get("JAXPROMPT_DISTRIBUTED")
   coordinator = coordinator or os.environ.get("JAXPROMPT_COORDINATOR")

@@ -35,7 +35,9 @@ def _check_target(target: Path, overwrite: bool) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
 
 
-def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+def write_folder_atomically(
+  target: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False
+) -> Path:
   """Run `write(tmpdir)`, then rename tmpdir to `target`. A crash leaves no half-written `target`."""
   target = Path(target)
   _check_target(target, overwrite)

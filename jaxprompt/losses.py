@@ -26,8 +26,14 @@ class TokenSums:
     return cls(*[jnp.zeros((), jnp.float32) for _ in range(6)])
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0,
-                  weights: jax.Array | None = None, segments: jax.Array | None = None) -> TokenSums:
+def cross_entropy(
+  logits: jax.Array,
+  targets: jax.Array,
+  mask: jax.Array,
+  z_loss: float = 0.0,
+  weights: jax.Array | None = None,
+  segments: jax.Array | None = None,
+) -> TokenSums:
   """logits [B, T, V] (any float dtype, computed in float32), targets / mask [B, T] -> `TokenSums`.
   `weights` [B] (0 for padding rows of an eval batch) drops whole rows. `segments` [B, T] (packed rows: the
   example of each target token, 0 for none): sequence accuracy counts examples, not rows."""
@@ -49,5 +55,11 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss
     seq_correct = (jnp.sum(hit, -1) == jnp.sum(mask, -1)).astype(jnp.float32)
   if weights is not None:
     seq_correct = seq_correct * weights.reshape(weights.shape + (1,) * (seq_correct.ndim - 1)).astype(jnp.float32)
-  return TokenSums(loss=jnp.sum(ce + zl), ce=jnp.sum(ce), z_loss=jnp.sum(zl), correct=jnp.sum(hit),
-                   tokens=jnp.sum(mask), seq_correct=jnp.sum(seq_correct))
+  return TokenSums(
+    loss=jnp.sum(ce + zl),
+    ce=jnp.sum(ce),
+    z_loss=jnp.sum(zl),
+    correct=jnp.sum(hit),
+    tokens=jnp.sum(mask),
+    seq_correct=jnp.sum(seq_correct),
+  )

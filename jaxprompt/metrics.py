@@ -126,7 +126,7 @@ def group_exact_match(gold, pred, groups: Sequence) -> float:
   """Mean over groups of "every prediction in the group is right" (T5's MultiRC exact match)."""
   g, p = _arrays(gold, pred)
   right: dict = collections.defaultdict(lambda: True)
-  for key, ok in zip(groups, g == p):
+  for key, ok in zip(groups, g == p, strict=False):
     right[key] &= bool(ok)
   return float(np.mean(list(right.values()))) if right else 0.0
 
@@ -164,8 +164,9 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
   return max(_token_f1(normalize_answer(a), p) for a in answers)
 
 
-def qa_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]],
-               groups: Sequence | None = None) -> dict[str, float]:
+def qa_metrics(
+  predictions: Sequence[str], answers: Sequence[Sequence[str]], groups: Sequence | None = None
+) -> dict[str, float]:
   """Mean exact match and token F1, each the max over an example's answers. With `groups`, only the
   first example of each group counts (ReCoRD repeats an input once per answer)."""
   if len(predictions) != len(answers):
@@ -181,8 +182,31 @@ def qa_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]],
   return {"exact_match": float(np.mean(em)) if em else 0.0, "token_f1": float(np.mean(f1s)) if f1s else 0.0}
 
 
-_DETERMINERS = frozenset({"a", "an", "few", "her", "his", "each", "every", "many", "much", "my", "our", "some",
-                          "that", "the", "their", "these", "this", "those", "which", "whose", "your"})
+_DETERMINERS = frozenset(
+  {
+    "a",
+    "an",
+    "few",
+    "her",
+    "his",
+    "each",
+    "every",
+    "many",
+    "much",
+    "my",
+    "our",
+    "some",
+    "that",
+    "the",
+    "their",
+    "these",
+    "this",
+    "those",
+    "which",
+    "whose",
+    "your",
+  }
+)
 
 
 def wsc_referent_match(prediction: str, referent: str) -> bool:
@@ -200,7 +224,9 @@ def wsc_referent_match(prediction: str, referent: str) -> bool:
 
 def wsc_accuracy(predictions: Sequence[str], referents: Sequence[str], referent_correct: Sequence[bool]) -> float:
   """Accuracy of "the prediction names the candidate" against "the candidate is the referent"."""
-  hits = [wsc_referent_match(p, r) == bool(c) for p, r, c in zip(predictions, referents, referent_correct)]
+  hits = [
+    wsc_referent_match(p, r) == bool(c) for p, r, c in zip(predictions, referents, referent_correct, strict=False)
+  ]
   return float(np.mean(hits)) if hits else 0.0
 
 
@@ -216,8 +242,9 @@ def _values(labels: Sequence[str], idx: np.ndarray) -> np.ndarray:
   return np.where(idx >= 0, table[np.clip(idx, 0, None)], -1.0)
 
 
-def classification_metrics(names: Sequence[str], gold, pred, labels: Sequence[str],
-                           groups: Sequence | None = None) -> dict[str, float]:
+def classification_metrics(
+  names: Sequence[str], gold, pred, labels: Sequence[str], groups: Sequence | None = None
+) -> dict[str, float]:
   """The named metrics of class-index predictions (gold: [N] label indices, pred: [N], -1 = invalid)."""
   g, p = _arrays(gold, pred)
   out = {}
@@ -244,8 +271,9 @@ def classification_metrics(names: Sequence[str], gold, pred, labels: Sequence[st
   return out
 
 
-def generation_metrics(names: Sequence[str], predictions: Sequence[str],
-                       examples: Sequence[Mapping]) -> dict[str, float]:
+def generation_metrics(
+  names: Sequence[str], predictions: Sequence[str], examples: Sequence[Mapping]
+) -> dict[str, float]:
   """The named metrics of generated strings against the examples (their "targets", and "answers" /
   "group" / "referent_correct" where the task provides them)."""
   if len(predictions) != len(examples):
@@ -257,9 +285,10 @@ def generation_metrics(names: Sequence[str], predictions: Sequence[str],
       groups = [ex.get("group") for ex in examples] if any("group" in ex for ex in examples) else None
       out[name] = qa_metrics(predictions, answers, groups)[name]
     elif name == "wsc_accuracy":
-      kept = [(p, ex) for p, ex in zip(predictions, examples) if ex.get("referent_correct") is not None]
-      out[name] = wsc_accuracy([p for p, _ in kept], [ex["targets"] for _, ex in kept],
-                               [ex["referent_correct"] for _, ex in kept])
+      kept = [(p, ex) for p, ex in zip(predictions, examples, strict=False) if ex.get("referent_correct") is not None]
+      out[name] = wsc_accuracy(
+        [p for p, _ in kept], [ex["targets"] for _, ex in kept], [ex["referent_correct"] for _, ex in kept]
+      )
     else:
       raise ValueError(f"unknown generation metric {name!r}; known: {', '.join(GENERATION)}")
   return out

@@ -49,10 +49,23 @@ NUM_DIGITS = 5
 LABELS = tuple(str(i) for i in range(10))
 
 MODEL_CONFIG = T5Config(
-    vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-    relative_attention_num_buckets=32, relative_attention_max_distance=64, dropout_rate=0.1,
-    feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False,
-    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  vocab_size=384,
+  d_model=64,
+  d_kv=16,
+  d_ff=128,
+  num_layers=2,
+  num_decoder_layers=2,
+  num_heads=4,
+  relative_attention_num_buckets=32,
+  relative_attention_max_distance=64,
+  dropout_rate=0.1,
+  feed_forward_proj="gated-gelu",
+  tie_word_embeddings=False,
+  scale_decoder_outputs=False,
+  decoder_start_token_id=0,
+  pad_token_id=0,
+  eos_token_id=1,
+)
 PRETRAIN = dict(steps=1500, batch_size=64, learning_rate=3e-3, warmup=50, seed=0, input_length=20, target_length=4)
 RECIPE_VERSION = 1
 
@@ -85,8 +98,14 @@ def _split_rows(split: str) -> list[dict]:
 def task(name: str) -> TK.Task:
   """One prefixed digit task ("max: 3 7 1 8 2" -> "8"); its taskless variant drops the "max:" prefix."""
   # digits 0-9 are far from balanced for min/max: accuracy only
-  return TK.Task(f"quickstart:{name}", functools.partial(_format, task=name), LABELS, ("accuracy",),
-                 splits=tuple(SPLITS), generate_rows=_split_rows)
+  return TK.Task(
+    f"quickstart:{name}",
+    functools.partial(_format, task=name),
+    LABELS,
+    ("accuracy",),
+    splits=tuple(SPLITS),
+    generate_rows=_split_rows,
+  )
 
 
 def examples(task_name: str, n: int, seed: int, *, prefix: bool) -> list[dict]:
@@ -104,7 +123,8 @@ def tokenizer():
 
 def cache_dir() -> Path:
   root = os.environ.get("JAXPROMPT_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt")
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"
+  )
   recipe = json.dumps([RECIPE_VERSION, MODEL_CONFIG.to_hf(), PRETRAIN, TASKS, NUM_DIGITS], sort_keys=True)
   return Path(root) / f"quickstart-t5-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
 
@@ -113,17 +133,18 @@ def ensure_base_model(progress: bool = True) -> Path:
   """The cached pre-trained quickstart model folder; pre-trains it (about a minute) on first use. Processes that
   start together (several local runs, parallel test workers) pre-train it once: the others wait for it."""
   target = cache_dir()
-  done = lambda: (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+  def done():
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
   if done():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   with _exclusive(target.with_name(f".{target.name}.lock")):
     if not done():  # nobody finished it while we waited
       model = pretrain(progress=progress)
-      try:
+      with contextlib.suppress(FileExistsError):  # a process without the lock (another platform) finished first
         save_pretrained(model, target, tokenizer=tokenizer())
-      except FileExistsError:  # a process without the lock (another platform) finished first
-        pass
   return target
 
 
@@ -158,8 +179,14 @@ def pretrain(progress: bool = True) -> T5:
 
   p = PRETRAIN
   tok = tokenizer()
-  data = encoding.encode(Seq2SeqBatch, _mixture(20000, p["seed"]), tok, input_length=p["input_length"],
-                             target_length=p["target_length"], name="quickstart mixture")
+  data = encoding.encode(
+    Seq2SeqBatch,
+    _mixture(20000, p["seed"]),
+    tok,
+    input_length=p["input_length"],
+    target_length=p["target_length"],
+    name="quickstart mixture",
+  )
   stream = BatchStream(data, p["batch_size"], seed=p["seed"])
   model = T5(MODEL_CONFIG, rngs=nnx.Rngs(p["seed"]))
   graphdef, params = nnx.split(model)
@@ -181,8 +208,7 @@ def pretrain(progress: bool = True) -> T5:
     return optax.apply_updates(params, updates), opt_state, loss
 
   start = time.time()
-  bar = tqdm(range(p["steps"]), desc="pre-training the quickstart base model", disable=not progress,
-             dynamic_ncols=True)
+  bar = tqdm(range(p["steps"]), desc="pre-training the quickstart base model", disable=not progress, dynamic_ncols=True)
   loss = None
   for i in bar:
     params, opt_state, loss = step(params, opt_state, next(stream))

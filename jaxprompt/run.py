@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxprompt import config as C
@@ -38,14 +37,25 @@ LOSS_METRICS = ("eval_loss", "eval_seq_accuracy")  # every eval mode computes th
 
 def load_base(mcfg: C.ModelConfig, mesh=None):
   """(frozen base model, tokenizer) as the model section says."""
-  base = load_model(mcfg.path, dtype=jnp.dtype(mcfg.dtype), mesh=mesh, compute_dtype=jnp.dtype(mcfg.compute_dtype),
-                    remat=mcfg.remat, layer_loop=mcfg.layer_loop, attention=mcfg.attention, dropout=mcfg.dropout,
-                    revision=mcfg.revision, allow_pytorch_bin=mcfg.allow_pytorch_bin)
+  base = load_model(
+    mcfg.path,
+    dtype=jnp.dtype(mcfg.dtype),
+    mesh=mesh,
+    compute_dtype=jnp.dtype(mcfg.compute_dtype),
+    remat=mcfg.remat,
+    layer_loop=mcfg.layer_loop,
+    attention=mcfg.attention,
+    dropout=mcfg.dropout,
+    revision=mcfg.revision,
+    allow_pytorch_bin=mcfg.allow_pytorch_bin,
+  )
   tok_path = mcfg.tokenizer or mcfg.path
   tokenizer = load_tokenizer(tok_path)
   if len(tokenizer) > base.config.vocab_size:
-    raise DataError(f"tokenizer {tok_path!r} has {len(tokenizer)} tokens but the model's vocabulary "
-                    f"has {base.config.vocab_size} rows: they do not belong together")
+    raise DataError(
+      f"tokenizer {tok_path!r} has {len(tokenizer)} tokens but the model's vocabulary "
+      f"has {base.config.vocab_size} rows: they do not belong together"
+    )
   return base, tokenizer
 
 
@@ -56,7 +66,7 @@ def mesh_from_config(mc: C.MeshConfig):
   try:
     if -1 not in sizes and math.prod(sizes) < n and jax.process_count() == 1:
       log.warning("mesh data=%d x fsdp=%d x model=%d uses %d of the %d devices", *sizes, math.prod(sizes), n)
-      return shd.make_mesh(*sizes, devices=jax.devices()[:math.prod(sizes)])
+      return shd.make_mesh(*sizes, devices=jax.devices()[: math.prod(sizes)])
     return shd.make_mesh(*sizes)
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
@@ -85,8 +95,10 @@ class Member:
 def members_of(dcfg: C.DataConfig) -> tuple[Member, ...]:
   """The tasks a data section trains on, in order (a mixture's member i is prompt i of a per-task bank)."""
   rates = [m.rate for m in dcfg.mixture] or [None]
-  return tuple(Member(name, sources.task_from_config(d), d, rate)
-               for name, d, rate in zip(dcfg.member_names(), dcfg.members(), rates))
+  return tuple(
+    Member(name, sources.task_from_config(d), d, rate)
+    for name, d, rate in zip(dcfg.member_names(), dcfg.members(), rates, strict=False)
+  )
 
 
 def union_labels(members) -> tuple[str, ...] | None:
@@ -110,7 +122,7 @@ def mixture_metrics(members, mode: str) -> tuple[str, ...]:
   if len(members) == 1:
     return each[0]
   common = tuple(k for k in each[0] if all(k in e for e in each))
-  return common + tuple(f"{m.name}/{k}" for m, e in zip(members, each) for k in e)
+  return common + tuple(f"{m.name}/{k}" for m, e in zip(members, each, strict=False) for k in e)
 
 
 def validate(cfg: C.Config, members, mesh) -> None:
@@ -118,44 +130,60 @@ def validate(cfg: C.Config, members, mesh) -> None:
   tc, ec = cfg.train, cfg.eval
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if tc.microbatches != "auto" and tc.batch_size % (tc.microbatches * dp):
-    raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by train.microbatches "
-                      f"({tc.microbatches}) x data-parallel devices ({dp})")
+    raise ConfigError(
+      f"train.batch_size {tc.batch_size} must be divisible by train.microbatches "
+      f"({tc.microbatches}) x data-parallel devices ({dp})"
+    )
   if tc.batch_size % dp:
     raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by the data-parallel devices ({dp})")
   metrics = mixture_metrics(members, ec.mode)
   if ec.metric not in metrics:
     names = ", ".join(m.task.name for m in members)
-    raise ConfigError(f"eval.metric {ec.metric!r} is not computed for task {names} in eval.mode "
-                      f"{ec.mode}; available: {', '.join(metrics)}")
+    raise ConfigError(
+      f"eval.metric {ec.metric!r} is not computed for task {names} in eval.mode "
+      f"{ec.mode}; available: {', '.join(metrics)}"
+    )
   _validate_prompt(cfg.prompt, cfg.data, members)
-  for key, value in (("data.input_length", cfg.data.input_length),
-                     ("data.target_length", cfg.data.target_length), ("train.batch_size", tc.batch_size),
-                     ("train.microbatches", 1 if tc.microbatches == "auto" else tc.microbatches),
-                     ("train.log_every", tc.log_every),
-                     ("eval.batch_size", ec.batch_size), ("checkpoint.every", cfg.checkpoint.every),
-                     ("checkpoint.keep", cfg.checkpoint.keep)):
+  for key, value in (
+    ("data.input_length", cfg.data.input_length),
+    ("data.target_length", cfg.data.target_length),
+    ("train.batch_size", tc.batch_size),
+    ("train.microbatches", 1 if tc.microbatches == "auto" else tc.microbatches),
+    ("train.log_every", tc.log_every),
+    ("eval.batch_size", ec.batch_size),
+    ("checkpoint.every", cfg.checkpoint.every),
+    ("checkpoint.keep", cfg.checkpoint.keep),
+  ):
     if value < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 def _validate_prompt(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
   if dc.pack is True and not registry.get(pc.method).embeds:
-    raise ConfigError(f"data.pack needs a prompt before the input ({', '.join(registry.names(embeds=True))}); "
-                      f"{pc.method} puts keys/values in every layer")
+    raise ConfigError(
+      f"data.pack needs a prompt before the input ({', '.join(registry.names(embeds=True))}); "
+      f"{pc.method} puts keys/values in every layer"
+    )
   if pc.per_task and not dc.mixture:
     raise ConfigError("prompt.per_task trains one prompt per task of a data.mixture; this config has one task")
   refusal = methods.bank_refusal(pc) if pc.per_task else None
   if refusal:
-    raise ConfigError(f"prompt.per_task: a bank of {refusal} is not supported; use prompt_tuning or prefix_tuning "
-                      "without projection")
-  groups = [(m.name, m.labels) for m in members] if pc.per_task else [(members[0].task.name if len(members) == 1
-                                                                       else "the mixture", union_labels(members))]
+    raise ConfigError(
+      f"prompt.per_task: a bank of {refusal} is not supported; use prompt_tuning or prefix_tuning without projection"
+    )
+  groups = (
+    [(m.name, m.labels) for m in members]
+    if pc.per_task
+    else [(members[0].task.name if len(members) == 1 else "the mixture", union_labels(members))]
+  )
   for name, labels in groups if pc.init == "class_labels" else ():
     if not labels:
       raise ConfigError(f"prompt.init class_labels needs a task with label strings; {name} is generative")
     if len(labels) > pc.length:
-      raise ConfigError(f"prompt.length {pc.length} is shorter than the {len(labels)} class labels of {name} "
-                        "that prompt.init class_labels writes into it")
+      raise ConfigError(
+        f"prompt.length {pc.length} is shorter than the {len(labels)} class labels of {name} "
+        "that prompt.init class_labels writes into it"
+      )
 
 
 @dataclasses.dataclass
@@ -196,8 +224,12 @@ class Run:
     labels = tuple(self.labels or ())
     if len(self.members) == 1:
       return TaskRecord(name=self.members[0].name, labels=labels)
-    return TaskRecord(name="+".join(m.name for m in self.members), labels=labels, per_task=self.per_task,
-                      mixture=tuple(TaskMember(m.name, tuple(m.labels or ())) for m in self.members))
+    return TaskRecord(
+      name="+".join(m.name for m in self.members),
+      labels=labels,
+      per_task=self.per_task,
+      mixture=tuple(TaskMember(m.name, tuple(m.labels or ())) for m in self.members),
+    )
 
   def architecture(self) -> hf.Architecture:
     return architecture_summary(self.base)
@@ -205,8 +237,14 @@ class Run:
   def encode(self, examples: list[dict], name: str):
     """Examples -> one numpy batch of every row, laid out for this model kind."""
     d = self.cfg.data
-    return encoding.encode(self.base.batch_type, examples, self.tokenizer, input_length=d.input_length,
-                                       target_length=d.target_length, name=name)
+    return encoding.encode(
+      self.base.batch_type,
+      examples,
+      self.tokenizer,
+      input_length=d.input_length,
+      target_length=d.target_length,
+      name=name,
+    )
 
   @property
   def packs(self) -> bool:
@@ -227,8 +265,9 @@ class Run:
     return jax.tree.map(lambda x: x.sharding, self.frozen)
 
 
-def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: dict | None = None
-              ) -> tuple[Run, tuple[TaskData, ...] | None]:
+def build_run(
+  cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: dict | None = None
+) -> tuple[Run, tuple[TaskData, ...] | None]:
   """Load, check and assemble; returns the run and (unless `with_train_data=False`) the training split of each of
   its tasks (`Run.members`, in order). `bases`:
   loaded (base, tokenizer) by model section and mesh, shared between runs (a sweep loads its base once)."""
@@ -245,8 +284,10 @@ def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: 
       bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)
   if cfg.data.pack is True and not base.supports_packing:
-    raise ConfigError(f"data.pack packs seq2seq (T5) rows; this {base.kind} model shares its prompt between rows "
-                      "instead (set data.pack=false)")
+    raise ConfigError(
+      f"data.pack packs seq2seq (T5) rows; this {base.kind} model shares its prompt between rows "
+      "instead (set data.pack=false)"
+    )
   rng = jax.random.fold_in(jax.random.key(cfg.train.seed), 1)
   if cfg.prompt.per_task:
     method = methods.build_bank(cfg.prompt, base, tokenizer, [m.labels for m in members], rng)
@@ -254,6 +295,15 @@ def build_run(cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: 
     method = methods.build(cfg.prompt, base, tokenizer, union_labels(members), rng)
   graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, method), PromptParam, ...)
   prompt = jax.device_put(prompt_state.to_pure_dict(), shd.replicated(mesh))
-  run = Run(cfg=cfg, mesh=mesh, base=base, tokenizer=tokenizer, graphdef=graphdef, prompt=prompt,
-            frozen=frozen_state.to_pure_dict(), members=members, prompt_spec=method.spec())
+  run = Run(
+    cfg=cfg,
+    mesh=mesh,
+    base=base,
+    tokenizer=tokenizer,
+    graphdef=graphdef,
+    prompt=prompt,
+    frozen=frozen_state.to_pure_dict(),
+    members=members,
+    prompt_spec=method.spec(),
+  )
   return run, train

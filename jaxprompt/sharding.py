@@ -23,20 +23,20 @@ MESH_AXES = ("data", "fsdp", "model")
 
 # logical axis -> mesh axis (or axes, or None = replicated)
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("kv", None),
-    ("vocab", "model"),
-    ("layers", None),
-    ("relpos", None),
-    ("positions", None),
-    ("prompts", None),
-    ("prompt", None),
-    ("prompt_embed", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("mlp", "model"),
+  ("heads", "model"),
+  ("kv_heads", "model"),
+  ("kv", None),
+  ("vocab", "model"),
+  ("layers", None),
+  ("relpos", None),
+  ("positions", None),
+  ("prompts", None),
+  ("prompt", None),
+  ("prompt_embed", None),
 )
 _RULES = dict(RULES)
 
@@ -57,8 +57,9 @@ def make_mesh(data: int = 1, fsdp: int = 1, model: int = 1, devices: Sequence[ja
     sizes[sizes.index(-1)] = len(devices) // rest
   if math.prod(sizes) != len(devices):
     raise ValueError(
-        f"mesh data={sizes[0]} x fsdp={sizes[1]} x model={sizes[2]} needs {math.prod(sizes)} devices, "
-        f"but {len(devices)} are available")
+      f"mesh data={sizes[0]} x fsdp={sizes[1]} x model={sizes[2]} needs {math.prod(sizes)} devices, "
+      f"but {len(devices)} are available"
+    )
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -110,15 +111,17 @@ def shard_module(module: nnx.Module, mesh: Mesh) -> None:
   """Place every variable of `module` on `mesh` as the rules table says (in place)."""
   state = nnx.state(module)
   shardings = state_shardings(state, mesh)
-  placed = jax.tree.map(lambda v, s: jax.device_put(v.get_value(), s), state, shardings,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  placed = jax.tree.map(
+    lambda v, s: jax.device_put(v.get_value(), s), state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   nnx.update(module, placed)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Batch-major arrays: batch over (data, fsdp), other dims replicated."""
-  return NamedSharding(mesh, PartitionSpec(tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None,
-                                           *([None] * (ndim - 1))))
+  return NamedSharding(
+    mesh, PartitionSpec(tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None, *([None] * (ndim - 1)))
+  )
 
 
 def device_batch(mesh: Mesh, local):
@@ -155,9 +158,11 @@ def check_weights_fit(tree: Any, mesh: Mesh, *, limit: int | None = None, fracti
   held = per_device_bytes(tree)
   if held <= fraction * limit:
     return None
-  msg = (f"the frozen weights take {held / 2**30:.2f} GiB per device, {held / limit:.0%} of its "
-         f"{limit / 2**30:.1f} GiB (mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} "
-         f"model={mesh.shape['model']}): shard them more (raise mesh.fsdp or mesh.model), use "
-         "model.dtype=bfloat16, or check the fit first with `jaxprompt plan`")
+  msg = (
+    f"the frozen weights take {held / 2**30:.2f} GiB per device, {held / limit:.0%} of its "
+    f"{limit / 2**30:.1f} GiB (mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} "
+    f"model={mesh.shape['model']}): shard them more (raise mesh.fsdp or mesh.model), use "
+    "model.dtype=bfloat16, or check the fit first with `jaxprompt plan`"
+  )
   log.warning(msg)
   return msg

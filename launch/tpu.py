@@ -30,9 +30,15 @@ import time
 from typing import NamedTuple
 
 # `gcloud compute tpus tpu-vm versions list` has them all; these are the documented choices for JAX.
-DEFAULT_RUNTIME = {"v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
-                   "v5e": "v2-alpha-tpuv5-lite", "v4": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base",
-                   "v2": "tpu-ubuntu2204-base"}
+DEFAULT_RUNTIME = {
+  "v6e": "v2-alpha-tpuv6e",
+  "v5p": "v2-alpha-tpuv5",
+  "v5litepod": "v2-alpha-tpuv5-lite",
+  "v5e": "v2-alpha-tpuv5-lite",
+  "v4": "tpu-ubuntu2204-base",
+  "v3": "tpu-ubuntu2204-base",
+  "v2": "tpu-ubuntu2204-base",
+}
 # Source trees copied with --copy leave these behind.
 COPY_EXCLUDES = (".git", "runs", ".jax_cache", "__pycache__", "*.egg-info", ".pytest_cache", ".venv", "venv")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -45,6 +51,7 @@ class LaunchError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
 
 def remote_path(path: str) -> str:
   """Shell text for a path on a worker; a relative path (or ~/...) is taken from $HOME, whatever the cwd."""
@@ -108,12 +115,15 @@ def workdir_of(train_args: list[str]) -> str | None:
 def runtime_for(accelerator: str) -> str:
   family = accelerator.split("-", 1)[0]
   if family not in DEFAULT_RUNTIME:
-    raise LaunchError(f"no default --version for accelerator type {accelerator!r}; pass --version "
-                      "(see `gcloud compute tpus tpu-vm versions list`)")
+    raise LaunchError(
+      f"no default --version for accelerator type {accelerator!r}; pass --version "
+      "(see `gcloud compute tpus tpu-vm versions list`)"
+    )
   return DEFAULT_RUNTIME[family]
 
 
 # ---------------------------------------------------------------------------------------------------- gcloud argv
+
 
 class Gcloud:
   """Builds gcloud argv lists for one TPU VM (or queued resource) in one zone."""
@@ -133,8 +143,9 @@ class Gcloud:
 
   def ssh(self, command: str, worker: str = "all") -> list[str]:
     # `--command=TEXT` in one word: a TEXT starting with `-` can never be taken for a gcloud flag.
-    return self.tpu_vm("ssh", self.name, f"--worker={worker}", *(["--internal-ip"] if self.internal_ip else []),
-                       f"--command={command}")
+    return self.tpu_vm(
+      "ssh", self.name, f"--worker={worker}", *(["--internal-ip"] if self.internal_ip else []), f"--command={command}"
+    )
 
   def scp(self, src: str, dest: str, worker: str = "all") -> list[str]:
     return self.tpu_vm("scp", src, dest, f"--worker={worker}", *(["--internal-ip"] if self.internal_ip else []))
@@ -152,12 +163,25 @@ def step_create(args) -> list[Step]:
   version = args.version or runtime_for(args.accelerator_type)
   extra = list(args.create_arg)
   if args.queued:
-    argv = g.queued("create", args.qr_id or args.name, f"--node-id={args.name}",
-                    f"--accelerator-type={args.accelerator_type}", f"--runtime-version={version}",
-                    *(["--spot"] if args.spot else []), *extra)
+    argv = g.queued(
+      "create",
+      args.qr_id or args.name,
+      f"--node-id={args.name}",
+      f"--accelerator-type={args.accelerator_type}",
+      f"--runtime-version={version}",
+      *(["--spot"] if args.spot else []),
+      *extra,
+    )
   else:
-    argv = g.tpu_vm("create", args.name, f"--accelerator-type={args.accelerator_type}", f"--version={version}",
-                    *(["--spot"] if args.spot else []), *(["--preemptible"] if args.preemptible else []), *extra)
+    argv = g.tpu_vm(
+      "create",
+      args.name,
+      f"--accelerator-type={args.accelerator_type}",
+      f"--version={version}",
+      *(["--spot"] if args.spot else []),
+      *(["--preemptible"] if args.preemptible else []),
+      *extra,
+    )
   return [Step(argv)]
 
 
@@ -177,9 +201,11 @@ def step_setup(args) -> list[Step]:
     lines.append(f"if [ ! -x {v}/bin/python ]; then python3 -m venv {v}; fi")
   if args.git:
     git = f"git -C {repo}"
-    lines += [f"if [ ! -d {repo}/.git ]; then git clone --quiet {shlex.quote(args.git)} {repo}; fi",
-              f"{git} fetch --quiet origin {shlex.quote(args.ref)}",
-              f"{git} checkout --quiet --detach FETCH_HEAD"]
+    lines += [
+      f"if [ ! -d {repo}/.git ]; then git clone --quiet {shlex.quote(args.git)} {repo}; fi",
+      f"{git} fetch --quiet origin {shlex.quote(args.ref)}",
+      f"{git} checkout --quiet --detach FETCH_HEAD",
+    ]
     target = ["-e", None]
   elif args.copy:
     src = os.path.abspath(args.copy)
@@ -187,8 +213,9 @@ def step_setup(args) -> list[Step]:
       raise LaunchError(f"--copy {args.copy!r}: not a directory")
     archive = os.path.join(tempfile.gettempdir(), f"jaxprompt-src-{args.name}.tar.gz")
     remote_archive = "jaxprompt-src.tar.gz"
-    steps.append(Step(["tar", "-czf", archive, *(f"--exclude={x}" for x in COPY_EXCLUDES), "-C", src, "."],
-                  f"setup: pack {src}"))
+    steps.append(
+      Step(["tar", "-czf", archive, *(f"--exclude={x}" for x in COPY_EXCLUDES), "-C", src, "."], f"setup: pack {src}")
+    )
     steps.append(Step(g.scp(archive, f"{args.name}:{remote_archive}"), "setup: copy the source tree to every worker"))
     steps.append(Step(["rm", "-f", archive], "setup: remove the local archive"))
     ra = remote_path(remote_archive)
@@ -209,33 +236,44 @@ def step_setup(args) -> list[Step]:
 def train_command(args) -> str:
   """The remote shell TEXT that starts `jaxprompt train ...` on one worker."""
   if not args.train_args:
-    raise LaunchError("nothing to train: put the `jaxprompt train` arguments after `--` "
-                      "(e.g. -- configs/x.yaml --workdir /mnt/shared/runs/x)")
+    raise LaunchError(
+      "nothing to train: put the `jaxprompt train` arguments after `--` "
+      "(e.g. -- configs/x.yaml --workdir /mnt/shared/runs/x)"
+    )
   workdir = workdir_of(args.train_args)
   if workdir and workdir.startswith("gs://") and not args.allow_gs_workdir:
-    raise LaunchError(f"--workdir {workdir}: jaxprompt writes its workdir through local paths, so every worker "
-                      "would write a local directory 'gs:/...'; use a filesystem all workers share (a gcsfuse "
-                      "mount or Filestore NFS, see launch/README.md), or --allow-gs-workdir if your jaxprompt "
-                      "version reads gs:// itself")
+    raise LaunchError(
+      f"--workdir {workdir}: jaxprompt writes its workdir through local paths, so every worker "
+      "would write a local directory 'gs:/...'; use a filesystem all workers share (a gcsfuse "
+      "mount or Filestore NFS, see launch/README.md), or --allow-gs-workdir if your jaxprompt "
+      "version reads gs:// itself"
+    )
   # multi-host: jaxprompt calls jax.distributed.initialize() with no arguments, which finds the TPU pod itself;
   # JAX_PLATFORMS=tpu turns a broken libtpu install into an error instead of a slow run on CPU.
   env = parse_env(args.env, {"JAXPROMPT_DISTRIBUTED": "auto", "JAX_PLATFORMS": "tpu"})
   argv = env_argv(env) + shlex.split(args.program) + ["train", *args.train_args]
   logdir, job = remote_path(args.log_dir), shlex.quote(args.job)
   # `set -- ARGV` once, then "$@": the user's words are quoted exactly once in the remote TEXT.
-  lines = ["set -e" + (" -o pipefail" if args.attach else ""), path_export(args.venv), f"mkdir -p {logdir}",
-           cd_repo(args.remote_dir),
-           f'log={logdir}/{job}-"$(hostname)".log', f'pidfile={logdir}/{job}-"$(hostname)".pid',
-           "set -- " + shlex.join(argv),
-           'echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname): $*" >> "$log"']
+  lines = [
+    "set -e" + (" -o pipefail" if args.attach else ""),
+    path_export(args.venv),
+    f"mkdir -p {logdir}",
+    cd_repo(args.remote_dir),
+    f'log={logdir}/{job}-"$(hostname)".log',
+    f'pidfile={logdir}/{job}-"$(hostname)".pid',
+    "set -- " + shlex.join(argv),
+    'echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname): $*" >> "$log"',
+  ]
   if args.attach:
     lines.append('"$@" < /dev/null 2>&1 | tee -a "$log"')
   else:
     # setsid + nohup + no terminal: the run survives the ssh session (and a laptop going to sleep).
-    lines += ['if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2> /dev/null; then '
-              'echo "$(hostname): already running (pid $(cat "$pidfile")); stop it first" >&2; exit 1; fi',
-              'nohup setsid "$@" >> "$log" 2>&1 < /dev/null & echo $! > "$pidfile"',
-              'echo "$(hostname): started pid $(cat "$pidfile"), log $log"']
+    lines += [
+      'if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2> /dev/null; then '
+      'echo "$(hostname): already running (pid $(cat "$pidfile")); stop it first" >&2; exit 1; fi',
+      'nohup setsid "$@" >> "$log" 2>&1 < /dev/null & echo $! > "$pidfile"',
+      'echo "$(hostname): started pid $(cat "$pidfile"), log $log"',
+    ]
   return "; ".join(lines)
 
 
@@ -246,8 +284,7 @@ def step_train(args) -> list[Step]:
 def step_logs(args) -> list[Step]:
   logdir, job = remote_path(args.log_dir), shlex.quote(args.job)
   n = int(args.lines)
-  cmd = (f'tail -n {n} -F {logdir}/{job}-"$(hostname)".log' if args.follow
-         else f"tail -n {n} {logdir}/{job}-*.log")
+  cmd = f'tail -n {n} -F {logdir}/{job}-"$(hostname)".log' if args.follow else f"tail -n {n} {logdir}/{job}-*.log"
   return [Step(Gcloud(args).ssh(cmd, worker=args.worker))]
 
 
@@ -255,16 +292,20 @@ def step_fetch_logs(args) -> list[Step]:
   logdir = plain_path(args.log_dir, "--log-dir")
   dest = args.dest or os.path.join("logs", args.name)
   # One local folder made first: the workers' copies land in it side by side (each log is named by its host).
-  return [Step(["mkdir", "-p", dest]),
-          Step(Gcloud(args).scp(f"{args.name}:{logdir}/*", dest + "/", worker=args.worker))]
+  return [
+    Step(["mkdir", "-p", dest]),
+    Step(Gcloud(args).scp(f"{args.name}:{logdir}/*", dest + "/", worker=args.worker)),
+  ]
 
 
 def step_stop(args) -> list[Step]:
   logdir, job = remote_path(args.log_dir), shlex.quote(args.job)
-  cmd = (f'pidfile={logdir}/{job}-"$(hostname)".pid; '
-         'if [ -f "$pidfile" ] && kill -TERM "$(cat "$pidfile")" 2> /dev/null; then '
-         'echo "$(hostname): sent SIGTERM (jaxprompt writes a checkpoint and exits 75)"; '
-         'else echo "$(hostname): not running"; fi')
+  cmd = (
+    f'pidfile={logdir}/{job}-"$(hostname)".pid; '
+    'if [ -f "$pidfile" ] && kill -TERM "$(cat "$pidfile")" 2> /dev/null; then '
+    'echo "$(hostname): sent SIGTERM (jaxprompt writes a checkpoint and exits 75)"; '
+    'else echo "$(hostname): not running"; fi'
+  )
   return [Step(Gcloud(args).ssh(cmd))]
 
 
@@ -289,6 +330,7 @@ def step_up(args) -> list[Step]:
 
 
 # ----------------------------------------------------------------------------------------------------- execution
+
 
 def wait_active(argv: list[str], poll_s: float = 30.0) -> int:
   while True:
@@ -321,6 +363,7 @@ def execute(steps: list[Step], dry_run: bool) -> int:
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 
+
 def build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("name", help="TPU VM name (the queued resource's node id with --queued)")
@@ -339,8 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
   create.add_argument("--version", help="TPU runtime (default: the documented one for the TPU generation)")
   create.add_argument("--spot", action="store_true", help="Spot TPU (cheap; preempted runs resume on rerun)")
   create.add_argument("--preemptible", action="store_true", help="preemptible TPU (older than --spot)")
-  create.add_argument("--create-arg", action="append", default=[], metavar="FLAG",
-                      help="extra gcloud create flag, e.g. --create-arg=--network=my-net (repeatable)")
+  create.add_argument(
+    "--create-arg",
+    action="append",
+    default=[],
+    metavar="FLAG",
+    help="extra gcloud create flag, e.g. --create-arg=--network=my-net (repeatable)",
+  )
 
   paths = argparse.ArgumentParser(add_help=False)
   paths.add_argument("--remote-dir", default="jaxprompt", help="source tree on the workers (relative: to $HOME)")
@@ -359,15 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
 
   train = argparse.ArgumentParser(add_help=False)
   train.add_argument("--program", default="jaxprompt", help="the command run on the workers, before `train`")
-  train.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                     help="environment for the run (repeatable; JAXPROMPT_DISTRIBUTED=auto and JAX_PLATFORMS=tpu "
-                          "are set unless overridden)")
-  train.add_argument("--attach", action="store_true",
-                     help="stay connected and stream the output (default: start detached, see `logs`)")
+  train.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="NAME=VALUE",
+    help="environment for the run (repeatable; JAXPROMPT_DISTRIBUTED=auto and JAX_PLATFORMS=tpu "
+    "are set unless overridden)",
+  )
+  train.add_argument(
+    "--attach", action="store_true", help="stay connected and stream the output (default: start detached, see `logs`)"
+  )
   train.add_argument("--allow-gs-workdir", action="store_true", help="pass a gs:// --workdir through")
 
-  p = argparse.ArgumentParser(prog="tpu.py", description=__doc__.split("\n\n")[0],
-                              epilog="`jaxprompt train` arguments go after `--`; see launch/README.md.")
+  p = argparse.ArgumentParser(
+    prog="tpu.py",
+    description=__doc__.split("\n\n")[0],
+    epilog="`jaxprompt train` arguments go after `--`; see launch/README.md.",
+  )
   sub = p.add_subparsers(dest="cmd", required=True)
 
   def add(name, parents, fn, help_):
@@ -402,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
   rest: list[str] = []
   if "--" in argv:
     i = argv.index("--")
-    argv, rest = argv[:i], argv[i + 1:]
+    argv, rest = argv[:i], argv[i + 1 :]
   args = build_parser().parse_args(argv)
   args.train_args = rest
   if rest and args.cmd not in ("train", "up", "exec"):

@@ -12,8 +12,10 @@ from jaxprompt.training.trainer import train
 from tests.helpers_hf import write_decoder
 
 # Inputs of real lengths 0..7 (of a limit of 32) for length-bucket and packing tests.
-BUCKET_EXAMPLES = [{"inputs": " ".join(str(3 + (i * 7 + j) % 80) for j in range(n)), "targets": f"{10 + i} {20 + i}"}
-                   for i, n in enumerate([5, 1, 0, 7, 3, 2, 6, 4])]
+BUCKET_EXAMPLES = [
+  {"inputs": " ".join(str(3 + (i * 7 + j) % 80) for j in range(n)), "targets": f"{10 + i} {20 + i}"}
+  for i, n in enumerate([5, 1, 0, 7, 3, 2, 6, 4])
+]
 
 
 def _with_overrides(raw: dict, over: dict) -> dict:
@@ -26,13 +28,13 @@ def _with_overrides(raw: dict, over: dict) -> dict:
 def small_cfg(folder, **over) -> C.Config:
   """A tiny T5 run: the taskless quickstart digit task, 6 steps, logs every 2, no eval; `section.key` overrides."""
   raw = {
-      "model": {"path": str(folder)},
-      "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
-      "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
-      "optimizer": {"name": "adafactor", "learning_rate": 0.3},
-      "train": {"steps": 6, "batch_size": 8, "log_every": 2, "plot": False},
-      "eval": {"every": 0, "at_end": False, "max_examples": 16, "batch_size": 8},
-      "checkpoint": {"every": 3, "keep": 5, "async_save": False},
+    "model": {"path": str(folder)},
+    "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
+    "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
+    "optimizer": {"name": "adafactor", "learning_rate": 0.3},
+    "train": {"steps": 6, "batch_size": 8, "log_every": 2, "plot": False},
+    "eval": {"every": 0, "at_end": False, "max_examples": 16, "batch_size": 8},
+    "checkpoint": {"every": 3, "keep": 5, "async_save": False},
   }
   return C.from_dict(_with_overrides(raw, over))
 
@@ -40,13 +42,13 @@ def small_cfg(folder, **over) -> C.Config:
 def tiny_cfg(folder, **over) -> C.Config:
   """A tiny run on any base folder: the taskless quickstart digit task, 6 steps, no eval; `section.key` overrides."""
   raw = {
-      "model": {"path": str(folder)},
-      "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
-      "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
-      "optimizer": {"name": "adafactor", "learning_rate": 0.3},
-      "train": {"steps": 6, "batch_size": 8, "log_every": 3, "plot": False},
-      "eval": {"every": 0, "at_end": False, "max_examples": 16, "batch_size": 8},
-      "checkpoint": {"every": 3, "keep": 5, "async_save": False},
+    "model": {"path": str(folder)},
+    "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
+    "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
+    "optimizer": {"name": "adafactor", "learning_rate": 0.3},
+    "train": {"steps": 6, "batch_size": 8, "log_every": 3, "plot": False},
+    "eval": {"every": 0, "at_end": False, "max_examples": 16, "batch_size": 8},
+    "checkpoint": {"every": 3, "keep": 5, "async_save": False},
   }
   return C.from_dict(_with_overrides(raw, over))
 
@@ -54,13 +56,13 @@ def tiny_cfg(folder, **over) -> C.Config:
 def write_config(folder, path: Path, steps: int, **extra) -> Path:
   """A validated YAML config for a CLI training process on `folder` (async checkpoints every 5 steps)."""
   raw = {
-      "model": {"path": str(folder), "dropout": 0.1},
-      "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
-      "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
-      "train": {"steps": steps, "batch_size": 8, "log_every": 5, "plot": False},
-      "eval": {"every": 0, "at_end": False},
-      "checkpoint": {"every": 5, "keep": 2, "async_save": True},
-      "mesh": {"data": 1},
+    "model": {"path": str(folder), "dropout": 0.1},
+    "prompt": {"length": 4, "init": "sampled_vocab", "vocab_sample_size": 300},
+    "data": {"task": "quickstart", "taskless": True, "input_length": 12, "target_length": 3},
+    "train": {"steps": steps, "batch_size": 8, "log_every": 5, "plot": False},
+    "eval": {"every": 0, "at_end": False},
+    "checkpoint": {"every": 5, "keep": 2, "async_save": True},
+    "mesh": {"data": 1},
   }
   C.from_dict(_with_overrides(raw, extra))  # validate
   import yaml

@@ -8,15 +8,16 @@ from pathlib import Path
 import torch
 
 T5_VARIANTS = {
-    # original T5: ReLU FFN, head tied to the embedding with the d_model**-0.5 rescale
-    "t5-relu-tied": dict(feed_forward_proj="relu", tie_word_embeddings=True),
-    # T5 v1.1 / LM-adapted / Flan-T5: gated-GELU, untied head
-    "t5v11-gated-untied": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-    # mT5-like: large vocabulary, gated-GELU, untied
-    "mt5-large-vocab": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=2500),
-    # unequal depths, d_kv independent of d_model / heads, UL2-style gated-SiLU
-    "deep-enc-gated-silu": dict(feed_forward_proj="gated-silu", tie_word_embeddings=False, num_layers=3,
-                                num_decoder_layers=1, d_kv=5),
+  # original T5: ReLU FFN, head tied to the embedding with the d_model**-0.5 rescale
+  "t5-relu-tied": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+  # T5 v1.1 / LM-adapted / Flan-T5: gated-GELU, untied head
+  "t5v11-gated-untied": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+  # mT5-like: large vocabulary, gated-GELU, untied
+  "mt5-large-vocab": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=2500),
+  # unequal depths, d_kv independent of d_model / heads, UL2-style gated-SiLU
+  "deep-enc-gated-silu": dict(
+    feed_forward_proj="gated-silu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=1, d_kv=5
+  ),
 }
 
 
@@ -24,9 +25,21 @@ def write_t5(folder: Path, variant: str, seed: int = 0, **overrides) -> Path:
   """A random tiny T5ForConditionalGeneration saved with save_pretrained; returns the folder."""
   from transformers import T5Config, T5ForConditionalGeneration
 
-  kw = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.1,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  kw = dict(
+    vocab_size=96,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    dropout_rate=0.1,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+  )
   kw.update(T5_VARIANTS[variant])
   kw.update(overrides)
   tie = kw["tie_word_embeddings"]
@@ -50,21 +63,34 @@ def load_t5(folder: Path):
 # -- decoder-only models ------------------------------------------------------------------------
 
 DECODER_VARIANTS = {
-    # Llama 3: grouped-query attention, llama3 rope scaling (theta/original length chosen so the tiny head
-    # dim sees all three frequency bands: kept, smoothed, divided by factor), untied head
-    "llama3-gqa-untied": ("LlamaForCausalLM", dict(
-        num_key_value_heads=2, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=32))),
-    # Llama 2 style with a tied head, plus attention_bias / mlp_bias
-    "llama-tied-bias": ("LlamaForCausalLM", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
-    # Mistral: GQA and a sliding window shorter than the test sequences
-    "mistral-window": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=4)),
-    # Qwen2: q/k/v biases; layer 0 full attention, layer 1 a sliding window
-    "qwen2-mixed-window": ("Qwen2ForCausalLM", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
-                                                    max_window_layers=1)),
-    # GPT-2: learned positions, LayerNorm, fused Conv1D c_attn, tied head
-    "gpt2": ("GPT2LMHeadModel", dict()),
+  # Llama 3: grouped-query attention, llama3 rope scaling (theta/original length chosen so the tiny head
+  # dim sees all three frequency bands: kept, smoothed, divided by factor), untied head
+  "llama3-gqa-untied": (
+    "LlamaForCausalLM",
+    dict(
+      num_key_value_heads=2,
+      tie_word_embeddings=False,
+      rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=100.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=32,
+      ),
+    ),
+  ),
+  # Llama 2 style with a tied head, plus attention_bias / mlp_bias
+  "llama-tied-bias": ("LlamaForCausalLM", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+  # Mistral: GQA and a sliding window shorter than the test sequences
+  "mistral-window": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=4)),
+  # Qwen2: q/k/v biases; layer 0 full attention, layer 1 a sliding window
+  "qwen2-mixed-window": (
+    "Qwen2ForCausalLM",
+    dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=3, max_window_layers=1),
+  ),
+  # GPT-2: learned positions, LayerNorm, fused Conv1D c_attn, tied head
+  "gpt2": ("GPT2LMHeadModel", dict()),
 }
 
 
@@ -78,8 +104,9 @@ def write_decoder(folder: Path, variant: str, seed: int = 0, **overrides) -> Pat
   if cls_name == "GPT2LMHeadModel":
     base.update(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64)
   else:
-    base.update(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=64)
+    base.update(
+      hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+    )
   base.update(kw)
   base.update(overrides)
   config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config"))

@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def user_cache(monkeypatch):
   # the user's cache, as a user's own script would see it: the quickstart base is pre-trained at most once
-  monkeypatch.setenv("JAXPROMPT_CACHE", os.environ.get("JAXPROMPT_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"))
+  monkeypatch.setenv(
+    "JAXPROMPT_CACHE",
+    os.environ.get("JAXPROMPT_CACHE")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"),
+  )
 
 
 DOC_PAGE = ROOT / "docs" / "getting-started.md"  # the Python API example lives there (tests/test_docs.py skips it)
@@ -27,7 +30,7 @@ DOC_PAGE = ROOT / "docs" / "getting-started.md"  # the Python API example lives 
 
 def _docs_example() -> str:
   text = DOC_PAGE.read_text()
-  section = text[text.index("## Python API"):]
+  section = text[text.index("## Python API") :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

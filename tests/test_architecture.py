@@ -30,7 +30,7 @@ def _resolve(module: str, node: ast.ImportFrom) -> str:
   base = module.split(".")
   is_package = (PACKAGE.parent / Path(*base) / "__init__.py").exists()
   base = base if is_package else base[:-1]
-  base = base[:len(base) - node.level + 1]
+  base = base[: len(base) - node.level + 1]
   return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -76,7 +76,7 @@ def _assert_acyclic(graph: dict[str, set[str]]) -> None:
     state[m] = 1
     for d in sorted(graph.get(m, ())):
       if state.get(d) == 1:
-        pytest.fail("import cycle: " + " -> ".join(path[path.index(d):] + [d]) if d in path else d)
+        pytest.fail("import cycle: " + " -> ".join(path[path.index(d) :] + [d]) if d in path else d)
       if d not in state:
         visit(d, path + [d])
     state[m] = 2
@@ -130,14 +130,23 @@ def test_no_capability_is_probed_and_no_model_is_changed_after_construction():
   assert {"score_packed", "shared_prompt", "identity", "layer_loop", "supports_packing"} <= names
   for mod, tree in MODULES.items():
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
-          and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in probe
-          and (node.func.id == "hasattr" or len(node.args) == 3)):
+      if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("hasattr", "getattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and node.args[1].value in probe
+        and (node.func.id == "hasattr" or len(node.args) == 3)
+      ):
         found.append(f"{mod}:{node.lineno}: {node.func.id}(..., {node.args[1].value!r})")
       if isinstance(node, ast.Assign):
         for t in node.targets:
-          if (isinstance(t, ast.Attribute) and t.attr in names and not (isinstance(t.value, ast.Name)
-                                                                         and t.value.id == "self")):
+          if (
+            isinstance(t, ast.Attribute)
+            and t.attr in names
+            and not (isinstance(t.value, ast.Name) and t.value.id == "self")
+          ):
             found.append(f"{mod}:{node.lineno}: .{t.attr} = ...")
   assert not found, found
 
@@ -151,8 +160,11 @@ def test_no_private_name_crosses_a_module_boundary():
         src = _resolve(name, node)
         if any(part.startswith("_") and part != "__future__" for part in src.split(".")):
           found.append(f"{name}: from {src} import ...")
-        found += [f"{name}: from {src} import {a.name}" for a in node.names
-                  if a.name.startswith("_") and not a.name.startswith("__")]
+        found += [
+          f"{name}: from {src} import {a.name}"
+          for a in node.names
+          if a.name.startswith("_") and not a.name.startswith("__")
+        ]
         aliases.update(a.asname or a.name for a in node.names)
       elif isinstance(node, ast.Import):
         for a in node.names:
@@ -160,8 +172,13 @@ def test_no_private_name_crosses_a_module_boundary():
             found.append(f"{name}: import {a.name}")
           aliases.add(a.asname or a.name.split(".")[0])
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-          and node.attr.startswith("_") and not node.attr.startswith("__")):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+      ):
         found.append(f"{name}: {node.value.id}.{node.attr}")
   assert not found, found
 
@@ -186,13 +203,15 @@ METHOD_REGISTRY_MODULES = {"jaxprompt.prompts.registry"}
 def _method_name_dispatch(node: ast.AST) -> bool:
   """A comparison with a method's name (`m == "p_tuning"`, `m in ("prompt_tuning", ...)`), or a spec dict's method
   looked up (`d.get("method", ...)`, `d["method"]`)."""
+
   def const(n):
     return isinstance(n, ast.Constant) and n.value in METHOD_NAMES
 
   if isinstance(node, ast.Compare):
     operands = [node.left, *node.comparators]
-    return any(const(c) or (isinstance(c, (ast.Tuple, ast.List, ast.Set)) and any(map(const, c.elts)))
-               for c in operands)
+    return any(
+      const(c) or (isinstance(c, (ast.Tuple, ast.List, ast.Set)) and any(map(const, c.elts))) for c in operands
+    )
   if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
     return bool(node.args) and isinstance(node.args[0], ast.Constant) and node.args[0].value == "method"
   return isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "method"
@@ -202,8 +221,13 @@ def test_no_code_path_compares_a_method_name():
   """Callers ask the method registry (`prompts.registry`: a `Method` entry, a typed `PromptSpec`), never compare
   "prompt_tuning" / "p_tuning" / "prefix_tuning" or read a spec dict's "method": a new method is its own module and
   one registry line."""
-  found = [f"{name}:{node.lineno}" for name, tree in MODULES.items() if name not in METHOD_REGISTRY_MODULES
-           for node in ast.walk(tree) if _method_name_dispatch(node)]
+  found = [
+    f"{name}:{node.lineno}"
+    for name, tree in MODULES.items()
+    if name not in METHOD_REGISTRY_MODULES
+    for node in ast.walk(tree)
+    if _method_name_dispatch(node)
+  ]
   assert not found, found
 
 
@@ -217,12 +241,19 @@ def test_every_model_family_implements_its_kind_interface(tmp_path):
   t5 = abstract_model(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
   assert isinstance(t5, I.Seq2SeqLM) and t5.batch_type is Seq2SeqBatch
   for family in ("llama", "gpt2"):
-    dec = abstract_model(DecoderConfig(model_type=family, vocab_size=32, hidden_size=8, intermediate_size=16,
-                                       num_hidden_layers=1, num_attention_heads=2))
+    dec = abstract_model(
+      DecoderConfig(
+        model_type=family,
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+      )
+    )
     assert isinstance(dec, I.CausalLM) and dec.batch_type is CausalBatch
     assert not isinstance(dec, I.Seq2SeqLM)
   assert not isinstance(t5, I.CausalLM)
-
 
 
 TESTS = Path(__file__).resolve().parent
@@ -257,6 +288,9 @@ def test_no_test_module_imports_another():
   never by importing each other."""
   paths = sorted(TESTS.glob("test_*.py"))
   assert Path(__file__).resolve() in paths
-  found = [f"{path.name}: {name}" for path in paths
-           for name in _imported_test_modules(ast.parse(path.read_text(), filename=str(path)))]
+  found = [
+    f"{path.name}: {name}"
+    for path in paths
+    for name in _imported_test_modules(ast.parse(path.read_text(), filename=str(path)))
+  ]
   assert not found, found

@@ -61,18 +61,18 @@ def relative_and_padding(r, b, lq, s):
   key at all (every entry masked: the output must stay finite and equal the formula's)."""
   rel = jnp.asarray(r.standard_normal((1, HEADS, lq, s)), jnp.float32)
   real = np.ones((b, s), bool)
-  real[0, s - 2:] = False
+  real[0, s - 2 :] = False
   real[-1] = False
   return rel + jnp.asarray(np.where(real, 0.0, MASK), jnp.float32)[:, None, None, :]
 
 
 CASES = {
-    # name: (batch, query length, key length, bias builder)
-    "relative+padding": (3, 5, 7, relative_and_padding),
-    "causal": (2, 6, 6, lambda r, b, lq, s: window(lq, s)),
-    "sliding window": (2, 9, 9, lambda r, b, lq, s: window(lq, s, size=3)),
-    "prefix": (2, 5, 8, lambda r, b, lq, s: window(lq, s, prefix=3)),
-    "no bias": (1, 3, 10, lambda r, b, lq, s: None),
+  # name: (batch, query length, key length, bias builder)
+  "relative+padding": (3, 5, 7, relative_and_padding),
+  "causal": (2, 6, 6, lambda r, b, lq, s: window(lq, s)),
+  "sliding window": (2, 9, 9, lambda r, b, lq, s: window(lq, s, size=3)),
+  "prefix": (2, 5, 8, lambda r, b, lq, s: window(lq, s, prefix=3)),
+  "no bias": (1, 3, 10, lambda r, b, lq, s: None),
 }
 
 
@@ -111,8 +111,9 @@ def check(name, case, dtype, tol):
   np.testing.assert_allclose(np.asarray(out, np.float32), want_out, rtol=tol, atol=tol)
   for what, got, want in zip(["q", "k", "v", "bias"], grads, want_grads, strict=True):
     assert got.shape == want.shape, what
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol,
-                               err_msg=f"d{what}")
+    np.testing.assert_allclose(
+      np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol, err_msg=f"d{what}"
+    )
 
 
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN attention runs only on an NVIDIA GPU; none here")
@@ -149,8 +150,14 @@ def test_dropout_runs_the_cpu_kernel_with_layers_bernoulli_masks(name, caplog):
   A._logged.clear()
   with caplog.at_level(logging.WARNING, logger="jaxprompt.models.attention"):
     out, grads = values_and_grads(
-        lambda q, k, v, bias: A.attend(q, k, v, bias, scale=SCALE, dropout_rate=rate, dropout_rng=rng,
-                                       implementation=name), q, k, v, bias)
+      lambda q, k, v, bias: A.attend(
+        q, k, v, bias, scale=SCALE, dropout_rate=rate, dropout_rng=rng, implementation=name
+      ),
+      q,
+      k,
+      v,
+      bias,
+    )
     A.attend(q, k, v, bias, scale=SCALE, dropout_rate=rate, dropout_rng=rng, implementation=name)
   want_out, want_grads = values_and_grads(lambda q, k, v, bias: plain(q, k, v, bias, keep, rate), q, k, v, bias)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
@@ -184,4 +191,5 @@ def test_resolve_names_the_choices_and_cudnn_falls_back_to_xla_once(caplog):
   want = A.attend(q, k, v, bias, scale=SCALE, implementation="xla")
   assert all(np.array_equal(g, want) for g in got)
   assert [r.getMessage() for r in caplog.records] == [
-      f"attention: 'cudnn' falls back to 'xla': cuDNN needs an NVIDIA GPU (the backend is {jax.default_backend()})"]
+    f"attention: 'cudnn' falls back to 'xla': cuDNN needs an NVIDIA GPU (the backend is {jax.default_backend()})"
+  ]

@@ -65,14 +65,18 @@ def test_grouping_by_length_pads_less_and_stays_a_resumable_permutation():
   epoch = [next(grouped) for _ in range(16)]  # one epoch: 64 examples
   seen = np.concatenate([grouped.global_indices(k) for k in range(16)])
   assert sorted(seen.tolist()) == list(range(64))  # every example once
+
   def pad(bs):
     return sum(b.input_length * 4 - b.input_lengths().sum() for b in bs)
+
   assert pad([b.cropped(int(b.input_lengths().max())) for b in epoch]) < 0.5 * pad(
-      [b.cropped(int(b.input_lengths().max())) for b in (next(plain) for _ in range(16))])
+    [b.cropped(int(b.input_lengths().max())) for b in (next(plain) for _ in range(16))]
+  )
   resumed = BatchStream(rows, 4, seed=2, group_by_length=4, position=7)
   for k in range(7, 20):  # into the next epoch
-    np.testing.assert_array_equal(resumed.global_indices(k), BatchStream(rows, 4, seed=2, group_by_length=4)
-                                  .global_indices(k))
+    np.testing.assert_array_equal(
+      resumed.global_indices(k), BatchStream(rows, 4, seed=2, group_by_length=4).global_indices(k)
+    )
   assert not np.array_equal(grouped.global_indices(16), grouped.global_indices(0))  # epochs differ
 
 
@@ -105,14 +109,18 @@ def test_resuming_mid_epoch_with_buckets_is_exact_and_eval_is_unchanged(byte_t5,
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   over = {"data.length_buckets": [6, 9]}  # the taskless digit inputs are 1-11 bytes of a limit of 12
   train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path, mesh)
+
   def final(w):
     return Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
+
   for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "split")), strict=True):
     np.testing.assert_array_equal(x, y)
   recs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
   assert all(0 <= r["pad_fraction"] < 1 and r["input_length"] <= 12 for r in recs if r["kind"] == "train")
   # evaluation of the same checkpoint: bucketed (two compiled shapes) = padded to the limit
-  ev = [evaluate(tiny_cfg(byte_t5, **{"data.length_buckets": b}), tmp_path / "full", step=6, mesh=mesh)
-        for b in ("none", [4, 8])]
+  ev = [
+    evaluate(tiny_cfg(byte_t5, **{"data.length_buckets": b}), tmp_path / "full", step=6, mesh=mesh)
+    for b in ("none", [4, 8])
+  ]
   assert ev[0].metrics["accuracy"] == ev[1].metrics["accuracy"]
   assert ev[0].metrics["eval_loss"] == pytest.approx(ev[1].metrics["eval_loss"], rel=1e-5)

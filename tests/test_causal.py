@@ -38,8 +38,12 @@ TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 
 # the last input is empty: with a BOS-less tokenizer (ByT5 here, GPT-2's) its first target token is predicted
 # from the prompt's last position, as PEFT does (its labels are -100 on the prompt only)
-EXAMPLES = [{"inputs": "3 7 1", "targets": "7"}, {"inputs": "hello world", "targets": "a longer one"},
-            {"inputs": "x", "targets": "yz"}, {"inputs": "", "targets": "q"}]
+EXAMPLES = [
+  {"inputs": "3 7 1", "targets": "7"},
+  {"inputs": "hello world", "targets": "a longer one"},
+  {"inputs": "x", "targets": "yz"},
+  {"inputs": "", "targets": "q"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +80,16 @@ def score_targets(model, batch):
 def test_causal_loss_counts_only_target_tokens(prompted_llama):
   model, tok = prompted_llama
   eos = tok.eos_token_id
-  explicit = [_explicit_target_logps(model, tok, ex["inputs"], tok(ex["targets"], add_special_tokens=False)
-                                     ["input_ids"] + [eos]) for ex in EXAMPLES]
+  explicit = [
+    _explicit_target_logps(model, tok, ex["inputs"], tok(ex["targets"], add_special_tokens=False)["input_ids"] + [eos])
+    for ex in EXAMPLES
+  ]
   want_ce = -sum(e.sum() for e in explicit)
   want_tokens = sum(len(e) for e in explicit)
   for lengths in ((12, 14), (20, 30)):  # more right padding changes nothing
-    batch = jax.tree.map(jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, tok, input_length=lengths[0],
-                                                         target_length=lengths[1]))
+    batch = jax.tree.map(
+      jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, tok, input_length=lengths[0], target_length=lengths[1])
+    )
     logits, targets, mask = score_targets(model, batch)
     s = jax.jit(cross_entropy)(logits, targets, mask)
     assert float(s.tokens) == want_tokens
@@ -91,8 +98,13 @@ def test_causal_loss_counts_only_target_tokens(prompted_llama):
   # the train step reports (and differentiates) the same mean over target tokens
   graphdef, prompt_state, frozen = nnx.split(model, P.PromptParam, ...)
   step = jax.jit(make_train_step(graphdef, build_optimizer(C.OptimizerConfig(), 10), z_loss=0.0))
-  _, _, m = step(prompt_state.to_pure_dict(), build_optimizer(C.OptimizerConfig(), 10).init(
-      prompt_state.to_pure_dict()), frozen.to_pure_dict(), batch, jnp.asarray(0))
+  _, _, m = step(
+    prompt_state.to_pure_dict(),
+    build_optimizer(C.OptimizerConfig(), 10).init(prompt_state.to_pure_dict()),
+    frozen.to_pure_dict(),
+    batch,
+    jnp.asarray(0),
+  )
   np.testing.assert_allclose(float(m["loss"]), want_ce / want_tokens, rtol=1e-5)
   assert float(m["tokens"]) == want_tokens
 
@@ -104,12 +116,14 @@ def test_causal_rank_scores_equal_the_training_likelihood(prompted_llama):
   labels = ("7", "a longer one", "no")
   batch = jax.tree.map(jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, tok, input_length=12, target_length=14))
   lab_ids, lab_mask = encoding.encode_labels(CausalBatch, tok, labels, target_length=14)
-  scores = np.asarray(nnx.jit(lambda m, b, i, k: m.label_logprobs(b, i, k))(model, batch, jnp.asarray(lab_ids),
-                                                                           jnp.asarray(lab_mask)))
+  scores = np.asarray(
+    nnx.jit(lambda m, b, i, k: m.label_logprobs(b, i, k))(model, batch, jnp.asarray(lab_ids), jnp.asarray(lab_mask))
+  )
   assert scores.shape == (4, 3)
   for c, label in enumerate(labels):
-    as_target = encoding.encode(CausalBatch, [dict(ex, targets=label) for ex in EXAMPLES], tok, input_length=12,
-                                   target_length=14)
+    as_target = encoding.encode(
+      CausalBatch, [dict(ex, targets=label) for ex in EXAMPLES], tok, input_length=12, target_length=14
+    )
     logits, targets, mask = score_targets(model, as_target)
     np.testing.assert_allclose(scores[:, c], -row_ce(logits, targets, mask), rtol=1e-5, atol=1e-5)
 
@@ -122,8 +136,9 @@ def test_loop_resume_eval_export_and_generate_with_a_decoder_folder(byte_llama, 
   full = tiny_cfg(byte_llama, **{"eval.at_end": True})
   summary = train(full, tmp_path / "full", progress=False, mesh=mesh)
   assert summary.final_step == 6 and summary.metric == "accuracy"
-  evals = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-           if '"eval"' in line]
+  evals = [
+    json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+  ]
   assert [e["step"] for e in evals] == [6] and summary.best_value == evals[0]["accuracy"]
   train(tiny_cfg(byte_llama, **{"train.steps": 3}), tmp_path / "split", progress=False, mesh=mesh)  # "killed"
   train(full, tmp_path / "split", progress=False, mesh=mesh)  # resumes at step 3
@@ -136,8 +151,9 @@ def test_loop_resume_eval_export_and_generate_with_a_decoder_folder(byte_llama, 
   ev = evaluate(full, tmp_path / "full", step=6, mesh=mesh)
   np.testing.assert_allclose(ev.metrics["accuracy"], summary.best_value)
   recs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-  np.testing.assert_allclose(ev.metrics["eval_loss"], [r for r in recs if r["kind"] == "eval"][-1]["eval_loss"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    ev.metrics["eval_loss"], [r for r in recs if r["kind"] == "eval"][-1]["eval_loss"], rtol=1e-6
+  )
   # exports
   npy = export_prompt(tmp_path / "full", "numpy", tmp_path / "p.npy", step="latest")
   np.testing.assert_array_equal(np.load(npy), a)
@@ -149,8 +165,19 @@ def test_loop_resume_eval_export_and_generate_with_a_decoder_folder(byte_llama, 
   (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
   outs = {}
   for src in (tmp_path / "full", adapter, npy):
-    lines = run_cli(capsys, "generate", "--prompt", src, "--step", "latest", "--input-file", tmp_path / "in.txt",
-                    "--max-new-tokens", 6, "--jsonl")
+    lines = run_cli(
+      capsys,
+      "generate",
+      "--prompt",
+      src,
+      "--step",
+      "latest",
+      "--input-file",
+      tmp_path / "in.txt",
+      "--max-new-tokens",
+      6,
+      "--jsonl",
+    )
     outs[src] = [json.loads(line) for line in lines]
   base, tok = jaxprompt.load_model(byte_llama), jaxprompt.load_tokenizer(byte_llama)
   want = inference.generate_text(base, tok, texts, [a], max_new_tokens=6)
@@ -161,12 +188,34 @@ def test_loop_resume_eval_export_and_generate_with_a_decoder_folder(byte_llama, 
 
 # -- a REAL pretrained model: stories260K (GGUF) -----------------------------------------------------
 
-NAMES = ["Lily", "Tom", "Ben", "Sue", "Mia", "Max", "Anna", "Tim", "Sam", "Lucy", "Jack", "Kate", "Zoe", "Bob",
-         "Amy", "Joe", "Mary", "Jane", "Timmy", "Sara"]
+NAMES = [
+  "Lily",
+  "Tom",
+  "Ben",
+  "Sue",
+  "Mia",
+  "Max",
+  "Anna",
+  "Tim",
+  "Sam",
+  "Lucy",
+  "Jack",
+  "Kate",
+  "Zoe",
+  "Bob",
+  "Amy",
+  "Joe",
+  "Mary",
+  "Jane",
+  "Timmy",
+  "Sara",
+]
 ANIMALS = ["dog", "cat", "bird", "fish", "frog", "bunny", "duck", "bear"]
-OPENINGS = ["Once upon a time, there was a little girl named {n}. She had a {a}.",
-            "One day, a boy named {n} went to the park with his {a}.",
-            "{n} was a happy child who loved the {a}."]
+OPENINGS = [
+  "Once upon a time, there was a little girl named {n}. She had a {a}.",
+  "One day, a boy named {n} went to the park with his {a}.",
+  "{n} was a happy child who loved the {a}.",
+]
 HELD_OUT = set(NAMES[-5:])  # eval stories use names never seen in training
 STYLE = "The {a} said: I love you, {n}!"  # a line the model never writes after such an opening on its own
 
@@ -174,14 +223,20 @@ STYLE = "The {a} said: I love you, {n}!"  # a line the model never writes after 
 def _story_files(folder):
   rows = [(n, a, k) for n in NAMES for a in ANIMALS for k in range(len(OPENINGS))]
   np.random.default_rng(0).shuffle(rows)
-  splits = {"train": [r for r in rows if r[0] not in HELD_OUT],
-            "validation": [r for r in rows if r[0] in HELD_OUT][:48]}
+  splits = {
+    "train": [r for r in rows if r[0] not in HELD_OUT],
+    "validation": [r for r in rows if r[0] in HELD_OUT][:48],
+  }
   files = {}
   for split, rs in splits.items():
     files[split] = folder / f"{split}.jsonl"
-    files[split].write_text("".join(json.dumps({"opening": OPENINGS[k].format(n=n, a=a),
-                                                "continuation": STYLE.format(n=n, a=a), "animal": a}) + "\n"
-                                    for n, a, k in rs))
+    files[split].write_text(
+      "".join(
+        json.dumps({"opening": OPENINGS[k].format(n=n, a=a), "continuation": STYLE.format(n=n, a=a), "animal": a})
+        + "\n"
+        for n, a, k in rs
+      )
+    )
   return {k: str(v) for k, v in files.items()}
 
 
@@ -190,17 +245,23 @@ def stories_run(fixtures_dir, tmp_path_factory):
   pytest.importorskip("gguf", reason="GGUF support needs the gguf package")
   gguf = fixtures_dir / "models" / "stories260K" / "stories260K.gguf"
   root = tmp_path_factory.mktemp("stories")
-  cfg = C.from_dict({
+  cfg = C.from_dict(
+    {
       "model": {"path": str(gguf)},  # tokenizer: the vocabulary inside the GGUF file
       "prompt": {"length": 8, "init": "sampled_vocab", "vocab_sample_size": 500},
-      "data": {"task": "stories", "files": _story_files(root),
-               "custom": {"template": "{opening}", "label_column": "continuation"},
-               "input_length": 32, "target_length": 20},
+      "data": {
+        "task": "stories",
+        "files": _story_files(root),
+        "custom": {"template": "{opening}", "label_column": "continuation"},
+        "input_length": 32,
+        "target_length": 20,
+      },
       "optimizer": {"name": "adafactor", "learning_rate": 0.3},
       "train": {"steps": 200, "batch_size": 16, "log_every": 50, "plot": False},
       "eval": {"every": 100, "metric": "eval_loss", "batch_size": 48},
       "checkpoint": {"every": 100, "keep": 2, "async_save": False},
-  })
+    }
+  )
   start = time.time()
   summary = train(cfg, root / "work", progress=False, mesh=one_device())
   return cfg, root / "work", summary, time.time() - start
@@ -226,16 +287,20 @@ def test_prompt_tuning_lowers_heldout_loss_on_stories260K(stories_run):
   s = cross_entropy(logits[:, :-1], jnp.asarray(arrays.tokens[:, 1:]), jnp.asarray(target_mask[:, 1:]))
   np.testing.assert_allclose(no_prompt, float(s.ce / s.tokens), rtol=1e-5)
   np.testing.assert_allclose(trained, summary.best_value, rtol=1e-5)
-  print(f"stories260K held-out target loss (nats/token): base model alone {no_prompt:.4f}, initial prompt "
-        f"{initial:.4f}, trained prompt (200 adafactor steps) {trained:.4f}; train+eval {seconds:.1f} s")
+  print(
+    f"stories260K held-out target loss (nats/token): base model alone {no_prompt:.4f}, initial prompt "
+    f"{initial:.4f}, trained prompt (200 adafactor steps) {trained:.4f}; train+eval {seconds:.1f} s"
+  )
   assert trained < no_prompt / 3 and trained < initial / 3  # measured: 3.84 / 3.94 -> 0.63
   # greedy continuations of held-out stories now follow the style (names unseen in training)
   preds = [json.loads(line) for line in (work / "predictions" / "step_200.jsonl").read_text().splitlines()]
   examples = task_data(cfg.data, "validation").examples
   assert len(preds) == len(examples) == 48
   styled = [p["prediction"].startswith(p["targets"].split(",")[0] + ",") for p in preds]
-  print(f"held-out generations in the style: {sum(styled)}/{len(styled)}; e.g. {preds[0]['inputs']!r} -> "
-        f"{preds[0]['prediction']!r}")
+  print(
+    f"held-out generations in the style: {sum(styled)}/{len(styled)}; e.g. {preds[0]['inputs']!r} -> "
+    f"{preds[0]['prediction']!r}"
+  )
   assert np.mean(styled) >= 0.75
 
 
@@ -246,8 +311,19 @@ def test_generate_cli_on_the_gguf_workdir_matches_the_evaluator(stories_run, tmp
   _, work, _, _ = stories_run
   preds = [json.loads(line) for line in (work / "predictions" / "step_200.jsonl").read_text().splitlines()][:8]
   (tmp_path / "in.txt").write_text("".join(p["inputs"] + "\n" for p in preds))
-  lines = run_cli(capsys, "generate", "--prompt", work, "--step", "200", "--input-file", tmp_path / "in.txt",
-                  "--max-new-tokens", 20, "--jsonl")
+  lines = run_cli(
+    capsys,
+    "generate",
+    "--prompt",
+    work,
+    "--step",
+    "200",
+    "--input-file",
+    tmp_path / "in.txt",
+    "--max-new-tokens",
+    20,
+    "--jsonl",
+  )
   # JSON lines: a continuation may itself hold a newline
   assert [json.loads(line)["output"].strip() for line in lines] == [p["prediction"] for p in preds]
 

@@ -29,9 +29,19 @@ def test_paper_configs_use_the_original_hyperparameters():
     cfg = C.load(path)
     o = cfg.optimizer
     assert (o.name, o.learning_rate, o.decay_rate, o.clipping_threshold, o.weight_decay, o.momentum) == (
-        "adafactor", 0.3, 0.8, 1.0, 1e-5, None)
-    assert (cfg.prompt.length, cfg.prompt.init, cfg.train.batch_size, cfg.train.steps) == (100, "class_labels", 32,
-                                                                                           30000)
+      "adafactor",
+      0.3,
+      0.8,
+      1.0,
+      1e-5,
+      None,
+    )
+    assert (cfg.prompt.length, cfg.prompt.init, cfg.train.batch_size, cfg.train.steps) == (
+      100,
+      "class_labels",
+      32,
+      30000,
+    )
     assert cfg.train.z_loss == 1e-4 and cfg.model.dropout == 0.1 and cfg.model.compute_dtype == "bfloat16"
     assert cfg.model.path.startswith("google/t5-") and cfg.model.path.endswith("-lm-adapt")
     assert cfg.model.allow_pytorch_bin  # these hub repos ship pytorch_model.bin
@@ -69,13 +79,16 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     C.load(f)
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
     ("prompt.init=magic", "prompt.init: 'magic' is not one of"),
     ("optimizer.learning_rate=fast", "optimizer.learning_rate: expected a number"),
     ("promt.length=3", "unknown config key 'promt' (did you mean 'prompt'?)"),
     ("train.steps", "is not of the form section.key=value"),
-])
+  ],
+)
 def test_bad_overrides(override, message):
   with pytest.raises(C.ConfigError) as e:
     C.load(None, [override])
@@ -83,8 +96,9 @@ def test_bad_overrides(override, message):
 
 
 def test_overrides_parse_yaml_values_and_defaults_live_in_the_schema():
-  cfg = C.load(None, ["train.steps=7", "prompt.init_range=[0, 0.5]", "data.files.train=/x.jsonl",
-                      "optimizer.grad_clip_norm=null"])
+  cfg = C.load(
+    None, ["train.steps=7", "prompt.init_range=[0, 0.5]", "data.files.train=/x.jsonl", "optimizer.grad_clip_norm=null"]
+  )
   assert cfg.train.steps == 7 and cfg.prompt.init_range == (0.0, 0.5) and cfg.data.files == {"train": "/x.jsonl"}
   assert cfg.optimizer.grad_clip_norm is None
   assert C.load(None).optimizer.name == "adafactor" and C.load(None).prompt.init_range == (-0.5, 0.5)
@@ -96,8 +110,10 @@ def test_generate_settings_come_from_the_config_section_then_the_flags(tmp_path)
 
   f = tmp_path / "g.yaml"
   f.write_text("generate:\n  method: beam\n  num_beams: 3\n  max_new_tokens: 5\n")
+
   def parse(*argv):
     return _generate_config(build_parser().parse_args(["generate", *argv]))
+
   g = parse("--config", str(f), "--max-new-tokens", "7")
   assert (g.method, g.num_beams, g.max_new_tokens) == ("beam", 3, 7)
   g = parse("--temperature", "0.5")

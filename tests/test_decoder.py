@@ -101,10 +101,18 @@ def test_config_is_read_from_config_json(decoder_dirs):
 
 def test_legacy_rope_scaling_field():
   """transformers 4.x configs: rope_theta at top level and `rope_scaling` with `type`."""
-  legacy = dict(model_type="llama", vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
-                num_attention_heads=2, rope_theta=500000.0,
-                rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=8192))
+  legacy = dict(
+    model_type="llama",
+    vocab_size=8,
+    hidden_size=16,
+    intermediate_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    rope_theta=500000.0,
+    rope_scaling=dict(
+      type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+  )
   c = DecoderConfig.from_hf(legacy)
   assert (c.rope_type, c.rope_theta, c.rope_original_max_position_embeddings) == ("llama3", 500000.0, 8192)
   with pytest.raises(ValueError, match="rope_type 'yarn'"):
@@ -117,8 +125,9 @@ def test_strict_loading_names_the_tensor(decoder_dirs, tmp_path):
   missing = rewrite_checkpoint(src, tmp_path / "missing", lambda t: t.pop(key))
   with pytest.raises(hf.WeightError, match=f"missing tensor '{key}'"):
     jaxprompt.load_model(missing)
-  extra = rewrite_checkpoint(src, tmp_path / "extra",
-                             lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}))
+  extra = rewrite_checkpoint(
+    src, tmp_path / "extra", lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)})
+  )
   with pytest.raises(hf.WeightError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"):
     jaxprompt.load_model(extra)
   bad = rewrite_checkpoint(src, tmp_path / "bad", lambda t: t.update({key: np.zeros((32, 32), np.float32)}))
@@ -126,8 +135,9 @@ def test_strict_loading_names_the_tensor(decoder_dirs, tmp_path):
     jaxprompt.load_model(bad)
   # the fused GPT-2 tensor is checked whole
   fused = "transformer.h.0.attn.c_attn.weight"
-  bad2 = rewrite_checkpoint(decoder_dirs["gpt2"], tmp_path / "bad2",
-                            lambda t: t.update({fused: np.zeros((32, 64), np.float32)}))
+  bad2 = rewrite_checkpoint(
+    decoder_dirs["gpt2"], tmp_path / "bad2", lambda t: t.update({fused: np.zeros((32, 64), np.float32)})
+  )
   with pytest.raises(hf.WeightError, match=rf"tensor '{fused}' has shape \(32, 64\), expected \(32, 96\)"):
     jaxprompt.load_model(bad2)
 
@@ -142,16 +152,19 @@ def test_tied_head_and_checkpoint_layouts(decoder_dirs, tmp_path):
   assert m.config.tie_word_embeddings and not hasattr(m, "lm_head")
   # a tied model whose checkpoint also stores lm_head.weight (older transformers): the copy is consumed unread
   tied = decoder_dirs["llama-tied-bias"]
-  with_copy = rewrite_checkpoint(tied, tmp_path / "with_copy",
-                       lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+  with_copy = rewrite_checkpoint(
+    tied, tmp_path / "with_copy", lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()})
+  )
   a = jaxprompt.load_model(tied)(j(ids), j(mask))
   np.testing.assert_array_equal(np.asarray(jaxprompt.load_model(with_copy)(j(ids), j(mask))), np.asarray(a))
+
   # the hub's GPT-2 layout: no "transformer." prefix and causal-mask buffers per layer
   def bare(t):
     for k in list(t):
       t[k.removeprefix("transformer.")] = t.pop(k)
     for i in range(2):
       t[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+
   hub = rewrite_checkpoint(decoder_dirs["gpt2"], tmp_path / "hub_gpt2", bare)
   with torch.no_grad():
     ref = load_decoder(decoder_dirs["gpt2"])(input_ids=ids, attention_mask=mask).logits.numpy()
@@ -172,8 +185,10 @@ def test_sharded_on_2x4_mesh_matches_single_device(decoder_dirs):
   assert sharded.embed_tokens[...].sharding.spec == P("model", None)
   ids, mask = (j(t) for t in _batch(b=4))
   want = single(ids, mask)
+
   def put(x):
     return jax.device_put(x, shd.batch_sharding(mesh))
+
   got = jax.jit(lambda i, m: sharded(i, m))(put(ids), put(mask))
   assert got.sharding.spec[0] == "data"
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
@@ -199,8 +214,17 @@ def test_save_pretrained_round_trips_through_transformers(decoder_dirs, tmp_path
 
 
 def test_build_model_random_init_loads_in_transformers(tmp_path):
-  cfg = DecoderConfig(model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, qkv_bias=True, max_position_embeddings=32)
+  cfg = DecoderConfig(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    qkv_bias=True,
+    max_position_embeddings=32,
+  )
   m = build_model(cfg, seed=3)
   assert isinstance(m, Decoder)
   out = jaxprompt.save_pretrained(m, tmp_path / "random")

@@ -16,16 +16,26 @@ from jaxprompt.run import build_run
 
 
 def _cfg(folder, init_file=None):
-  over = [f"model.path={folder}", "prompt.length=4", "data.task=quickstart", "data.taskless=true",
-          "data.input_length=16", "data.target_length=2", "eval.max_examples=40", "eval.batch_size=16"]
+  over = [
+    f"model.path={folder}",
+    "prompt.length=4",
+    "data.task=quickstart",
+    "data.taskless=true",
+    "data.input_length=16",
+    "data.target_length=2",
+    "eval.max_examples=40",
+    "eval.batch_size=16",
+  ]
   over += ["prompt.init=file", f"prompt.init_file={init_file}"] if init_file else ["prompt.init=random_uniform"]
   return C.load(None, over)
 
 
 def test_combine_votes_and_breaks_ties_by_summed_log_probability():
-  s = np.log(np.array([[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]],
-                       [[0.1, 0.7, 0.2], [0.1, 0.2, 0.7]],
-                       [[0.5, 0.4, 0.1], [0.4, 0.35, 0.25]]]))  # [K=3, N=2, C=3]
+  s = np.log(
+    np.array(
+      [[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]], [[0.1, 0.7, 0.2], [0.1, 0.2, 0.7]], [[0.5, 0.4, 0.1], [0.4, 0.35, 0.25]]]
+    )
+  )  # [K=3, N=2, C=3]
   # example 0: votes 0, 1, 0 -> 0; example 1: votes 1, 2, 0 -> a three-way tie, summed log-prob picks class 2
   assert combine(s, "vote").tolist() == [0, 2]
   assert combine(s, "mean").tolist() == np.argmax(s.mean(0), -1).tolist()

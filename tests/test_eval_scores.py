@@ -18,10 +18,10 @@ from tests.helpers_hf import IdTokenizer, write_decoder, write_t5
 
 P = 3
 EXAMPLES = [  # unequal lengths (padding) and an empty input
-    {"inputs": "5 9 17 33 8", "targets": "40 41"},
-    {"inputs": "7", "targets": "12 13 14"},
-    {"inputs": "", "targets": "20"},
-    {"inputs": "60 61 62", "targets": "70"},
+  {"inputs": "5 9 17 33 8", "targets": "40 41"},
+  {"inputs": "7", "targets": "12 13 14"},
+  {"inputs": "", "targets": "20"},
+  {"inputs": "60 61 62", "targets": "70"},
 ]
 LABELS = ["40 41", "12", "20 21"]  # with EOS: 3, 2 and 3 tokens (as targets, not truncated)
 BANK_IDS = jnp.asarray([1, 0, 1, 1])
@@ -53,8 +53,9 @@ def _prefix(base, kind: str) -> Prefix | None:
 
 
 def _encode(base, examples):
-  return jax.tree.map(jnp.asarray, encoding.encode(base.batch_type, examples, IdTokenizer(), input_length=6,
-                                                   target_length=3, name="e"))
+  return jax.tree.map(
+    jnp.asarray, encoding.encode(base.batch_type, examples, IdTokenizer(), input_length=6, target_length=3, name="e")
+  )
 
 
 def _row_loglik(logits, targets, mask):
@@ -71,16 +72,21 @@ def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(b
   (logits, targets, mask), scores = nnx.jit(lambda m: m.eval_scores(batch, label_ids, label_mask, prefix))(base)
   want_logits, want_targets, want_mask = nnx.jit(lambda m: m.score_targets(batch, prefix))(base)
   np.testing.assert_array_equal(mask, want_mask)
-  np.testing.assert_array_equal(np.asarray(targets)[np.asarray(mask) > 0],
-                                np.asarray(want_targets)[np.asarray(want_mask) > 0])
+  np.testing.assert_array_equal(
+    np.asarray(targets)[np.asarray(mask) > 0], np.asarray(want_targets)[np.asarray(want_mask) > 0]
+  )
   real = np.asarray(mask) > 0
   assert real.sum() >= 6
   np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(want_logits)[real], rtol=1e-5, atol=1e-5)
 
   scores = np.asarray(scores)
   assert scores.shape == (len(EXAMPLES), len(LABELS)) and np.isfinite(scores).all()
-  np.testing.assert_allclose(np.asarray(nnx.jit(lambda m: m.label_logprobs(batch, label_ids, label_mask, prefix))(
-      base)), scores, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(nnx.jit(lambda m: m.label_logprobs(batch, label_ids, label_mask, prefix))(base)),
+    scores,
+    rtol=1e-5,
+    atol=1e-5,
+  )
   for c, label in enumerate(LABELS):
     as_target = _encode(base, [dict(ex, targets=label) for ex in EXAMPLES])
     lg, tg, mk = nnx.jit(lambda m, as_target=as_target: m.score_targets(as_target, prefix))(base)
@@ -128,8 +134,9 @@ def test_hf_rows_with_a_label_as_target_are_the_training_rows_of_that_target(bat
   batch = encoding.encode(batch_type, EXAMPLES, tok, input_length=6, target_length=3, name="e")
   ids, mask = encoding.encode_labels(batch_type, tok, ["40 41"], 3)
   got = batch.hf_with_target([int(t) for t, m in zip(ids[0], mask[0], strict=True) if m])
-  want = encoding.encode(batch_type, [dict(ex, targets="40 41") for ex in EXAMPLES], tok, input_length=6,
-                         target_length=3, name="e").hf_inputs()
+  want = encoding.encode(
+    batch_type, [dict(ex, targets="40 41") for ex in EXAMPLES], tok, input_length=6, target_length=3, name="e"
+  ).hf_inputs()
   for k in want:
     n = got[k].shape[1]
     np.testing.assert_array_equal(got[k], want[k][:, :n], err_msg=k)

@@ -54,15 +54,20 @@ def test_rank_classification_equals_explicit_log_likelihoods(byte_t5, tmp_path, 
   model = P.PromptedModel(base, P.SoftPrompt(jax.random.normal(jax.random.key(0), (3, base.hidden_size))))
   labels = ["yes", "no", "maybe"]
   lab_ids, lab_mask = encoding.encode_labels(base.batch_type, tok, labels, target_length=6)
-  batch = encoding.encode(base.batch_type, [{"inputs": "is it?", "targets": "yes"},
-                                  {"inputs": "a longer question here", "targets": "no"}],
-                                 tok, input_length=24, target_length=6)
+  batch = encoding.encode(
+    base.batch_type,
+    [{"inputs": "is it?", "targets": "yes"}, {"inputs": "a longer question here", "targets": "no"}],
+    tok,
+    input_length=24,
+    target_length=6,
+  )
   batch = jax.tree.map(jnp.asarray, batch)
   got = np.asarray(model.label_logprobs(batch, jnp.asarray(lab_ids), jnp.asarray(lab_mask)))
   for b in range(2):
     for c in range(3):
-      want = _explicit_logp(model, batch.input_ids[b], batch.input_mask[b], jnp.asarray(lab_ids[c]),
-                            jnp.asarray(lab_mask[c]))
+      want = _explicit_logp(
+        model, batch.input_ids[b], batch.input_mask[b], jnp.asarray(lab_ids[c]), jnp.asarray(lab_mask[c])
+      )
       np.testing.assert_allclose(got[b, c], want, rtol=1e-5, atol=1e-4)
 
 
@@ -102,19 +107,29 @@ def test_custom_tsv_task_end_to_end(byte_t5, tmp_path, fixtures_dir):
         label, text = line.split(" ", 1)
         f.write(f"{text.replace(chr(9), ' ')}\t{label}\n")
   raw = small_cfg(byte_t5).to_dict()
-  raw["data"].update(task="sentiment", taskless=False, input_length=48, target_length=4,
-                     files={"train": str(tmp_path / "train.tsv"), "validation": str(tmp_path / "validation.tsv")},
-                     custom={"columns": {"text": "sentence"}, "template": "sentiment: {text}",
-                             "labels": ["negative", "positive"], "label_column": "y",
-                             "metrics": ["accuracy", "f1", "matthews"]})
+  raw["data"].update(
+    task="sentiment",
+    taskless=False,
+    input_length=48,
+    target_length=4,
+    files={"train": str(tmp_path / "train.tsv"), "validation": str(tmp_path / "validation.tsv")},
+    custom={
+      "columns": {"text": "sentence"},
+      "template": "sentiment: {text}",
+      "labels": ["negative", "positive"],
+      "label_column": "y",
+      "metrics": ["accuracy", "f1", "matthews"],
+    },
+  )
   raw["prompt"].update(init="class_labels")
   raw["train"].update(steps=6)
   raw["eval"].update(every=2, max_examples=None, batch_size=10)
   raw["checkpoint"].update(every=2, keep=1)
   cfg = C.from_dict(raw)
   summary = train(cfg, tmp_path / "run", progress=False, mesh=_one_device())
-  evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-           if '"eval"' in line]
+  evals = [
+    json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+  ]
   assert [e["step"] for e in evals] == [2, 4, 6]
   assert {"accuracy", "f1", "matthews", "eval_loss"} <= set(evals[0])
   preds = [json.loads(line) for line in (tmp_path / "run" / "predictions" / "step_6.jsonl").read_text().splitlines()]
@@ -132,10 +147,27 @@ def test_preview_prints_what_the_model_is_fed(capsys, fixtures_dir):
   from jaxprompt.cli import main
 
   cb = fixtures_dir / "data/superglue/cb/val.jsonl"
-  assert main(["preview", "configs/paper/t5-small-lm-adapt.yaml", "--set", "data.task=cb", "--set",
-               f"data.files.validation={cb}", "--split", "validation", "--n", "2"]) == 0
+  assert (
+    main(
+      [
+        "preview",
+        "configs/paper/t5-small-lm-adapt.yaml",
+        "--set",
+        "data.task=cb",
+        "--set",
+        f"data.files.validation={cb}",
+        "--split",
+        "validation",
+        "--n",
+        "2",
+      ]
+    )
+    == 0
+  )
   out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   first = json.loads(cb.read_text().splitlines()[0])
-  assert out[0] == {"inputs": f"cb hypothesis: {first['hypothesis']} premise: {first['premise']}",
-                    "targets": first["label"]}
+  assert out[0] == {
+    "inputs": f"cb hypothesis: {first['hypothesis']} premise: {first['premise']}",
+    "targets": first["label"],
+  }
   assert len(out) == 2

@@ -33,7 +33,6 @@ def trained_t5(byte_t5, tmp_path_factory):
 def _ours_logits(cfg, prompt_value, ids, mask, dec):
   from flax import nnx
 
-
   run, _ = build_run(cfg, mesh=shd.make_mesh(devices=jax.devices()[:1]), with_train_data=False)
   model = nnx.merge(run.graphdef, {"prompt": {"embeddings": jnp.asarray(prompt_value)}}, run.frozen)
   return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(dec)))
@@ -78,13 +77,17 @@ def test_export_records_the_init_that_made_the_prompt(trained_t5, byte_t5, tmp_p
   out = export_prompt(tmp_path / "w", "peft", tmp_path / "b")
   acfg = json.loads((out / "adapter_config.json").read_text())
   assert (acfg["prompt_tuning_init"], acfg["prompt_tuning_init_text"], acfg["tokenizer_name_or_path"]) == (
-      "TEXT", "the largest digit", str(byte_t5))
+    "TEXT",
+    "the largest digit",
+    str(byte_t5),
+  )
   prov = json.loads((out / "jaxprompt.json").read_text())["prompt_config"]
   assert (prov["init"], prov["init_text"], prov["length"]) == ("text", "the largest digit", 4)
   # PEFT validates those fields and loads the trained values (inference mode never re-initialises from text)
   peft_model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(byte_t5), out)
-  np.testing.assert_array_equal(peft_model.get_prompt_embedding_to_save("default").numpy(),
-                                load_trained_prompt(tmp_path / "w")[0])
+  np.testing.assert_array_equal(
+    peft_model.get_prompt_embedding_to_save("default").numpy(), load_trained_prompt(tmp_path / "w")[0]
+  )
 
 
 def test_numpy_and_safetensors_round_trips_are_exact(trained_t5, tmp_path):

@@ -50,10 +50,10 @@ def _byte_t5(folder, variant, seed):
 
 
 BASES = {
-    "t5-relu-tied": ("seq2seq", lambda f: _byte_t5(f, "t5-relu-tied", 21)),
-    "t5v11-gated-untied": ("seq2seq", lambda f: _byte_t5(f, "t5v11-gated-untied", 22)),
-    "llama-gqa": ("causal", lambda f: write_byte_decoder(f, "llama3-gqa-untied", seed=23)),
-    "gpt2": ("causal", lambda f: write_byte_decoder(f, "gpt2", seed=24)),
+  "t5-relu-tied": ("seq2seq", lambda f: _byte_t5(f, "t5-relu-tied", 21)),
+  "t5v11-gated-untied": ("seq2seq", lambda f: _byte_t5(f, "t5v11-gated-untied", 22)),
+  "llama-gqa": ("causal", lambda f: write_byte_decoder(f, "llama3-gqa-untied", seed=23)),
+  "gpt2": ("causal", lambda f: write_byte_decoder(f, "gpt2", seed=24)),
 }
 
 
@@ -96,7 +96,7 @@ def _t(a):
 
 def _until_eos(row, eos) -> list[int]:
   row = list(map(int, row))
-  return row[:row.index(eos) + 1] if eos in row else row
+  return row[: row.index(eos) + 1] if eos in row else row
 
 
 def test_peft_gives_our_logits_and_loss(trained):
@@ -126,10 +126,12 @@ def test_peft_gives_our_logits_and_loss(trained):
       # prompt, so every logit is defined, prompt positions included ([B, P + L, V])
       ids, m = arrays.tokens, arrays.token_mask
       left_ids, left_m = encoding.encode_inputs(run.base.batch_type, tok, TEXTS)
-      ref = [peft_model(input_ids=_t(i), attention_mask=_t(mm)).logits.numpy() for i, mm in ((ids, m),
-                                                                                              (left_ids, left_m))]
-      ours = [np.asarray(model.full_logits(jnp.asarray(i), jnp.asarray(mm))) for i, mm in ((ids, m),
-                                                                                            (left_ids, left_m))]
+      ref = [
+        peft_model(input_ids=_t(i), attention_mask=_t(mm)).logits.numpy() for i, mm in ((ids, m), (left_ids, left_m))
+      ]
+      ours = [
+        np.asarray(model.full_logits(jnp.asarray(i), jnp.asarray(mm))) for i, mm in ((ids, m), (left_ids, left_m))
+      ]
       assert ours[0].shape == (3, P_LEN + ids.shape[1], 384)
       # PEFT labels the prompt positions -100; HF shifts the labels inside the loss
       ref_loss = peft_model(input_ids=_t(ids), attention_mask=_t(m), labels=_t(labels)).loss.item()
@@ -164,10 +166,17 @@ def peft_greedy(peft_model, ids, mask, eos) -> list[tuple[list[int], float]]:
   # generate() drops the soft prompt after the first new token (5.23 is fine; cf. huggingface/peft#2123).
   causal = not peft_model.config.is_encoder_decoder
   with torch.no_grad():
-    out = peft_model.generate(input_ids=_t(ids), attention_mask=_t(mask), max_new_tokens=NEW, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True, use_cache=not causal)
+    out = peft_model.generate(
+      input_ids=_t(ids),
+      attention_mask=_t(mask),
+      max_new_tokens=NEW,
+      do_sample=False,
+      output_logits=True,
+      return_dict_in_generate=True,
+      use_cache=not causal,
+    )
   logp = torch.stack(out.logits, 1).log_softmax(-1).numpy()  # [B, T, V]
-  new = out.sequences.numpy()[:, -logp.shape[1]:]  # T5: after the decoder start; decoders: after the input
+  new = out.sequences.numpy()[:, -logp.shape[1] :]  # T5: after the decoder start; decoders: after the input
   rows = []
   for b in range(len(new)):
     toks = _until_eos(new[b], eos)
@@ -193,17 +202,21 @@ def test_peft_greedy_generation_equals_ours(trained):
     return
   ids, mask = encoding.encode_inputs(run.base.batch_type, tok, TEXTS)  # left padding
   batch = peft_greedy(peft_model, ids, mask, eos)
-  alone = [peft_greedy(peft_model, ids[i:i + 1, mask[i] == 1], mask[i:i + 1, mask[i] == 1], eos)[0]
-           for i in range(len(TEXTS))]
+  alone = [
+    peft_greedy(peft_model, ids[i : i + 1, mask[i] == 1], mask[i : i + 1, mask[i] == 1], eos)[0]
+    for i in range(len(TEXTS))
+  ]
   check_generations(ours, alone)  # every row decodes as it does alone
   for i in range(len(TEXTS)):
     if mask[i].all():  # unpadded rows of PEFT's batch agree with ours as they are
-      check_generations(ours[i:i + 1], batch[i:i + 1])
+      check_generations(ours[i : i + 1], batch[i : i + 1])
   # PEFT's padded rows: positions count the padding
   slots = _slot_position_greedy(_ours(run, value), ids, mask, NEW)
   assert [toks for toks, _ in batch] == [_until_eos(r, eos) for r in slots]
-  print(f"{trained['name']}: left-padded rows PEFT decodes differently from alone: "
-        f"{sum(batch[i][0] != ours[i]['tokens'] for i in range(len(TEXTS)))}/{len(TEXTS)}")
+  print(
+    f"{trained['name']}: left-padded rows PEFT decodes differently from alone: "
+    f"{sum(batch[i][0] != ours[i]['tokens'] for i in range(len(TEXTS)))}/{len(TEXTS)}"
+  )
 
 
 # -- the quickstart, exported --with-base, in PyTorch alone --------------------------------------------
@@ -214,12 +227,17 @@ def quickstart_export(tmp_path_factory):
   """A short quickstart run (its base model pre-trained at most once, into the user's cache) exported with
   --with-base."""
   mp = pytest.MonkeyPatch()
-  mp.setenv("JAXPROMPT_CACHE", os.environ.get("JAXPROMPT_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"))
+  mp.setenv(
+    "JAXPROMPT_CACHE",
+    os.environ.get("JAXPROMPT_CACHE")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"),
+  )
   root = tmp_path_factory.mktemp("quickstart_export")
   root_dir = Path(__file__).resolve().parent.parent
-  cfg = C.load(root_dir / "configs" / "quickstart.yaml", ["train.steps=100", "eval.every=0",
-                                                           "checkpoint.async_save=false", "train.plot=false"])
+  cfg = C.load(
+    root_dir / "configs" / "quickstart.yaml",
+    ["train.steps=100", "eval.every=0", "checkpoint.async_save=false", "train.plot=false"],
+  )
   summary = train(cfg, root / "work", progress=False, mesh=one_device())
   out = export_prompt(root / "work", "peft", root / "adapter", with_base=True)
   yield cfg, root / "work", out, summary
@@ -227,8 +245,7 @@ def quickstart_export(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_quickstart_with_base_runs_in_pytorch_and_predicts_as_jaxprompt_generate(quickstart_export, tmp_path,
-                                                                                  capsys):
+def test_quickstart_with_base_runs_in_pytorch_and_predicts_as_jaxprompt_generate(quickstart_export, tmp_path, capsys):
   from peft import PeftModel
   from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -245,29 +262,33 @@ def test_quickstart_with_base_runs_in_pytorch_and_predicts_as_jaxprompt_generate
   texts = [ex["inputs"] for ex in dev]
   enc = tok(texts, padding=True, return_tensors="pt")
   with torch.no_grad():
-    gen = peft_model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=4,
-                              do_sample=False)
+    gen = peft_model.generate(
+      input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=4, do_sample=False
+    )
   torch_preds = tok.batch_decode(gen, skip_special_tokens=True)
   (tmp_path / "dev.txt").write_text("\n".join(texts) + "\n")
-  jax_preds = run_cli(capsys, "generate", "--prompt", work, "--input-file", tmp_path / "dev.txt",
-                      "--max-new-tokens", 4)
+  jax_preds = run_cli(capsys, "generate", "--prompt", work, "--input-file", tmp_path / "dev.txt", "--max-new-tokens", 4)
   assert jax_preds == torch_preds
   # and from the export folder (its provenance names the built-in base)
-  assert run_cli(capsys, "generate", "--prompt", out, "--input-file", tmp_path / "dev.txt",
-                 "--max-new-tokens", 4) == torch_preds
+  assert (
+    run_cli(capsys, "generate", "--prompt", out, "--input-file", tmp_path / "dev.txt", "--max-new-tokens", 4)
+    == torch_preds
+  )
   acc = np.mean([p == ex["targets"] for p, ex in zip(torch_preds, dev, strict=True)])
-  print(f"quickstart (100 steps, dev accuracy {summary.best_value:.3f}) in PyTorch + PEFT: {acc:.3f} of "
-        f"{len(dev)} dev examples right, predictions identical to `jaxprompt generate`")
+  print(
+    f"quickstart (100 steps, dev accuracy {summary.best_value:.3f}) in PyTorch + PEFT: {acc:.3f} of "
+    f"{len(dev)} dev examples right, predictions identical to `jaxprompt generate`"
+  )
   # logits on the dev examples
   run, _ = build_run(cfg, mesh=one_device(), with_train_data=False)
   value, _ = load_trained_prompt(out)
   arrays = encoding.encode(Seq2SeqBatch, dev[:8], run.tokenizer, input_length=20, target_length=4)
   dec = np.concatenate([np.zeros((8, 1), np.int32), arrays.target_ids[:, :-1]], axis=1)
   with torch.no_grad():
-    ref = peft_model(input_ids=_t(arrays.input_ids), attention_mask=_t(arrays.input_mask),
-                     decoder_input_ids=_t(dec)).logits.numpy()
-  ours = np.asarray(_ours(run, value)(jnp.asarray(arrays.input_ids), jnp.asarray(arrays.input_mask),
-                                      jnp.asarray(dec)))
+    ref = peft_model(
+      input_ids=_t(arrays.input_ids), attention_mask=_t(arrays.input_mask), decoder_input_ids=_t(dec)
+    ).logits.numpy()
+  ours = np.asarray(_ours(run, value)(jnp.asarray(arrays.input_ids), jnp.asarray(arrays.input_mask), jnp.asarray(dec)))
   print(f"quickstart: PEFT vs ours max |logit diff| {np.abs(ours - ref).max():.2e}")
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)
 
@@ -323,14 +344,20 @@ def test_peft_made_adapter_imports_and_gives_peft_logits(peft_made, name, tmp_pa
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)
   # `jaxprompt generate --prompt DIR`: base (PEFT's base_model_name_or_path) and tokenizer found from the adapter
   (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
-  got = [json.loads(line) for line in run_cli(capsys, "generate", "--prompt", adapter, "--input-file",
-                                              tmp_path / "in.txt", "--max-new-tokens", NEW, "--jsonl")]
+  got = [
+    json.loads(line)
+    for line in run_cli(
+      capsys, "generate", "--prompt", adapter, "--input-file", tmp_path / "in.txt", "--max-new-tokens", NEW, "--jsonl"
+    )
+  ]
   eos = tok.eos_token_id
   if kind == "seq2seq":
     check_generations(got, peft_greedy(peft_model, ids, mask, eos))
   else:  # row by row (see the module docstring on PEFT and left padding)
-    check_generations(got, [peft_greedy(peft_model, ids[i:i + 1, mask[i] == 1], mask[i:i + 1, mask[i] == 1], eos)[0]
-                            for i in range(3)])
+    check_generations(
+      got,
+      [peft_greedy(peft_model, ids[i : i + 1, mask[i] == 1], mask[i : i + 1, mask[i] == 1], eos)[0] for i in range(3)],
+    )
 
 
 def _prompt_value(run) -> np.ndarray:

@@ -21,12 +21,21 @@ T_NEW = 8
 def gen_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("generate")
   return dict(
-      llama=write_decoder(root / "llama", "llama3-gqa-untied", seed=0),
-      t5=write_t5(root / "t5", "t5v11-gated-untied", seed=0),
-      # tiny vocabularies for brute-force enumeration of every sequence
-      llama6=write_decoder(root / "llama6", "llama3-gqa-untied", seed=1, vocab_size=6, pad_token_id=0,
-                           bos_token_id=1, eos_token_id=2, initializer_range=0.5),
-      t5_6=write_t5(root / "t5_6", "t5v11-gated-untied", seed=1, vocab_size=6))
+    llama=write_decoder(root / "llama", "llama3-gqa-untied", seed=0),
+    t5=write_t5(root / "t5", "t5v11-gated-untied", seed=0),
+    # tiny vocabularies for brute-force enumeration of every sequence
+    llama6=write_decoder(
+      root / "llama6",
+      "llama3-gqa-untied",
+      seed=1,
+      vocab_size=6,
+      pad_token_id=0,
+      bos_token_id=1,
+      eos_token_id=2,
+      initializer_range=0.5,
+    ),
+    t5_6=write_t5(root / "t5_6", "t5v11-gated-untied", seed=1, vocab_size=6),
+  )
 
 
 @pytest.fixture(scope="session")
@@ -86,13 +95,13 @@ def test_greedy_equals_transformers_generate(gen_dirs, models, name):
   ids, mask = _prefix(name)
   with torch.no_grad():
     r = ref.generate(ids, attention_mask=mask, max_new_tokens=T_NEW, do_sample=False).numpy()
-  r = r[:, 1:] if name == "t5" else r[:, ids.shape[1]:]  # drop the decoder start / the prompt
+  r = r[:, 1:] if name == "t5" else r[:, ids.shape[1] :]  # drop the decoder start / the prompt
   out = generate(models[name], input_ids=j(ids), attention_mask=j(mask), max_new_tokens=T_NEW)  # config EOS
   got = np.asarray(out["tokens"])
   pad = ref.config.pad_token_id
   # transformers stops once every row finished; it pads finished rows with pad_token_id, as we do
-  np.testing.assert_array_equal(got[:, :r.shape[1]], r)
-  assert (got[:, r.shape[1]:] == pad).all()
+  np.testing.assert_array_equal(got[:, : r.shape[1]], r)
+  assert (got[:, r.shape[1] :] == pad).all()
 
 
 def test_eos_finishes_rows_and_pads(models):
@@ -110,9 +119,13 @@ def test_eos_finishes_rows_and_pads(models):
     assert (got[row, n:] == 0).all()
   assert lengths[0] == 4
   # scores are the summed log-probabilities of the emitted tokens, up to and including EOS
-  logits = np.asarray(m(jnp.concatenate([j(ids[:1]), jnp.asarray(got[:1, :4])], 1),
-                        jnp.concatenate([j(mask[:1]), jnp.ones((1, 4), jnp.int32)], 1),
-                        positions=jnp.arange(11)[None]))[0, 6:10]
+  logits = np.asarray(
+    m(
+      jnp.concatenate([j(ids[:1]), jnp.asarray(got[:1, :4])], 1),
+      jnp.concatenate([j(mask[:1]), jnp.ones((1, 4), jnp.int32)], 1),
+      positions=jnp.arange(11)[None],
+    )
+  )[0, 6:10]
   logp = jax.nn.log_softmax(logits, -1)[np.arange(4), got[0, :4]]
   np.testing.assert_allclose(float(out["scores"][0]), float(logp.sum()), rtol=1e-5)
 
@@ -157,7 +170,7 @@ def _prefix_logps(model, ids, mask, seqs):
     full = jnp.concatenate([jnp.repeat(ids, c, 0), jnp.asarray(seqs)], axis=1)
     mk = jnp.concatenate([jnp.repeat(mask, c, 0), jnp.ones((c, n), jnp.int32)], axis=1)
     pos = jnp.maximum(jnp.cumsum(mk, 1) - 1, 0)
-    logits = model(full, mk, positions=pos)[:, ids.shape[1] - 1:-1]
+    logits = model(full, mk, positions=pos)[:, ids.shape[1] - 1 : -1]
   logp = jax.nn.log_softmax(logits, -1)
   return np.cumsum(np.asarray(jnp.take_along_axis(logp, jnp.asarray(seqs)[..., None], -1)[..., 0]), axis=1)
 
@@ -174,12 +187,21 @@ def test_beam_search_finds_the_best_sequence_by_enumeration(models, name):
   table = {}
   for seq, c in zip(full.tolist(), cum, strict=True):
     for n in range(1, steps + 1):
-      if eos not in seq[:n - 1] and (n == steps or seq[n - 1] == eos):
+      if eos not in seq[: n - 1] and (n == steps or seq[n - 1] == eos):
         table[tuple(seq[:n])] = c[n - 1] / ((5 + n) / 6) ** alpha
   best_seq = max(table, key=table.get)
   # 36 = 6**2 beams keep every live prefix: the search is exhaustive, so it must find the optimum
-  out = generate(m, input_ids=ids, attention_mask=mask, max_new_tokens=steps, method="beam", num_beams=36,
-                 alpha=alpha, eos_id=eos, pad_id=0)
+  out = generate(
+    m,
+    input_ids=ids,
+    attention_mask=mask,
+    max_new_tokens=steps,
+    method="beam",
+    num_beams=36,
+    alpha=alpha,
+    eos_id=eos,
+    pad_id=0,
+  )
   want = list(best_seq) + [0] * (steps - len(best_seq))
   assert np.asarray(out["tokens"])[0].tolist() == want
   assert int(out["lengths"][0]) == len(best_seq)
@@ -204,15 +226,18 @@ def test_top_k_1_sampling_equals_greedy(models, name):
   ids, mask = _prefix(name)
   greedy = generate(m, input_ids=j(ids), attention_mask=j(mask), max_new_tokens=T_NEW)
   for kw in (dict(top_k=1, temperature=0.7), dict(top_p=1e-6)):
-    s = generate(m, input_ids=j(ids), attention_mask=j(mask), max_new_tokens=T_NEW, method="sample",
-                 rng=jax.random.key(3), **kw)
+    s = generate(
+      m, input_ids=j(ids), attention_mask=j(mask), max_new_tokens=T_NEW, method="sample", rng=jax.random.key(3), **kw
+    )
     np.testing.assert_array_equal(np.asarray(s["tokens"]), np.asarray(greedy["tokens"]))
 
 
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+
   def draw(**kw):
     return np.asarray(gen._filter_and_sample(logits, 1.0, rng=jax.random.key(0), **kw))
+
   assert set(draw(top_k=2, top_p=1.0)) == {0, 1}
   assert set(draw(top_k=0, top_p=0.8)) == {0, 1}  # 0.5 + 0.3 reaches 0.8
   assert set(draw(top_k=0, top_p=0.81)) == {0, 1, 2}
@@ -226,9 +251,20 @@ def test_sampling_filters():
 def test_sampling_is_reproducible_and_rng_dependent(models):
   m = models["llama"]
   ids, mask = _prefix("llama")
+
   def run(seed):
-    return np.asarray(generate(m, input_ids=j(ids), attention_mask=j(mask), max_new_tokens=T_NEW,
-                               method="sample", temperature=1.5, rng=jax.random.key(seed))["tokens"])
+    return np.asarray(
+      generate(
+        m,
+        input_ids=j(ids),
+        attention_mask=j(mask),
+        max_new_tokens=T_NEW,
+        method="sample",
+        temperature=1.5,
+        rng=jax.random.key(seed),
+      )["tokens"]
+    )
+
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0), run(1))
 
@@ -248,16 +284,19 @@ def test_compiled_once_per_shape_any_padding_and_empty_rows_rejected(models):
     out = generate(m, input_ids=jnp.array(padded), attention_mask=jnp.array(pmask), max_new_tokens=T_NEW)
     np.testing.assert_array_equal(out["tokens"], alone)
   with pytest.raises(ValueError, match="row 1 is all padding"):
-    generate(m, input_ids=jnp.ones((2, 4), jnp.int32), attention_mask=jnp.array([[1, 1, 1, 0], [0, 0, 0, 0]]),
-             max_new_tokens=2)
+    generate(
+      m, input_ids=jnp.ones((2, 4), jnp.int32), attention_mask=jnp.array([[1, 1, 1, 0], [0, 0, 0, 0]]), max_new_tokens=2
+    )
 
 
 def test_sharded_generation_matches_single_device(gen_dirs, models):
   mesh = shd.make_mesh(data=2, model=4)
   sharded = jaxprompt.load_model(gen_dirs["llama"], mesh=mesh)
   ids, mask = _prefix("llama", b=4)
+
   def put(x):
     return jax.device_put(j(x), shd.batch_sharding(mesh))
+
   for method in ("greedy", "beam"):
     want = generate(models["llama"], input_ids=j(ids), attention_mask=j(mask), max_new_tokens=6, method=method)
     got = generate(sharded, input_ids=put(ids), attention_mask=put(mask), max_new_tokens=6, method=method)

@@ -48,14 +48,29 @@ def reference(gguf_path):
     return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
   eps = float(r.fields["llama.attention.layer_norm_rms_epsilon"].contents())
-  cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
-                    num_key_value_heads=4, rms_norm_eps=eps, max_position_embeddings=2048, tie_word_embeddings=False,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
-  sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"],
-        "lm_head.weight": t["output.weight"]}
+  cfg = LlamaConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=172,
+    num_hidden_layers=5,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    rms_norm_eps=eps,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+  )
+  sd = {
+    "model.embed_tokens.weight": t["token_embd.weight"],
+    "model.norm.weight": t["output_norm.weight"],
+    "lm_head.weight": t["output.weight"],
+  }
   for i in range(5):
     b, h = f"blk.{i}.", f"model.layers.{i}."
-    sd.update({
+    sd.update(
+      {
         h + "self_attn.q_proj.weight": unpermute(t[b + "attn_q.weight"], 8),
         h + "self_attn.k_proj.weight": unpermute(t[b + "attn_k.weight"], 4),
         h + "self_attn.v_proj.weight": t[b + "attn_v.weight"],
@@ -64,7 +79,9 @@ def reference(gguf_path):
         h + "mlp.up_proj.weight": t[b + "ffn_up.weight"],
         h + "mlp.down_proj.weight": t[b + "ffn_down.weight"],
         h + "input_layernorm.weight": t[b + "attn_norm.weight"],
-        h + "post_attention_layernorm.weight": t[b + "ffn_norm.weight"]})
+        h + "post_attention_layernorm.weight": t[b + "ffn_norm.weight"],
+      }
+    )
   model = LlamaForCausalLM(cfg).eval()
   model.load_state_dict(sd, strict=True)
   return model
@@ -72,8 +89,13 @@ def reference(gguf_path):
 
 def test_config_and_layout(gguf_path, ours):
   c = ours.config
-  assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (64, 5, 8,
-                                                                                                            4, 8)
+  assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
+    64,
+    5,
+    8,
+    4,
+    8,
+  )
   assert (c.intermediate_size, c.vocab_size, c.rope_theta, c.bos_token_id, c.eos_token_id) == (172, 512, 10000.0, 1, 2)
   assert c.pad_token_id is None  # stored as 0xFFFFFFFF, i.e. none
   assert abs(c.norm_eps - 1e-5) < 1e-10
@@ -154,17 +176,20 @@ def _copy_gguf(src, dst, edit):
 
 def test_strict_loading_names_the_tensor(gguf_path, ours, tmp_path):
   same = _copy_gguf(gguf_path, tmp_path / "same.gguf", lambda t: None)
-  np.testing.assert_array_equal(np.asarray(jaxprompt.load_model(same).layers.attn.q[...]),
-                                np.asarray(ours.layers.attn.q[...]))
+  np.testing.assert_array_equal(
+    np.asarray(jaxprompt.load_model(same).layers.attn.q[...]), np.asarray(ours.layers.attn.q[...])
+  )
   missing = _copy_gguf(gguf_path, tmp_path / "missing.gguf", lambda t: t.pop("blk.3.ffn_up.weight"))
   with pytest.raises(hf.WeightError, match="missing tensor 'blk.3.ffn_up.weight'"):
     jaxprompt.load_model(missing)
-  extra = _copy_gguf(gguf_path, tmp_path / "extra.gguf",
-                     lambda t: t.update({"blk.0.attn_q.bias": np.zeros(64, np.float32)}))
+  extra = _copy_gguf(
+    gguf_path, tmp_path / "extra.gguf", lambda t: t.update({"blk.0.attn_q.bias": np.zeros(64, np.float32)})
+  )
   with pytest.raises(hf.WeightError, match="unexpected tensor 'blk.0.attn_q.bias'"):
     jaxprompt.load_model(extra)
-  bad = _copy_gguf(gguf_path, tmp_path / "bad.gguf",
-                   lambda t: t.update({"blk.1.attn_k.weight": np.zeros((64, 64), np.float32)}))
+  bad = _copy_gguf(
+    gguf_path, tmp_path / "bad.gguf", lambda t: t.update({"blk.1.attn_k.weight": np.zeros((64, 64), np.float32)})
+  )
   with pytest.raises(hf.WeightError, match=r"tensor 'blk.1.attn_k.weight' has shape \(64, 64\), expected \(32, 64\)"):
     jaxprompt.load_model(bad)
   # no output.weight: the head is tied to the embedding, as llama.cpp does
@@ -188,8 +213,12 @@ def test_half_and_quantized_tensors(gguf_path, ours, tmp_path):
   within its format's rounding error of the float32 file (a layout slip would be off by whole weights)."""
   import gguf
 
-  types = {"attn_q": gguf.GGMLQuantizationType.Q8_0, "attn_k": gguf.GGMLQuantizationType.Q8_0,
-           "attn_v": gguf.GGMLQuantizationType.BF16, "ffn_gate": gguf.GGMLQuantizationType.F16}
+  types = {
+    "attn_q": gguf.GGMLQuantizationType.Q8_0,
+    "attn_k": gguf.GGMLQuantizationType.Q8_0,
+    "attn_v": gguf.GGMLQuantizationType.BF16,
+    "ffn_gate": gguf.GGMLQuantizationType.F16,
+  }
 
   def quantize(t):
     for name in list(t):

@@ -27,11 +27,25 @@ SLURM = ROOT / "launch" / "slurm.py"
 
 # What a user may type after `--`: quotes, $, backticks, globs, ;, &, |, redirections, =, an empty word, a later
 # `--`, a leading dash, a tab, non-ASCII.
-AWKWARD = ["configs/my config.yaml", "--workdir", "/shared/runs/a b", "--set", "train.note=it's a $HOME test",
-           "--set", 'prompt.init_text="positive" or `negative` $(id) ${PATH} ; & | > < * ? [a] ~ \\ !x',
-           "--set", "data.task=k=v=w", "--set", "x.tab=a\tb", "--set", "x.u=é ü 漢", "", "--", "-n"]
-STUB_ENV = ("JAXPROMPT_DISTRIBUTED", "JAX_PLATFORMS", "JAX_LOCAL_DEVICE_IDS", "SLURM_PROCID", "SLURM_LOCALID",
-            "MY_VAR")
+AWKWARD = [
+  "configs/my config.yaml",
+  "--workdir",
+  "/shared/runs/a b",
+  "--set",
+  "train.note=it's a $HOME test",
+  "--set",
+  'prompt.init_text="positive" or `negative` $(id) ${PATH} ; & | > < * ? [a] ~ \\ !x',
+  "--set",
+  "data.task=k=v=w",
+  "--set",
+  "x.tab=a\tb",
+  "--set",
+  "x.u=é ü 漢",
+  "",
+  "--",
+  "-n",
+]
+STUB_ENV = ("JAXPROMPT_DISTRIBUTED", "JAX_PLATFORMS", "JAX_LOCAL_DEVICE_IDS", "SLURM_PROCID", "SLURM_LOCALID", "MY_VAR")
 
 JAXPROMPT_STUB = """#!{python}
 import json, os, signal, sys, time
@@ -127,10 +141,17 @@ def sandbox(tmp_path):
   _write(bin_ / "sbatch", SBATCH_FAKE)
   _write(bin_ / "srun", SRUN_FAKE.format(python=py))
   _write(bin_ / "scontrol", SCONTROL_FAKE)
-  env = {"PATH": f"{bin_}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
-         "STUB_OUT": str(tmp_path / "stub.jsonl"), "GCLOUD_LOG": str(tmp_path / "gcloud.jsonl"),
-         "PIP_LOG": str(tmp_path / "pip.txt"), "SBATCH_LOG": str(tmp_path / "sbatch.txt"),
-         "SRUN_LOG": str(tmp_path / "srun.json"), "SCONTROL_LOG": str(tmp_path / "scontrol.txt")}
+  env = {
+    "PATH": f"{bin_}:/usr/local/bin:/usr/bin:/bin",
+    "HOME": str(home),
+    "LANG": "C.UTF-8",
+    "STUB_OUT": str(tmp_path / "stub.jsonl"),
+    "GCLOUD_LOG": str(tmp_path / "gcloud.jsonl"),
+    "PIP_LOG": str(tmp_path / "pip.txt"),
+    "SBATCH_LOG": str(tmp_path / "sbatch.txt"),
+    "SRUN_LOG": str(tmp_path / "srun.json"),
+    "SCONTROL_LOG": str(tmp_path / "scontrol.txt"),
+  }
   box = types.SimpleNamespace(tmp=tmp_path, bin=bin_, home=home, env=env, stub_out=Path(env["STUB_OUT"]))
   yield box
   # Stop any detached stub this test started (by the pid it recorded).
@@ -164,8 +185,9 @@ def _wait_for_records(path: Path, count: int = 1, timeout: float = 15.0) -> list
 
 
 def _launch(script: Path, *args: str, env=None, check: bool = True) -> subprocess.CompletedProcess:
-  p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                     timeout=60)
+  p = subprocess.run(
+    [sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
+  )
   if check:
     assert p.returncode == 0, p.stderr
   return p
@@ -178,7 +200,7 @@ def _bash(text: str, env, cwd, timeout: float = 60) -> subprocess.CompletedProce
 def _remote_command(line: str) -> str:
   commands = [a for a in shlex.split(line) if a.startswith("--command=")]
   assert len(commands) == 1, line
-  return commands[0][len("--command="):]
+  return commands[0][len("--command=") :]
 
 
 POD = ["my-pod", "--zone", "us-central2-b"]
@@ -188,9 +210,25 @@ needs_setsid = pytest.mark.skipif(shutil.which("setsid") is None, reason="needs 
 
 # ------------------------------------------------------------------------------------------------------------ TPU
 
+
 def test_tpu_dry_run_prints_parseable_gcloud_commands(tmp_path):
-  p = _launch(TPU, "up", *POD, "--accelerator-type", "v4-32", "--spot", "--project", "my proj",
-              "--git", "https://github.com/example/jaxprompt.git", "--ref", "v1.0", "--dry-run", "--", *AWKWARD)
+  p = _launch(
+    TPU,
+    "up",
+    *POD,
+    "--accelerator-type",
+    "v4-32",
+    "--spot",
+    "--project",
+    "my proj",
+    "--git",
+    "https://github.com/example/jaxprompt.git",
+    "--ref",
+    "v1.0",
+    "--dry-run",
+    "--",
+    *AWKWARD,
+  )
   lines = p.stdout.splitlines()
   assert len(lines) == 3, p.stdout  # create, setup, train: one command per line
   assert all(not line.startswith("#") for line in lines)  # notes go to stderr
@@ -215,11 +253,16 @@ def test_tpu_queued_resource_and_other_subcommands():
   def run(*a):
     return _launch(TPU, *a, "--dry-run").stdout.splitlines()
 
-  (create,) = (shlex.split(line)
-               for line in run("create", *POD, "--accelerator-type", "v5litepod-16", "--queued", "--spot"))
+  (create,) = (
+    shlex.split(line) for line in run("create", *POD, "--accelerator-type", "v5litepod-16", "--queued", "--spot")
+  )
   assert create[3:6] == ["queued-resources", "create", "my-pod"]
-  assert {"--node-id=my-pod", "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite",
-          "--spot"} <= set(create)
+  assert {
+    "--node-id=my-pod",
+    "--accelerator-type=v5litepod-16",
+    "--runtime-version=v2-alpha-tpuv5-lite",
+    "--spot",
+  } <= set(create)
   (wait,) = (shlex.split(line) for line in run("wait", *POD, "--queued"))
   assert wait[3:6] == ["queued-resources", "describe", "my-pod"] and "--format=value(state.state)" in wait
   (delete,) = (shlex.split(line) for line in run("delete", *POD, "--queued", "--yes"))
@@ -280,8 +323,9 @@ def test_tpu_stop_sends_sigterm_and_refuses_a_second_start(sandbox):
 def test_tpu_attached_run_through_gcloud_keeps_exit_status(sandbox):
   """Not a dry run: tpu.py itself runs the (fake) gcloud; --attach streams output and returns the run's status."""
   env = dict(sandbox.env, STUB_EXIT="3")
-  p = _launch(TPU, "train", *POD, "--attach", "--program", f"{sandbox.bin / 'jaxprompt'}", "--", *AWKWARD,
-              env=env, check=False)
+  p = _launch(
+    TPU, "train", *POD, "--attach", "--program", f"{sandbox.bin / 'jaxprompt'}", "--", *AWKWARD, env=env, check=False
+  )
   assert p.returncode == 3, p.stderr
   assert "stub: hello from jaxprompt" in p.stdout
   (rec,) = _records(sandbox.stub_out)
@@ -294,8 +338,9 @@ def test_tpu_attached_run_through_gcloud_keeps_exit_status(sandbox):
 
 def test_tpu_exec_runs_any_command_in_the_source_tree(sandbox):
   (sandbox.home / "jaxprompt").mkdir()
-  p = _launch(TPU, "exec", *POD, "--worker", "0", "--env", "MY_VAR=$x y", "--dry-run", "--",
-              "jaxprompt", "eval", *AWKWARD)
+  p = _launch(
+    TPU, "exec", *POD, "--worker", "0", "--env", "MY_VAR=$x y", "--dry-run", "--", "jaxprompt", "eval", *AWKWARD
+  )
   (line,) = p.stdout.splitlines()
   assert "--worker=0" in shlex.split(line)
   r = _bash(line, sandbox.env, sandbox.tmp)
@@ -348,17 +393,35 @@ def test_tpu_refuses_what_would_go_wrong_remotely():
 
 # ---------------------------------------------------------------------------------------------------------- SLURM
 
+
 def _split_heredoc(text: str) -> tuple[str, str, list[str]]:
   lines = text.splitlines()
   assert lines[0].startswith("cat > ") and lines[0].endswith("<<'JAXPROMPT_SBATCH_EOF'")
   end = lines.index("JAXPROMPT_SBATCH_EOF")
-  return lines[0], "\n".join(lines[1:end]) + "\n", lines[end + 1:]
+  return lines[0], "\n".join(lines[1:end]) + "\n", lines[end + 1 :]
 
 
 def test_slurm_dry_run_script_and_command(tmp_path):
-  p = _launch(SLURM, "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "12:00:00",
-              "--cpus-per-task", "32", "--setup", "module load cuda/12.4", "--job-name", "rte base",
-              "--dry-run", "--", *AWKWARD)
+  p = _launch(
+    SLURM,
+    "--nodes",
+    "2",
+    "--gpus-per-node",
+    "8",
+    "--partition",
+    "gpu",
+    "--time",
+    "12:00:00",
+    "--cpus-per-task",
+    "32",
+    "--setup",
+    "module load cuda/12.4",
+    "--job-name",
+    "rte base",
+    "--dry-run",
+    "--",
+    *AWKWARD,
+  )
   assert subprocess.run(["bash", "-n", "-c", p.stdout]).returncode == 0
   head, script, tail = _split_heredoc(p.stdout)
   assert shlex.split(head)[:3] == ["cat", ">", "rte base.sbatch"]
@@ -368,8 +431,16 @@ def test_slurm_dry_run_script_and_command(tmp_path):
   lines = script.splitlines()
   assert lines[0] == "#!/bin/bash"
   directives = [line.split(" ", 1)[1] for line in lines if line.startswith("#SBATCH ")]
-  assert {"--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--time=12:00:00",
-          "--cpus-per-task=32", "--job-name=rte base", "--signal=TERM@120"} <= set(directives)
+  assert {
+    "--nodes=2",
+    "--ntasks-per-node=1",
+    "--gpus-per-node=8",
+    "--partition=gpu",
+    "--time=12:00:00",
+    "--cpus-per-task=32",
+    "--job-name=rte base",
+    "--signal=TERM@120",
+  } <= set(directives)
   # sbatch stops reading directives at the first command: all of them come first.
   first_cmd = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
   assert all(i < first_cmd for i, line in enumerate(lines) if line.startswith("#SBATCH"))
@@ -377,13 +448,27 @@ def test_slurm_dry_run_script_and_command(tmp_path):
   (srun_line,) = [line for line in lines if line.startswith("srun ")]
   srun = shlex.split(srun_line)
   assert "--cpus-per-task=32" in srun and "--nodes=2" in srun
-  assert srun[srun.index("jaxprompt"):][:2 + len(AWKWARD)] == ["jaxprompt", "train", *AWKWARD]
+  assert srun[srun.index("jaxprompt") :][: 2 + len(AWKWARD)] == ["jaxprompt", "train", *AWKWARD]
 
 
 @pytest.mark.parametrize("per,tasks", [("node", 2), ("gpu", 8)])
 def test_slurm_dry_run_pasted_into_bash_runs_every_process_with_intact_arguments(sandbox, per, tasks):
-  p = _launch(SLURM, "--nodes", "2", "--gpus-per-node", "4", "--per", per, "--env", "MY_VAR=a 'b' $c",
-              "--setup", 'export SETUP_RAN="yes $HOME"', "--dry-run", "--", *AWKWARD)
+  p = _launch(
+    SLURM,
+    "--nodes",
+    "2",
+    "--gpus-per-node",
+    "4",
+    "--per",
+    per,
+    "--env",
+    "MY_VAR=a 'b' $c",
+    "--setup",
+    'export SETUP_RAN="yes $HOME"',
+    "--dry-run",
+    "--",
+    *AWKWARD,
+  )
   r = _bash(p.stdout, sandbox.env, sandbox.tmp)
   assert r.returncode == 0, r.stdout + r.stderr
   assert (sandbox.tmp / "jaxprompt.sbatch").exists()
@@ -415,8 +500,19 @@ def test_slurm_submits_through_sbatch(sandbox):
   """Not a dry run: writes the script where asked and calls sbatch on it; the exit status comes back."""
   env = dict(sandbox.env, STUB_EXIT="4")
   script = sandbox.tmp / "jobs" / "x.sbatch"
-  p = _launch(SLURM, "--nodes", "2", "--script", str(script), "--sbatch", str(sandbox.bin / "sbatch"), "--",
-              *AWKWARD, env=env, check=False)
+  p = _launch(
+    SLURM,
+    "--nodes",
+    "2",
+    "--script",
+    str(script),
+    "--sbatch",
+    str(sandbox.bin / "sbatch"),
+    "--",
+    *AWKWARD,
+    env=env,
+    check=False,
+  )
   assert p.returncode == 4, p.stderr
   assert script.exists() and os.access(script, os.X_OK)
   assert [r["argv"] for r in _records(sandbox.stub_out)] == [["train", *AWKWARD]] * 2

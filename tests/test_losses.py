@@ -31,9 +31,13 @@ def test_causal_loss_is_on_target_tokens_only_and_the_window_equals_full_logits(
   base = load_model(write_decoder(tmp_path / "llama", "llama3-gqa-untied", vocab_size=384))
   model = P.PromptedModel(base, P.SoftPrompt(jax.random.normal(jax.random.key(1), (3, base.hidden_size))))
   tok = ByT5Tokenizer()
-  batch = encoding.encode(CausalBatch,
-                          [{"inputs": "abc", "targets": "xy"}, {"inputs": "a longer input", "targets": "z"}],
-                          tok, input_length=16, target_length=4)
+  batch = encoding.encode(
+    CausalBatch,
+    [{"inputs": "abc", "targets": "xy"}, {"inputs": "a longer input", "targets": "z"}],
+    tok,
+    input_length=16,
+    target_length=4,
+  )
   batch = jax.tree.map(jnp.asarray, batch)
   logits_w, targets_w, mask_w = model.score_targets(batch)
   loss_w = cross_entropy(logits_w, targets_w, mask_w).ce

@@ -46,11 +46,11 @@ def one_device():
 def folders(tmp_path_factory):
   root = tmp_path_factory.mktemp("methods")
   return {
-      "t5-relu-tied": write_t5(root / "t5r", "t5-relu-tied"),
-      # PEFT supports a decoder shallower than the encoder (decoder layer g reads table layer 2g mod 3)
-      "t5-gated-deep-encoder": write_t5(root / "t5g", "t5v11-gated-untied", num_layers=3, num_decoder_layers=2),
-      "llama-gqa": write_decoder(root / "llama", "llama3-gqa-untied"),
-      "gpt2": write_decoder(root / "gpt2", "gpt2"),
+    "t5-relu-tied": write_t5(root / "t5r", "t5-relu-tied"),
+    # PEFT supports a decoder shallower than the encoder (decoder layer g reads table layer 2g mod 3)
+    "t5-gated-deep-encoder": write_t5(root / "t5g", "t5v11-gated-untied", num_layers=3, num_decoder_layers=2),
+    "llama-gqa": write_decoder(root / "llama", "llama3-gqa-untied"),
+    "gpt2": write_decoder(root / "gpt2", "gpt2"),
   }
 
 
@@ -58,12 +58,14 @@ def _peft_config(method: str, task: str):
   from peft import PrefixTuningConfig, PromptEncoderConfig
 
   return {
-      "prefix": lambda: PrefixTuningConfig(task_type=task, num_virtual_tokens=P),
-      "prefix-projection": lambda: PrefixTuningConfig(task_type=task, num_virtual_tokens=P, prefix_projection=True,
-                                                      encoder_hidden_size=16),
-      "p-tuning-mlp": lambda: PromptEncoderConfig(task_type=task, num_virtual_tokens=P, encoder_hidden_size=16),
-      "p-tuning-lstm": lambda: PromptEncoderConfig(task_type=task, num_virtual_tokens=P, encoder_hidden_size=16,
-                                                   encoder_reparameterization_type="LSTM"),
+    "prefix": lambda: PrefixTuningConfig(task_type=task, num_virtual_tokens=P),
+    "prefix-projection": lambda: PrefixTuningConfig(
+      task_type=task, num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=16
+    ),
+    "p-tuning-mlp": lambda: PromptEncoderConfig(task_type=task, num_virtual_tokens=P, encoder_hidden_size=16),
+    "p-tuning-lstm": lambda: PromptEncoderConfig(
+      task_type=task, num_virtual_tokens=P, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
+    ),
   }[method]()
 
 
@@ -100,8 +102,9 @@ def test_adapters_made_in_peft_load_with_peft_logits(folders, tmp_path, model, m
 
   seq2seq = model.startswith("t5")
   torch.manual_seed(1)
-  get_peft_model(_torch_base(folders[model], seq2seq), _peft_config(method, "SEQ_2_SEQ_LM" if seq2seq else
-                                                                    "CAUSAL_LM")).save_pretrained(tmp_path / "a")
+  get_peft_model(
+    _torch_base(folders[model], seq2seq), _peft_config(method, "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+  ).save_pretrained(tmp_path / "a")
   peft_model = PeftModel.from_pretrained(_torch_base(folders[model], seq2seq), tmp_path / "a").eval()
   ours = load_prompted(folders[model], tmp_path / "a")
   virtual = P if (method.startswith("p-tuning") and not seq2seq) else 0
@@ -114,22 +117,34 @@ def test_p_tuning_encoder_equals_peft_prompt_encoder(encoder):
   from peft import PromptEncoderConfig
   from peft.tuners.p_tuning.model import PromptEncoder
 
-  cfg = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, token_dim=8, num_transformer_submodules=1,
-                            num_attention_heads=2, num_layers=2, encoder_reparameterization_type=encoder,
-                            encoder_hidden_size=6, encoder_num_layers=2, encoder_dropout=0.0)
+  cfg = PromptEncoderConfig(
+    task_type="CAUSAL_LM",
+    num_virtual_tokens=5,
+    token_dim=8,
+    num_transformer_submodules=1,
+    num_attention_heads=2,
+    num_layers=2,
+    encoder_reparameterization_type=encoder,
+    encoder_hidden_size=6,
+    encoder_num_layers=2,
+    encoder_dropout=0.0,
+  )
   torch.manual_seed(0)
   ref_encoder = PromptEncoder(cfg).eval()
   sd = {k: v.detach().numpy() for k, v in ref_encoder.state_dict().items()}
-  ours = PTuning(sd["embedding.weight"], encoder=encoder, hidden_size=6, num_layers=2, dropout=0.0,
-                 rng=jax.random.key(0))
+  ours = PTuning(
+    sd["embedding.weight"], encoder=encoder, hidden_size=6, num_layers=2, dropout=0.0, rng=jax.random.key(0)
+  )
   st = nnx.state(ours).to_pure_dict()
   heads = (0, 2, 4) if encoder == "MLP" else (0, 2)
   for i, j in enumerate(heads):
     st["mlp"][f"l{i}"] = dict(w=sd[f"mlp_head.{j}.weight"].T, b=sd[f"mlp_head.{j}.bias"])
   for layer in range(2) if encoder == "LSTM" else ():
     for d, suffix in (("fwd", ""), ("bwd", "_reverse")):
+
       def w(name, layer=layer, suffix=suffix):
         return sd[f"lstm_head.{name}_l{layer}{suffix}"]
+
       st["lstm"][f"l{layer}_{d}"] = dict(w_ih=w("weight_ih").T, w_hh=w("weight_hh").T, b=w("bias_ih") + w("bias_hh"))
   nnx.update(ours, jax.tree.map(jnp.asarray, st))
   with torch.no_grad():
@@ -140,12 +155,20 @@ def test_p_tuning_encoder_equals_peft_prompt_encoder(encoder):
 # -- trained here, loaded in PEFT ------------------------------------------------------------------------------
 
 METHOD_OVERRIDES = {
-    "prefix": {"prompt.method": "prefix_tuning", "prompt.init": "random_uniform"},
-    "prefix-projection": {"prompt.method": "prefix_tuning", "prompt.init": "random_uniform",
-                          "prompt.prefix_projection": True, "prompt.encoder_hidden_size": 16},
-    "p-tuning-mlp": {"prompt.method": "p_tuning", "prompt.encoder_hidden_size": 16},
-    "p-tuning-lstm": {"prompt.method": "p_tuning", "prompt.encoder_reparameterization_type": "LSTM",
-                      "prompt.encoder_hidden_size": 16, "prompt.encoder_dropout": 0.1},
+  "prefix": {"prompt.method": "prefix_tuning", "prompt.init": "random_uniform"},
+  "prefix-projection": {
+    "prompt.method": "prefix_tuning",
+    "prompt.init": "random_uniform",
+    "prompt.prefix_projection": True,
+    "prompt.encoder_hidden_size": 16,
+  },
+  "p-tuning-mlp": {"prompt.method": "p_tuning", "prompt.encoder_hidden_size": 16},
+  "p-tuning-lstm": {
+    "prompt.method": "p_tuning",
+    "prompt.encoder_reparameterization_type": "LSTM",
+    "prompt.encoder_hidden_size": 16,
+    "prompt.encoder_dropout": 0.1,
+  },
 }
 TEXTS = ["3 7 1 8 2", "9", "hello there"]
 
@@ -156,8 +179,9 @@ def byte_gpt2(tmp_path_factory):
 
 
 def _trained(folder, method, workdir, **over):
-  cfg = tiny_cfg(folder, **{"prompt.length": P, "train.steps": 3, "model.dropout": 0.1, **METHOD_OVERRIDES[method],
-                            **over})
+  cfg = tiny_cfg(
+    folder, **{"prompt.length": P, "train.steps": 3, "model.dropout": 0.1, **METHOD_OVERRIDES[method], **over}
+  )
   train(cfg, workdir, progress=False, mesh=one_device())
   return cfg
 
@@ -176,13 +200,14 @@ def _peft_greedy(peft_model, ids, seq2seq: bool, steps: int) -> np.ndarray:
     for _ in range(steps):
       nxt = peft_model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
       seq = torch.cat([seq, nxt.argmax(-1, keepdim=True)], 1)
-    return seq[:, ids.shape[1]:].numpy()
+    return seq[:, ids.shape[1] :].numpy()
 
 
 @pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
 @pytest.mark.parametrize("model", ["t5", "llama", "gpt2"])
-def test_trained_here_loads_in_peft_with_our_logits_and_greedy_tokens(byte_t5, byte_llama, byte_gpt2, tmp_path, model,
-                                                                      method):
+def test_trained_here_loads_in_peft_with_our_logits_and_greedy_tokens(
+  byte_t5, byte_llama, byte_gpt2, tmp_path, model, method
+):
   from peft import PeftModel
 
   folder = {"t5": byte_t5, "llama": byte_llama, "gpt2": byte_gpt2}[model]
@@ -195,7 +220,8 @@ def test_trained_here_loads_in_peft_with_our_logits_and_greedy_tokens(byte_t5, b
   if src.method == "p_tuning":  # the checkpoint keeps the encoder; PEFT's file holds its output
     assert "lstm" in src.params or "mlp" in src.params
     assert acfg["encoder_reparameterization_type"] == METHOD_OVERRIDES[method].get(
-        "prompt.encoder_reparameterization_type", "MLP")
+      "prompt.encoder_reparameterization_type", "MLP"
+    )
   else:
     assert acfg["prefix_projection"] == (method == "prefix-projection")
   peft_model = PeftModel.from_pretrained(_torch_base(folder, seq2seq), out).eval()
@@ -206,10 +232,17 @@ def test_trained_here_loads_in_peft_with_our_logits_and_greedy_tokens(byte_t5, b
   tok = load_tokenizer(folder)
   for text in TEXTS:
     ids, mask = encoding.encode_inputs(ours.base.batch_type, tok, [text])
-    got = generate(ours.base, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=ours.prefix(1),
-                   max_new_tokens=5, eos_id=-1)["tokens"]
-    np.testing.assert_array_equal(np.asarray(got), _peft_greedy(peft_model, torch.as_tensor(ids, dtype=torch.long),
-                                                                seq2seq, 5))
+    got = generate(
+      ours.base,
+      input_ids=jnp.asarray(ids),
+      attention_mask=jnp.asarray(mask),
+      prefix=ours.prefix(1),
+      max_new_tokens=5,
+      eos_id=-1,
+    )["tokens"]
+    np.testing.assert_array_equal(
+      np.asarray(got), _peft_greedy(peft_model, torch.as_tensor(ids, dtype=torch.long), seq2seq, 5)
+    )
 
 
 def test_peft_limits_refuse_the_export_but_jaxprompt_trains_and_serves(tmp_path, capsys):
@@ -231,8 +264,9 @@ def test_peft_limits_refuse_the_export_but_jaxprompt_trains_and_serves(tmp_path,
   assert not (tmp_path / "adapter").exists()
   npy = export_prompt(tmp_path / "w", "numpy", tmp_path / "p.npy")
   assert np.load(npy).shape == (P, 1, 2, 4, 8)  # [P, Y, 2, K, D], Y = the encoder's depth as PEFT counts layers
-  records = inference.generate_text(load_model(folder), load_tokenizer(folder), TEXTS, [load_prompt_source(npy)],
-                                    max_new_tokens=4)
+  records = inference.generate_text(
+    load_model(folder), load_tokenizer(folder), TEXTS, [load_prompt_source(npy)], max_new_tokens=4
+  )
   assert len(records) == 3 and all(len(r["tokens"]) <= 4 for r in records)
 
 
@@ -262,8 +296,14 @@ def test_mixed_batches_of_prefixes_equal_separate_runs_and_cached_equals_uncache
   # cached generation of the mixed batch = greedy decoding that recomputes everything each step (unpadded rows)
   real = np.asarray(mask).all(axis=1)
   ids_r, mask_r, which_r = ids[real], mask[real], which[real]
-  cached = generate(base, input_ids=ids_r, attention_mask=mask_r, prefix=mixed.prefix(len(which_r), which_r),
-                    max_new_tokens=5, eos_id=-1)["tokens"]
+  cached = generate(
+    base,
+    input_ids=ids_r,
+    attention_mask=mask_r,
+    prefix=mixed.prefix(len(which_r), which_r),
+    max_new_tokens=5,
+    eos_id=-1,
+  )["tokens"]
   np.testing.assert_array_equal(np.asarray(cached), _uncached_greedy(mixed, ids_r, mask_r, seq2seq, 5, which_r))
 
 
@@ -273,12 +313,14 @@ def test_p_tuning_generates_cached_as_uncached(folders, model):
   base = load_model(folders[model])
   seq2seq = model.startswith("t5")
   emb = jax.random.normal(jax.random.key(4), (P, base.hidden_size))
-  prompted = PromptedModel(base, PTuning(emb, encoder="LSTM", hidden_size=16, num_layers=2, dropout=0.0,
-                                         rng=jax.random.key(5)))
+  prompted = PromptedModel(
+    base, PTuning(emb, encoder="LSTM", hidden_size=16, num_layers=2, dropout=0.0, rng=jax.random.key(5))
+  )
   ids = jnp.asarray(_batch(seq2seq, seed=6)[0].numpy())
   mask = jnp.ones_like(ids)
-  cached = generate(base, input_ids=ids, attention_mask=mask, prefix=prompted.prefix(len(ids)), max_new_tokens=5,
-                    eos_id=-1)["tokens"]
+  cached = generate(
+    base, input_ids=ids, attention_mask=mask, prefix=prompted.prefix(len(ids)), max_new_tokens=5, eos_id=-1
+  )["tokens"]
   np.testing.assert_array_equal(np.asarray(cached), _uncached_greedy(prompted, ids, mask, seq2seq, 5))
 
 
@@ -330,10 +372,11 @@ def test_resuming_a_reparameterised_method_is_exact(byte_t5, tmp_path, method):
   """The checkpoint keeps the MLP / LSTM (PEFT's file keeps only their output), with the LSTM's dropout RNG: an
   interrupted run resumes to the uninterrupted one's parameters, bit for bit."""
   over = {"prompt.length": P, "model.dropout": 0.1, **METHOD_OVERRIDES[method]}
-  train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path,
-                    one_device())
+  train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path, one_device())
+
   def final(w):
     return Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
+
   a, b = final(tmp_path / "full"), final(tmp_path / "split")
   assert jax.tree.structure(a) == jax.tree.structure(b) and len(jax.tree.leaves(a)) > 2  # the encoder is there
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -344,27 +387,49 @@ def test_generate_cli_serves_prefix_and_p_tuning_prompts(byte_llama, tmp_path, c
   for method in ("prefix", "p-tuning-lstm"):
     _trained(byte_llama, method, tmp_path / method)
   (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
-  assert main(["generate", "--prompt", str(tmp_path / "prefix"), "--prompt", str(tmp_path / "prefix"), "--input-file",
-               str(tmp_path / "in.txt"), "--max-new-tokens", "4", "--jsonl"]) == 0
+  assert (
+    main(
+      [
+        "generate",
+        "--prompt",
+        str(tmp_path / "prefix"),
+        "--prompt",
+        str(tmp_path / "prefix"),
+        "--input-file",
+        str(tmp_path / "in.txt"),
+        "--max-new-tokens",
+        "4",
+        "--jsonl",
+      ]
+    )
+    == 0
+  )
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  want = inference.generate_text(load_model(byte_llama), load_tokenizer(byte_llama), TEXTS,
-                                 [load_prompt_source(tmp_path / "prefix")], max_new_tokens=4)
+  want = inference.generate_text(
+    load_model(byte_llama),
+    load_tokenizer(byte_llama),
+    TEXTS,
+    [load_prompt_source(tmp_path / "prefix")],
+    max_new_tokens=4,
+  )
   assert [r["tokens"] for r in rows] == [w["tokens"] for w in want] * 2  # a bank of two prefixes, prompt-major
   # input-embedding prompts and key/value prefixes cannot share a batch
-  code = main(["generate", "--prompt", str(tmp_path / "prefix"), "--prompt", str(tmp_path / "p-tuning-lstm"),
-               "--input", "9"])
+  code = main(
+    ["generate", "--prompt", str(tmp_path / "prefix"), "--prompt", str(tmp_path / "p-tuning-lstm"), "--input", "9"]
+  )
   assert code == 2 and "cannot share a batch" in capsys.readouterr().err
 
 
 def test_inapplicable_method_options_are_one_line_errors():
   for over, message in [
-      (["prompt.prefix_projection=true"],
-       "prompt.prefix_projection applies to method prefix_tuning, not prompt_tuning"),
-      (["prompt.method=prefix_tuning"], "prompt.init class_labels does not apply to method prefix_tuning"),
-      (["prompt.method=p_tuning", "prompt.encoder_dropout=0.1"], "prompt.encoder_dropout applies to the LSTM encoder"),
-      (["prompt.method=prefix_tuning", "prompt.init=random_uniform", "prompt.encoder_hidden_size=8"],
-       "prompt.encoder_hidden_size applies to prefix_tuning with prompt.prefix_projection: true"),
-      (["prompt.method=deep"], "prompt.method: 'deep' is not one of"),
+    (["prompt.prefix_projection=true"], "prompt.prefix_projection applies to method prefix_tuning, not prompt_tuning"),
+    (["prompt.method=prefix_tuning"], "prompt.init class_labels does not apply to method prefix_tuning"),
+    (["prompt.method=p_tuning", "prompt.encoder_dropout=0.1"], "prompt.encoder_dropout applies to the LSTM encoder"),
+    (
+      ["prompt.method=prefix_tuning", "prompt.init=random_uniform", "prompt.encoder_hidden_size=8"],
+      "prompt.encoder_hidden_size applies to prefix_tuning with prompt.prefix_projection: true",
+    ),
+    (["prompt.method=deep"], "prompt.method: 'deep' is not one of"),
   ]:
     with pytest.raises(C.ConfigError, match=message):
       C.load(None, over)
@@ -383,8 +448,11 @@ def quickstart_cache():
   import os
 
   mp = pytest.MonkeyPatch()  # the user's cache: the base model is pre-trained at most once
-  mp.setenv("JAXPROMPT_CACHE", os.environ.get("JAXPROMPT_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"))
+  mp.setenv(
+    "JAXPROMPT_CACHE",
+    os.environ.get("JAXPROMPT_CACHE")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"),
+  )
   yield
   mp.undo()
 
@@ -398,6 +466,8 @@ def test_shipped_method_configs_learn_the_quickstart_task(quickstart_cache, tmp_
   cfg = C.load(root / "configs" / "methods" / f"{name}.yaml", ["train.plot=false"])
   summary = train(cfg, tmp_path, progress=False, mesh=one_device())
   n = sum(x.size for x in jax.tree.leaves(load_prompt_source(tmp_path).params))
-  print(f"{name}: best dev accuracy {summary.best_value:.3f} at step {summary.best_step}, {n} trained "
-        f"parameters, {summary.train_seconds:.0f} s")
+  print(
+    f"{name}: best dev accuracy {summary.best_value:.3f} at step {summary.best_step}, {n} trained "
+    f"parameters, {summary.train_seconds:.0f} s"
+  )
   assert summary.best_value >= METHOD_CONFIGS[name]

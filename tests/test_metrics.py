@@ -64,17 +64,25 @@ def test_pearson_spearman():
 def test_classification_metrics_by_name(preds):
   g, p, g2, p2 = preds
   got = M.classification_metrics(["accuracy", "macro_f1", "matthews"], g, p, ["a", "b", "c"])
-  assert got == pytest.approx({"accuracy": skm.accuracy_score(g, p), "matthews": skm.matthews_corrcoef(g, p),
-                               "macro_f1": skm.f1_score(g, p, labels=[0, 1, 2], average="macro")})
+  assert got == pytest.approx(
+    {
+      "accuracy": skm.accuracy_score(g, p),
+      "matthews": skm.matthews_corrcoef(g, p),
+      "macro_f1": skm.f1_score(g, p, labels=[0, 1, 2], average="macro"),
+    }
+  )
   # STS-B: correlations of the label strings' values; an invalid prediction is -1.0 (T5's string_to_float)
   gs, ps = np.array([0, 5, 10, 25, 13]), np.array([1, 5, -1, 24, 12])
+
   def vals(idx):
     return np.array([float(STSB_LABELS[i]) if i >= 0 else -1.0 for i in idx])
+
   got = M.classification_metrics(["pearson", "spearman"], gs, ps, STSB_LABELS)
   assert got["pearson"] == pytest.approx(scipy.stats.pearsonr(vals(gs), vals(ps))[0])
   assert got["spearman"] == pytest.approx(scipy.stats.spearmanr(vals(gs), vals(ps))[0])
-  assert M.classification_metrics(["group_exact_match"], [1, 0, 1, 1], [1, 0, 0, 1], ["F", "T"],
-                                  groups=["q1", "q1", "q2", "q3"]) == {"group_exact_match": pytest.approx(2 / 3)}
+  assert M.classification_metrics(
+    ["group_exact_match"], [1, 0, 1, 1], [1, 0, 0, 1], ["F", "T"], groups=["q1", "q1", "q2", "q3"]
+  ) == {"group_exact_match": pytest.approx(2 / 3)}
   with pytest.raises(ValueError, match=r"unknown classification metric 'acc'"):
     M.classification_metrics(["acc"], g, p, ["a", "b", "c"])
   with pytest.raises(ValueError, match=r"metric f1 is binary"):
@@ -107,16 +115,21 @@ def test_wsc_referent_matching():
   assert not M.wsc_referent_match("Bob", "Bob's hat")
   assert not M.wsc_referent_match("Tom", "Mitchell")
   # correct referent named -> right; wrong candidate named -> wrong; wrong candidate not named -> right
-  assert M.wsc_accuracy(["Tom", "Mitchell", "Tom"], ["Tom", "Mitchell", "Mitchell"], [True, False, False]) \
-      == pytest.approx(2 / 3)
+  assert M.wsc_accuracy(
+    ["Tom", "Mitchell", "Tom"], ["Tom", "Mitchell", "Mitchell"], [True, False, False]
+  ) == pytest.approx(2 / 3)
 
 
 def test_generation_metrics_from_examples():
-  record = [{"targets": "Bo", "answers": ["Bo", "Al"], "group": "0-1"},
-            {"targets": "Al", "answers": ["Bo", "Al"], "group": "0-1"},
-            {"targets": "Cy", "answers": ["Cy"], "group": "0-2"}]
-  assert M.generation_metrics(["exact_match", "token_f1"], ["Al", "Al", "Dee"], record) == \
-      {"exact_match": 0.5, "token_f1": 0.5}
+  record = [
+    {"targets": "Bo", "answers": ["Bo", "Al"], "group": "0-1"},
+    {"targets": "Al", "answers": ["Bo", "Al"], "group": "0-1"},
+    {"targets": "Cy", "answers": ["Cy"], "group": "0-2"},
+  ]
+  assert M.generation_metrics(["exact_match", "token_f1"], ["Al", "Al", "Dee"], record) == {
+    "exact_match": 0.5,
+    "token_f1": 0.5,
+  }
   wsc = [{"targets": "Tom", "referent_correct": True}, {"targets": "Mitchell", "referent_correct": False}]
   assert M.generation_metrics(["wsc_accuracy"], ["Tom", "Tom"], wsc) == {"wsc_accuracy": 1.0}
   plain = [{"targets": "4"}, {"targets": "five"}]

@@ -53,14 +53,15 @@ def test_mixture_stream_draws_by_rate_walks_each_member_s_epochs_and_resumes_exa
   # member 0 (10 rows) goes through whole epochs: each block of 10 of its draws is a permutation of its rows
   mine = drawn[first]
   for e in range(len(mine) // 10):
-    assert sorted(mine[10 * e:10 * (e + 1)]) == list(range(10))
+    assert sorted(mine[10 * e : 10 * (e + 1)]) == list(range(10))
   assert stream.member_positions == [int(first.sum()), int((~first).sum())]
   # resuming from (position, member positions) continues the same sequence
   again = MixtureStream(rows, sizes, [0.8, 0.2], 16, seed=3)
   for _ in range(20):
     next(again)
-  resumed = MixtureStream(rows, sizes, [0.8, 0.2], 16, seed=3, position=again.position,
-                          member_positions=again.member_positions)
+  resumed = MixtureStream(
+    rows, sizes, [0.8, 0.2], 16, seed=3, position=again.position, member_positions=again.member_positions
+  )
   for k in range(20, 50):
     np.testing.assert_array_equal(next(resumed).input_ids[:, 0], batches[k])
   # every host draws the same global batch and keeps its own share
@@ -78,7 +79,9 @@ def test_task_ids_travel_with_the_rows():
 # -- config checks ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data, prompt, match", [
+@pytest.mark.parametrize(
+  "data, prompt, match",
+  [
     ({"mixture": [{"task": MAX}, {"task": MAX}]}, {}, "appears more than once"),
     ({"mixture": [{"task": MAX, "rate": 1.0}, {"task": MIN}]}, {}, "every member a rate, or none"),
     ({"mixture": [{"task": MAX, "rate": 0}]}, {}, "a rate must be > 0"),
@@ -86,7 +89,8 @@ def test_task_ids_travel_with_the_rows():
     ({"mixture": [{"task": MAX}], "group_by_length": 4}, {}, "group_by_length does not apply"),
     ({"mixture_cap": 10}, {}, "mixture_cap applies to a data.mixture"),
     ({"mixture": [{"task": MAX, "weight": 2}]}, {}, r"unknown config key 'data.mixture\[0\].weight'"),
-])
+  ],
+)
 def test_bad_mixtures_are_one_line_errors(data, prompt, match):
   with pytest.raises(ConfigError, match=match):
     C.from_dict({"data": data, "prompt": prompt})
@@ -99,8 +103,11 @@ def test_per_task_prompts_need_a_mixture_and_a_bankable_method(byte_t5):
   mix = {"data.mixture": [{"task": MAX}, {"task": MIN}], "data.task": "quickstart", "prompt.per_task": True}
   with pytest.raises(ConfigError, match="a bank of P-tuning encoders is not supported"):
     build_run(small_cfg(byte_t5, **mix, **{"prompt.method": "p_tuning"}), mesh=mesh, with_train_data=False)
-  with pytest.raises(ConfigError, match=r"eval.metric 'bleu'.*available: eval_loss, eval_seq_accuracy, accuracy, "
-                     r"quickstart:max/eval_loss"):
+  with pytest.raises(
+    ConfigError,
+    match=r"eval.metric 'bleu'.*available: eval_loss, eval_seq_accuracy, accuracy, "
+    r"quickstart:max/eval_loss",
+  ):
     build_run(small_cfg(byte_t5, **mix, **{"eval.metric": "bleu"}), mesh=mesh, with_train_data=False)
 
 
@@ -108,8 +115,10 @@ def test_per_task_prompts_need_a_mixture_and_a_bankable_method(byte_t5):
 
 
 def _mix_cfg(folder, **over):
-  return small_cfg(folder, **{"data.mixture": [{"task": MAX, "rate": 1.0}, {"task": MIN, "rate": 2.0}],
-                              "prompt.per_task": True, **over})
+  return small_cfg(
+    folder,
+    **{"data.mixture": [{"task": MAX, "rate": 1.0}, {"task": MIN, "rate": 2.0}], "prompt.per_task": True, **over},
+  )
 
 
 def test_a_resumed_mixture_equals_an_uninterrupted_one(byte_t5, tmp_path):
@@ -123,8 +132,10 @@ def test_a_resumed_mixture_equals_an_uninterrupted_one(byte_t5, tmp_path):
 
   (a, meta_a), (b, meta_b) = final(tmp_path / "full"), final(tmp_path / "split")
   np.testing.assert_array_equal(a.value, b.value)
-  np.testing.assert_array_equal(load_prompt_source(f"{tmp_path / 'full'}@{MAX}", step=6).value,
-                                load_prompt_source(f"{tmp_path / 'split'}@{MAX}", step=6).value)
+  np.testing.assert_array_equal(
+    load_prompt_source(f"{tmp_path / 'full'}@{MAX}", step=6).value,
+    load_prompt_source(f"{tmp_path / 'split'}@{MAX}", step=6).value,
+  )
   assert meta_a["member_positions"] == meta_b["member_positions"] and sum(meta_a["member_positions"]) == 6 * 8
   assert meta_a["task"]["per_task"] and [m["name"] for m in meta_a["task"]["mixture"]] == [MAX, MIN]
   # both prompts trained, from the same start (each where a run on its task alone would start)
@@ -133,19 +144,34 @@ def test_a_resumed_mixture_equals_an_uninterrupted_one(byte_t5, tmp_path):
   assert start.shape[:2] == (2, 4) and np.array_equal(start[0], start[1])
   alone, _ = build_run(small_cfg(byte_t5), mesh=mesh, with_train_data=False)
   np.testing.assert_array_equal(start[0], np.asarray(alone.prompt["prompt"]["embeddings"]))
-  assert not np.allclose(a.value, start[1]) and not np.allclose(a.value, load_prompt_source(
-      f"{tmp_path / 'full'}@{MAX}", step=6).value)
+  assert not np.allclose(a.value, start[1]) and not np.allclose(
+    a.value, load_prompt_source(f"{tmp_path / 'full'}@{MAX}", step=6).value
+  )
   # a workdir resumes only with the tasks it was trained on
-  with pytest.raises(CheckpointError, match=r"trained on the tasks \['quickstart:max', 'quickstart:min'\], but the "
-                     r"config has \['quickstart:min', 'quickstart:max'\]"):
-    train(small_cfg(byte_t5, **{"data.mixture": [{"task": MIN}, {"task": MAX}], "prompt.per_task": True,
-                                "train.steps": 8}), tmp_path / "full", progress=False, mesh=mesh)
+  with pytest.raises(
+    CheckpointError,
+    match=r"trained on the tasks \['quickstart:max', 'quickstart:min'\], but the "
+    r"config has \['quickstart:min', 'quickstart:max'\]",
+  ):
+    train(
+      small_cfg(byte_t5, **{"data.mixture": [{"task": MIN}, {"task": MAX}], "prompt.per_task": True, "train.steps": 8}),
+      tmp_path / "full",
+      progress=False,
+      mesh=mesh,
+    )
 
 
 def test_a_shared_prompt_trains_on_a_mixture_with_the_union_of_labels(byte_t5, tmp_path):
   mesh = shd.make_mesh(devices=jax.devices()[:1])
-  cfg = small_cfg(byte_t5, **{"data.mixture": [{"task": MAX}, {"task": MIN}], "prompt.init": "class_labels",
-                              "prompt.length": 12, "train.steps": 2})
+  cfg = small_cfg(
+    byte_t5,
+    **{
+      "data.mixture": [{"task": MAX}, {"task": MIN}],
+      "prompt.init": "class_labels",
+      "prompt.length": 12,
+      "train.steps": 2,
+    },
+  )
   run, data = build_run(cfg, mesh=mesh)
   assert run.labels == tuple(str(i) for i in range(10)) and len(data) == 2 and not run.per_task
   train(cfg, tmp_path, progress=False, mesh=mesh)
@@ -165,12 +191,14 @@ def quickstart_runs(tmp_path_factory):
   from jaxprompt.tools.sweep import sweep
 
   mp = pytest.MonkeyPatch()
-  mp.setenv("JAXPROMPT_CACHE", os.environ.get("JAXPROMPT_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"))
+  mp.setenv(
+    "JAXPROMPT_CACHE",
+    os.environ.get("JAXPROMPT_CACHE")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"),
+  )
   root = tmp_path_factory.mktemp("mixture")
   summary = train(C.load(ROOT / "configs" / "mixture.yaml"), root / "mix", progress=False)
-  alone = sweep(str(ROOT / "configs" / "quickstart.yaml"), root / "alone", [("data.task", [MAX, MIN])],
-                progress=False)
+  alone = sweep(str(ROOT / "configs" / "quickstart.yaml"), root / "alone", [("data.task", [MAX, MIN])], progress=False)
   yield root, summary, alone
   mp.undo()
 
@@ -182,8 +210,10 @@ def test_one_run_trains_a_prompt_per_task_to_the_quickstart_s_accuracy(quickstar
   for task in (MAX, MIN):
     assert best[f"{task}/accuracy"] >= 0.97, best  # measured: 0.990 / 0.996 at step 400 (alone: 0.998 / 0.998)
   assert best["accuracy"] == pytest.approx((best[f"{MAX}/accuracy"] + best[f"{MIN}/accuracy"]) / 2)
-  records = [json.loads(line) for line in (root / "mix" / "predictions" /
-                                           f"step_{summary.best_step}.jsonl").read_text().splitlines()]
+  records = [
+    json.loads(line)
+    for line in (root / "mix" / "predictions" / f"step_{summary.best_step}.jsonl").read_text().splitlines()
+  ]
   assert {r["task"] for r in records} == {MAX, MIN} and len(records) == 1000
   confusion = json.loads((root / "mix" / "predictions" / f"confusion_step_{summary.best_step}.json").read_text())
   assert set(confusion["tasks"]) == {MAX, MIN} and (root / "mix" / "curves.png").stat().st_size > 10_000
@@ -198,8 +228,11 @@ def test_every_task_s_export_is_its_prompt_and_scores_as_in_the_mixture(quicksta
   out = export_prompt(root / "mix", "peft", tmp_path / "exports")
   assert sorted(p.name for p in out.iterdir()) == ["bank.safetensors", "quickstart_max", "quickstart_min"]
   bank = load_prompt_source(f"{out / 'bank.safetensors'}@{MIN}")
-  evals = {json.loads(line)["step"]: json.loads(line) for line in
-           (root / "mix" / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in line}
+  evals = {
+    json.loads(line)["step"]: json.loads(line)
+    for line in (root / "mix" / "metrics.jsonl").read_text().splitlines()
+    if '"kind": "eval"' in line
+  }
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   for task, slug in ((MAX, "quickstart_max"), (MIN, "quickstart_min")):
     adapter = load_prompt_source(out / slug)
@@ -214,8 +247,13 @@ def test_every_task_s_export_is_its_prompt_and_scores_as_in_the_mixture(quicksta
   np.testing.assert_array_equal(bank.value, load_prompt_source(out / "quickstart_min").value)
   # other formats: one file per task (with its provenance) plus the bank; --with-base: one base for every adapter
   npy = export_prompt(root / "mix", "numpy", tmp_path / "npy")
-  assert sorted(p.name for p in npy.iterdir()) == ["bank.safetensors", "quickstart_max.json", "quickstart_max.npy",
-                                                   "quickstart_min.json", "quickstart_min.npy"]
+  assert sorted(p.name for p in npy.iterdir()) == [
+    "bank.safetensors",
+    "quickstart_max.json",
+    "quickstart_max.npy",
+    "quickstart_min.json",
+    "quickstart_min.npy",
+  ]
   np.testing.assert_array_equal(np.load(npy / "quickstart_max.npy"), load_prompt_source(out / "quickstart_max").value)
   assert load_prompt_source(npy / "quickstart_max.npy").record.task.name == MAX
   with_base = export_prompt(f"{root / 'mix'}", "peft", tmp_path / "with_base", with_base=True)
@@ -240,8 +278,9 @@ def test_eval_generate_and_serve_take_a_task_s_prompt_by_name(quickstart_runs, t
   assert scores["step"] == summary.best_step and scores["accuracy"] == pytest.approx(summary.best_value)
   assert {f"{MAX}/accuracy", f"{MIN}/accuracy"} <= set(scores)
   # generate: the same input under each task's prompt (one mixed batch), by name
-  assert main(["generate", "--prompt", f"{mix}@{MAX}", "--prompt", f"{mix}@quickstart_min", "--input",
-               "3 9 6 3 1"]) == 0
+  assert (
+    main(["generate", "--prompt", f"{mix}@{MAX}", "--prompt", f"{mix}@quickstart_min", "--input", "3 9 6 3 1"]) == 0
+  )
   assert capsys.readouterr().out.split() == ["9", "1"]
   # serve: a per-task workdir (or its export folder) is one prompt per task
   export_prompt(mix, "peft", tmp_path / "exports")

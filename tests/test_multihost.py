@@ -26,11 +26,15 @@ def _free_port() -> int:
 
 def _run(config, workdir, devices: int, extra=(), wait=True):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  p = subprocess.Popen([sys.executable, "-m", "jaxprompt.cli", "train", str(config), "--workdir", str(workdir),
-                        "--no-progress", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
+  env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  p = subprocess.Popen(
+    [sys.executable, "-m", "jaxprompt.cli", "train", str(config), "--workdir", str(workdir), "--no-progress", *extra],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   return p
 
 
@@ -48,16 +52,30 @@ def test_two_processes_preempted_on_one_host_resume_and_equal_one_process_and_on
   # SGD: Adafactor's first steps divide by a freshly estimated second moment and so amplify float32
   # reduction-order differences (all-reduce over gloo vs in-process vs none) to ~2e-6; SGD keeps them at
   # rounding level, so this checks the distributed machinery itself at 1e-6.
-  config = write_config(byte_t5, tmp_path / "c.yaml", steps, **{
-      "mesh.data": -1, "train.batch_size": 16, "train.log_every": 1, "checkpoint.every": 1000,
-      "eval.at_end": True, "eval.max_examples": 24, "eval.batch_size": 8,
-      "optimizer.name": "sgd", "optimizer.learning_rate": 30.0})
+  config = write_config(
+    byte_t5,
+    tmp_path / "c.yaml",
+    steps,
+    **{
+      "mesh.data": -1,
+      "train.batch_size": 16,
+      "train.log_every": 1,
+      "checkpoint.every": 1000,
+      "eval.at_end": True,
+      "eval.max_examples": 24,
+      "eval.batch_size": 8,
+      "optimizer.name": "sgd",
+      "optimizer.learning_rate": 30.0,
+    },
+  )
   work = tmp_path / "multi"
 
   def launch():
     port = _free_port()
-    return [_run(config, work, 4, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                   "--process-id", str(i)]) for i in range(2)]
+    return [
+      _run(config, work, 4, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)])
+      for i in range(2)
+    ]
 
   procs = launch()
   metrics = work / "metrics.jsonl"

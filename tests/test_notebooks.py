@@ -57,10 +57,12 @@ def test_colab_badge_and_owner_placeholder(name):
   assert len(owners) == 1, f"{name}: the OWNER constant must be defined exactly once, found {owners}"
   url = f"https://colab.research.google.com/github/{owners[0]}/jaxprompt/blob/main/colab/{name}"
   first = nb.cells[0]
-  assert first.cell_type == "markdown" and url in first.source and "colab-badge.svg" in first.source, \
-      f"{name}: the first cell needs the Open-in-Colab badge linking to {url}"
-  assert any("git+https://github.com/{OWNER}/jaxprompt" in src for src in _code(nb)), \
-      f"{name}: the install cell must pip-install jaxprompt from the OWNER's repository"
+  assert first.cell_type == "markdown" and url in first.source and "colab-badge.svg" in first.source, (
+    f"{name}: the first cell needs the Open-in-Colab badge linking to {url}"
+  )
+  assert any("git+https://github.com/{OWNER}/jaxprompt" in src for src in _code(nb)), (
+    f"{name}: the install cell must pip-install jaxprompt from the OWNER's repository"
+  )
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -76,8 +78,9 @@ def test_real_mode_settings_are_valid_configs(name):
     cfg = C.from_dict(raw)
     assert not cfg.model.path.startswith("builtin:"), "real mode must use a real hub model"
     assert not cfg.data.files, "real mode reads its task from TFDS, not from local fixture files"
-    assert cfg.eval.batch_size % 8 == 0 and cfg.train.batch_size % 8 == 0, \
-        "batches must split evenly over the 8 cores of a Colab TPU v2-8"
+    assert cfg.eval.batch_size % 8 == 0 and cfg.train.batch_size % 8 == 0, (
+      "batches must split evenly over the 8 cores of a Colab TPU v2-8"
+    )
 
 
 @pytest.mark.slow
@@ -90,21 +93,22 @@ def test_runs_in_smoke_mode(name, tmp_path):
   nb = _read(name)
   env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # plots must render inline
   env.update(
-      JAXPROMPT_SMOKE="1",
-      JAXPROMPT_FIXTURES=str(FIXTURES),
-      HF_HUB_OFFLINE="1",
-      TRANSFORMERS_VERBOSITY="error",
-      TF_CPP_MIN_LOG_LEVEL="2",
-      # 8 CPU devices, like the 8 cores of a Colab TPU v2-8, so that sharding mistakes show up here
-      XLA_FLAGS="--xla_force_host_platform_device_count=8",
-      JAX_PLATFORMS="cpu",
-      # compiled programs are shared with the test suite and across the notebooks' CLI calls
-      JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
+    JAXPROMPT_SMOKE="1",
+    JAXPROMPT_FIXTURES=str(FIXTURES),
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_VERBOSITY="error",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    # 8 CPU devices, like the 8 cores of a Colab TPU v2-8, so that sharding mistakes show up here
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    # compiled programs are shared with the test suite and across the notebooks' CLI calls
+    JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"),
   )
   # run in a scratch directory (the notebooks write runs/ and exports/ where they run); JAXPROMPT_CACHE is left
   # alone so the built-in quickstart model is pre-trained once per machine, as for a user
-  client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT, allow_errors=False,
-                          resources={"metadata": {"path": str(tmp_path)}})
+  client = NotebookClient(
+    nb, kernel_name="python3", timeout=CELL_TIMEOUT, allow_errors=False, resources={"metadata": {"path": str(tmp_path)}}
+  )
   start = time.time()
   client.execute(env=env)
   print(f"{name}: {time.time() - start:.1f} s in smoke mode", file=sys.stderr)

@@ -45,8 +45,9 @@ def _prompt(kind, hidden):
     return SoftPrompt(jax.random.normal(key, (P, hidden)) * 0.5)
   if kind == "bank":
     return SoftPrompt(jax.random.normal(key, (2, P, hidden)) * 0.5)
-  return PTuning(jax.random.normal(key, (P, hidden)), encoder="MLP", hidden_size=16, num_layers=2, dropout=0.0,
-                 rng=jax.random.key(1))
+  return PTuning(
+    jax.random.normal(key, (P, hidden)), encoder="MLP", hidden_size=16, num_layers=2, dropout=0.0, rng=jax.random.key(1)
+  )
 
 
 @pytest.mark.parametrize("kind", ["one", "bank", "p_tuning"])
@@ -62,10 +63,13 @@ def test_packed_rows_give_every_example_its_unpacked_loss_and_gradient(t5, kind)
 
   def loss(b):
     return lambda m: _sums(m, b).loss
+
   for field in ("loss", "ce", "z_loss", "correct", "tokens", "seq_correct"):
     np.testing.assert_allclose(getattr(_sums(model, packed), field), getattr(_sums(model, full), field), rtol=1e-5)
+
   def grad(b):
     return nnx.grad(loss(b), argnums=nnx.DiffState(0, PromptParam))(model)
+
   grads = [jax.tree.leaves(nnx.state(grad(b), PromptParam)) for b in (full, packed)]
   assert grads[0] and len(grads[0]) == len(grads[1])
   for a, b in zip(*grads, strict=True):
@@ -77,14 +81,14 @@ def test_packed_layout_prompt_slots_decoder_inputs_and_padding_rows():
   full = full.with_task_ids([0, 1, 1])
   lens, tl = full.input_lengths(), np.asarray(full.target_mask).sum(1)  # inputs 5, 1, 0 tokens
   p = pack_seq2seq(full, [[0, 2], [1]], P, 3, 16, 8, start_id=0)
-  np.testing.assert_array_equal(p.input_segments[0, :P + lens[0] + P], [1] * (P + lens[0]) + [2] * P)
+  np.testing.assert_array_equal(p.input_segments[0, : P + lens[0] + P], [1] * (P + lens[0]) + [2] * P)
   np.testing.assert_array_equal(p.prompt_slots[0, :P], [0, 1, 2])  # example 0: prompt 0
-  np.testing.assert_array_equal(p.prompt_slots[0, P + lens[0]:2 * P + lens[0]], [3, 4, 5])  # example 2: prompt 1
-  np.testing.assert_array_equal(p.input_ids[0, P:P + lens[0]], full.input_ids[0, :lens[0]])
-  assert (p.prompt_slots[0, P:P + lens[0]] == -1).all() and (p.input_segments[2] == 0).all()
+  np.testing.assert_array_equal(p.prompt_slots[0, P + lens[0] : 2 * P + lens[0]], [3, 4, 5])  # example 2: prompt 1
+  np.testing.assert_array_equal(p.input_ids[0, P : P + lens[0]], full.input_ids[0, : lens[0]])
+  assert (p.prompt_slots[0, P : P + lens[0]] == -1).all() and (p.input_segments[2] == 0).all()
   t0 = int(tl[0])
   np.testing.assert_array_equal(p.target_ids[0, :t0], full.target_ids[0, :t0])
-  np.testing.assert_array_equal(p.decoder_input_ids[0, :t0], [0, *full.target_ids[0, :t0 - 1]])  # shifted right
+  np.testing.assert_array_equal(p.decoder_input_ids[0, :t0], [0, *full.target_ids[0, : t0 - 1]])  # shifted right
   assert p.decoder_input_ids[0, t0] == 0 and p.target_segments[0, t0] == 2  # example 2 starts anew
   assert int(p.num_examples) == 3 and p.tokens_per_row(P) == 16 + 8
   assert p.input_lengths().tolist() == [lens[0] + lens[2], lens[1], 0]  # prompts not counted
@@ -123,8 +127,9 @@ def test_every_host_packs_its_share_into_one_shape_in_the_unpacked_order():
   rows = encoding.encode(Seq2SeqBatch, BUCKET_EXAMPLES, IdTokenizer(), input_length=32, target_length=3, name="t")
   packing = Packing(P, 0)
   plain = BatchStream(rows, 8, seed=1, buckets=(8, 32))
-  hosts = [BatchStream(rows, 8, seed=1, buckets=(8, 32), process_index=i, process_count=2, packing=packing)
-           for i in range(2)]
+  hosts = [
+    BatchStream(rows, 8, seed=1, buckets=(8, 32), process_index=i, process_count=2, packing=packing) for i in range(2)
+  ]
   fewer = 0
   for _ in range(6):
     every = plain.global_indices(plain.position)
@@ -133,9 +138,12 @@ def test_every_host_packs_its_share_into_one_shape_in_the_unpacked_order():
     assert shares[0].input_length == P + a.input_length  # a row is as long as the unpacked one
     fewer += shares[0].size < 4
     for h, s in enumerate(shares):  # each host's rows hold its share of the global batch, every token once
-      got = sorted(tuple(s.input_ids[r, s.input_segments[r] == g][P:]) for r in range(s.size)
-                   for g in range(1, s.input_segments[r].max() + 1))
-      want = sorted(tuple(rows.input_ids[i, :rows.input_lengths()[i]]) for i in every[4 * h:4 * h + 4])
+      got = sorted(
+        tuple(s.input_ids[r, s.input_segments[r] == g][P:])
+        for r in range(s.size)
+        for g in range(1, s.input_segments[r].max() + 1)
+      )
+      want = sorted(tuple(rows.input_ids[i, : rows.input_lengths()[i]]) for i in every[4 * h : 4 * h + 4])
       assert got == want
     assert hosts[0].last_pad_fraction <= plain.last_pad_fraction + 1e-9
   assert fewer  # some shares fit in one row
@@ -158,8 +166,10 @@ def test_packed_training_equals_unpacked_and_resumes_exactly(byte_t5, tmp_path):
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   over = {"data.input_length": 32, "model.dropout": 0.0}  # digits: 1-11 bytes, 2-4 examples per 36-slot row
   train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path, mesh)
+
   def final(w, s=6):
     return Checkpointer.reader(w / "checkpoints").restore_prompt(s)[0]
+
   for x, y in zip(jax.tree.leaves(final(tmp_path / "full")), jax.tree.leaves(final(tmp_path / "split")), strict=True):
     np.testing.assert_array_equal(x, y)
   recs = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]

@@ -15,16 +15,23 @@ def _plan(*args, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["HF_HUB_OFFLINE"] = "1"
   out = tmp_path / "plan.json"
-  p = subprocess.run([sys.executable, "-m", "jaxprompt.cli", "plan", *args, "--json", str(out)], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=900)
+  p = subprocess.run(
+    [sys.executable, "-m", "jaxprompt.cli", "plan", *args, "--json", str(out)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   return p, (json.loads(out.read_text()) if out.exists() else None)
 
 
 @pytest.mark.slow
 def test_the_shipped_t5_xxl_config_fits_16_gib_per_device_on_8_devices(tmp_path):
   """As shipped: the config's own mesh (fsdp 4 x model 2) and remat (full), no overrides."""
-  p, table = _plan("configs/paper/t5-xxl-lm-adapt.yaml", "--devices", "8", "--mesh", "config", "--budget-gib", "16",
-                   tmp_path=tmp_path)
+  p, table = _plan(
+    "configs/paper/t5-xxl-lm-adapt.yaml", "--devices", "8", "--mesh", "config", "--budget-gib", "16", tmp_path=tmp_path
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   best = table["recommended"]
   print(p.stdout)

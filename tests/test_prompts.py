@@ -65,8 +65,9 @@ def test_file_init_npy_and_peft_folder_with_shape_checks(tmp_path):
   peft = tmp_path / "adapter"
   peft.mkdir()
   hf.save_safetensors({"prompt_embeddings": value}, peft / "adapter_model.safetensors")
-  (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
-                                                        "num_virtual_tokens": 4}))
+  (peft / "adapter_config.json").write_text(
+    json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4})
+  )
   np.testing.assert_array_equal(np.asarray(PIO.from_file(peft, 4, 8)), value)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     PIO.from_file(tmp_path / "nope.npy", 4, 8)
@@ -101,4 +102,3 @@ def test_mixed_prompt_batch_equals_each_prompt_alone(tmp_path_factory):
     single = P.PromptedModel(base, P.SoftPrompt(bank[k]))
     want = single(ids[rows], mask[rows], dec[rows])
     np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want), atol=1e-5, rtol=1e-5)
-

@@ -19,8 +19,14 @@ def quickstart_run(tmp_path_factory):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}  # a user's plain machine
   env.update(JAXPROMPT_CACHE=str(tmp / "cache"), HF_HUB_OFFLINE="1")
   start = time.time()
-  proc = subprocess.run([sys.executable, "-m", "jaxprompt.cli", "train", "configs/quickstart.yaml", "--workdir",
-                         str(tmp / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-m", "jaxprompt.cli", "train", "configs/quickstart.yaml", "--workdir", str(tmp / "run")],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   return proc, time.time() - start, tmp
 
 
@@ -29,8 +35,10 @@ def test_quickstart_meets_its_numbers(quickstart_run):
   proc, seconds, tmp = quickstart_run
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
-  print(f"quickstart: {seconds:.1f} s wall-clock (incl. pre-training the base), best dev accuracy "
-        f"{summary['best_value']:.4f} at step {summary['best_step']}")
+  print(
+    f"quickstart: {seconds:.1f} s wall-clock (incl. pre-training the base), best dev accuracy "
+    f"{summary['best_value']:.4f} at step {summary['best_step']}"
+  )
   # Wall-clock time is reported, not asserted: this machine's speed varies ~3x from day to day (the README gives
   # measured times); speed is the benchmarks' job.
   assert summary["best_value"] >= 0.90
@@ -67,7 +75,9 @@ def test_the_prompt_is_what_solves_the_taskless_task(quickstart_run, monkeypatch
   prefixed = C.load(ROOT / "configs/quickstart.yaml", ["prompt.length=0", "data.taskless=false"])
   run_p, _ = build_run(prefixed, mesh=mesh, with_train_data=False)
   with_prefix, _ = evaluator_for(run_p)(run_p.prompt)
-  print(f"quickstart dev accuracy: tuned prompt {tuned.metrics['accuracy']:.3f}, "
-        f"no prompt {no_prompt['accuracy']:.3f}, text prefix {with_prefix['accuracy']:.3f}")
+  print(
+    f"quickstart dev accuracy: tuned prompt {tuned.metrics['accuracy']:.3f}, "
+    f"no prompt {no_prompt['accuracy']:.3f}, text prefix {with_prefix['accuracy']:.3f}"
+  )
   assert tuned.metrics["accuracy"] >= 0.9 and with_prefix["accuracy"] >= 0.9
   assert no_prompt["accuracy"] < 0.6

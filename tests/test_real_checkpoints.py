@@ -17,9 +17,11 @@ from jaxprompt.models import hf
 from tests.helpers_hf import load_decoder, write_decoder
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
-TEXTS = ["Once upon a time, there was a little girl named Lily.",
-         "Tom had a big red ball. He liked to play with it in the park with his friend Sue every day.",
-         "The cat sat."]
+TEXTS = [
+  "Once upon a time, there was a little girl named Lily.",
+  "Tom had a big red ball. He liked to play with it in the park with his friend Sue every day.",
+  "The cat sat.",
+]
 
 
 # -- TinyStories-656K: a real pretrained Llama in HF format -------------------------------------
@@ -71,10 +73,14 @@ def test_tinystories_greedy_matches_transformers_generate(stories):
   batch = tok(prompts, padding=True, return_tensors="np")
   ids, mask = batch["input_ids"], batch["attention_mask"]
   with torch.no_grad():
-    want = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=30,
-                        do_sample=False, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].numpy()
-  out = generate(ours, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=30,
-                 method="greedy")
+    want = ref.generate(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      max_new_tokens=30,
+      do_sample=False,
+      pad_token_id=tok.pad_token_id,
+    )[:, ids.shape[1] :].numpy()
+  out = generate(ours, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=30, method="greedy")
   tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
   for row in range(len(prompts)):
     n = int(lengths[row])
@@ -82,7 +88,7 @@ def test_tinystories_greedy_matches_transformers_generate(stories):
     ref_n = int(np.argmax(ref_row == tok.eos_token_id)) + 1 if (ref_row == tok.eos_token_id).any() else len(ref_row)
     assert n == ref_n, (row, n, ref_n)
     np.testing.assert_array_equal(tokens[row, :n], ref_row[:n])
-  story = tok.decode(tokens[0, :int(lengths[0])], skip_special_tokens=True)
+  story = tok.decode(tokens[0, : int(lengths[0])], skip_special_tokens=True)
   assert len(story.split()) >= 10, story
 
 
@@ -124,10 +130,10 @@ def _no_embedding(t):
 
 
 VARIANTS = {
-    "embedding-only": (lambda t: None, None),
-    "head-only-with-alias": (_as_head, {"model.embed_tokens.weight": "lm_head.weight"}),
-    "head-only": (_as_head, None),
-    "both-names-same-tensor": (_both, None),
+  "embedding-only": (lambda t: None, None),
+  "head-only-with-alias": (_as_head, {"model.embed_tokens.weight": "lm_head.weight"}),
+  "head-only": (_as_head, None),
+  "both-names-same-tensor": (_both, None),
 }
 
 
@@ -144,8 +150,9 @@ def test_tied_head_under_either_name_loads(tied_llama, tmp_path, variant):
   with torch.no_grad():
     want = ref(input_ids=ids, attention_mask=mask).logits.numpy()
     if metadata:  # the file is what safetensors itself writes for a shared tensor: transformers loads it too
-      np.testing.assert_allclose(load_decoder(folder)(input_ids=ids, attention_mask=mask).logits.numpy(), want,
-                                 atol=1e-6)
+      np.testing.assert_allclose(
+        load_decoder(folder)(input_ids=ids, attention_mask=mask).logits.numpy(), want, atol=1e-6
+      )
   ours = jaxprompt.load_model(folder)
   assert ours.config.tie_word_embeddings and ours.config.weight_prefix == "model."
   got = np.asarray(ours(input_ids=jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy())))
@@ -161,8 +168,10 @@ def test_tied_head_stored_twice_with_different_values_fails(tied_llama, tmp_path
 
 def test_metadata_alias_to_a_missing_tensor_fails(tied_llama, tmp_path):
   folder = _variant(tied_llama, tmp_path / "m", _no_embedding, {"model.embed_tokens.weight": "lm_head.weight"})
-  with pytest.raises(WeightError, match="aliases tensor 'model.embed_tokens.weight' to 'lm_head.weight', which the "
-                     "checkpoint does not hold") as e:
+  with pytest.raises(
+    WeightError,
+    match="aliases tensor 'model.embed_tokens.weight' to 'lm_head.weight', which the checkpoint does not hold",
+  ) as e:
     jaxprompt.load_model(folder)
   assert "\n" not in str(e.value) and "model.safetensors" in str(e.value)
 

@@ -38,13 +38,26 @@ def _safetensors_record(name: str) -> dict:
 
 
 LEGACY_RECORDS = {  # file -> its JSON record
-    **{f: _json(f) for f in ("checkpoint_prompt_tuning.json", "checkpoint_prefix_tuning.json",
-                             "checkpoint_p_tuning.json", "checkpoint_mixture.json", "prompt_tuning.json",
-                             "prefix_tuning.json", "mixture_member.json", "peft_prompt_tuning.jaxprompt.json",
-                             "peft_prefix_tuning.jaxprompt.json", "peft_p_tuning.jaxprompt.json",
-                             "peft_mixture_member.jaxprompt.json")},
-    **{f: _safetensors_record(f) for f in ("safetensors_prompt_tuning.json", "safetensors_p_tuning.json",
-                                           "safetensors_mixture_bank.json")},
+  **{
+    f: _json(f)
+    for f in (
+      "checkpoint_prompt_tuning.json",
+      "checkpoint_prefix_tuning.json",
+      "checkpoint_p_tuning.json",
+      "checkpoint_mixture.json",
+      "prompt_tuning.json",
+      "prefix_tuning.json",
+      "mixture_member.json",
+      "peft_prompt_tuning.jaxprompt.json",
+      "peft_prefix_tuning.jaxprompt.json",
+      "peft_p_tuning.jaxprompt.json",
+      "peft_mixture_member.jaxprompt.json",
+    )
+  },
+  **{
+    f: _safetensors_record(f)
+    for f in ("safetensors_prompt_tuning.json", "safetensors_p_tuning.json", "safetensors_mixture_bank.json")
+  },
 }
 
 
@@ -69,8 +82,9 @@ def test_legacy_specs_are_typed_with_their_options():
   assert prefix.slots == PrefixSlots(layers=2, heads=4, head_dim=16, layer_of=(0, 0))
   assert prefix.describe() == "prefix_tuning (with projection)"
   ptun = PromptRecord.from_json(LEGACY_RECORDS["checkpoint_p_tuning.json"]).spec
-  assert ptun == PTuningSpec(encoder_reparameterization_type="LSTM", encoder_hidden_size=64, encoder_num_layers=2,
-                             encoder_dropout=0.0)
+  assert ptun == PTuningSpec(
+    encoder_reparameterization_type="LSTM", encoder_hidden_size=64, encoder_num_layers=2, encoder_dropout=0.0
+  )
   assert PromptRecord.from_json(LEGACY_RECORDS["safetensors_p_tuning.json"]).spec == ptun
 
 
@@ -94,8 +108,10 @@ def test_legacy_mixture_records_are_banks_of_named_tasks():
     assert r.task == want and r.task.bank_tasks == ["quickstart:max", "quickstart:min"], name
   member = PromptRecord.from_json(LEGACY_RECORDS["checkpoint_mixture.json"]).bank_member(1)
   assert member.task == TaskRecord(name="quickstart:min", labels=DIGITS) and member.bank_index == 1
-  for name, task in (("mixture_member.json", "quickstart:max"), ("peft_mixture_member.jaxprompt.json",
-                                                                 "quickstart:min")):
+  for name, task in (
+    ("mixture_member.json", "quickstart:max"),
+    ("peft_mixture_member.jaxprompt.json", "quickstart:min"),
+  ):
     r = PromptRecord.from_json(LEGACY_RECORDS[name])
     assert r.task == TaskRecord(name=task, labels=DIGITS) and r.task.bank_tasks is None, name
 
@@ -103,7 +119,11 @@ def test_legacy_mixture_records_are_banks_of_named_tasks():
 def test_legacy_export_records_keep_their_stamp_source_and_prompt_section():
   r = PromptRecord.from_json(LEGACY_RECORDS["peft_prompt_tuning.jaxprompt.json"])
   assert (r.export.format, r.export.export_format, r.export.prompt_length, r.export.hidden_size) == (
-      "jaxprompt-prompt/1", "peft", 10, 64)
+    "jaxprompt-prompt/1",
+    "peft",
+    10,
+    64,
+  )
   assert r.source == "/tmp/legacy/pt/checkpoints/4" and r.prompt_config["init"] == "sampled_vocab"
   assert r.config is None and r.hidden_size == 64
   prefix = PromptRecord.from_json(LEGACY_RECORDS["prefix_tuning.json"])
@@ -135,8 +155,9 @@ def test_a_legacy_workdir_and_its_exports_still_load(tmp_path):
 def test_the_registry_names_every_method_and_refuses_others():
   assert registry.names() == ["prompt_tuning", "p_tuning", "prefix_tuning"]
   assert registry.names(embeds=True) == ["prompt_tuning", "p_tuning"]
-  with pytest.raises(PromptError, match="unknown prompt method 'deep'; registered: prompt_tuning, p_tuning, "
-                                        "prefix_tuning"):
+  with pytest.raises(
+    PromptError, match="unknown prompt method 'deep'; registered: prompt_tuning, p_tuning, prefix_tuning"
+  ):
     registry.get("deep")
   for name, entry in registry.METHODS.items():
     assert entry.name == entry.spec_type.method == name
@@ -148,8 +169,12 @@ def test_the_registry_names_every_method_and_refuses_others():
 
 def test_specs_round_trip_through_json():
   slots = PrefixSlots(layers=3, heads=2, head_dim=4, layer_of=(0, 1, 2, 0), peft_problem="unequal depths")
-  for spec in (PromptTuningSpec(), PTuningSpec("MLP", 16, 2, 0.0), PrefixTuningSpec(),
-               PrefixTuningSpec(prefix_projection=True, slots=slots, encoder_hidden_size=8)):
+  for spec in (
+    PromptTuningSpec(),
+    PTuningSpec("MLP", 16, 2, 0.0),
+    PrefixTuningSpec(),
+    PrefixTuningSpec(prefix_projection=True, slots=slots, encoder_hidden_size=8),
+  ):
     d = json.loads(json.dumps(spec.to_json()))
     assert registry.spec_from_json(d) == spec and d["method"] == spec.method
   assert PrefixTuningSpec().to_json() == {"method": "prefix_tuning", "prefix_projection": False}

@@ -44,9 +44,14 @@ def _env(**extra):
 
 
 def _start(config: Path, workdir: Path, *extra: str, **env) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-c", DRIVER, "train", str(config), "--workdir", str(workdir),
-                           "--no-progress", *extra], cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-c", DRIVER, "train", str(config), "--workdir", str(workdir), "--no-progress", *extra],
+    cwd=ROOT,
+    env=_env(**env),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _final_prompt(workdir: Path, step: int) -> np.ndarray:
@@ -65,8 +70,14 @@ def test_sigkill_at_random_points_and_during_checkpoint_writes(byte_t5, tmp_path
 
   work = tmp_path / "killed"
   rng = random.Random(0)
-  plan = [("save", 10), ("time", rng.uniform(1, 6)), ("save", 25), ("time", rng.uniform(1, 6)),
-          ("time", rng.uniform(2, 8)), ("save", 35)]
+  plan = [
+    ("save", 10),
+    ("time", rng.uniform(1, 6)),
+    ("save", 25),
+    ("time", rng.uniform(1, 6)),
+    ("time", rng.uniform(2, 8)),
+    ("save", 35),
+  ]
   kills = 0
   for kind, when in plan:
     if kind == "save":
@@ -121,15 +132,49 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(byte_t5, tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(byte_t5, tmp_path):
   config = write_config(byte_t5, tmp_path / "c.yaml", 30)
-  p = subprocess.run([sys.executable, "-m", "jaxprompt.cli", "train", str(config), "--workdir", str(tmp_path / "r"),
-                      "--no-progress", "--set", "optimizer.learning_rate=.nan"], cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=300)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxprompt.cli",
+      "train",
+      str(config),
+      "--workdir",
+      str(tmp_path / "r"),
+      "--no-progress",
+      "--set",
+      "optimizer.learning_rate=.nan",
+    ],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 2
   last = p.stderr.strip().splitlines()[-1]
   assert last.startswith("jaxprompt: error: non-finite loss, gradient or update at step 1;"), last
-  skip = subprocess.run([sys.executable, "-m", "jaxprompt.cli", "train", str(config), "--workdir",
-                         str(tmp_path / "s"), "--no-progress", "--set", "optimizer.learning_rate=.nan", "--set",
-                         "train.nan_policy=skip"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  skip = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxprompt.cli",
+      "train",
+      str(config),
+      "--workdir",
+      str(tmp_path / "s"),
+      "--no-progress",
+      "--set",
+      "optimizer.learning_rate=.nan",
+      "--set",
+      "train.nan_policy=skip",
+    ],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert skip.returncode == 0, skip.stderr[-2000:]
   recs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
   assert sum(r["skipped_steps"] for r in recs) == 30  # every update was non-finite and none was applied

@@ -58,10 +58,12 @@ def material(tmp_path_factory):
     np.save(prompts / f"{name}.npy", rng.normal(size=(4, 32)).astype(np.float32))
   # a prefix-tuning prompt: keys/values [P, Y, 2, K, D] for every layer (its method in the provenance file beside it)
   slots = jaxprompt.load_model(folder).prefix_slots()
-  np.save(prompts / "prefixed.npy", rng.normal(size=(4, slots.layers, 2, slots.heads, slots.head_dim)).astype(
-      np.float32))
-  (prompts / "prefixed.json").write_text(json.dumps({"prompt_spec": {"method": "prefix_tuning",
-                                                                     "prefix_projection": False}}))
+  np.save(
+    prompts / "prefixed.npy", rng.normal(size=(4, slots.layers, 2, slots.heads, slots.head_dim)).astype(np.float32)
+  )
+  (prompts / "prefixed.json").write_text(
+    json.dumps({"prompt_spec": {"method": "prefix_tuning", "prefix_projection": False}})
+  )
   (prompts / "broken.npy").write_bytes(b"not an array")
   spare = root / "spare.npy"
   np.save(spare, rng.normal(size=(4, 32)).astype(np.float32))
@@ -74,8 +76,16 @@ def server(material):
   from jaxprompt.serve.server import build, serving
 
   folder, prompts, _ = material
-  app, engine, problems = build(str(folder), prompts=str(prompts), name="base", admin_token=TOKEN, max_batch=16,
-                                max_wait_ms=20, max_tokens=32, max_input_tokens=64)
+  app, engine, problems = build(
+    str(folder),
+    prompts=str(prompts),
+    name="base",
+    admin_token=TOKEN,
+    max_batch=16,
+    max_wait_ms=20,
+    max_tokens=32,
+    max_input_tokens=64,
+  )
   with serving(app) as url:
     yield url, engine, problems
 
@@ -98,27 +108,33 @@ def test_openai_client_gets_generate_greedy_text_for_each_prompt_and_streams_it(
     got = client.completions.create(model=name, prompt=TEXTS, max_tokens=8, temperature=0)
     assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
     assert got.usage.completion_tokens > 0 and got.usage.prompt_tokens > 0
-    pieces = [c.choices[0].text for c in client.completions.create(model=name, prompt=TEXTS[0], max_tokens=8,
-                                                                   temperature=0, stream=True)]
+    pieces = [
+      c.choices[0].text
+      for c in client.completions.create(model=name, prompt=TEXTS[0], max_tokens=8, temperature=0, stream=True)
+    ]
     assert "".join(pieces) == want[0] and len(pieces) >= 2
   # a long completion streams in more than one piece of text (decoding runs in chunks of 8 tokens)
-  long = [(m, t) for m in ("alpha", "beta", "gamma") for t in TEXTS
-          if client.completions.create(model=m, prompt=t, max_tokens=24, temperature=0).usage.completion_tokens > 17]
+  long = [
+    (m, t)
+    for m in ("alpha", "beta", "gamma")
+    for t in TEXTS
+    if client.completions.create(model=m, prompt=t, max_tokens=24, temperature=0).usage.completion_tokens > 17
+  ]
   assert long
   m, t = long[0]
-  pieces = [c.choices[0].text for c in client.completions.create(model=m, prompt=t, max_tokens=24, temperature=0,
-                                                                 stream=True)]
+  pieces = [
+    c.choices[0].text for c in client.completions.create(model=m, prompt=t, max_tokens=24, temperature=0, stream=True)
+  ]
   whole = client.completions.create(model=m, prompt=t, max_tokens=24, temperature=0).choices[0].text
   assert "".join(pieces) == whole and sum(1 for p in pieces if p) >= 2, pieces
   # a stop string cuts the text (and is not part of it)
   pairs = [(m, t) for m in ("alpha", "beta", "gamma") for t in TEXTS]
-  texts = [client.completions.create(model=m, prompt=t, max_tokens=8, temperature=0).choices[0].text
-           for m, t in pairs]
+  texts = [client.completions.create(model=m, prompt=t, max_tokens=8, temperature=0).choices[0].text for m, t in pairs]
   full = max(texts, key=len)
   assert len(full) >= 3, texts
   m, t = pairs[texts.index(full)]
   cut = client.completions.create(model=m, prompt=t, max_tokens=8, temperature=0, stop=full[2]).choices[0]
-  assert cut.text == full[:full.index(full[2])] and cut.finish_reason == "stop"
+  assert cut.text == full[: full.index(full[2])] and cut.finish_reason == "stop"
 
 
 def test_concurrent_requests_over_three_prompts_batch_and_each_equals_its_single_result(server):
@@ -180,14 +196,29 @@ def test_classify_scores_equal_jaxprompt_eval_rank_scores(server, material):
 
   url, _, _ = server
   folder, prompts, _ = material
-  cfg = C.load(None, [f"model.path={folder}", "prompt.init=file", f"prompt.init_file={prompts / 'gamma.npy'}",
-                      "prompt.length=4", "data.task=quickstart", "data.taskless=true", "data.input_length=16",
-                      "data.target_length=2", "eval.max_examples=6", "eval.batch_size=6"])
+  cfg = C.load(
+    None,
+    [
+      f"model.path={folder}",
+      "prompt.init=file",
+      f"prompt.init_file={prompts / 'gamma.npy'}",
+      "prompt.length=4",
+      "data.task=quickstart",
+      "data.taskless=true",
+      "data.input_length=16",
+      "data.target_length=2",
+      "eval.max_examples=6",
+      "eval.batch_size=6",
+    ],
+  )
   run, _ = build_run(cfg, mesh=shd.make_mesh(devices=jax.devices()[:1]), with_train_data=False)
   evaluator = evaluator_for(run)
   _, records = evaluator(run.prompt)
-  r = httpx.post(url + "/v1/classify", json={"model": "gamma", "input": [x["inputs"] for x in records],
-                                             "labels": list(run.labels)}, timeout=120)
+  r = httpx.post(
+    url + "/v1/classify",
+    json={"model": "gamma", "input": [x["inputs"] for x in records], "labels": list(run.labels)},
+    timeout=120,
+  )
   assert r.status_code == 200, r.text
   got = r.json()["data"]
   for rec, row in zip(records, got, strict=True):
@@ -200,30 +231,32 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_next_good_one_is_answered
   url, _, _ = server
   good = dict(model="alpha", prompt="1 2 3", max_tokens=4, temperature=0)
   cases = [
-      (dict(good, model="nope"), 404, "model"),
-      (dict(good, prompt=5), 400, "prompt"),
-      (dict(good, max_tokens="4"), 400, "max_tokens"),
-      (dict(good, max_tokens=10_000), 400, "max_tokens"),
-      (dict(good, temperature=-1), 400, "temperature"),
-      (dict(good, prompt="x" * 200), 400, "prompt"),
-      (dict(good, n=3), 400, "n"),
-      (dict(good, seed=-1), 400, "seed"),
-      (dict(good, prompt=[]), 400, "prompt"),
-      ({"prompt": "1"}, 400, "model"),
+    (dict(good, model="nope"), 404, "model"),
+    (dict(good, prompt=5), 400, "prompt"),
+    (dict(good, max_tokens="4"), 400, "max_tokens"),
+    (dict(good, max_tokens=10_000), 400, "max_tokens"),
+    (dict(good, temperature=-1), 400, "temperature"),
+    (dict(good, prompt="x" * 200), 400, "prompt"),
+    (dict(good, n=3), 400, "n"),
+    (dict(good, seed=-1), 400, "seed"),
+    (dict(good, prompt=[]), 400, "prompt"),
+    ({"prompt": "1"}, 400, "model"),
   ]
   with httpx.Client(timeout=120) as c:
     for body, status, param in cases:
       r = c.post(url + "/v1/completions", json=body)
       assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
       assert c.post(url + "/v1/completions", json=good).status_code == 200
-    r = c.post(url + "/v1/completions", content=b'{"model": "alpha", "prompt": ', headers={
-        "content-type": "application/json"})
+    r = c.post(
+      url + "/v1/completions", content=b'{"model": "alpha", "prompt": ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
     async def mixed():  # bad ones arriving with good ones never fail the good ones
       async with httpx.AsyncClient(timeout=120) as ac:
-        return await asyncio.gather(*[ac.post(url + "/v1/completions", json=good if i % 2 else dict(good, prompt=5))
-                                      for i in range(8)])
+        return await asyncio.gather(
+          *[ac.post(url + "/v1/completions", json=good if i % 2 else dict(good, prompt=5)) for i in range(8)]
+        )
 
     rs = asyncio.run(asyncio.wait_for(mixed(), 300))
     assert [r.status_code for r in rs] == [400, 200] * 4
@@ -239,8 +272,9 @@ def test_prompts_are_added_and_removed_over_the_api_only_with_the_admin_token(se
     auth = {"Authorization": f"Bearer {TOKEN}"}
     r = c.post(url + "/v1/prompts", json=add, headers=auth)
     assert r.status_code == 201 and r.json()["length"] == 4
-    assert c.post(url + "/v1/prompts", json=dict(name="bad", path=str(spare) + ".missing"), headers=auth
-                  ).status_code == 400
+    assert (
+      c.post(url + "/v1/prompts", json=dict(name="bad", path=str(spare) + ".missing"), headers=auth).status_code == 400
+    )
     done = c.post(url + "/v1/completions", json=dict(model="delta", prompt="1 2", max_tokens=4, temperature=0))
     assert done.status_code == 200
     assert "delta" in {m["id"] for m in c.get(url + "/v1/models").json()["data"]}
@@ -256,11 +290,36 @@ def test_overload_gives_503s_and_sigterm_answers_requests_in_flight_then_exits_0
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.Popen([sys.executable, "-m", "jaxprompt.cli", "serve", "--model", str(folder), "--prompts",
-                           str(prompts), "--port", str(port), "--queue-size", "4", "--max-batch", "2",
-                           "--max-wait-ms", "1", "--max-tokens", "16", "--max-input-tokens", "16", "--warmup"],
-                          cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "jaxprompt.cli",
+      "serve",
+      "--model",
+      str(folder),
+      "--prompts",
+      str(prompts),
+      "--port",
+      str(port),
+      "--queue-size",
+      "4",
+      "--max-batch",
+      "2",
+      "--max-wait-ms",
+      "1",
+      "--max-tokens",
+      "16",
+      "--max-input-tokens",
+      "16",
+      "--warmup",
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   url = f"http://127.0.0.1:{port}"
   try:
     _wait_healthy(url, proc)
@@ -309,10 +368,12 @@ def test_t5_prompts_and_prefixes_are_served_with_generate_s_text(byte_t5, tmp_pa
   np.save(prompts / "soft.npy", rng.normal(size=(4, 32)).astype(np.float32))
   slots = jaxprompt.load_model(byte_t5).prefix_slots()
   np.save(prompts / "pfx.npy", rng.normal(size=(4, slots.layers, 2, slots.heads, slots.head_dim)).astype(np.float32))
-  (prompts / "pfx.json").write_text(json.dumps({"prompt_spec": {"method": "prefix_tuning",
-                                                                 "prefix_projection": False}}))
-  app, engine, problems = build(str(byte_t5), prompts=str(prompts), name="t5", max_batch=4, max_tokens=16,
-                                max_input_tokens=32)
+  (prompts / "pfx.json").write_text(
+    json.dumps({"prompt_spec": {"method": "prefix_tuning", "prefix_projection": False}})
+  )
+  app, engine, problems = build(
+    str(byte_t5), prompts=str(prompts), name="t5", max_batch=4, max_tokens=16, max_input_tokens=32
+  )
   assert problems == []
   with serving(app) as url:
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -49,8 +49,17 @@ def _write_big_t5(folder: Path) -> int:
   from jaxprompt.models import hf
   from jaxprompt.models.t5 import T5Config, hf_weight_map
 
-  cfg = T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=2, num_heads=16,
-                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False)
+  cfg = T5Config(
+    vocab_size=32128,
+    d_model=1024,
+    d_kv=64,
+    d_ff=2816,
+    num_layers=2,
+    num_heads=16,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    scale_decoder_outputs=False,
+  )
   rng = np.random.default_rng(0)
   shapes = {"shared": (32128, 1024), "lm_head": (1024, 32128)}
   tensors = {}
@@ -71,8 +80,8 @@ def _write_big_t5(folder: Path) -> int:
     else:
       shape = (1024,)
     hf_shape = hf.TRANSFORMS[transform][0](shape)
-    for k in ([key.format(i=i) for i in range(2)] if "{i}" in key else [key]):
-      tensors[k] = (rng.standard_normal(hf_shape, np.float32) * 0.02)
+    for k in [key.format(i=i) for i in range(2)] if "{i}" in key else [key]:
+      tensors[k] = rng.standard_normal(hf_shape, np.float32) * 0.02
   folder.mkdir()
   hf.save_safetensors(tensors, folder / "model.safetensors")
   (folder / "config.json").write_text(json.dumps(cfg.to_hf()))
@@ -87,22 +96,35 @@ def test_each_host_holds_only_its_shards(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "big"), "multi", f"127.0.0.1:{port}", str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", CHILD, str(tmp_path / "big"), "multi", f"127.0.0.1:{port}", str(i)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   results = []
   for p in procs:
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     results.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
-  single = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "big"), "single"], env=env,
-                          capture_output=True, text=True, timeout=600)
+  single = subprocess.run(
+    [sys.executable, "-c", CHILD, str(tmp_path / "big"), "single"], env=env, capture_output=True, text=True, timeout=600
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   one = json.loads([line for line in single.stdout.splitlines() if line.startswith("{")][-1])
+
   def mb(b):
     return f"{b / 2**20:.0f} MB"
-  print(f"model {mb(size)}; 2 hosts x 4 devices (fsdp=8): each host holds {mb(results[0]['local_shard_bytes'])}, "
-        f"peak anonymous memory +{mb(results[0]['peak_anon_increase'])} / +{mb(results[1]['peak_anon_increase'])} "
-        f"({results[0]['seconds']:.1f} s); unsharded single host: +{mb(one['peak_anon_increase'])}")
+
+  print(
+    f"model {mb(size)}; 2 hosts x 4 devices (fsdp=8): each host holds {mb(results[0]['local_shard_bytes'])}, "
+    f"peak anonymous memory +{mb(results[0]['peak_anon_increase'])} / +{mb(results[1]['peak_anon_increase'])} "
+    f"({results[0]['seconds']:.1f} s); unsharded single host: +{mb(one['peak_anon_increase'])}"
+  )
   for r in results:
     assert abs(r["local_shard_bytes"] - size / 2) < 0.01 * size  # each host owns half of the weights
     assert r["peak_anon_increase"] < 0.7 * size  # its half plus little: never the whole model

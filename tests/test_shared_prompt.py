@@ -23,10 +23,10 @@ RTOL = 1e-5
 
 
 EXAMPLES = [  # unequal lengths (padding) and an empty input, whose first target follows the prompt directly
-    {"inputs": "5 9 17 33 8", "targets": "40 41"},
-    {"inputs": "7", "targets": "12 13 14"},
-    {"inputs": "", "targets": "20"},
-    {"inputs": "60 61 62", "targets": "70"},
+  {"inputs": "5 9 17 33 8", "targets": "40 41"},
+  {"inputs": "7", "targets": "12 13 14"},
+  {"inputs": "", "targets": "20"},
+  {"inputs": "60 61 62", "targets": "70"},
 ]
 
 
@@ -66,8 +66,9 @@ def _both(base):
 
 @BANKS
 def test_loss_and_gradient_equal_the_per_row_prompt(base, bank):
-  batch = jax.tree.map(jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, IdTokenizer(), input_length=6,
-                                                    target_length=3, name="t"))
+  batch = jax.tree.map(
+    jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, IdTokenizer(), input_length=6, target_length=3, name="t")
+  )
 
   def loss(prompt, model):
     logits, targets, mask = model.score_targets(batch, _prefix(prompt))
@@ -89,8 +90,9 @@ def test_loss_and_gradient_equal_the_per_row_prompt(base, bank):
 @BANKS
 def test_rank_classification_scores_equal_the_per_row_prompt(base, bank):
   tok = IdTokenizer()
-  batch = jax.tree.map(jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, tok, input_length=6, target_length=3,
-                                                    name="e"))
+  batch = jax.tree.map(
+    jnp.asarray, encoding.encode(CausalBatch, EXAMPLES, tok, input_length=6, target_length=3, name="e")
+  )
   label_ids, label_mask = encoding.encode_labels(CausalBatch, tok, ["40 41", "12", "20 21 22"], 3)
   prefix = _prefix(_value(base, 1, bank))
   scores = nnx.jit(lambda m: m.label_logprobs(batch, jnp.asarray(label_ids), jnp.asarray(label_mask), prefix))
@@ -103,11 +105,18 @@ def test_rank_classification_scores_equal_the_per_row_prompt(base, bank):
 def test_generation_equals_the_per_row_prompt(base, bank):
   ids, mask = encoding.encode_inputs(CausalBatch, IdTokenizer(), [e["inputs"] for e in EXAMPLES])
   prefix = _prefix(_value(base, 2, bank))
-  outs = [generate(m, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, max_new_tokens=6,
-                   eos_id=-1) for m in _both(base)]
+  outs = [
+    generate(
+      m, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, max_new_tokens=6, eos_id=-1
+    )
+    for m in _both(base)
+  ]
   np.testing.assert_array_equal(outs[0]["tokens"], outs[1]["tokens"])
-  prefill = nnx.jit(lambda m: m.prefill(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix,
-                                        max_new_tokens=2)[0])
+  prefill = nnx.jit(
+    lambda m: m.prefill(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, max_new_tokens=2)[
+      0
+    ]
+  )
   first = [prefill(m) for m in _both(base)]
   np.testing.assert_allclose(first[0], first[1], rtol=RTOL, atol=1e-5)
 

@@ -16,8 +16,9 @@ def test_similarity_is_one_for_itself_and_ranks_a_near_copy_first(tmp_path, caps
   near = target[::-1] + 0.05 * rng.normal(size=(6, 16))  # the same tokens in another order, a little noise
   sources = {"random": rng.normal(size=(8, 16)), "near": near, "opposite": -target, "other": rng.normal(size=(3, 16))}
   for metric in METRICS:
-    assert similarity(target, target, metric) == pytest.approx(1.0 if metric != "per_token" else
-                                                               float((_unit(target) @ _unit(target).T).mean()))
+    assert similarity(target, target, metric) == pytest.approx(
+      1.0 if metric != "per_token" else float((_unit(target) @ _unit(target).T).mean())
+    )
     ranked = rank(target, sources, metric)
     assert ranked[0][0] == "near"
     assert ranked == rank(target, dict(reversed(list(sources.items()))), metric)  # independent of input order
@@ -48,17 +49,24 @@ def test_the_two_stage_transfer_recipe_runs_end_to_end(tmp_path, monkeypatch):
   from jaxprompt.prompts.io import load_prompt_source
   from jaxprompt.run import build_run
 
-  monkeypatch.setenv("JAXPROMPT_CACHE", os.environ.get("JAXPROMPT_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"))
+  monkeypatch.setenv(
+    "JAXPROMPT_CACHE",
+    os.environ.get("JAXPROMPT_CACHE")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"),
+  )
   root = Path(__file__).resolve().parent.parent
   monkeypatch.chdir(tmp_path)  # the target config names runs/transfer_source, relative to where it runs
   short = {"train.steps": 20, "eval.every": 0, "eval.max_examples": 50, "checkpoint.every": 20, "train.plot": False}
   source = jaxprompt.train(root / "configs/transfer/source.yaml", "runs/transfer_source", **short)
-  assert source.final_step == 20 and source.config.data.member_names() == ("quickstart:min", "quickstart:first",
-                                                                           "quickstart:last")
+  assert source.final_step == 20 and source.config.data.member_names() == (
+    "quickstart:min",
+    "quickstart:first",
+    "quickstart:last",
+  )
   target_cfg = jaxprompt.load_config(root / "configs/transfer/target.yaml", short)
   run, _ = build_run(target_cfg, with_train_data=False)
-  np.testing.assert_array_equal(np.asarray(run.prompt["prompt"]["embeddings"]),
-                                load_prompt_source("runs/transfer_source").value)  # starts from the source
+  np.testing.assert_array_equal(
+    np.asarray(run.prompt["prompt"]["embeddings"]), load_prompt_source("runs/transfer_source").value
+  )  # starts from the source
   target = jaxprompt.train(target_cfg, "runs/transfer_target")
   assert target.final_step == 20 and (tmp_path / "runs/transfer_target/checkpoints/20").is_dir()

@@ -45,11 +45,15 @@ def test_file_formats_agree(fixtures_dir, tmp_path):
   rows = _cb_rows(fixtures_dir, 8)
   rows[0] = dict(rows[0], premise='He said "no, never" and left.\u00a0Then, "yes".')  # quotes, comma, unicode
   want = load_split("cb", "validation", files={"validation": _write_jsonl(tmp_path / "v.jsonl", rows)})
-  assert want[0]["inputs"] == ('cb hypothesis: Valence was helping premise: He said "no, never" and left.\u00a0Then, '
-                               '"yes".')
+  assert want[0]["inputs"] == (
+    'cb hypothesis: Valence was helping premise: He said "no, never" and left.\u00a0Then, "yes".'
+  )
   (tmp_path / "v.json").write_text(json.dumps(rows), encoding="utf-8")
-  files = {"json": tmp_path / "v.json", "csv": _write_table(tmp_path / "v.csv", rows, tabs=False),
-           "tsv": _write_table(tmp_path / "v.tsv", rows, tabs=True)}
+  files = {
+    "json": tmp_path / "v.json",
+    "csv": _write_table(tmp_path / "v.csv", rows, tabs=False),
+    "tsv": _write_table(tmp_path / "v.tsv", rows, tabs=True),
+  }
   for split, path in files.items():
     assert load_split("cb", split, files={split: path}) == want, path.suffix
   int_labels = [dict(r, label=["entailment", "contradiction", "neutral"].index(r["label"])) for r in rows]
@@ -69,8 +73,10 @@ def test_sst2_text_file_builtin_and_custom(fixtures_dir):
   ex = load_split("sst2", "validation", files=files)
   assert len(ex) == 872 and len(load_split("sst2", "train", files=files)) == 6920
   assert ex[0] == {"inputs": "sst2 sentence: one long string of cliches .", "targets": "negative", "label": 0}
-  assert ex[1]["inputs"] == ("sst2 sentence: if you 've ever entertained the notion of doing what the title of this "
-                             "film implies , what sex with strangers actually shows may put you off the idea forever .")
+  assert ex[1]["inputs"] == (
+    "sst2 sentence: if you 've ever entertained the notion of doing what the title of this "
+    "film implies , what sex with strangers actually shows may put you off the idea forever ."
+  )
   assert sum(e["label"] for e in ex) == 444  # positives in the SST-2 dev set
   tl = load_split(get_task("sst2", taskless=True), "validation", files=files)
   assert tl[0]["inputs"] == "sentence: one long string of cliches ."
@@ -80,15 +86,25 @@ def test_sst2_text_file_builtin_and_custom(fixtures_dir):
   assert [e["label"] for e in cex] == [e["label"] for e in ex]
 
 
-COARSE = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
-          "NUM": "number"}
+COARSE = {
+  "ABBR": "abbreviation",
+  "DESC": "description",
+  "ENTY": "entity",
+  "HUM": "human",
+  "LOC": "location",
+  "NUM": "number",
+}
 
 
 def test_trec_custom_task_with_label_map(fixtures_dir):
   path = fixtures_dir / "data/trec/test.txt"
   fine = sorted({line.split(" ", 1)[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()})
-  task = custom_task("trec", template="question: {text}", labels=list(COARSE.values()),
-                     label_map={f: COARSE[f.split(":")[0]] for f in fine})
+  task = custom_task(
+    "trec",
+    template="question: {text}",
+    labels=list(COARSE.values()),
+    label_map={f: COARSE[f.split(":")[0]] for f in fine},
+  )
   ex = load_split(task, "test", files={"test": path})
   assert len(ex) == 500
   assert ex[0] == {"inputs": "question: How far is it from Denver to Aspen ?", "targets": "number", "label": 5}
@@ -98,24 +114,66 @@ def test_trec_custom_task_with_label_map(fixtures_dir):
 
 
 def test_original_superglue_layouts_match_tfds_rows(tmp_path):
-  multirc_raw = {"idx": 4, "passage": {"text": "<b>Sent 1: </b>Bo ran.<br>", "questions": [
-      {"idx": 9, "question": "Who ran?", "answers": [{"idx": 0, "text": "Bo", "label": 1},
-                                                     {"idx": 1, "text": "Al", "label": 0}]}]}}
-  multirc_flat = [{"paragraph": "<b>Sent 1: </b>Bo ran.<br>", "question": "Who ran?", "answer": a, "label": label,
-                   "idx": {"paragraph": 4, "question": 9, "answer": i}}
-                  for i, (a, label) in enumerate([("Bo", 1), ("Al", 0)])]
+  multirc_raw = {
+    "idx": 4,
+    "passage": {
+      "text": "<b>Sent 1: </b>Bo ran.<br>",
+      "questions": [
+        {
+          "idx": 9,
+          "question": "Who ran?",
+          "answers": [{"idx": 0, "text": "Bo", "label": 1}, {"idx": 1, "text": "Al", "label": 0}],
+        }
+      ],
+    },
+  }
+  multirc_flat = [
+    {
+      "paragraph": "<b>Sent 1: </b>Bo ran.<br>",
+      "question": "Who ran?",
+      "answer": a,
+      "label": label,
+      "idx": {"paragraph": 4, "question": 9, "answer": i},
+    }
+    for i, (a, label) in enumerate([("Bo", 1), ("Al", 0)])
+  ]
   text = "Bo met Al.\n@highlight\nAl left"
-  record_raw = {"idx": 2, "passage": {"text": text, "entities": [{"start": 7, "end": 8}, {"start": 0, "end": 1},
-                                                                  {"start": 22, "end": 23}]},
-                "qas": [{"idx": 3, "query": "@placeholder left.", "answers": [{"start": 22, "end": 23, "text": "Al"}]}]}
-  record_flat = [{"passage": text, "query": "@placeholder left.", "entities": ["Al", "Bo"], "answers": ["Al"],
-                  "idx": {"passage": 2, "query": 3}}]
-  wsc_raw = {"text": "Mitchell asked Tom if he could lend some money.", "idx": 0, "label": True,
-             "target": {"span1_index": 2, "span1_text": "tom.", "span2_index": 4, "span2_text": "he"}}
-  wsc_flat = [{"text": wsc_raw["text"], "idx": 0, "label": 1, "span1_index": 2, "span1_text": "Tom",
-               "span2_index": 4, "span2_text": "he"}]
-  for name, raw, flat in [("multirc", multirc_raw, multirc_flat), ("record", record_raw, record_flat),
-                          ("wsc", wsc_raw, wsc_flat)]:
+  record_raw = {
+    "idx": 2,
+    "passage": {"text": text, "entities": [{"start": 7, "end": 8}, {"start": 0, "end": 1}, {"start": 22, "end": 23}]},
+    "qas": [{"idx": 3, "query": "@placeholder left.", "answers": [{"start": 22, "end": 23, "text": "Al"}]}],
+  }
+  record_flat = [
+    {
+      "passage": text,
+      "query": "@placeholder left.",
+      "entities": ["Al", "Bo"],
+      "answers": ["Al"],
+      "idx": {"passage": 2, "query": 3},
+    }
+  ]
+  wsc_raw = {
+    "text": "Mitchell asked Tom if he could lend some money.",
+    "idx": 0,
+    "label": True,
+    "target": {"span1_index": 2, "span1_text": "tom.", "span2_index": 4, "span2_text": "he"},
+  }
+  wsc_flat = [
+    {
+      "text": wsc_raw["text"],
+      "idx": 0,
+      "label": 1,
+      "span1_index": 2,
+      "span1_text": "Tom",
+      "span2_index": 4,
+      "span2_text": "he",
+    }
+  ]
+  for name, raw, flat in [
+    ("multirc", multirc_raw, multirc_flat),
+    ("record", record_raw, record_flat),
+    ("wsc", wsc_raw, wsc_flat),
+  ]:
     got = load_split(name, "validation", files={"validation": _write_jsonl(tmp_path / "raw.jsonl", [raw])})
     want = load_split(name, "validation", files={"validation": _write_jsonl(tmp_path / "flat.jsonl", flat)})
     assert got == want and got, name
@@ -156,8 +214,11 @@ def test_task_examples_from_config(fixtures_dir):
   split = sources.task_examples(dcfg, "validation")
   assert split.labels == ("entailment", "not_entailment") and len(split.examples) == 277
   assert split.examples[0]["inputs"].startswith("hypothesis: Christopher Reeve had an accident. premise:")
-  custom = C.DataConfig(task="sst", files={"train": str(fixtures_dir / "data/sst2/train.txt")},
-                        custom=C.CustomTaskConfig(template="{text}", labels=("negative", "positive")))
+  custom = C.DataConfig(
+    task="sst",
+    files={"train": str(fixtures_dir / "data/sst2/train.txt")},
+    custom=C.CustomTaskConfig(template="{text}", labels=("negative", "positive")),
+  )
   got = sources.task_examples(custom, "train")
   assert got.labels == ("negative", "positive") and len(got.examples) == 6920
   with pytest.raises(DataError, match=r"data\.taskless applies to built-in T5 tasks"):
@@ -165,6 +226,7 @@ def test_task_examples_from_config(fixtures_dir):
 
 
 # -- HF datasets (a stand-in module: the package is optional and the hub is offline) -------------------
+
 
 def test_hf_datasets_path(fixtures_dir, monkeypatch):
   rows = _cb_rows(fixtures_dir, 5)
@@ -187,14 +249,18 @@ def test_hf_datasets_path(fixtures_dir, monkeypatch):
 
 def test_tfds_missing_is_a_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
-  with pytest.raises(DataError, match=r"reading TFDS needs tensorflow-datasets \(pip install 'jaxprompt\[tfds\]'\), "
-                                      r"or give a local file as data\.files\.validation"):
+  with pytest.raises(
+    DataError,
+    match=r"reading TFDS needs tensorflow-datasets \(pip install 'jaxprompt\[tfds\]'\), "
+    r"or give a local file as data\.files\.validation",
+  ):
     load_split("cb", "validation")
   with pytest.raises(DataError, match=r"task glue/mnli: no split 'dev'"):
     load_split("mnli", "dev")
 
 
 # -- TFDS (tfds.testing.mock_data: no download) ---------------------------------------------------------
+
 
 def _plain(v):
   if isinstance(v, bytes):
@@ -211,6 +277,7 @@ def tfds():
   t0 = time.perf_counter()
   tfds = pytest.importorskip("tensorflow_datasets")
   import tensorflow  # noqa: F401  (time the real import here, not inside the first test)
+
   print(f"\nTF + TFDS import: {time.perf_counter() - t0:.1f}s")
   return tfds
 
@@ -222,10 +289,14 @@ def test_tfds_fixture_rows_match_local_files(tfds, fixtures_dir):
   labels = ["entailment", "contradiction", "neutral"]
 
   def as_dataset(self, *args, **kwargs):  # what TFDS would store: text, ClassLabel ids, int32 idx
-    return tf.data.Dataset.from_tensor_slices({
-        "premise": [r["premise"] for r in rows], "hypothesis": [r["hypothesis"] for r in rows],
+    return tf.data.Dataset.from_tensor_slices(
+      {
+        "premise": [r["premise"] for r in rows],
+        "hypothesis": [r["hypothesis"] for r in rows],
         "label": np.array([labels.index(r["label"]) for r in rows], np.int64),
-        "idx": np.array([r["idx"] for r in rows], np.int32)})
+        "idx": np.array([r["idx"] for r in rows], np.int32),
+      }
+    )
 
   local = {"validation": fixtures_dir / "data/superglue/cb/val.jsonl"}
   with tfds.testing.mock_data(as_dataset_fn=as_dataset):
@@ -248,8 +319,17 @@ def test_tfds_mock_rows_match_local_files(tfds, tmp_path, name):
 def test_tfds_wsc_rows_match_local_files(tfds, tmp_path):
   import tensorflow as tf
 
-  rows = [{"text": "Mitchell asked Tom if he could lend some money.", "span1_index": 2, "span1_text": "Tom",
-           "span2_index": 4, "span2_text": "he", "idx": 0, "label": 1}]
+  rows = [
+    {
+      "text": "Mitchell asked Tom if he could lend some money.",
+      "span1_index": 2,
+      "span1_text": "Tom",
+      "span2_index": 4,
+      "span2_text": "he",
+      "idx": 0,
+      "label": 1,
+    }
+  ]
 
   def as_dataset(self, *args, **kwargs):
     return tf.data.Dataset.from_tensor_slices({k: [r[k] for r in rows] for k in rows[0]})

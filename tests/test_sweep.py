@@ -15,8 +15,12 @@ def test_grid_parsing_and_variant_names():
   grid = parse_grid(["optimizer.learning_rate=0.3,1e-2", "prompt.length=2,4"])
   assert grid == [("optimizer.learning_rate", [0.3, 0.01]), ("prompt.length", [2, 4])]
   names = [variant_name(v) for v in variants(grid)]
-  assert names == ["optimizer.learning_rate=0.3,prompt.length=2", "optimizer.learning_rate=0.3,prompt.length=4",
-                   "optimizer.learning_rate=0.01,prompt.length=2", "optimizer.learning_rate=0.01,prompt.length=4"]
+  assert names == [
+    "optimizer.learning_rate=0.3,prompt.length=2",
+    "optimizer.learning_rate=0.3,prompt.length=4",
+    "optimizer.learning_rate=0.01,prompt.length=2",
+    "optimizer.learning_rate=0.01,prompt.length=4",
+  ]
   for bad in (["steps=3"], ["train.steps"], ["a.b=1", "a.b=2"]):
     with pytest.raises(ConfigError):
       parse_grid(bad)
@@ -35,8 +39,19 @@ def test_a_2x2_sweep_loads_the_base_once_and_writes_its_summary(byte_t5, tmp_pat
   cfg.write_text(yaml.safe_dump(raw))
   # data.seed x eval.batch_size: four variants whose train steps are one program (compiled once, then taken from
   # the persistent compilation cache) and whose eval programs are two
-  code = main(["sweep", str(cfg), "--workdir", str(tmp_path / "sw"), "--grid", "data.seed=0,1",
-               "--grid", "eval.batch_size=4,8", "--no-progress"])
+  code = main(
+    [
+      "sweep",
+      str(cfg),
+      "--workdir",
+      str(tmp_path / "sw"),
+      "--grid",
+      "data.seed=0,1",
+      "--grid",
+      "eval.batch_size=4,8",
+      "--no-progress",
+    ]
+  )
   assert code == 0
   assert loads == [str(byte_t5)]  # one load for four variants
   summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())

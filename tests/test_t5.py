@@ -44,15 +44,19 @@ def test_logits_match_transformers(t5_dirs, variant):
   with torch.no_grad():
     ref = ref_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
     embeds = ref_model.shared(ids) * 1.0
-    ref_e = ref_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec,
-                      decoder_attention_mask=dec_mask).logits
+    ref_e = ref_model(
+      inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask
+    ).logits
+
   def j(t):
     return jnp.asarray(t.numpy())
+
   got = ours(input_ids=j(ids), attention_mask=j(mask), decoder_input_ids=j(dec), decoder_attention_mask=j(dec_mask))
   assert got.shape == tuple(ref.shape) and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), ref.numpy(), atol=TOL, rtol=TOL)
-  got_e = ours(inputs_embeds=j(embeds), attention_mask=j(mask), decoder_input_ids=j(dec),
-               decoder_attention_mask=j(dec_mask))
+  got_e = ours(
+    inputs_embeds=j(embeds), attention_mask=j(mask), decoder_input_ids=j(dec), decoder_attention_mask=j(dec_mask)
+  )
   np.testing.assert_allclose(np.asarray(got_e), ref_e.numpy(), atol=TOL, rtol=TOL)
   # embed() is the lookup the soft prompt is concatenated to
   np.testing.assert_allclose(np.asarray(ours.embed(j(ids))), embeds.numpy(), atol=1e-6)
@@ -60,8 +64,12 @@ def test_logits_match_transformers(t5_dirs, variant):
 
 def test_config_variants_are_read_from_config(t5_dirs):
   relu = jaxprompt.load_model(t5_dirs["t5-relu-tied"]).config
-  assert (relu.is_gated, relu.act_name, relu.tie_word_embeddings, relu.scale_decoder_outputs) == (False, "relu", True,
-                                                                                                  True)
+  assert (relu.is_gated, relu.act_name, relu.tie_word_embeddings, relu.scale_decoder_outputs) == (
+    False,
+    "relu",
+    True,
+    True,
+  )
   v11 = jaxprompt.load_model(t5_dirs["t5v11-gated-untied"])
   assert (v11.config.is_gated, v11.config.act_name, v11.config.tie_word_embeddings) == (True, "gelu_new", False)
   assert v11.config.scale_decoder_outputs is False and hasattr(v11, "lm_head")
@@ -89,8 +97,11 @@ def test_sharded_index_folder_loads(t5_dirs, tmp_path):
   assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
   a = jaxprompt.load_model(t5_dirs["t5v11-gated-untied"])
   b = jaxprompt.load_model(tmp_path / "sharded")
-  for (_pa, va), (_pb, vb) in zip(jax.tree.leaves_with_path(jax.tree.map(np.asarray, jax.tree.leaves(a))),
-                                jax.tree.leaves_with_path(jax.tree.map(np.asarray, jax.tree.leaves(b))), strict=True):
+  for (_pa, va), (_pb, vb) in zip(
+    jax.tree.leaves_with_path(jax.tree.map(np.asarray, jax.tree.leaves(a))),
+    jax.tree.leaves_with_path(jax.tree.map(np.asarray, jax.tree.leaves(b))),
+    strict=True,
+  ):
     np.testing.assert_array_equal(va, vb)
 
 
@@ -101,8 +112,10 @@ def test_strict_loading_names_the_tensor(t5_dirs, tmp_path):
   with pytest.raises(hf.WeightError, match=f"missing tensor '{key}'"):
     jaxprompt.load_model(missing)
   extra = rewrite_checkpoint(
-      src, tmp_path / "extra",
-      lambda t: t.update({"encoder.block.0.layer.0.SelfAttention.q.bias": np.zeros(32, np.float32)}))
+    src,
+    tmp_path / "extra",
+    lambda t: t.update({"encoder.block.0.layer.0.SelfAttention.q.bias": np.zeros(32, np.float32)}),
+  )
   with pytest.raises(hf.WeightError, match="unexpected tensor 'encoder.block.0.layer.0.SelfAttention.q.bias'"):
     jaxprompt.load_model(extra)
   bad = rewrite_checkpoint(src, tmp_path / "bad", lambda t: t.update({key: np.zeros((47, 32), np.float32)}))
@@ -166,8 +179,10 @@ def test_sharded_on_2x4_mesh_matches_single_device(t5_dirs):
   assert sharded.shared[...].sharding.spec == jax.sharding.PartitionSpec("model", None)  # vocab 96 % 4 == 0
   ids, mask, dec, dec_mask = (jnp.asarray(t.numpy()) for t in _batch(96, b=4))
   want = single(ids, mask, dec, dec_mask)
+
   def put(x):
     return jax.device_put(x, shd.batch_sharding(mesh))
+
   got = jax.jit(lambda i, m, d, dm: sharded(i, m, d, dm))(put(ids), put(mask), put(dec), put(dec_mask))
   assert got.sharding.spec[0] == "data"  # the batch stays split over the data axis
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

@@ -62,8 +62,9 @@ def test_loss_falls_and_one_device_equals_a_2x4_mesh(byte_t5):
   _, p1, _, losses = _steps(cfg, shd.make_mesh(devices=jax.devices()[:1]), 25)
   assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses  # measured: 5.93 -> 5.17
   _, p8, _, losses8 = _steps(cfg, shd.make_mesh(data=2, model=4), 25)
-  np.testing.assert_allclose(np.asarray(p8["prompt"]["embeddings"]), np.asarray(p1["prompt"]["embeddings"]),
-                             atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(p8["prompt"]["embeddings"]), np.asarray(p1["prompt"]["embeddings"]), atol=2e-5, rtol=2e-5
+  )
   np.testing.assert_allclose(losses8, losses, rtol=1e-4)
 
 
@@ -71,8 +72,9 @@ def test_gradient_accumulation_matches_the_full_batch(byte_t5):
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   a = _steps(small_cfg(byte_t5, **{"model.dropout": 0.0}), mesh, 3)
   b = _steps(small_cfg(byte_t5, **{"model.dropout": 0.0, "train.microbatches": 4}), mesh, 3)
-  np.testing.assert_allclose(np.asarray(b[1]["prompt"]["embeddings"]), np.asarray(a[1]["prompt"]["embeddings"]),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(b[1]["prompt"]["embeddings"]), np.asarray(a[1]["prompt"]["embeddings"]), atol=1e-5
+  )
   np.testing.assert_allclose(b[3], a[3], rtol=1e-5)
 
 
@@ -87,8 +89,9 @@ def test_auto_microbatches_chunk_big_batches_on_the_cpu_and_change_nothing_else(
   assert auto_microbatches(32, 4 + 125 + 3) == 2
   auto = _steps(small_cfg(byte_t5, **big), mesh, 2)  # train.microbatches: auto (the default) -> 2 chunks
   one = _steps(small_cfg(byte_t5, **big, **{"train.microbatches": 1}), mesh, 2)
-  np.testing.assert_allclose(np.asarray(auto[1]["prompt"]["embeddings"]), np.asarray(one[1]["prompt"]["embeddings"]),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(auto[1]["prompt"]["embeddings"]), np.asarray(one[1]["prompt"]["embeddings"]), atol=1e-5
+  )
   np.testing.assert_allclose(auto[3], one[3], rtol=1e-5)
 
 
@@ -110,21 +113,32 @@ def test_unrolled_layers_compute_what_the_scan_computes(byte_t5, tmp_path, kind)
   models = [load_model(folder, layer_loop=loop) for loop in ("scan", "unroll")]
   batch_type = Seq2SeqBatch if kind == "t5" else CausalBatch
   examples = [{"inputs": "5 9 17 33", "targets": "40 41"}, {"inputs": "7", "targets": "12 13 14"}]
-  batch = jax.tree.map(jnp.asarray, encoding.encode(batch_type, examples, IdTokenizer(), input_length=6,
-                                                    target_length=3, name="t"))
+  batch = jax.tree.map(
+    jnp.asarray, encoding.encode(batch_type, examples, IdTokenizer(), input_length=6, target_length=3, name="t")
+  )
   prompt = jax.random.normal(jax.random.key(0), (4, models[0].hidden_size)) * 0.5
 
   def loss(p, m):
     logits, targets, mask = m.score_targets(batch, Prefix(embeds=p[None]))
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
 
-  (l_scan, g_scan), (l_unrolled, g_unrolled) = [nnx.jit(lambda m, p: jax.value_and_grad(loss)(p, m))(m, prompt)
-                                                for m in models]
+  (l_scan, g_scan), (l_unrolled, g_unrolled) = [
+    nnx.jit(lambda m, p: jax.value_and_grad(loss)(p, m))(m, prompt) for m in models
+  ]
   np.testing.assert_allclose(l_unrolled, l_scan, rtol=1e-5)
   np.testing.assert_allclose(g_unrolled, g_scan, rtol=1e-5, atol=1e-6 * float(jnp.abs(g_scan).max()))
   ids, mask = encoding.encode_inputs(batch_type, IdTokenizer(), [e["inputs"] for e in examples])
-  outs = [generate(m, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=Prefix(embeds=prompt[None]),
-                   max_new_tokens=4, eos_id=-1)["tokens"] for m in models]
+  outs = [
+    generate(
+      m,
+      input_ids=jnp.asarray(ids),
+      attention_mask=jnp.asarray(mask),
+      prefix=Prefix(embeds=prompt[None]),
+      max_new_tokens=4,
+      eos_id=-1,
+    )["tokens"]
+    for m in models
+  ]
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -196,9 +210,16 @@ def test_dropout_draws_jax_random_bits_exactly_jitted_and_sharded():
   assert np.array_equal(jax.random.key_data(L.split_keys(other, 3)), jax.random.key_data(jax.random.split(other, 3)))
 
 
-@pytest.mark.parametrize("heads, kv_heads, bias_shape, rate", [
-    (6, 6, (2, 1, 5, 7), 0.0), (8, 4, (1, 1, 5, 7), 0.0), (4, 2, (2, 4, 5, 7), 0.3), (4, 4, None, 0.2),
-    (4, 1, (5, 7), 0.0)])
+@pytest.mark.parametrize(
+  "heads, kv_heads, bias_shape, rate",
+  [
+    (6, 6, (2, 1, 5, 7), 0.0),
+    (8, 4, (1, 1, 5, 7), 0.0),
+    (4, 2, (2, 4, 5, 7), 0.3),
+    (4, 4, None, 0.2),
+    (4, 1, (5, 7), 0.0),
+  ],
+)
 def test_attention_and_its_own_backward_pass_equal_the_plain_formula(heads, kv_heads, bias_shape, rate):
   """`dot_product_attention` (its own backward pass) against autodiff of the textbook formula with the K/V heads
   repeated: outputs and the gradients of queries, keys, values and bias, with GQA, dropout and broadcast biases."""
@@ -223,8 +244,9 @@ def test_attention_and_its_own_backward_pass_equal_the_plain_formula(heads, kv_h
 
   args = (q, k, v) if bias is None else (q, k, v, bias)
   np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-6)
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args))))(*args)
-           for f in (ours, plain)]
+  grads = [
+    jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args))))(*args) for f in (ours, plain)
+  ]
   for a, b in zip(*grads, strict=True):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

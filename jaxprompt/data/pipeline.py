@@ -50,7 +50,7 @@ def bucket_lengths(spec: str | Sequence[int], input_length: int) -> tuple[int, .
   if spec == "none":
     return (input_length,)
   if spec == "auto":
-    spec = [b for k in range(6, 31) for b in (2**k, 3 * 2**(k - 1)) if MIN_AUTO_BUCKET <= b < input_length]
+    spec = [b for k in range(6, 31) for b in (2**k, 3 * 2 ** (k - 1)) if MIN_AUTO_BUCKET <= b < input_length]
   return tuple(sorted({int(b) for b in spec if b < input_length} | {input_length}))
 
 
@@ -82,7 +82,7 @@ class Packing:
     length = self.prompt_length + batch.input_length
     plans = [pack_bins([self.prompt_length + int(n) for n in s], length) for s in inputs]
     rows = max(len(p) for p in plans)
-    tlength = max(int(t[b].sum()) for p, t in zip(plans, targets) for b in p)
+    tlength = max(int(t[b].sum()) for p, t in zip(plans, targets, strict=False) for b in p)
     tlength = _pow2(max(tlength, batch.target_mask.shape[1]), 8)
     if self.rows_for:
       rows = self.rows_for(rows, length + tlength)
@@ -96,9 +96,20 @@ def _pow2(n: int, least: int) -> int:
 class BatchStream:
   """Endless shuffled global batches; `position` (batches consumed) is all that resuming needs."""
 
-  def __init__(self, rows: Any, global_batch: int, *, seed: int = 0, shuffle: bool = True,
-               process_index: int = 0, process_count: int = 1, position: int = 0,
-               buckets: Sequence[int] | None = None, group_by_length: int = 0, packing: Packing | None = None):
+  def __init__(
+    self,
+    rows: Any,
+    global_batch: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    position: int = 0,
+    buckets: Sequence[int] | None = None,
+    group_by_length: int = 0,
+    packing: Packing | None = None,
+  ):
     self.rows = rows
     self.packing = packing
     self.process_count = process_count
@@ -130,7 +141,7 @@ class BatchStream:
     """Each window of `group` batches sorted by length and cut into batches, the batches shuffled within it."""
     b, out = self.global_batch, []
     for start in range(0, self.n, self.group * b):
-      window = perm[start:start + self.group * b]
+      window = perm[start : start + self.group * b]
       window = window[np.argsort(self.lengths[window], kind="stable")]
       full = len(window) // b * b
       batches = window[:full].reshape(-1, b)
@@ -150,7 +161,7 @@ class BatchStream:
     return self._share(self.global_indices(k))
 
   def _share(self, every: np.ndarray) -> np.ndarray:
-    return every[self.process_index * self.local:(self.process_index + 1) * self.local]
+    return every[self.process_index * self.local : (self.process_index + 1) * self.local]
 
   @property
   def epoch(self) -> float:
@@ -171,8 +182,9 @@ class BatchStream:
     slots = self.global_batch * batch.input_length  # input slots, prompts not counted
     if self.packing:
       shares = every.reshape(self.process_count, self.local)
-      batch = self.packing.pack(batch, [self.lengths[s] for s in shares], [self.target_lengths[s] for s in shares],
-                                self.process_index)
+      batch = self.packing.pack(
+        batch, [self.lengths[s] for s in shares], [self.target_lengths[s] for s in shares], self.process_index
+      )
       slots = self.process_count * batch.size * batch.input_length - self.global_batch * self.packing.prompt_length
     self.last_pad_fraction = 1.0 - float(self.lengths[every].sum()) / slots
     self.position += 1
@@ -182,7 +194,7 @@ class BatchStream:
 def mixing_rates(sizes: Sequence[int], rates: Sequence[float | None], cap: int | None = None) -> np.ndarray:
   """Each member's probability of being drawn: its rate, or (no rates) its number of examples capped at `cap`
   (seqio's examples-proportional mixing with `maximum`), normalised."""
-  raw = np.asarray([r if r is not None else min(n, cap or n) for n, r in zip(sizes, rates)], np.float64)
+  raw = np.asarray([r if r is not None else min(n, cap or n) for n, r in zip(sizes, rates, strict=False)], np.float64)
   return raw / raw.sum()
 
 
@@ -192,18 +204,29 @@ class MixtureStream(BatchStream):
   takes that member's next example from its own endless shuffled epochs (seeded by (seed, member, epoch)).
   `member_positions` (examples each member has given) and `position` are all that resuming needs."""
 
-  def __init__(self, rows: Any, sizes: Sequence[int], rates: Sequence[float], global_batch: int, *,
-               member_positions: Sequence[int] = (), **kw):
+  def __init__(
+    self,
+    rows: Any,
+    sizes: Sequence[int],
+    rates: Sequence[float],
+    global_batch: int,
+    *,
+    member_positions: Sequence[int] = (),
+    **kw,
+  ):
     super().__init__(rows, global_batch, **kw)
     if sum(sizes) != self.n or len(rates) != len(sizes):
-      raise ValueError(f"mixture of {len(sizes)} members with {sum(sizes)} rows and {len(rates)} rates, got "
-                       f"{self.n} rows")
+      raise ValueError(
+        f"mixture of {len(sizes)} members with {sum(sizes)} rows and {len(rates)} rates, got {self.n} rows"
+      )
     self.sizes, self.rates = tuple(sizes), np.asarray(rates, np.float64)
     self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     self.member_positions = list(member_positions) or [0] * len(sizes)
     if len(self.member_positions) != len(sizes):
-      raise DataError(f"the checkpoint has data positions for {len(self.member_positions)} tasks, the mixture has "
-                      f"{len(sizes)}: resume with the mixture it was trained on")
+      raise DataError(
+        f"the checkpoint has data positions for {len(self.member_positions)} tasks, the mixture has "
+        f"{len(sizes)}: resume with the mixture it was trained on"
+      )
     self._member_perms: dict[tuple[int, int], np.ndarray] = {}
 
   def _member_index(self, member: int, pos: int) -> int:
@@ -217,8 +240,9 @@ class MixtureStream(BatchStream):
     return int(self.offsets[member] + self._member_perms[key][pos % n])
 
   def _next_indices(self) -> np.ndarray:
-    which = np.random.default_rng([self.seed, self.position, 1 << 20]).choice(len(self.sizes), self.global_batch,
-                                                                               p=self.rates)
+    which = np.random.default_rng([self.seed, self.position, 1 << 20]).choice(
+      len(self.sizes), self.global_batch, p=self.rates
+    )
     out = np.empty(self.global_batch, np.int64)
     for j, m in enumerate(which):
       out[j] = self._member_index(m, self.member_positions[m])
@@ -233,8 +257,9 @@ class MixtureStream(BatchStream):
     return float(np.mean(np.asarray(self.member_positions) / np.asarray(self.sizes)))
 
 
-def eval_batches(rows: Any, batch_size: int, *, process_index: int = 0, process_count: int = 1,
-                 buckets: Sequence[int] | None = None) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+def eval_batches(
+  rows: Any, batch_size: int, *, process_index: int = 0, process_count: int = 1, buckets: Sequence[int] | None = None
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
   """Fixed-order global batches covering every example once (the last one padded), each input padded to its
   length bucket (`buckets`; None: the encoded length).
 
@@ -245,7 +270,7 @@ def eval_batches(rows: Any, batch_size: int, *, process_index: int = 0, process_
   lengths = rows.input_lengths() if buckets else None
   for start in range(0, n, batch_size):
     global_idx = np.arange(start, start + batch_size)
-    idx = global_idx[process_index * local:(process_index + 1) * local]
+    idx = global_idx[process_index * local : (process_index + 1) * local]
     valid = idx < n
     batch = take_rows(rows, np.where(valid, idx, 0))
     if buckets:

@@ -1,11 +1,11 @@
 """Local data files -> rows, each with where it came from ("path line N") for error messages.
 
-  .jsonl  one JSON object per line (blank lines skipped)
-  .json   a JSON array of objects
-  .csv    header row, then comma-separated rows (standard quoting)
-  .tsv    header row, then tab-separated rows; quotes are text (GLUE's TSVs are not quoted)
-  .txt    "LABEL text" per line (SST-2 / TREC style): the label is the first whitespace-separated token,
-          the text the rest of the line; the task names the two columns these fill.
+.jsonl  one JSON object per line (blank lines skipped)
+.json   a JSON array of objects
+.csv    header row, then comma-separated rows (standard quoting)
+.tsv    header row, then tab-separated rows; quotes are text (GLUE's TSVs are not quoted)
+.txt    "LABEL text" per line (SST-2 / TREC style): the label is the first whitespace-separated token,
+        the text the rest of the line; the task names the two columns these fill.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def read_rows(path: str | Path, *, line_fields: tuple[str, str] | None = None) -
     return list(_delimited(path, suffix == ".tsv"))
   if suffix == ".txt":
     if line_fields is None:
-      raise DataError(f"{path}: 'LABEL text' .txt files only fit single-text tasks (sst2, cola, custom); "
-                      "use .jsonl/.csv/.tsv with the task's columns")
+      raise DataError(
+        f"{path}: 'LABEL text' .txt files only fit single-text tasks (sst2, cola, custom); "
+        "use .jsonl/.csv/.tsv with the task's columns"
+      )
     return list(_label_text(path, line_fields))
   raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
@@ -74,14 +76,16 @@ def _json(path: Path) -> list[tuple[str, dict]]:
 
 def _delimited(path: Path, tabs: bool) -> Iterator[tuple[str, dict]]:
   with path.open(encoding="utf-8-sig", newline="") as f:
-    reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tabs else csv.DictReader(f))
+    reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tabs else csv.DictReader(f)
     if not reader.fieldnames:
       return
     for row in reader:
       where = f"{path} line {reader.line_num}"
       if None in row:  # DictReader's key for cells beyond the header
-        raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} cells but the header has "
-                        f"{len(reader.fieldnames)} columns")
+        raise DataError(
+          f"{where}: {len(reader.fieldnames) + len(row[None])} cells but the header has "
+          f"{len(reader.fieldnames)} columns"
+        )
       yield where, row
 
 

@@ -73,8 +73,9 @@ def texts(row: Mapping[str, Any], key: str) -> list[str]:
   raise RowError(key, f"expected a list of strings, got {v!r:.60}")
 
 
-def label_string(row: Mapping[str, Any], labels: Sequence[str], key: str = "label",
-                 label_map: Mapping[str, str] | None = None) -> str:
+def label_string(
+  row: Mapping[str, Any], labels: Sequence[str], key: str = "label", label_map: Mapping[str, str] | None = None
+) -> str:
   """The label string of `row[key]` (rules in the module docstring), or "<unk>" for -1."""
   v = value(row, key)
   if label_map and str(v) in label_map:

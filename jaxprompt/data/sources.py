@@ -12,6 +12,7 @@ MultiRC, ReCoRD and WSC is flattened as TFDS does. .txt "LABEL text" files fit s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,15 +20,21 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from jaxprompt.data import readers
-from jaxprompt.errors import DataError
 from jaxprompt.data.rows import RowError
 from jaxprompt.data.tasks import Task, custom_task, get_task
+from jaxprompt.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-def load_split(task: Task | str, split: str, *, files: Mapping[str, str | os.PathLike] | None = None,
-               tfds_data_dir: str | os.PathLike | None = None, hf_datasets: bool = False) -> list[dict]:
+def load_split(
+  task: Task | str,
+  split: str,
+  *,
+  files: Mapping[str, str | os.PathLike] | None = None,
+  tfds_data_dir: str | os.PathLike | None = None,
+  hf_datasets: bool = False,
+) -> list[dict]:
   """The examples of one split: {"inputs", "targets"} (+ "label" index on classification tasks)."""
   task = get_task(task) if isinstance(task, str) else task
   if files:
@@ -73,13 +80,20 @@ def _tfds_rows(task: Task, split: str, data_dir) -> list[tuple[str, dict]]:
   try:
     import tensorflow_datasets as tfds
   except ImportError:
-    raise DataError(f"task {task.name}: reading TFDS needs tensorflow-datasets (pip install 'jaxprompt[tfds]'), "
-                    f"or give a local file as data.files.{split}") from None
+    raise DataError(
+      f"task {task.name}: reading TFDS needs tensorflow-datasets (pip install 'jaxprompt[tfds]'), "
+      f"or give a local file as data.files.{split}"
+    ) from None
   _hide_accelerators_from_tf()
   try:
     # download=True only downloads what `data_dir` lacks: prepared data there is read offline.
-    ds = tfds.load(task.tfds_name, split=split, data_dir=None if data_dir is None else str(data_dir),
-                   shuffle_files=False, download=True)
+    ds = tfds.load(
+      task.tfds_name,
+      split=split,
+      data_dir=None if data_dir is None else str(data_dir),
+      shuffle_files=False,
+      download=True,
+    )
   except Exception as e:  # TFDS raises many types (missing data, no network, bad split): name the source
     where = f" in {data_dir}" if data_dir else ""
     raise DataError(f"task {task.name}: TFDS {task.tfds_name}[{split}]{where}: {type(e).__name__}: {e}") from e
@@ -90,10 +104,8 @@ def _hide_accelerators_from_tf() -> None:
   # TF would otherwise reserve GPU memory that JAX needs.
   import tensorflow as tf
 
-  try:
+  with contextlib.suppress(RuntimeError):  # TF already initialised its devices; nothing to change any more
     tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised its devices; nothing to change any more
-    pass
 
 
 def _to_python(v: Any) -> Any:
@@ -118,8 +130,10 @@ def _hf_rows(task: Task, split: str) -> list[tuple[str, dict]]:
   try:
     import datasets
   except ImportError:
-    raise DataError(f"task {task.name}: hf_datasets needs the `datasets` package (pip install datasets), "
-                    f"or give a local file as data.files.{split}") from None
+    raise DataError(
+      f"task {task.name}: hf_datasets needs the `datasets` package (pip install datasets), "
+      f"or give a local file as data.files.{split}"
+    ) from None
   path, config = task.hf_name
   try:
     ds = datasets.load_dataset(path, config, split=split)
@@ -145,13 +159,23 @@ def task_from_config(dcfg) -> Task:
   if dcfg.taskless:
     raise DataError("data.taskless applies to built-in T5 tasks; a custom task's text is its data.custom.template")
   c = dcfg.custom
-  return custom_task(dcfg.task, template=c.template, columns=c.columns, labels=c.labels, label_column=c.label_column,
-                     label_map=c.label_map or None, metrics=c.metrics)
+  return custom_task(
+    dcfg.task,
+    template=c.template,
+    columns=c.columns,
+    labels=c.labels,
+    label_column=c.label_column,
+    label_map=c.label_map or None,
+    metrics=c.metrics,
+  )
 
 
 def task_examples(dcfg, split: str) -> SplitData:
   """One split of the task a `config.DataConfig` describes."""
   task = task_from_config(dcfg)
   files = {k: Path(v) for k, v in dcfg.files.items()}
-  return SplitData(load_split(task, split, files=files, tfds_data_dir=dcfg.tfds_data_dir,
-                              hf_datasets=dcfg.hf_datasets), task.labels, task)
+  return SplitData(
+    load_split(task, split, files=files, tfds_data_dir=dcfg.tfds_data_dir, hf_datasets=dcfg.hf_datasets),
+    task.labels,
+    task,
+  )

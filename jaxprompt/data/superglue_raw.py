@@ -23,9 +23,15 @@ def multirc(row: Row) -> list[Row]:
   for q in R.value(passage, "questions"):
     for a in R.value(q, "answers"):
       label = a.get("label")
-      out.append({"paragraph": R.text(passage, "text"), "question": R.text(q, "question"),
-                  "answer": R.text(a, "text"), "label": -1 if label is None else int(bool(label)),
-                  "idx": {"paragraph": row.get("idx"), "question": q.get("idx"), "answer": a.get("idx")}})
+      out.append(
+        {
+          "paragraph": R.text(passage, "text"),
+          "question": R.text(q, "question"),
+          "answer": R.text(a, "text"),
+          "label": -1 if label is None else int(bool(label)),
+          "idx": {"paragraph": row.get("idx"), "question": q.get("idx"), "answer": a.get("idx")},
+        }
+      )
   return out
 
 
@@ -37,10 +43,17 @@ def record(row: Row) -> list[Row]:
   if not isinstance(passage, Mapping):
     return [row]
   text = R.text(passage, "text")
-  entities = sorted({text[R.integer(e, "start"):R.integer(e, "end") + 1] for e in R.value(passage, "entities")})
-  return [{"passage": text, "query": R.text(qa, "query"), "entities": entities,
-           "answers": sorted({R.text(a, "text") for a in qa.get("answers", [])}),
-           "idx": {"passage": row.get("idx"), "query": qa.get("idx")}} for qa in R.value(row, "qas")]
+  entities = sorted({text[R.integer(e, "start") : R.integer(e, "end") + 1] for e in R.value(passage, "entities")})
+  return [
+    {
+      "passage": text,
+      "query": R.text(qa, "query"),
+      "entities": entities,
+      "answers": sorted({R.text(a, "text") for a in qa.get("answers", [])}),
+      "idx": {"passage": row.get("idx"), "query": qa.get("idx")},
+    }
+    for qa in R.value(row, "qas")
+  ]
 
 
 def wsc(row: Row) -> list[Row]:

@@ -56,14 +56,20 @@ def stsb(row: Row, split: str) -> list[dict]:
 
 # Two WSC texts where T5 hard-codes the blanked text (span2_index points at the wrong word).
 _WSC_SPECIAL = {
-    'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite '
-    'loud. "Good for him," he said. ':
-        'The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite '
-        'loud. "Good for X ," he said.',
-    'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in '
-    'an iron safe . Some day they might want to use it , but really for now, what more could they wish for?':
-        'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in '
-        'an iron safe . Some day they might want to use X , but really for now, what more could they wish for?',
+  (
+    "The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite "
+    'loud. "Good for him," he said. '
+  ): (
+    "The boy continued to whip the pony , and eventually the pony threw him over. John laughed out quite "
+    'loud. "Good for X ," he said.'
+  ),
+  (
+    "When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in "
+    "an iron safe . Some day they might want to use it , but really for now, what more could they wish for?"
+  ): (
+    "When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the magic pebble in "
+    "an iron safe . Some day they might want to use X , but really for now, what more could they wish for?"
+  ),
 }
 
 
@@ -80,7 +86,7 @@ def wsc_inputs(row: Row) -> str:
     raise R.RowError("span2_index", f"{i} is not inside the text's words 1..{len(words) - 1}")
   if words[i] != pronoun:
     raise R.RowError("span2_index", f"word {i} is {words[i]!r}, not span2_text {pronoun!r}")
-  return " ".join([" ".join(words[:i]), "X", " ".join(words[i + 1:])])
+  return " ".join([" ".join(words[:i]), "X", " ".join(words[i + 1 :])])
 
 
 def wsc_simple(row: Row, split: str) -> list[dict]:
@@ -120,8 +126,9 @@ def record(row: Row, split: str) -> list[dict]:
   passage = R.text(row, "passage")
   passage = re.sub(r"(\.|\?|\!|\"|\')\n@highlight\n", r"\1 ", passage)
   passage = re.sub(r"\n@highlight\n", ". ", passage)
-  inputs = " ".join(["record query:", R.text(row, "query"), "entities:", ", ".join(R.texts(row, "entities")),
-                     "passage:", passage])
+  inputs = " ".join(
+    ["record query:", R.text(row, "query"), "entities:", ", ".join(R.texts(row, "entities")), "passage:", passage]
+  )
   answers = R.texts(row, "answers") if row.get("answers") is not None else []
   group = _group(row, ("passage", "query"))
   return [{"inputs": inputs, "targets": a, "answers": answers, "group": group} for a in answers or [R.UNKNOWN]]

@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from jaxprompt import metrics as M
 from jaxprompt.data import rows as R
-from jaxprompt.data import superglue_raw, t5_formats as T5
+from jaxprompt.data import superglue_raw
+from jaxprompt.data import t5_formats as T5
 from jaxprompt.errors import DataError
 
 Row = Mapping[str, Any]
@@ -74,8 +75,17 @@ _SPLITS = ("train", "validation", "test")
 _FALSE_TRUE = ("False", "True")
 
 
-def _glue_task(name: str, tfds_name: str, hf_name: tuple[str, str], features: Sequence[str],
-               labels: Sequence[str], metrics: Sequence[str], *, sort: bool = True, **kw) -> Task:
+def _glue_task(
+  name: str,
+  tfds_name: str,
+  hf_name: tuple[str, str],
+  features: Sequence[str],
+  labels: Sequence[str],
+  metrics: Sequence[str],
+  *,
+  sort: bool = True,
+  **kw,
+) -> Task:
   # T5 sorts the feature names unless glue_utils fixes an order (MultiRC, WiC).
   features = tuple(sorted(features)) if sort else tuple(features)
   benchmark = tfds_name.split("/")[1]
@@ -91,54 +101,140 @@ def _expanding(expand: Callable[[Row], list[Row]], fmt: Formatter) -> Formatter:
   return format_rows
 
 
-def _builtin() -> dict[str, Task]:
-  sg, glue = "aps/super_glue", "nyu-mll/glue"
-  tasks = [
-      _glue_task("super_glue/boolq", "super_glue/boolq", (sg, "boolq"), ["question", "passage"], _FALSE_TRUE,
-                 ["accuracy"]),
-      _glue_task("super_glue/cb", "super_glue/cb", (sg, "cb"), ["premise", "hypothesis"],
-                 ["entailment", "contradiction", "neutral"], ["macro_f1", "accuracy"]),
-      _glue_task("super_glue/copa", "super_glue/copa", (sg, "copa"), ["premise", "choice1", "choice2", "question"],
-                 ["choice1", "choice2"], ["accuracy"]),
-      Task("super_glue/multirc",
-           _expanding(superglue_raw.multirc, functools.partial(T5.multirc, labels=_FALSE_TRUE)), _FALSE_TRUE,
-           ("f1", "group_exact_match"), _SPLITS, tfds_name="super_glue/multirc", hf_name=(sg, "multirc")),
-      Task("super_glue/record", _expanding(superglue_raw.record, T5.record), None, ("exact_match", "token_f1"),
-           _SPLITS, tfds_name="super_glue/record", hf_name=(sg, "record")),
-      _glue_task("super_glue/rte", "super_glue/rte", (sg, "rte"), ["premise", "hypothesis"],
-                 ["entailment", "not_entailment"], ["accuracy"]),
-      _glue_task("super_glue/wic", "super_glue/wic", (sg, "wic"), ["sentence1", "sentence2", "word"], _FALSE_TRUE,
-                 ["accuracy"], sort=False),
-      Task("super_glue/wsc", _expanding(superglue_raw.wsc, T5.wsc_simple), None, ("wsc_accuracy",), _SPLITS,
-           tfds_name="super_glue/wsc.fixed", hf_name=(sg, "wsc.fixed")),
-      _glue_task("glue/cola", "glue/cola", (glue, "cola"), ["sentence"], ["unacceptable", "acceptable"],
-                 ["matthews"], line_fields=("label", "sentence")),
-      _glue_task("glue/sst2", "glue/sst2", (glue, "sst2"), ["sentence"], ["negative", "positive"], ["accuracy"],
-                 line_fields=("label", "sentence")),
-      _glue_task("glue/mrpc", "glue/mrpc", (glue, "mrpc"), ["sentence1", "sentence2"],
-                 ["not_equivalent", "equivalent"], ["f1", "accuracy"]),
-      _glue_task("glue/qqp", "glue/qqp", (glue, "qqp"), ["question1", "question2"], ["not_duplicate", "duplicate"],
-                 ["f1", "accuracy"]),
-      Task("glue/stsb", T5.stsb, T5.STSB_LABELS, ("pearson", "spearman"), _SPLITS, tfds_name="glue/stsb",
-           hf_name=(glue, "stsb")),
-      _glue_task("glue/mnli", "glue/mnli", (glue, "mnli"), ["premise", "hypothesis"],
-                 ["entailment", "neutral", "contradiction"], ["accuracy"],
-                 splits=("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched"),
-                 split_aliases={"validation": "validation_matched", "test": "test_matched"}),
-      _glue_task("glue/qnli", "glue/qnli", (glue, "qnli"), ["question", "sentence"], ["entailment", "not_entailment"],
-                 ["accuracy"]),
-      _glue_task("glue/rte", "glue/rte", (glue, "rte"), ["sentence1", "sentence2"], ["entailment", "not_entailment"],
-                 ["accuracy"]),
-  ]
-  return {t.name: t for t in tasks}
+_SG, _GLUE = "aps/super_glue", "nyu-mll/glue"  # their HF datasets ids
+_BUILTIN_TASKS = (
+  _glue_task(
+    "super_glue/boolq", "super_glue/boolq", (_SG, "boolq"), ["question", "passage"], _FALSE_TRUE, ["accuracy"]
+  ),
+  _glue_task(
+    "super_glue/cb",
+    "super_glue/cb",
+    (_SG, "cb"),
+    ["premise", "hypothesis"],
+    ["entailment", "contradiction", "neutral"],
+    ["macro_f1", "accuracy"],
+  ),
+  _glue_task(
+    "super_glue/copa",
+    "super_glue/copa",
+    (_SG, "copa"),
+    ["premise", "choice1", "choice2", "question"],
+    ["choice1", "choice2"],
+    ["accuracy"],
+  ),
+  Task(
+    "super_glue/multirc",
+    _expanding(superglue_raw.multirc, functools.partial(T5.multirc, labels=_FALSE_TRUE)),
+    _FALSE_TRUE,
+    ("f1", "group_exact_match"),
+    _SPLITS,
+    tfds_name="super_glue/multirc",
+    hf_name=(_SG, "multirc"),
+  ),
+  Task(
+    "super_glue/record",
+    _expanding(superglue_raw.record, T5.record),
+    None,
+    ("exact_match", "token_f1"),
+    _SPLITS,
+    tfds_name="super_glue/record",
+    hf_name=(_SG, "record"),
+  ),
+  _glue_task(
+    "super_glue/rte",
+    "super_glue/rte",
+    (_SG, "rte"),
+    ["premise", "hypothesis"],
+    ["entailment", "not_entailment"],
+    ["accuracy"],
+  ),
+  _glue_task(
+    "super_glue/wic",
+    "super_glue/wic",
+    (_SG, "wic"),
+    ["sentence1", "sentence2", "word"],
+    _FALSE_TRUE,
+    ["accuracy"],
+    sort=False,
+  ),
+  Task(
+    "super_glue/wsc",
+    _expanding(superglue_raw.wsc, T5.wsc_simple),
+    None,
+    ("wsc_accuracy",),
+    _SPLITS,
+    tfds_name="super_glue/wsc.fixed",
+    hf_name=(_SG, "wsc.fixed"),
+  ),
+  _glue_task(
+    "glue/cola",
+    "glue/cola",
+    (_GLUE, "cola"),
+    ["sentence"],
+    ["unacceptable", "acceptable"],
+    ["matthews"],
+    line_fields=("label", "sentence"),
+  ),
+  _glue_task(
+    "glue/sst2",
+    "glue/sst2",
+    (_GLUE, "sst2"),
+    ["sentence"],
+    ["negative", "positive"],
+    ["accuracy"],
+    line_fields=("label", "sentence"),
+  ),
+  _glue_task(
+    "glue/mrpc",
+    "glue/mrpc",
+    (_GLUE, "mrpc"),
+    ["sentence1", "sentence2"],
+    ["not_equivalent", "equivalent"],
+    ["f1", "accuracy"],
+  ),
+  _glue_task(
+    "glue/qqp",
+    "glue/qqp",
+    (_GLUE, "qqp"),
+    ["question1", "question2"],
+    ["not_duplicate", "duplicate"],
+    ["f1", "accuracy"],
+  ),
+  Task(
+    "glue/stsb",
+    T5.stsb,
+    T5.STSB_LABELS,
+    ("pearson", "spearman"),
+    _SPLITS,
+    tfds_name="glue/stsb",
+    hf_name=(_GLUE, "stsb"),
+  ),
+  _glue_task(
+    "glue/mnli",
+    "glue/mnli",
+    (_GLUE, "mnli"),
+    ["premise", "hypothesis"],
+    ["entailment", "neutral", "contradiction"],
+    ["accuracy"],
+    splits=("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched"),
+    split_aliases={"validation": "validation_matched", "test": "test_matched"},
+  ),
+  _glue_task(
+    "glue/qnli", "glue/qnli", (_GLUE, "qnli"), ["question", "sentence"], ["entailment", "not_entailment"], ["accuracy"]
+  ),
+  _glue_task(
+    "glue/rte", "glue/rte", (_GLUE, "rte"), ["sentence1", "sentence2"], ["entailment", "not_entailment"], ["accuracy"]
+  ),
+)
 
 
-BUILTIN: dict[str, Task] = _builtin()
+BUILTIN: dict[str, Task] = {t.name: t for t in _BUILTIN_TASKS}
 # Bare names; "rte" is SuperGLUE's (the paper's), GLUE's RTE needs "glue/rte".
 ALIASES: dict[str, str] = {
-    **{n.split("/")[1]: n for n in BUILTIN if n.startswith("glue/")},
-    **{n.split("/")[1]: n for n in BUILTIN if n.startswith("super_glue/")},
-    "super_glue/wsc.fixed": "super_glue/wsc", "wsc.fixed": "super_glue/wsc",
+  **{n.split("/")[1]: n for n in BUILTIN if n.startswith("glue/")},
+  **{n.split("/")[1]: n for n in BUILTIN if n.startswith("super_glue/")},
+  "super_glue/wsc.fixed": "super_glue/wsc",
+  "wsc.fixed": "super_glue/wsc",
 }
 
 
@@ -161,8 +257,10 @@ def get_task(name: str, *, taskless: bool = False) -> Task:
   if key not in BUILTIN:
     close = difflib.get_close_matches(name, task_names(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise DataError(f"unknown task {name!r}{hint}; built-in tasks: {', '.join(sorted(ALIASES))}; "
-                    "or describe a custom one (data.custom)")
+    raise DataError(
+      f"unknown task {name!r}{hint}; built-in tasks: {', '.join(sorted(ALIASES))}; "
+      "or describe a custom one (data.custom)"
+    )
   task = BUILTIN[key]
   return dataclasses.replace(task, taskless=True) if taskless else task
 
@@ -181,8 +279,16 @@ def template_fields(template: str) -> list[str]:
   return fields
 
 
-def _format_custom(row: Row, split: str, *, template: str, columns: Mapping[str, str],
-                   labels: tuple[str, ...] | None, label_column: str, label_map: Mapping[str, str]) -> list[dict]:
+def _format_custom(
+  row: Row,
+  split: str,
+  *,
+  template: str,
+  columns: Mapping[str, str],
+  labels: tuple[str, ...] | None,
+  label_column: str,
+  label_map: Mapping[str, str],
+) -> list[dict]:
   values = {f: R.text(row, col) for f, col in columns.items()}
   inputs = template.format_map(values)
   if labels is None:
@@ -190,9 +296,16 @@ def _format_custom(row: Row, split: str, *, template: str, columns: Mapping[str,
   return [{"inputs": inputs, "targets": R.label_string(row, labels, label_column, label_map)}]
 
 
-def custom_task(name: str, *, template: str, columns: Mapping[str, str] | None = None,
-                labels: Sequence[str] | None = None, label_column: str = "label",
-                label_map: Mapping[str, str] | None = None, metrics: Sequence[str] | None = None) -> Task:
+def custom_task(
+  name: str,
+  *,
+  template: str,
+  columns: Mapping[str, str] | None = None,
+  labels: Sequence[str] | None = None,
+  label_column: str = "label",
+  label_map: Mapping[str, str] | None = None,
+  metrics: Sequence[str] | None = None,
+) -> Task:
   """A task read from local files: `template` ("classify: {text}") filled from the row's columns.
 
   columns: template field -> file column (a field not listed reads the column of its own name).
@@ -224,6 +337,7 @@ def custom_task(name: str, *, template: str, columns: Mapping[str, str] | None =
   if bad:
     kind = "classification" if labels else "generative"
     raise DataError(f"custom task {name!r}: metrics {bad} do not fit a {kind} task; use {', '.join(known)}")
-  fmt = functools.partial(_format_custom, template=template, columns=columns, labels=labels,
-                          label_column=label_column, label_map=label_map)
+  fmt = functools.partial(
+    _format_custom, template=template, columns=columns, labels=labels, label_column=label_column, label_map=label_map
+  )
   return Task(name, fmt, labels, tuple(metrics), line_fields=(label_column, "text"))

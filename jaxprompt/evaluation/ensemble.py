@@ -39,31 +39,43 @@ def combine(scores: np.ndarray, how: str = "vote") -> np.ndarray:
 def member_scores(run, evaluator: Evaluator, values, specs) -> np.ndarray:
   """Rank scores [K, N, C] of every eval example under each of K prompts, in mixed batches of K x B rows."""
   if not evaluator.labels:
-    raise UsageError(f"an ensemble needs a classification task (label strings to rank); {evaluator.task.name} has "
-                     "none")
+    raise UsageError(f"an ensemble needs a classification task (label strings to rank); {evaluator.task.name} has none")
   k = len(values)
   model = PromptedModel(run.base, methods.bank(values, specs, run.base.prefix_slots()))
   graphdef, state = nnx.split(model)
-  rank = jax.jit(lambda state, batch, ids, label_ids, label_mask: nnx.merge(graphdef, state).label_logprobs(
-      batch, label_ids, label_mask, prompt_ids=ids))
+  rank = jax.jit(
+    lambda state, batch, ids, label_ids, label_mask: nnx.merge(graphdef, state).label_logprobs(
+      batch, label_ids, label_mask, prompt_ids=ids
+    )
+  )
   hosts, local = jax.process_count(), evaluator.batch_size // jax.process_count()
   out = np.zeros((k, len(evaluator.examples), len(evaluator.labels)), np.float32)
-  for batch, w, index in eval_batches(evaluator.arrays, evaluator.batch_size, process_index=jax.process_index(),
-                                      process_count=hosts, buckets=run.cfg.data.buckets()):
+  for batch, w, index in eval_batches(
+    evaluator.arrays,
+    evaluator.batch_size,
+    process_index=jax.process_index(),
+    process_count=hosts,
+    buckets=run.cfg.data.buckets(),
+  ):
     tiled = jax.tree.map(lambda a: np.concatenate([a] * k), (batch, w))
     ids = np.repeat(np.arange(k, dtype=np.int32), local)
     dev, _ = run.device_batch(tiled)
     scores = rank(state, dev, run.device_batch(ids), evaluator.label_ids, evaluator.label_mask)
     # rows are (host, prompt, local row): back to [K, B, C]
-    scores = np.asarray(jax.device_get(scores)).reshape(hosts, k, local, -1).transpose(1, 0, 2, 3).reshape(
-        k, hosts * local, -1)
+    scores = (
+      np.asarray(jax.device_get(scores))
+      .reshape(hosts, k, local, -1)
+      .transpose(1, 0, 2, 3)
+      .reshape(k, hosts * local, -1)
+    )
     keep = index >= 0
     out[:, index[keep]] = scores[:, keep]
   return out
 
 
-def evaluate_ensemble(cfg, sources, *, how: str = "vote", step: str | int = "best", mesh=None,
-                      allow_other_base: bool = False) -> dict:
+def evaluate_ensemble(
+  cfg, sources, *, how: str = "vote", step: str | int = "best", mesh=None, allow_other_base: bool = False
+) -> dict:
   """Each prompt's metrics and the ensemble's on the eval split: {"members": [{source, ...metrics}],
   "ensemble": {...metrics}, "predictions": [class per example], "combine": how}."""
   from jaxprompt.run import build_run
@@ -76,13 +88,18 @@ def evaluate_ensemble(cfg, sources, *, how: str = "vote", step: str | int = "bes
     raise UsageError("an ensemble scores one task: give a config with data.task, not a data.mixture")
   run, _ = build_run(cfg, mesh=mesh, with_train_data=False)
   prompts = [load_prompt_source(s, step) for s in sources]
-  for p, s in zip(prompts, sources):
+  for p, s in zip(prompts, sources, strict=False):
     p.check(run.base, str(s), strict=not allow_other_base)
   evaluator = evaluator_for(run)
   scores = member_scores(run, evaluator, [p.value for p in prompts], [p.spec for p in prompts])
-  members = [dict(source=str(s), **evaluator.classification_metrics(np.argmax(sc, -1)))
-             for s, sc in zip(sources, scores)]
+  members = [
+    dict(source=str(s), **evaluator.classification_metrics(np.argmax(sc, -1)))
+    for s, sc in zip(sources, scores, strict=False)
+  ]
   preds = combine(scores, how)
-  return dict(combine=how, members=members, ensemble=evaluator.classification_metrics(preds),
-              predictions=[evaluator.labels[i] for i in preds])
-
+  return dict(
+    combine=how,
+    members=members,
+    ensemble=evaluator.classification_metrics(preds),
+    predictions=[evaluator.labels[i] for i in preds],
+  )

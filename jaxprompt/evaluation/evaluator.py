@@ -49,9 +49,15 @@ class Evaluator:
     self.task, self.labels = member.task, member.labels
     if examples is None:
       examples = task_examples(member.data, ctx.eval_split).examples
-    self.examples = examples[:ctx.max_examples] if ctx.max_examples else examples
-    self.arrays = encoding.encode(ctx.batch_type, self.examples, ctx.tokenizer, input_length=ctx.input_length,
-                                  target_length=ctx.target_length, name=f"{member.name}/{ctx.eval_split}")
+    self.examples = examples[: ctx.max_examples] if ctx.max_examples else examples
+    self.arrays = encoding.encode(
+      ctx.batch_type,
+      self.examples,
+      ctx.tokenizer,
+      input_length=ctx.input_length,
+      target_length=ctx.target_length,
+      name=f"{member.name}/{ctx.eval_split}",
+    )
     if prompt_id is not None:
       self.arrays = self.arrays.with_task_ids(prompt_id)
     # every host gets the same number of rows, and the batch splits evenly over the (data, fsdp) axes
@@ -60,8 +66,9 @@ class Evaluator:
     self.mode = mode_for(ctx.mode, self.labels)(ctx, self.labels, self.examples)
     if self.labels:  # the label strings as the model scores them [C, T] (ensembles rank with them too)
       self.label_ids, self.label_mask = RankEval.encode_labels(ctx, self.labels)
-      self.gold = np.array([ex["label"] if "label" in ex else _label_index(self.labels, ex["targets"])
-                            for ex in self.examples])
+      self.gold = np.array(
+        [ex["label"] if "label" in ex else _label_index(self.labels, ex["targets"]) for ex in self.examples]
+      )
     self.confusion: list[list[int]] | None = None
 
   def _pass(self, prompt) -> dict:
@@ -69,8 +76,13 @@ class Evaluator:
     ctx, n = self.ctx, len(self.examples)
     self.mode.start(n)
     ce = tokens = seq = 0.0
-    for batch, w, index in eval_batches(self.arrays, self.batch_size, process_index=jax.process_index(),
-                                        process_count=jax.process_count(), buckets=ctx.buckets):
+    for batch, w, index in eval_batches(
+      self.arrays,
+      self.batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      buckets=ctx.buckets,
+    ):
       dev, weights = ctx.device_batch((batch, w))
       s = jax.device_get(self.mode.batch(prompt, dev, weights, index))
       ce, tokens, seq = ce + float(s.ce), tokens + float(s.tokens), seq + float(s.seq_correct)
@@ -83,8 +95,13 @@ class Evaluator:
     groups = [ex.get("group") for ex in self.examples] if any("group" in ex for ex in self.examples) else None
     names = [m for m in self.task.metrics if m in M.CLASSIFICATION]
     self.confusion = M.confusion_matrix(self.gold[scored], preds[scored], len(self.labels)).tolist()
-    return M.classification_metrics(names, self.gold[scored], preds[scored], self.labels,
-                                    None if groups is None else [g for g, k in zip(groups, scored, strict=True) if k])
+    return M.classification_metrics(
+      names,
+      self.gold[scored],
+      preds[scored],
+      self.labels,
+      None if groups is None else [g for g, k in zip(groups, scored, strict=True) if k],
+    )
 
   def _task_metrics(self) -> dict:
     preds, texts = self.mode.predictions()
@@ -100,8 +117,10 @@ class Evaluator:
     metrics = self._pass(prompt)
     metrics.update(self._task_metrics())
     gold = self.gold if self.labels else [None] * len(self.examples)
-    records = [dict(index=i, inputs=ex["inputs"], targets=ex["targets"], **self.mode.record(i, gold[i]))
-               for i, ex in enumerate(self.examples)]
+    records = [
+      dict(index=i, inputs=ex["inputs"], targets=ex["targets"], **self.mode.record(i, gold[i]))
+      for i, ex in enumerate(self.examples)
+    ]
     return metrics, records
 
   def confusion_record(self) -> dict | None:

@@ -35,9 +35,14 @@ class GenerateEval:
 
   def _generate(self, prompt, dev) -> np.ndarray:
     model = self.ctx.model(prompt)
-    out = generate(model.base, input_ids=dev.input_ids, attention_mask=dev.input_mask,
-                   prefix=model.prefix(dev.size, dev.task_ids), config=self.ctx.generate,
-                   max_new_tokens=self.ctx.target_length)
+    out = generate(
+      model.base,
+      input_ids=dev.input_ids,
+      attention_mask=dev.input_mask,
+      prefix=model.prefix(dev.size, dev.task_ids),
+      config=self.ctx.generate,
+      max_new_tokens=self.ctx.target_length,
+    )
     tokens = out["tokens"]
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -47,7 +52,7 @@ class GenerateEval:
 
   def _decode(self, row: np.ndarray) -> str:
     row, eos = row.tolist(), self.ctx.tokenizer.eos_token_id
-    row = row[:row.index(eos)] if eos in row else row
+    row = row[: row.index(eos)] if eos in row else row
     return self.ctx.tokenizer.decode(row, skip_special_tokens=True).strip()
 
   def predictions(self):

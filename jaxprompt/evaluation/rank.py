@@ -34,8 +34,7 @@ class RankEval:
     self.preds, self.scores = np.full(n, -1), {}
 
   def batch(self, prompt, dev, weights, index):
-    sums, scores = jax.device_get(self._rank(prompt, self.ctx.frozen, dev, weights, self.label_ids,
-                                             self.label_mask))
+    sums, scores = jax.device_get(self._rank(prompt, self.ctx.frozen, dev, weights, self.label_ids, self.label_mask))
     for i, row in zip(index, np.asarray(scores), strict=True):
       if i >= 0:
         self.preds[i], self.scores[int(i)] = int(np.argmax(row)), [round(float(v), 5) for v in row]
@@ -45,5 +44,4 @@ class RankEval:
     return self.preds, None
 
   def record(self, i: int, gold: int | None) -> dict:
-    return dict(prediction=self.labels[self.preds[i]], correct=bool(self.preds[i] == gold),
-                scores=self.scores.get(i))
+    return dict(prediction=self.labels[self.preds[i]], correct=bool(self.preds[i] == gold), scores=self.scores.get(i))

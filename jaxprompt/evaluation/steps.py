@@ -37,8 +37,16 @@ def _chunked(fn, graphdef, data_parallel: int):
     # chunks unrolled (independent: XLA overlaps them; a scan over them measured no faster than one piece), up to
     # MAX_UNROLLED_CHUNKS of them, then a scan (compile time grows with the unrolled count)
     if n <= MAX_UNROLLED_CHUNKS:
-      outs = [fn(prompt, frozen, jax.tree.map(lambda x, i=i: x[i * k:(i + 1) * k], batch),
-                 weights[i * k:(i + 1) * k], *labels) for i in range(n)]
+      outs = [
+        fn(
+          prompt,
+          frozen,
+          jax.tree.map(lambda x, i=i: x[i * k : (i + 1) * k], batch),
+          weights[i * k : (i + 1) * k],
+          *labels,
+        )
+        for i in range(n)
+      ]
       out = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     else:
 
@@ -92,11 +100,22 @@ class EvalContext:
   @classmethod
   def of(cls, run) -> "EvalContext":
     cfg = run.cfg
-    return cls(graphdef=run.graphdef, frozen=run.frozen, mesh=run.mesh, tokenizer=run.tokenizer,
-               batch_type=run.base.batch_type, input_length=cfg.data.input_length,
-               target_length=cfg.data.target_length, buckets=cfg.data.buckets(), eval_split=cfg.data.eval_split,
-               batch_size=cfg.eval.batch_size, max_examples=cfg.eval.max_examples, mode=cfg.eval.mode,
-               z_loss=cfg.train.z_loss, generate=cfg.generate)
+    return cls(
+      graphdef=run.graphdef,
+      frozen=run.frozen,
+      mesh=run.mesh,
+      tokenizer=run.tokenizer,
+      batch_type=run.base.batch_type,
+      input_length=cfg.data.input_length,
+      target_length=cfg.data.target_length,
+      buckets=cfg.data.buckets(),
+      eval_split=cfg.data.eval_split,
+      batch_size=cfg.eval.batch_size,
+      max_examples=cfg.eval.max_examples,
+      mode=cfg.eval.mode,
+      z_loss=cfg.train.z_loss,
+      generate=cfg.generate,
+    )
 
   @property
   def data_parallel(self) -> int:

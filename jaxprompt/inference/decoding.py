@@ -52,9 +52,19 @@ class _Options:  # static: part of the compilation key
   embeds: bool
 
 
-def generate(model, *, input_ids=None, attention_mask=None, inputs_embeds=None, prefix=None,
-             config: GenerateConfig | None = None, eos_id: int | Sequence[int] | None = None,
-             pad_id: int | None = None, rng: jax.Array | None = None, **options) -> dict:
+def generate(
+  model,
+  *,
+  input_ids=None,
+  attention_mask=None,
+  inputs_embeds=None,
+  prefix=None,
+  config: GenerateConfig | None = None,
+  eos_id: int | Sequence[int] | None = None,
+  pad_id: int | None = None,
+  rng: jax.Array | None = None,
+  **options,
+) -> dict:
   """Generate after a prefix (see the module docstring for the contract).
 
   Args:
@@ -78,16 +88,24 @@ def generate(model, *, input_ids=None, attention_mask=None, inputs_embeds=None, 
   if (input_ids is None) == (inputs_embeds is None):
     raise UsageError("generate needs exactly one of input_ids and inputs_embeds")
   ids = input_ids if inputs_embeds is None else inputs_embeds
-  b, l = ids.shape[:2]
-  mask = jnp.ones((b, l), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  b, length = ids.shape[:2]
+  mask = jnp.ones((b, length), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   if prefix is None or prefix.length == 0:
     _check_some_real_slot(mask)
   cfg = model.config
   if pad_id is None:
     pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
-  opts = _Options(method=gc.method, max_new_tokens=gc.max_new_tokens, top_k=gc.top_k, top_p=gc.top_p,
-                  num_beams=gc.num_beams if gc.method == "beam" else 1, alpha=gc.alpha, eos=_eos_ids(eos_id, cfg),
-                  pad=int(pad_id), embeds=inputs_embeds is not None)
+  opts = _Options(
+    method=gc.method,
+    max_new_tokens=gc.max_new_tokens,
+    top_k=gc.top_k,
+    top_p=gc.top_p,
+    num_beams=gc.num_beams if gc.method == "beam" else 1,
+    alpha=gc.alpha,
+    eos=_eos_ids(eos_id, cfg),
+    pad=int(pad_id),
+    embeds=inputs_embeds is not None,
+  )
   graphdef, state = nnx.split(model)
   rng = jax.random.key(gc.seed) if rng is None else rng
   return _generate(graphdef, state, ids, mask, prefix, jnp.asarray(gc.temperature, jnp.float32), rng, opts=opts)
@@ -110,16 +128,19 @@ def _check_some_real_slot(mask: jax.Array) -> None:
     return  # traced: likewise
   empty = np.flatnonzero(~m.any(axis=1))
   if empty.size:
-    raise UsageError(f"generation needs at least one real token (or soft-prompt vector) per row; row "
-                     f"{int(empty[0])} is all padding (a tokenizer without BOS gives an empty input no tokens)")
+    raise UsageError(
+      f"generation needs at least one real token (or soft-prompt vector) per row; row "
+      f"{int(empty[0])} is all padding (a tokenizer without BOS gives an empty input no tokens)"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
 def _generate(graphdef, state, ids, mask, prefix, temperature, rng, *, opts: _Options):
   model = nnx.merge(graphdef, state)
   inputs = dict(inputs_embeds=ids) if opts.embeds else dict(input_ids=ids)
-  logits0, cache = model.prefill(**inputs, attention_mask=mask, prefix=prefix, max_new_tokens=opts.max_new_tokens,
-                                 num_beams=opts.num_beams)
+  logits0, cache = model.prefill(
+    **inputs, attention_mask=mask, prefix=prefix, max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams
+  )
   if opts.method == "beam":
     return _beam_search(model, logits0, cache, opts)
   return _sample_loop(model, logits0, cache, opts, temperature, rng)
@@ -165,9 +186,16 @@ def _is_eos(tokens, eos):
 def sample_init(logits0, cache, opts: _Options, rng) -> dict:
   """The greedy / sampling loop's state after the prefill (`start`)."""
   b, t_new = logits0.shape[0], opts.max_new_tokens
-  return dict(t=jnp.int32(0), logits=logits0, cache=cache, tokens=jnp.full((b, t_new), opts.pad, jnp.int32),
-              finished=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
-              scores=jnp.zeros((b,), jnp.float32), rng=rng)
+  return dict(
+    t=jnp.int32(0),
+    logits=logits0,
+    cache=cache,
+    tokens=jnp.full((b, t_new), opts.pad, jnp.int32),
+    finished=jnp.zeros((b,), bool),
+    lengths=jnp.zeros((b,), jnp.int32),
+    scores=jnp.zeros((b,), jnp.float32),
+    rng=rng,
+  )
 
 
 def sample_steps(model, s: dict, opts: _Options, temperature, until) -> dict:
@@ -187,11 +215,16 @@ def sample_steps(model, s: dict, opts: _Options, temperature, until) -> dict:
     alive = ~s["finished"]
     tok = jnp.where(alive, tok, opts.pad)
     logits, cache = model.decode_step(s["cache"], tok, s["t"])
-    return dict(t=s["t"] + 1, logits=logits, cache=cache,
-                tokens=jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["t"])),
-                finished=s["finished"] | (alive & _is_eos(tok, opts.eos)),
-                lengths=s["lengths"] + alive.astype(jnp.int32), scores=s["scores"] + jnp.where(alive, logp, 0.0),
-                rng=rng)
+    return dict(
+      t=s["t"] + 1,
+      logits=logits,
+      cache=cache,
+      tokens=jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["t"])),
+      finished=s["finished"] | (alive & _is_eos(tok, opts.eos)),
+      lengths=s["lengths"] + alive.astype(jnp.int32),
+      scores=s["scores"] + jnp.where(alive, logp, 0.0),
+      rng=rng,
+    )
 
   return jax.lax.while_loop(cond, body, s)
 
@@ -211,8 +244,17 @@ def options(model, config: GenerateConfig, *, eos_id=None, pad_id=None, embeds: 
   cfg = model.config
   if pad_id is None:
     pad_id = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
-  return _Options(method=config.method, max_new_tokens=config.max_new_tokens, top_k=config.top_k, top_p=config.top_p,
-                  num_beams=1, alpha=config.alpha, eos=_eos_ids(eos_id, cfg), pad=int(pad_id), embeds=embeds)
+  return _Options(
+    method=config.method,
+    max_new_tokens=config.max_new_tokens,
+    top_k=config.top_k,
+    top_p=config.top_p,
+    num_beams=1,
+    alpha=config.alpha,
+    eos=_eos_ids(eos_id, cfg),
+    pad=int(pad_id),
+    embeds=embeds,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
@@ -248,12 +290,15 @@ def _beam_search(model, logits0, cache, opts):
   v = logits0.shape[-1]
   b = logits0.shape[0] // w
   init = dict(
-      t=jnp.int32(0), logits=logits0, cache=cache,
-      live_logp=jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1), jnp.float32), (b, 1)),  # one live beam at first
-      live_seqs=jnp.full((b, w, t_new), pad, jnp.int32),
-      fin_seqs=jnp.full((b, w, t_new), pad, jnp.int32),
-      fin_scores=jnp.full((b, w), NEG_INF, jnp.float32),
-      fin_flags=jnp.zeros((b, w), bool))
+    t=jnp.int32(0),
+    logits=logits0,
+    cache=cache,
+    live_logp=jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1), jnp.float32), (b, 1)),  # one live beam at first
+    live_seqs=jnp.full((b, w, t_new), pad, jnp.int32),
+    fin_seqs=jnp.full((b, w, t_new), pad, jnp.int32),
+    fin_scores=jnp.full((b, w), NEG_INF, jnp.float32),
+    fin_flags=jnp.zeros((b, w), bool),
+  )
 
   def cond(s):
     # the best any live beam can still reach: its log-probability only falls, the penalty grows with length
@@ -280,14 +325,20 @@ def _beam_search(model, logits0, cache, opts):
     next_tok = _gather(tok, keep).reshape(-1)
     logits, cache = model.decode_step(cache, next_tok, t)
     return dict(
-        t=t + 1, logits=logits, cache=cache, live_logp=_gather(live_rank, keep), live_seqs=_gather(cand_seqs, keep),
-        fin_seqs=_gather(jnp.concatenate([s["fin_seqs"], cand_seqs], axis=1), best),
-        fin_scores=_gather(all_scores, best),
-        fin_flags=_gather(jnp.concatenate([s["fin_flags"], finished], axis=1), best))
+      t=t + 1,
+      logits=logits,
+      cache=cache,
+      live_logp=_gather(live_rank, keep),
+      live_seqs=_gather(cand_seqs, keep),
+      fin_seqs=_gather(jnp.concatenate([s["fin_seqs"], cand_seqs], axis=1), best),
+      fin_scores=_gather(all_scores, best),
+      fin_flags=_gather(jnp.concatenate([s["fin_flags"], finished], axis=1), best),
+    )
 
   s = jax.lax.while_loop(cond, body, init)
   tokens = s["fin_seqs"][:, 0]
   ended = _is_eos(tokens, opts.eos)
   lengths = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1) + 1, t_new).astype(jnp.int32)
-  return dict(tokens=tokens, lengths=lengths, scores=s["fin_scores"][:, 0], beams=s["fin_seqs"],
-              beam_scores=s["fin_scores"])
+  return dict(
+    tokens=tokens, lengths=lengths, scores=s["fin_scores"][:, 0], beams=s["fin_seqs"], beam_scores=s["fin_scores"]
+  )

@@ -37,8 +37,14 @@ def recorded_base(records: Sequence[PromptRecord]) -> tuple[str | None, str | No
   return None, None
 
 
-def generate_text(base, tokenizer, texts: Sequence[str], prompts: Sequence[TrainedPrompt | np.ndarray] = (),
-                  config: GenerateConfig | None = None, **options) -> list[dict]:
+def generate_text(
+  base,
+  tokenizer,
+  texts: Sequence[str],
+  prompts: Sequence[TrainedPrompt | np.ndarray] = (),
+  config: GenerateConfig | None = None,
+  **options,
+) -> list[dict]:
   """Generate for every (prompt, input) pair; one record per pair, in prompt-major order. A prompt is a
   `TrainedPrompt` (any method) or an array of input embeddings [P, H]; `config` and `**options` as
   `inference.decoding.generate`."""
@@ -51,13 +57,20 @@ def generate_text(base, tokenizer, texts: Sequence[str], prompts: Sequence[Train
     tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt.from_embeddings(p) for p in prompts]
     module = methods.bank([p.value for p in tps], [p.spec for p in tps], base.prefix_slots())
     prefix = PromptedModel(base, module).prefix(k * n, jnp.asarray(which))
-  out = generate(base, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, config=config,
-                 **options)
+  out = generate(
+    base, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), prefix=prefix, config=config, **options
+  )
   tokens, lengths, scores = (np.asarray(out[k_]) for k_ in ("tokens", "lengths", "scores"))
   records = []
   for row in range(k * n):
-    toks = tokens[row, :lengths[row]].tolist()
-    records.append(dict(prompt=int(which[row]) if prompts else None, input=texts[row % n],
-                        output=tokenizer.decode(toks, skip_special_tokens=True), tokens=toks,
-                        score=float(scores[row])))
+    toks = tokens[row, : lengths[row]].tolist()
+    records.append(
+      dict(
+        prompt=int(which[row]) if prompts else None,
+        input=texts[row % n],
+        output=tokenizer.decode(toks, skip_special_tokens=True),
+        tokens=toks,
+        score=float(scores[row]),
+      )
+    )
   return records

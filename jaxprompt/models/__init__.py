@@ -4,5 +4,14 @@ from jaxprompt.models.decoder import Decoder, DecoderConfig
 from jaxprompt.models.loading import ARCHITECTURES, build_model, load_model, load_tokenizer, save_pretrained
 from jaxprompt.models.t5 import T5, T5Config
 
-__all__ = ["ARCHITECTURES", "Decoder", "DecoderConfig", "T5", "T5Config", "build_model", "load_model",
-           "load_tokenizer", "save_pretrained"]
+__all__ = [
+  "ARCHITECTURES",
+  "Decoder",
+  "DecoderConfig",
+  "T5",
+  "T5Config",
+  "build_model",
+  "load_model",
+  "load_tokenizer",
+  "save_pretrained",
+]

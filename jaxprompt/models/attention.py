@@ -70,8 +70,17 @@ def resolve(implementation: str = "auto") -> str:
   return "pallas" if jax.default_backend() == "tpu" else "cpu"
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *, scale: float,
-           dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+def attend(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  bias: jax.Array | None,
+  *,
+  scale: float,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+  implementation: str = "auto",
+) -> jax.Array:
   """Grouped-query attention. q [B, L, N, D], k/v [B, S, K, D], bias (additive, None: none) broadcastable to
   [B, N, L, S] -> [B, L, N, D] in q's dtype; scores and softmax in float32. `implementation`: one of
   IMPLEMENTATIONS (see the module docstring)."""
@@ -79,8 +88,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *, 
   b, lq, n, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or n % kh:
-    raise ModelError(f"attention needs q [B, L, N, D] and k/v [B, S, K, D] with K dividing N; got q {q.shape}, "
-                     f"k {k.shape}, v {v.shape}")
+    raise ModelError(
+      f"attention needs q [B, L, N, D] and k/v [B, S, K, D] with K dividing N; got q {q.shape}, "
+      f"k {k.shape}, v {v.shape}"
+    )
   bias = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
   if dropout_rng is not None and dropout_rate > 0.0:
     if impl not in ("cpu", "xla"):
@@ -97,8 +108,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *, 
     impl = "xla"
   if impl == "xla":
     v = v.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v, _bias4(bias, lq, s), scale=float(scale),
-                                        implementation="xla")
+    return jax.nn.dot_product_attention(
+      q, k.astype(q.dtype), v, _bias4(bias, lq, s), scale=float(scale), implementation="xla"
+    )
   return flash_attention(q, k, v, bias, scale=scale)
 
 
@@ -114,6 +126,7 @@ def _bias4(bias: jax.Array, lq: int, s: int) -> jax.Array:
 
 
 # -- cuDNN ------------------------------------------------------------------------------------------------------
+
 
 def _cudnn_unsupported(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> str | None:
   """Why cuDNN's flash attention cannot take these inputs here (None: it can), checked before tracing it."""
@@ -187,8 +200,18 @@ _cudnn.defvjp(_cudnn_fwd, _cudnn_bwd)
 
 # -- Pallas flash attention -------------------------------------------------------------------------------------
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *, scale: float,
-                    block_q: int = 128, block_k: int = 128, interpret: bool | None = None) -> jax.Array:
+
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  bias: jax.Array | None,
+  *,
+  scale: float,
+  block_q: int = 128,
+  block_k: int = 128,
+  interpret: bool | None = None,
+) -> jax.Array:
   """The Pallas kernel: q [B, L, N, D], k/v [B, S, K, D], bias broadcastable to [B, N, L, S] -> [B, L, N, D] in
   q's dtype. One program per (row, head, block of `block_q` queries) runs an online softmax over blocks of
   `block_k` keys; lengths are padded to the blocks (padded keys masked, padded queries dropped). `interpret`: None
@@ -251,16 +274,18 @@ def _flash_forward(scale, bq, bk, kv_len, interpret, q, k, v, bias):
   kernel = functools.partial(_flash_kernel, scale=scale, block_k=bk, kv_len=kv_len)
   q_spec = pl.BlockSpec((None, None, bq, d), lambda i, h, j: (i, h, j, 0))
   kv_spec = pl.BlockSpec((None, None, sp, d), lambda i, h, j: (i, h // g, 0, 0))
-  bias_spec = pl.BlockSpec((None, None, bq if bl > 1 else 1, sp),
-                           lambda i, h, j: (i if bb > 1 else 0, h if bn > 1 else 0, j if bl > 1 else 0, 0))
+  bias_spec = pl.BlockSpec(
+    (None, None, bq if bl > 1 else 1, sp),
+    lambda i, h, j: (i if bb > 1 else 0, h if bn > 1 else 0, j if bl > 1 else 0, 0),
+  )
   return pl.pallas_call(
-      kernel,
-      grid=(b, n, lp // bq),
-      in_specs=[q_spec, kv_spec, kv_spec, bias_spec],
-      out_specs=[q_spec] + [pl.BlockSpec((None, None, bq, 1), lambda i, h, j: (i, h, j, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + [jax.ShapeDtypeStruct((b, n, lp, 1), jnp.float32)] * 2,
-      interpret=interpret,
-      name="jaxprompt_flash_attention",
+    kernel,
+    grid=(b, n, lp // bq),
+    in_specs=[q_spec, kv_spec, kv_spec, bias_spec],
+    out_specs=[q_spec] + [pl.BlockSpec((None, None, bq, 1), lambda i, h, j: (i, h, j, 0))] * 2,
+    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + [jax.ShapeDtypeStruct((b, n, lp, 1), jnp.float32)] * 2,
+    interpret=interpret,
+    name="jaxprompt_flash_attention",
   )(q, k, v, bias)
 
 
@@ -302,8 +327,9 @@ def _flash_bwd(scale, bq, bk, kv_len, interpret, res, d_out):
     dk = jnp.einsum("bkgls,bkgld->bksd", ds, qg.astype(jnp.float32)) * scale
     return dq, (dk, dv, cpu.unbroadcast(ds.reshape(b, n, lp, bk), bias_b.shape))
 
-  dq, (dk, dv, dbias) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32),
-                                     (jnp.arange(nb), blocks(k), blocks(v), bias_blocks))
+  dq, (dk, dv, dbias) = jax.lax.scan(
+    step, jnp.zeros(qg.shape, jnp.float32), (jnp.arange(nb), blocks(k), blocks(v), bias_blocks)
+  )
   unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(x.shape[1:3] + (sp,) + x.shape[4:])  # noqa: E731
   dbias = jnp.moveaxis(dbias, 0, 3).reshape(bias.shape)
   return (dq.reshape(q.shape).astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), dbias)

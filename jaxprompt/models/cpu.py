@@ -59,8 +59,10 @@ def _threefry_key(rng: jax.Array, size: int) -> jax.Array | None:
 def _counters(shape: tuple[int, ...]) -> jax.Array:
   """The flat index of every element as uint32 (JAX's partitionable counters: a sum of per-axis iotas)."""
   strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
-  return sum((jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(s) for d, s in enumerate(strides)),
-             jnp.zeros(shape, jnp.uint32))
+  return sum(
+    (jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(s) for d, s in enumerate(strides)),
+    jnp.zeros(shape, jnp.uint32),
+  )
 
 
 def split_keys(rng: jax.Array, n: int) -> jax.Array:
@@ -85,8 +87,17 @@ def bernoulli(rng: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
 
 # -- attention with its own backward pass -----------------------------------------------------------------------
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, scale: float, dropout_rate: float = 0.0,
-              keep: jax.Array | None = None) -> jax.Array:
+
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  bias: jax.Array,
+  *,
+  scale: float,
+  dropout_rate: float = 0.0,
+  keep: jax.Array | None = None,
+) -> jax.Array:
   """q [B, L, N, D], k/v [B, S, K, D], bias float32 broadcastable to [B, N, L, S], keep (dropout's keep mask)
   [B, N, L, S] bool or None -> [B, L, N, D] in q's dtype; scores and softmax in float32.
 
@@ -141,8 +152,13 @@ def _attention_bwd(scale, rate, res, d_out):
   dsq = (ds * scale).astype(qh.dtype)
   dq = _rows_major(jnp.matmul(dsq, k.transpose(0, 2, 1, 3)), lq, n)
   dk = jnp.matmul(dsq.transpose(0, 1, 3, 2), qh).transpose(0, 2, 1, 3)  # [B, S, K, D]
-  return (dq.astype(qh.dtype), dk.astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype),
-          unbroadcast(ds.reshape(b, n, lq, s), bias.shape), None)
+  return (
+    dq.astype(qh.dtype),
+    dk.astype(k.dtype),
+    dv.transpose(0, 2, 1, 3).astype(v.dtype),
+    unbroadcast(ds.reshape(b, n, lq, s), bias.shape),
+    None,
+  )
 
 
 def unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -186,5 +202,8 @@ def auto_microbatches(rows: int, tokens_per_row: int, data_parallel: int = 1) ->
   if jax.default_backend() != "cpu":
     return 1
   per_device = max(rows // data_parallel, 1)
-  return next(m for m in range(1, per_device + 1)
-              if per_device % m == 0 and (rows // m) * tokens_per_row <= CPU_CHUNK_TOKENS or m == per_device)
+  return next(
+    m
+    for m in range(1, per_device + 1)
+    if per_device % m == 0 and (rows // m) * tokens_per_row <= CPU_CHUNK_TOKENS or m == per_device
+  )

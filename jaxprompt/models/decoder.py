@@ -37,8 +37,12 @@ from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots
 log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "gpt2": "GPT2LMHeadModel"}
+_HF_CLASSES = {
+  "llama": "LlamaForCausalLM",
+  "mistral": "MistralForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "gpt2": "GPT2LMHeadModel",
+}
 _INIT_STD = 0.02  # transformers' initializer_range default, for randomly built models
 
 
@@ -78,7 +82,9 @@ class DecoderConfig:
   weight_prefix: str | None = None  # HF key prefix of the body ("model." / "transformer."; "" for bare)
 
   def __post_init__(self):
-    fix = lambda k, v: object.__setattr__(self, k, v)
+    def fix(k, v):
+      return object.__setattr__(self, k, v)
+
     if self.model_type not in FAMILIES:
       raise ModelError(f"DecoderConfig.model_type {self.model_type!r} is not one of {FAMILIES}")
     if self.num_key_value_heads is None:
@@ -86,8 +92,10 @@ class DecoderConfig:
     if self.head_dim is None:
       fix("head_dim", self.hidden_size // self.num_attention_heads)
     if self.num_attention_heads % self.num_key_value_heads:
-      raise ModelError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
-                       f"{self.num_key_value_heads}")
+      raise ModelError(
+        f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+        f"{self.num_key_value_heads}"
+      )
     if self.rope_original_max_position_embeddings is None:
       fix("rope_original_max_position_embeddings", self.max_position_embeddings)
     if isinstance(self.eos_token_id, (list, tuple)):
@@ -111,10 +119,16 @@ class DecoderConfig:
 
   def inv_freq(self) -> np.ndarray:
     """Rotary inverse frequencies [D // 2] (static: computed from the config, never a parameter)."""
-    return L.rope_inv_freq(self.head_dim, self.rope_theta, rope_type=self.rope_type, factor=self.rope_factor,
-                           low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
-                           original_max_positions=self.rope_original_max_position_embeddings,
-                           freq_factors=self.rope_freq_factors)
+    return L.rope_inv_freq(
+      self.head_dim,
+      self.rope_theta,
+      rope_type=self.rope_type,
+      factor=self.rope_factor,
+      low_freq_factor=self.rope_low_freq_factor,
+      high_freq_factor=self.rope_high_freq_factor,
+      original_max_positions=self.rope_original_max_position_embeddings,
+      freq_factors=self.rope_freq_factors,
+    )
 
   # -- HF config.json ---------------------------------------------------------------------------
 
@@ -127,8 +141,13 @@ class DecoderConfig:
       raise ModelError(f"model_type {mt!r} is not a supported decoder; supported: {FAMILIES}")
     kw = _gpt2_fields(hf_cfg) if mt == "gpt2" else _llama_fields(hf_cfg, mt)
     eos = hf_cfg.get("eos_token_id")
-    kw.update(model_type=mt, vocab_size=hf_cfg["vocab_size"], bos_token_id=hf_cfg.get("bos_token_id"),
-              eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf_cfg.get("pad_token_id"))
+    kw.update(
+      model_type=mt,
+      vocab_size=hf_cfg["vocab_size"],
+      bos_token_id=hf_cfg.get("bos_token_id"),
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      pad_token_id=hf_cfg.get("pad_token_id"),
+    )
     tie = bool(hf_cfg.get("tie_word_embeddings", mt == "gpt2"))
     if keys is not None:
       keys = set(keys)
@@ -136,64 +155,114 @@ class DecoderConfig:
       default = "transformer." if mt == "gpt2" else "model."
       kw["weight_prefix"] = default if f"{default}{body}" in keys or body not in keys else ""
       if not tie and "lm_head.weight" not in keys:
-        log.warning("config says the head is untied, but the checkpoint has no lm_head.weight: tying it to the "
-                    "input embedding")
+        log.warning(
+          "config says the head is untied, but the checkpoint has no lm_head.weight: tying it to the input embedding"
+        )
         tie = True
     return cls(**kw, tie_word_embeddings=tie)
 
   def to_hf(self) -> dict[str, Any]:
     """A config.json dict that transformers' *ForCausalLM reads back to this model."""
     mt = self.model_type
-    d: dict[str, Any] = dict(model_type=mt, architectures=[_HF_CLASSES[mt]], vocab_size=self.vocab_size,
-                             tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
-                             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
-                             else self.eos_token_id, pad_token_id=self.pad_token_id)
+    d: dict[str, Any] = dict(
+      model_type=mt,
+      architectures=[_HF_CLASSES[mt]],
+      vocab_size=self.vocab_size,
+      tie_word_embeddings=self.tie_word_embeddings,
+      bos_token_id=self.bos_token_id,
+      eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+      pad_token_id=self.pad_token_id,
+    )
     if self.rope_freq_factors is not None:
       raise ModelError("rope frequency factors from a GGUF file (rope_freqs) have no transformers config field")
-    if mt == "gpt2":
-      _expect(self, dict(norm_type="layer", position_type="learned", gated_mlp=False, qkv_bias=True, out_bias=True,
-                         mlp_bias=True, sliding_windows=None), "gpt2")
-      if self.head_dim * self.num_attention_heads != self.hidden_size or self.num_key_value_heads != self.num_attention_heads:
-        raise ModelError("gpt2 needs head_dim * num_attention_heads == hidden_size and no grouped-query attention")
-      d.update(n_embd=self.hidden_size, n_layer=self.num_hidden_layers, n_head=self.num_attention_heads,
-               n_inner=self.intermediate_size, n_positions=self.max_position_embeddings,
-               activation_function=self.hidden_act, layer_norm_epsilon=self.norm_eps,
-               resid_pdrop=self.dropout_rate, embd_pdrop=self.dropout_rate, attn_pdrop=self.dropout_rate,
-               scale_attn_weights=self.scale_attn_weights)
-      return d
-    _expect(self, dict(norm_type="rms", position_type="rope", gated_mlp=True, scale_attn_weights=True), mt)
-    rope: dict[str, Any] = dict(rope_type=self.rope_type, rope_theta=self.rope_theta)
-    if self.rope_type in ("linear", "llama3"):
-      rope["factor"] = self.rope_factor
-    if self.rope_type == "llama3":
-      rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
-                  original_max_position_embeddings=self.rope_original_max_position_embeddings)
-    d.update(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-             num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
-             max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.norm_eps,
-             rope_parameters=rope, attention_dropout=self.dropout_rate)
-    windows = self.sliding_windows or (0,) * self.num_hidden_layers
-    if mt == "llama":
-      if self.qkv_bias != self.out_bias:
-        raise ModelError("llama's attention_bias covers q, k, v and o together")
-      if any(windows):
-        raise ModelError("llama has no sliding-window attention")
-      d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-    elif mt == "mistral":
-      _expect(self, dict(qkv_bias=False, out_bias=False, mlp_bias=False), mt)
-      if len(set(windows)) != 1:
-        raise ModelError("mistral uses one sliding window for every layer")
-      d.update(sliding_window=windows[0] or None)
-    else:  # qwen2
-      _expect(self, dict(qkv_bias=True, out_bias=False, mlp_bias=False), mt)
-      used = {w for w in windows if w}
-      if len(used) > 1:
-        raise ModelError("qwen2 uses one sliding window size for its sliding layers")
-      d.update(use_sliding_window=bool(used), sliding_window=used.pop() if used else None,
-               layer_types=["sliding_attention" if w else "full_attention" for w in windows],
-               max_window_layers=self.num_hidden_layers)
+    d.update(_gpt2_fields_out(self) if mt == "gpt2" else _llama_fields_out(self, mt))
     return d
+
+
+def _gpt2_fields_out(cfg: DecoderConfig) -> dict[str, Any]:
+  """to_hf's GPT-2 fields (checked: GPT-2 can express this config)."""
+  d: dict[str, Any] = {}
+  _expect(
+    cfg,
+    dict(
+      norm_type="layer",
+      position_type="learned",
+      gated_mlp=False,
+      qkv_bias=True,
+      out_bias=True,
+      mlp_bias=True,
+      sliding_windows=None,
+    ),
+    "gpt2",
+  )
+  if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size or cfg.num_key_value_heads != cfg.num_attention_heads:
+    raise ModelError("gpt2 needs head_dim * num_attention_heads == hidden_size and no grouped-query attention")
+  d.update(
+    n_embd=cfg.hidden_size,
+    n_layer=cfg.num_hidden_layers,
+    n_head=cfg.num_attention_heads,
+    n_inner=cfg.intermediate_size,
+    n_positions=cfg.max_position_embeddings,
+    activation_function=cfg.hidden_act,
+    layer_norm_epsilon=cfg.norm_eps,
+    resid_pdrop=cfg.dropout_rate,
+    embd_pdrop=cfg.dropout_rate,
+    attn_pdrop=cfg.dropout_rate,
+    scale_attn_weights=cfg.scale_attn_weights,
+  )
+  return d
+
+
+def _llama_fields_out(cfg: DecoderConfig, mt: str) -> dict[str, Any]:
+  """to_hf's Llama-family fields (checked: the family can express this config)."""
+  d: dict[str, Any] = {}
+  _expect(cfg, dict(norm_type="rms", position_type="rope", gated_mlp=True, scale_attn_weights=True), mt)
+  rope: dict[str, Any] = dict(rope_type=cfg.rope_type, rope_theta=cfg.rope_theta)
+  if cfg.rope_type in ("linear", "llama3"):
+    rope["factor"] = cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    rope.update(
+      low_freq_factor=cfg.rope_low_freq_factor,
+      high_freq_factor=cfg.rope_high_freq_factor,
+      original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+    )
+  d.update(
+    hidden_size=cfg.hidden_size,
+    intermediate_size=cfg.intermediate_size,
+    num_hidden_layers=cfg.num_hidden_layers,
+    num_attention_heads=cfg.num_attention_heads,
+    num_key_value_heads=cfg.num_key_value_heads,
+    head_dim=cfg.head_dim,
+    hidden_act=cfg.hidden_act,
+    max_position_embeddings=cfg.max_position_embeddings,
+    rms_norm_eps=cfg.norm_eps,
+    rope_parameters=rope,
+    attention_dropout=cfg.dropout_rate,
+  )
+  windows = cfg.sliding_windows or (0,) * cfg.num_hidden_layers
+  if mt == "llama":
+    if cfg.qkv_bias != cfg.out_bias:
+      raise ModelError("llama's attention_bias covers q, k, v and o together")
+    if any(windows):
+      raise ModelError("llama has no sliding-window attention")
+    d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  elif mt == "mistral":
+    _expect(cfg, dict(qkv_bias=False, out_bias=False, mlp_bias=False), mt)
+    if len(set(windows)) != 1:
+      raise ModelError("mistral uses one sliding window for every layer")
+    d.update(sliding_window=windows[0] or None)
+  else:  # qwen2
+    _expect(cfg, dict(qkv_bias=True, out_bias=False, mlp_bias=False), mt)
+    used = {w for w in windows if w}
+    if len(used) > 1:
+      raise ModelError("qwen2 uses one sliding window size for its sliding layers")
+    d.update(
+      use_sliding_window=bool(used),
+      sliding_window=used.pop() if used else None,
+      layer_types=["sliding_attention" if w else "full_attention" for w in windows],
+      max_window_layers=cfg.num_hidden_layers,
+    )
+  return d
 
 
 def _expect(cfg: DecoderConfig, want: dict, family: str):
@@ -218,21 +287,35 @@ def _llama_fields(c: dict, mt: str) -> dict:
   elif mt == "qwen2":
     sw = c.get("sliding_window") if c.get("use_sliding_window", False) else None
     types = c.get("layer_types") or [
-        "sliding_attention" if sw and i >= c.get("max_window_layers", 28) else "full_attention" for i in range(y)]
+      "sliding_attention" if sw and i >= c.get("max_window_layers", 28) else "full_attention" for i in range(y)
+    ]
     windows = tuple((sw or 0) if t == "sliding_attention" else 0 for t in types)
   bias = bool(c.get("attention_bias", False))
   return dict(
-      hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"], num_hidden_layers=y,
-      num_attention_heads=c["num_attention_heads"], num_key_value_heads=c.get("num_key_value_heads"),
-      head_dim=c.get("head_dim"), hidden_act=c.get("hidden_act", "silu"), gated_mlp=True, norm_type="rms",
-      norm_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=True if mt == "qwen2" else bias,
-      out_bias=bias if mt == "llama" else False, mlp_bias=bool(c.get("mlp_bias", False)) if mt == "llama" else False,
-      position_type="rope", max_position_embeddings=c.get("max_position_embeddings", 2048),
-      rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)), rope_type=rope_type,
-      rope_factor=rope.get("factor", 1.0), rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
-      rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
-      rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
-      sliding_windows=windows, dropout_rate=float(c.get("attention_dropout", 0.0) or 0.0))
+    hidden_size=c["hidden_size"],
+    intermediate_size=c["intermediate_size"],
+    num_hidden_layers=y,
+    num_attention_heads=c["num_attention_heads"],
+    num_key_value_heads=c.get("num_key_value_heads"),
+    head_dim=c.get("head_dim"),
+    hidden_act=c.get("hidden_act", "silu"),
+    gated_mlp=True,
+    norm_type="rms",
+    norm_eps=c.get("rms_norm_eps", 1e-6),
+    qkv_bias=True if mt == "qwen2" else bias,
+    out_bias=bias if mt == "llama" else False,
+    mlp_bias=bool(c.get("mlp_bias", False)) if mt == "llama" else False,
+    position_type="rope",
+    max_position_embeddings=c.get("max_position_embeddings", 2048),
+    rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+    rope_type=rope_type,
+    rope_factor=rope.get("factor", 1.0),
+    rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+    rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+    rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"),
+    sliding_windows=windows,
+    dropout_rate=float(c.get("attention_dropout", 0.0) or 0.0),
+  )
 
 
 def _gpt2_fields(c: dict) -> dict:
@@ -241,11 +324,22 @@ def _gpt2_fields(c: dict) -> dict:
       raise ModelError(f"gpt2 with {flag}=true is not supported")
   h = c.get("n_embd", c.get("hidden_size"))
   return dict(
-      hidden_size=h, intermediate_size=c.get("n_inner") or 4 * h, num_hidden_layers=c.get("n_layer"),
-      num_attention_heads=c.get("n_head"), hidden_act=c.get("activation_function", "gelu_new"), gated_mlp=False,
-      norm_type="layer", norm_eps=c.get("layer_norm_epsilon", 1e-5), qkv_bias=True, out_bias=True, mlp_bias=True,
-      position_type="learned", max_position_embeddings=c.get("n_positions", 1024),
-      scale_attn_weights=c.get("scale_attn_weights", True), dropout_rate=float(c.get("resid_pdrop", 0.1)))
+    hidden_size=h,
+    intermediate_size=c.get("n_inner") or 4 * h,
+    num_hidden_layers=c.get("n_layer"),
+    num_attention_heads=c.get("n_head"),
+    hidden_act=c.get("activation_function", "gelu_new"),
+    gated_mlp=False,
+    norm_type="layer",
+    norm_eps=c.get("layer_norm_epsilon", 1e-5),
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+    position_type="learned",
+    max_position_embeddings=c.get("n_positions", 1024),
+    scale_attn_weights=c.get("scale_attn_weights", True),
+    dropout_rate=float(c.get("resid_pdrop", 0.1)),
+  )
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -257,8 +351,16 @@ class DecoderBlock(nnx.Module):
   def __init__(self, cfg: DecoderConfig, *, rngs, param_dtype):
     y, h = cfg.num_hidden_layers, cfg.hidden_size
     init = dict(rngs=rngs, param_dtype=param_dtype, std_in=_INIT_STD, std_out=_INIT_STD)
-    self.attn = L.StackedAttention(y, h, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                                   qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, **init)
+    self.attn = L.StackedAttention(
+      y,
+      h,
+      cfg.num_attention_heads,
+      cfg.num_key_value_heads,
+      cfg.head_dim,
+      qkv_bias=cfg.qkv_bias,
+      out_bias=cfg.out_bias,
+      **init,
+    )
     self.attn_norm = L.param(jnp.ones((y, h), param_dtype), ("layers", "embed"))
     self.mlp = L.StackedMLP(y, h, cfg.intermediate_size, cfg.gated_mlp, bias=cfg.mlp_bias, **init)
     self.mlp_norm = L.param(jnp.ones((y, h), param_dtype), ("layers", "embed"))
@@ -290,8 +392,9 @@ class Decoder(FrozenLM):
     h, v = cfg.hidden_size, cfg.vocab_size
     self.embed_tokens = L.param(L.normal_init(rngs, (v, h), _INIT_STD, param_dtype), ("vocab", "embed"))
     if cfg.position_type == "learned":
-      self.embed_positions = L.param(L.normal_init(rngs, (cfg.max_position_embeddings, h), _INIT_STD, param_dtype),
-                                     ("positions", "embed"))
+      self.embed_positions = L.param(
+        L.normal_init(rngs, (cfg.max_position_embeddings, h), _INIT_STD, param_dtype), ("positions", "embed")
+      )
     self.layers = DecoderBlock(cfg, rngs=rngs, param_dtype=param_dtype)
     self.final_norm = L.param(jnp.ones((h,), param_dtype), ("embed",))
     if cfg.norm_type == "layer":
@@ -308,24 +411,32 @@ class Decoder(FrozenLM):
   def embedding_table(self) -> jax.Array:
     return self.embed_tokens[...]
 
-  def hidden(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *, prefix_kv=None,
-             dropout_rng=None) -> jax.Array:
+  def hidden(
+    self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *, prefix_kv=None, dropout_rng=None
+  ) -> jax.Array:
     """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary); arguments as `__call__`, and
     `prefix_kv` (keys, values) [Y, B, P, K, D]: P slots in front of every layer's keys, the tokens at P.."""
     x, attention_mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds)
-    b, l = x.shape[:2]
+    b, n = x.shape[:2]
     pk = 0 if prefix_kv is None else prefix_kv[0].shape[2]
     if positions is None:
-      positions = pk + jnp.arange(l)
-    positions = jnp.broadcast_to(positions, (b, l))
+      positions = pk + jnp.arange(n)
+    positions = jnp.broadcast_to(positions, (b, n))
     if pk:
       attention_mask = jnp.concatenate([jnp.ones((b, pk), attention_mask.dtype), attention_mask], axis=1)
-    h, _ = self._run(x, positions=positions, key_mask=attention_mask, q_index=pk + jnp.arange(l),
-                     kv=KV.source(prefix_kv), dropout_rng=dropout_rng)
+    h, _ = self._run(
+      x,
+      positions=positions,
+      key_mask=attention_mask,
+      q_index=pk + jnp.arange(n),
+      kv=KV.source(prefix_kv),
+      dropout_rng=dropout_rng,
+    )
     return h
 
-  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
-               dropout_rng=None) -> jax.Array:
+  def __call__(
+    self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *, dropout_rng=None
+  ) -> jax.Array:
     """-> logits [B, L, V] float32. `inputs_embeds` [B, L, H] replaces the lookup; `positions` [B, L] or [L]
     defaults to 0..L-1; `attention_mask` [B, L] (1 = real token) masks padded keys."""
     return self.logits(self.hidden(input_ids, attention_mask, inputs_embeds, positions, dropout_rng=dropout_rng))
@@ -367,16 +478,26 @@ class Decoder(FrozenLM):
       # transformers' sliding window: key slot > query slot - window
       ok = allowed & ((w == 0) | (distance < w))[None, None]
       bias = jnp.where(ok, 0.0, L.MASK_VALUE).astype(jnp.float32)  # [B, 1, L, S]
-      o, written = KV.self_attention(p["attn"], self._norm(x, p, "attn_norm"), xs["kv"], bias=bias, scale=scale,
-                                     index=index, rope=rope, dropout_rate=rate, dropout_rng=r[0],
-                                     implementation=self.attention)
+      o, written = KV.self_attention(
+        p["attn"],
+        self._norm(x, p, "attn_norm"),
+        xs["kv"],
+        bias=bias,
+        scale=scale,
+        index=index,
+        rope=rope,
+        dropout_rate=rate,
+        dropout_rng=r[0],
+        implementation=self.attention,
+      )
       x = x + L.dropout(o, rate, r[1])
       h = self._norm(x, p, "mlp_norm")
       return x + L.dropout(L.mlp(h, p["mlp"], act), rate, r[2]), written
 
     # cached steps stay a scan: unrolled, every layer's cache update becomes a copy of the whole cache
-    x, written = L.scan_layers(layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer,
-                               loop="scan" if cached else self.layer_loop)
+    x, written = L.scan_layers(
+      layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer, loop="scan" if cached else self.layer_loop
+    )
     p = dict(final_norm=self.final_norm[...])
     if cfg.norm_type == "layer":
       p["final_norm_bias"] = self.final_norm_bias[...]
@@ -384,8 +505,9 @@ class Decoder(FrozenLM):
 
   # -- prompted entry points (models.interface.PromptableLM) ------------------------------------
 
-  def shared_prompt(self, prefix: Prefix | None, batch_size: int, dropout_rng=None
-                    ) -> tuple[Prefix | None, jax.Array | None]:
+  def shared_prompt(
+    self, prefix: Prefix | None, batch_size: int, dropout_rng=None
+  ) -> tuple[Prefix | None, jax.Array | None]:
     """A soft prompt the same for every row ([1, P, H] embeddings) is, under causal attention, the same P hidden
     states, keys and values in every row: run it once (batch 1, positions 0..P-1) and hand the rows its keys and
     values as a key/value prefix — exactly the per-row computation without P extra tokens per row through every
@@ -398,9 +520,15 @@ class Decoder(FrozenLM):
     if prefix is None or prefix.embeds is None or prefix.length == 0 or not self.options.share_prompt:
       return prefix, None
     banked = prefix.bank_ids is not None and prefix.bank.shape[0] < batch_size
-    per_row = ("dropout touches the prompt positions" if dropout_rng is not None and self.config.dropout_rate else
-               "each row has its own prompt" if prefix.embeds.shape[0] != 1 and batch_size > 1 and not banked else
-               "a key/value prefix is present" if prefix.keys is not None else None)
+    per_row = (
+      "dropout touches the prompt positions"
+      if dropout_rng is not None and self.config.dropout_rate
+      else "each row has its own prompt"
+      if prefix.embeds.shape[0] != 1 and batch_size > 1 and not banked
+      else "a key/value prefix is present"
+      if prefix.keys is not None
+      else None
+    )
     if per_row:
       _log_once(f"soft prompt run per row (not shared across the batch): {per_row}")
       return prefix, None
@@ -413,9 +541,17 @@ class Decoder(FrozenLM):
     ids = prefix.bank_ids
     return Prefix(keys=cache.k[:, ids], values=cache.v[:, ids]), h[ids, -1]
 
-
-  def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
-              inputs_embeds=None, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
+  def forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    decoder_input_ids=None,
+    decoder_attention_mask=None,
+    *,
+    inputs_embeds=None,
+    prefix: Prefix | None = None,
+    dropout_rng=None,
+  ) -> jax.Array:
     """-> logits [B, P + L, V] float32 with positions 0..P+L-1 (prefix embedding positions included, as PEFT
     returns; a key/value prefix takes no positions in the output)."""
     if decoder_input_ids is not None or decoder_attention_mask is not None:
@@ -470,11 +606,11 @@ class Decoder(FrozenLM):
     for cont in conts:
       ids, mask = gold if cont is None else (jnp.tile(cont[0], (b, 1)), jnp.tile(cont[1], (b, 1)))
       r, t = ids.shape[0] // b, ids.shape[1]
-      rows = jax.tree.map(lambda a: L.repeat_rows(a, r, axis=_batch_axis(a)), cache)
+      rows = jax.tree.map(lambda a, r=r: L.repeat_rows(a, r, axis=_batch_axis(a)), cache)
       # token 0 follows the input's last real slot (or a prompt's last slot after an empty input), as in training
       logits = L.repeat_rows(first, r)[:, None]
       if t > 1:
-        h, _ = self._extend(rows, self.embed(ids[:, :t - 1]), rows.next_pos[:, None] + jnp.arange(t - 1), rows.start)
+        h, _ = self._extend(rows, self.embed(ids[:, : t - 1]), rows.next_pos[:, None] + jnp.arange(t - 1), rows.start)
         logits = jnp.concatenate([logits, self.logits(h)], axis=1)
       out.append((logits, mask) if cont is None else L.sequence_logprob(logits, ids, mask).reshape(b, r))
     return out
@@ -482,8 +618,12 @@ class Decoder(FrozenLM):
   def prefix_slots(self) -> PrefixSlots:
     # PEFT (#1901): with num_key_value_heads the prefix has K heads of head_dim (config.head_dim when set)
     c = self.config
-    return PrefixSlots(layers=c.num_hidden_layers, heads=c.num_key_value_heads, head_dim=c.head_dim,
-                       layer_of=tuple(range(c.num_hidden_layers)))
+    return PrefixSlots(
+      layers=c.num_hidden_layers,
+      heads=c.num_key_value_heads,
+      head_dim=c.head_dim,
+      layer_of=tuple(range(c.num_hidden_layers)),
+    )
 
   # -- cached decoding -------------------------------------------------------------------------
 
@@ -491,12 +631,23 @@ class Decoder(FrozenLM):
     """An empty KV cache: k/v [Y, B, S, K, D] in the compute dtype, every slot masked."""
     c = self.config
     shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
-    return DecoderCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
-                        key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
-                        next_pos=jnp.zeros((batch_size,), jnp.int32))
+    return DecoderCache(
+      k=jnp.zeros(shape, self.dtype),
+      v=jnp.zeros(shape, self.dtype),
+      key_mask=jnp.zeros((batch_size, max_length), jnp.int32),
+      next_pos=jnp.zeros((batch_size,), jnp.int32),
+    )
 
-  def prefill(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, prefix: Prefix | None = None,
-              max_new_tokens: int, num_beams: int = 1) -> tuple[jax.Array, DecoderCache]:
+  def prefill(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    *,
+    inputs_embeds=None,
+    prefix: Prefix | None = None,
+    max_new_tokens: int,
+    num_beams: int = 1,
+  ) -> tuple[jax.Array, DecoderCache]:
     """Masked slots may sit anywhere in the prefix (left padding, a soft prompt before the padding, an empty
     input after a prompt); every row needs one real slot. The prefix runs once into a cache of L + T slots, the
     first new token comes from each row's last real slot, and positions count real slots only (cumsum of the
@@ -506,19 +657,19 @@ class Decoder(FrozenLM):
     b0 = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
     prefix, shared_last = self.shared_prompt(prefix, b0)
     x, mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
-    b, l = mask.shape
+    b, n = mask.shape
     w, pk = num_beams, 0 if prefix is None else prefix.kv_length
     key_mask = jnp.concatenate([jnp.ones((b, pk), mask.dtype), mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
-    cache = self.init_cache(b, pk + l + max_new_tokens).replace(key_mask=key_mask)  # [B, S] slots
+    cache = self.init_cache(b, pk + n + max_new_tokens).replace(key_mask=key_mask)  # [B, S] slots
     k, v = KV.fill_prefix(cache.k, cache.v, prefix, b)
     cache = cache.replace(k=k, v=v)
     h, cache = self._extend(cache, x, pk + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), pk)
-    last = l - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
+    last = n - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
     h_last = h[jnp.arange(b), last]
     if shared_last is not None:  # an empty input after a shared prompt: its first token follows the prompt
       h_last = jnp.where(jnp.any(mask > 0, axis=1)[:, None], h_last, shared_last.astype(h.dtype))
     logits0 = self.logits(h_last[:, None])[:, 0]
-    cache = cache.replace(next_pos=pk + jnp.sum(mask, axis=1), start=pk + l)
+    cache = cache.replace(next_pos=pk + jnp.sum(mask, axis=1), start=pk + n)
     return L.repeat_rows(logits0, w), jax.tree.map(lambda a: L.repeat_rows(a, w, axis=_batch_axis(a)), cache)
 
   def decode_step(self, cache: DecoderCache, tokens: jax.Array, t) -> tuple[jax.Array, DecoderCache]:
@@ -528,13 +679,20 @@ class Decoder(FrozenLM):
   def _extend(self, cache: DecoderCache, x: jax.Array, positions: jax.Array, index) -> tuple[jax.Array, DecoderCache]:
     """Run l new tokens [B, l, H] (positions [B, l]) at cache slots index..index+l-1 -> (final hidden states
     [B, l, H], the cache with their k/v)."""
-    h, written = self._run(x.astype(self.dtype), positions=positions, key_mask=cache.key_mask,
-                           q_index=index + jnp.arange(x.shape[1]), kv=KV.Cached(cache.k, cache.v), index=index)
+    h, written = self._run(
+      x.astype(self.dtype),
+      positions=positions,
+      key_mask=cache.key_mask,
+      q_index=index + jnp.arange(x.shape[1]),
+      kv=KV.Cached(cache.k, cache.v),
+      index=index,
+    )
     return h, cache.replace(k=written.keys, v=written.values)
 
   def reorder_cache(self, cache: DecoderCache, origin: jax.Array) -> DecoderCache:
-    return cache.replace(k=cache.k[:, origin], v=cache.v[:, origin], key_mask=cache.key_mask[origin],
-                         next_pos=cache.next_pos[origin])
+    return cache.replace(
+      k=cache.k[:, origin], v=cache.v[:, origin], key_mask=cache.key_mask[origin], next_pos=cache.next_pos[origin]
+    )
 
 
 _LOGGED: set[str] = set()
@@ -557,8 +715,11 @@ def _batch_axis(a) -> int:
 
 def _conv1d(k: int):
   """GPT-2 Conv1D weight [in, out] -> ours [in dims (k of them)..., out dims...]: a reshape."""
-  return (lambda s: (math.prod(s[:k]), math.prod(s[k:])), lambda w, s: w.reshape(s),
-          lambda a: np.ascontiguousarray(a.reshape(math.prod(a.shape[:k]), -1)))
+  return (
+    lambda s: (math.prod(s[:k]), math.prod(s[k:])),
+    lambda w, s: w.reshape(s),
+    lambda a: np.ascontiguousarray(a.reshape(math.prod(a.shape[:k]), -1)),
+  )
 
 
 def _fused_weight(part: int, parts: int = 3):
@@ -566,7 +727,7 @@ def _fused_weight(part: int, parts: int = 3):
 
   def to_ours(w, s):
     n = math.prod(s[1:])
-    return w[:, part * n:(part + 1) * n].reshape(s)
+    return w[:, part * n : (part + 1) * n].reshape(s)
 
   return (lambda s: (s[0], parts * math.prod(s[1:])), to_ours, lambda a: a.reshape(a.shape[0], -1))
 
@@ -576,7 +737,7 @@ def _fused_bias(part: int, parts: int = 3):
 
   def to_ours(w, s):
     n = math.prod(s)
-    return w[part * n:(part + 1) * n].reshape(s)
+    return w[part * n : (part + 1) * n].reshape(s)
 
   return (lambda s: (parts * math.prod(s),), to_ours, lambda a: a.reshape(-1))
 
@@ -599,9 +760,11 @@ def _llama_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
     m.append((f"layers.mlp.{ours}", f"{blk}.mlp.{theirs}.weight", "linear"))
     if cfg.mlp_bias:
       m.append((f"layers.mlp.{ours.replace('w', 'b')}", f"{blk}.mlp.{theirs}.bias", "copy"))
-  m += [("layers.attn_norm", f"{blk}.input_layernorm.weight", "copy"),
-        ("layers.mlp_norm", f"{blk}.post_attention_layernorm.weight", "copy"),
-        ("final_norm", f"{P}norm.weight", "copy")]
+  m += [
+    ("layers.attn_norm", f"{blk}.input_layernorm.weight", "copy"),
+    ("layers.mlp_norm", f"{blk}.post_attention_layernorm.weight", "copy"),
+    ("final_norm", f"{P}norm.weight", "copy"),
+  ]
   return m
 
 
@@ -610,14 +773,18 @@ def _gpt2_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
   blk = f"{P}h.{{i}}"
   m = [("embed_tokens", f"{P}wte.weight", "copy"), ("embed_positions", f"{P}wpe.weight", "copy")]
   for p in "qkv":
-    m += [(f"layers.attn.{p}", f"{blk}.attn.c_attn.weight", f"c_attn_{p}"),
-          (f"layers.attn.{p}_bias", f"{blk}.attn.c_attn.bias", f"c_attn_bias_{p}")]
-  m += [("layers.attn.o", f"{blk}.attn.c_proj.weight", "conv1d_out"),
-        ("layers.attn.o_bias", f"{blk}.attn.c_proj.bias", "copy"),
-        ("layers.mlp.wi", f"{blk}.mlp.c_fc.weight", "copy"),  # Conv1D [H, F] is already ours
-        ("layers.mlp.bi", f"{blk}.mlp.c_fc.bias", "copy"),
-        ("layers.mlp.wo", f"{blk}.mlp.c_proj.weight", "copy"),
-        ("layers.mlp.bo", f"{blk}.mlp.c_proj.bias", "copy")]
+    m += [
+      (f"layers.attn.{p}", f"{blk}.attn.c_attn.weight", f"c_attn_{p}"),
+      (f"layers.attn.{p}_bias", f"{blk}.attn.c_attn.bias", f"c_attn_bias_{p}"),
+    ]
+  m += [
+    ("layers.attn.o", f"{blk}.attn.c_proj.weight", "conv1d_out"),
+    ("layers.attn.o_bias", f"{blk}.attn.c_proj.bias", "copy"),
+    ("layers.mlp.wi", f"{blk}.mlp.c_fc.weight", "copy"),  # Conv1D [H, F] is already ours
+    ("layers.mlp.bi", f"{blk}.mlp.c_fc.bias", "copy"),
+    ("layers.mlp.wo", f"{blk}.mlp.c_proj.weight", "copy"),
+    ("layers.mlp.bo", f"{blk}.mlp.c_proj.bias", "copy"),
+  ]
   for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
     m += [(f"layers.{ours}", f"{blk}.{theirs}.weight", "copy"), (f"layers.{ours}_bias", f"{blk}.{theirs}.bias", "copy")]
   m += [("final_norm", f"{P}ln_f.weight", "copy"), ("final_norm_bias", f"{P}ln_f.bias", "copy")]
@@ -643,6 +810,7 @@ def hf_aliases(cfg: DecoderConfig) -> tuple[str, ...]:
   out = ("lm_head.weight",) if cfg.tie_word_embeddings else ()  # a stored copy of the tied head
   if cfg.model_type == "gpt2":
     # causal-mask buffers older GPT-2 checkpoints saved (transformers ignores them too)
-    out += tuple(f"{cfg.weight_prefix}h.{i}.attn.{b}" for i in range(cfg.num_hidden_layers)
-                 for b in ("bias", "masked_bias"))
+    out += tuple(
+      f"{cfg.weight_prefix}h.{i}.attn.{b}" for i in range(cfg.num_hidden_layers) for b in ("bias", "masked_bias")
+    )
   return out

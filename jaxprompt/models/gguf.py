@@ -115,43 +115,62 @@ def config_from_gguf(f: GGUFFile) -> DecoderConfig:
   arch = f.field("general.architecture")
   if arch not in _ARCHITECTURES:
     raise ModelError(f"{f.path}: GGUF architecture {arch!r} is not supported; supported: {_ARCHITECTURES}")
-  a = lambda key, default=None: f.field(f"{arch}.{key}", default)
+
+  def a(key, default=None):
+    return f.field(f"{arch}.{key}", default)
+
   hidden, heads = a("embedding_length"), a("attention.head_count")
   head_dim = a("attention.key_length") or hidden // heads
   rope_dim = a("rope.dimension_count", head_dim)
   if rope_dim != head_dim:
-    raise ModelError(f"{f.path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head dim {head_dim}) "
-                     "are not supported")
+    raise ModelError(
+      f"{f.path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head dim {head_dim}) are not supported"
+    )
   scaling = a("rope.scaling.type", "none")
   if scaling not in ("none", "linear"):
     raise ModelError(f"{f.path}: rope scaling {scaling!r} is not supported (none, linear; llama3 via rope_freqs)")
   keys = set(f.keys())
-  freq_factors = tuple(np.asarray(f.get("rope_freqs.weight"), np.float32).tolist()) if "rope_freqs.weight" in keys else None
+  freq_factors = (
+    tuple(np.asarray(f.get("rope_freqs.weight"), np.float32).tolist()) if "rope_freqs.weight" in keys else None
+  )
   eos = f.field("tokenizer.ggml.eos_token_id")
   return DecoderConfig(
-      model_type="llama", vocab_size=f.shape("token_embd.weight")[0], hidden_size=hidden,
-      intermediate_size=a("feed_forward_length"), num_hidden_layers=a("block_count"), num_attention_heads=heads,
-      num_key_value_heads=a("attention.head_count_kv", heads), head_dim=head_dim,
-      norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5), max_position_embeddings=a("context_length", 2048),
-      rope_theta=a("rope.freq_base", 10000.0), rope_type="linear" if scaling == "linear" else "default",
-      rope_factor=a("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0, rope_freq_factors=freq_factors,
-      tie_word_embeddings="output.weight" not in keys, bos_token_id=f.field("tokenizer.ggml.bos_token_id"),
-      eos_token_id=eos, pad_token_id=f.field("tokenizer.ggml.padding_token_id"))
+    model_type="llama",
+    vocab_size=f.shape("token_embd.weight")[0],
+    hidden_size=hidden,
+    intermediate_size=a("feed_forward_length"),
+    num_hidden_layers=a("block_count"),
+    num_attention_heads=heads,
+    num_key_value_heads=a("attention.head_count_kv", heads),
+    head_dim=head_dim,
+    norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5),
+    max_position_embeddings=a("context_length", 2048),
+    rope_theta=a("rope.freq_base", 10000.0),
+    rope_type="linear" if scaling == "linear" else "default",
+    rope_factor=a("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0,
+    rope_freq_factors=freq_factors,
+    tie_word_embeddings="output.weight" not in keys,
+    bos_token_id=f.field("tokenizer.ggml.bos_token_id"),
+    eos_token_id=eos,
+    pad_token_id=f.field("tokenizer.ggml.padding_token_id"),
+  )
 
 
 def gguf_weight_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
   blk = "blk.{i}"
-  m = [("embed_tokens", "token_embd.weight", "copy"),
-       ("layers.attn.q", f"{blk}.attn_q.weight", "gguf_rope"),
-       ("layers.attn.k", f"{blk}.attn_k.weight", "gguf_rope"),
-       ("layers.attn.v", f"{blk}.attn_v.weight", "linear"),
-       ("layers.attn.o", f"{blk}.attn_output.weight", "linear_out"),
-       ("layers.attn_norm", f"{blk}.attn_norm.weight", "copy"),
-       ("layers.mlp.wi_0", f"{blk}.ffn_gate.weight", "linear"),
-       ("layers.mlp.wi_1", f"{blk}.ffn_up.weight", "linear"),
-       ("layers.mlp.wo", f"{blk}.ffn_down.weight", "linear"),
-       ("layers.mlp_norm", f"{blk}.ffn_norm.weight", "copy"),
-       ("final_norm", "output_norm.weight", "copy")]
+  m = [
+    ("embed_tokens", "token_embd.weight", "copy"),
+    ("layers.attn.q", f"{blk}.attn_q.weight", "gguf_rope"),
+    ("layers.attn.k", f"{blk}.attn_k.weight", "gguf_rope"),
+    ("layers.attn.v", f"{blk}.attn_v.weight", "linear"),
+    ("layers.attn.o", f"{blk}.attn_output.weight", "linear_out"),
+    ("layers.attn_norm", f"{blk}.attn_norm.weight", "copy"),
+    ("layers.mlp.wi_0", f"{blk}.ffn_gate.weight", "linear"),
+    ("layers.mlp.wi_1", f"{blk}.ffn_up.weight", "linear"),
+    ("layers.mlp.wo", f"{blk}.ffn_down.weight", "linear"),
+    ("layers.mlp_norm", f"{blk}.ffn_norm.weight", "copy"),
+    ("final_norm", "output_norm.weight", "copy"),
+  ]
   if not cfg.tie_word_embeddings:
     m.append(("lm_head", "output.weight", "linear"))
   return m
@@ -165,8 +184,9 @@ def open_checkpoint(path: str | os.PathLike) -> hf.Checkpoint:
   """A llama.cpp-style Llama GGUF file, ready for the strict loader (`jaxprompt.load_model` loads it)."""
   f = GGUFFile(path)
   config = config_from_gguf(f)
-  identity = hf.ModelIdentity(path=str(path), revision=None, model_type=config.model_type,
-                              fingerprint=hf.config_fingerprint(f.scalar_metadata()))
+  identity = hf.ModelIdentity(
+    path=str(path), revision=None, model_type=config.model_type, fingerprint=hf.config_fingerprint(f.scalar_metadata())
+  )
   return hf.Checkpoint(f, config, gguf_weight_map(config), _CONFIG_TENSORS, identity, str(f.path))
 
 
@@ -195,23 +215,31 @@ def load_gguf_tokenizer(path: str | os.PathLike):
   types = f.field("tokenizer.ggml.token_type") or [1] * len(tokens)
   ids = {name: f.field(f"tokenizer.ggml.{name}_token_id") for name in ("unknown", "bos", "eos", "padding")}
   proto = spm_pb.ModelProto()
-  for piece, score, kind_id in zip(tokens, scores, types):
+  for piece, score, kind_id in zip(tokens, scores, types, strict=False):
     # GGUF token types use SentencePiece's numbering (1 normal, 2 unknown, 3 control, 4 user, 5 unused, 6 byte)
     proto.pieces.add(piece=piece, score=float(score), type=int(kind_id))
   t = proto.trainer_spec
   t.model_type = spm_pb.TrainerSpec.BPE
   t.vocab_size = len(tokens)
   t.byte_fallback = 6 in set(types)
-  t.unk_id, t.bos_id, t.eos_id, t.pad_id = (-1 if ids[k] is None else ids[k] for k in ("unknown", "bos", "eos", "padding"))
+  t.unk_id, t.bos_id, t.eos_id, t.pad_id = (
+    -1 if ids[k] is None else ids[k] for k in ("unknown", "bos", "eos", "padding")
+  )
   n = proto.normalizer_spec
   n.name = "identity"
   n.add_dummy_prefix = bool(f.field("tokenizer.ggml.add_space_prefix", True))
   n.remove_extra_whitespaces = False
   n.escape_whitespaces = True
-  special = {f"{k}_token": tokens[i] for k, i in (("unk", ids["unknown"]), ("bos", ids["bos"]), ("eos", ids["eos"]),
-                                                 ("pad", ids["padding"])) if i is not None}
+  special = {
+    f"{k}_token": tokens[i]
+    for k, i in (("unk", ids["unknown"]), ("bos", ids["bos"]), ("eos", ids["eos"]), ("pad", ids["padding"]))
+    if i is not None
+  }
   with tempfile.TemporaryDirectory() as tmp:
     (Path(tmp) / "tokenizer.model").write_bytes(proto.SerializeToString())
     return LlamaTokenizer.from_pretrained(
-        tmp, add_bos_token=bool(f.field("tokenizer.ggml.add_bos_token", True)),
-        add_eos_token=bool(f.field("tokenizer.ggml.add_eos_token", False)), **special)
+      tmp,
+      add_bos_token=bool(f.field("tokenizer.ggml.add_bos_token", True)),
+      add_eos_token=bool(f.field("tokenizer.ggml.add_eos_token", False)),
+      **special,
+    )

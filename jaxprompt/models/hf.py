@@ -34,8 +34,16 @@ from jaxprompt.errors import MissingPathError, WeightError
 # -- safetensors (memory-mapped) -----------------------------------------------------------------
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 
@@ -55,6 +63,13 @@ class SafetensorsFile:
     self._offset = 8 + n
     self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if os.path.getsize(self.path) > self._offset else None
 
+  def __iter__(self):
+    """The tensor names (as `keys()`)."""
+    return iter(self.keys())
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.keys()
+
   def keys(self) -> list[str]:
     return list(self._header)
 
@@ -70,7 +85,7 @@ class SafetensorsFile:
     shape = tuple(info["shape"])
     if math.prod(shape) == 0:
       return np.zeros(shape, dtype)
-    raw = self._mm[self._offset + start: self._offset + end]
+    raw = self._mm[self._offset + start : self._offset + end]
     return raw.view(dtype).reshape(shape)
 
 
@@ -117,12 +132,13 @@ class CheckpointReader:
         self._where[key] = files[fname]
     elif single.exists():
       f = SafetensorsFile(single)
-      self._where = {k: f for k in f.keys()}
+      self._where = {k: f for k in f}
     elif (folder / "pytorch_model.bin").exists():
       if not allow_pytorch_bin:
         raise WeightError(
-            f"{folder} has only pytorch_model.bin (a pickle); convert it to safetensors, or opt in with "
-            "allow_pytorch_bin=True (loaded with torch.load(weights_only=True))")
+          f"{folder} has only pytorch_model.bin (a pickle); convert it to safetensors, or opt in with "
+          "allow_pytorch_bin=True (loaded with torch.load(weights_only=True))"
+        )
       import torch  # only for this explicit opt-in
 
       sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
@@ -146,8 +162,9 @@ class CheckpointReader:
         if target in stored:
           out[name] = target
         elif "." in name and "." in target and target.rsplit(".", 1)[-1] in suffixes:
-          raise WeightError(f"{f.path}: safetensors metadata aliases tensor {name!r} to {target!r}, "
-                            "which the checkpoint does not hold")
+          raise WeightError(
+            f"{f.path}: safetensors metadata aliases tensor {name!r} to {target!r}, which the checkpoint does not hold"
+          )
     return out
 
   def keys(self) -> list[str]:
@@ -177,8 +194,10 @@ class TiedNames:
         continue
       for other in stored[1:]:
         if not _same_tensor(reader, stored[0], other):
-          raise WeightError(f"{source}: tied tensors {stored[0]!r} and {other!r} are both stored and hold "
-                            "different values (one tensor is expected under both names)")
+          raise WeightError(
+            f"{source}: tied tensors {stored[0]!r} and {other!r} are both stored and hold "
+            "different values (one tensor is expected under both names)"
+          )
       self._to.update({n: stored[0] for n in group})
 
   def keys(self) -> list[str]:
@@ -198,7 +217,7 @@ def _same_tensor(reader, a: str, b: str, rows: int = 4096) -> bool:
   x, y = reader.get(a), reader.get(b)
   if x.ndim == 0:
     return bool(np.array_equal(x, y))
-  return all(np.array_equal(x[i:i + rows], y[i:i + rows]) for i in range(0, x.shape[0], rows))
+  return all(np.array_equal(x[i : i + rows], y[i : i + rows]) for i in range(0, x.shape[0], rows))
 
 
 # -- transforms: HF layout -> ours, as views ------------------------------------------------------
@@ -226,10 +245,10 @@ def _copy_hf_shape(s):
 
 
 TRANSFORMS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "copy": (_copy_hf_shape, lambda w, s: w.reshape(s), lambda a: np.asarray(a)),
-    "flat": (lambda s: (math.prod(s),), lambda w, s: w.reshape(s), lambda a: np.asarray(a).reshape(-1)),
-    "linear": _linear(1),
-    "linear_out": _linear(2),
+  "copy": (_copy_hf_shape, lambda w, s: w.reshape(s), lambda a: np.asarray(a)),
+  "flat": (lambda s: (math.prod(s),), lambda w, s: w.reshape(s), lambda a: np.asarray(a).reshape(-1)),
+  "linear": _linear(1),
+  "linear_out": _linear(2),
 }
 
 
@@ -238,8 +257,9 @@ TRANSFORMS: dict[str, tuple[Callable, Callable, Callable]] = {
 FUSE_AXES: dict[str, int] = {}
 
 
-def register_transform(name: str, hf_shape: Callable, to_ours: Callable, to_hf: Callable, *,
-                       fuse_axis: int | None = None) -> None:
+def register_transform(
+  name: str, hf_shape: Callable, to_ours: Callable, to_hf: Callable, *, fuse_axis: int | None = None
+) -> None:
   TRANSFORMS[name] = (hf_shape, to_ours, to_hf)
   if fuse_axis is not None:
     FUSE_AXES[name] = fuse_axis
@@ -252,9 +272,16 @@ def _path(p: str) -> tuple[str, ...]:
   return tuple(p.split("."))
 
 
-def load_weights(abstract: nnx.Module, weight_map: list[tuple[str, str, str]], reader: CheckpointReader, *,
-                 mesh: Mesh | None = None, param_dtype=jnp.float32, aliases: Iterable[str] = (),
-                 source: str = "checkpoint") -> nnx.Module:
+def load_weights(
+  abstract: nnx.Module,
+  weight_map: list[tuple[str, str, str]],
+  reader: CheckpointReader,
+  *,
+  mesh: Mesh | None = None,
+  param_dtype=jnp.float32,
+  aliases: Iterable[str] = (),
+  source: str = "checkpoint",
+) -> nnx.Module:
   """Fill an abstract model (from nnx.eval_shape) with tensors from `reader`, strictly."""
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
@@ -307,7 +334,9 @@ def load_weights(abstract: nnx.Module, weight_map: list[tuple[str, str, str]], r
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def export_weights(model: nnx.Module, weight_map: list[tuple[str, str, str]], dtype=np.float32) -> dict[str, np.ndarray]:
+def export_weights(
+  model: nnx.Module, weight_map: list[tuple[str, str, str]], dtype=np.float32
+) -> dict[str, np.ndarray]:
   """The inverse map: our parameters -> HF tensors (gathered to the host)."""
   flat = dict(nnx.to_flat_state(nnx.state(model)))
   pieces: dict[str, list[tuple[str, np.ndarray]]] = {}
@@ -406,8 +435,16 @@ def resolve_model_dir(path_or_id: str, revision: str | None = None, *, allow_pyt
     return p
   if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or os.sep + os.sep in path_or_id:
     raise MissingPathError(f"model path {path_or_id!r} does not exist")
-  patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
-              "special_tokens_map.json", "generation_config.json", "*.model"]
+  patterns = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "spiece.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "*.model",
+  ]
   try:
     from huggingface_hub import snapshot_download
 
@@ -415,6 +452,8 @@ def resolve_model_dir(path_or_id: str, revision: str | None = None, *, allow_pyt
     if allow_pytorch_bin and not any(Path(local).glob("*.safetensors")):
       local = snapshot_download(path_or_id, revision=revision, allow_patterns=patterns + ["pytorch_model.bin"])
   except Exception as e:  # offline, unknown id, gated repo ...
-    raise MissingPathError(f"model {path_or_id!r} is neither a local folder nor downloadable from the hub "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    raise MissingPathError(
+      f"model {path_or_id!r} is neither a local folder nor downloadable from the hub "
+      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    ) from None
   return Path(local)

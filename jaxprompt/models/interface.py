@@ -61,9 +61,11 @@ class Prefix:
     """(keys, values) [Y, B * repeat, P, K, D] (each row repeated `repeat` times in place), or None."""
     if self.keys is None:
       return None
+
     def rows(a):
       a = jnp.broadcast_to(a, a.shape[:1] + (batch_size,) + a.shape[2:])
       return L.repeat_rows(a, repeat, axis=1)
+
     return rows(self.keys), rows(self.values)
 
 
@@ -113,24 +115,43 @@ class PromptableLM(Protocol):
   def embedding_table(self) -> jax.Array:
     """The input embedding table [V, H] (what prompt initialisers sample from)."""
 
-  def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
-              prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
+  def forward(
+    self,
+    input_ids,
+    attention_mask=None,
+    decoder_input_ids=None,
+    decoder_attention_mask=None,
+    *,
+    prefix: Prefix | None = None,
+    dropout_rng=None,
+  ) -> jax.Array:
     """Logits in float32: seq2seq [B, T, V]; causal [B, P + L, V] (prefix positions included, as PEFT)."""
 
-  def score_targets(self, batch, prefix: Prefix | None = None, *, dropout_rng=None
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def score_targets(
+    self, batch, prefix: Prefix | None = None, *, dropout_rng=None
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A training batch -> (logits [B, T, V] float32 at the target tokens, targets [B, T], loss mask [B, T])."""
 
-  def label_logprobs(self, batch, label_ids: jax.Array, label_mask: jax.Array, prefix: Prefix | None = None
-                     ) -> jax.Array:
+  def label_logprobs(
+    self, batch, label_ids: jax.Array, label_mask: jax.Array, prefix: Prefix | None = None
+  ) -> jax.Array:
     """Rank classification: sum of label-token log-likelihoods for every (example, label) -> [B, C]."""
 
-  def eval_scores(self, batch, label_ids: jax.Array, label_mask: jax.Array, prefix: Prefix | None = None
-                  ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
+  def eval_scores(
+    self, batch, label_ids: jax.Array, label_mask: jax.Array, prefix: Prefix | None = None
+  ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
     """`score_targets` (no dropout) and `label_logprobs` of one batch, computing what they share once."""
 
-  def prefill(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, prefix: Prefix | None = None,
-              max_new_tokens: int, num_beams: int = 1) -> tuple[jax.Array, Any]:
+  def prefill(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    *,
+    inputs_embeds=None,
+    prefix: Prefix | None = None,
+    max_new_tokens: int,
+    num_beams: int = 1,
+  ) -> tuple[jax.Array, Any]:
     """Run a generation prefix once -> (logits of the first new token [B * W, V], decoding cache with every
     row repeated W times)."""
 
@@ -146,8 +167,9 @@ class PromptableLM(Protocol):
   def prefix_slots(self) -> PrefixSlots:
     """The layout of a key/value prefix for this model (prefix tuning), as PEFT lays it out."""
 
-  def shared_prompt(self, prefix: Prefix | None, batch_size: int, dropout_rng=None
-                    ) -> tuple[Prefix | None, jax.Array | None]:
+  def shared_prompt(
+    self, prefix: Prefix | None, batch_size: int, dropout_rng=None
+  ) -> tuple[Prefix | None, jax.Array | None]:
     """A soft prompt shared by every row, computed once where the model kind allows (decoders: its keys/values,
     `Decoder.shared_prompt`) -> (the prefix to use, the prompt's last final hidden state or None); T5's encoder is
     bidirectional, so there it returns the prefix unchanged."""
@@ -163,8 +185,15 @@ class Seq2SeqLM(PromptableLM, Protocol):
   def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, *, dropout_rng=None) -> jax.Array:
     """-> encoder hidden states [B, L, H]."""
 
-  def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
-             *, dropout_rng=None) -> jax.Array:
+  def decode(
+    self,
+    decoder_input_ids,
+    encoder_hidden,
+    encoder_attention_mask=None,
+    decoder_attention_mask=None,
+    *,
+    dropout_rng=None,
+  ) -> jax.Array:
     """Teacher-forced decoder -> logits [B, T, V] float32."""
 
 
@@ -172,8 +201,9 @@ class Seq2SeqLM(PromptableLM, Protocol):
 class CausalLM(PromptableLM, Protocol):
   """Decoder-only models (Llama family, GPT-2)."""
 
-  def hidden(self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *,
-             dropout_rng=None) -> jax.Array:
+  def hidden(
+    self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *, dropout_rng=None
+  ) -> jax.Array:
     """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary)."""
 
   def logits(self, x: jax.Array) -> jax.Array:
@@ -213,8 +243,16 @@ class FrozenLM(nnx.Module):
   batch_type: ClassVar[type]
   supports_packing: ClassVar[bool] = False
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
-               options: ModelOptions | None = None, identity=None):
+  def __init__(
+    self,
+    cfg,
+    *,
+    rngs: nnx.Rngs,
+    param_dtype=jnp.float32,
+    dtype=jnp.float32,
+    options: ModelOptions | None = None,
+    identity=None,
+  ):
     self.config = cfg
     self.dtype = jnp.dtype(dtype)
     self.options = options or ModelOptions()

@@ -52,8 +52,11 @@ class Prefixed:
   values: jax.Array
 
   def attach(self, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array, None]:
-    return (jnp.concatenate([self.keys.astype(k.dtype), k], axis=1),
-            jnp.concatenate([self.values.astype(v.dtype), v], axis=1), None)
+    return (
+      jnp.concatenate([self.keys.astype(k.dtype), k], axis=1),
+      jnp.concatenate([self.values.astype(v.dtype), v], axis=1),
+      None,
+    )
 
 
 @struct.dataclass
@@ -91,9 +94,19 @@ def fill_prefix(keys: jax.Array, values: jax.Array, prefix, batch_size: int, rep
   return write_rows(keys, pk, 0), write_rows(values, pv, 0)
 
 
-def self_attention(p: dict, h: jax.Array, kv: KVSource, *, bias: jax.Array | None, scale: float, index=0,
-                   rope: tuple[jax.Array, jax.Array] | None = None, dropout_rate: float = 0.0, dropout_rng=None,
-                   implementation: str = "auto") -> tuple[jax.Array, Cached | None]:
+def self_attention(
+  p: dict,
+  h: jax.Array,
+  kv: KVSource,
+  *,
+  bias: jax.Array | None,
+  scale: float,
+  index=0,
+  rope: tuple[jax.Array, jax.Array] | None = None,
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+  implementation: str = "auto",
+) -> tuple[jax.Array, Cached | None]:
   """One layer's self-attention over normed inputs h [B, L, H]: q/k/v projections `p` (q [H, N, D], k/v [H, K, D],
   o [N, D, H], optional q_bias / k_bias / v_bias / o_bias), rotary embedding (cos, sin) on queries and new keys,
   keys/values from `kv` (see the module docstring), scores + `bias` (broadcastable to [B, N, L, S]) ->
@@ -104,6 +117,7 @@ def self_attention(p: dict, h: jax.Array, kv: KVSource, *, bias: jax.Array | Non
   if rope is not None:
     q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
   k, v, written = kv.attach(k, v, index)
-  o = L.dot_product_attention(q, k, v, bias, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                              implementation=implementation)
+  o = L.dot_product_attention(
+    q, k, v, bias, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng, implementation=implementation
+  )
   return L.project_out(o, p["o"], p.get("o_bias")), written

@@ -47,6 +47,7 @@ def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> ja
 # `cpu.threefry2x32` (written out: far cheaper to compile there than JAX's loop), elsewhere from `jax.random`, whose
 # lowering is already those unrolled rounds; the bits are the same (tested, also sharded).
 
+
 def split_keys(rng: jax.Array, n: int) -> jax.Array:
   """`jax.random.split(rng, n)`: n keys [n]."""
   return cpu.split_keys(rng, n) if jax.default_backend() == "cpu" else jax.random.split(rng, n)
@@ -96,14 +97,27 @@ def repeat_rows(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
   return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
 
-
 # -- stacked parameter containers shared by T5 and the decoders ---------------------------------
+
 
 class StackedAttention(nnx.Module):
   """q/k/v/o projections for `num_layers` layers, stacked on a leading axis."""
 
-  def __init__(self, num_layers, d_model, num_heads, num_kv_heads, head_dim, *, rngs, param_dtype, std_in, std_out,
-               qkv_bias=False, out_bias=False):
+  def __init__(
+    self,
+    num_layers,
+    d_model,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    *,
+    rngs,
+    param_dtype,
+    std_in,
+    std_out,
+    qkv_bias=False,
+    out_bias=False,
+  ):
     y, h, n, k, d = num_layers, d_model, num_heads, num_kv_heads, head_dim
     self.q = param(normal_init(rngs, (y, h, n, d), std_in, param_dtype), ("layers", "embed", "heads", "kv"))
     self.k = param(normal_init(rngs, (y, h, k, d), std_in, param_dtype), ("layers", "embed", "kv_heads", "kv"))
@@ -162,13 +176,13 @@ def _gelu_exact(x):
 
 # Names as in transformers' ACT2FN, so HF configs map by name.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": _gelu_exact,
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+  "relu": jax.nn.relu,
+  "gelu": _gelu_exact,
+  "gelu_new": _gelu_tanh,
+  "gelu_pytorch_tanh": _gelu_tanh,
+  "gelu_fast": _gelu_tanh,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
 }
 
 
@@ -193,21 +207,22 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    bias: jax.Array | None,
-    *,
-    scale: float,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    implementation: str = "auto",
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  bias: jax.Array | None,
+  *,
+  scale: float,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+  implementation: str = "auto",
 ) -> jax.Array:
   """Grouped-query attention. q [B, L, N, D], k/v [B, S, K, D], bias broadcastable to [B, N, L, S] -> [B, L, N, D]
   in q's dtype, scores and softmax in float32: `attention.attend` with this `implementation` ("auto": the cuDNN
   kernel on GPU, the Pallas kernel on TPU, the CPU kernel on the CPU; see `attention.IMPLEMENTATIONS`)."""
-  return attention.attend(q, k, v, bias, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                          implementation=implementation)
+  return attention.attend(
+    q, k, v, bias, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng, implementation=implementation
+  )
 
 
 def project_qkv(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -231,9 +246,17 @@ def _dense(x: jax.Array, p: dict, w: str, b: str) -> jax.Array:
   return y + p[b].astype(x.dtype) if b in p else y
 
 
-def rope_inv_freq(head_dim: int, theta: float, *, rope_type: str = "default", factor: float = 1.0,
-                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, original_max_positions: int = 8192,
-                  freq_factors: tuple[float, ...] | None = None) -> np.ndarray:
+def rope_inv_freq(
+  head_dim: int,
+  theta: float,
+  *,
+  rope_type: str = "default",
+  factor: float = 1.0,
+  low_freq_factor: float = 1.0,
+  high_freq_factor: float = 4.0,
+  original_max_positions: int = 8192,
+  freq_factors: tuple[float, ...] | None = None,
+) -> np.ndarray:
   """Rotary inverse frequencies [D // 2] float32, computed as transformers does (float32 throughout).
 
   rope_type "default"; "linear" (positions / factor); "llama3" (Llama 3.1 frequency-dependent scaling:
@@ -250,7 +273,8 @@ def rope_inv_freq(head_dim: int, theta: float, *, rope_type: str = "default", fa
     wavelen = np.float32(2 * math.pi) / inv
     scaled = np.where(wavelen > low_wavelen, inv / np.float32(factor), inv)
     smooth = (np.float32(original_max_positions) / wavelen - np.float32(low_freq_factor)) / np.float32(
-        high_freq_factor - low_freq_factor)
+      high_freq_factor - low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     inv = np.where(medium, smoothed, scaled)
@@ -279,10 +303,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def mlp(x: jax.Array, p: dict, act: Callable, dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
   """Dense or gated MLP. p has `wi` [H, F] (dense) or `wi_0`/`wi_1` [H, F] (gated: act(x wi_0) * x wi_1),
   `wo` [F, H], and optional biases `bi` (or `bi_0`/`bi_1`) [F], `bo` [H]."""
-  if "wi_0" in p:
-    h = act(_dense(x, p, "wi_0", "bi_0")) * _dense(x, p, "wi_1", "bi_1")
-  else:
-    h = act(_dense(x, p, "wi", "bi"))
+  h = act(_dense(x, p, "wi_0", "bi_0")) * _dense(x, p, "wi_1", "bi_1") if "wi_0" in p else act(_dense(x, p, "wi", "bi"))
   h = dropout(h, dropout_rate, rng)
   y = h @ p["wo"].astype(x.dtype)
   if "bo" in p:
@@ -290,7 +311,9 @@ def mlp(x: jax.Array, p: dict, act: Callable, dropout_rate: float = 0.0, rng: ja
   return y
 
 
-def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
+def relative_position_bucket(
+  relative_position: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
   """T5's log-spaced relative position buckets (memory_position - query_position -> bucket id)."""
   buckets = jnp.zeros_like(relative_position)
   if bidirectional:
@@ -304,7 +327,7 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
   # float32 log, truncated toward zero like torch's .to(long); n >= max_exact >= 1 where used.
   safe_n = jnp.maximum(n, 1).astype(jnp.float32)
   large = max_exact + (
-      jnp.log(safe_n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    jnp.log(safe_n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
   ).astype(jnp.int32)
   large = jnp.minimum(large, num_buckets - 1)
   return buckets + jnp.where(is_small, n, large)
@@ -313,18 +336,25 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
 def remat_policy(name: str):
   """Named rematerialisation policies for the layer scan."""
   policies = {
-      "none": None,
-      "full": jax.checkpoint_policies.nothing_saveable,
-      "dots": jax.checkpoint_policies.dots_saveable,
-      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   }
   if name not in policies:
     raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(policies)}")
   return policies[name]
 
 
-def scan_layers(layer_fn: Callable, x: jax.Array, stacked: dict, rng: jax.Array | None, remat: str = "none",
-                per_layer=None, loop: str = "auto"):
+def scan_layers(
+  layer_fn: Callable,
+  x: jax.Array,
+  stacked: dict,
+  rng: jax.Array | None,
+  remat: str = "none",
+  per_layer=None,
+  loop: str = "auto",
+):
   """Run `layer_fn(params_of_one_layer, x, rng) -> x` over params stacked on axis 0 with lax.scan, unrolled as
   `loop` says (`unrolls`).
 

@@ -42,10 +42,14 @@ def _t5_config(hf_cfg: dict, keys: set[str]) -> t5.T5Config:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "t5": Architecture(_t5_config, t5.T5, t5.hf_weight_map, t5.HF_ALIASES),
-    "mt5": Architecture(_t5_config, t5.T5, t5.hf_weight_map, t5.HF_ALIASES),
-    **{name: Architecture(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_weight_map, decoder.hf_aliases,
-                          decoder.hf_tied) for name in decoder.FAMILIES},
+  "t5": Architecture(_t5_config, t5.T5, t5.hf_weight_map, t5.HF_ALIASES),
+  "mt5": Architecture(_t5_config, t5.T5, t5.hf_weight_map, t5.HF_ALIASES),
+  **{
+    name: Architecture(
+      decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_weight_map, decoder.hf_aliases, decoder.hf_tied
+    )
+    for name in decoder.FAMILIES
+  },
 }
 
 
@@ -55,8 +59,16 @@ def architecture_for(model_type: str | None, where: str) -> Architecture:
   return ARCHITECTURES[model_type]
 
 
-def build_model(config, *, seed: int = 0, param_dtype=jnp.float32, dtype=jnp.float32, options: ModelOptions | None = None,
-                identity: hf.ModelIdentity | None = None, **option_fields):
+def build_model(
+  config,
+  *,
+  seed: int = 0,
+  param_dtype=jnp.float32,
+  dtype=jnp.float32,
+  options: ModelOptions | None = None,
+  identity: hf.ModelIdentity | None = None,
+  **option_fields,
+):
   """A randomly initialised model for `config` (a T5Config, a DecoderConfig). `options` (`ModelOptions`), or its
   fields as keywords (layer_loop=, attention=, remat=, share_prompt=), say how it runs."""
   cls = architecture_for(config.model_type, type(config).__name__).model_cls
@@ -71,11 +83,21 @@ def config_from_dict(hf_cfg: dict):
   return arch.config_from_hf(hf_cfg, set() if hf_cfg.get("tie_word_embeddings", True) else {"lm_head.weight"})
 
 
-def abstract_model(config, *, param_dtype=jnp.float32, dtype=jnp.float32, options: ModelOptions | None = None,
-                   identity: hf.ModelIdentity | None = None, **option_fields):
+def abstract_model(
+  config,
+  *,
+  param_dtype=jnp.float32,
+  dtype=jnp.float32,
+  options: ModelOptions | None = None,
+  identity: hf.ModelIdentity | None = None,
+  **option_fields,
+):
   """The model for `config` as shapes only (nnx.eval_shape): nothing is allocated."""
-  return nnx.eval_shape(lambda: build_model(config, param_dtype=param_dtype, dtype=dtype, options=options,
-                                            identity=identity, **option_fields))
+  return nnx.eval_shape(
+    lambda: build_model(
+      config, param_dtype=param_dtype, dtype=dtype, options=options, identity=identity, **option_fields
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +116,20 @@ def register_source(name: str, source: ModelSource) -> None:
   SOURCES[name] = source
 
 
-def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None,
-               remat: str = "none", layer_loop: str = "auto", attention: str = "auto", share_prompt: bool = True,
-               dropout: float | None = None, revision: str | None = None, allow_pytorch_bin: bool = False):
+def load_model(
+  path_or_hub_id: str | os.PathLike,
+  dtype=None,
+  mesh: Mesh | None = None,
+  *,
+  compute_dtype=None,
+  remat: str = "none",
+  layer_loop: str = "auto",
+  attention: str = "auto",
+  share_prompt: bool = True,
+  dropout: float | None = None,
+  revision: str | None = None,
+  allow_pytorch_bin: bool = False,
+):
   """Load a frozen base model.
 
   Args:
@@ -124,10 +157,12 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype=None, mesh: Mesh | None 
   identity = dataclasses.replace(ckpt.identity, path=name) if name in SOURCES else ckpt.identity
   config = ckpt.config if dropout is None else dataclasses.replace(ckpt.config, dropout_rate=dropout)
   param_dtype = jnp.dtype(dtype or jnp.float32)
-  abstract = abstract_model(config, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or jnp.float32),
-                            options=options, identity=identity)
-  return hf.load_weights(abstract, ckpt.weight_map, ckpt.reader, mesh=mesh, param_dtype=param_dtype,
-                         aliases=ckpt.aliases, source=ckpt.source)
+  abstract = abstract_model(
+    config, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or jnp.float32), options=options, identity=identity
+  )
+  return hf.load_weights(
+    abstract, ckpt.weight_map, ckpt.reader, mesh=mesh, param_dtype=param_dtype, aliases=ckpt.aliases, source=ckpt.source
+  )
 
 
 def _hf_checkpoint(path_or_hub_id: str, revision: str | None, allow_pytorch_bin: bool) -> hf.Checkpoint:
@@ -137,18 +172,30 @@ def _hf_checkpoint(path_or_hub_id: str, revision: str | None, allow_pytorch_bin:
   arch = architecture_for(hf_cfg.get("model_type"), str(folder / "config.json"))
   config = arch.config_from_hf(hf_cfg, set(reader.keys()))
   reader = hf.TiedNames(reader, arch.tied_for(config), str(folder))  # a tied head stored under either name
-  identity = hf.ModelIdentity(path=path_or_hub_id, revision=revision, model_type=hf_cfg.get("model_type"),
-                              fingerprint=hf.config_fingerprint(hf_cfg))
+  identity = hf.ModelIdentity(
+    path=path_or_hub_id,
+    revision=revision,
+    model_type=hf_cfg.get("model_type"),
+    fingerprint=hf.config_fingerprint(hf_cfg),
+  )
   return hf.Checkpoint(reader, config, arch.weight_map(config), arch.aliases_for(config), identity, str(folder))
 
 
 def architecture_summary(base) -> hf.Architecture:
   """What an exported prompt must say about its base (PEFT's adapter_config fields among them)."""
   c = base.config
-  first = lambda *names: next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
-  return hf.Architecture(kind=base.kind, model_type=c.model_type, hidden_size=base.hidden_size,
-                         vocab_size=c.vocab_size, num_layers=first("num_layers", "num_hidden_layers", "n_layer"),
-                         num_attention_heads=first("num_heads", "num_attention_heads", "n_head"))
+
+  def first(*names):
+    return next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
+
+  return hf.Architecture(
+    kind=base.kind,
+    model_type=c.model_type,
+    hidden_size=base.hidden_size,
+    vocab_size=c.vocab_size,
+    num_layers=first("num_layers", "num_hidden_layers", "n_layer"),
+    num_attention_heads=first("num_heads", "num_attention_heads", "n_head"),
+  )
 
 
 def save_pretrained(model, folder: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, dtype=None) -> Path:

@@ -92,16 +92,18 @@ class T5Block(nnx.Module):
     if decoder:
       self.cross_attn = L.StackedAttention(num_layers, h, n, n, d, **attn)
       self.cross_attn_norm = L.param(jnp.ones((num_layers, h), param_dtype), ("layers", "embed"))
-    self.mlp = L.StackedMLP(num_layers, h, cfg.d_ff, cfg.is_gated, rngs=rngs, param_dtype=param_dtype,
-                          std_in=h**-0.5, std_out=cfg.d_ff**-0.5)
+    self.mlp = L.StackedMLP(
+      num_layers, h, cfg.d_ff, cfg.is_gated, rngs=rngs, param_dtype=param_dtype, std_in=h**-0.5, std_out=cfg.d_ff**-0.5
+    )
     self.mlp_norm = L.param(jnp.ones((num_layers, h), param_dtype), ("layers", "embed"))
 
 
 class T5Stack(nnx.Module):
   def __init__(self, cfg: T5Config, num_layers: int, decoder: bool, *, rngs, param_dtype):
     self.relative_attention_bias = L.param(
-        L.normal_init(rngs, (cfg.relative_attention_num_buckets, cfg.num_heads), cfg.d_model**-0.5, param_dtype),
-        ("relpos", "heads"))
+      L.normal_init(rngs, (cfg.relative_attention_num_buckets, cfg.num_heads), cfg.d_model**-0.5, param_dtype),
+      ("relpos", "heads"),
+    )
     self.layers = T5Block(cfg, num_layers, decoder, rngs=rngs, param_dtype=param_dtype)
     self.final_norm = L.param(jnp.ones((cfg.d_model,), param_dtype), ("embed",))
 
@@ -109,8 +111,9 @@ class T5Stack(nnx.Module):
 def _position_bias(table: jax.Array, q_pos: jax.Array, k_pos: jax.Array, bidirectional: bool, cfg: T5Config):
   """table [buckets, N], positions [L], [S] -> bias [1, N, L, S] float32."""
   rel = k_pos[None, :] - q_pos[:, None]
-  buckets = L.relative_position_bucket(rel, bidirectional, cfg.relative_attention_num_buckets,
-                                       cfg.relative_attention_max_distance)
+  buckets = L.relative_position_bucket(
+    rel, bidirectional, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+  )
   return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
 
 
@@ -146,8 +149,9 @@ class T5(FrozenLM):
     self.encoder = T5Stack(cfg, cfg.num_layers, False, rngs=rngs, param_dtype=param_dtype)
     self.decoder = T5Stack(cfg, cfg.num_decoder_layers, True, rngs=rngs, param_dtype=param_dtype)
     if not cfg.tie_word_embeddings:
-      self.lm_head = L.param(L.normal_init(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype),
-                             ("embed", "vocab"))
+      self.lm_head = L.param(
+        L.normal_init(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype), ("embed", "vocab")
+      )
 
   # -- the stacks --------------------------------------------------------------------------------
 
@@ -158,8 +162,9 @@ class T5(FrozenLM):
   def embedding_table(self) -> jax.Array:
     return self.shared[...]
 
-  def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, *, segment_ids=None,
-             dropout_rng=None) -> jax.Array:
+  def encode(
+    self, input_ids=None, attention_mask=None, inputs_embeds=None, *, segment_ids=None, dropout_rng=None
+  ) -> jax.Array:
     """-> encoder hidden states [B, L, H]. `inputs_embeds` [B, L, H] replaces the embedding lookup.
     `segment_ids` [B, L] (packed rows): a token attends only to tokens of its own segment."""
     cfg = self.config
@@ -174,8 +179,16 @@ class T5(FrozenLM):
     def layer(p, x, rng):
       r = L.split_rng(rng, 5)
       h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
-      o, _ = KV.self_attention(p["self_attn"], h, KV.Fresh(), bias=bias, scale=1.0, dropout_rate=rate,
-                               dropout_rng=r[0], implementation=self.attention)
+      o, _ = KV.self_attention(
+        p["self_attn"],
+        h,
+        KV.Fresh(),
+        bias=bias,
+        scale=1.0,
+        dropout_rate=rate,
+        dropout_rng=r[0],
+        implementation=self.attention,
+      )
       x = x + L.dropout(o, rate, r[1])
       h = L.rms_norm(x, p["mlp_norm"], cfg.layer_norm_epsilon)
       return x + L.dropout(L.mlp(h, p["mlp"], L.activation(cfg.act_name), rate, r[2]), rate, r[3])
@@ -184,8 +197,21 @@ class T5(FrozenLM):
     x = L.rms_norm(x, self.encoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, rate, rngs[2])
 
-  def _decoder(self, x, *, q_pos, k_pos, kv: KV.KVSource, cross_bias, encoder=None, cross_kv=None,
-               decoder_mask=None, segments=None, index=0, dropout_rng=None):
+  def _decoder(
+    self,
+    x,
+    *,
+    q_pos,
+    k_pos,
+    kv: KV.KVSource,
+    cross_bias,
+    encoder=None,
+    cross_kv=None,
+    decoder_mask=None,
+    segments=None,
+    index=0,
+    dropout_rng=None,
+  ):
     """The decoder stack: x [B, l, H] at positions q_pos [l] attends to self-attention key slots at positions
     k_pos [S'] from `kv` (`models.kv`: teacher forcing with or without a prefix's P slots in front, or a cache
     written at slot `index`), and across to the encoder: its states `encoder` [B, S, H] (projected here) or
@@ -201,15 +227,45 @@ class T5(FrozenLM):
       self_bias = self_bias + _segment_bias(segments, segments)
     cached = isinstance(kv, KV.Cached)
     rngs = L.split_rng(dropout_rng, 3)
+    x = L.dropout(x, cfg.dropout_rate, rngs[0])
+    layer = self._decoder_layer(self_bias, cross_bias, encoder, index)
+    per_layer = dict(kv=kv)
+    if cross_kv is not None:
+      per_layer.update(cross_k=cross_kv[0], cross_v=cross_kv[1])
+    # a cached step stays a scan: unrolled, every layer's cache update becomes a copy of the whole cache
+    x, written = L.scan_layers(
+      layer,
+      x,
+      L.arrays(self.decoder.layers),
+      rngs[1],
+      "none" if cached else self.remat,
+      per_layer,
+      loop="scan" if cached else self.layer_loop,
+    )
+    x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
+    return L.dropout(x, cfg.dropout_rate, rngs[2]), written
+
+  def _decoder_layer(self, self_bias, cross_bias, encoder, index):
+    """One decoder layer as the layer scan runs it: (params, x, dropout key, per-layer xs) -> (x, the layer's
+    updated cache or None); `_decoder` says what the arguments are."""
+    cfg = self.config
     rate, act = cfg.dropout_rate, L.activation(cfg.act_name)
-    x = L.dropout(x, rate, rngs[0])
 
     def layer(p, x, rng, xs):
       r = L.split_rng(rng, 7)
       c = p["cross_attn"]
       h = L.rms_norm(x, p["self_attn_norm"], cfg.layer_norm_epsilon)
-      o, written = KV.self_attention(p["self_attn"], h, xs["kv"], bias=self_bias, scale=1.0, index=index,
-                                     dropout_rate=rate, dropout_rng=r[0], implementation=self.attention)
+      o, written = KV.self_attention(
+        p["self_attn"],
+        h,
+        xs["kv"],
+        bias=self_bias,
+        scale=1.0,
+        index=index,
+        dropout_rate=rate,
+        dropout_rng=r[0],
+        implementation=self.attention,
+      )
       x = x + L.dropout(o, rate, r[1])
       h = L.rms_norm(x, p["cross_attn_norm"], cfg.layer_norm_epsilon)
       # teacher forcing projects the encoder output here; cached steps and ranking projected it once
@@ -219,23 +275,25 @@ class T5(FrozenLM):
       x = x + L.dropout(L.mlp(h, p["mlp"], act, rate, r[4]), rate, r[5])
       return x, written
 
-    per_layer = dict(kv=kv)
-    if cross_kv is not None:
-      per_layer.update(cross_k=cross_kv[0], cross_v=cross_kv[1])
-    # a cached step stays a scan: unrolled, every layer's cache update becomes a copy of the whole cache
-    x, written = L.scan_layers(layer, x, L.arrays(self.decoder.layers), rngs[1], "none" if cached else self.remat,
-                               per_layer, loop="scan" if cached else self.layer_loop)
-    x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
-    return L.dropout(x, rate, rngs[2]), written
+    return layer
 
   def _attend(self, p: dict, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, rate: float, rng):
     """Cross-attention (T5 scales no scores) -> [B, l, H]."""
-    o = L.dot_product_attention(q, k, v, bias, scale=1.0, dropout_rate=rate, dropout_rng=rng,
-                                implementation=self.attention)
+    o = L.dot_product_attention(
+      q, k, v, bias, scale=1.0, dropout_rate=rate, dropout_rng=rng, implementation=self.attention
+    )
     return L.project_out(o, p["o"])
 
-  def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
-             *, prefix_kv=None, dropout_rng=None) -> jax.Array:
+  def decode(
+    self,
+    decoder_input_ids,
+    encoder_hidden,
+    encoder_attention_mask=None,
+    decoder_attention_mask=None,
+    *,
+    prefix_kv=None,
+    dropout_rng=None,
+  ) -> jax.Array:
     """Teacher-forced decoder pass -> logits [B, T, V] in float32. `prefix_kv` (keys, values) [Y, B, P, K, D]:
     P self-attention slots in front of every decoder layer's own, at positions 0..P-1, the tokens at P..P+T-1
     (PEFT: the decoder's mask, when given, gets P ones in front)."""
@@ -244,12 +302,19 @@ class T5(FrozenLM):
       encoder_attention_mask = jnp.ones(encoder_hidden.shape[:2], jnp.int32)
     pk = 0 if prefix_kv is None else prefix_kv[0].shape[2]
     if pk and decoder_attention_mask is not None:
-      decoder_attention_mask = jnp.concatenate([jnp.ones((b, pk), decoder_attention_mask.dtype),
-                                                decoder_attention_mask], axis=1)
-    x, _ = self._decoder(self.embed(decoder_input_ids), q_pos=pk + jnp.arange(t), k_pos=jnp.arange(pk + t),
-                         kv=KV.source(prefix_kv), encoder=encoder_hidden.astype(self.dtype),
-                         cross_bias=L.mask_to_bias(encoder_attention_mask), decoder_mask=decoder_attention_mask,
-                         dropout_rng=dropout_rng)
+      decoder_attention_mask = jnp.concatenate(
+        [jnp.ones((b, pk), decoder_attention_mask.dtype), decoder_attention_mask], axis=1
+      )
+    x, _ = self._decoder(
+      self.embed(decoder_input_ids),
+      q_pos=pk + jnp.arange(t),
+      k_pos=jnp.arange(pk + t),
+      kv=KV.source(prefix_kv),
+      encoder=encoder_hidden.astype(self.dtype),
+      cross_bias=L.mask_to_bias(encoder_attention_mask),
+      decoder_mask=decoder_attention_mask,
+      dropout_rng=dropout_rng,
+    )
     return self.logits(x)
 
   def logits(self, x: jax.Array) -> jax.Array:
@@ -262,8 +327,17 @@ class T5(FrozenLM):
 
   # -- prompted entry points (models.interface.PromptableLM) ------------------------------------
 
-  def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
-              inputs_embeds=None, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
+  def forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    decoder_input_ids=None,
+    decoder_attention_mask=None,
+    *,
+    inputs_embeds=None,
+    prefix: Prefix | None = None,
+    dropout_rng=None,
+  ) -> jax.Array:
     """Full forward -> logits [B, T, V] float32."""
     if decoder_input_ids is None:
       raise ValueError("T5 needs decoder_input_ids (targets shifted right, starting with decoder_start_token_id)")
@@ -273,10 +347,26 @@ class T5(FrozenLM):
     kv = prefix.kv(x.shape[0]) if prefix is not None else None
     return self.decode(decoder_input_ids, enc, m, decoder_attention_mask, prefix_kv=kv, dropout_rng=dec_rng)
 
-  def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-               inputs_embeds=None, *, prefix: Prefix | None = None, dropout_rng=None) -> jax.Array:
-    return self.forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                        inputs_embeds=inputs_embeds, prefix=prefix, dropout_rng=dropout_rng)
+  def __call__(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    decoder_input_ids=None,
+    decoder_attention_mask=None,
+    inputs_embeds=None,
+    *,
+    prefix: Prefix | None = None,
+    dropout_rng=None,
+  ) -> jax.Array:
+    return self.forward(
+      input_ids,
+      attention_mask,
+      decoder_input_ids,
+      decoder_attention_mask,
+      inputs_embeds=inputs_embeds,
+      prefix=prefix,
+      dropout_rng=dropout_rng,
+    )
 
   def score_targets(self, batch: Seq2SeqBatch, prefix: Prefix | None = None, *, dropout_rng=None):
     dec_in = shift_right(batch.target_ids, self.config.decoder_start_token_id)
@@ -295,10 +385,16 @@ class T5(FrozenLM):
     seg = batch.input_segments
     enc = self.encode(inputs_embeds=x, attention_mask=seg > 0, segment_ids=seg, dropout_rng=enc_rng)
     t = batch.decoder_input_ids.shape[1]
-    x, _ = self._decoder(self.embed(batch.decoder_input_ids), q_pos=jnp.arange(t), k_pos=jnp.arange(t),
-                         kv=KV.Fresh(), encoder=enc.astype(self.dtype),
-                         cross_bias=_segment_bias(batch.target_segments, seg), segments=batch.target_segments,
-                         dropout_rng=dec_rng)
+    x, _ = self._decoder(
+      self.embed(batch.decoder_input_ids),
+      q_pos=jnp.arange(t),
+      k_pos=jnp.arange(t),
+      kv=KV.Fresh(),
+      encoder=enc.astype(self.dtype),
+      cross_bias=_segment_bias(batch.target_segments, seg),
+      segments=batch.target_segments,
+      dropout_rng=dec_rng,
+    )
     return self.logits(x), batch.target_ids, batch.target_mask
 
   def label_logprobs(self, batch: Seq2SeqBatch, label_ids, label_mask, prefix: Prefix | None = None) -> jax.Array:
@@ -323,16 +419,23 @@ class T5(FrozenLM):
     kv = prefix.kv(b, repeat=c) if prefix is not None else None
     pk = 0 if kv is None else kv[0].shape[2]
     cross = tuple(jnp.repeat(a, c, axis=1) for a in self._cross_kv(enc.astype(self.dtype)))
-    x, _ = self._decoder(self.embed(shift_right(tgt, self.config.decoder_start_token_id)), q_pos=pk + jnp.arange(t),
-                         k_pos=jnp.arange(pk + t), kv=KV.source(kv), cross_kv=cross,
-                         cross_bias=L.mask_to_bias(jnp.repeat(m, c, axis=0)))
+    x, _ = self._decoder(
+      self.embed(shift_right(tgt, self.config.decoder_start_token_id)),
+      q_pos=pk + jnp.arange(t),
+      k_pos=jnp.arange(pk + t),
+      kv=KV.source(kv),
+      cross_kv=cross,
+      cross_bias=L.mask_to_bias(jnp.repeat(m, c, axis=0)),
+    )
     return L.sequence_logprob(self.logits(x), tgt, tmask).reshape(b, c)
 
   def _cross_kv(self, enc: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Encoder states [B, S, H] -> every decoder layer's cross-attention keys and values [Y, B, S, N, D]."""
     cross = L.arrays(self.decoder.layers.cross_attn)
-    return (jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype)),
-            jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype)))
+    return (
+      jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype)),
+      jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype)),
+    )
 
   def prefix_slots(self) -> PrefixSlots:
     c = self.config
@@ -342,13 +445,22 @@ class T5(FrozenLM):
     # PEFT's logits: with L = 2 table layer 1 is never read). A decoder deeper than L makes PEFT fail.
     problem = None
     if c.num_decoder_layers > c.num_layers:
-      problem = (f"PEFT 0.21's seq2seq prefix tuning gives decoder layer g entry g of a cache with num_layers = "
-                 f"{c.num_layers} entries and fails (IndexError) on this decoder's {c.num_decoder_layers} layers")
+      problem = (
+        f"PEFT 0.21's seq2seq prefix tuning gives decoder layer g entry g of a cache with num_layers = "
+        f"{c.num_layers} entries and fails (IndexError) on this decoder's {c.num_decoder_layers} layers"
+      )
     elif c.d_kv * c.num_heads != c.d_model:
-      problem = (f"PEFT 0.21 takes T5's head dimension to be d_model / num_heads = {c.d_model / c.num_heads:g}, "
-                 f"but this model's d_kv is {c.d_kv}")
-    return PrefixSlots(layers=c.num_layers, heads=c.num_heads, head_dim=c.d_kv,
-                       layer_of=tuple((2 * g) % c.num_layers for g in range(c.num_decoder_layers)), peft_problem=problem)
+      problem = (
+        f"PEFT 0.21 takes T5's head dimension to be d_model / num_heads = {c.d_model / c.num_heads:g}, "
+        f"but this model's d_kv is {c.d_kv}"
+      )
+    return PrefixSlots(
+      layers=c.num_layers,
+      heads=c.num_heads,
+      head_dim=c.d_kv,
+      layer_of=tuple((2 * g) % c.num_layers for g in range(c.num_decoder_layers)),
+      peft_problem=problem,
+    )
 
   # -- cached decoding ----------------------------------------------------------------------------
 
@@ -358,8 +470,16 @@ class T5(FrozenLM):
     empty = jnp.zeros((c.num_decoder_layers, batch_size, max_length, c.num_heads, c.d_kv), self.dtype)
     return T5Cache(k=empty, v=empty)
 
-  def prefill(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, prefix: Prefix | None = None,
-              max_new_tokens: int, num_beams: int = 1) -> tuple[jax.Array, T5Cache]:
+  def prefill(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    *,
+    inputs_embeds=None,
+    prefix: Prefix | None = None,
+    max_new_tokens: int,
+    num_beams: int = 1,
+  ) -> tuple[jax.Array, T5Cache]:
     """Encode once (any padding), project cross-attention k/v once, decode the start token (after a key/value
     prefix's slots, pre-filled)."""
     w, pk = num_beams, 0 if prefix is None else prefix.kv_length
@@ -381,10 +501,15 @@ class T5(FrozenLM):
   def _cached_step(self, cache: T5Cache, decoder_input_ids: jax.Array, index) -> tuple[jax.Array, T5Cache]:
     """Decoder tokens [B, l] at slots index..index+l-1 -> (logits [B, l, V] float32, updated cache); equals the
     matching rows of `decode` on the whole prefix."""
-    x, written = self._decoder(self.embed(decoder_input_ids), q_pos=index + jnp.arange(decoder_input_ids.shape[1]),
-                               k_pos=jnp.arange(cache.k.shape[2]), kv=KV.Cached(cache.k, cache.v),
-                               cross_kv=(cache.cross_k, cache.cross_v), cross_bias=L.mask_to_bias(cache.encoder_mask),
-                               index=index)
+    x, written = self._decoder(
+      self.embed(decoder_input_ids),
+      q_pos=index + jnp.arange(decoder_input_ids.shape[1]),
+      k_pos=jnp.arange(cache.k.shape[2]),
+      kv=KV.Cached(cache.k, cache.v),
+      cross_kv=(cache.cross_k, cache.cross_v),
+      cross_bias=L.mask_to_bias(cache.encoder_mask),
+      index=index,
+    )
     return self.logits(x), cache.replace(k=written.keys, v=written.values)
 
   def reorder_cache(self, cache: T5Cache, origin: jax.Array) -> T5Cache:
@@ -406,6 +531,7 @@ def shift_right(targets: jax.Array, start_id: int) -> jax.Array:
 # (our path, HF key with {i} for the layer, transform); transforms are defined in `jaxprompt.models.hf`.
 # Entries with {i} fill the stacked `layers` axis.
 
+
 def _attn_map(ours: str, hf: str) -> list[tuple[str, str, str]]:
   return [(f"{ours}.{p}", f"{hf}.{p}.weight", "linear_out" if p == "o" else "linear") for p in ("q", "k", "v", "o")]
 
@@ -414,7 +540,13 @@ def hf_weight_map(cfg: T5Config) -> list[tuple[str, str, str]]:
   m = [("shared", "shared.weight", "copy")]
   for stack, decoder in (("encoder", False), ("decoder", True)):
     blk = f"{stack}.block.{{i}}.layer"
-    m.append((f"{stack}.relative_attention_bias", f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "copy"))
+    m.append(
+      (
+        f"{stack}.relative_attention_bias",
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "copy",
+      )
+    )
     m += _attn_map(f"{stack}.layers.self_attn", f"{blk}.0.SelfAttention")
     m.append((f"{stack}.layers.self_attn_norm", f"{blk}.0.layer_norm.weight", "copy"))
     ff = 1

@@ -55,8 +55,10 @@ class PTuningSpec(PromptSpec):
 
 def _linear(rng, fan_in: int, fan_out: int) -> nnx.Dict:
   k1, k2 = jax.random.split(rng)
-  return nnx.Dict(w=L.param(torch_linear_init(k1, fan_in, (fan_in, fan_out)), (None, None), kind=PromptParam),
-                  b=L.param(torch_linear_init(k2, fan_in, (fan_out,)), (None,), kind=PromptParam))
+  return nnx.Dict(
+    w=L.param(torch_linear_init(k1, fan_in, (fan_in, fan_out)), (None, None), kind=PromptParam),
+    b=L.param(torch_linear_init(k2, fan_in, (fan_out,)), (None,), kind=PromptParam),
+  )
 
 
 def _apply(p: dict, x: jax.Array) -> jax.Array:
@@ -85,8 +87,9 @@ class PTuning(PromptMethod):
 
   method = PTuningSpec.method
 
-  def __init__(self, embedding: jax.Array, *, encoder: str, hidden_size: int, num_layers: int, dropout: float,
-               rng: jax.Array):
+  def __init__(
+    self, embedding: jax.Array, *, encoder: str, hidden_size: int, num_layers: int, dropout: float, rng: jax.Array
+  ):
     if encoder not in ("MLP", "LSTM"):
       raise PromptError(f"unknown P-tuning encoder {encoder!r} (MLP or LSTM)")
     embedding = jnp.asarray(embedding, jnp.float32)
@@ -104,10 +107,14 @@ class PTuning(PromptMethod):
         for direction in ("fwd", "bwd"):
           # torch initialises every LSTM weight and bias U(-1/sqrt(E), 1/sqrt(E)); b = b_ih + b_hh
           lstm[f"l{layer}_{direction}"] = nnx.Dict(
-              w_ih=L.param(torch_linear_init(r.pop(), e, (fan_in, 4 * e)), (None, None), kind=PromptParam),
-              w_hh=L.param(torch_linear_init(r.pop(), e, (e, 4 * e)), (None, None), kind=PromptParam),
-              b=L.param(torch_linear_init(r.pop(), e, (4 * e,)) + torch_linear_init(r.pop(), e, (4 * e,)), (None,),
-                        kind=PromptParam))
+            w_ih=L.param(torch_linear_init(r.pop(), e, (fan_in, 4 * e)), (None, None), kind=PromptParam),
+            w_hh=L.param(torch_linear_init(r.pop(), e, (e, 4 * e)), (None, None), kind=PromptParam),
+            b=L.param(
+              torch_linear_init(r.pop(), e, (4 * e,)) + torch_linear_init(r.pop(), e, (4 * e,)),
+              (None,),
+              kind=PromptParam,
+            ),
+          )
       self.lstm = nnx.Dict(lstm)
       self.mlp = nnx.Dict(l0=_linear(r.pop(), 2 * e, 2 * e), l1=_linear(r.pop(), 2 * e, h))
 
@@ -127,9 +134,13 @@ class PTuning(PromptMethod):
       for i in range(self.num_layers):
         if i:
           x = L.dropout(x, self.dropout, rngs[i])
-        x = jnp.concatenate([lstm_direction(x, d["w_ih"][...], d["w_hh"][...], d["b"][...], reverse)
-                             for d, reverse in ((self.lstm[f"l{i}_fwd"], False), (self.lstm[f"l{i}_bwd"], True))],
-                            axis=-1)
+        x = jnp.concatenate(
+          [
+            lstm_direction(x, d["w_ih"][...], d["w_hh"][...], d["b"][...], reverse)
+            for d, reverse in ((self.lstm[f"l{i}_fwd"], False), (self.lstm[f"l{i}_bwd"], True))
+          ],
+          axis=-1,
+        )
     layers = [self.mlp[f"l{i}"] for i in range(len(self.mlp))]
     for layer in layers[:-1]:
       x = jax.nn.relu(_apply(layer, x))
@@ -146,35 +157,59 @@ class PTuning(PromptMethod):
     return self.encode(dropout_rng)
 
   def spec(self) -> PTuningSpec:
-    return PTuningSpec(encoder_reparameterization_type=self.encoder, encoder_hidden_size=self.hidden_size,
-                       encoder_num_layers=self.num_layers, encoder_dropout=self.dropout)
+    return PTuningSpec(
+      encoder_reparameterization_type=self.encoder,
+      encoder_hidden_size=self.hidden_size,
+      encoder_num_layers=self.num_layers,
+      encoder_dropout=self.dropout,
+    )
 
 
 # -- the registry entry (`prompts.registry`) ------------------------------------------------------------------
 
 
 def _build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PTuning:
-  return PTuning(initial_prompt(pcfg, base, tokenizer, labels, rng),
-                 encoder=pcfg.option("encoder_reparameterization_type"),
-                 hidden_size=pcfg.option("encoder_hidden_size") or base.hidden_size,
-                 num_layers=pcfg.option("encoder_num_layers"), dropout=pcfg.option("encoder_dropout"),
-                 rng=jax.random.fold_in(rng, 2))
+  return PTuning(
+    initial_prompt(pcfg, base, tokenizer, labels, rng),
+    encoder=pcfg.option("encoder_reparameterization_type"),
+    hidden_size=pcfg.option("encoder_hidden_size") or base.hidden_size,
+    num_layers=pcfg.option("encoder_num_layers"),
+    dropout=pcfg.option("encoder_dropout"),
+    rng=jax.random.fold_in(rng, 2),
+  )
 
 
 def _rebuild(spec: PTuningSpec, params: dict) -> PTuning:
-  return restored(lambda: PTuning(jnp.zeros(np.shape(params["embedding"]), jnp.float32),
-                                  encoder=spec.encoder_reparameterization_type, hidden_size=spec.encoder_hidden_size,
-                                  num_layers=spec.encoder_num_layers, dropout=spec.encoder_dropout,
-                                  rng=jax.random.key(0)), params)
+  return restored(
+    lambda: PTuning(
+      jnp.zeros(np.shape(params["embedding"]), jnp.float32),
+      encoder=spec.encoder_reparameterization_type,
+      hidden_size=spec.encoder_hidden_size,
+      num_layers=spec.encoder_num_layers,
+      dropout=spec.encoder_dropout,
+      rng=jax.random.key(0),
+    ),
+    params,
+  )
 
 
 P_TUNING = Method(
-    name=PTuningSpec.method, spec_type=PTuningSpec,
-    description="P-tuning (Liu et al. 2021): an MLP / LSTM encoder's output [P, H] before the input",
-    embeds=True, value_shape="[P, H]", saves="embedding [P, H] and its encoder", peft_type="P_TUNING",
-    build=_build, rebuild=_rebuild, fixed=fixed_embeddings, check=check_embeddings,
-    peft_fields=lambda value, record, base_path: {**embedding_peft_fields(value, record),
-                                                  **dataclasses.asdict(record.spec)},
-    peft_read=lambda value, peft, where: (peft_embeddings(value, peft, where), PTuningSpec.from_json(peft)),
-    # a bank would be K encoders' outputs, fixed: what trains is the encoder
-    bank_refusal=lambda pcfg: "P-tuning encoders")
+  name=PTuningSpec.method,
+  spec_type=PTuningSpec,
+  description="P-tuning (Liu et al. 2021): an MLP / LSTM encoder's output [P, H] before the input",
+  embeds=True,
+  value_shape="[P, H]",
+  saves="embedding [P, H] and its encoder",
+  peft_type="P_TUNING",
+  build=_build,
+  rebuild=_rebuild,
+  fixed=fixed_embeddings,
+  check=check_embeddings,
+  peft_fields=lambda value, record, base_path: {
+    **embedding_peft_fields(value, record),
+    **dataclasses.asdict(record.spec),
+  },
+  peft_read=lambda value, peft, where: (peft_embeddings(value, peft, where), PTuningSpec.from_json(peft)),
+  # a bank would be K encoders' outputs, fixed: what trains is the encoder
+  bank_refusal=lambda pcfg: "P-tuning encoders",
+)

@@ -43,9 +43,13 @@ def _stamped(value: np.ndarray, record: PromptRecord, fmt: str) -> dict:
   """The record an export writes (JSON): the prompt's, stamped — without the run's whole config (an export keeps
   its tokenizer and prompt section) or an imported adapter's config (a PEFT export writes its own)."""
   hidden = int(value.shape[1]) if registry.of(record.spec).embeds else record.hidden_size
-  stamp = ExportStamp(export_format=fmt, prompt_length=int(value.shape[0]), hidden_size=hidden,
-                      exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      jaxprompt_version=__version__)
+  stamp = ExportStamp(
+    export_format=fmt,
+    prompt_length=int(value.shape[0]),
+    hidden_size=hidden,
+    exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    jaxprompt_version=__version__,
+  )
   return dataclasses.replace(record, config=None, peft=None, export=stamp).to_json()
 
 
@@ -58,10 +62,17 @@ def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) 
   if base_path is None and base is not None:
     base_path = base.path
   entry = registry.of(record.spec)
-  return {"task_type": PEFT_TASK_TYPES[kind], "num_virtual_tokens": int(value.shape[0]), "peft_type": entry.peft_type,
-          **entry.peft_fields(value, record, base_path), "base_model_name_or_path": base_path,
-          "revision": base.revision if base is not None else None, "inference_mode": True, "auto_mapping": None,
-          "modules_to_save": None}
+  return {
+    "task_type": PEFT_TASK_TYPES[kind],
+    "num_virtual_tokens": int(value.shape[0]),
+    "peft_type": entry.peft_type,
+    **entry.peft_fields(value, record, base_path),
+    "base_model_name_or_path": base_path,
+    "revision": base.revision if base is not None else None,
+    "inference_mode": True,
+    "auto_mapping": None,
+    "modules_to_save": None,
+  }
 
 
 def peft_tensor(value: np.ndarray) -> np.ndarray:
@@ -74,8 +85,15 @@ EXTENSIONS = {"peft": "", "numpy": ".npy", "safetensors": ".safetensors"}  # a b
 BANK_FILE = "bank.safetensors"
 
 
-def export_prompt(source: str | Path, fmt: str, out: str | Path, *, step: str | int = "best",
-                  with_base: bool = False, overwrite: bool = False) -> Path:
+def export_prompt(
+  source: str | Path,
+  fmt: str,
+  out: str | Path,
+  *,
+  step: str | int = "best",
+  with_base: bool = False,
+  overwrite: bool = False,
+) -> Path:
   """Export a trained prompt's inference value. fmt: "peft" (a folder), "numpy" (.npy float32: [P, H] input
   embeddings, or a prefix table [P, Y, 2, K, D]) or "safetensors" (the same array, `prompt_embeddings`).
 
@@ -104,8 +122,9 @@ def export_prompt(source: str | Path, fmt: str, out: str | Path, *, step: str | 
 
     return write_folder_atomically(out, write, overwrite=overwrite)
   if fmt == "numpy":  # the provenance beside it first: a .npy is never left without its record
-    write_file_atomically(out.with_suffix(".json"), lambda t: _write_json(t, _stamped(value, record, fmt)),
-                          overwrite=overwrite)
+    write_file_atomically(
+      out.with_suffix(".json"), lambda t: _write_json(t, _stamped(value, record, fmt)), overwrite=overwrite
+    )
   return write_file_atomically(out, lambda t: _write(value, record, fmt, t), overwrite=overwrite)
 
 
@@ -116,8 +135,9 @@ def _write(value: np.ndarray, record: PromptRecord, fmt: str, path: Path, base_p
   if fmt == "peft":
     path.mkdir(exist_ok=True)
     _write_json(path / "adapter_config.json", peft_config(value, record, base_path))
-    hf.save_safetensors({"prompt_embeddings": peft_tensor(value)}, path / "adapter_model.safetensors",
-                        metadata={"format": "pt"})
+    hf.save_safetensors(
+      {"prompt_embeddings": peft_tensor(value)}, path / "adapter_model.safetensors", metadata={"format": "pt"}
+    )
     _write_json(path / PROVENANCE, prov)
   elif fmt == "numpy":
     with open(path, "wb") as f:
@@ -130,8 +150,9 @@ def _write_json(path: Path, obj: dict) -> None:
   path.write_text(json.dumps(obj, indent=2))
 
 
-def _export_bank(whole: TrainedPrompt, bank: dict[str, TrainedPrompt], fmt: str, out: Path, *, with_base: bool,
-                 overwrite: bool) -> Path:
+def _export_bank(
+  whole: TrainedPrompt, bank: dict[str, TrainedPrompt], fmt: str, out: Path, *, with_base: bool, overwrite: bool
+) -> Path:
   """A per-task run: OUT/<task> per task in `fmt`, plus OUT/bank.safetensors (and OUT/base with --with-base), one
   folder written atomically."""
   members = [(task_slug(name), np.ascontiguousarray(tp.value, np.float32), tp.record) for name, tp in bank.items()]
@@ -149,8 +170,11 @@ def _export_bank(whole: TrainedPrompt, bank: dict[str, TrainedPrompt], fmt: str,
       if fmt == "numpy":
         _write_json(tmp / f"{slug}.json", _stamped(value, record, fmt))
     value = np.ascontiguousarray(whole.value, np.float32)
-    hf.save_safetensors({"prompt_embeddings": value}, tmp / BANK_FILE, metadata={
-        "format": "pt", "jaxprompt": json.dumps(_stamped(value[0], whole.record, "safetensors"))})
+    hf.save_safetensors(
+      {"prompt_embeddings": value},
+      tmp / BANK_FILE,
+      metadata={"format": "pt", "jaxprompt": json.dumps(_stamped(value[0], whole.record, "safetensors"))},
+    )
 
   return write_folder_atomically(out, write, overwrite=overwrite)
 
@@ -163,7 +187,9 @@ def write_base(record: PromptRecord, folder: Path) -> None:
   path = base.path
   model = load_model(path, revision=base.revision)
   if model.identity.fingerprint != base.fingerprint:
-    raise ExportError(f"base model at {path} no longer matches the one the prompt was trained on "
-                      f"(fingerprint {model.identity.fingerprint} != {base.fingerprint})")
+    raise ExportError(
+      f"base model at {path} no longer matches the one the prompt was trained on "
+      f"(fingerprint {model.identity.fingerprint} != {base.fingerprint})"
+    )
   tokenizer = load_tokenizer(record.tokenizer or path)
   save_pretrained(model, folder, tokenizer=tokenizer)

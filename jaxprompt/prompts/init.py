@@ -25,8 +25,9 @@ def sampled_vocab(rng: jax.Array, table: jax.Array, length: int, population: int
   return jnp.asarray(table, jnp.float32)[idx]
 
 
-def class_labels(rng: jax.Array, table: jax.Array, length: int, label_token_ids: Sequence[Sequence[int]],
-                 population: int) -> jax.Array:
+def class_labels(
+  rng: jax.Array, table: jax.Array, length: int, label_token_ids: Sequence[Sequence[int]], population: int
+) -> jax.Array:
   """Sampled vocabulary, then row i overwritten with the mean embedding of label i's sub-tokens."""
   if len(label_token_ids) > length:
     raise PromptError(f"{len(label_token_ids)} class labels do not fit in a prompt of length {length}")

@@ -44,10 +44,11 @@ def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
   cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
   if not cfg_file.exists() or not weights.exists():
     raise PromptError(f"{path}: a PEFT prompt folder needs adapter_config.json and adapter_model.safetensors")
-  meta = {key: _json_object(file) for key, file in (("peft", cfg_file), ("jaxprompt", path / PROVENANCE))
-          if file.exists()}
+  meta = {
+    key: _json_object(file) for key, file in (("peft", cfg_file), ("jaxprompt", path / PROVENANCE)) if file.exists()
+  }
   f = hf.SafetensorsFile(weights)
-  if "prompt_embeddings" not in f.keys():
+  if "prompt_embeddings" not in f:
     raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {f.keys()})")
   return np.array(f.get("prompt_embeddings"), np.float32), meta
 
@@ -69,7 +70,7 @@ def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
       raise PromptError(f"{path}: not a numeric .npy array ({e})") from None
   elif path.suffix == ".safetensors":
     f = hf.SafetensorsFile(path)
-    key = "prompt_embeddings" if "prompt_embeddings" in f.keys() else (f.keys() or [None])[0]
+    key = "prompt_embeddings" if "prompt_embeddings" in f else (f.keys() or [None])[0]
     if key is None:
       raise PromptError(f"{path}: empty safetensors file")
     value = np.array(f.get(key), np.float32)
@@ -127,14 +128,14 @@ class TrainedPrompt:
     """The input embeddings [P, H] (refusing a method that has none, e.g. a key/value prefix)."""
     entry = registry.of(self.spec)
     if not entry.embeds:
-      raise PromptError(f"{where}: a {self.method} prompt is {entry.value_shape} ({entry.description}), not input "
-                        "embeddings")
+      raise PromptError(
+        f"{where}: a {self.method} prompt is {entry.value_shape} ({entry.description}), not input embeddings"
+      )
     return self.value
 
   def check(self, base, where: str, *, strict: bool = True) -> list[str]:
     """Fits `base`? (kind, hidden size or prefix shape, base identity); PromptError, or warnings (not strict)."""
-    warnings = check_compatible(self.record, base.identity, base.hidden_size, base.kind, where,
-                                strict=strict)
+    warnings = check_compatible(self.record, base.identity, base.hidden_size, base.kind, where, strict=strict)
     registry.of(self.spec).check(self.value, base, where)
     return warnings
 
@@ -146,7 +147,7 @@ def task_slug(name: str) -> str:
 
 
 def split_task(source: str | Path) -> tuple[Path, str | None]:
-  """"PATH@TASK" -> (PATH, TASK): one task's prompt of a per-task run or bank. A path that exists is taken whole."""
+  """ "PATH@TASK" -> (PATH, TASK): one task's prompt of a per-task run or bank. A path that exists is taken whole."""
   text = str(source)
   if Path(text).exists() or "@" not in text:
     return Path(text), None
@@ -174,8 +175,9 @@ def load_prompt_source(source: str | Path, step: str | int = "best") -> TrainedP
   return bank_member(tp, names, task, source)
 
 
-def load_prompt_bank(source: str | Path, step: str | int = "best"
-                     ) -> tuple[TrainedPrompt, dict[str, TrainedPrompt]] | None:
+def load_prompt_bank(
+  source: str | Path, step: str | int = "best"
+) -> tuple[TrainedPrompt, dict[str, TrainedPrompt]] | None:
   """A per-task run's or bank's prompts: (the whole bank, values [tasks, ...]; each task's prompt by name). None
   when `source` holds a single prompt."""
   tp = _load_whole(Path(source), step)
@@ -251,8 +253,10 @@ def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, 
   kind = peft.get("peft_type")
   entry = registry.by_peft_type(kind)
   if entry is None:
-    raise PromptError(f"{where}: peft_type is {kind!r}; soft-prompt adapters are "
-                      f"{', '.join(registry.METHODS[n].peft_type for n in registry.names())}")
+    raise PromptError(
+      f"{where}: peft_type is {kind!r}; soft-prompt adapters are "
+      f"{', '.join(registry.METHODS[n].peft_type for n in registry.names())}"
+    )
   if not peft.get("task_type"):
     raise PromptError(f"{where}: adapter_config.json has no task_type (PEFT would silently ignore the prompt)")
   p = peft.get("num_virtual_tokens")
@@ -263,8 +267,9 @@ def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, 
   return entry.peft_read(value, peft, where)
 
 
-def check_compatible(record: PromptRecord, identity: Any, hidden: int, kind: str, where: str, *,
-                     strict: bool = True) -> list[str]:
+def check_compatible(
+  record: PromptRecord, identity: Any, hidden: int, kind: str, where: str, *, strict: bool = True
+) -> list[str]:
   """Check an imported prompt's record against a base model. Raises PromptError (strict) or returns warnings."""
   problems = []
   if record.peft:
@@ -275,8 +280,10 @@ def check_compatible(record: PromptRecord, identity: Any, hidden: int, kind: str
     raise PromptError(f"{where}: prompt was made for hidden size {record.hidden_size}, the model has {hidden}")
   base = record.base
   if base is not None and base.fingerprint and identity is not None and base.fingerprint != identity.fingerprint:
-    msg = (f"{where}: prompt was trained on base {base.path!r} (fingerprint {base.fingerprint}), "
-           f"not on {identity.path!r} ({identity.fingerprint})")
+    msg = (
+      f"{where}: prompt was trained on base {base.path!r} (fingerprint {base.fingerprint}), "
+      f"not on {identity.path!r} ({identity.fingerprint})"
+    )
     if strict:
       raise PromptError(msg + "; pass --allow-other-base to use it anyway")
     problems.append(msg)

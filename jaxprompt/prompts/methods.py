@@ -66,9 +66,11 @@ def _from_file(pcfg, base, tokenizer, labels, rng) -> PromptMethod:
     check_length(src.value, src.spec, pcfg.length, pcfg.init_file)
     return module
   output = "" if src.params else " (its output only)"
-  raise PromptError(f"{pcfg.init_file}: holds a {src.spec.describe()} prompt{output}; prompt.init file for "
-                    f"{fresh.spec().describe()} needs a jaxprompt workdir of the same method and options (or train "
-                    f"it as {module.spec().describe()} from this file)")
+  raise PromptError(
+    f"{pcfg.init_file}: holds a {src.spec.describe()} prompt{output}; prompt.init file for "
+    f"{fresh.spec().describe()} needs a jaxprompt workdir of the same method and options (or train "
+    f"it as {module.spec().describe()} from this file)"
+  )
 
 
 def with_random_init(pcfg):
@@ -76,8 +78,9 @@ def with_random_init(pcfg):
   return dataclasses.replace(pcfg, init="random_uniform", init_file=None)
 
 
-def fixed(value, spec: PromptSpec, slots: PrefixSlots | None = None, *, length: int | None = None,
-          where: str = "prompt") -> PromptMethod:
+def fixed(
+  value, spec: PromptSpec, slots: PrefixSlots | None = None, *, length: int | None = None, where: str = "prompt"
+) -> PromptMethod:
   """The inference module of a trained prompt's value (`Method.fixed`): input embeddings, or a key/value table
   checked against the base's `slots`."""
   value = np.asarray(value, np.float32)
@@ -89,22 +92,25 @@ def fixed(value, spec: PromptSpec, slots: PrefixSlots | None = None, *, length: 
 def check_length(value, spec: PromptSpec, length: int, where: str) -> None:
   """A trained value has `length` (prompt.length) positions."""
   if value.shape[0] != length:
-    raise PromptError(f"{where}: prompt has shape {value.shape}, expected {registry.of(spec).value_shape} = "
-                      f"{(length, *value.shape[1:])}")
+    raise PromptError(
+      f"{where}: prompt has shape {value.shape}, expected {registry.of(spec).value_shape} = "
+      f"{(length, *value.shape[1:])}"
+    )
 
 
 def bank(values: Sequence, specs: Sequence[PromptSpec], slots: PrefixSlots | None = None) -> PromptMethod:
   """K trained prompts of one kind as one module for mixed batches (row b uses prompt_ids[b])."""
   modules = [fixed(v, s, slots) for v, s in zip(values, specs, strict=True)]
   if len({type(m) for m in modules}) > 1:
-    raise PromptError(f"a mixed batch needs prompts of one kind: input-embedding prompts "
-                      f"({', '.join(registry.names(embeds=True))}) and key/value prefixes "
-                      f"({', '.join(registry.names(embeds=False))}) cannot share a batch")
+    raise PromptError(
+      f"a mixed batch needs prompts of one kind: input-embedding prompts "
+      f"({', '.join(registry.names(embeds=True))}) and key/value prefixes "
+      f"({', '.join(registry.names(embeds=False))}) cannot share a batch"
+    )
   return type(modules[0]).stack(modules)
 
 
-def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "best",
-                  allow_other_base: bool = False):
+def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "best", allow_other_base: bool = False):
   """A frozen base model with a trained prompt, ready to call.
 
   Args:

@@ -45,8 +45,11 @@ class PrefixTuningSpec(PromptSpec):
   @classmethod
   def from_json(cls, d: dict) -> "PrefixTuningSpec":
     slots = d.get("slots")
-    return cls(prefix_projection=bool(d.get("prefix_projection")), encoder_hidden_size=d.get("encoder_hidden_size"),
-               slots=None if slots is None else PrefixSlots.from_dict(slots))
+    return cls(
+      prefix_projection=bool(d.get("prefix_projection")),
+      encoder_hidden_size=d.get("encoder_hidden_size"),
+      slots=None if slots is None else PrefixSlots.from_dict(slots),
+    )
 
   def describe(self) -> str:
     return f"{self.method} ({'with' if self.prefix_projection else 'without'} projection)"
@@ -64,8 +67,15 @@ class PrefixTuning(PromptMethod):
 
   method = PrefixTuningSpec.method
 
-  def __init__(self, slots: PrefixSlots, *, table: jax.Array | None = None, embedding: jax.Array | None = None,
-               hidden_size: int | None = None, rng: jax.Array | None = None):
+  def __init__(
+    self,
+    slots: PrefixSlots,
+    *,
+    table: jax.Array | None = None,
+    embedding: jax.Array | None = None,
+    hidden_size: int | None = None,
+    rng: jax.Array | None = None,
+  ):
     self.slots = slots
     self.projection = embedding is not None
     if self.projection:
@@ -82,8 +92,7 @@ class PrefixTuning(PromptMethod):
       table = jnp.asarray(table, jnp.float32)
       want = (slots.layers, 2, slots.heads, slots.head_dim)
       if table.ndim not in (5, 6) or table.shape[-4:] != want:
-        raise PromptError(f"a prefix table is [P, {', '.join(map(str, want))}] (or a bank of them), got "
-                          f"{table.shape}")
+        raise PromptError(f"a prefix table is [P, {', '.join(map(str, want))}] (or a bank of them), got {table.shape}")
       self.table = L.param(table, (None,) * table.ndim, kind=PromptParam)
 
   @property
@@ -112,8 +121,11 @@ class PrefixTuning(PromptMethod):
     return Prefix(keys=kv[0], values=kv[1])
 
   def spec(self) -> PrefixTuningSpec:
-    return PrefixTuningSpec(prefix_projection=self.projection, slots=self.slots,
-                            encoder_hidden_size=int(self.w1.shape[1]) if self.projection else None)
+    return PrefixTuningSpec(
+      prefix_projection=self.projection,
+      slots=self.slots,
+      encoder_hidden_size=int(self.w1.shape[1]) if self.projection else None,
+    )
 
   @classmethod
   def stack(cls, modules: Sequence[PromptMethod]) -> "PrefixTuning":
@@ -131,8 +143,12 @@ def _build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PrefixTuning:
   slots = base.prefix_slots()
   if pcfg.option("prefix_projection"):
     t = slots.token_dim
-    return PrefixTuning(slots, embedding=random_uniform(rng, pcfg.length, t, *pcfg.init_range),
-                        hidden_size=pcfg.option("encoder_hidden_size") or t, rng=jax.random.fold_in(rng, 2))
+    return PrefixTuning(
+      slots,
+      embedding=random_uniform(rng, pcfg.length, t, *pcfg.init_range),
+      hidden_size=pcfg.option("encoder_hidden_size") or t,
+      rng=jax.random.fold_in(rng, 2),
+    )
   shape = (pcfg.length, slots.layers, 2, slots.heads, slots.head_dim)
   return PrefixTuning(slots, table=jax.random.uniform(rng, shape, jnp.float32, *pcfg.init_range))
 
@@ -140,8 +156,15 @@ def _build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PrefixTuning:
 def _rebuild(spec: PrefixTuningSpec, params: dict) -> PrefixTuning:
   if not spec.prefix_projection:
     return PrefixTuning(spec.slots, table=params["table"])
-  return restored(lambda: PrefixTuning(spec.slots, embedding=jnp.zeros(np.shape(params["embedding"]), jnp.float32),
-                                       hidden_size=spec.encoder_hidden_size, rng=jax.random.key(0)), params)
+  return restored(
+    lambda: PrefixTuning(
+      spec.slots,
+      embedding=jnp.zeros(np.shape(params["embedding"]), jnp.float32),
+      hidden_size=spec.encoder_hidden_size,
+      rng=jax.random.key(0),
+    ),
+    params,
+  )
 
 
 def check_table(value: np.ndarray, slots: PrefixSlots, where: str) -> None:
@@ -160,35 +183,54 @@ def _peft_fields(value: np.ndarray, record, base_path) -> dict:
   spec = record.spec
   problem = spec.slots.peft_problem if spec.slots is not None else None
   if problem:
-    raise ExportError(f"PEFT cannot run this prefix: {problem} (jaxprompt trains and serves it; export it "
-                      "--format numpy or safetensors instead)")
+    raise ExportError(
+      f"PEFT cannot run this prefix: {problem} (jaxprompt trains and serves it; export it "
+      "--format numpy or safetensors instead)"
+    )
   _, y, _, heads, d = value.shape
-  return dict(token_dim=heads * d, num_attention_heads=heads, num_layers=y,
-              num_transformer_submodules=PEFT_PREFIX_SUBMODULES[record.architecture.kind],
-              prefix_projection=spec.prefix_projection, encoder_hidden_size=spec.encoder_hidden_size or heads * d,
-              init_weights=None)
+  return dict(
+    token_dim=heads * d,
+    num_attention_heads=heads,
+    num_layers=y,
+    num_transformer_submodules=PEFT_PREFIX_SUBMODULES[record.architecture.kind],
+    prefix_projection=spec.prefix_projection,
+    encoder_hidden_size=spec.encoder_hidden_size or heads * d,
+    init_weights=None,
+  )
 
 
 def _peft_read(value: np.ndarray, peft: dict, where) -> tuple[np.ndarray, PrefixTuningSpec]:
   """A PREFIX_TUNING adapter's flat table [P, Y * 2 * K * D] as [P, Y, 2, K, D] (the projection is not saved)."""
   p, y, heads, t = (peft.get(k) for k in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"))
   if not all(isinstance(x, int) and x > 0 for x in (y, heads, t)) or t % heads:
-    raise PromptError(f"{where}: a PREFIX_TUNING adapter_config.json needs positive num_layers, num_attention_heads "
-                      f"and token_dim (a multiple of the heads), got {y}, {heads}, {t}")
+    raise PromptError(
+      f"{where}: a PREFIX_TUNING adapter_config.json needs positive num_layers, num_attention_heads "
+      f"and token_dim (a multiple of the heads), got {y}, {heads}, {t}"
+    )
   if value.shape != (p, y * 2 * t):
-    raise PromptError(f"{where}: prompt_embeddings is {value.shape}, expected [num_virtual_tokens, num_layers * 2 * "
-                      f"token_dim] = ({p}, {y * 2 * t})")
+    raise PromptError(
+      f"{where}: prompt_embeddings is {value.shape}, expected [num_virtual_tokens, num_layers * 2 * "
+      f"token_dim] = ({p}, {y * 2 * t})"
+    )
   # PEFT's get_prompt: view [P, 2Y, heads, head_dim], slot 2l + kv -> ours [P, Y, 2, heads, head_dim]
   return value.reshape(p, y, 2, heads, t // heads), PrefixTuningSpec(prefix_projection=False)
 
 
 PREFIX_TUNING = Method(
-    name=PrefixTuningSpec.method, spec_type=PrefixTuningSpec,
-    description="prefix tuning (Li & Liang 2021) / deep prompts (P-tuning v2): keys and values [P, Y, 2, K, D] "
-                "before every attention layer",
-    embeds=False, value_shape="[P, Y, 2, K, D]", saves="table [P, Y, 2, K, D], or embedding [P, K * D] and its MLP",
-    peft_type="PREFIX_TUNING", build=_build, rebuild=_rebuild, fixed=_fixed,
-    check=lambda value, base, where: check_table(value, base.prefix_slots(), where),
-    peft_fields=_peft_fields, peft_read=_peft_read,
-    # a bank of projections would be K fixed tables: what trains is the projection
-    bank_refusal=lambda pcfg: "prefix projections" if pcfg.option("prefix_projection") else None)
+  name=PrefixTuningSpec.method,
+  spec_type=PrefixTuningSpec,
+  description="prefix tuning (Li & Liang 2021) / deep prompts (P-tuning v2): keys and values [P, Y, 2, K, D] "
+  "before every attention layer",
+  embeds=False,
+  value_shape="[P, Y, 2, K, D]",
+  saves="table [P, Y, 2, K, D], or embedding [P, K * D] and its MLP",
+  peft_type="PREFIX_TUNING",
+  build=_build,
+  rebuild=_rebuild,
+  fixed=_fixed,
+  check=lambda value, base, where: check_table(value, base.prefix_slots(), where),
+  peft_fields=_peft_fields,
+  peft_read=_peft_read,
+  # a bank of projections would be K fixed tables: what trains is the projection
+  bank_refusal=lambda pcfg: "prefix projections" if pcfg.option("prefix_projection") else None,
+)

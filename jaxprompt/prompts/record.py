@@ -59,8 +59,9 @@ class TaskRecord:
   @classmethod
   def from_json(cls, d: dict) -> "TaskRecord":
     mixture = tuple(TaskMember(m["name"], tuple(m.get("labels") or ())) for m in d.get("mixture") or ())
-    return cls(name=d.get("name"), labels=tuple(d.get("labels") or ()), mixture=mixture,
-               per_task=bool(d.get("per_task")))
+    return cls(
+      name=d.get("name"), labels=tuple(d.get("labels") or ()), mixture=mixture, per_task=bool(d.get("per_task"))
+    )
 
   @property
   def bank_tasks(self) -> list[str] | None:
@@ -123,14 +124,26 @@ class PromptRecord:
 
   def to_json(self) -> dict:
     ex = dataclasses.asdict(self.export) if self.export is not None else {}
-    out = dict(format=ex.get("format"), export_format=ex.get("export_format"),
-               prompt_length=ex.get("prompt_length"), hidden_size=ex.get("hidden_size"),
-               prompt_spec=self.spec.to_json(), base_model=self.base and self.base.to_dict(),
-               base_architecture=self.architecture and self.architecture.to_dict(), source=self.source,
-               step=self.step, metrics=self.metrics, tokenizer=self.tokenizer, prompt_config=self.prompt_config,
-               config=self.config, task=self.task and self.task.to_json(), peft=self.peft,
-               bank_index=self.bank_index, exported_at=ex.get("exported_at"),
-               jaxprompt_version=ex.get("jaxprompt_version"))
+    out = dict(
+      format=ex.get("format"),
+      export_format=ex.get("export_format"),
+      prompt_length=ex.get("prompt_length"),
+      hidden_size=ex.get("hidden_size"),
+      prompt_spec=self.spec.to_json(),
+      base_model=self.base and self.base.to_dict(),
+      base_architecture=self.architecture and self.architecture.to_dict(),
+      source=self.source,
+      step=self.step,
+      metrics=self.metrics,
+      tokenizer=self.tokenizer,
+      prompt_config=self.prompt_config,
+      config=self.config,
+      task=self.task and self.task.to_json(),
+      peft=self.peft,
+      bank_index=self.bank_index,
+      exported_at=ex.get("exported_at"),
+      jaxprompt_version=ex.get("jaxprompt_version"),
+    )
     return {k: v for k, v in out.items() if v is not None}
 
   @classmethod
@@ -139,10 +152,18 @@ class PromptRecord:
     task = d.get("task") or (dict(name=_at(config, "data", "task")) if config else None)
     stamp = {f.name: d[f.name] for f in dataclasses.fields(ExportStamp) if d.get(f.name) is not None}
     export = ExportStamp(**stamp) if stamp else None
-    return cls(spec=registry.spec_from_json(d.get("prompt_spec")),
-               base=ModelIdentity.from_dict(d["base_model"]) if d.get("base_model") else None,
-               architecture=Architecture.from_dict(d["base_architecture"]) if d.get("base_architecture") else None,
-               task=TaskRecord.from_json(task) if task else None, step=d.get("step"), metrics=d.get("metrics"),
-               source=d.get("source"), tokenizer=d.get("tokenizer", _at(config, "model", "tokenizer")),
-               prompt_config=d.get("prompt_config", _at(config, "prompt")), config=config, peft=d.get("peft"),
-               bank_index=d.get("bank_index"), export=export)
+    return cls(
+      spec=registry.spec_from_json(d.get("prompt_spec")),
+      base=ModelIdentity.from_dict(d["base_model"]) if d.get("base_model") else None,
+      architecture=Architecture.from_dict(d["base_architecture"]) if d.get("base_architecture") else None,
+      task=TaskRecord.from_json(task) if task else None,
+      step=d.get("step"),
+      metrics=d.get("metrics"),
+      source=d.get("source"),
+      tokenizer=d.get("tokenizer", _at(config, "model", "tokenizer")),
+      prompt_config=d.get("prompt_config", _at(config, "prompt")),
+      config=config,
+      peft=d.get("peft"),
+      bank_index=d.get("bank_index"),
+      export=export,
+    )

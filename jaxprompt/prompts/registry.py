@@ -15,11 +15,7 @@ from jaxprompt.prompts.prefix import PREFIX_TUNING
 from jaxprompt.prompts.soft import PROMPT_TUNING, PromptTuningSpec
 from jaxprompt.prompts.spec import Method, PromptSpec
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    PROMPT_TUNING,
-    P_TUNING,
-    PREFIX_TUNING,
-)}
+METHODS: dict[str, Method] = {m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING)}
 
 
 def get(name: str) -> Method:

@@ -46,8 +46,9 @@ class PromptMethod(nnx.Module):
   def packed_table(self, dropout_rng=None) -> jax.Array:
     """Every prompt's input embeddings as one table [K * P, H] (K prompts: a bank, else 1), what packed rows
     gather their prompt slots from (`data.batches.PackedSeq2SeqBatch`)."""
-    raise PromptError(f"{self.method} puts no embeddings before the input: packed rows (data.pack) need "
-                      "prompt_tuning or p_tuning")
+    raise PromptError(
+      f"{self.method} puts no embeddings before the input: packed rows (data.pack) need prompt_tuning or p_tuning"
+    )
 
   def spec(self) -> PromptSpec:
     raise NotImplementedError
@@ -139,20 +140,48 @@ class PromptedModel(nnx.Module):
       return None, dropout_rng
     return tuple(L.split_keys(dropout_rng, 2))
 
-  def full_logits(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
-                  prompt_ids=None, dropout_rng=None) -> jax.Array:
+  def full_logits(
+    self,
+    input_ids,
+    attention_mask=None,
+    decoder_input_ids=None,
+    decoder_attention_mask=None,
+    *,
+    prompt_ids=None,
+    dropout_rng=None,
+  ) -> jax.Array:
     """The base's logits as PEFT returns them: seq2seq [B, T, V]; causal [B, P + L, V] with the soft prompt's
     positions (none for a key/value prefix)."""
     p_rng, rng = self._split(dropout_rng)
-    return self.base.forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                             prefix=self.prefix(input_ids.shape[0], prompt_ids, dropout_rng=p_rng), dropout_rng=rng)
+    return self.base.forward(
+      input_ids,
+      attention_mask,
+      decoder_input_ids,
+      decoder_attention_mask,
+      prefix=self.prefix(input_ids.shape[0], prompt_ids, dropout_rng=p_rng),
+      dropout_rng=rng,
+    )
 
-  def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
-               prompt_ids=None, dropout_rng=None) -> jax.Array:
+  def __call__(
+    self,
+    input_ids,
+    attention_mask=None,
+    decoder_input_ids=None,
+    decoder_attention_mask=None,
+    *,
+    prompt_ids=None,
+    dropout_rng=None,
+  ) -> jax.Array:
     """Logits of the real positions only, float32: seq2seq [B, T, V]; causal [B, L, V] (no virtual tokens)."""
-    logits = self.full_logits(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                              prompt_ids=prompt_ids, dropout_rng=dropout_rng)
-    return logits[:, logits.shape[1] - input_ids.shape[1]:] if decoder_input_ids is None else logits
+    logits = self.full_logits(
+      input_ids,
+      attention_mask,
+      decoder_input_ids,
+      decoder_attention_mask,
+      prompt_ids=prompt_ids,
+      dropout_rng=dropout_rng,
+    )
+    return logits[:, logits.shape[1] - input_ids.shape[1] :] if decoder_input_ids is None else logits
 
   def score_targets(self, batch, *, prompt_ids=None, dropout_rng=None):
     """(logits [B, T, V], targets [B, T], loss mask [B, T]) of a training batch (`models.interface`); a bank's
@@ -182,8 +211,12 @@ def _ids(prompt_ids, batch):
 # prompt.init -> PEFT's PromptTuningInit. class_labels is "sampled vocabulary, then the labels' embeddings" and
 # file continues whatever init made that prompt: PEFT has no closer names. PEFT only reads this field when a
 # prompt is created for training, never when an adapter is loaded.
-PEFT_INIT = {"random_uniform": "RANDOM", "sampled_vocab": "SAMPLE_VOCAB", "class_labels": "SAMPLE_VOCAB",
-             "text": "TEXT"}
+PEFT_INIT = {
+  "random_uniform": "RANDOM",
+  "sampled_vocab": "SAMPLE_VOCAB",
+  "class_labels": "SAMPLE_VOCAB",
+  "text": "TEXT",
+}
 
 
 def restored(build_fn: Callable[[], PromptMethod], params: dict) -> PromptMethod:
@@ -217,8 +250,12 @@ def peft_embeddings(value: np.ndarray, peft: dict, where) -> np.ndarray:
 def embedding_peft_fields(value: np.ndarray, record) -> dict:
   """PEFT's fields of an input-embedding method (its PromptEmbedding / PromptEncoder), options aside."""
   arch = record.architecture
-  return dict(token_dim=int(value.shape[1]), num_transformer_submodules=1, num_layers=arch.num_layers,
-              num_attention_heads=arch.num_attention_heads)
+  return dict(
+    token_dim=int(value.shape[1]),
+    num_transformer_submodules=1,
+    num_layers=arch.num_layers,
+    num_attention_heads=arch.num_attention_heads,
+  )
 
 
 def _peft_init(record, base_path: str | None) -> dict:
@@ -226,19 +263,33 @@ def _peft_init(record, base_path: str | None) -> dict:
   pc = record.prompt_config or {}
   init = PEFT_INIT.get(pc.get("init"), "RANDOM")
   if init == "TEXT" and pc.get("init_text"):
-    return dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=pc["init_text"],
-                tokenizer_name_or_path=record.tokenizer or base_path)
-  return dict(prompt_tuning_init="SAMPLE_VOCAB" if init == "TEXT" else init, prompt_tuning_init_text=None,
-              tokenizer_name_or_path=None)
+    return dict(
+      prompt_tuning_init="TEXT",
+      prompt_tuning_init_text=pc["init_text"],
+      tokenizer_name_or_path=record.tokenizer or base_path,
+    )
+  return dict(
+    prompt_tuning_init="SAMPLE_VOCAB" if init == "TEXT" else init,
+    prompt_tuning_init_text=None,
+    tokenizer_name_or_path=None,
+  )
 
 
 PROMPT_TUNING = Method(
-    name=PromptTuningSpec.method, spec_type=PromptTuningSpec,
-    description="prompt tuning (Lester et al. 2021): learned input embeddings [P, H] before the input",
-    embeds=True, value_shape="[P, H]", saves="embeddings [P, H]", peft_type="PROMPT_TUNING",
-    build=lambda pcfg, base, tokenizer, labels, rng: SoftPrompt(initial_prompt(pcfg, base, tokenizer, labels, rng)),
-    rebuild=lambda spec, params: SoftPrompt(params["embeddings"]),
-    fixed=fixed_embeddings, check=check_embeddings,
-    peft_fields=lambda value, record, base_path: {**embedding_peft_fields(value, record),
-                                                  **_peft_init(record, base_path)},
-    peft_read=lambda value, peft, where: (peft_embeddings(value, peft, where), PromptTuningSpec()))
+  name=PromptTuningSpec.method,
+  spec_type=PromptTuningSpec,
+  description="prompt tuning (Lester et al. 2021): learned input embeddings [P, H] before the input",
+  embeds=True,
+  value_shape="[P, H]",
+  saves="embeddings [P, H]",
+  peft_type="PROMPT_TUNING",
+  build=lambda pcfg, base, tokenizer, labels, rng: SoftPrompt(initial_prompt(pcfg, base, tokenizer, labels, rng)),
+  rebuild=lambda spec, params: SoftPrompt(params["embeddings"]),
+  fixed=fixed_embeddings,
+  check=check_embeddings,
+  peft_fields=lambda value, record, base_path: {
+    **embedding_peft_fields(value, record),
+    **_peft_init(record, base_path),
+  },
+  peft_read=lambda value, peft, where: (peft_embeddings(value, peft, where), PromptTuningSpec()),
+)

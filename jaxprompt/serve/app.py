@@ -21,7 +21,8 @@ import time
 import uuid
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,16 +32,24 @@ from jaxprompt.serve.engine import Draining, Engine, Overloaded, Request, Sampli
 
 
 class ApiError(Exception):
-  def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-               headers: dict | None = None):
+  def __init__(
+    self,
+    status: int,
+    message: str,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict | None = None,
+  ):
     super().__init__(message)
     self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-           headers: dict | None = None) -> JSONResponse:
-  return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
-                      headers=headers)
+def _error(
+  status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", headers: dict | None = None
+) -> JSONResponse:
+  return JSONResponse(
+    {"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status, headers=headers
+  )
 
 
 Text = Annotated[str, Field(strict=True)]
@@ -89,8 +98,11 @@ def _validation_error(_, e: RequestValidationError) -> JSONResponse:
 
 
 def _sse(rid: str, created: int, model: str, choice: dict) -> str:
-  return "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                "choices": [choice]}) + "\n\n"
+  return (
+    "data: "
+    + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
+    + "\n\n"
+  )
 
 
 class _Api:
@@ -123,8 +135,9 @@ class _Api:
       toks = self.engine.encode(text)
       if len(toks) > self.engine.max_input_tokens:
         where = f"{field}[{i}]" if len(texts) > 1 else field
-        raise ApiError(400, f"{where}: {len(toks)} tokens, over this server's limit of "
-                       f"{self.engine.max_input_tokens}", field)
+        raise ApiError(
+          400, f"{where}: {len(toks)} tokens, over this server's limit of {self.engine.max_input_tokens}", field
+        )
       out.append(toks)
     return out
 
@@ -134,8 +147,12 @@ class _Api:
         raise Draining()
       self.engine.submit(reqs)
     except Overloaded:
-      raise ApiError(503, f"the queue is full ({self.engine.queue_size} requests); retry shortly",
-                     kind="server_error", headers={"Retry-After": "1"}) from None
+      raise ApiError(
+        503,
+        f"the queue is full ({self.engine.queue_size} requests); retry shortly",
+        kind="server_error",
+        headers={"Retry-After": "1"},
+      ) from None
     except Draining:
       raise ApiError(503, "the server is shutting down", kind="server_error", headers={"Retry-After": "5"}) from None
 
@@ -154,8 +171,7 @@ class _Api:
 
   def admin(self, request: HttpRequest) -> None:
     if self.admin_token is None:
-      raise ApiError(403, "prompt administration is off (start the server with --admin-token)",
-                     kind="permission_error")
+      raise ApiError(403, "prompt administration is off (start the server with --admin-token)", kind="permission_error")
     given = request.headers.get("authorization", "")
     if not secrets.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
       raise ApiError(401, "a valid admin token is needed (Authorization: Bearer TOKEN)", kind="authentication_error")
@@ -173,8 +189,13 @@ class _Api:
 
   async def models(self):
     now = int(time.time())
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "jaxprompt"}
-                                       for n in [self.base_name] + self.engine.store.names()]}
+    return {
+      "object": "list",
+      "data": [
+        {"id": n, "object": "model", "created": now, "owned_by": "jaxprompt"}
+        for n in [self.base_name] + self.engine.store.names()
+      ],
+    }
 
   def _completion_requests(self, body: CompletionRequest) -> list[Request]:
     """Checked requests (no callbacks yet), one per input."""
@@ -184,17 +205,25 @@ class _Api:
     if body.n != 1:
       raise ApiError(400, "n: only n=1 is supported (send the prompt again for more samples)", "n")
     if body.max_tokens > self.engine.max_tokens:
-      raise ApiError(400, f"max_tokens: {body.max_tokens} is over this server's limit of {self.engine.max_tokens}",
-                     "max_tokens")
+      raise ApiError(
+        400, f"max_tokens: {body.max_tokens} is over this server's limit of {self.engine.max_tokens}", "max_tokens"
+      )
     prompt = self.prompt(body.model)
     texts = self.inputs(body.prompt, "prompt")
     stop = tuple([body.stop] if isinstance(body.stop, str) else body.stop or ())
     if len(stop) > 4:
       raise ApiError(400, "stop: at most 4 stop sequences", "stop")
-    sampling = (Sampling("greedy") if body.temperature == 0 else
-                Sampling("sample", temperature=float(body.temperature), top_p=float(body.top_p)))
-    return [Request("complete", prompt, text, toks, None, max_tokens=body.max_tokens, sampling=sampling, stop=stop,
-                    seed=body.seed) for text, toks in zip(texts, self.tokens(texts, "prompt"))]
+    sampling = (
+      Sampling("greedy")
+      if body.temperature == 0
+      else Sampling("sample", temperature=float(body.temperature), top_p=float(body.top_p))
+    )
+    return [
+      Request(
+        "complete", prompt, text, toks, None, max_tokens=body.max_tokens, sampling=sampling, stop=stop, seed=body.seed
+      )
+      for text, toks in zip(texts, self.tokens(texts, "prompt"), strict=False)
+    ]
 
   async def completions(self, body: CompletionRequest):
     reqs = self._completion_requests(body)
@@ -206,17 +235,26 @@ class _Api:
       futures.append(fut)
     if not body.stream:
       results = await self.answers(reqs, futures)
-      choices = [dict(text=r["text"], index=i, logprobs=None, finish_reason=r["finish_reason"])
-                 for i, r in enumerate(results)]
+      choices = [
+        dict(text=r["text"], index=i, logprobs=None, finish_reason=r["finish_reason"]) for i, r in enumerate(results)
+      ]
       used = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)
-      return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
-              "usage": {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}}
+      return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": choices,
+        "usage": {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)},
+      }
     stream: asyncio.Queue = asyncio.Queue()
     for i, r in enumerate(reqs):
       done = r.on_done
       r.on_delta = lambda delta, i=i: loop.call_soon_threadsafe(stream.put_nowait, (i, delta, None))
-      r.on_done = lambda result, i=i, done=done: (done(result), loop.call_soon_threadsafe(
-          stream.put_nowait, (i, None, result)))
+      r.on_done = lambda result, i=i, done=done: (
+        done(result),
+        loop.call_soon_threadsafe(stream.put_nowait, (i, None, result)),
+      )
     self.submit(reqs)
 
     async def events():
@@ -230,8 +268,9 @@ class _Api:
         if isinstance(result, Exception):
           yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
         else:
-          yield _sse(rid, created, body.model, dict(text="", index=i, logprobs=None,
-                                                    finish_reason=result["finish_reason"]))
+          yield _sse(
+            rid, created, body.model, dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"])
+          )
       yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -246,13 +285,17 @@ class _Api:
       raise ApiError(400, "labels: give distinct, non-empty label strings", "labels")
     loop = asyncio.get_running_loop()
     futures, reqs = [], []
-    for text, toks in zip(texts, self.tokens(texts, "input")):
+    for text, toks in zip(texts, self.tokens(texts, "input"), strict=False):
       fut, done = self.future(loop)
       futures.append(fut)
       reqs.append(Request("classify", prompt, text, toks, done, labels=labels))
     results = await self.answers(reqs, futures)
-    return {"object": "list", "model": body.model, "labels": list(labels),
-            "data": [dict(index=i, label=r["label"], scores=r["scores"]) for i, r in enumerate(results)]}
+    return {
+      "object": "list",
+      "model": body.model,
+      "labels": list(labels),
+      "data": [dict(index=i, label=r["label"], scores=r["scores"]) for i, r in enumerate(results)],
+    }
 
   async def add_prompt(self, body: AddPrompt, request: HttpRequest):
     self.admin(request)
@@ -262,8 +305,10 @@ class _Api:
       served = await asyncio.get_running_loop().run_in_executor(None, self.engine.store.add, body.name, body.path)
     except UserError as e:
       raise ApiError(409 if "already served" in str(e) else 400, str(e).splitlines()[0], "path") from None
-    return JSONResponse({"id": served.name, "object": "model", "method": served.method, "length": served.length,
-                         "source": served.source}, status_code=201)
+    return JSONResponse(
+      {"id": served.name, "object": "model", "method": served.method, "length": served.length, "source": served.source},
+      status_code=201,
+    )
 
   async def remove_prompt(self, name: str, request: HttpRequest):
     self.admin(request)
@@ -298,9 +343,14 @@ def create_app(engine: Engine, *, base_name: str, admin_token: str | None = None
 
   app.add_exception_handler(ApiError, lambda _, e: _error(e.status, e.message, e.param, e.kind, e.headers))
   app.add_exception_handler(RequestValidationError, _validation_error)
-  for method, path, fn in (("GET", "/health", api.health), ("GET", "/metrics", api.metrics),
-                           ("GET", "/v1/models", api.models), ("POST", "/v1/completions", api.completions),
-                           ("POST", "/v1/classify", api.classify), ("POST", "/v1/prompts", api.add_prompt),
-                           ("DELETE", "/v1/prompts/{name}", api.remove_prompt)):
+  for method, path, fn in (
+    ("GET", "/health", api.health),
+    ("GET", "/metrics", api.metrics),
+    ("GET", "/v1/models", api.models),
+    ("POST", "/v1/completions", api.completions),
+    ("POST", "/v1/classify", api.classify),
+    ("POST", "/v1/prompts", api.add_prompt),
+    ("DELETE", "/v1/prompts/{name}", api.remove_prompt),
+  ):
     app.add_api_route(path, fn, methods=[method])
   return app

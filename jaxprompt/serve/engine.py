@@ -134,8 +134,9 @@ class PromptStore:
     self.base = base
     self.allow_other_base = allow_other_base
     self._graphdef, self._state = nnx.split(base)
-    self._shared = jax.jit(lambda state, embeds: nnx.merge(self._graphdef, state).shared_prompt(
-        Prefix(embeds=embeds), 1)[0])
+    self._shared = jax.jit(
+      lambda state, embeds: nnx.merge(self._graphdef, state).shared_prompt(Prefix(embeds=embeds), 1)[0]
+    )
     self._lock = threading.Lock()
     self._prompts: dict[str, ServedPrompt] = {}
     self._banks: dict[tuple, tuple[dict[str, int], Prefix]] = {}
@@ -169,8 +170,9 @@ class PromptStore:
       prefix = self._shared(self._state, jnp.asarray(prefix.embeds))
     prefix = jax.tree.map(jax.device_put, prefix)
     labels = src.record.task.labels if src.record.task is not None else ()
-    return ServedPrompt(name=name, source=str(path), method=src.method, prefix=prefix, labels=labels or None,
-                        record=src.record)
+    return ServedPrompt(
+      name=name, source=str(path), method=src.method, prefix=prefix, labels=labels or None, record=src.record
+    )
 
   def add(self, name: str, path: str | Path, *, replace: bool = False) -> ServedPrompt:
     if name in self._prompts and not replace:
@@ -195,8 +197,7 @@ class PromptStore:
       groups.setdefault(p.group, []).append(p)
     banks = {}
     for group, members in groups.items():
-      stacked = {f: jnp.concatenate([getattr(m.prefix, f) for m in members], axis=_BATCH_AXIS[f])
-                 for f, _ in group}
+      stacked = {f: jnp.concatenate([getattr(m.prefix, f) for m in members], axis=_BATCH_AXIS[f]) for f, _ in group}
       banks[group] = ({m.name: i for i, m in enumerate(members)}, Prefix(**stacked))
     return banks
 
@@ -216,8 +217,7 @@ class PromptStore:
     if all(served.get(p.name) is p and p.name in index for p in prompts):
       ids = jnp.asarray([index[p.name] for p in prompts], jnp.int32)
       return Prefix(**{f: jnp.take(getattr(bank, f), ids, axis=_BATCH_AXIS[f]) for f in fields})
-    return Prefix(**{f: jnp.concatenate([getattr(p.prefix, f) for p in prompts], axis=_BATCH_AXIS[f])
-                     for f in fields})
+    return Prefix(**{f: jnp.concatenate([getattr(p.prefix, f) for p in prompts], axis=_BATCH_AXIS[f]) for f in fields})
 
 
 # -- requests --------------------------------------------------------------------------------------------------
@@ -226,6 +226,7 @@ class PromptStore:
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """A completion's decoding settings (requests share a batch only with equal settings)."""
+
   method: str = "greedy"  # greedy | sample
   temperature: float = 1.0
   top_p: float = 1.0
@@ -271,7 +272,7 @@ class _Text:
 
   def _cut(self, text: str) -> tuple[str, bool]:
     at = [text.find(s) for s in self.stop if s and s in text]
-    return (text[:min(at)], True) if at else (text, False)
+    return (text[: min(at)], True) if at else (text, False)
 
   def update(self, tokens: list[int], final: bool) -> None:
     text, self.stopped = self._cut(self.tokenizer.decode(tokens, skip_special_tokens=True))
@@ -281,10 +282,10 @@ class _Text:
     if not (final or self.stopped):
       safe = self._cut(self.tokenizer.decode(tokens[:-1], skip_special_tokens=True))[0]
       hold = max((len(s) - 1 for s in self.stop), default=0)
-      text = safe[:max(len(self.sent), len(safe) - hold)]
+      text = safe[: max(len(self.sent), len(safe) - hold)]
       text = text.rstrip("\ufffd")  # an unfinished multi-byte character
     if text.startswith(self.sent) and len(text) > len(self.sent):
-      self.on_delta(text[len(self.sent):])
+      self.on_delta(text[len(self.sent) :])
       self.sent = text
 
 
@@ -295,12 +296,28 @@ class Engine:
   """Queue, batcher and the jitted calls (see the module docstring). `start()` runs the worker thread;
   `stop()` lets it finish every queued request first."""
 
-  def __init__(self, base, tokenizer, store: PromptStore, *, max_batch: int = 16, max_wait_ms: float = 5.0,
-               queue_size: int = 256, max_input_tokens: int = 512, max_tokens: int = 256, chunk: int = 8,
-               metrics=None):
+  def __init__(
+    self,
+    base,
+    tokenizer,
+    store: PromptStore,
+    *,
+    max_batch: int = 16,
+    max_wait_ms: float = 5.0,
+    queue_size: int = 256,
+    max_input_tokens: int = 512,
+    max_tokens: int = 256,
+    chunk: int = 8,
+    metrics=None,
+  ):
     self.base, self.tokenizer, self.store = base, tokenizer, store
     self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
-    self.queue_size, self.max_input_tokens, self.max_tokens, self.chunk = queue_size, max_input_tokens, max_tokens, chunk
+    self.queue_size, self.max_input_tokens, self.max_tokens, self.chunk = (
+      queue_size,
+      max_input_tokens,
+      max_tokens,
+      chunk,
+    )
     self.batch_sizes = buckets(max_batch, 1)
     self.lengths = buckets(max_input_tokens, min(16, max_input_tokens))
     self.new_tokens = buckets(max_tokens, min(16, max_tokens))
@@ -308,8 +325,9 @@ class Engine:
     self.graphdef, self.state = nnx.split(base)
     self._pad = pad_id(tokenizer)
     self._labels: dict[tuple, tuple[jax.Array, jax.Array]] = {}
-    self._rank = jax.jit(lambda state, batch, ids, mask, prefix: nnx.merge(self.graphdef, state).label_logprobs(
-        batch, ids, mask, prefix))
+    self._rank = jax.jit(
+      lambda state, batch, ids, mask, prefix: nnx.merge(self.graphdef, state).label_logprobs(batch, ids, mask, prefix)
+    )
     self._pending: list[Request] = []
     self._cond = threading.Condition()
     self._stopping = False
@@ -367,7 +385,7 @@ class Engine:
         if same >= self.max_batch or left <= 0:
           break
         self._cond.wait(left)
-      batch = [r for r in self._pending if r.key == key][:self.max_batch]
+      batch = [r for r in self._pending if r.key == key][: self.max_batch]
       taken = set(map(id, batch))
       self._pending = [r for r in self._pending if id(r) not in taken]
       self._gauge()
@@ -384,10 +402,9 @@ class Engine:
           self.metrics.batch_size.observe(len(batch))
           self.metrics.batches.inc()
         tokens = self._run(batch)
-        if self.metrics is not None:
-          if tokens:
-            self.metrics.generated_tokens.inc(tokens)
-            self.metrics.tokens_per_second.set(tokens / max(time.monotonic() - started, 1e-9))
+        if self.metrics is not None and tokens:
+          self.metrics.generated_tokens.inc(tokens)
+          self.metrics.tokens_per_second.set(tokens / max(time.monotonic() - started, 1e-9))
       except Exception as e:  # noqa: BLE001 — a failed batch answers its requests, the server goes on
         log.exception("batch of %d failed", len(batch))
         for r in batch:
@@ -410,12 +427,15 @@ class Engine:
     ids, mask = self.base.batch_type.layout_inputs(rows, length, self._pad)
     t_new = bucket(max(r.max_tokens for r in batch), self.new_tokens)
     s = batch[0].sampling
-    opts = decoding.options(self.base, GenerateConfig(method=s.method, max_new_tokens=t_new, temperature=s.temperature,
-                                                      top_p=s.top_p, top_k=s.top_k))
+    opts = decoding.options(
+      self.base,
+      GenerateConfig(method=s.method, max_new_tokens=t_new, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k),
+    )
     seeds = [r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little") for r in batch]
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + [seeds[0]] * (b - n), jnp.uint32))
-    state = decoding.start(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(mask), self._prefix(batch, b),
-                           keys, opts=opts)
+    state = decoding.start(
+      self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(mask), self._prefix(batch, b), keys, opts=opts
+    )
     temperature = jnp.asarray(s.temperature, jnp.float32)
     texts = [_Text(self.tokenizer, r.stop, r.on_delta) for r in batch]
     done = [False] * n
@@ -438,8 +458,7 @@ class Engine:
           done[i] = True
           counts[i] = k
           finish = "stop" if ended or texts[i].stopped else "length"
-          r.on_done(dict(text=texts[i].text, finish_reason=finish, prompt_tokens=len(r.tokens),
-                         completion_tokens=k))
+          r.on_done(dict(text=texts[i].text, finish_reason=finish, prompt_tokens=len(r.tokens), completion_tokens=k))
       if t >= t_new:
         break
     return sum(counts)
@@ -460,14 +479,26 @@ class Engine:
     rows = [r for r in batch] + [batch[0]] * (b - n)
     length = bucket(max(len(r.tokens) for r in rows), self.lengths)
     examples = [{"inputs": r.text, "targets": labels[0]} for r in rows]
-    data = encoding.encode(self.base.batch_type, examples, self.tokenizer, input_length=length,
-                                       target_length=label_ids.shape[1], name="classify")
-    scores = np.asarray(self._rank(self.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask,
-                                   self._prefix(batch, b)))
+    data = encoding.encode(
+      self.base.batch_type,
+      examples,
+      self.tokenizer,
+      input_length=length,
+      target_length=label_ids.shape[1],
+      name="classify",
+    )
+    scores = np.asarray(
+      self._rank(self.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask, self._prefix(batch, b))
+    )
     for i, r in enumerate(batch):
       row = scores[i]
-      r.on_done(dict(label=labels[int(np.argmax(row))], scores={lab: float(v) for lab, v in zip(labels, row)},
-                     prompt_tokens=len(r.tokens)))
+      r.on_done(
+        dict(
+          label=labels[int(np.argmax(row))],
+          scores={lab: float(v) for lab, v in zip(labels, row, strict=False)},
+          prompt_tokens=len(r.tokens),
+        )
+      )
     return 0
 
   def warmup(self) -> tuple[int, float]:
@@ -478,7 +509,8 @@ class Engine:
     for prompt in [None, *groups.values()]:
       for b in self.batch_sizes:
         for length in self.lengths:
-          self._complete([Request("complete", prompt, "", [self._pad] * length, lambda _: None, max_tokens=1)
-                          for _ in range(b)])
+          self._complete(
+            [Request("complete", prompt, "", [self._pad] * length, lambda _: None, max_tokens=1) for _ in range(b)]
+          )
           count += 1
     return count, time.monotonic() - start

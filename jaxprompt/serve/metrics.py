@@ -8,17 +8,25 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 class Metrics:
   def __init__(self):
     r = self.registry = CollectorRegistry()
-    self.requests = Counter("jaxprompt_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                            registry=r)
-    self.latency = Histogram("jaxprompt_request_latency_seconds", "HTTP request latency", ["endpoint"], registry=r,
-                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-    self.batch_size = Histogram("jaxprompt_batch_size", "requests per model call", registry=r,
-                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    self.requests = Counter(
+      "jaxprompt_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+    )
+    self.latency = Histogram(
+      "jaxprompt_request_latency_seconds",
+      "HTTP request latency",
+      ["endpoint"],
+      registry=r,
+      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    )
+    self.batch_size = Histogram(
+      "jaxprompt_batch_size", "requests per model call", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+    )
     self.batches = Counter("jaxprompt_batches", "model calls (batches)", registry=r)
     self.queue_depth = Gauge("jaxprompt_queue_depth", "requests waiting for a batch", registry=r)
     self.generated_tokens = Counter("jaxprompt_generated_tokens", "completion tokens generated", registry=r)
-    self.tokens_per_second = Gauge("jaxprompt_tokens_per_second", "completion tokens per second of the last batch",
-                                   registry=r)
+    self.tokens_per_second = Gauge(
+      "jaxprompt_tokens_per_second", "completion tokens per second of the last batch", registry=r
+    )
     self.prompts = Gauge("jaxprompt_prompts", "prompts served", registry=r)
 
   def render(self) -> bytes:

@@ -15,8 +15,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def build(model: str, *, prompts: str | None = None, tokenizer: str | None = None, name: str | None = None,
-          admin_token: str | None = None, allow_other_base: bool = False, **engine_options):
+def build(
+  model: str,
+  *,
+  prompts: str | None = None,
+  tokenizer: str | None = None,
+  name: str | None = None,
+  admin_token: str | None = None,
+  allow_other_base: bool = False,
+  **engine_options,
+):
   """(app, engine, problems): the FastAPI app over an engine serving `model` and the prompts in folder `prompts`."""
   from jaxprompt.models.loading import load_model, load_tokenizer
   from jaxprompt.serve.app import create_app
@@ -62,12 +70,23 @@ def run(args) -> int:
   except ImportError:
     from jaxprompt.errors import UsageError
 
-    raise UsageError("jaxprompt serve needs the serve extra: pip install 'jaxprompt[serve]' (FastAPI, uvicorn)") from None
+    raise UsageError(
+      "jaxprompt serve needs the serve extra: pip install 'jaxprompt[serve]' (FastAPI, uvicorn)"
+    ) from None
   token = args.admin_token or os.environ.get("JAXPROMPT_ADMIN_TOKEN") or None
-  app, engine, problems = build(args.model, prompts=args.prompts, tokenizer=args.tokenizer, name=args.name,
-                                admin_token=token, allow_other_base=args.allow_other_base,
-                                max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
-                                max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens)
+  app, engine, problems = build(
+    args.model,
+    prompts=args.prompts,
+    tokenizer=args.tokenizer,
+    name=args.name,
+    admin_token=token,
+    allow_other_base=args.allow_other_base,
+    max_batch=args.max_batch,
+    max_wait_ms=args.max_wait_ms,
+    queue_size=args.queue_size,
+    max_input_tokens=args.max_input_tokens,
+    max_tokens=args.max_tokens,
+  )
   for line in problems:
     print(f"jaxprompt: warning: {line}", file=sys.stderr)
   if args.warmup:
@@ -75,10 +94,19 @@ def run(args) -> int:
     programs, _ = engine.warmup()
     print(f"jaxprompt: warmed up {programs} shapes in {time.monotonic() - start:.0f} s", file=sys.stderr)
   names = engine.store.names()
-  print(f"jaxprompt: serving {len(names)} prompt(s) ({', '.join(names) or 'none'}) on http://{args.host}:{args.port}",
-        file=sys.stderr, flush=True)
-  config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
-                          timeout_graceful_shutdown=args.drain_seconds)
+  print(
+    f"jaxprompt: serving {len(names)} prompt(s) ({', '.join(names) or 'none'}) on http://{args.host}:{args.port}",
+    file=sys.stderr,
+    flush=True,
+  )
+  config = uvicorn.Config(
+    app,
+    host=args.host,
+    port=args.port,
+    log_level="warning",
+    lifespan="on",
+    timeout_graceful_shutdown=args.drain_seconds,
+  )
   _server_class()(config).run()  # SIGTERM / SIGINT: stop accepting, answer in-flight requests, then return
   print("jaxprompt: server stopped", file=sys.stderr)
   return 0

@@ -31,10 +31,21 @@ from jaxprompt.training.step import make_train_step
 
 # bf16 dense peak FLOP/s per device (vendor figures)
 PEAK_FLOPS = {
-    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA L4": 121e12,
-    "NVIDIA A10G": 125e12, "Tesla T4": 65e12, "Tesla V100": 125e12,
+  "TPU v2": 45e12,
+  "TPU v3": 123e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
+  "NVIDIA A100": 312e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA L4": 121e12,
+  "NVIDIA A10G": 125e12,
+  "Tesla T4": 65e12,
+  "Tesla V100": 125e12,
 }
 
 
@@ -48,15 +59,47 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "llama-small": Preset(dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1376,
-                               num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                               max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
-                          batch_size=8, input_length=128, target_length=8, prompt_length=100),
-    "t5-v1_1-small": Preset(dict(model_type="t5", vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
-                                 num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
-                                 tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0),
-                            batch_size=8, input_length=128, target_length=8, prompt_length=100),
+  "llama-small": Preset(
+    dict(
+      model_type="llama",
+      vocab_size=32000,
+      hidden_size=512,
+      intermediate_size=1376,
+      num_hidden_layers=8,
+      num_attention_heads=8,
+      num_key_value_heads=4,
+      rms_norm_eps=1e-5,
+      rope_theta=10000.0,
+      tie_word_embeddings=False,
+      max_position_embeddings=2048,
+      bos_token_id=1,
+      eos_token_id=2,
+    ),
+    batch_size=8,
+    input_length=128,
+    target_length=8,
+    prompt_length=100,
+  ),
+  "t5-v1_1-small": Preset(
+    dict(
+      model_type="t5",
+      vocab_size=32128,
+      d_model=512,
+      d_kv=64,
+      d_ff=1024,
+      num_layers=8,
+      num_decoder_layers=8,
+      num_heads=6,
+      feed_forward_proj="gated-gelu",
+      tie_word_embeddings=False,
+      dropout_rate=0.0,
+      decoder_start_token_id=0,
+    ),
+    batch_size=8,
+    input_length=128,
+    target_length=8,
+    prompt_length=100,
+  ),
 }
 
 
@@ -85,15 +128,26 @@ def device_peak(dtype: str = "float32") -> tuple[float, str]:
   return 2 * n**3 / t, f"measured {n}x{n} {dtype} matmul on {kind or dev.platform}"
 
 
-def random_base(preset: Preset, dtype: str = "float32", layers: int | None = None, layer_loop: str = "auto",
-                share_prompt: bool = True, attention: str = "auto"):
+def random_base(
+  preset: Preset,
+  dtype: str = "float32",
+  layers: int | None = None,
+  layer_loop: str = "auto",
+  share_prompt: bool = True,
+  attention: str = "auto",
+):
   """A randomly initialised base model of the preset's shape (`layer_loop`, `attention`: the model section's;
   `share_prompt`: `models.interface.ModelOptions`)."""
   hf_cfg = dict(preset.hf_config)
   if layers is not None:
     hf_cfg.update({k: layers for k in ("num_layers", "num_decoder_layers", "num_hidden_layers") if k in hf_cfg})
-  return build_model(config_from_dict(hf_cfg), dtype=jnp.dtype(dtype), layer_loop=layer_loop,
-                     share_prompt=share_prompt, attention=attention)
+  return build_model(
+    config_from_dict(hf_cfg),
+    dtype=jnp.dtype(dtype),
+    layer_loop=layer_loop,
+    share_prompt=share_prompt,
+    attention=attention,
+  )
 
 
 class _IdTokenizer:
@@ -109,16 +163,32 @@ class _IdTokenizer:
 def random_batch(base, preset: Preset, seed: int = 0):
   """Random tokens (ids 2..999) in the model kind's batch layout, inputs and targets filling their lengths."""
   rng = np.random.default_rng(seed)
-  words = lambda n: " ".join(map(str, rng.integers(2, 1000, n)))
-  examples = [{"inputs": words(preset.input_length), "targets": words(preset.target_length)}
-              for _ in range(preset.batch_size)]
-  batch = encoding.encode(base.batch_type, examples, _IdTokenizer(), input_length=preset.input_length,
-                                 target_length=preset.target_length, name="bench")
+
+  def words(n):
+    return " ".join(map(str, rng.integers(2, 1000, n)))
+
+  examples = [
+    {"inputs": words(preset.input_length), "targets": words(preset.target_length)} for _ in range(preset.batch_size)
+  ]
+  batch = encoding.encode(
+    base.batch_type,
+    examples,
+    _IdTokenizer(),
+    input_length=preset.input_length,
+    target_length=preset.target_length,
+    name="bench",
+  )
   return jax.tree.map(jnp.asarray, batch)
 
 
-def setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: bool = False,
-          share_prompt: bool = True, layer_loop: str = "auto"):
+def setup(
+  preset: Preset,
+  dtype: str,
+  layers: int | None = None,
+  full_finetune: bool = False,
+  share_prompt: bool = True,
+  layer_loop: str = "auto",
+):
   """(step_fn, prompt, opt_state, frozen, batch) for the preset's shapes, random weights. `share_prompt=False`:
   a causal model runs the prompt in every row (PEFT's computation) instead of once per batch."""
   base = random_base(preset, dtype, layers, layer_loop, share_prompt=share_prompt)
@@ -135,8 +205,16 @@ def setup(preset: Preset, dtype: str, layers: int | None = None, full_finetune: 
   return step_fn, prompt, tx.init(prompt), frozen, batch
 
 
-def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2, iters: int = 5,
-                     layers: int | None = None, share_prompt: bool = True, layer_loop: str = "auto") -> dict:
+def bench_train_step(
+  preset: Preset,
+  *,
+  dtype: str = "float32",
+  warmup: int = 2,
+  iters: int = 5,
+  layers: int | None = None,
+  share_prompt: bool = True,
+  layer_loop: str = "auto",
+) -> dict:
   step_fn, prompt, opt, frozen, batch = setup(preset, dtype, layers, share_prompt=share_prompt, layer_loop=layer_loop)
   jitted = jax.jit(step_fn, donate_argnums=(0, 1))
   t0 = time.perf_counter()
@@ -152,10 +230,18 @@ def bench_train_step(preset: Preset, *, dtype: str = "float32", warmup: int = 2,
 
   med, times = _median_time(one, warmup, iters)
   tokens = preset.batch_size * (preset.input_length + preset.prompt_length + preset.target_length)
-  return dict(step_seconds=med, step_times=times, tokens_per_second=tokens / med, flops_per_step=flops,
-              achieved_flops=flops / med, compile_seconds=compile_s,
-              device_memory_gib=(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-                                 - mem.alias_size_in_bytes) / 2**30)
+  return dict(
+    step_seconds=med,
+    step_times=times,
+    tokens_per_second=tokens / med,
+    flops_per_step=flops,
+    achieved_flops=flops / med,
+    compile_seconds=compile_s,
+    device_memory_gib=(
+      mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    )
+    / 2**30,
+  )
 
 
 def full_finetune_flops(preset: Preset, dtype: str = "float32") -> float:
@@ -176,8 +262,11 @@ def peft_model(preset: Preset, base, **prompt_tuning):
   from peft import PromptTuningConfig, get_peft_model
 
   task = PEFT_TASK_TYPES[base.kind]
-  return get_peft_model(_torch_model(preset, task), PromptTuningConfig(
-      task_type=task, num_virtual_tokens=preset.prompt_length, **prompt_tuning), adapter_name="p0"), task
+  return get_peft_model(
+    _torch_model(preset, task),
+    PromptTuningConfig(task_type=task, num_virtual_tokens=preset.prompt_length, **prompt_tuning),
+    adapter_name="p0",
+  ), task
 
 
 def peft_trainable(preset: Preset, base, threads: int):
@@ -188,8 +277,16 @@ def peft_trainable(preset: Preset, base, threads: int):
   torch.set_num_threads(threads)
   model, _ = peft_model(preset, base)
   model.train()
-  opt = Adafactor([p for p in model.parameters() if p.requires_grad], lr=0.3, relative_step=False,
-                  scale_parameter=False, warmup_init=False, decay_rate=-0.8, clip_threshold=1.0, weight_decay=1e-5)
+  opt = Adafactor(
+    [p for p in model.parameters() if p.requires_grad],
+    lr=0.3,
+    relative_step=False,
+    scale_parameter=False,
+    warmup_init=False,
+    decay_rate=-0.8,
+    clip_threshold=1.0,
+    weight_decay=1e-5,
+  )
   return model, opt
 
 
@@ -199,8 +296,10 @@ def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iter
 
   base = random_base(preset)
   model, opt = peft_trainable(preset, base, threads)
-  inputs = {k: torch.as_tensor(np.asarray(v), dtype=torch.long)
-            for k, v in jax.device_get(random_batch(base, preset)).hf_inputs().items()}
+  inputs = {
+    k: torch.as_tensor(np.asarray(v), dtype=torch.long)
+    for k, v in jax.device_get(random_batch(base, preset)).hf_inputs().items()
+  }
 
   def one():
     model(**inputs).loss.backward()
@@ -212,59 +311,134 @@ def bench_peft_train_step(preset: Preset, *, threads: int, warmup: int = 1, iter
   return dict(step_seconds=med, step_times=times, tokens_per_second=tokens / med, threads=threads)
 
 
-def run_bench(preset_name: str, *, vs_peft: bool = False, dtype: str = "float32", iters: int = 5,
-              structural: bool = True, generation: bool = True, layer_loop: str = "auto", log=print) -> dict:
+def cpu_threads() -> int:
+  """The CPU threads this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def run_bench(
+  preset_name: str,
+  *,
+  vs_peft: bool = False,
+  dtype: str = "float32",
+  iters: int = 5,
+  structural: bool = True,
+  generation: bool = True,
+  layer_loop: str = "auto",
+  log=print,
+) -> dict:
   """The whole benchmark as a dict (also printed as a table by `log`)."""
   preset = PRESETS[preset_name]
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  threads = cpu_threads()
+  out = _run_setting(preset_name, dtype=dtype, threads=threads, layer_loop=layer_loop, log=log)
+  r = _bench_ours(preset, out, dtype=dtype, iters=iters, layer_loop=layer_loop, log=log)
+  if "num_hidden_layers" in preset.hf_config:  # causal: the same step with the prompt run in every row, as PEFT does
+    _bench_per_row_prompt(preset, r, out, dtype=dtype, iters=iters, layer_loop=layer_loop, log=log)
+  if vs_peft:
+    _bench_peft(preset, r, out, threads=threads, iters=iters, log=log)
+  if structural:
+    _flops_vs_full_finetune(preset, r, out, dtype=dtype, log=log)
+    _compile_scaling(preset, out, dtype=dtype, layer_loop=layer_loop, log=log)
+  if generation:
+    _bench_mixed_prompt_generation(preset, out, threads=threads, vs_peft=vs_peft, layer_loop=layer_loop, log=log)
+  return out
+
+
+def _run_setting(preset_name: str, *, dtype: str, threads: int, layer_loop: str, log) -> dict:
+  """The run's setting (device, its peak FLOP/s, the preset's shape), logged: the start of `run_bench`'s dict."""
   dev = jax.devices()[0]
   peak, how = device_peak(dtype if dev.platform == "cpu" else "bfloat16")
-  out: dict = dict(preset=preset_name, dtype=dtype, device=getattr(dev, "device_kind", dev.platform),
-                   devices=jax.device_count(), threads=threads, peak_flops=peak, peak_source=how,
-                   shape=dataclasses.asdict(preset), layer_loop=layer_loop,
-                   layers_unrolled=unrolls(layer_loop))
+  out: dict = dict(
+    preset=preset_name,
+    dtype=dtype,
+    device=getattr(dev, "device_kind", dev.platform),
+    devices=jax.device_count(),
+    threads=threads,
+    peak_flops=peak,
+    peak_source=how,
+    shape=dataclasses.asdict(PRESETS[preset_name]),
+    layer_loop=layer_loop,
+    layers_unrolled=unrolls(layer_loop),
+  )
   log(f"device: {out['device']} x{out['devices']} ({threads} CPU threads); peak {peak / 1e9:.0f} GFLOP/s ({how})")
-  r = bench_train_step(preset, dtype=dtype, iters=iters, layer_loop=layer_loop)
-  r["utilization"] = r["achieved_flops"] / peak
-  out["jaxprompt"] = r
-  log(f"jaxprompt train step: {r['step_seconds'] * 1e3:.0f} ms median, {r['tokens_per_second']:.0f} tokens/s, "
-      f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step, {r['achieved_flops'] / 1e9:.1f} GFLOP/s "
-      f"({100 * r['utilization']:.0f}% of peak), compile {r['compile_seconds']:.1f} s, "
-      f"{r['device_memory_gib']:.2f} GiB device memory")
-  if "num_hidden_layers" in preset.hf_config:  # causal: the same step with the prompt run in every row, as PEFT does
-    rr = bench_train_step(preset, dtype=dtype, iters=max(3, iters // 2), share_prompt=False, layer_loop=layer_loop)
-    out["jaxprompt_per_row_prompt"] = rr
-    out["shared_prompt_speedup"] = rr["step_seconds"] / r["step_seconds"]
-    log(f"jaxprompt with the prompt in every row (PEFT's work): {rr['step_seconds'] * 1e3:.0f} ms, "
-        f"{rr['flops_per_step'] / 1e9:.1f} GFLOP/step -> the shared prompt is {out['shared_prompt_speedup']:.2f}x")
-  if vs_peft:
-    pr = bench_peft_train_step(preset, threads=threads, iters=max(3, iters // 2))
-    out["peft"] = pr
-    out["speedup_vs_peft"] = r["tokens_per_second"] / pr["tokens_per_second"]
-    log(f"PyTorch + PEFT train step: {pr['step_seconds'] * 1e3:.0f} ms median, {pr['tokens_per_second']:.0f} "
-        f"tokens/s ({threads} threads) -> jaxprompt is {out['speedup_vs_peft']:.2f}x")
-  if structural:
-    ff = full_finetune_flops(preset, dtype)
-    out["full_finetune_flops"] = ff
-    out["prompt_vs_full_flops"] = r["flops_per_step"] / ff
-    log(f"XLA FLOPs: prompt-tuning step / full fine-tuning step = {out['prompt_vs_full_flops']:.2f} "
-        "(frozen weights get no weight-gradient matmuls)")
-    c6, c24 = compile_seconds(preset, 6, dtype), compile_seconds(preset, 24, dtype)
-    out.update(compile_6_layers=c6, compile_24_layers=c24, compile_ratio_24_vs_6=c24 / c6)
-    log(f"compile time, layers in a scan (GPU/TPU's default): 6 layers {c6:.1f} s, 24 layers {c24:.1f} s "
-        f"({c24 / c6:.2f}x)")
-    if unrolls(layer_loop):  # what unrolling costs in compile time
-      u6, u24 = compile_seconds(preset, 6, dtype, "unroll"), compile_seconds(preset, 24, dtype, "unroll")
-      out.update(compile_6_layers_unrolled=u6, compile_24_layers_unrolled=u24)
-      log(f"compile time, layers unrolled (this run's): 6 layers {u6:.1f} s, 24 layers {u24:.1f} s ({u24 / u6:.2f}x)")
-  if generation:
-    g = bench_generation(preset, threads=threads, vs_peft=vs_peft, layer_loop=layer_loop)
-    out["generation"] = g
-    log(f"generation, {g['num_prompts']} prompts x {g['per_prompt']} examples x {g['new_tokens']} new tokens: "
-        f"jaxprompt one mixed-prompt batch {g['jaxprompt_seconds']:.2f} s ({g['jaxprompt_tokens_per_second']:.0f} "
-        "tokens/s)" + (f"; PEFT one call per prompt {g['peft_seconds']:.2f} s ({g['peft_tokens_per_second']:.0f} "
-                       f"tokens/s) -> {g['speedup_vs_peft']:.2f}x" if vs_peft else ""))
   return out
+
+
+def _bench_ours(preset: Preset, out: dict, *, dtype: str, iters: int, layer_loop: str, log) -> dict:
+  """jaxprompt's train step against the device's peak, into `out["jaxprompt"]` (also returned)."""
+  r = bench_train_step(preset, dtype=dtype, iters=iters, layer_loop=layer_loop)
+  r["utilization"] = r["achieved_flops"] / out["peak_flops"]
+  out["jaxprompt"] = r
+  log(
+    f"jaxprompt train step: {r['step_seconds'] * 1e3:.0f} ms median, {r['tokens_per_second']:.0f} tokens/s, "
+    f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step, {r['achieved_flops'] / 1e9:.1f} GFLOP/s "
+    f"({100 * r['utilization']:.0f}% of peak), compile {r['compile_seconds']:.1f} s, "
+    f"{r['device_memory_gib']:.2f} GiB device memory"
+  )
+  return r
+
+
+def _bench_per_row_prompt(preset: Preset, r: dict, out: dict, *, dtype: str, iters: int, layer_loop: str, log):
+  """A causal model's step with the prompt run in every row (PEFT's work) against `r`, the shared prompt's."""
+  rr = bench_train_step(preset, dtype=dtype, iters=max(3, iters // 2), share_prompt=False, layer_loop=layer_loop)
+  out["jaxprompt_per_row_prompt"] = rr
+  out["shared_prompt_speedup"] = rr["step_seconds"] / r["step_seconds"]
+  log(
+    f"jaxprompt with the prompt in every row (PEFT's work): {rr['step_seconds'] * 1e3:.0f} ms, "
+    f"{rr['flops_per_step'] / 1e9:.1f} GFLOP/step -> the shared prompt is {out['shared_prompt_speedup']:.2f}x"
+  )
+
+
+def _bench_peft(preset: Preset, r: dict, out: dict, *, threads: int, iters: int, log) -> None:
+  """PyTorch + PEFT's train step on the same shapes against `r`, jaxprompt's."""
+  pr = bench_peft_train_step(preset, threads=threads, iters=max(3, iters // 2))
+  out["peft"] = pr
+  out["speedup_vs_peft"] = r["tokens_per_second"] / pr["tokens_per_second"]
+  log(
+    f"PyTorch + PEFT train step: {pr['step_seconds'] * 1e3:.0f} ms median, {pr['tokens_per_second']:.0f} "
+    f"tokens/s ({threads} threads) -> jaxprompt is {out['speedup_vs_peft']:.2f}x"
+  )
+
+
+def _flops_vs_full_finetune(preset: Preset, r: dict, out: dict, *, dtype: str, log) -> None:
+  """XLA FLOPs of `r`'s prompt-tuning step over those of a full fine-tuning step."""
+  ff = full_finetune_flops(preset, dtype)
+  out["full_finetune_flops"] = ff
+  out["prompt_vs_full_flops"] = r["flops_per_step"] / ff
+  log(
+    f"XLA FLOPs: prompt-tuning step / full fine-tuning step = {out['prompt_vs_full_flops']:.2f} "
+    "(frozen weights get no weight-gradient matmuls)"
+  )
+
+
+def _compile_scaling(preset: Preset, out: dict, *, dtype: str, layer_loop: str, log) -> None:
+  """Compile time at 6 and 24 layers in a scan (and, when this run unrolls them, unrolled)."""
+  c6, c24 = compile_seconds(preset, 6, dtype), compile_seconds(preset, 24, dtype)
+  out.update(compile_6_layers=c6, compile_24_layers=c24, compile_ratio_24_vs_6=c24 / c6)
+  log(
+    f"compile time, layers in a scan (GPU/TPU's default): 6 layers {c6:.1f} s, 24 layers {c24:.1f} s ({c24 / c6:.2f}x)"
+  )
+  if unrolls(layer_loop):  # what unrolling costs in compile time
+    u6, u24 = compile_seconds(preset, 6, dtype, "unroll"), compile_seconds(preset, 24, dtype, "unroll")
+    out.update(compile_6_layers_unrolled=u6, compile_24_layers_unrolled=u24)
+    log(f"compile time, layers unrolled (this run's): 6 layers {u6:.1f} s, 24 layers {u24:.1f} s ({u24 / u6:.2f}x)")
+
+
+def _bench_mixed_prompt_generation(preset: Preset, out: dict, *, threads: int, vs_peft: bool, layer_loop: str, log):
+  """`bench_generation` into `out["generation"]`, logged."""
+  g = bench_generation(preset, threads=threads, vs_peft=vs_peft, layer_loop=layer_loop)
+  out["generation"] = g
+  log(
+    f"generation, {g['num_prompts']} prompts x {g['per_prompt']} examples x {g['new_tokens']} new tokens: "
+    f"jaxprompt one mixed-prompt batch {g['jaxprompt_seconds']:.2f} s ({g['jaxprompt_tokens_per_second']:.0f} "
+    "tokens/s)"
+    + (
+      f"; PEFT one call per prompt {g['peft_seconds']:.2f} s ({g['peft_tokens_per_second']:.0f} "
+      f"tokens/s) -> {g['speedup_vs_peft']:.2f}x"
+      if vs_peft
+      else ""
+    )
+  )
 
 
 def _torch_model(preset: Preset, task: str):
@@ -278,53 +452,94 @@ def _torch_model(preset: Preset, task: str):
   return auto.from_config(config)
 
 
-def bench_generation(preset: Preset, *, num_prompts: int = 4, per_prompt: int = 8, new_tokens: int = 32,
-                     input_length: int = 32, threads: int = 2, vs_peft: bool = True, iters: int = 3,
-                     layer_loop: str = "auto") -> dict:
+def bench_generation(
+  preset: Preset,
+  *,
+  num_prompts: int = 4,
+  per_prompt: int = 8,
+  new_tokens: int = 32,
+  input_length: int = 32,
+  threads: int = 2,
+  vs_peft: bool = True,
+  iters: int = 3,
+  layer_loop: str = "auto",
+) -> dict:
   """K prompts x N examples: one jitted mixed-prompt batch (jaxprompt) vs PEFT generating per prompt."""
   base = random_base(preset, layer_loop=layer_loop)
   rng = np.random.default_rng(0)
-  prompts = [rng.normal(size=(preset.prompt_length, base.hidden_size)).astype(np.float32) * 0.5
-             for _ in range(num_prompts)]
+  prompts = [
+    rng.normal(size=(preset.prompt_length, base.hidden_size)).astype(np.float32) * 0.5 for _ in range(num_prompts)
+  ]
   ids = rng.integers(3, 1000, (per_prompt, input_length)).astype(np.int32)
+  med = _mixed_prompt_seconds(base, prompts, ids, new_tokens=new_tokens, iters=iters)
+  total = num_prompts * per_prompt * new_tokens
+  out = dict(
+    num_prompts=num_prompts,
+    per_prompt=per_prompt,
+    new_tokens=new_tokens,
+    input_length=input_length,
+    jaxprompt_seconds=med,
+    jaxprompt_tokens_per_second=total / med,
+  )
+  if vs_peft:
+    pmed = _peft_per_prompt_seconds(preset, base, ids, num_prompts, new_tokens=new_tokens, threads=threads, iters=iters)
+    out.update(peft_seconds=pmed, peft_tokens_per_second=total / pmed, speedup_vs_peft=pmed / med)
+  return out
+
+
+def _mixed_prompt_seconds(base, prompts: list[np.ndarray], ids: np.ndarray, *, new_tokens: int, iters: int) -> float:
+  """Median seconds of jaxprompt generating `ids` under every prompt in one mixed-prompt batch."""
   model = PromptedModel(base, prompt_bank(prompts))
-  which = jnp.asarray(np.repeat(np.arange(num_prompts), per_prompt))
-  all_ids = jnp.asarray(np.tile(ids, (num_prompts, 1)))
+  which = jnp.asarray(np.repeat(np.arange(len(prompts)), len(ids)))
+  all_ids = jnp.asarray(np.tile(ids, (len(prompts), 1)))
   mask = jnp.ones_like(all_ids)
 
   def ours():
-    return generate(base, input_ids=all_ids, attention_mask=mask, prefix=model.prefix(len(which), which),
-                    max_new_tokens=new_tokens, eos_id=-1)["tokens"]
+    return generate(
+      base,
+      input_ids=all_ids,
+      attention_mask=mask,
+      prefix=model.prefix(len(which), which),
+      max_new_tokens=new_tokens,
+      eos_id=-1,
+    )["tokens"]
 
   med, _ = _median_time(ours, 1, iters)
-  total = num_prompts * per_prompt * new_tokens
-  out = dict(num_prompts=num_prompts, per_prompt=per_prompt, new_tokens=new_tokens, input_length=input_length,
-             jaxprompt_seconds=med, jaxprompt_tokens_per_second=total / med)
-  if vs_peft:
-    import torch
-    from peft import PromptTuningConfig
+  return med
 
-    torch.set_num_threads(threads)
-    pm, task = peft_model(preset, base, num_transformer_submodules=1)
-    for k in range(1, num_prompts):
-      pm.add_adapter(f"p{k}", PromptTuningConfig(task_type=task, num_virtual_tokens=preset.prompt_length,
-                                                 num_transformer_submodules=1))
-    pm.eval()
-    t_ids = torch.tensor(ids, dtype=torch.long)
 
-    def peft_all():
-      with torch.no_grad():
-        for k in range(num_prompts):  # PEFT prompt tuning serves one prompt per call
-          pm.set_adapter(f"p{k}")
-          pm.generate(input_ids=t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new_tokens,
-                      min_new_tokens=new_tokens, do_sample=False)
+def _peft_per_prompt_seconds(
+  preset: Preset, base, ids: np.ndarray, num_prompts: int, *, new_tokens: int, threads: int, iters: int
+) -> float:
+  """Median seconds of PEFT generating `ids` under each of `num_prompts` adapters, one call per prompt."""
+  import torch
+  from peft import PromptTuningConfig
 
+  torch.set_num_threads(threads)
+  pm, task = peft_model(preset, base, num_transformer_submodules=1)
+  for k in range(1, num_prompts):
+    pm.add_adapter(
+      f"p{k}", PromptTuningConfig(task_type=task, num_virtual_tokens=preset.prompt_length, num_transformer_submodules=1)
+    )
+  pm.eval()
+  t_ids = torch.tensor(ids, dtype=torch.long)
+
+  def peft_all():
+    with torch.no_grad():
+      for k in range(num_prompts):  # PEFT prompt tuning serves one prompt per call
+        pm.set_adapter(f"p{k}")
+        pm.generate(
+          input_ids=t_ids,
+          attention_mask=torch.ones_like(t_ids),
+          max_new_tokens=new_tokens,
+          min_new_tokens=new_tokens,
+          do_sample=False,
+        )
+
+  peft_all()
+  times = []
+  for _ in range(iters):
+    s = time.perf_counter()
     peft_all()
-    times = []
-    for _ in range(iters):
-      s = time.perf_counter()
-      peft_all()
-      times.append(time.perf_counter() - s)
-    pmed = statistics.median(times)
-    out.update(peft_seconds=pmed, peft_tokens_per_second=total / pmed, speedup_vs_peft=pmed / med)
-  return out
+    times.append(time.perf_counter() - s)
+  return statistics.median(times)

@@ -17,7 +17,6 @@ does, plus its loss pass.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -53,24 +52,30 @@ def _longest_row(inputs: dict) -> dict:
   if inputs["labels"].shape[1] == inputs["input_ids"].shape[1]:  # causal: labels align with the tokens
     out["labels"] = inputs["labels"][:, :keep]
   else:  # seq2seq: labels padded to the longest target
-    out["labels"] = inputs["labels"][:, :int(np.flatnonzero((inputs["labels"] != -100).any(axis=0)).max()) + 1]
+    out["labels"] = inputs["labels"][:, : int(np.flatnonzero((inputs["labels"] != -100).any(axis=0)).max()) + 1]
   return out
 
 
 def _packing(preset: BN.Preset, base) -> Packing:
   """What `data.pack` does with the preset's shapes and the default `train.microbatches` on one device."""
-  return make_packing(preset.prompt_length, base.config.decoder_start_token_id,
-                      microbatches=C.TrainConfig().microbatches)
+  return make_packing(
+    preset.prompt_length, base.config.decoder_start_token_id, microbatches=C.TrainConfig().microbatches
+  )
 
 
-def _batches(preset: BN.Preset, base, data_file, task: str, tokenizer, steps: int, buckets, group: int,
-             pack: bool):
+def _batches(preset: BN.Preset, base, data_file, task: str, tokenizer, steps: int, buckets, group: int, pack: bool):
   examples = load_split(task, "train", files={"train": data_file})
   tok = load_tokenizer(tokenizer)
   if len(tok) > base.config.vocab_size:
     raise UsageError(f"tokenizer {tokenizer} has {len(tok)} tokens but preset vocab is {base.config.vocab_size}")
-  rows = encoding.encode(base.batch_type, examples, tok, input_length=preset.input_length,
-                                target_length=preset.target_length, name=f"{task} {data_file}")
+  rows = encoding.encode(
+    base.batch_type,
+    examples,
+    tok,
+    input_length=preset.input_length,
+    target_length=preset.target_length,
+    name=f"{task} {data_file}",
+  )
   kw = dict(seed=0, buckets=bucket_lengths(buckets, preset.input_length), group_by_length=group)
   plain = BatchStream(rows, preset.batch_size, **kw)  # what PEFT gets
   unpacked = [next(plain) for _ in range(steps)]
@@ -87,8 +92,9 @@ def _time_ours(preset: BN.Preset, batches) -> dict:
   state = {"p": prompt, "o": opt}
 
   def run(b):
-    state["p"], state["o"], m = jitted(state["p"], state["o"], frozen, jax.tree.map(jnp.asarray, b),
-                                       jnp.asarray(0, jnp.int32))
+    state["p"], state["o"], m = jitted(
+      state["p"], state["o"], frozen, jax.tree.map(jnp.asarray, b), jnp.asarray(0, jnp.int32)
+    )
     return m["loss"]
 
   shapes = {jax.tree.map(np.shape, b): b for b in batches}
@@ -100,9 +106,13 @@ def _time_ours(preset: BN.Preset, batches) -> dict:
   for b in batches:
     loss = run(b)
   jax.block_until_ready(loss)
-  return dict(seconds=time.perf_counter() - t0, compile_and_warmup_seconds=compile_s,
-              input_lengths=[b.input_length for b in batches], rows=[b.size for b in batches],
-              slots=sum(b.size * b.tokens_per_row(preset.prompt_length) for b in batches))
+  return dict(
+    seconds=time.perf_counter() - t0,
+    compile_and_warmup_seconds=compile_s,
+    input_lengths=[b.input_length for b in batches],
+    rows=[b.size for b in batches],
+    slots=sum(b.size * b.tokens_per_row(preset.prompt_length) for b in batches),
+  )
 
 
 def _time_peft(preset: BN.Preset, base, batches, threads: int) -> dict:
@@ -120,12 +130,16 @@ def _time_peft(preset: BN.Preset, base, batches, threads: int) -> dict:
   t0 = time.perf_counter()
   for inputs in hf:
     step(inputs)
+
   def slots(x):  # prompt + input (+ decoder targets) per row
     n = x["input_ids"].shape[1] + (0 if x["labels"].shape[1] == x["input_ids"].shape[1] else x["labels"].shape[1])
     return x["input_ids"].shape[0] * (preset.prompt_length + n)
 
-  return dict(seconds=time.perf_counter() - t0, input_lengths=[int(x["input_ids"].shape[1]) for x in hf],
-              slots=sum(slots(x) for x in hf))
+  return dict(
+    seconds=time.perf_counter() - t0,
+    input_lengths=[int(x["input_ids"].shape[1]) for x in hf],
+    slots=sum(slots(x) for x in hf),
+  )
 
 
 def _time_eval_ours(preset: BN.Preset, base, batches, label_ids, label_mask) -> dict:
@@ -153,15 +167,19 @@ def _time_eval_peft(preset: BN.Preset, base, batches, label_ids, label_mask, thr
   model, _ = BN.peft_model(preset, base)
   model.eval()
   as_torch = lambda d: {k: torch.as_tensor(v, dtype=torch.long) for k, v in d.items()}  # noqa: E731
-  labels = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in zip(label_ids, label_mask)]
-  work = [(as_torch(_longest_row(b.hf_inputs())), [as_torch(_longest_row(b.hf_with_target(t))) for t in labels])
-          for b in batches]
+  labels = [
+    [int(t) for t, m in zip(ids, mask, strict=False) if m] for ids, mask in zip(label_ids, label_mask, strict=False)
+  ]
+  work = [
+    (as_torch(_longest_row(b.hf_inputs())), [as_torch(_longest_row(b.hf_with_target(t))) for t in labels])
+    for b in batches
+  ]
 
   def score(inputs):
     logits = model(**inputs).logits
     labels = inputs["labels"]
     if labels.shape[1] == inputs["input_ids"].shape[1]:  # causal: PEFT returns the virtual tokens' positions too,
-      logits, labels = logits[:, -labels.shape[1]:-1], labels[:, 1:]  # and position t predicts t + 1
+      logits, labels = logits[:, -labels.shape[1] : -1], labels[:, 1:]  # and position t predicts t + 1
     logp = torch.log_softmax(logits.float(), -1)
     keep = labels >= 0
     return (logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * keep).sum(-1)
@@ -175,57 +193,133 @@ def _time_eval_peft(preset: BN.Preset, base, batches, label_ids, label_mask, thr
     return dict(seconds=time.perf_counter() - t0)
 
 
-def run_data_bench(preset_name: str, data_file, task: str, tokenizer, *, vs_peft: bool = False, steps: int = 6,
-                   buckets="auto", group_by_length: int = 0, pack: bool | None = None, evaluate: bool = False,
-                   log=print) -> dict:
+def run_data_bench(
+  preset_name: str,
+  data_file,
+  task: str,
+  tokenizer,
+  *,
+  vs_peft: bool = False,
+  steps: int = 6,
+  buckets="auto",
+  group_by_length: int = 0,
+  pack: bool | None = None,
+  evaluate: bool = False,
+  log=print,
+) -> dict:
   """The real-data benchmark as a dict (also printed by `log`). `pack`: pack a seq2seq model's rows (None: when
   the model is seq2seq). `evaluate`: also time rank classification (the task's labels) on the unpacked batches."""
   preset = dataclasses.replace(BN.PRESETS[preset_name], **RECIPE)
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  threads = BN.cpu_threads()
   base = BN.random_base(preset)
-  if pack is None:
-    pack = base.supports_packing
-  elif pack and not base.supports_packing:
-    raise UsageError(f"--pack packs seq2seq rows; {preset_name} is a {base.kind} model")
-  labels = get_task(task).labels if evaluate else None
-  if evaluate and not labels:  # before minutes of training benchmark, not after
-    raise UsageError(f"--eval ranks label strings; task {task!r} is generative")
-  batches, unpacked, n, mean_len, tok = _batches(preset, base, data_file, task, tokenizer, steps, buckets,
-                                                 group_by_length, pack)
+  pack = _resolve_pack(pack, base, preset_name)
+  labels = _eval_labels(task) if evaluate else None
+  batches, unpacked, n, mean_len, tok = _batches(
+    preset, base, data_file, task, tokenizer, steps, buckets, group_by_length, pack
+  )
   real = sum(_real_tokens(b) for b in unpacked)
   examples = steps * preset.batch_size
-  out = dict(preset=preset_name, task=task, data=str(data_file), examples_in_file=n, mean_input_tokens=mean_len,
-             steps=steps, threads=threads, shape=dataclasses.asdict(preset), real_tokens=real,
-             length_buckets=buckets, group_by_length=group_by_length, pack=pack)
-  log(f"{task}: {n} rows from {data_file}, mean input {mean_len:.0f} tokens (limit {preset.input_length}); "
-      f"{steps} steps of {preset.batch_size}, prompt {preset.prompt_length}, {threads} threads; buckets {buckets}, "
-      f"group_by_length {group_by_length}, {'packed' if pack else 'not packed'}")
-  r = _time_ours(preset, batches)
-  r.update(examples_per_second=examples / r["seconds"], real_tokens_per_second=real / r["seconds"])
-  out["jaxprompt"] = r
-  shape = (f"packed rows x length {sorted(set(zip(r['rows'], r['input_lengths'])))}" if pack
-           else f"input buckets {sorted(set(r['input_lengths']))}")
-  log(f"jaxprompt: {r['examples_per_second']:.2f} examples/s, {r['real_tokens_per_second']:.0f} real tokens/s "
-      f"({shape}; {r['slots']} token slots; compile + warm-up {r['compile_and_warmup_seconds']:.0f} s)")
+  out = dict(
+    preset=preset_name,
+    task=task,
+    data=str(data_file),
+    examples_in_file=n,
+    mean_input_tokens=mean_len,
+    steps=steps,
+    threads=threads,
+    shape=dataclasses.asdict(preset),
+    real_tokens=real,
+    length_buckets=buckets,
+    group_by_length=group_by_length,
+    pack=pack,
+  )
+  log(
+    f"{task}: {n} rows from {data_file}, mean input {mean_len:.0f} tokens (limit {preset.input_length}); "
+    f"{steps} steps of {preset.batch_size}, prompt {preset.prompt_length}, {threads} threads; buckets {buckets}, "
+    f"group_by_length {group_by_length}, {'packed' if pack else 'not packed'}"
+  )
+  r = _train_ours(preset, batches, out, examples=examples, log=log)
   if vs_peft:
-    pr = _time_peft(preset, base, unpacked, threads)
-    pr.update(examples_per_second=examples / pr["seconds"], real_tokens_per_second=real / pr["seconds"])
-    out["peft"] = pr
-    out["speedup_vs_peft"] = pr["seconds"] / r["seconds"]
-    log(f"PyTorch + PEFT (per-batch dynamic padding, longest rows {min(pr['input_lengths'])}-"
-        f"{max(pr['input_lengths'])}; {pr['slots']} token slots): {pr['examples_per_second']:.2f} examples/s, "
-        f"{pr['real_tokens_per_second']:.0f} real tokens/s -> jaxprompt is {out['speedup_vs_peft']:.2f}x")
+    _train_peft(preset, base, unpacked, r, out, examples=examples, threads=threads, log=log)
   if evaluate:
     label_ids, label_mask = encoding.encode_labels(base.batch_type, tok, labels, preset.target_length)
-    ev = _time_eval_ours(preset, base, unpacked, label_ids, label_mask)
-    ev["examples_per_second"] = examples / ev["seconds"]
-    out["eval"] = dict(labels=list(labels), jaxprompt=ev)
-    log(f"rank classification ({len(labels)} labels; loss + every label's score, one pass): "
-        f"{ev['examples_per_second']:.2f} examples/s")
+    ev = _rank_ours(preset, base, unpacked, labels, label_ids, label_mask, out, examples=examples, log=log)
     if vs_peft:
-      pe = _time_eval_peft(preset, base, unpacked, label_ids, label_mask, threads)
-      pe["examples_per_second"] = examples / pe["seconds"]
-      out["eval"].update(peft=pe, speedup_vs_peft=pe["seconds"] / ev["seconds"])
-      log(f"PyTorch + PEFT rank classification (a loss pass, then each (example, label) as its own sequence): "
-          f"{pe['examples_per_second']:.2f} examples/s -> jaxprompt is {out['eval']['speedup_vs_peft']:.2f}x")
+      _rank_peft(preset, base, unpacked, label_ids, label_mask, ev, out, examples=examples, threads=threads, log=log)
   return out
+
+
+def _resolve_pack(pack: bool | None, base, preset_name: str) -> bool:
+  """`pack` with None resolved to whether the model packs (seq2seq); a UsageError for packing a causal model."""
+  if pack is None:
+    return base.supports_packing
+  if pack and not base.supports_packing:
+    raise UsageError(f"--pack packs seq2seq rows; {preset_name} is a {base.kind} model")
+  return pack
+
+
+def _eval_labels(task: str):
+  """The task's label strings for rank classification; a UsageError for a generative task."""
+  labels = get_task(task).labels
+  if not labels:  # before minutes of training benchmark, not after
+    raise UsageError(f"--eval ranks label strings; task {task!r} is generative")
+  return labels
+
+
+def _with_rates(r: dict, examples: int, real: int | None = None) -> dict:
+  """`r` with examples/s (and, given `real`, real tokens/s) from its seconds."""
+  r["examples_per_second"] = examples / r["seconds"]
+  if real is not None:
+    r["real_tokens_per_second"] = real / r["seconds"]
+  return r
+
+
+def _train_ours(preset: BN.Preset, batches, out: dict, *, examples: int, log) -> dict:
+  """jaxprompt's train steps over `batches`, into `out["jaxprompt"]` (also returned)."""
+  r = _with_rates(_time_ours(preset, batches), examples, out["real_tokens"])
+  out["jaxprompt"] = r
+  shape = (
+    f"packed rows x length {sorted(set(zip(r['rows'], r['input_lengths'], strict=False)))}"
+    if out["pack"]
+    else f"input buckets {sorted(set(r['input_lengths']))}"
+  )
+  log(
+    f"jaxprompt: {r['examples_per_second']:.2f} examples/s, {r['real_tokens_per_second']:.0f} real tokens/s "
+    f"({shape}; {r['slots']} token slots; compile + warm-up {r['compile_and_warmup_seconds']:.0f} s)"
+  )
+  return r
+
+
+def _train_peft(preset: BN.Preset, base, unpacked, r: dict, out: dict, *, examples: int, threads: int, log) -> None:
+  """PyTorch + PEFT's train steps over the unpacked batches against `r`, jaxprompt's."""
+  pr = _with_rates(_time_peft(preset, base, unpacked, threads), examples, out["real_tokens"])
+  out["peft"] = pr
+  out["speedup_vs_peft"] = pr["seconds"] / r["seconds"]
+  log(
+    f"PyTorch + PEFT (per-batch dynamic padding, longest rows {min(pr['input_lengths'])}-"
+    f"{max(pr['input_lengths'])}; {pr['slots']} token slots): {pr['examples_per_second']:.2f} examples/s, "
+    f"{pr['real_tokens_per_second']:.0f} real tokens/s -> jaxprompt is {out['speedup_vs_peft']:.2f}x"
+  )
+
+
+def _rank_ours(preset: BN.Preset, base, unpacked, labels, label_ids, label_mask, out: dict, *, examples: int, log):
+  """jaxprompt's rank classification over the unpacked batches, into `out["eval"]`; returns its timing."""
+  ev = _with_rates(_time_eval_ours(preset, base, unpacked, label_ids, label_mask), examples)
+  out["eval"] = dict(labels=list(labels), jaxprompt=ev)
+  log(
+    f"rank classification ({len(labels)} labels; loss + every label's score, one pass): "
+    f"{ev['examples_per_second']:.2f} examples/s"
+  )
+  return ev
+
+
+def _rank_peft(
+  preset: BN.Preset, base, unpacked, label_ids, label_mask, ev: dict, out: dict, *, examples, threads, log
+):
+  """PEFT's rank classification over the unpacked batches against `ev`, jaxprompt's, into `out["eval"]`."""
+  pe = _with_rates(_time_eval_peft(preset, base, unpacked, label_ids, label_mask, threads), examples)
+  out["eval"].update(peft=pe, speedup_vs_peft=pe["seconds"] / ev["seconds"])
+  log(
+    f"PyTorch + PEFT rank classification (a loss pass, then each (example, label) as its own sequence): "
+    f"{pe['examples_per_second']:.2f} examples/s -> jaxprompt is {out['eval']['speedup_vs_peft']:.2f}x"
+  )

@@ -24,8 +24,14 @@ def inspect_prompt(value: np.ndarray, table: np.ndarray | None, tokenizer=None, 
     rec = {"index": i, "norm": float(norms[i])}
     if sims is not None:
       top = np.argsort(-sims[i])[:top_k]
-      rec["nearest"] = [{"id": int(t), "token": tokenizer.convert_ids_to_tokens(int(t)) if tokenizer else None,
-                         "cosine": round(float(sims[i, t]), 4)} for t in top]
+      rec["nearest"] = [
+        {
+          "id": int(t),
+          "token": tokenizer.convert_ids_to_tokens(int(t)) if tokenizer else None,
+          "cosine": round(float(sims[i, t]), 4),
+        }
+        for t in top
+      ]
     rows.append(rec)
   return rows
 

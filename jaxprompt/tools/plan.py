@@ -26,9 +26,19 @@ from jaxprompt.training.step import make_train_step
 
 # Per-device memory of common accelerators (GiB) and their device counts by slice name.
 TOPOLOGIES: dict[str, tuple[int, float]] = {
-    "v2-8": (8, 8), "v3-8": (8, 16), "v3-32": (32, 16), "v4-8": (4, 32), "v4-32": (16, 32),
-    "v5e-8": (8, 16), "v5litepod-8": (8, 16), "v5p-8": (4, 95), "v6e-8": (8, 32),
-    "a100-40gb-8": (8, 40), "a100-80gb-8": (8, 80), "h100-8": (8, 80), "h200-8": (8, 141),
+  "v2-8": (8, 8),
+  "v3-8": (8, 16),
+  "v3-32": (32, 16),
+  "v4-8": (4, 32),
+  "v4-32": (16, 32),
+  "v5e-8": (8, 16),
+  "v5litepod-8": (8, 16),
+  "v5p-8": (4, 95),
+  "v6e-8": (8, 32),
+  "a100-40gb-8": (8, 40),
+  "a100-80gb-8": (8, 80),
+  "h100-8": (8, 80),
+  "h200-8": (8, 141),
 }
 GiB = 1024**3
 
@@ -48,8 +58,10 @@ class PlanRow:
   def line(self) -> str:
     m = f"data={self.mesh['data']},fsdp={self.mesh['fsdp']},model={self.mesh['model']}"
     fits = "" if self.fits is None else ("  fits" if self.fits else "  too big")
-    return (f"{m:<26} remat={self.remat:<5} args {self.argument_gib:7.2f} GiB  temp {self.temp_gib:7.2f} GiB  "
-            f"total {self.total_gib:7.2f} GiB  {self.flops_per_device / 1e12:8.2f} TFLOP/device/step{fits}")
+    return (
+      f"{m:<26} remat={self.remat:<5} args {self.argument_gib:7.2f} GiB  temp {self.temp_gib:7.2f} GiB  "
+      f"total {self.total_gib:7.2f} GiB  {self.flops_per_device / 1e12:8.2f} TFLOP/device/step{fits}"
+    )
 
 
 def hf_config_for(path: str) -> dict:
@@ -84,34 +96,45 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
 
   def build():
     # a scan: what the accelerators the plan is for run (compile time flat in depth)
-    base = build_model(config, param_dtype=pdt, dtype=cdt, remat=remat, layer_loop="scan",
-                       attention=cfg.model.attention)
+    base = build_model(
+      config, param_dtype=pdt, dtype=cdt, remat=remat, layer_loop="scan", attention=cfg.model.attention
+    )
     # the configured method's structure (its initial values do not matter to a plan)
-    return PromptedModel(base, methods.build(methods.with_random_init(cfg.prompt), base, None, None,
-                                             jax.random.key(0)))
+    return PromptedModel(base, methods.build(methods.with_random_init(cfg.prompt), base, None, None, jax.random.key(0)))
 
   abstract = nnx.eval_shape(build)
   graphdef, prompt_state, frozen_state = nnx.split(abstract, PromptParam, ...)
   f_sh = shd.state_shardings(frozen_state, mesh).to_pure_dict()
-  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+  def sds(x, s):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
   frozen = jax.tree.map(sds, frozen_state.to_pure_dict(), f_sh)
   rep = shd.replicated(mesh)
   prompt = jax.tree.map(lambda x: sds(x, rep), prompt_state.to_pure_dict())
   tx = build_optimizer(cfg.optimizer, cfg.train.steps)
   opt = jax.tree.map(lambda x: sds(x, rep), jax.eval_shape(tx.init, prompt))
   bs = shd.batch_sharding(mesh)
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bs), abstract.base.dummy_batch(
-      cfg.train.batch_size, cfg.data.input_length, cfg.data.target_length))
+  batch = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bs),
+    abstract.base.dummy_batch(cfg.train.batch_size, cfg.data.input_length, cfg.data.target_length),
+  )
   # "auto" is one piece on the accelerators a plan is for (chunking is the CPU's)
   microbatches = 1 if cfg.train.microbatches == "auto" else cfg.train.microbatches
   step_fn = make_train_step(graphdef, tx, z_loss=cfg.train.z_loss, microbatches=microbatches)
-  step = jax.jit(step_fn, out_shardings=(jax.tree.map(lambda _: rep, prompt), jax.tree.map(lambda _: rep, opt), rep),
-                 donate_argnums=(0, 1))
+  step = jax.jit(
+    step_fn,
+    out_shardings=(jax.tree.map(lambda _: rep, prompt), jax.tree.map(lambda _: rep, opt), rep),
+    donate_argnums=(0, 1),
+  )
   start = time.time()
   args = (prompt, opt, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32))
   compiled = step.lower(*args).compile()
   secs = time.time() - start
-  strip = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+
+  def strip(t):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+
   total_flops = costs.flops(step_fn, *[strip(a) for a in args])
   return compiled, secs, total_flops
 
@@ -128,8 +151,15 @@ def detected_budget_gib() -> tuple[float | None, str]:
   return (limit / GiB if limit else None), getattr(dev, "device_kind", dev.platform)
 
 
-def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, budget_gib: float | None = None,
-         remats: tuple[str, ...] = ("none", "full"), log=print) -> tuple[list[PlanRow], PlanRow | None]:
+def plan(
+  cfg,
+  *,
+  devices: int | None = None,
+  meshes: list[dict] | None = None,
+  budget_gib: float | None = None,
+  remats: tuple[str, ...] = ("none", "full"),
+  log=print,
+) -> tuple[list[PlanRow], PlanRow | None]:
   hf_cfg = hf_config_for(cfg.model.path)
   n = devices or jax.device_count()
   devs = jax.devices()[:n]
@@ -140,8 +170,10 @@ def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, b
   weights = _param_bytes(cfg, hf_cfg)
   for m in [_resolve_mesh(m, n) for m in meshes] if meshes else candidate_meshes(n):
     if budget_gib is not None and not meshes and weights / (m["fsdp"] * m["model"]) > budget_gib * GiB:
-      log(f"skip data={m['data']},fsdp={m['fsdp']},model={m['model']}: frozen weights alone need "
-          f"{weights / (m['fsdp'] * m['model']) / GiB:.1f} GiB per device")
+      log(
+        f"skip data={m['data']},fsdp={m['fsdp']},model={m['model']}: frozen weights alone need "
+        f"{weights / (m['fsdp'] * m['model']) / GiB:.1f} GiB per device"
+      )
       continue
     mesh = shd.make_mesh(m["data"], m["fsdp"], m["model"], devices=devs)
     dp = m["data"] * m["fsdp"]
@@ -151,17 +183,29 @@ def plan(cfg, *, devices: int | None = None, meshes: list[dict] | None = None, b
     for remat in remats:
       compiled, secs, total_flops = compile_step(cfg, hf_cfg, mesh, remat)
       mem = compiled.memory_analysis()
-      args, temp, out, alias = (mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
-                                mem.alias_size_in_bytes)
+      args, temp, out, alias = (
+        mem.argument_size_in_bytes,
+        mem.temp_size_in_bytes,
+        mem.output_size_in_bytes,
+        mem.alias_size_in_bytes,
+      )
       total = args + temp + out - alias
       # model-parallel devices split the work; data-parallel ones each do their share of the batch
-      row = PlanRow(m, remat, args / GiB, temp / GiB, out / GiB, total / GiB, total_flops / n, secs,
-                    None if budget_gib is None else total / GiB <= budget_gib)
+      row = PlanRow(
+        m,
+        remat,
+        args / GiB,
+        temp / GiB,
+        out / GiB,
+        total / GiB,
+        total_flops / n,
+        secs,
+        None if budget_gib is None else total / GiB <= budget_gib,
+      )
       rows.append(row)
       log(row.line())
-      if row.fits or (budget_gib is None):
-        if best is None or _better(row, best):
-          best = row
+      if (row.fits or (budget_gib is None)) and (best is None or _better(row, best)):
+        best = row
       if row.fits:
         break  # a lighter remat policy already fits; no need to recompute more
     if best is not None and budget_gib is not None and not meshes:
@@ -182,5 +226,8 @@ def _param_bytes(cfg, hf_cfg: dict) -> float:
 
 def _better(a: PlanRow, b: PlanRow) -> bool:
   """Prefer no remat, then most data parallelism, then least memory."""
-  key = lambda r: (r.remat != "none", r.mesh["model"], r.mesh["fsdp"], r.total_gib)
+
+  def key(r):
+    return (r.remat != "none", r.mesh["model"], r.mesh["fsdp"], r.total_gib)
+
   return key(a) < key(b)

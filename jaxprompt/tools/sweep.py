@@ -55,7 +55,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
 
 
 def variants(grid: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
-  return [dict(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
+  return [dict(zip([k for k, _ in grid], combo, strict=False)) for combo in itertools.product(*[v for _, v in grid])]
 
 
 def variant_name(overrides: dict[str, Any]) -> str:
@@ -84,8 +84,15 @@ def _table(rows: list[dict], metric: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def sweep(config: str | Path, workdir: str | Path, grid: list[tuple[str, list[Any]]], *, overrides=(),
-          progress: bool = True, mesh=None) -> list[dict]:
+def sweep(
+  config: str | Path,
+  workdir: str | Path,
+  grid: list[tuple[str, list[Any]]],
+  *,
+  overrides=(),
+  progress: bool = True,
+  mesh=None,
+) -> list[dict]:
   """Train every variant (checked up front, all of them, before the first trains) -> one summary row each."""
   import jax
 
@@ -105,13 +112,25 @@ def sweep(config: str | Path, workdir: str | Path, grid: list[tuple[str, list[An
     if progress:
       print(f"jaxprompt: sweep variant {i}/{len(planned)}: {name}", flush=True)
     s = trainer.train(cfg, workdir / name, progress=progress, mesh=mesh, bases=bases).summary()
-    rows.append(dict(variant=name, overrides=over, **{k: s[k] for k in ("best_value", "best_step", "final_step",
-                                                                         "metric", "train_seconds")}))
+    rows.append(
+      dict(
+        variant=name,
+        overrides=over,
+        **{k: s[k] for k in ("best_value", "best_step", "final_step", "metric", "train_seconds")},
+      )
+    )
   metric = planned[0][2].eval.metric
-  write_file_atomically(workdir / "sweep.json", lambda t: t.write_text(json.dumps(
-      dict(config=str(config), grid=[list(g) for g in grid], metric=metric, variants=rows,
-           bases_loaded=len(bases)), indent=2, default=str)), overwrite=True)
+  write_file_atomically(
+    workdir / "sweep.json",
+    lambda t: t.write_text(
+      json.dumps(
+        dict(config=str(config), grid=[list(g) for g in grid], metric=metric, variants=rows, bases_loaded=len(bases)),
+        indent=2,
+        default=str,
+      )
+    ),
+    overwrite=True,
+  )
   write_file_atomically(workdir / "sweep.md", lambda t: t.write_text(_table(rows, metric)), overwrite=True)
   _plot(rows, metric, workdir / "sweep.png")
   return rows
-

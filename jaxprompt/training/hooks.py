@@ -74,7 +74,9 @@ class Preemption(Hook):
 
   def __init__(self, manager):
     self.manager = manager
-    self.synced = jax.process_count() > 1 and jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+    self.synced = (
+      jax.process_count() > 1 and jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+    )
     self.signalled: int | None = None
     signals = (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT)
     self.old = {s: signal.signal(s, self._on_signal) for s in signals}
@@ -101,8 +103,16 @@ class LogMetrics(Hook):
   the NaN policy, write metrics.jsonl / TensorBoard, update the progress bar. Throughput is the step metric
   `slots` (token slots the step ran: prompts, inputs with their padding, targets) per second."""
 
-  def __init__(self, cadence: Cadence, nan_policy: str, *, mlog, bar, epoch: Callable[[], int],
-               latest_checkpoint: Callable[[], int | None]):
+  def __init__(
+    self,
+    cadence: Cadence,
+    nan_policy: str,
+    *,
+    mlog,
+    bar,
+    epoch: Callable[[], int],
+    latest_checkpoint: Callable[[], int | None],
+  ):
     self.cadence, self.nan_policy = cadence, nan_policy
     self.mlog, self.bar, self.epoch, self.latest_checkpoint = mlog, bar, epoch, latest_checkpoint
     self.pending: list[tuple[int, Any]] = []
@@ -117,15 +127,17 @@ class LogMetrics(Hook):
     if bad and self.nan_policy == "error":
       last = self.latest_checkpoint()
       kept = f"the last checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
-      raise NonFiniteError(f"non-finite loss, gradient or update at step {bad[0]}; {kept}; "
-                           "set train.nan_policy=skip to skip such steps")
+      raise NonFiniteError(
+        f"non-finite loss, gradient or update at step {bad[0]}; {kept}; set train.nan_policy=skip to skip such steps"
+      )
     dt = (time.time() - self.last_flush) / len(self.pending)
     self.last_flush = time.time()
     avg = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
     avg.update(step_time=dt, tokens_per_second=avg["slots"] / dt, skipped_steps=len(bad), epoch=self.epoch())
     self.mlog.write(info.step, avg)
-    self.bar.set_postfix(loss=f"{avg['loss']:.4f}", acc=f"{avg['token_accuracy']:.3f}",
-                         tok_s=f"{avg['tokens_per_second']:.0f}")
+    self.bar.set_postfix(
+      loss=f"{avg['loss']:.4f}", acc=f"{avg['token_accuracy']:.3f}", tok_s=f"{avg['tokens_per_second']:.0f}"
+    )
     self.pending = []
     return None
 
@@ -134,8 +146,7 @@ class Evaluate(Hook):
   """Every `eval.every` steps and at the end: evaluate, write predictions/step_N.jsonl (+ confusion), keep the
   evaluation in the state (`TrainState.last_eval`) and track the best value of `eval.metric`."""
 
-  def __init__(self, cadence: Cadence, metric: str, *, evaluator, mlog, report_dir: Path,
-               say: Callable[[str], None]):
+  def __init__(self, cadence: Cadence, metric: str, *, evaluator, mlog, report_dir: Path, say: Callable[[str], None]):
     self.cadence, self.metric = cadence, metric
     self.evaluator, self.mlog, self.report_dir, self.say = evaluator, mlog, report_dir, say
     self.lower_is_better = selection_mode(metric) == "min"
@@ -152,8 +163,11 @@ class Evaluate(Hook):
       state = state.replace(best=Best(info.step, v), stale_evals=0)
     else:
       state = state.replace(stale_evals=state.stale_evals + 1)
-    self.say(f"step {info.step}: " + ", ".join(f"{k}={x:.4f}" for k, x in metrics.items() if isinstance(x, float))
-             + f" (best {self.metric} {state.best.value:.4f} at step {state.best.step})")
+    self.say(
+      f"step {info.step}: "
+      + ", ".join(f"{k}={x:.4f}" for k, x in metrics.items() if isinstance(x, float))
+      + f" (best {self.metric} {state.best.value:.4f} at step {state.best.step})"
+    )
     return state
 
 
@@ -184,18 +198,28 @@ class Checkpoint(Hook):
     return None
 
 
-def default_hooks(cfg, *, ckpt, evaluator, mlog, bar, epoch: Callable[[], int], report_dir: Path, meta: dict,
-                  say: Callable[[str], None]) -> list[Hook]:
+def default_hooks(
+  cfg, *, ckpt, evaluator, mlog, bar, epoch: Callable[[], int], report_dir: Path, meta: dict, say: Callable[[str], None]
+) -> list[Hook]:
   """The hooks a config asks for, in the order they run after each step (a stop asked for by one is seen by the
   ones after it: the log flushes, the checkpoint is written)."""
   tc, ec = cfg.train, cfg.eval
-  return [Preemption(ckpt.manager),
-          LogMetrics(Cadence(tc.log_every, at_end=True, on_stop=True), tc.nan_policy, mlog=mlog, bar=bar, epoch=epoch,
-                     latest_checkpoint=ckpt.latest_step),
-          Evaluate(Cadence(ec.every, at_end=ec.at_end), ec.metric, evaluator=evaluator, mlog=mlog,
-                   report_dir=report_dir, say=say),
-          EarlyStop(ec.patience, ec.metric, say=say),
-          Checkpoint(Cadence(cfg.checkpoint.every, at_end=True, on_stop=True), ckpt=ckpt, meta=meta)]
+  return [
+    Preemption(ckpt.manager),
+    LogMetrics(
+      Cadence(tc.log_every, at_end=True, on_stop=True),
+      tc.nan_policy,
+      mlog=mlog,
+      bar=bar,
+      epoch=epoch,
+      latest_checkpoint=ckpt.latest_step,
+    ),
+    Evaluate(
+      Cadence(ec.every, at_end=ec.at_end), ec.metric, evaluator=evaluator, mlog=mlog, report_dir=report_dir, say=say
+    ),
+    EarlyStop(ec.patience, ec.metric, say=say),
+    Checkpoint(Cadence(cfg.checkpoint.every, at_end=True, on_stop=True), ckpt=ckpt, meta=meta),
+  ]
 
 
 def print_line(text: str, bar) -> None:

@@ -27,8 +27,9 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   if cfg.schedule == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(w, 1), w + decay_steps, end_value=end)
   if cfg.schedule == "linear":
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(w, 1)),
-                                 optax.linear_schedule(lr, end, decay_steps)], [w])
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, max(w, 1)), optax.linear_schedule(lr, end, decay_steps)], [w]
+    )
   raise ConfigError(f"unknown schedule {cfg.schedule!r}")
 
 
@@ -36,9 +37,16 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTra
   lr = schedule(cfg, total_steps)
   if cfg.name == "adafactor":
     tx = optax.adafactor(
-        learning_rate=lr, decay_rate=cfg.decay_rate, clipping_threshold=cfg.clipping_threshold,
-        multiply_by_parameter_scale=False, momentum=cfg.momentum, eps=cfg.eps, min_dim_size_to_factor=128,
-        weight_decay_rate=cfg.weight_decay or None, factored=True)
+      learning_rate=lr,
+      decay_rate=cfg.decay_rate,
+      clipping_threshold=cfg.clipping_threshold,
+      multiply_by_parameter_scale=False,
+      momentum=cfg.momentum,
+      eps=cfg.eps,
+      min_dim_size_to_factor=128,
+      weight_decay_rate=cfg.weight_decay or None,
+      factored=True,
+    )
   elif cfg.name == "adam":
     tx = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
   elif cfg.name == "adamw":

@@ -33,8 +33,14 @@ class TrainResult:
 
   def summary(self) -> dict:
     """The JSON summary written to WORKDIR/summary.json (and printed by `jaxprompt train`)."""
-    return dict(final_step=self.final_step, best_step=self.best_step, best_value=self.best_value, metric=self.metric,
-                setup_seconds=self.setup_seconds, train_seconds=self.train_seconds)
+    return dict(
+      final_step=self.final_step,
+      best_step=self.best_step,
+      best_value=self.best_value,
+      metric=self.metric,
+      setup_seconds=self.setup_seconds,
+      train_seconds=self.train_seconds,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,13 +47,22 @@ class TrainState:
 
   def counters(self) -> dict:
     """The host part, as checkpoint metadata."""
-    return dict(step=self.step, position=self.position, member_positions=list(self.member_positions), seed=self.seed,
-                stale_evals=self.stale_evals, best=dataclasses.asdict(self.best))
+    return dict(
+      step=self.step,
+      position=self.position,
+      member_positions=list(self.member_positions),
+      seed=self.seed,
+      stale_evals=self.stale_evals,
+      best=dataclasses.asdict(self.best),
+    )
 
   def with_counters(self, meta: dict) -> "TrainState":
     """This state with the host counters a checkpoint's metadata recorded."""
     best = meta.get("best") or {}
-    return self.replace(step=int(meta["step"]), position=int(meta["position"]),
-                        member_positions=tuple(int(p) for p in meta.get("member_positions") or ()),
-                        stale_evals=int(meta.get("stale_evals", 0)),
-                        best=Best(best.get("step"), best.get("value")))
+    return self.replace(
+      step=int(meta["step"]),
+      position=int(meta["position"]),
+      member_positions=tuple(int(p) for p in meta.get("member_positions") or ()),
+      stale_evals=int(meta.get("stale_evals", 0)),
+      best=Best(best.get("step"), best.get("value")),
+    )

@@ -20,12 +20,12 @@ from jaxprompt.data.pipeline import Packing
 from jaxprompt.losses import TokenSums, cross_entropy
 from jaxprompt.models.cpu import CPU_CHUNK_TOKENS, auto_microbatches
 
-
 PACKED_ROW_GRID = 4
 
 
-def packed_rows(needed: int, tokens_per_row: int, *, microbatches: int | str, data_parallel: int = 1,
-                processes: int = 1) -> int:
+def packed_rows(
+  needed: int, tokens_per_row: int, *, microbatches: int | str, data_parallel: int = 1, processes: int = 1
+) -> int:
   """Rows per host for a packed batch (`data.pack`) that needs `needed`: the fewest >= needed on a grid of
   max(PACKED_ROW_GRID, the host's data-parallel devices) rows (a few compiled shapes per length bucket, not one per
   row count) whose global count splits evenly over the data-parallel devices and into the step's microbatches
@@ -46,15 +46,20 @@ def packed_rows(needed: int, tokens_per_row: int, *, microbatches: int | str, da
     n += grid
 
 
-def make_packing(prompt_length: int, start_id: int, *, microbatches: int | str, data_parallel: int = 1,
-                 processes: int = 1) -> Packing:
+def make_packing(
+  prompt_length: int, start_id: int, *, microbatches: int | str, data_parallel: int = 1, processes: int = 1
+) -> Packing:
   """`data.pack`'s `data.pipeline.Packing` for a step with these microbatches on this many devices and hosts."""
-  return Packing(prompt_length, start_id, functools.partial(packed_rows, microbatches=microbatches,
-                                                             data_parallel=data_parallel, processes=processes))
+  return Packing(
+    prompt_length,
+    start_id,
+    functools.partial(packed_rows, microbatches=microbatches, data_parallel=data_parallel, processes=processes),
+  )
 
 
-def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1, seed: int = 0,
-                    data_parallel: int = 1) -> Callable:
+def make_train_step(
+  graphdef, tx, *, z_loss: float, microbatches: int | str = 1, seed: int = 0, data_parallel: int = 1
+) -> Callable:
   """-> train_step(prompt, opt_state, frozen, batch, step) -> (prompt, opt_state, metrics). `microbatches`: a
   number, or "auto" (`auto_microbatches`, decided per batch shape when the step is traced)."""
 
@@ -97,8 +102,11 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1,
     gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     finite = jnp.isfinite(sums.loss) & jnp.isfinite(gnorm)
     finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_prompt)]))
+
     # a non-finite step never reaches the state: the loop then stops (nan_policy error) or goes on (skip)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    def keep(new, old):
+      return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
     return keep(new_prompt, prompt), keep(new_opt, opt_state), _metrics(sums, gnorm, finite, batch.num_examples)
 
   return train_step
@@ -106,6 +114,12 @@ def make_train_step(graphdef, tx, *, z_loss: float, microbatches: int | str = 1,
 
 def _metrics(sums: TokenSums, grad_norm, finite, rows: int) -> dict:
   n = jnp.maximum(sums.tokens, 1.0)
-  return dict(loss=sums.ce / n, z_loss=sums.z_loss / n, token_accuracy=sums.correct / n,
-              seq_accuracy=sums.seq_correct / rows, tokens=sums.tokens, grad_norm=grad_norm,
-              finite=finite.astype(jnp.float32))
+  return dict(
+    loss=sums.ce / n,
+    z_loss=sums.z_loss / n,
+    token_accuracy=sums.correct / n,
+    seq_accuracy=sums.seq_correct / rows,
+    tokens=sums.tokens,
+    grad_norm=grad_norm,
+    finite=finite.astype(jnp.float32),
+  )

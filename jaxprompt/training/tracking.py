@@ -71,14 +71,30 @@ def plot_curves(workdir: Path, out: Path | None = None, metric: str = "accuracy"
   axes[0].set_title("loss")
   tasks = [k for k in (evals[0] if evals else {}) if k.endswith(f"/{metric}")]  # a mixture: each task's too
   if evals and metric in evals[0]:
-    axes[1].plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="C2",
-                 label=f"eval {metric}" + (" (mean over tasks)" if tasks else ""))
+    axes[1].plot(
+      [r["step"] for r in evals],
+      [r[metric] for r in evals],
+      "o-",
+      color="C2",
+      label=f"eval {metric}" + (" (mean over tasks)" if tasks else ""),
+    )
   for i, key in enumerate(tasks):
-    axes[1].plot([r["step"] for r in evals], [r.get(key) for r in evals], "s--", color=f"C{3 + i % 7}", alpha=0.8,
-                 label=key.rsplit("/", 1)[0])
+    axes[1].plot(
+      [r["step"] for r in evals],
+      [r.get(key) for r in evals],
+      "s--",
+      color=f"C{3 + i % 7}",
+      alpha=0.8,
+      label=key.rsplit("/", 1)[0],
+    )
   if train and "token_accuracy" in train[0]:
-    axes[1].plot([r["step"] for r in train], [r["token_accuracy"] for r in train], color="C1", alpha=0.6,
-                 label="train token accuracy")
+    axes[1].plot(
+      [r["step"] for r in train],
+      [r["token_accuracy"] for r in train],
+      color="C1",
+      alpha=0.6,
+      label="train token accuracy",
+    )
   axes[1].set_xlabel("step")
   axes[1].set_ylim(0, 1.02)
   axes[1].legend()

@@ -68,8 +68,9 @@ def check_identity(record: PromptRecord, run: Run, where: Path) -> None:
   saved = record.base
   if saved is not None and saved.fingerprint != run.identity.fingerprint:
     raise CheckpointError(
-        f"{where}: checkpoint was trained on base model {saved.path!r} (fingerprint {saved.fingerprint}), "
-        f"but the config loads {run.identity.path!r} (fingerprint {run.identity.fingerprint}); use another --workdir")
+      f"{where}: checkpoint was trained on base model {saved.path!r} (fingerprint {saved.fingerprint}), "
+      f"but the config loads {run.identity.path!r} (fingerprint {run.identity.fingerprint}); use another --workdir"
+    )
 
 
 def check_tasks(record: PromptRecord, run: Run, where: Path) -> None:
@@ -78,8 +79,10 @@ def check_tasks(record: PromptRecord, run: Run, where: Path) -> None:
   saved = [m.name for m in record.task.mixture] if record.task is not None else []
   now = [m.name for m in run.task_record().mixture]
   if (saved or now) and saved != now:
-    raise CheckpointError(f"{where}: checkpoint was trained on the tasks {saved or 'of one task'}, but the config has "
-                          f"{now or 'one task'}; use another --workdir")
+    raise CheckpointError(
+      f"{where}: checkpoint was trained on the tasks {saved or 'of one task'}, but the config has "
+      f"{now or 'one task'}; use another --workdir"
+    )
 
 
 class Trainer:
@@ -94,32 +97,55 @@ class Trainer:
     self.tx = build_optimizer(cfg.optimizer, tc.steps)
     metric = cfg.eval.metric
     self.ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, metric=metric, mode=selection_mode(metric))
-    each = [run.encode(d.examples, f"{m.name}/{cfg.data.train_split}") for m, d in zip(run.members, train)]
+    each = [
+      run.encode(d.examples, f"{m.name}/{cfg.data.train_split}") for m, d in zip(run.members, train, strict=False)
+    ]
     if run.per_task:
       each = [rows.with_task_ids(k) for k, rows in enumerate(each)]
     self.sizes = [len(d.examples) for d in train]
     self.rows = concat_rows(each)
     self.mlog = MetricsLog(workdir)
-    self.bar = tqdm(total=tc.steps, desc="prompt tuning", disable=not (progress and jax.process_index() == 0),
-                    dynamic_ncols=True, unit="step")
+    self.bar = tqdm(
+      total=tc.steps,
+      desc="prompt tuning",
+      disable=not (progress and jax.process_index() == 0),
+      dynamic_ncols=True,
+      unit="step",
+    )
     self.stream: BatchStream | None = None
-    self.hooks = H.default_hooks(cfg, ckpt=self.ckpt, mlog=self.mlog, bar=self.bar, meta=self.checkpoint_meta(),
-                                 evaluator=evaluator_for(run) if (cfg.eval.every or cfg.eval.at_end) else None,
-                                 epoch=lambda: self.stream.epoch, report_dir=workdir / "predictions", say=self.say)
+    self.hooks = H.default_hooks(
+      cfg,
+      ckpt=self.ckpt,
+      mlog=self.mlog,
+      bar=self.bar,
+      meta=self.checkpoint_meta(),
+      evaluator=evaluator_for(run) if (cfg.eval.every or cfg.eval.at_end) else None,
+      epoch=lambda: self.stream.epoch,
+      report_dir=workdir / "predictions",
+      say=self.say,
+    )
 
   def say(self, text: str) -> None:
     H.print_line(text, self.bar)
 
   def checkpoint_meta(self) -> dict:
     """The run's `PromptRecord` as every checkpoint's metadata holds it (JSON, beside the training counters)."""
-    return PromptRecord(spec=self.run.prompt_spec, base=self.run.identity, architecture=self.run.architecture(),
-                        task=self.run.task_record(), config=self.cfg.to_dict()).to_json()
+    return PromptRecord(
+      spec=self.run.prompt_spec,
+      base=self.run.identity,
+      architecture=self.run.architecture(),
+      task=self.run.task_record(),
+      config=self.cfg.to_dict(),
+    ).to_json()
 
   def initial_state(self) -> TrainState:
     """A fresh state, or the latest checkpoint's (checked against the base model)."""
     rep = shd.replicated(self.run.mesh)
-    state = TrainState(prompt=self.run.prompt, opt_state=jax.jit(self.tx.init, out_shardings=rep)(self.run.prompt),
-                       seed=self.cfg.train.seed)
+    state = TrainState(
+      prompt=self.run.prompt,
+      opt_state=jax.jit(self.tx.init, out_shardings=rep)(self.run.prompt),
+      seed=self.cfg.train.seed,
+    )
     latest = self.ckpt.latest_step()
     if latest is None:
       return state
@@ -133,29 +159,51 @@ class Trainer:
     tc, run = self.cfg.train, self.run
     rep = shd.replicated(run.mesh)
     p_sh, o_sh = run.prompt_shardings(), jax.tree.map(lambda _: rep, state.opt_state)
-    step = make_train_step(run.graphdef, self.tx, z_loss=tc.z_loss, microbatches=tc.microbatches, seed=state.seed,
-                           data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"])
-    return jax.jit(step, in_shardings=(p_sh, o_sh, run.frozen_shardings(), None, None),
-                   out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+    step = make_train_step(
+      run.graphdef,
+      self.tx,
+      z_loss=tc.z_loss,
+      microbatches=tc.microbatches,
+      seed=state.seed,
+      data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"],
+    )
+    return jax.jit(
+      step,
+      in_shardings=(p_sh, o_sh, run.frozen_shardings(), None, None),
+      out_shardings=(p_sh, o_sh, rep),
+      donate_argnums=(0, 1),
+    )
 
   def _stream(self, state: TrainState) -> BatchStream:
     """The training batches from where `state` left off: one task's, or a mixture's."""
     d = self.cfg.data
-    kw = dict(seed=d.seed, position=state.position, process_index=jax.process_index(),
-              process_count=jax.process_count(), buckets=d.buckets(), packing=self._packing())
+    kw = dict(
+      seed=d.seed,
+      position=state.position,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      buckets=d.buckets(),
+      packing=self._packing(),
+    )
     if not d.mixture:
       return BatchStream(self.rows, self.cfg.train.batch_size, group_by_length=d.group_by_length, **kw)
     rates = mixing_rates(self.sizes, [m.rate for m in self.run.members], d.mixture_cap)
-    return MixtureStream(self.rows, self.sizes, rates, self.cfg.train.batch_size,
-                         member_positions=state.member_positions, **kw)
+    return MixtureStream(
+      self.rows, self.sizes, rates, self.cfg.train.batch_size, member_positions=state.member_positions, **kw
+    )
 
   def _packing(self) -> Packing | None:
     """How the stream packs rows (`data.pack`), or None."""
     run, tc = self.run, self.cfg.train
     if not run.packs:
       return None
-    return make_packing(self.cfg.prompt.length, run.base.config.decoder_start_token_id, microbatches=tc.microbatches,
-                        data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"], processes=jax.process_count())
+    return make_packing(
+      self.cfg.prompt.length,
+      run.base.config.decoder_start_token_id,
+      microbatches=tc.microbatches,
+      data_parallel=run.mesh.shape["data"] * run.mesh.shape["fsdp"],
+      processes=jax.process_count(),
+    )
 
   def fit(self, state: TrainState) -> TrainState:
     """Train from `state` to train.steps (or an early stop); raises `Preempted` after a signal's checkpoint."""
@@ -167,13 +215,24 @@ class Trainer:
       local = next(self.stream)
       slots = jax.process_count() * local.size * local.tokens_per_row(self.cfg.prompt.length)
       batch = self.run.device_batch(local)
-      prompt, opt_state, metrics = step_fn(state.prompt, state.opt_state, frozen, batch,
-                                           jnp.asarray(state.step, jnp.int32))
-      state = state.replace(prompt=prompt, opt_state=opt_state, step=state.step + 1, position=self.stream.position,
-                            member_positions=tuple(self.stream.member_positions))
+      prompt, opt_state, metrics = step_fn(
+        state.prompt, state.opt_state, frozen, batch, jnp.asarray(state.step, jnp.int32)
+      )
+      state = state.replace(
+        prompt=prompt,
+        opt_state=opt_state,
+        step=state.step + 1,
+        position=self.stream.position,
+        member_positions=tuple(self.stream.member_positions),
+      )
       self.bar.update(1)
-      metrics = dict(metrics, input_length=self.stream.last_length, pad_fraction=self.stream.last_pad_fraction,
-                     slots=slots, rows=local.size * jax.process_count())
+      metrics = dict(
+        metrics,
+        input_length=self.stream.last_length,
+        pad_fraction=self.stream.last_pad_fraction,
+        slots=slots,
+        rows=local.size * jax.process_count(),
+      )
       info = H.StepInfo(step=state.step, last=state.step == tc.steps, metrics=metrics)
       state, info = self._after_step(state, info)
       if info.stop == "preempted":
@@ -201,8 +260,9 @@ class Trainer:
     self.mlog.close()
 
 
-def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=None, bases: dict | None = None
-          ) -> TrainResult:
+def train(
+  cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=None, bases: dict | None = None
+) -> TrainResult:
   """Prompt-tune as `cfg` says, in `workdir` (resuming from its latest checkpoint). `bases`: loaded base models to
   share between runs (`run.build_run`)."""
   workdir = checked_workdir(workdir)
@@ -220,9 +280,16 @@ def train(cfg: C.Config, workdir: str | Path, *, progress: bool = True, mesh=Non
     state = trainer.fit(state)
   finally:
     trainer.close()
-  result = TrainResult(workdir=workdir, final_step=state.step if cfg.train.steps > start else start,
-                       best_step=state.best.step, best_value=state.best.value, metric=cfg.eval.metric,
-                       setup_seconds=setup_seconds, train_seconds=round(time.time() - t_train, 2), config=cfg)
+  result = TrainResult(
+    workdir=workdir,
+    final_step=state.step if cfg.train.steps > start else start,
+    best_step=state.best.step,
+    best_value=state.best.value,
+    metric=cfg.eval.metric,
+    setup_seconds=setup_seconds,
+    train_seconds=round(time.time() - t_train, 2),
+    config=cfg,
+  )
   if jax.process_index() == 0:
     if cfg.train.plot:
       plot_curves(workdir, metric=cfg.eval.metric)
@@ -236,8 +303,9 @@ def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", me
   if not (workdir / "checkpoints").is_dir():  # before loading anything
     raise CheckpointError(f"{workdir}: no checkpoints to evaluate")
   run, _ = build_run(cfg, mesh=mesh, with_train_data=False)
-  ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, metric=cfg.eval.metric,
-                      mode=selection_mode(cfg.eval.metric))
+  ckpt = Checkpointer(
+    workdir / "checkpoints", cfg.checkpoint, metric=cfg.eval.metric, mode=selection_mode(cfg.eval.metric)
+  )
   if not ckpt.steps():
     raise CheckpointError(f"{workdir}: no checkpoints to evaluate")
   chosen = ckpt.choose(step)
@@ -248,5 +316,6 @@ def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", me
   metrics, records = evaluator(prompt)
   name = f"predictions_eval_step_{chosen}"
   evaluator.write_report(workdir, name, records)
-  return EvalResult(step=chosen, metrics={k: float(v) for k, v in metrics.items()},
-                    predictions=workdir / f"{name}.jsonl")
+  return EvalResult(
+    step=chosen, metrics={k: float(v) for k, v in metrics.items()}, predictions=workdir / f"{name}.jsonl"
+  )
