@@ -180,7 +180,22 @@ def cmd_bench(args) -> int:
   from jaxprompt.errors import UsageError
   from jaxprompt.tools import bench as BN
 
-  if args.serve:
+  if args.attention:
+    from jaxprompt.tools.bench_attention import bench_attention
+
+    result = bench_attention(length=args.attention_length, dtype=args.dtype, iters=args.iters)
+    for name, r in result["implementations"].items():
+      print(
+        f"attention {name:7s} "
+        + (
+          r["skipped"]
+          if "skipped" in r
+          else f"fwd {r['forward_s'] * 1e3:8.2f} ms ({r['forward_vs_xla']:.2f}x xla)  fwd+bwd "
+          f"{r['forward_backward_s'] * 1e3:8.2f} ms ({r['forward_backward_vs_xla']:.2f}x xla)  "
+          f"max |diff| {r['max_abs_diff_vs_xla']:.2e}"
+        )
+      )
+  elif args.serve:
     from jaxprompt.tools.bench_serve import run_serve_bench
 
     if not args.model:
@@ -519,6 +534,12 @@ def _add_bench(sub) -> None:
     default="auto",
     help="layers in a scan or unrolled (model.layer_loop; auto: unrolled on the CPU, the presets being wide enough)",
   )
+  p.add_argument(
+    "--attention",
+    action="store_true",
+    help="time the attention implementations (models.attention: xla, cpu, cudnn, pallas) side by side instead",
+  )
+  p.add_argument("--attention-length", type=int, default=1024, help="with --attention: the sequence length")
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
   _add_bench_data_flags(p)

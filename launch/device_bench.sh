@@ -13,6 +13,11 @@ peft=$(python -c "import peft, torch" 2>/dev/null && echo --vs-peft)
 # ../shared does not travel to a device machine: copy data/superglue/rte and tokenizers/llama2 of it into a folder
 # that .git/info/exclude ignores, name that folder in `carry`, and set FIXTURES to it
 fixtures="${FIXTURES:-../shared/fixtures}"
+# the attention implementations side by side (models.attention: xla, cudnn, pallas; cpu is the CPU's), L = 1024 and 4096
+for len in 1024 4096; do
+  timeout 120 python -m jaxprompt.cli bench --attention --attention-length "$len" --dtype bfloat16 \
+    --json "$out/attention_${len}.json" 2>&1 | grep -v Warning
+done
 rte="$fixtures/data/superglue/rte/train.jsonl"
 for preset in t5-v1_1-small llama-small; do
   for dtype in bfloat16 float32; do
