@@ -45,6 +45,10 @@ _METHOD_OPTIONS = {
   "encoder_reparameterization_type": ("p_tuning",),
   "encoder_num_layers": ("p_tuning",),
   "encoder_dropout": ("p_tuning",),
+  **{
+    o: ("residual",)
+    for o in ("bottleneck_size", "nonlinearity", "mlp_layer_norm", "mlp_dropout", "separate_mlps", "mlp_type")
+  },
 }
 # options that need another option of their method set: (method, option) -> the option it needs
 _OPTION_NEEDS = {("prefix_tuning", "encoder_hidden_size"): "prefix_projection"}
@@ -56,7 +60,7 @@ _METHOD_INITS = {
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning"] = "prompt_tuning"
+  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual"] = "prompt_tuning"
   length: int = 100
   init: Literal["random_uniform", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
   init_range: tuple[float, float] = (-0.5, 0.5)  # random_uniform; the paper's range (original code: [0, 0.5))
@@ -70,6 +74,13 @@ class PromptConfig:
   encoder_reparameterization_type: Literal["MLP", "LSTM"] | None = None  # p_tuning encoder (default MLP)
   encoder_num_layers: int | None = None  # p_tuning LSTM layers (default 2)
   encoder_dropout: float | None = None  # p_tuning LSTM dropout between layers (default 0.0)
+  # residual: the reparameterising MLP, defaults the authors' train.py flags (github arazd/ResidualPrompts 53087ca)
+  bottleneck_size: int | None = None  # residual: the MLP's bottleneck E (default 800)
+  nonlinearity: Literal["relu", "tanh", "sigmoid", "gelu"] | None = None  # residual (default relu)
+  mlp_layer_norm: bool | None = None  # residual: LayerNorm after the up projection (default true)
+  mlp_dropout: float | None = None  # residual: dropout before that norm, training only (default 0.0)
+  separate_mlps: bool | None = None  # residual: one MLP per prompt token (default false: one shared)
+  mlp_type: Literal["MLP1", "MLP2"] | None = None  # residual: MLP2 applies the block twice (default MLP1)
   # with data.mixture: one prompt per member (a bank [K, P, ...] trained together, each row under its task's
   # prompt); false: one prompt shared by every task (e.g. SPoT's source prompt)
   per_task: bool = False
@@ -104,6 +115,12 @@ class PromptConfig:
       encoder_num_layers=2,
       encoder_dropout=0.0,
       encoder_hidden_size=None,
+      bottleneck_size=800,
+      nonlinearity="relu",
+      mlp_layer_norm=True,
+      mlp_dropout=0.0,
+      separate_mlps=False,
+      mlp_type="MLP1",
     )
     value = getattr(self, name)
     return defaults[name] if value is None else value

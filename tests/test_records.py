@@ -22,6 +22,7 @@ from jaxprompt.prompts.encoders import PTuningSpec
 from jaxprompt.prompts.io import load_prompt_source, load_trained_prompt
 from jaxprompt.prompts.prefix import PrefixTuningSpec
 from jaxprompt.prompts.record import PromptRecord, TaskMember, TaskRecord
+from jaxprompt.prompts.residual import ResidualSpec
 from jaxprompt.prompts.soft import PromptTuningSpec
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_records"
@@ -153,15 +154,16 @@ def test_a_legacy_workdir_and_its_exports_still_load(tmp_path):
 
 
 def test_the_registry_names_every_method_and_refuses_others():
-  assert registry.names() == ["prompt_tuning", "p_tuning", "prefix_tuning"]
-  assert registry.names(embeds=True) == ["prompt_tuning", "p_tuning"]
+  assert registry.names() == ["prompt_tuning", "p_tuning", "prefix_tuning", "residual"]
+  assert registry.names(embeds=True) == ["prompt_tuning", "p_tuning", "residual"]
   with pytest.raises(
-    PromptError, match="unknown prompt method 'deep'; registered: prompt_tuning, p_tuning, prefix_tuning"
+    PromptError, match="unknown prompt method 'deep'; registered: prompt_tuning, p_tuning, prefix_tuning, residual"
   ):
     registry.get("deep")
   for name, entry in registry.METHODS.items():
     assert entry.name == entry.spec_type.method == name
-    assert registry.by_peft_type(entry.peft_type) is entry
+    # a residual prompt's PROMPT_TUNING adapter is a plain prompt: it reads back as prompt_tuning
+    assert registry.by_peft_type(entry.peft_type) is (registry.get("prompt_tuning") if name == "residual" else entry)
   assert registry.by_peft_type("LORA") is None
   with pytest.raises(PromptError, match="unknown prompt method 'deep'"):
     registry.spec_from_json({"method": "deep"})
@@ -174,6 +176,7 @@ def test_specs_round_trip_through_json():
     PTuningSpec("MLP", 16, 2, 0.0),
     PrefixTuningSpec(),
     PrefixTuningSpec(prefix_projection=True, slots=slots, encoder_hidden_size=8),
+    ResidualSpec(16, "tanh", False, 0.1, True, "MLP2"),
   ):
     d = json.loads(json.dumps(spec.to_json()))
     assert registry.spec_from_json(d) == spec and d["method"] == spec.method

@@ -5,6 +5,7 @@ module (the NNX module, its `PromptSpec`, its `Method`) plus one line below; not
   prompt_tuning  embeddings [P, H]                             the input embeddings          PROMPT_TUNING
   p_tuning       embeddings [P, H] + an MLP / LSTM encoder     the input embeddings          P_TUNING
   prefix_tuning  keys/values [P, Y, 2, K, D] (+ an MLP)        every attention layer         PREFIX_TUNING
+  residual       embeddings [P, H] + a residual MLP            the input embeddings          PROMPT_TUNING
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from jaxprompt.errors import PromptError
 from jaxprompt.prompts.encoders import P_TUNING
 from jaxprompt.prompts.prefix import PREFIX_TUNING
+from jaxprompt.prompts.residual import RESIDUAL
 from jaxprompt.prompts.soft import PROMPT_TUNING, PromptTuningSpec
 from jaxprompt.prompts.spec import Method, PromptSpec
 
-METHODS: dict[str, Method] = {m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING)}
+METHODS: dict[str, Method] = {m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, RESIDUAL)}
 
 
 def get(name: str) -> Method:
@@ -37,7 +39,8 @@ def names(*, embeds: bool | None = None) -> list[str]:
 
 
 def by_peft_type(peft_type) -> Method | None:
-  """The method PEFT calls `peft_type` (None: not a soft-prompt method jaxprompt has)."""
+  """The method PEFT calls `peft_type` (None: not a soft-prompt method jaxprompt has); the first registered where
+  several export it (a residual prompt's PROMPT_TUNING adapter is a plain prompt: prompt_tuning)."""
   return next((m for m in METHODS.values() if m.peft_type == peft_type), None)
 
 
