@@ -181,20 +181,10 @@ def cmd_bench(args) -> int:
   from jaxprompt.tools import bench as BN
 
   if args.attention:
-    from jaxprompt.tools.bench_attention import bench_attention
+    from jaxprompt.tools.bench_attention import bench_attention, report
 
     result = bench_attention(length=args.attention_length, dtype=args.dtype, iters=args.iters)
-    for name, r in result["implementations"].items():
-      print(
-        f"attention {name:7s} "
-        + (
-          r["skipped"]
-          if "skipped" in r
-          else f"fwd {r['forward_s'] * 1e3:8.2f} ms ({r['forward_vs_xla']:.2f}x xla)  fwd+bwd "
-          f"{r['forward_backward_s'] * 1e3:8.2f} ms ({r['forward_backward_vs_xla']:.2f}x xla)  "
-          f"max |diff| {r['max_abs_diff_vs_xla']:.2e}"
-        )
-      )
+    print(report(result))
   elif args.serve:
     from jaxprompt.tools.bench_serve import run_serve_bench
 

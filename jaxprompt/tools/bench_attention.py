@@ -95,3 +95,18 @@ def bench_attention(
       r["forward_vs_xla"] = r["forward_s"] / base["forward_s"]
       r["forward_backward_vs_xla"] = r["forward_backward_s"] / base["forward_backward_s"]
   return out
+
+
+def report(result: dict) -> str:
+  """`bench_attention`'s result as one line per implementation."""
+  lines = []
+  for name, r in result["implementations"].items():
+    if "skipped" in r:
+      lines.append(f"attention {name:7s} {r['skipped']}")
+      continue
+    lines.append(
+      f"attention {name:7s} fwd {r['forward_s'] * 1e3:8.2f} ms ({r['forward_vs_xla']:.2f}x xla)  fwd+bwd "
+      f"{r['forward_backward_s'] * 1e3:8.2f} ms ({r['forward_backward_vs_xla']:.2f}x xla)  "
+      f"max |diff| {r['max_abs_diff_vs_xla']:.2e}"
+    )
+  return "\n".join(lines)
