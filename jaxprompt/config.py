@@ -45,6 +45,7 @@ _METHOD_OPTIONS = {
   "encoder_reparameterization_type": ("p_tuning",),
   "encoder_num_layers": ("p_tuning",),
   "encoder_dropout": ("p_tuning",),
+  **{o: ("dept",) for o in ("dept_rank", "dept_max_length", "dept_alpha", "dept_offset_learning_rate")},
   **{
     o: ("residual",)
     for o in ("bottleneck_size", "nonlinearity", "mlp_layer_norm", "mlp_dropout", "separate_mlps", "mlp_type")
@@ -60,7 +61,7 @@ _METHOD_INITS = {
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual"] = "prompt_tuning"
+  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept"] = "prompt_tuning"
   length: int = 100
   init: Literal["random_uniform", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
   init_range: tuple[float, float] = (-0.5, 0.5)  # random_uniform; the paper's range (original code: [0, 0.5))
@@ -81,6 +82,13 @@ class PromptConfig:
   mlp_dropout: float | None = None  # residual: dropout before that norm, training only (default 0.0)
   separate_mlps: bool | None = None  # residual: one MLP per prompt token (default false: one shared)
   mlp_type: Literal["MLP1", "MLP2"] | None = None  # residual: MLP2 applies the block twice (default MLP1)
+  # dept (github ZhengxiangShi/DePT f0266a7): the offset scaling * A @ B on the first s input tokens' embeddings
+  dept_rank: int | None = None  # dept: r (default 30, the authors' --r; the paper's T5-base: m 60, r 30)
+  dept_max_length: int | None = None  # dept: s, input positions the offset covers (default 256, --max_seq_length)
+  dept_alpha: float | None = None  # dept: scaling = alpha / sqrt(r) (default 8, their lora_alpha)
+  # dept: A's and B's own peak learning rate (their --lora_embedding_lr; the prompt's is optimizer.learning_rate);
+  # default: optimizer.learning_rate for both
+  dept_offset_learning_rate: float | None = None
   # with data.mixture: one prompt per member (a bank [K, P, ...] trained together, each row under its task's
   # prompt); false: one prompt shared by every task (e.g. SPoT's source prompt)
   per_task: bool = False
@@ -115,6 +123,10 @@ class PromptConfig:
       encoder_num_layers=2,
       encoder_dropout=0.0,
       encoder_hidden_size=None,
+      dept_rank=30,
+      dept_max_length=256,
+      dept_alpha=8.0,
+      dept_offset_learning_rate=None,
       bottleneck_size=800,
       nonlinearity="relu",
       mlp_layer_norm=True,

@@ -154,7 +154,7 @@ def test_a_legacy_workdir_and_its_exports_still_load(tmp_path):
 
 
 def test_the_registry_names_every_method_and_refuses_others():
-  assert registry.names() == ["prompt_tuning", "p_tuning", "prefix_tuning", "residual"]
+  assert registry.names() == ["prompt_tuning", "p_tuning", "prefix_tuning", "residual", "dept"]
   assert registry.names(embeds=True) == ["prompt_tuning", "p_tuning", "residual"]
   with pytest.raises(
     PromptError, match="unknown prompt method 'deep'; registered: prompt_tuning, p_tuning, prefix_tuning, residual"

@@ -536,10 +536,11 @@ class Decoder(FrozenLM):
     k, p = x.shape[:2]
     cache = self.init_cache(k, p).replace(key_mask=jnp.ones((k, p), jnp.int32))
     h, cache = self._extend(cache, x, jnp.broadcast_to(jnp.arange(p), (k, p)), 0)
+    offset = prefix.input_offset  # the input's own (DePT): it still goes on the input tokens
     if not banked:
-      return Prefix(keys=cache.k, values=cache.v), h[:, -1]
+      return Prefix(keys=cache.k, values=cache.v, input_offset=offset), h[:, -1]
     ids = prefix.bank_ids
-    return Prefix(keys=cache.k[:, ids], values=cache.v[:, ids]), h[ids, -1]
+    return Prefix(keys=cache.k[:, ids], values=cache.v[:, ids], input_offset=offset), h[ids, -1]
 
   def forward(
     self,
@@ -564,7 +565,9 @@ class Decoder(FrozenLM):
     # Logits only where there is a loss: the LM head over every prompt and input position would cost
     # 2 * B * (P + L) * H * V FLOPs (forward and backward) for nothing.
     prefix, last = self.shared_prompt(prefix, batch.size, dropout_rng)
-    x, m = self.input_embeddings(batch.tokens, batch.token_mask, prefix=prefix)
+    # an input offset (DePT) reaches the input tokens only, not the target after them
+    inputs = jnp.sum(batch.input_mask, axis=1)
+    x, m = self.input_embeddings(batch.tokens, batch.token_mask, prefix=prefix, offset_tokens=inputs)
     kv = prefix.kv(batch.size) if prefix is not None else None
     h = self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, dropout_rng=dropout_rng)
     if last is not None:  # the shared prompt's last position stands in front, as the per-row prompt's would

@@ -11,6 +11,9 @@ where that goes for its kind (PEFT's semantics, so exported prompts give PyTorch
     a pre-filled KV cache. Causal LM: every layer, the tokens at positions P..P+L-1 (the prefix keys are used as
     given: no rotary embedding is applied to them, as PEFT stores them); seq2seq (T5): the decoder's
     self-attention only (PEFT: the encoder never sees them), decoder positions from P on.
+  * an input offset (DePT) [B|1, s, H]: added to the *input* tokens' embeddings only (never to the prompt, T5's
+    decoder or a causal model's target tokens), row i to each row's i-th token counted from its first real token
+    (i < s), so a left-padded row gets the offsets it gets unpadded (`add_input_offset`).
 
 `kind` ("seq2seq" / "causal") remains a label for provenance and PEFT's task_type; code paths use the methods.
 """
@@ -39,6 +42,8 @@ class Prefix:
   bank, bank_ids: where per-row `embeds` came from, when they are rows of a bank: the K distinct prompts
     [K, P, H] and each row's prompt [B] (`embeds` = bank[bank_ids]). A model may use them to compute each distinct
     prompt once (`Decoder.shared_prompt`); one that does not just reads `embeds`.
+  input_offset: [B, s, H] (or [1, s, H]) added to the input tokens' embeddings at their positions 0..s-1 (DePT),
+    in `FrozenLM.input_embeddings`, before the prefix's embeddings are put in front.
   """
 
   embeds: jax.Array | None = None
@@ -46,6 +51,7 @@ class Prefix:
   values: jax.Array | None = None
   bank: jax.Array | None = None
   bank_ids: jax.Array | None = None
+  input_offset: jax.Array | None = None
 
   @property
   def length(self) -> int:
@@ -285,17 +291,45 @@ class FrozenLM(nnx.Module):
     """[B, L] int -> [B, L, H] in the compute dtype (token embeddings only)."""
     return jnp.take(self.embedding_table(), input_ids, axis=0).astype(self.dtype)
 
-  def input_embeddings(self, input_ids=None, attention_mask=None, inputs_embeds=None, prefix: Prefix | None = None):
+  def input_embeddings(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    inputs_embeds=None,
+    prefix: Prefix | None = None,
+    *,
+    offset_tokens: jax.Array | None = None,
+  ):
     """Token ids [B, L] or embeddings [B, L, H] (exactly one) -> (embeddings [B, P + L, H] in the compute dtype
-    with the prefix's embeddings in front, mask [B, P + L]: P ones, then `attention_mask` or all ones)."""
+    with the prefix's input offset added to the tokens and its embeddings in front, mask [B, P + L]: P ones, then
+    `attention_mask` or all ones). `offset_tokens` [B]: how many of each row's tokens are input (a causal training
+    row is input + target: the offset stops at the target); None: all."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError(f"{type(self).__name__} needs exactly one of input_ids and inputs_embeds")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
     if attention_mask is None:
       attention_mask = jnp.ones(x.shape[:2], jnp.int32)
+    if prefix is not None and prefix.input_offset is not None:
+      x = add_input_offset(x, attention_mask, prefix.input_offset, offset_tokens)
     if prefix is None or prefix.embeds is None:
       return x, attention_mask
     return L.prepend(prefix.embeds, x, attention_mask)
 
   def dummy_batch(self, batch_size: int, input_length: int, target_length: int):
     return self.batch_type.shapes(batch_size, input_length, target_length)
+
+
+def add_input_offset(x: jax.Array, mask: jax.Array, offset: jax.Array, limit: jax.Array | None = None) -> jax.Array:
+  """Token embeddings x [B, L, H] (mask [B, L]) plus offset [B|1, s, H]: offset row i goes to each row's i-th
+  token counted from its first real one (i < s; and i < limit[b], limit [B], when given). Right-padded rows get
+  offsets on their padding too, as DePT's authors add them to the whole padded input (masked keys: no effect);
+  left padding gets none, so a left-padded row is embedded as it is alone."""
+  b, n = x.shape[:2]
+  s = offset.shape[1]
+  idx = jnp.arange(n)[None, :] - jnp.argmax(mask > 0, axis=1)[:, None]  # [B, L]: position among the row's tokens
+  ok = (idx >= 0) & (idx < s)
+  if limit is not None:
+    ok &= idx < limit[:, None]
+  rows = jnp.broadcast_to(offset.astype(jnp.float32), (b,) + offset.shape[1:])
+  add = jnp.take_along_axis(rows, jnp.clip(idx, 0, s - 1)[..., None], axis=1)  # [B, L, H]
+  return (x.astype(jnp.float32) + jnp.where(ok[..., None], add, 0.0)).astype(x.dtype)

@@ -6,18 +6,20 @@ module (the NNX module, its `PromptSpec`, its `Method`) plus one line below; not
   p_tuning       embeddings [P, H] + an MLP / LSTM encoder     the input embeddings          P_TUNING
   prefix_tuning  keys/values [P, Y, 2, K, D] (+ an MLP)        every attention layer         PREFIX_TUNING
   residual       embeddings [P, H] + a residual MLP            the input embeddings          PROMPT_TUNING
+  dept           embeddings [m, H] + an offset A [s, r]·B [r, H]  the input; its first s tokens  none
 """
 
 from __future__ import annotations
 
 from jaxprompt.errors import PromptError
+from jaxprompt.prompts.dept import DEPT
 from jaxprompt.prompts.encoders import P_TUNING
 from jaxprompt.prompts.prefix import PREFIX_TUNING
 from jaxprompt.prompts.residual import RESIDUAL
 from jaxprompt.prompts.soft import PROMPT_TUNING, PromptTuningSpec
 from jaxprompt.prompts.spec import Method, PromptSpec
 
-METHODS: dict[str, Method] = {m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, RESIDUAL)}
+METHODS: dict[str, Method] = {m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, RESIDUAL, DEPT)}
 
 
 def get(name: str) -> Method:

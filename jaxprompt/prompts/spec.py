@@ -62,6 +62,8 @@ class Method:
     returned, what PEFT saves); a key/value method checks the value against the base's `PrefixSlots`.
   check(value, base, where): raises PromptError when a trained value does not fit `base`.
   bank_refusal(pcfg) -> str | None: what cannot be trained as a per-task bank (`prompt.per_task`), None if it can.
+  learning_rates(pcfg) -> {parameter name: learning rate}: parameters trained with their own peak learning rate
+    (DePT's offset), the rest with optimizer.learning_rate (`training.optim.build_optimizer`); {}: one rate.
   peft_fields(value, spec, record, base_path) -> dict: the method's fields of PEFT's adapter_config.json (beside
     task_type, num_virtual_tokens, peft_type and the base model's name).
   peft_read(value, peft, where) -> (value, spec): a PEFT adapter's `prompt_embeddings` (already 2-D, with a
@@ -82,3 +84,4 @@ class Method:
   peft_fields: Callable[..., dict]
   peft_read: Callable[..., tuple[Any, PromptSpec]]
   bank_refusal: Callable[[Any], str | None] = lambda pcfg: None
+  learning_rates: Callable[[Any], dict[str, float]] = lambda pcfg: {}

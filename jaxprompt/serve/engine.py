@@ -48,8 +48,8 @@ from jaxprompt.prompts.record import PromptRecord
 
 log = logging.getLogger(__name__)
 
-_FIELDS = ("embeds", "keys", "values")
-_BATCH_AXIS = {"embeds": 0, "keys": 1, "values": 1}
+_FIELDS = ("embeds", "keys", "values", "input_offset")
+_BATCH_AXIS = {"embeds": 0, "keys": 1, "values": 1, "input_offset": 0}
 
 
 class Overloaded(Exception):
@@ -167,7 +167,8 @@ class PromptStore:
     module = methods.fixed(src.value, src.spec, self.base.prefix_slots(), where=str(path))
     prefix = module.prefix(1)
     if prefix.embeds is not None:  # a decoder runs the prompt once (`shared_prompt`); T5 keeps the embeddings
-      prefix = self._shared(self._state, jnp.asarray(prefix.embeds))
+      # a DePT offset stays: it goes on each request's own input tokens when it is prefilled
+      prefix = self._shared(self._state, jnp.asarray(prefix.embeds)).replace(input_offset=prefix.input_offset)
     prefix = jax.tree.map(jax.device_put, prefix)
     labels = src.record.task.labels if src.record.task is not None else ()
     return ServedPrompt(

@@ -19,7 +19,7 @@ from jaxprompt.errors import UsageError
 from jaxprompt.models.hf import resolve_model_dir
 from jaxprompt.models.known import KNOWN_CONFIGS
 from jaxprompt.models.loading import SOURCES, abstract_model, build_model, config_from_dict
-from jaxprompt.prompts import PromptedModel, PromptParam, methods
+from jaxprompt.prompts import PromptedModel, PromptParam, methods, registry
 from jaxprompt.tools import costs
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
@@ -112,7 +112,7 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   frozen = jax.tree.map(sds, frozen_state.to_pure_dict(), f_sh)
   rep = shd.replicated(mesh)
   prompt = jax.tree.map(lambda x: sds(x, rep), prompt_state.to_pure_dict())
-  tx = build_optimizer(cfg.optimizer, cfg.train.steps)
+  tx = build_optimizer(cfg.optimizer, cfg.train.steps, registry.get(cfg.prompt.method).learning_rates(cfg.prompt))
   opt = jax.tree.map(lambda x: sds(x, rep), jax.eval_shape(tx.init, prompt))
   bs = shd.batch_sharding(mesh)
   batch = jax.tree.map(

@@ -8,6 +8,9 @@ not factored (100 < min_dim_size_to_factor = 128).
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import optax
 
 from jaxprompt.config import OptimizerConfig
@@ -33,7 +36,42 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   raise ConfigError(f"unknown schedule {cfg.schedule!r}")
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(
+  cfg: OptimizerConfig, total_steps: int, learning_rates: dict[str, float] | None = None
+) -> optax.GradientTransformation:
+  """The configured optimizer over the prompt's parameters. `learning_rates` {name: peak learning rate}: the
+  prompt parameters of those names form their own group with that rate, under the same optimizer and schedule
+  shape (DePT's two groups, as its authors' two AdamW parameter groups share one LambdaLR); the rest use
+  optimizer.learning_rate. Empty or None: one group, the plain transform (its state as before)."""
+  tx = _grouped(cfg, total_steps, learning_rates) if learning_rates else _transform(cfg, total_steps)
+  if cfg.grad_clip_norm:  # over every group's gradients at once
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  return tx
+
+
+def _grouped(cfg: OptimizerConfig, total_steps: int, learning_rates: dict[str, float]) -> optax.GradientTransformation:
+  """One transform per group (`build_optimizer`), each leaf labelled by its path."""
+  groups = {
+    name: _transform(dataclasses.replace(cfg, learning_rate=lr), total_steps) for name, lr in learning_rates.items()
+  }
+  groups[_REST] = _transform(cfg, total_steps)
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: _group(path, learning_rates), params)
+
+  return optax.multi_transform(groups, labels)
+
+
+_REST = "__rest__"  # the group of parameters without a learning rate of their own
+
+
+def _group(path, learning_rates: dict) -> str:
+  """A leaf's group: the last of its path's names that has its own learning rate, else the rest."""
+  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  return next((n for n in reversed(names) if n in learning_rates), _REST)
+
+
+def _transform(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
   lr = schedule(cfg, total_steps)
   if cfg.name == "adafactor":
     tx = optax.adafactor(
@@ -55,6 +93,4 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTra
     tx = optax.sgd(lr)
   else:
     raise ConfigError(f"unknown optimizer {cfg.name!r}")
-  if cfg.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx

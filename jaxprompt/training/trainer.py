@@ -27,6 +27,7 @@ from jaxprompt.checkpoint import Checkpointer, abstract_like, selection_mode
 from jaxprompt.data.pipeline import BatchStream, MixtureStream, Packing, mixing_rates
 from jaxprompt.errors import CheckpointError, WorkdirError
 from jaxprompt.evaluation.evaluator import evaluator_for
+from jaxprompt.prompts import registry
 from jaxprompt.prompts.record import PromptRecord
 from jaxprompt.run import Run, TaskData, build_run
 from jaxprompt.training import hooks as H
@@ -94,7 +95,7 @@ class Trainer:
 
     cfg, tc = run.cfg, run.cfg.train
     self.run, self.workdir, self.cfg = run, workdir, cfg
-    self.tx = build_optimizer(cfg.optimizer, tc.steps)
+    self.tx = build_optimizer(cfg.optimizer, tc.steps, registry.get(cfg.prompt.method).learning_rates(cfg.prompt))
     metric = cfg.eval.metric
     self.ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint, metric=metric, mode=selection_mode(metric))
     each = [
