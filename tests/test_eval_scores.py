@@ -101,7 +101,7 @@ def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(b
 def test_eval_steps_in_chunks_equal_one_piece(base, monkeypatch, chunks, unrolled):
   """On the CPU a large eval batch runs in chunks of rows (`auto_microbatches`): loss sums and label scores must
   equal the batch in one piece, rows in order."""
-  import jaxprompt.evaluation.evaluator as E
+  import jaxprompt.evaluation.steps as E
   from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
 
   model = PromptedModel(base, SoftPrompt(jax.random.normal(jax.random.key(3), (P, base.hidden_size)) * 0.5))
