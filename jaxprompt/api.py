@@ -36,6 +36,7 @@ def load_config(
   else:
     raw = C.load(config).to_dict()  # a file's own errors name the file
   for key, value in (overrides or {}).items():
+    C.override_type(_dotted(key), f"--set {_dotted(key)}: ")  # a key the config does not have: named as the CLI does
     parts = _dotted(key).split(".")
     node = raw
     for p in parts[:-1]:

@@ -43,6 +43,7 @@ def cmd_eval(args) -> int:
   from jaxprompt.errors import UsageError
   from jaxprompt.training.trainer import evaluate
 
+  _eval_config_and_workdir(args)
   cfg = C.load(args.config, args.overrides)
   if args.ensemble:
     if args.workdir:
@@ -61,6 +62,26 @@ def cmd_eval(args) -> int:
   result = evaluate(cfg, args.workdir, step=args.step)
   print(json.dumps({"step": result.step, **result.metrics}))
   return 0
+
+
+def _eval_config_and_workdir(args) -> None:
+  """`eval CONFIG --workdir W` as ever; `eval W` or `eval --workdir W`: W's recorded config.yaml (what it trained
+  with), --set laid over it."""
+  from jaxprompt.errors import UsageError
+
+  if args.config is not None and Path(args.config).is_dir():
+    if args.workdir:
+      raise UsageError(f"eval: {args.config} is a folder; give CONFIG --workdir WORKDIR, or WORKDIR alone")
+    args.workdir, args.config = args.config, None
+  if args.config is None:
+    if args.ensemble:
+      raise UsageError("eval --ensemble needs CONFIG (the task and base model to score on)")
+    if not args.workdir:
+      raise UsageError("eval needs WORKDIR (the training run), CONFIG --workdir WORKDIR, or CONFIG --ensemble ...")
+    recorded = Path(args.workdir) / "config.yaml"
+    if not recorded.is_file():
+      raise UsageError(f"eval: {recorded} does not exist (not a training workdir?); give the run's CONFIG too")
+    args.config = str(recorded)
 
 
 def cmd_export(args) -> int:
@@ -253,7 +274,9 @@ def _generate_config(args):
   from jaxprompt import config as C
 
   base = C.load(args.config, args.overrides).generate if args.config or args.overrides else C.GenerateConfig()
-  method = "beam" if args.beams else "greedy" if args.greedy else "sample" if args.temperature is not None else None
+  method = args.method or (
+    "beam" if args.beams else "greedy" if args.greedy else "sample" if args.temperature is not None else None
+  )
   given = dict(
     method=method,
     max_new_tokens=args.max_new_tokens,
@@ -271,7 +294,7 @@ def _read_inputs(args) -> list[str]:
   from jaxprompt.errors import MissingPathError, UsageError
 
   if not args.input_file:
-    return [args.input if args.input is not None else ""]
+    return args.input or [""]
   path = Path(args.input_file)
   if not path.is_file():
     raise MissingPathError(f"--input-file {path} does not exist")
@@ -363,8 +386,11 @@ def cmd_preview(args) -> int:
 # -- the parser ----------------------------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-  p.add_argument("config", help="YAML config file (see configs/)")
+def _common(p: argparse.ArgumentParser, config_help: str | None = None) -> None:
+  if config_help:  # optional
+    p.add_argument("config", nargs="?", help=config_help)
+  else:
+    p.add_argument("config", help="YAML config file (see configs/)")
   g = p.add_argument_group("multi-host (run the same command on every host)")
   g.add_argument(
     "--distributed", choices=["auto", "none"], default=None, help="auto: let JAX find the coordinator (TPU VMs, SLURM)"
@@ -392,7 +418,8 @@ def _add_train_eval(sub) -> None:
     "train",
     help="train a soft prompt",
     description=(
-      "Train a soft prompt as CONFIG says. Resumes from the latest checkpoint in --workdir. "
+      "Train a soft prompt as CONFIG says. Resumes from the latest checkpoint in --workdir (refused, naming the "
+      "keys, where CONFIG changes the prompt or optimizer state it holds: prompt.length, optimizer.name...). "
       "Exit code 75 after a SIGTERM/SIGINT checkpoint (run the same command again to resume)."
     ),
   )
@@ -404,9 +431,11 @@ def _add_train_eval(sub) -> None:
     "eval",
     help="evaluate a trained prompt (or an ensemble of prompts) on the eval split",
     description="Evaluate a checkpoint of --workdir on the config's eval split, or (--ensemble) "
-    "several prompts at once, combined by majority vote or mean log-probability.",
+    "several prompts at once, combined by majority vote or mean log-probability. "
+    "`jaxprompt eval WORKDIR` (or --workdir WORKDIR without CONFIG) uses the config the run recorded "
+    "(WORKDIR/config.yaml), --set laid over it.",
   )
-  _common(p)
+  _common(p, "YAML config file; optional with a workdir (default: WORKDIR/config.yaml), or the WORKDIR itself")
   p.add_argument("--workdir", help="the training run's directory")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
   p.add_argument(
@@ -637,9 +666,16 @@ def _add_generate(sub) -> None:
   )
   p.add_argument("--step", default="best", help="checkpoint of a workdir prompt: best, latest or a step")
   g = p.add_mutually_exclusive_group()
-  g.add_argument("--input", help="one input text")
+  g.add_argument(
+    "--input", action="append", help="an input text (repeatable: one output per --input, in order; default: empty)"
+  )
   g.add_argument("--input-file", help="a file with one input per line")
-  p.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+  p.add_argument(
+    "--method",
+    choices=["greedy", "sample", "beam"],
+    help="decoding (default: generate.method; --temperature alone means sample, --beams beam)",
+  )
+  p.add_argument("--greedy", action="store_true", help="greedy decoding (the same as --method greedy)")
   defaults = GenerateConfig()
   for flag, tp, what in _GENERATE_FLAGS:
     field = {"--beams": "num_beams"}.get(flag, flag[2:].replace("-", "_"))
@@ -723,7 +759,10 @@ def _add_serve(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from jaxprompt.version import __version__
+
   parser = argparse.ArgumentParser(prog="jaxprompt", description="Prompt tuning for frozen language models in JAX.")
+  parser.add_argument("--version", action="version", version=f"jaxprompt {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   _add_train_eval(sub)
   _add_export_inspect(sub)

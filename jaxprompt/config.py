@@ -335,7 +335,10 @@ class GenerateConfig:
     if self.max_new_tokens < 1:
       raise ConfigError(f"generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.method == "sample" and not self.temperature > 0:
-      raise ConfigError(f"generate.temperature must be > 0 to sample, got {self.temperature} (use method greedy)")
+      raise ConfigError(
+        f"generate.temperature must be > 0 to sample, got {self.temperature} (for greedy decoding: "
+        "generate.method greedy, or generate --method greedy)"
+      )
     if self.method == "beam" and (self.num_beams < 1 or self.alpha < 0):
       raise ConfigError(f"beam search needs generate.num_beams >= 1 and alpha >= 0, got {self.num_beams}, {self.alpha}")
     if not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -454,27 +457,70 @@ def _build(cls, raw: dict, where: str):
   return cls(**kwargs)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, tp: Any = Any) -> Any:
+  """An override's value: YAML, except where the schema wants a string (`tp`), which keeps the text as given
+  ("review: {text}" stays a string; quotes around it are YAML's; null / ~ / nothing: None where None is allowed)."""
+  stringy = tp is str or (
+    typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}
+  )
+  if stringy:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # quoted: YAML's, where it reads a string
+      try:
+        value = yaml.safe_load(text)
+      except yaml.YAMLError:
+        value = None
+      return value if isinstance(value, str) else text
+    return None if tp is not str and text.strip() in ("", "null", "~", "None") else text
   try:
     return yaml.safe_load(text)
   except yaml.YAMLError:
     return text
 
 
+def _section_type(tp: Any) -> Any:
+  """The dataclass (or dict) type a dotted key may descend into, `X | None` unwrapped; None for a leaf."""
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    tp = inner[0] if len(inner) == 1 else tp
+  return tp if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict else None
+
+
+def override_type(key: str, where: str = "") -> Any:
+  """The schema type of a dotted config key (`data.custom.template` -> str); ConfigError naming it (prefixed by
+  `where`) when the config has no such key."""
+  tp: Any = Config
+  parts = key.split(".")
+  for i, p in enumerate(parts):
+    section = _section_type(tp)
+    if section is None:
+      raise ConfigError(f"{where}{'.'.join(parts[:i])!r} is a value, not a section")
+    if typing.get_origin(section) is dict:
+      tp = typing.get_args(section)[1]
+      continue
+    hints = typing.get_type_hints(section)
+    if p not in hints:
+      raise ConfigError(f"{where}unknown config key {'.'.join(parts[: i + 1])!r}{_suggest(p, hints)}")
+    tp = hints[p]
+  return tp
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-  """`section.key=value` strings (values parsed as YAML) applied to a raw config dict."""
+  """`section.key=value` strings applied to a raw config dict: values parsed as YAML, except for string keys (kept
+  as written); a key the config does not have is a ConfigError naming the override."""
   raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"override {item!r} is not of the form section.key=value")
     key, value = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    tp = override_type(key, f"--set {key}: ")
+    parts = key.split(".")
     node = raw
     for p in parts[:-1]:
       node = node.setdefault(p, {})
       if not isinstance(node, dict):
         raise ConfigError(f"override {item!r}: {p!r} is not a section")
-    node[parts[-1]] = _parse_value(value)
+    node[parts[-1]] = _parse_value(value, tp)
   return raw
 
 
@@ -511,9 +557,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
   """Load a YAML config file (or the defaults when `path` is None) and apply overrides."""
-  raw = _read_yaml(Path(path)) if path is not None else {}
+  raw = apply_overrides(_read_yaml(Path(path)) if path is not None else {}, list(overrides))  # errors name the --set
   try:
-    return from_dict(apply_overrides(raw, list(overrides)))
+    return from_dict(raw)
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 

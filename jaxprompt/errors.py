@@ -62,3 +62,7 @@ class WorkdirError(UserError, OSError):
 
 class WriteError(UserError, OSError):
   """An output could not be written (a full disk, a read-only folder); nothing half-written is left behind."""
+
+
+class ExportWriteError(WriteError, ExportError):
+  """An export could not be written where --out says (a file in the way, no permission, a full disk)."""

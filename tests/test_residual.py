@@ -268,6 +268,7 @@ def test_exports_fold_the_mlp_into_a_plain_prompt_with_the_trained_logits(traine
   np.testing.assert_allclose(trained_logits, ref, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("trained", ["llama"], indirect=True)  # served once, on the decoder
 def test_served_residual_prompts_equal_generate(trained, tmp_path):
   """A residual workdir and its safetensors export in a prompts folder, through the OpenAI client, give
   `jaxprompt generate --greedy`'s text (the function it calls) for the workdir."""
@@ -275,9 +276,7 @@ def test_served_residual_prompts_equal_generate(trained, tmp_path):
   openai = pytest.importorskip("openai")
   from jaxprompt.serve.server import build, serving
 
-  kind, folder, root = trained
-  if kind != "llama":
-    pytest.skip("served once, on the decoder (its prompt's keys/values are computed once and cached)")
+  _, folder, root = trained
   prompts = tmp_path / "prompts"
   prompts.mkdir()
   (prompts / "work").symlink_to(root / "w")

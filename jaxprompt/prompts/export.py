@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxprompt.errors import ExportError
+from jaxprompt.errors import ExportError, ExportWriteError
 from jaxprompt.fileio import write_file_atomically, write_folder_atomically
 from jaxprompt.models import hf
 from jaxprompt.models.loading import load_model, load_tokenizer, save_pretrained
@@ -120,12 +120,17 @@ def export_prompt(
         write_base(record, tmp / "base")
       _write(value, record, fmt, tmp, str((out / "base").absolute()) if with_base else None)
 
-    return write_folder_atomically(out, write, overwrite=overwrite)
+    return write_folder_atomically(out, write, overwrite=overwrite, error=ExportWriteError)
   if fmt == "numpy":  # the provenance beside it first: a .npy is never left without its record
     write_file_atomically(
-      out.with_suffix(".json"), lambda t: _write_json(t, _stamped(value, record, fmt)), overwrite=overwrite
+      out.with_suffix(".json"),
+      lambda t: _write_json(t, _stamped(value, record, fmt)),
+      overwrite=overwrite,
+      error=ExportWriteError,
     )
-  return write_file_atomically(out, lambda t: _write(value, record, fmt, t), overwrite=overwrite)
+  return write_file_atomically(
+    out, lambda t: _write(value, record, fmt, t), overwrite=overwrite, error=ExportWriteError
+  )
 
 
 def _write(value: np.ndarray, record: PromptRecord, fmt: str, path: Path, base_path: str | None = None) -> None:
@@ -176,7 +181,7 @@ def _export_bank(
       metadata={"format": "pt", "jaxprompt": json.dumps(_stamped(value[0], whole.record, "safetensors"))},
     )
 
-  return write_folder_atomically(out, write, overwrite=overwrite)
+  return write_folder_atomically(out, write, overwrite=overwrite, error=ExportWriteError)
 
 
 def write_base(record: PromptRecord, folder: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -73,6 +74,7 @@ def run(args) -> int:
     raise UsageError(
       "jaxprompt serve needs the serve extra: pip install 'jaxprompt[serve]' (FastAPI, uvicorn)"
     ) from None
+  check_port(args.host, args.port)  # before loading anything
   token = args.admin_token or os.environ.get("JAXPROMPT_ADMIN_TOKEN") or None
   app, engine, problems = build(
     args.model,
@@ -110,6 +112,26 @@ def run(args) -> int:
   _server_class()(config).run()  # SIGTERM / SIGINT: stop accepting, answer in-flight requests, then return
   print("jaxprompt: server stopped", file=sys.stderr)
   return 0
+
+
+def check_port(host: str, port: int) -> None:
+  """A UsageError naming --host / --port unless a server could listen there now (binding as uvicorn does)."""
+  from jaxprompt.errors import UsageError
+
+  if not 0 <= port <= 65535:
+    raise UsageError(f"--port {port}: a port is 0..65535")
+  try:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+  except (socket.gaierror, UnicodeError, OverflowError) as e:
+    raise UsageError(f"--host {host} --port {port}: not an address to listen on ({e})") from None
+  with socket.socket(family, kind, proto) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(address)
+    except OSError as e:
+      taken = e.errno == errno.EADDRINUSE
+      why = "is already in use (another server?); pick another --port" if taken else f"cannot be bound: {e.strerror}"
+      raise UsageError(f"--port {port}: {host}:{port} {why}") from None
 
 
 def free_port() -> int:

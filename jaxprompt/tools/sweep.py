@@ -47,6 +47,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
     parsed = [_value(v.strip()) for v in values.split(",") if v.strip() != ""]
     if "." not in key or not parsed:
       raise ConfigError(f"--grid {item!r}: give a section.key and at least one value")
+    C.override_type(key.strip(), f"--grid {key.strip()}: ")
     grid.append((key.strip(), parsed))
   keys = [k for k, _ in grid]
   if len(set(keys)) != len(keys):
@@ -102,6 +103,8 @@ def sweep(
   workdir = Path(workdir)
   base = C.load(config, list(overrides))
   planned = [(variant_name(v), v, api.load_config(base, v)) for v in variants(grid)]  # a bad value fails now
+  for _, _, cfg in planned:
+    trainer.check_trainable(cfg)
   workdir.mkdir(parents=True, exist_ok=True)
   if not jax.config.jax_compilation_cache_dir:  # (a process that has a cache keeps it)
     jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))

@@ -25,7 +25,7 @@ from jaxprompt import sharding as shd
 from jaxprompt.batches import concat_rows
 from jaxprompt.checkpoint import Checkpointer, abstract_like, selection_mode
 from jaxprompt.data.pipeline import BatchStream, MixtureStream, Packing, mixing_rates
-from jaxprompt.errors import CheckpointError, WorkdirError
+from jaxprompt.errors import CheckpointError, ConfigError, WorkdirError
 from jaxprompt.evaluation.evaluator import evaluator_for
 from jaxprompt.prompts import registry
 from jaxprompt.prompts.record import PromptRecord
@@ -83,6 +83,84 @@ def check_tasks(record: PromptRecord, run: Run, where: Path) -> None:
     raise CheckpointError(
       f"{where}: checkpoint was trained on the tasks {saved or 'of one task'}, but the config has "
       f"{now or 'one task'}; use another --workdir"
+    )
+
+
+# What a checkpoint's state is shaped by, besides the base model and the tasks (checked apart): the prompt section
+# but for how a fresh prompt is initialised, and the optimizer's kind and the transforms it chains. A key outside
+# these (train.steps, eval.every, optimizer.learning_rate...) may change between runs of one workdir.
+_INIT_ONLY = ("init", "init_range", "vocab_sample_size", "init_text", "init_file", "allow_other_base")
+_SHAPELESS = ("encoder_dropout", "mlp_dropout", "dept_alpha")  # rates and scales: no state of their own
+# keys whose value only scales updates, but whose being set (non-zero) or not adds a transform and its state
+_SET_OR_NOT = (
+  "prompt.dept_offset_learning_rate",
+  "optimizer.momentum",
+  "optimizer.grad_clip_norm",
+  "optimizer.clipping_threshold",
+  "optimizer.weight_decay",
+)
+
+
+def _state_keys(raw: dict) -> dict:
+  """{dotted key: value} of a (raw, possibly older) config's keys that shape the prompt and optimizer state."""
+  defaults = C.Config().to_dict()
+  prompt, opt = raw.get("prompt") or {}, raw.get("optimizer") or {}
+  out = {f"prompt.{k}": prompt.get(k, v) for k, v in defaults["prompt"].items() if k not in _INIT_ONLY + _SHAPELESS}
+  name = opt.get("name", defaults["optimizer"]["name"])
+  for k in ("name", "grad_clip_norm") + (
+    ("momentum", "clipping_threshold", "weight_decay") if name == "adafactor" else ()
+  ):
+    out[f"optimizer.{k}"] = opt.get(k, defaults["optimizer"][k])
+  return out
+
+
+def recorded_config(workdir: Path) -> dict | None:
+  """The config (raw) the latest checkpoint of `workdir` was trained with: its record's, else WORKDIR/config.yaml;
+  None without a checkpoint (nothing to resume)."""
+  import yaml
+
+  directory = workdir / "checkpoints"
+  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+    return None
+  ckpt = Checkpointer(directory, C.CheckpointConfig(async_save=False))
+  try:
+    latest = ckpt.latest_step()
+    saved = PromptRecord.from_json(ckpt.read_meta(latest)).config if latest is not None else None
+  finally:
+    ckpt.close()
+  if latest is None:
+    return None
+  if saved is None and (workdir / "config.yaml").is_file():
+    saved = yaml.safe_load((workdir / "config.yaml").read_text())
+  return saved if isinstance(saved, dict) else None
+
+
+def check_resumable(cfg: C.Config, workdir: Path) -> None:
+  """Refuse, before any work, to resume a workdir whose checkpoints hold a prompt or optimizer state of other
+  shapes than `cfg` builds (another prompt.length, method or method option, optimizer...)."""
+  saved = recorded_config(workdir)
+  if saved is None:
+    return
+  before, now = _state_keys(saved), _state_keys(cfg.to_dict())
+
+  def same(k: str) -> bool:
+    return bool(before[k]) == bool(now[k]) if k in _SET_OR_NOT else before[k] == now[k]
+
+  diff = [k for k in now if k in before and not same(k)]
+  if diff:
+    changes = ", ".join(f"{k} {before[k]} -> {now[k]}" for k in diff)
+    raise CheckpointError(
+      f"{workdir}: its checkpoints were trained with another prompt or optimizer state ({changes}); to start fresh "
+      "use another --workdir or delete this one (keys such as train.steps or optimizer.learning_rate may change)"
+    )
+
+
+def check_trainable(cfg: C.Config) -> None:
+  """What training needs beyond a valid config (evaluation may run without it)."""
+  if cfg.prompt.length < 1:
+    raise ConfigError(
+      f"prompt.length {cfg.prompt.length}: training needs a prompt of at least 1 token (0 is the base model "
+      "alone, for evaluation only)"
     )
 
 
@@ -150,7 +228,9 @@ class Trainer:
     latest = self.ckpt.latest_step()
     if latest is None:
       return state
-    check_tasks(PromptRecord.from_json(self.ckpt.read_meta(latest)), self.run, self.ckpt.directory)
+    record = PromptRecord.from_json(self.ckpt.read_meta(latest))
+    check_tasks(record, self.run, self.ckpt.directory)
+    check_identity(record, self.run, self.ckpt.directory)  # before restoring: another base may shape it otherwise
     state, meta = self.ckpt.restore_state(latest, state)
     check_identity(PromptRecord.from_json(meta), self.run, self.ckpt.directory)
     log.info("resumed from %s at step %d", self.ckpt.directory / str(latest), state.step)
@@ -266,7 +346,9 @@ def train(
 ) -> TrainResult:
   """Prompt-tune as `cfg` says, in `workdir` (resuming from its latest checkpoint). `bases`: loaded base models to
   share between runs (`run.build_run`)."""
+  check_trainable(cfg)
   workdir = checked_workdir(workdir)
+  check_resumable(cfg, workdir)
   t_setup = time.time()
   run, train_data = build_run(cfg, mesh=mesh, bases=bases)
   if jax.process_index() == 0:
