@@ -43,10 +43,10 @@ def cmd_eval(args) -> int:
   from jaxprompt.errors import UsageError
   from jaxprompt.training.trainer import evaluate
 
-  _eval_config_and_workdir(args)
-  cfg = C.load(args.config, args.overrides)
+  config, workdir = _eval_config_and_workdir(args)
+  cfg = C.load(config, args.overrides)
   if args.ensemble:
-    if args.workdir:
+    if workdir:
       raise UsageError("give --workdir (one run) or --ensemble (several prompts), not both")
     from jaxprompt.evaluation.ensemble import evaluate_ensemble
 
@@ -56,32 +56,34 @@ def cmd_eval(args) -> int:
     )
     print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
     return 0
-  if not args.workdir:
+  if not workdir:
     raise UsageError("eval needs --workdir (the training run) or --ensemble PROMPT PROMPT ...")
   _init_distributed(args)
-  result = evaluate(cfg, args.workdir, step=args.step)
+  result = evaluate(cfg, workdir, step=args.step)
   print(json.dumps({"step": result.step, **result.metrics}))
   return 0
 
 
-def _eval_config_and_workdir(args) -> None:
-  """`eval CONFIG --workdir W` as ever; `eval W` or `eval --workdir W`: W's recorded config.yaml (what it trained
-  with), --set laid over it."""
+def _eval_config_and_workdir(args) -> tuple[str | None, str | None]:
+  """(config, workdir) for eval: `eval CONFIG --workdir W` as ever; `eval W` or `eval --workdir W`: W's recorded
+  config.yaml (what it trained with), --set laid over it."""
   from jaxprompt.errors import UsageError
 
-  if args.config is not None and Path(args.config).is_dir():
-    if args.workdir:
-      raise UsageError(f"eval: {args.config} is a folder; give CONFIG --workdir WORKDIR, or WORKDIR alone")
-    args.workdir, args.config = args.config, None
-  if args.config is None:
+  config, workdir = args.config, args.workdir
+  if config is not None and Path(config).is_dir():
+    if workdir:
+      raise UsageError(f"eval: {config} is a folder; give CONFIG --workdir WORKDIR, or WORKDIR alone")
+    workdir, config = config, None
+  if config is None:
     if args.ensemble:
       raise UsageError("eval --ensemble needs CONFIG (the task and base model to score on)")
-    if not args.workdir:
+    if not workdir:
       raise UsageError("eval needs WORKDIR (the training run), CONFIG --workdir WORKDIR, or CONFIG --ensemble ...")
-    recorded = Path(args.workdir) / "config.yaml"
+    recorded = Path(workdir) / "config.yaml"
     if not recorded.is_file():
       raise UsageError(f"eval: {recorded} does not exist (not a training workdir?); give the run's CONFIG too")
-    args.config = str(recorded)
+    config = str(recorded)
+  return config, workdir
 
 
 def cmd_export(args) -> int:
