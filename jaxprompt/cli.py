@@ -734,8 +734,9 @@ def _add_serve(sub) -> None:
     description=(
       "One frozen base model, every prompt in --prompts (workdirs, exports, PEFT adapters, .npy) by name (a per-task "
       "run: one per task, NAME.TASK), one HTTP "
-      "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics. "
-      "Requests for different prompts are batched together. Needs the serve extra."
+      "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics, "
+      "and GET / a playground page. Requests for different prompts are batched together; --mesh shards the frozen "
+      "weights over devices. Needs the serve extra."
     ),
   )
   p.add_argument("--model", required=True, help="base model: HF folder, hub id, .gguf, builtin:quickstart")
