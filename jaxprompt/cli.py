@@ -126,12 +126,11 @@ def _plan_meshes(spec: str | None, cfg) -> list[dict] | None:
     return None
   if spec == "config":
     return [dict(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, model=cfg.mesh.model)]
-  m = dict(data=1, fsdp=1, model=1)
-  for part in spec.split(","):
-    k, _, v = part.partition("=")
-    if k not in m or not v.lstrip("-").isdigit():
-      raise UsageError(f"--mesh {spec!r}: expected config, or data=N,fsdp=N,model=N")
-    m[k] = int(v)
+  from jaxprompt.sharding import mesh_sizes
+
+  m = mesh_sizes(spec)
+  if m is None:
+    raise UsageError(f"--mesh {spec!r}: expected config, or data=N,fsdp=N,model=N")
   return [m]
 
 
@@ -737,14 +736,23 @@ def _add_serve(sub) -> None:
     description=(
       "One frozen base model, every prompt in --prompts (workdirs, exports, PEFT adapters, .npy) by name (a per-task "
       "run: one per task, NAME.TASK), one HTTP "
-      "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics. "
-      "Requests for different prompts are batched together. Needs the serve extra."
+      "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics, "
+      "and GET / a playground page. Requests for different prompts are batched together; --mesh shards the frozen "
+      "weights over devices. Needs the serve extra."
     ),
   )
   p.add_argument("--model", required=True, help="base model: HF folder, hub id, .gguf, builtin:quickstart")
   p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
   p.add_argument("--prompts", help="a folder of prompts, each served under its file or folder name")
   p.add_argument("--name", help="the base model's own name in the API (default: the model folder's name)")
+  p.add_argument(
+    "--mesh",
+    help="shard the frozen weights over devices: data=N,fsdp=N,model=N (as a config's mesh section; default: one "
+    "device)",
+  )
+  p.add_argument(
+    "--dtype", default="float32", choices=("float32", "bfloat16"), help="the frozen weights' dtype (default float32)"
+  )
   p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--max-batch", type=int, default=16, help="requests per model call (default 16)")

@@ -63,6 +63,18 @@ def make_mesh(data: int = 1, fsdp: int = 1, model: int = 1, devices: Sequence[ja
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def mesh_sizes(spec: str) -> dict[str, int] | None:
+  """A --mesh flag's `data=N,fsdp=N,model=N` (the config's `mesh` section; axes left out are 1, at most one -1)
+  as a dict of sizes; None when it is not of that form. `jaxprompt plan` and `jaxprompt serve` take it."""
+  sizes = dict.fromkeys(MESH_AXES, 1)
+  for part in spec.split(","):
+    k, _, v = part.strip().partition("=")
+    if k not in sizes or not v.strip().lstrip("-").isdigit():
+      return None
+    sizes[k] = int(v)
+  return sizes
+
+
 def _mesh_axes_for(logical: str | None) -> tuple[str, ...]:
   if logical is None:
     return ()

@@ -1,12 +1,13 @@
 """The HTTP API (FastAPI): OpenAI-compatible completions, rank classification, prompt admin, health and metrics.
 
   POST /v1/completions    OpenAI's completions API (model = a prompt's name, or the base's name for no prompt)
-  GET  /v1/models         the served names
+  GET  /v1/models         the served names (with the labels each prompt's task records)
   POST /v1/classify       {"model", "input": str | [str], "labels"?: [str]} -> per-label log-probabilities
   POST /v1/prompts        {"name", "path"} add a prompt (needs --admin-token: `Authorization: Bearer TOKEN`)
   DELETE /v1/prompts/{n}  remove one (the same)
   GET  /health            200 {"status": "ok"} (503 while draining)
   GET  /metrics           Prometheus text
+  GET  /                  the playground page (static/playground.html, plain HTML + JS over the endpoints above)
 
 Errors are OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}; `param` names the field.
 """
@@ -19,16 +20,20 @@ import json
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxprompt.errors import UserError
 from jaxprompt.serve.engine import Draining, Engine, Overloaded, Request, Sampling
+
+STATIC = Path(__file__).resolve().parent / "static"  # the playground's files (package data)
 
 
 class ApiError(Exception):
@@ -189,11 +194,18 @@ class _Api:
 
   async def models(self):
     now = int(time.time())
+    served = [(self.base_name, None)] + [(n, self.engine.store.get(n)) for n in self.engine.store.names()]
     return {
       "object": "list",
       "data": [
-        {"id": n, "object": "model", "created": now, "owned_by": "jaxprompt"}
-        for n in [self.base_name] + self.engine.store.names()
+        {
+          "id": n,
+          "object": "model",
+          "created": now,
+          "owned_by": "jaxprompt",
+          "labels": list(p.labels) if p is not None and p.labels else None,  # /v1/classify's default labels
+        }
+        for n, p in served
       ],
     }
 
@@ -353,4 +365,6 @@ def create_app(engine: Engine, *, base_name: str, admin_token: str | None = None
     ("DELETE", "/v1/prompts/{name}", api.remove_prompt),
   ):
     app.add_api_route(path, fn, methods=[method])
+  app.add_api_route("/", lambda: FileResponse(STATIC / "playground.html"), methods=["GET"], include_in_schema=False)
+  app.mount("/static", StaticFiles(directory=STATIC), name="static")
   return app

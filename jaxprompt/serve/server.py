@@ -24,15 +24,18 @@ def build(
   name: str | None = None,
   admin_token: str | None = None,
   allow_other_base: bool = False,
+  mesh: str | None = None,
+  dtype: str = "float32",
   **engine_options,
 ):
-  """(app, engine, problems): the FastAPI app over an engine serving `model` and the prompts in folder `prompts`."""
-  from jaxprompt.models.loading import load_model, load_tokenizer
+  """(app, engine, problems): the FastAPI app over an engine serving `model` and the prompts in folder `prompts`;
+  `mesh` and `dtype` say where and how its frozen weights live (`load_base`)."""
+  from jaxprompt.models.loading import load_tokenizer
   from jaxprompt.serve.app import create_app
   from jaxprompt.serve.engine import Engine, PromptStore
   from jaxprompt.serve.metrics import Metrics
 
-  base = load_model(model)
+  base = load_base(model, mesh=mesh, dtype=dtype)
   tok = load_tokenizer(tokenizer or model)
   store = PromptStore(base, allow_other_base=allow_other_base)
   problems = store.load_dir(prompts) if prompts else []
@@ -43,6 +46,40 @@ def build(
 
     raise UsageError(f"--name {base_name!r} is also a prompt's name; pick another --name for the base")
   return create_app(engine, base_name=base_name, admin_token=admin_token), engine, problems
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def load_base(model: str, *, mesh: str | None = None, dtype: str = "float32"):
+  """The frozen base a server runs: its weights in `dtype` (activations stay float32), on one device, or with
+  `mesh` ("data=N,fsdp=N,model=N": a config's `mesh` section, as `jaxprompt plan --mesh` takes it) read straight
+  into their shards as `jaxprompt.sharding.RULES` says, so a base larger than one accelerator is served. Warns
+  when the weights alone take most of a device's memory. Every jitted call of the engine then runs on that mesh:
+  its shardings follow the weights'."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxprompt import config as C
+  from jaxprompt import sharding as shd
+  from jaxprompt.errors import ConfigError, UsageError
+  from jaxprompt.models.loading import load_model
+  from jaxprompt.run import mesh_from_config
+
+  if dtype not in DTYPES:
+    raise UsageError(f"--dtype {dtype!r}: the frozen weights' dtype is one of {', '.join(DTYPES)}")
+  if mesh is None:
+    return load_model(model, dtype=jnp.dtype(dtype))
+  sizes = shd.mesh_sizes(mesh)
+  if sizes is None:
+    raise UsageError(f"--mesh {mesh!r}: expected data=N,fsdp=N,model=N (axes left out are 1)")
+  try:
+    placed = mesh_from_config(C.MeshConfig(**sizes))
+  except ConfigError as e:
+    raise UsageError(f"--mesh {mesh!r}: {str(e).removeprefix('mesh: ')}") from None
+  base = load_model(model, dtype=jnp.dtype(dtype), mesh=placed)
+  shd.check_weights_fit(nnx.state(base), placed)
+  return base
 
 
 def _server_class():
@@ -83,6 +120,8 @@ def run(args) -> int:
     name=args.name,
     admin_token=token,
     allow_other_base=args.allow_other_base,
+    mesh=args.mesh,
+    dtype=args.dtype,
     max_batch=args.max_batch,
     max_wait_ms=args.max_wait_ms,
     queue_size=args.queue_size,
