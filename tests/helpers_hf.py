@@ -154,3 +154,58 @@ class IdTokenizer:
       return [int(w) for w in t.split()]
 
     return {"input_ids": ids(text) if isinstance(text, str) else [ids(t) for t in text]}
+
+
+# -- encoders ----------------------------------------------------------------------------------
+
+ENCODER_VARIANTS = {
+  # BERT: two token types, exact GELU, LayerNorm eps 1e-12, a pooler; BertModel saves its keys with no prefix
+  "bert": ("BertModel", dict()),
+  # RoBERTa: padding id 1, positions from padding_idx + 1, one token type, eps 1e-5
+  "roberta": ("RobertaModel", dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)),
+  # a task checkpoint: keys under "bert.", a classifier beside the body
+  "bert-seqcls": ("BertForSequenceClassification", dict(num_labels=3)),
+  # a masked-LM checkpoint: keys under "roberta.", no pooler, an lm_head
+  "roberta-mlm": ("RobertaForMaskedLM", dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)),
+}
+
+
+def write_encoder(folder: Path, variant: str, seed: int = 0, **overrides) -> Path:
+  """A random tiny BERT / RoBERTa transformers model saved with save_pretrained; returns the folder."""
+  import transformers
+
+  cls_name, kw = ENCODER_VARIANTS[variant]
+  base = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=40,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    initializer_range=0.2,
+  )
+  if cls_name.startswith("Roberta"):
+    base["layer_norm_eps"] = 1e-5
+  base.update(kw)
+  base.update(overrides)
+  family = "Roberta" if cls_name.startswith("Roberta") else "Bert"
+  torch.manual_seed(seed)
+  model = getattr(transformers, cls_name)(getattr(transformers, f"{family}Config")(**base)).eval()
+  with torch.no_grad():  # biases start at 0 and LayerNorms at 1: randomise them so a swapped mapping shows
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+        p.add_(torch.randn_like(p) * 0.1)
+  model.save_pretrained(folder)
+  return Path(folder)
+
+
+def load_encoder(folder: Path):
+  """The transformers model saved in `folder`, by its config's architecture."""
+  import json
+
+  import transformers
+
+  arch = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+  return getattr(transformers, arch).from_pretrained(folder).eval()

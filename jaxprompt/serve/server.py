@@ -27,12 +27,14 @@ def build(
   **engine_options,
 ):
   """(app, engine, problems): the FastAPI app over an engine serving `model` and the prompts in folder `prompts`."""
+  from jaxprompt.models.interface import require_lm_head
   from jaxprompt.models.loading import load_model, load_tokenizer
   from jaxprompt.serve.app import create_app
   from jaxprompt.serve.engine import Engine, PromptStore
   from jaxprompt.serve.metrics import Metrics
 
   base = load_model(model)
+  require_lm_head(base, "serving")
   tok = load_tokenizer(tokenizer or model)
   store = PromptStore(base, allow_other_base=allow_other_base)
   problems = store.load_dir(prompts) if prompts else []
