@@ -167,6 +167,8 @@ ENCODER_VARIANTS = {
   "bert-seqcls": ("BertForSequenceClassification", dict(num_labels=3)),
   # a masked-LM checkpoint: keys under "roberta.", no pooler, an lm_head
   "roberta-mlm": ("RobertaForMaskedLM", dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)),
+  # bert-base-uncased's format: the masked-LM head (cls.predictions, tanh GELU here) and the NSP head
+  "bert-pretraining": ("BertForPreTraining", dict(hidden_act="gelu_new")),
 }
 
 
@@ -209,3 +211,19 @@ def load_encoder(folder: Path):
 
   arch = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
   return getattr(transformers, arch).from_pretrained(folder).eval()
+
+
+def encoder_with_prefix(body, input_ids, attention_mask, table):
+  """An independent prefix-tuning oracle for BERT / RoBERTa: transformers' own layers run with a key/value prefix
+  `table` [P, Y, 2, N, D] (PEFT's flat [P, Y * 2 * N * D], reshaped) as a pre-filled cache, the mask with P ones in
+  front — what PEFT's PREFIX_TUNING forward does, without PEFT (its SEQ_CLS / TOKEN_CLS forwards refuse prefix
+  tuning on encoders). `body` is the bare BertModel / RobertaModel; returns its output."""
+  from transformers import DynamicCache
+
+  b, p = input_ids.shape[0], table.shape[0]
+  cache = DynamicCache()
+  for i in range(table.shape[1]):
+    k, v = (table[:, i, j].permute(1, 0, 2)[None].expand(b, -1, -1, -1) for j in (0, 1))  # [B, N, P, D]
+    cache.update(k.contiguous(), v.contiguous(), i)
+  mask = torch.cat([torch.ones(b, p, dtype=attention_mask.dtype), attention_mask], dim=1)
+  return body(input_ids=input_ids, attention_mask=mask, cache=cache)

@@ -15,7 +15,7 @@ from jaxprompt.models import interface as I
 from jaxprompt.models.encoder import Encoder, EncoderConfig
 from jaxprompt.prompts.prefix import PrefixTuning
 from jaxprompt.prompts.soft import PromptedModel, SoftPrompt
-from tests.helpers_hf import ENCODER_VARIANTS, load_encoder, rewrite_checkpoint, write_encoder
+from tests.helpers_hf import ENCODER_VARIANTS, encoder_with_prefix, load_encoder, rewrite_checkpoint, write_encoder
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 P = 3  # virtual tokens
@@ -85,13 +85,29 @@ def test_hidden_and_pooled_match_transformers(loaded, variant):
   np.testing.assert_allclose(np.asarray(ours.embed(j(ids))), body.get_input_embeddings()(ids).detach(), atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["roberta-mlm", "bert-pretraining"])
+def test_masked_lm_head_matches_transformers(loaded, variant):
+  """The masked-LM head over its tied decoder (RoBERTa: exact GELU whatever hidden_act; BERT: hidden_act)."""
+  ref, ours = loaded[variant]
+  ids, mask, tt = _batch(ours.config.pad_token_id, ours.config.type_vocab_size, seed=6)
+  with torch.no_grad():
+    out = ref(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+  want = out.logits if variant == "roberta-mlm" else out.prediction_logits
+  got = ours.mlm_logits(ours.encode(j(ids), j(mask), j(tt)).hidden)
+  assert got.shape == (3, 9, 99) and got.dtype == jnp.float32
+  _close(got, want)
+
+
 def test_config_and_strict_loading(encoder_dirs, loaded, tmp_path):
   bert, roberta = loaded["bert"][1].config, loaded["roberta"][1].config
   assert (bert.weight_prefix, bert.pooler, bert.layer_norm_eps, bert.type_vocab_size) == ("", True, 1e-12, 2)
   assert (roberta.pad_token_id, roberta.positions_from_ids, roberta.layer_norm_eps) == (1, True, 1e-5)
   seqcls, mlm = loaded["bert-seqcls"][1].config, loaded["roberta-mlm"][1].config
   assert (seqcls.weight_prefix, seqcls.pooler) == ("bert.", True)  # classifier.* consumed, not loaded
-  assert (mlm.weight_prefix, mlm.pooler) == ("roberta.", False)  # lm_head.* consumed, not loaded
+  assert (mlm.weight_prefix, mlm.pooler, mlm.mlm_head) == ("roberta.", False, True)
+  assert not (bert.mlm_head or seqcls.mlm_head) and loaded["bert-pretraining"][1].config.mlm_head
+  with pytest.raises(ModelError, match="no masked-LM head"):
+    loaded["bert"][1].mlm_logits(jnp.zeros((1, 2, 32)))
 
   def extra(t):
     t["encoder.layer.0.attention.self.rotary.weight"] = np.zeros(3, np.float32)
@@ -104,6 +120,21 @@ def test_config_and_strict_loading(encoder_dirs, loaded, tmp_path):
   )
   with pytest.raises(WeightError, match="missing tensor 'encoder.layer.1.output.dense.bias'"):
     jaxprompt.load_model(gone)
+
+  def old_format(t):  # older BERT checkpoints store the tied decoder and its bias under their own names too
+    t["cls.predictions.decoder.weight"] = t["bert.embeddings.word_embeddings.weight"].copy()
+    t["cls.predictions.decoder.bias"] = t["cls.predictions.bias"].copy()
+
+  old = rewrite_checkpoint(encoder_dirs["bert-pretraining"], tmp_path / "old", old_format)
+  np.testing.assert_array_equal(jaxprompt.load_model(old).mlm_bias[...], loaded["bert-pretraining"][1].mlm_bias[...])
+
+  def untied(t):
+    old_format(t)
+    t["cls.predictions.decoder.weight"] += 1.0
+
+  bad = rewrite_checkpoint(encoder_dirs["bert-pretraining"], tmp_path / "untied", untied)
+  with pytest.raises(WeightError, match="tied tensors 'bert.embeddings.word_embeddings.weight' and 'cls.predictions"):
+    jaxprompt.load_model(bad)
   with pytest.raises(ModelError, match="position_embedding_type='relative_key'"):
     EncoderConfig.from_hf({**bert.to_hf(), "position_embedding_type": "relative_key"})
 
@@ -183,9 +214,13 @@ def test_key_value_prefix_matches_peft_prefix_tuning(encoder_dirs, loaded, varia
   assert (s.layers, s.heads, s.head_dim, s.layer_of) == (2, 4, 8, (0, 1))
   prefix = PrefixTuning(s, table=table.numpy().reshape(P, s.layers, 2, s.heads, s.head_dim)).prefix(3)
   ids, mask, _ = _batch(ours.config.pad_token_id, 1, seed=5)
+  body = _body(load_encoder(encoder_dirs[variant]))
   with torch.no_grad():
     want = peft(input_ids=ids, attention_mask=mask)
-    plain = _body(load_encoder(encoder_dirs[variant]))(input_ids=ids, attention_mask=mask).last_hidden_state
+    plain = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    # the oracle the heads' tests use where PEFT's forward refuses a prefix: the same table without PEFT
+    oracle = encoder_with_prefix(body, ids, mask, table.reshape(P, s.layers, 2, s.heads, s.head_dim))
+  _close(oracle.last_hidden_state, want.last_hidden_state)
   got = ours.encode(j(ids), j(mask), prefix=prefix)
   assert got.hidden.shape == (3, 9, 32) and got.prefix_length == 0
   assert np.abs(want.last_hidden_state.numpy() - plain.numpy()).max() > 1e-2  # PEFT's prefix does act

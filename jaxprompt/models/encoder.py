@@ -7,7 +7,9 @@ where the checkpoint has one. RoBERTa differs only in its positions: they start 
 `create_position_ids_from_input_ids`).
 
 An encoder has no language-model head (`has_lm_head` is False): it gives final hidden states and a pooled output
-(`encode`) for task heads; the interface's text-to-text methods refuse with one line (`require_lm_head`).
+(`encode`) for task heads; the interface's text-to-text methods refuse with one line (`require_lm_head`). A
+masked-LM checkpoint's head (`config.mlm_head`) gives vocabulary logits at any position (`mlm_logits`: P-tuning v1
+reads its [MASK]), which is not a generation head.
 
 A prompt enters as PEFT feeds transformers (PEFT 0.21, transformers 5.25; checked against both in
 tests/test_encoder.py):
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("bert", "roberta")
 _HF_CLASSES = {"bert": "BertModel", "roberta": "RobertaModel"}
+_HF_MLM_CLASSES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class EncoderConfig:
   dropout_rate: float = 0.1  # embeddings and residual branches (hidden_dropout_prob), training only
   attention_dropout_rate: float | None = None  # attention probabilities; None: dropout_rate
   pooler: bool = True  # dense + tanh on position 0 (checkpoints without `pooler.dense.*` have none)
+  mlm_head: bool = False  # the masked-LM head (*ForMaskedLM, BertForPreTraining), its decoder tied to the embedding
   weight_prefix: str = ""  # HF key prefix of the body: "" (BertModel), "bert." / "roberta." (task models)
   initializer_range: float = 0.02
 
@@ -99,12 +103,15 @@ class EncoderConfig:
     if c.get("is_decoder") or c.get("add_cross_attention"):
       raise ModelError(f"{mt} as a decoder (is_decoder / add_cross_attention) is not supported")
     hidden, attn = c.get("hidden_dropout_prob", 0.1), c.get("attention_probs_dropout_prob", 0.1)
-    prefix, pooler = "", True
+    prefix, pooler, mlm = "", True, False
     keys = set(keys or ())
     if any(k.endswith("word_embeddings.weight") for k in keys):  # a checkpoint's names, not a config alone
       prefix = f"{mt}." if f"{mt}.embeddings.word_embeddings.weight" in keys else ""
       pooler = f"{prefix}pooler.dense.weight" in keys
-      heads = sorted(k for k in keys if k.startswith(_HEAD_PREFIXES))
+      mlm = _MLM_TENSORS[mt][0] in keys
+      if mlm and c.get("tie_word_embeddings") is False:
+        raise ModelError(f"{mt}: a masked-LM head with an untied decoder (tie_word_embeddings false) is not supported")
+      heads = sorted(k for k in keys if k.startswith(_HEAD_PREFIXES) and not (mlm and k in _MLM_TENSORS[mt]))
       if heads:
         log.warning("%s: the checkpoint's head tensors (%s, ...) are not loaded: only the encoder body", mt, heads[0])
     return cls(
@@ -124,6 +131,7 @@ class EncoderConfig:
       dropout_rate=float(hidden or 0.0),
       attention_dropout_rate=None if attn == hidden else float(attn or 0.0),
       pooler=pooler,
+      mlm_head=mlm,
       weight_prefix=prefix,
       initializer_range=c.get("initializer_range", 0.02),
     )
@@ -132,7 +140,7 @@ class EncoderConfig:
     """A config.json dict that transformers' BertModel / RobertaModel reads back to this model."""
     return dict(
       model_type=self.model_type,
-      architectures=[_HF_CLASSES[self.model_type]],
+      architectures=[(_HF_MLM_CLASSES if self.mlm_head else _HF_CLASSES)[self.model_type]],
       vocab_size=self.vocab_size,
       hidden_size=self.hidden_size,
       intermediate_size=self.intermediate_size,
@@ -204,6 +212,12 @@ class Encoder(FrozenLM):
     if cfg.pooler:
       self.pooler = L.param(L.normal_init(rngs, (h, h), std, param_dtype), ("embed", None))
       self.pooler_bias = L.param(jnp.zeros((h,), param_dtype), (None,))
+    if cfg.mlm_head:
+      self.mlm_dense = L.param(L.normal_init(rngs, (h, h), std, param_dtype), ("embed", None))
+      self.mlm_dense_bias = L.param(jnp.zeros((h,), param_dtype), (None,))
+      self.mlm_norm = L.param(jnp.ones((h,), param_dtype), ("embed",))
+      self.mlm_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
+      self.mlm_bias = L.param(jnp.zeros((cfg.vocab_size,), param_dtype), ("vocab",))
 
   @property
   def hidden_size(self) -> int:
@@ -308,6 +322,17 @@ class Encoder(FrozenLM):
     y = x @ self.pooler[...].astype(x.dtype) + self.pooler_bias[...].astype(x.dtype)
     return jnp.tanh(y)
 
+  def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+    """The masked-LM head (P-tuning v1's verbalizer reads it): final hidden states [B, L, H] -> logits [B, L, V]
+    float32 (dense, GELU — BERT: hidden_act; RoBERTa: exact GELU always — LayerNorm, the tied decoder + bias)."""
+    c = self.config
+    if not c.mlm_head:
+      raise ModelError(f"this {c.model_type} checkpoint has no masked-LM head (a *ForMaskedLM checkpoint has one)")
+    act = L.activation("gelu" if c.model_type == "roberta" else c.hidden_act)
+    x = act(hidden @ self.mlm_dense[...].astype(hidden.dtype) + self.mlm_dense_bias[...].astype(hidden.dtype))
+    x = L.layer_norm(x, self.mlm_norm[...], self.mlm_norm_bias[...], c.layer_norm_eps)
+    return L.lm_logits(x, tied_table=self.embed_tokens[...]) + self.mlm_bias[...].astype(jnp.float32)
+
   # -- what needs a language-model head: refused (models.interface.require_lm_head) --------------
 
   def forward(self, *args, **kwargs):
@@ -336,6 +361,26 @@ class Encoder(FrozenLM):
 
 
 # -- strict HF weight maps ---------------------------------------------------------------------
+
+# The masked-LM head: (transform dense, its LayerNorm, the output bias) per family; the decoder weight is the word
+# embedding and the decoder bias the output bias (`hf_tied`).
+_MLM_TENSORS = {
+  "bert": (
+    "cls.predictions.transform.dense.weight",
+    "cls.predictions.transform.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight",
+    "cls.predictions.transform.LayerNorm.bias",
+    "cls.predictions.bias",
+  ),
+  "roberta": (
+    "lm_head.dense.weight",
+    "lm_head.dense.bias",
+    "lm_head.layer_norm.weight",
+    "lm_head.layer_norm.bias",
+    "lm_head.bias",
+  ),
+}
+_MLM_DECODER = {"bert": "cls.predictions.decoder", "roberta": "lm_head.decoder"}
 
 # Tensors of the task / pre-training heads that BERT and RoBERTa checkpoints carry beside the body
 # (BertForPreTraining, *ForMaskedLM, *ForSequenceClassification, *ForTokenClassification): consumed unread.
@@ -395,7 +440,24 @@ def hf_weight_map(cfg: EncoderConfig) -> list[tuple[str, str, str]]:
   ]
   if cfg.pooler:
     m += [("pooler", f"{P}pooler.dense.weight", "linear"), ("pooler_bias", f"{P}pooler.dense.bias", "copy")]
+  if cfg.mlm_head:
+    ours = ("mlm_dense", "mlm_dense_bias", "mlm_norm", "mlm_norm_bias", "mlm_bias")
+    m += [
+      (o, t, "linear" if o == "mlm_dense" else "copy") for o, t in zip(ours, _MLM_TENSORS[cfg.model_type], strict=True)
+    ]
   return m
+
+
+def hf_tied(cfg: EncoderConfig) -> tuple[tuple[str, ...], ...]:
+  """The masked-LM decoder is the word embedding, its bias the head's output bias: a checkpoint may store either
+  name of each (older BERT checkpoints store both)."""
+  if not cfg.mlm_head:
+    return ()
+  dec = _MLM_DECODER[cfg.model_type]
+  return (
+    (f"{cfg.weight_prefix}embeddings.word_embeddings.weight", f"{dec}.weight"),
+    (_MLM_TENSORS[cfg.model_type][-1], f"{dec}.bias"),
+  )
 
 
 def hf_aliases(cfg: EncoderConfig) -> tuple[str, ...]:

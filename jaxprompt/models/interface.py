@@ -260,6 +260,9 @@ class EncoderModel(Protocol):
   def pool(self, x: jax.Array) -> jax.Array:
     """The pooler on one position's final hidden states [B, H] -> [B, H] (e.g. [CLS] at prefix_length)."""
 
+  def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+    """The masked-LM head (where `config.mlm_head`): hidden states [B, L, H] -> logits [B, L, V] float32."""
+
   def prefix_slots(self) -> PrefixSlots:
     """The layout of a key/value prefix for this model, as PEFT lays it out."""
 

@@ -51,7 +51,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     for name in decoder.FAMILIES
   },
   **{
-    name: Architecture(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_weight_map, encoder.hf_aliases)
+    name: Architecture(
+      encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_weight_map, encoder.hf_aliases, encoder.hf_tied
+    )
     for name in encoder.FAMILIES
   },
 }
