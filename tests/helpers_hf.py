@@ -171,12 +171,46 @@ ENCODER_VARIANTS = {
   "bert-pretraining": ("BertForPreTraining", dict(hidden_act="gelu_new")),
 }
 
+DEBERTA_VARIANTS = {
+  # DeBERTa-v3's shape: shared key projections, log buckets (mid 4: distances past 4 are bucketed), a LayerNormed
+  # relative table, no absolute positions, no token types
+  "deberta-v3": (
+    "DebertaV2Model",
+    dict(
+      relative_attention=True,
+      position_buckets=8,
+      max_relative_positions=20,
+      pos_att_type=["p2c", "c2p"],
+      share_att_key=True,
+      norm_rel_ebd="layer_norm",
+      position_biased_input=False,
+      type_vocab_size=0,
+      layer_norm_eps=1e-7,
+    ),
+  ),
+  # DeBERTa-v2's other options, in a classification checkpoint (keys under "deberta."): separate position
+  # projections, no buckets (distances clamped at 3), absolute positions and token types too
+  "deberta-v2-seqcls": (
+    "DebertaV2ForSequenceClassification",
+    dict(
+      relative_attention=True,
+      position_buckets=-1,
+      max_relative_positions=3,
+      pos_att_type=["c2p", "p2c"],
+      share_att_key=False,
+      position_biased_input=True,
+      type_vocab_size=2,
+      num_labels=2,
+    ),
+  ),
+}
+
 
 def write_encoder(folder: Path, variant: str, seed: int = 0, **overrides) -> Path:
-  """A random tiny BERT / RoBERTa transformers model saved with save_pretrained; returns the folder."""
+  """A random tiny BERT / RoBERTa / DeBERTa-v2 transformers model saved with save_pretrained; returns the folder."""
   import transformers
 
-  cls_name, kw = ENCODER_VARIANTS[variant]
+  cls_name, kw = {**ENCODER_VARIANTS, **DEBERTA_VARIANTS}[variant]
   base = dict(
     vocab_size=99,
     hidden_size=32,
@@ -192,7 +226,7 @@ def write_encoder(folder: Path, variant: str, seed: int = 0, **overrides) -> Pat
     base["layer_norm_eps"] = 1e-5
   base.update(kw)
   base.update(overrides)
-  family = "Roberta" if cls_name.startswith("Roberta") else "Bert"
+  family = next(f for f in ("Roberta", "DebertaV2", "Bert") if cls_name.startswith(f))
   torch.manual_seed(seed)
   model = getattr(transformers, cls_name)(getattr(transformers, f"{family}Config")(**base)).eval()
   with torch.no_grad():  # biases start at 0 and LayerNorms at 1: randomise them so a swapped mapping shows

@@ -235,6 +235,7 @@ def test_no_code_path_compares_a_method_name():
 def test_every_model_family_implements_its_kind_interface(tmp_path):
   from jaxprompt.batches import CausalBatch, Seq2SeqBatch
   from jaxprompt.models import interface as I
+  from jaxprompt.models.deberta import DebertaV2Config
   from jaxprompt.models.decoder import DecoderConfig
   from jaxprompt.models.encoder import EncoderConfig
   from jaxprompt.models.loading import abstract_model
@@ -256,9 +257,9 @@ def test_every_model_family_implements_its_kind_interface(tmp_path):
     assert isinstance(dec, I.CausalLM) and dec.batch_type is CausalBatch and dec.has_lm_head
     assert not isinstance(dec, I.Seq2SeqLM) and not isinstance(dec, I.EncoderModel)
   assert not isinstance(t5, I.CausalLM) and not isinstance(t5, I.EncoderModel) and t5.has_lm_head
-  for family in ("bert", "roberta"):
+  for config_cls, family in ((EncoderConfig, "bert"), (EncoderConfig, "roberta"), (DebertaV2Config, "deberta-v2")):
     enc = abstract_model(
-      EncoderConfig(
+      config_cls(
         model_type=family,
         vocab_size=32,
         hidden_size=8,

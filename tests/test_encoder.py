@@ -1,6 +1,6 @@
-"""BERT / RoBERTa encoders: hidden states and pooled outputs against transformers' PyTorch models (the reference),
-prompts against PEFT's own forward (prompt tuning and prefix tuning), strict loading, the real BERT vocabulary,
-and the interface's refusal of text-to-text work."""
+"""BERT / RoBERTa / DeBERTa-v2 encoders: hidden states and pooled outputs against transformers' PyTorch models (the
+reference), prompts against PEFT's own forward (prompt tuning and prefix tuning), strict loading, the real BERT
+vocabulary, and the interface's refusal of text-to-text work."""
 
 import warnings
 
@@ -15,7 +15,14 @@ from jaxprompt.models import interface as I
 from jaxprompt.models.encoder import Encoder, EncoderConfig
 from jaxprompt.prompts.prefix import PrefixTuning
 from jaxprompt.prompts.soft import PromptedModel, SoftPrompt
-from tests.helpers_hf import ENCODER_VARIANTS, encoder_with_prefix, load_encoder, rewrite_checkpoint, write_encoder
+from tests.helpers_hf import (
+  DEBERTA_VARIANTS,
+  ENCODER_VARIANTS,
+  encoder_with_prefix,
+  load_encoder,
+  rewrite_checkpoint,
+  write_encoder,
+)
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 P = 3  # virtual tokens
@@ -271,5 +278,53 @@ def test_encoder_builds_from_a_config_alone():
     model_type="bert", vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2
   )
   m = jaxprompt.models.build_model(c)
-  assert isinstance(m, Encoder) and m.encode(jnp.ones((2, 4), jnp.int32)).pooled.shape == (2, 8)
+  assert isinstance(m, Encoder) and m.pooler.shape == (8, 8) and m.embed_types.shape == (2, 8)
   assert jaxprompt.models.loading.config_from_dict(c.to_hf()) == c
+
+
+# -- DeBERTa-v2 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def debertas(tmp_path_factory):
+  root = tmp_path_factory.mktemp("debertas")
+  dirs = {v: write_encoder(root / v, v, seed=10 + i) for i, v in enumerate(DEBERTA_VARIANTS)}
+  return {v: (d, load_encoder(d), jaxprompt.load_model(d)) for v, d in dirs.items()}
+
+
+@pytest.mark.parametrize("variant", list(DEBERTA_VARIANTS))
+def test_deberta_matches_transformers_with_and_without_an_input_prompt(debertas, variant):
+  """Disentangled attention (c2p + p2c over bucketed relative distances), then PEFT's PROMPT_TUNING forward: the
+  prompt before every token, relative distances over P + L. Real positions only: transformers' padded queries
+  attend nowhere (its mask is query x key), ours attend to the real keys; neither is used."""
+  from peft import PromptTuningConfig
+
+  folder, ref, ours = debertas[variant]
+  c = ours.config
+  assert ours.kind == "encoder" and c.weight_prefix == ("deberta." if "seqcls" in variant else "")
+  ids, mask, tt = _batch(0, c.type_vocab_size or 1, length=11, seed=7)
+  real = mask.numpy().astype(bool)
+  with torch.no_grad():
+    want = _body(ref)(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state.numpy()
+  got = ours.encode(j(ids), j(mask), j(tt))
+  assert got.pooled is None  # DeBERTa's ContextPooler belongs to its classification model
+  _close(np.asarray(got.hidden)[real], want[real])
+  peft, prompt = _peft(_body(load_encoder(folder)), PromptTuningConfig("FEATURE_EXTRACTION", num_virtual_tokens=P), 8)
+  with torch.no_grad():
+    want = peft(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+  got = np.asarray(ours.encode(j(ids), j(mask), prefix=I.Prefix(embeds=j(prompt)[None])).hidden)
+  real = np.concatenate([np.ones((3, P), bool), real], axis=1)
+  _close(got[real], want[real])
+
+
+def test_deberta_refuses_what_it_cannot_run(debertas):
+  from jaxprompt.models.deberta import DebertaV2Config
+
+  _, _, ours = debertas["deberta-v3"]
+  prefix = PrefixTuning(ours.prefix_slots(), table=np.zeros((P, 2, 2, 4, 8), np.float32)).prefix(1)
+  with pytest.raises(ModelError, match="^deberta-v2 takes no key/value prefix"):
+    ours.encode(jnp.ones((1, 4), jnp.int32), prefix=prefix)
+  hf_cfg = ours.config.to_hf()
+  assert DebertaV2Config.from_hf(hf_cfg) == ours.config
+  with pytest.raises(ModelError, match="conv_kernel_size"):
+    DebertaV2Config.from_hf({**hf_cfg, "conv_kernel_size": 3})

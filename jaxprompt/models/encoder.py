@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,8 @@ _HF_MLM_CLASSES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
+  FAMILIES: ClassVar[tuple[str, ...]] = FAMILIES
+
   model_type: str  # one of FAMILIES
   vocab_size: int
   hidden_size: int
@@ -70,8 +72,8 @@ class EncoderConfig:
   initializer_range: float = 0.02
 
   def __post_init__(self):
-    if self.model_type not in FAMILIES:
-      raise ModelError(f"EncoderConfig.model_type {self.model_type!r} is not one of {FAMILIES}")
+    if self.model_type not in self.FAMILIES:
+      raise ModelError(f"{type(self).__name__}.model_type {self.model_type!r} is not one of {self.FAMILIES}")
     if self.hidden_size % self.num_attention_heads:
       raise ModelError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads")
     if self.model_type == "roberta" and self.pad_token_id is None:
@@ -136,11 +138,15 @@ class EncoderConfig:
       initializer_range=c.get("initializer_range", 0.02),
     )
 
+  def hf_class(self) -> str:
+    """The transformers class a saved folder names (`architectures`)."""
+    return (_HF_MLM_CLASSES if self.mlm_head else _HF_CLASSES)[self.model_type]
+
   def to_hf(self) -> dict[str, Any]:
     """A config.json dict that transformers' BertModel / RobertaModel reads back to this model."""
     return dict(
       model_type=self.model_type,
-      architectures=[(_HF_MLM_CLASSES if self.mlm_head else _HF_CLASSES)[self.model_type]],
+      architectures=[self.hf_class()],
       vocab_size=self.vocab_size,
       hidden_size=self.hidden_size,
       intermediate_size=self.intermediate_size,
@@ -258,8 +264,9 @@ class Encoder(FrozenLM):
       )
     return pos
 
-  def embeddings(self, x: jax.Array, positions: jax.Array, token_type_ids: jax.Array) -> jax.Array:
-    """Token embeddings x [B, S, H] + position [B|1, S] and token type [B, S] embeddings, LayerNorm."""
+  def embeddings(self, x: jax.Array, positions: jax.Array, token_type_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Token embeddings x [B, S, H] + position [B|1, S] and token type [B, S] embeddings, LayerNorm (`mask`
+    [B, S]: unused here)."""
     x = x + jnp.take(self.embed_positions[...], positions, axis=0).astype(x.dtype)
     x = x + jnp.take(self.embed_types[...], token_type_ids, axis=0).astype(x.dtype)
     return L.layer_norm(x, self.embed_norm[...], self.embed_norm_bias[...], self.config.layer_norm_eps)
@@ -285,7 +292,7 @@ class Encoder(FrozenLM):
     types = jnp.concatenate([jnp.zeros((b, p), jnp.int32), jnp.broadcast_to(types, (b, n - p))], axis=1)
     positions = self.positions(input_ids if p == 0 else None, n, pk)
     rngs = L.split_rng(dropout_rng, 2)
-    x = L.dropout(self.embeddings(x, positions, types), self.config.dropout_rate, rngs[0])
+    x = L.dropout(self.embeddings(x, positions, types, mask), self.config.dropout_rate, rngs[0])
     key_mask = jnp.concatenate([jnp.ones((b, pk), mask.dtype), mask], axis=1)
     h = self._layers(x, L.mask_to_bias(key_mask), KV.source(kv), rngs[1])
     pooled = self.pool(h[:, 0]) if self.config.pooler else None
@@ -295,15 +302,17 @@ class Encoder(FrozenLM):
     """x [B, S, H] through every layer, attending to all unmasked keys (bias [B, 1, 1, pk + S]) after `kv`."""
     c = self.config
     act, rate, eps = L.activation(c.hidden_act), c.dropout_rate, c.layer_norm_eps
+    scores = self.score_terms(x.shape[1])
 
     def layer(p, x, rng, xs):
-      r = L.split_rng(rng, 3)
+      r = L.split_rng(rng, 4)
+      extra, scale = scores(p, x, r[3])
       o, _ = KV.self_attention(
         p["attn"],
         x,
         xs["kv"],
-        bias=bias,
-        scale=c.head_dim**-0.5,
+        bias=bias if extra is None else bias + extra,
+        scale=scale,
         dropout_rate=c.attention_dropout,
         dropout_rng=r[0],
         implementation=self.attention,
@@ -314,6 +323,13 @@ class Encoder(FrozenLM):
 
     x, _ = L.scan_layers(layer, x, L.arrays(self.layers), rng, self.remat, dict(kv=kv), loop=self.layer_loop)
     return x
+
+  def score_terms(self, length: int):
+    """For `length` tokens, a function (one layer's params, its inputs [B, S, H], a dropout key) -> (an extra
+    attention-score bias [B, N, S, S] or None, the scale of q.k): BERT and RoBERTa add nothing and scale by
+    1/sqrt(D); DeBERTa adds its relative-position terms (`models.deberta`)."""
+    scale = self.config.head_dim**-0.5
+    return lambda p, x, rng: (None, scale)
 
   def pool(self, x: jax.Array) -> jax.Array:
     """The pooler: [B, H] (one position's final hidden states) -> tanh(x W + b) [B, H]."""

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from jaxprompt.errors import MissingPathError, ModelError
 from jaxprompt.fileio import write_folder_atomically
-from jaxprompt.models import decoder, encoder, hf, t5
+from jaxprompt.models import deberta, decoder, encoder, hf, t5
 from jaxprompt.models.interface import ModelOptions
 
 
@@ -56,6 +56,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     )
     for name in encoder.FAMILIES
   },
+  "deberta-v2": Architecture(
+    deberta.DebertaV2Config.from_hf, deberta.DebertaV2, deberta.hf_weight_map, deberta.hf_aliases
+  ),
 }
 
 
