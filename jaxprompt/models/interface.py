@@ -15,9 +15,9 @@ where that goes for its kind (PEFT's semantics, so exported prompts give PyTorch
     decoder or a causal model's target tokens), row i to each row's i-th token counted from its first real token
     (i < s), so a left-padded row gets the offsets it gets unpadded (`add_input_offset`).
 
-Encoders (BERT, RoBERTa: `EncoderModel`, `models.encoder`) are the third kind: no language-model head
-(`has_lm_head` False), final hidden states and a pooled output from `encode`, a prompt entering as PEFT puts it
-(embeddings before all tokens, [CLS] included; key/value prefixes before every layer's keys).
+Encoders (BERT, RoBERTa, DeBERTa-v2: `EncoderModel`, `models.encoder`, `models.deberta`) are the third kind: no
+language-model head (`has_lm_head` False), final hidden states and a pooled output from `encode`, a prompt entering
+as PEFT puts it (embeddings before all tokens, [CLS] included; key/value prefixes before every layer's keys).
 
 `kind` ("seq2seq" / "causal" / "encoder") remains a label for provenance and PEFT's task_type; code paths use the
 methods and capabilities (`has_lm_head`, `supports_packing`).
@@ -225,7 +225,7 @@ class CausalLM(PromptableLM, Protocol):
 
 @runtime_checkable
 class EncoderModel(Protocol):
-  """Bidirectional encoders (BERT, RoBERTa): hidden states for task heads, no language-model head."""
+  """Bidirectional encoders (BERT, RoBERTa, DeBERTa-v2): hidden states for task heads, no language-model head."""
 
   kind: ClassVar[str]
   has_lm_head: ClassVar[bool]  # False: `require_lm_head` refuses text-to-text work
