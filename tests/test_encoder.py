@@ -235,9 +235,17 @@ def test_key_value_prefix_matches_peft_prefix_tuning(encoder_dirs, loaded, varia
   _close(got.pooled, want.pooler_output)
 
 
-def test_text_to_text_work_is_refused_in_one_line(encoder_dirs, loaded):
+def test_text_to_text_work_is_refused_in_one_line(encoder_dirs, loaded, capsys):
   from jaxprompt import config as C
   from jaxprompt import run
+  from jaxprompt.cli import main
+
+  assert main(["generate", "--model", str(encoder_dirs["roberta"]), "--input", "hi"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == (
+    "jaxprompt: error: generate needs a language-model head, and this roberta encoder model has none (an encoder "
+    "gives hidden states and a pooled output: Encoder.encode)"
+  )
 
   _, ours = loaded["bert"]
   with pytest.raises(ModelError, match="^generation needs a language-model head, and this bert encoder model has none"):
