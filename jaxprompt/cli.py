@@ -308,6 +308,7 @@ def _read_inputs(args) -> list[str]:
 def cmd_generate(args) -> int:
   from jaxprompt.errors import UsageError
   from jaxprompt.inference import text
+  from jaxprompt.models.interface import require_lm_head
   from jaxprompt.models.loading import load_model, load_tokenizer
 
   gen_cfg, texts = _generate_config(args), _read_inputs(args)
@@ -319,6 +320,7 @@ def cmd_generate(args) -> int:
       raise UsageError("--model is needed: no --prompt records its base model")
     tok = tok or recorded_tok
   base = load_model(model_path)
+  require_lm_head(base, "generate")
   tokenizer = load_tokenizer(tok or model_path)
   for p, src in zip(loaded, args.prompt, strict=False):
     for warning in p.check(base, src, strict=not args.allow_other_base):

@@ -25,6 +25,7 @@ from jaxprompt.data import encoding, sources
 from jaxprompt.data.tasks import Task
 from jaxprompt.errors import ConfigError, DataError
 from jaxprompt.models import hf
+from jaxprompt.models.interface import require_lm_head
 from jaxprompt.models.loading import architecture_summary, load_model, load_tokenizer
 from jaxprompt.prompts import PromptedModel, PromptParam, methods, registry
 from jaxprompt.prompts.record import TaskMember, TaskRecord
@@ -49,6 +50,7 @@ def load_base(mcfg: C.ModelConfig, mesh=None):
     revision=mcfg.revision,
     allow_pytorch_bin=mcfg.allow_pytorch_bin,
   )
+  require_lm_head(base, "training and evaluation on text targets")
   tok_path = mcfg.tokenizer or mcfg.path
   tokenizer = load_tokenizer(tok_path)
   if len(tokenizer) > base.config.vocab_size:

@@ -154,3 +154,110 @@ class IdTokenizer:
       return [int(w) for w in t.split()]
 
     return {"input_ids": ids(text) if isinstance(text, str) else [ids(t) for t in text]}
+
+
+# -- encoders ----------------------------------------------------------------------------------
+
+ENCODER_VARIANTS = {
+  # BERT: two token types, exact GELU, LayerNorm eps 1e-12, a pooler; BertModel saves its keys with no prefix
+  "bert": ("BertModel", dict()),
+  # RoBERTa: padding id 1, positions from padding_idx + 1, one token type, eps 1e-5
+  "roberta": ("RobertaModel", dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)),
+  # a task checkpoint: keys under "bert.", a classifier beside the body
+  "bert-seqcls": ("BertForSequenceClassification", dict(num_labels=3)),
+  # a masked-LM checkpoint: keys under "roberta.", no pooler, an lm_head
+  "roberta-mlm": ("RobertaForMaskedLM", dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)),
+  # bert-base-uncased's format: the masked-LM head (cls.predictions, tanh GELU here) and the NSP head
+  "bert-pretraining": ("BertForPreTraining", dict(hidden_act="gelu_new")),
+}
+
+DEBERTA_VARIANTS = {
+  # DeBERTa-v3's shape: shared key projections, log buckets (mid 4: distances past 4 are bucketed), a LayerNormed
+  # relative table, no absolute positions, no token types
+  "deberta-v3": (
+    "DebertaV2Model",
+    dict(
+      relative_attention=True,
+      position_buckets=8,
+      max_relative_positions=20,
+      pos_att_type=["p2c", "c2p"],
+      share_att_key=True,
+      norm_rel_ebd="layer_norm",
+      position_biased_input=False,
+      type_vocab_size=0,
+      layer_norm_eps=1e-7,
+    ),
+  ),
+  # DeBERTa-v2's other options, in a classification checkpoint (keys under "deberta."): separate position
+  # projections, no buckets (distances clamped at 3), absolute positions and token types too
+  "deberta-v2-seqcls": (
+    "DebertaV2ForSequenceClassification",
+    dict(
+      relative_attention=True,
+      position_buckets=-1,
+      max_relative_positions=3,
+      pos_att_type=["c2p", "p2c"],
+      share_att_key=False,
+      position_biased_input=True,
+      type_vocab_size=2,
+      num_labels=2,
+    ),
+  ),
+}
+
+
+def write_encoder(folder: Path, variant: str, seed: int = 0, **overrides) -> Path:
+  """A random tiny BERT / RoBERTa / DeBERTa-v2 transformers model saved with save_pretrained; returns the folder."""
+  import transformers
+
+  cls_name, kw = {**ENCODER_VARIANTS, **DEBERTA_VARIANTS}[variant]
+  base = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=40,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    initializer_range=0.2,
+  )
+  if cls_name.startswith("Roberta"):
+    base["layer_norm_eps"] = 1e-5
+  base.update(kw)
+  base.update(overrides)
+  family = next(f for f in ("Roberta", "DebertaV2", "Bert") if cls_name.startswith(f))
+  torch.manual_seed(seed)
+  model = getattr(transformers, cls_name)(getattr(transformers, f"{family}Config")(**base)).eval()
+  with torch.no_grad():  # biases start at 0 and LayerNorms at 1: randomise them so a swapped mapping shows
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+        p.add_(torch.randn_like(p) * 0.1)
+  model.save_pretrained(folder)
+  return Path(folder)
+
+
+def load_encoder(folder: Path):
+  """The transformers model saved in `folder`, by its config's architecture."""
+  import json
+
+  import transformers
+
+  arch = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+  return getattr(transformers, arch).from_pretrained(folder).eval()
+
+
+def encoder_with_prefix(body, input_ids, attention_mask, table):
+  """An independent prefix-tuning oracle for BERT / RoBERTa: transformers' own layers run with a key/value prefix
+  `table` [P, Y, 2, N, D] (PEFT's flat [P, Y * 2 * N * D], reshaped) as a pre-filled cache, the mask with P ones in
+  front — what PEFT's PREFIX_TUNING forward does, without PEFT (its SEQ_CLS / TOKEN_CLS forwards refuse prefix
+  tuning on encoders). `body` is the bare BertModel / RobertaModel; returns its output."""
+  from transformers import DynamicCache
+
+  b, p = input_ids.shape[0], table.shape[0]
+  cache = DynamicCache()
+  for i in range(table.shape[1]):
+    k, v = (table[:, i, j].permute(1, 0, 2)[None].expand(b, -1, -1, -1) for j in (0, 1))  # [B, N, P, D]
+    cache.update(k.contiguous(), v.contiguous(), i)
+  mask = torch.cat([torch.ones(b, p, dtype=attention_mask.dtype), attention_mask], dim=1)
+  return body(input_ids=input_ids, attention_mask=mask, cache=cache)

@@ -113,10 +113,11 @@ def test_packages_import_no_cycle():
 def _model_attributes() -> set[str]:
   from jaxprompt.models import interface as I
   from jaxprompt.models.decoder import Decoder
+  from jaxprompt.models.encoder import Encoder
   from jaxprompt.models.t5 import T5
 
   out = set()
-  for cls in (I.PromptableLM, I.Seq2SeqLM, I.CausalLM, I.FrozenLM, T5, Decoder):
+  for cls in (I.PromptableLM, I.Seq2SeqLM, I.CausalLM, I.EncoderModel, I.FrozenLM, T5, Decoder, Encoder):
     out |= {n for n in vars(cls) if not n.startswith("__")} | set(getattr(cls, "__annotations__", {}))
   return out | {f.name for f in __import__("dataclasses").fields(I.ModelOptions)}
 
@@ -127,7 +128,7 @@ def test_no_capability_is_probed_and_no_model_is_changed_after_construction():
   methods (options and identity are passed when the model is built)."""
   names, found = _model_attributes(), []
   probe = names - {"dtype"}  # (an array's dtype is no capability)
-  assert {"score_packed", "shared_prompt", "identity", "layer_loop", "supports_packing"} <= names
+  assert {"score_packed", "shared_prompt", "identity", "layer_loop", "supports_packing", "has_lm_head"} <= names
   for mod, tree in MODULES.items():
     for node in ast.walk(tree):
       if (
@@ -234,7 +235,9 @@ def test_no_code_path_compares_a_method_name():
 def test_every_model_family_implements_its_kind_interface(tmp_path):
   from jaxprompt.batches import CausalBatch, Seq2SeqBatch
   from jaxprompt.models import interface as I
+  from jaxprompt.models.deberta import DebertaV2Config
   from jaxprompt.models.decoder import DecoderConfig
+  from jaxprompt.models.encoder import EncoderConfig
   from jaxprompt.models.loading import abstract_model
   from jaxprompt.models.t5 import T5Config
 
@@ -251,9 +254,23 @@ def test_every_model_family_implements_its_kind_interface(tmp_path):
         num_attention_heads=2,
       )
     )
-    assert isinstance(dec, I.CausalLM) and dec.batch_type is CausalBatch
-    assert not isinstance(dec, I.Seq2SeqLM)
-  assert not isinstance(t5, I.CausalLM)
+    assert isinstance(dec, I.CausalLM) and dec.batch_type is CausalBatch and dec.has_lm_head
+    assert not isinstance(dec, I.Seq2SeqLM) and not isinstance(dec, I.EncoderModel)
+  assert not isinstance(t5, I.CausalLM) and not isinstance(t5, I.EncoderModel) and t5.has_lm_head
+  for config_cls, family in ((EncoderConfig, "bert"), (EncoderConfig, "roberta"), (DebertaV2Config, "deberta-v2")):
+    enc = abstract_model(
+      config_cls(
+        model_type=family,
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        pad_token_id=1,
+      )
+    )
+    assert isinstance(enc, I.EncoderModel) and not enc.has_lm_head
+    assert not isinstance(enc, (I.Seq2SeqLM, I.CausalLM))
 
 
 TESTS = Path(__file__).resolve().parent

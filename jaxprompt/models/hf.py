@@ -386,7 +386,7 @@ class Architecture:
   """What an exported prompt says about its base's shape (`models.loading.architecture_summary`; PEFT's
   adapter_config fields among them). None: not recorded."""
 
-  kind: str | None = None  # seq2seq | causal
+  kind: str | None = None  # seq2seq | causal | encoder
   model_type: str | None = None
   hidden_size: int | None = None
   vocab_size: int | None = None

@@ -15,7 +15,12 @@ where that goes for its kind (PEFT's semantics, so exported prompts give PyTorch
     decoder or a causal model's target tokens), row i to each row's i-th token counted from its first real token
     (i < s), so a left-padded row gets the offsets it gets unpadded (`add_input_offset`).
 
-`kind` ("seq2seq" / "causal") remains a label for provenance and PEFT's task_type; code paths use the methods.
+Encoders (BERT, RoBERTa, DeBERTa-v2: `EncoderModel`, `models.encoder`, `models.deberta`) are the third kind: no
+language-model head (`has_lm_head` False), final hidden states and a pooled output from `encode`, a prompt entering
+as PEFT puts it (embeddings before all tokens, [CLS] included; key/value prefixes before every layer's keys).
+
+`kind` ("seq2seq" / "causal" / "encoder") remains a label for provenance and PEFT's task_type; code paths use the
+methods and capabilities (`has_lm_head`, `supports_packing`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxprompt.errors import ModelError
 from jaxprompt.models import attention
 from jaxprompt.models import layers as L
 
@@ -107,6 +113,7 @@ class PromptableLM(Protocol):
   kind: ClassVar[str]
   batch_type: ClassVar[type]  # Seq2SeqBatch | CausalBatch: how the data layer lays out tokens for this kind
   supports_packing: ClassVar[bool]  # `score_packed` runs several examples per row (data.pack)
+  has_lm_head: ClassVar[bool]  # logits over the vocabulary: text targets, rank classification, generation
   config: Any
   dtype: Any  # compute dtype
   options: "ModelOptions"  # how it runs (layer loop, attention, remat, sharing a prompt), fixed at construction
@@ -216,6 +223,62 @@ class CausalLM(PromptableLM, Protocol):
     """Final hidden states [B, L, H] -> logits [B, L, V] float32."""
 
 
+@runtime_checkable
+class EncoderModel(Protocol):
+  """Bidirectional encoders (BERT, RoBERTa, DeBERTa-v2): hidden states for task heads, no language-model head."""
+
+  kind: ClassVar[str]
+  has_lm_head: ClassVar[bool]  # False: `require_lm_head` refuses text-to-text work
+  config: Any  # `models.encoder.EncoderConfig`; `config.pooler`: whether `pool` exists
+  dtype: Any
+  options: "ModelOptions"
+  identity: Any
+
+  @property
+  def hidden_size(self) -> int: ...
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """[B, L] int -> [B, L, H] token embeddings (no positions or token types) in the compute dtype."""
+
+  def embedding_table(self) -> jax.Array:
+    """The input embedding table [V, H]."""
+
+  def encode(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    token_type_ids=None,
+    *,
+    inputs_embeds=None,
+    prefix: Prefix | None = None,
+    dropout_rng=None,
+  ):
+    """Token ids [B, L] (or embeddings [B, L, H]), mask [B, L], token types [B, L] (None: 0) and a prompt's prefix
+    -> `models.encoder.EncoderOutput`: hidden [B, P + L, H] (prefix embeddings in front), mask [B, P + L],
+    pooled [B, H] (the pooler on position 0, as transformers; None without a pooler), prefix_length P."""
+
+  def pool(self, x: jax.Array) -> jax.Array:
+    """The pooler on one position's final hidden states [B, H] -> [B, H] (e.g. [CLS] at prefix_length)."""
+
+  def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+    """The masked-LM head (where `config.mlm_head`): hidden states [B, L, H] -> logits [B, L, V] float32."""
+
+  def prefix_slots(self) -> PrefixSlots:
+    """The layout of a key/value prefix for this model, as PEFT lays it out."""
+
+  def shared_prompt(self, prefix: Prefix | None, batch_size: int, dropout_rng=None):
+    """Bidirectional: nothing to share; the prefix unchanged."""
+
+
+def require_lm_head(model, action: str) -> None:
+  """Stop with one line (`ModelError`) when `model` has no language-model head and `action` needs one."""
+  if not model.has_lm_head:
+    raise ModelError(
+      f"{action} needs a language-model head, and this {model.config.model_type} {model.kind} model has none "
+      "(an encoder gives hidden states and a pooled output: Encoder.encode)"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
   """How a model runs, fixed when it is built (`models.loading.load_model` / `build_model` take these).
@@ -248,6 +311,7 @@ class FrozenLM(nnx.Module):
   kind: ClassVar[str]
   batch_type: ClassVar[type]
   supports_packing: ClassVar[bool] = False
+  has_lm_head: ClassVar[bool] = True
 
   def __init__(
     self,

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from jaxprompt.errors import MissingPathError, ModelError
 from jaxprompt.fileio import write_folder_atomically
-from jaxprompt.models import decoder, hf, t5
+from jaxprompt.models import deberta, decoder, encoder, hf, t5
 from jaxprompt.models.interface import ModelOptions
 
 
@@ -50,6 +50,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     )
     for name in decoder.FAMILIES
   },
+  **{
+    name: Architecture(
+      encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_weight_map, encoder.hf_aliases, encoder.hf_tied
+    )
+    for name in encoder.FAMILIES
+  },
+  "deberta-v2": Architecture(
+    deberta.DebertaV2Config.from_hf, deberta.DebertaV2, deberta.hf_weight_map, deberta.hf_aliases
+  ),
 }
 
 
@@ -69,8 +78,8 @@ def build_model(
   identity: hf.ModelIdentity | None = None,
   **option_fields,
 ):
-  """A randomly initialised model for `config` (a T5Config, a DecoderConfig). `options` (`ModelOptions`), or its
-  fields as keywords (layer_loop=, attention=, remat=, share_prompt=), say how it runs."""
+  """A randomly initialised model for `config` (a T5Config, a DecoderConfig, an EncoderConfig). `options`
+  (`ModelOptions`), or its fields as keywords (layer_loop=, attention=, remat=, share_prompt=), say how it runs."""
   cls = architecture_for(config.model_type, type(config).__name__).model_cls
   options = dataclasses.replace(options or ModelOptions(), **option_fields)
   return cls(config, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, options=options, identity=identity)
@@ -225,7 +234,27 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
     from jaxprompt.models import gguf
 
     return gguf.load_gguf_tokenizer(p)
+  if p.is_dir() and _wordpiece_only(p):
+    return _wordpiece_tokenizer(p)
   try:
     return AutoTokenizer.from_pretrained(str(p) if p.exists() else str(path_or_hub_id))
   except OSError as e:
     raise MissingPathError(f"cannot load a tokenizer from {str(path_or_hub_id)!r}: {str(e).splitlines()[0]}") from None
+
+
+def _wordpiece_only(folder: Path) -> bool:
+  """A folder holding a WordPiece `vocab.txt` (BERT's format) and no tokenizer config: AutoTokenizer cannot tell
+  what it is."""
+  return (folder / "vocab.txt").exists() and not any(
+    (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "config.json")
+  )
+
+
+def _wordpiece_tokenizer(folder: Path):
+  """BERT's tokenizer over a bare vocab.txt, lower-casing exactly when no word starts with a capital A-Z (uncased
+  BERT vocabularies have none; cased ones have thousands)."""
+  from transformers import BertTokenizer
+
+  words = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+  cased = any("A" <= w[:1] <= "Z" for w in words)
+  return BertTokenizer.from_pretrained(str(folder), do_lower_case=not cased)

@@ -26,7 +26,7 @@ from jaxprompt.prompts import registry
 from jaxprompt.prompts.record import PromptRecord
 from jaxprompt.prompts.spec import PromptSpec
 
-PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
+PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 PROVENANCE = "jaxprompt.json"
 
 

@@ -29,7 +29,7 @@ from jaxprompt.prompts.soft import PromptMethod, restored
 from jaxprompt.prompts.spec import Method, PromptSpec
 
 # seq2seq: PEFT's EncoderDecoderCache path (2 submodules), the one that gives the decoder's self-attention the prefix
-PEFT_PREFIX_SUBMODULES = {"seq2seq": 2, "causal": 1}
+PEFT_PREFIX_SUBMODULES = {"seq2seq": 2, "causal": 1, "encoder": 1}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,12 +30,14 @@ def build(
 ):
   """(app, engine, problems): the FastAPI app over an engine serving `model` and the prompts in folder `prompts`;
   `mesh` and `dtype` say where and how its frozen weights live (`load_base`)."""
+  from jaxprompt.models.interface import require_lm_head
   from jaxprompt.models.loading import load_tokenizer
   from jaxprompt.serve.app import create_app
   from jaxprompt.serve.engine import Engine, PromptStore
   from jaxprompt.serve.metrics import Metrics
 
   base = load_base(model, mesh=mesh, dtype=dtype)
+  require_lm_head(base, "serving")
   tok = load_tokenizer(tokenizer or model)
   store = PromptStore(base, allow_other_base=allow_other_base)
   problems = store.load_dir(prompts) if prompts else []
