@@ -46,13 +46,18 @@ _METHOD_OPTIONS = {
   "encoder_num_layers": ("p_tuning",),
   "encoder_dropout": ("p_tuning",),
   **{o: ("dept",) for o in ("dept_rank", "dept_max_length", "dept_alpha", "dept_offset_learning_rate")},
+  **{o: ("multitask",) for o in ("multitask_rank", "multitask_source", "multitask_init", "multitask_source_task")},
   **{
     o: ("residual",)
     for o in ("bottleneck_size", "nonlinearity", "mlp_layer_norm", "mlp_dropout", "separate_mlps", "mlp_type")
   },
 }
 # options that need another option of their method set: (method, option) -> the option it needs
-_OPTION_NEEDS = {("prefix_tuning", "encoder_hidden_size"): "prefix_projection"}
+_OPTION_NEEDS = {
+  ("prefix_tuning", "encoder_hidden_size"): "prefix_projection",
+  ("multitask", "multitask_init"): "multitask_source",
+  ("multitask", "multitask_source_task"): "multitask_source",
+}
 # the inits a method takes, where it does not take them all, and why
 _METHOD_INITS = {
   "prefix_tuning": (("random_uniform", "file"), "its parameters are keys and values, not token embeddings")
@@ -61,7 +66,7 @@ _METHOD_INITS = {
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept"] = "prompt_tuning"
+  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept", "multitask"] = "prompt_tuning"
   length: int = 100
   init: Literal["random_uniform", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
   init_range: tuple[float, float] = (-0.5, 0.5)  # random_uniform; the paper's range (original code: [0, 0.5))
@@ -89,6 +94,13 @@ class PromptConfig:
   # dept: A's and B's own peak learning rate (their --lora_embedding_lr; the prompt's is optimizer.learning_rate);
   # default: optimizer.learning_rate for both
   dept_offset_learning_rate: float | None = None
+  # multitask (PEFT's MULTITASK_PROMPT_TUNING): task k's prompt = shared ∘ (u_k v_k^T), u_k [P, r], v_k [r, H]
+  multitask_rank: int | None = None  # multitask: r (default 1, PEFT's num_ranks)
+  # multitask: start from a trained multitask prompt (a workdir, export or PEFT adapter: the paper's source stage)
+  multitask_source: str | None = None
+  # multitask with a source: its shared prompt and the factors averaged over its tasks, one task's, or fresh ones
+  multitask_init: Literal["average_source_tasks", "exact_source_task", "only_source_shared"] | None = None
+  multitask_source_task: str | None = None  # multitask_init exact_source_task: the source task (a name or index)
   # with data.mixture: one prompt per member (a bank [K, P, ...] trained together, each row under its task's
   # prompt); false: one prompt shared by every task (e.g. SPoT's source prompt)
   per_task: bool = False
@@ -99,7 +111,8 @@ class PromptConfig:
         raise ConfigError(f"prompt.{option} applies to method {' / '.join(methods)}, not {self.method}")
     for (method, option), needs in _OPTION_NEEDS.items():
       if self.method == method and getattr(self, option) is not None and not getattr(self, needs):
-        raise ConfigError(f"prompt.{option} applies to {method} with prompt.{needs}: true")
+        kind = ": true" if "bool" in str(PromptConfig.__dataclass_fields__[needs].type) else " set"
+        raise ConfigError(f"prompt.{option} applies to {method} with prompt.{needs}{kind}")
     lstm = self.encoder_reparameterization_type == "LSTM"
     for option in ("encoder_num_layers", "encoder_dropout"):
       if getattr(self, option) is not None and not lstm:
@@ -133,6 +146,10 @@ class PromptConfig:
       mlp_dropout=0.0,
       separate_mlps=False,
       mlp_type="MLP1",
+      multitask_rank=1,
+      multitask_source=None,
+      multitask_init="average_source_tasks",
+      multitask_source_task=None,
     )
     value = getattr(self, name)
     return defaults[name] if value is None else value

@@ -83,6 +83,7 @@ def peft_tensor(value: np.ndarray) -> np.ndarray:
 
 EXTENSIONS = {"peft": "", "numpy": ".npy", "safetensors": ".safetensors"}  # a bank member's entry in OUT/
 BANK_FILE = "bank.safetensors"
+BANK_ADAPTER = "bank"  # a method with `peft_bank` (multitask): every task in one PEFT adapter, task id = its order
 
 
 def export_prompt(
@@ -140,8 +141,12 @@ def _write(value: np.ndarray, record: PromptRecord, fmt: str, path: Path, base_p
   if fmt == "peft":
     path.mkdir(exist_ok=True)
     _write_json(path / "adapter_config.json", peft_config(value, record, base_path))
+    entry = registry.of(record.spec)
+    tensors = entry.peft_tensors(value, record) if entry.peft_tensors else {"prompt_embeddings": peft_tensor(value)}
     hf.save_safetensors(
-      {"prompt_embeddings": peft_tensor(value)}, path / "adapter_model.safetensors", metadata={"format": "pt"}
+      {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+      path / "adapter_model.safetensors",
+      metadata={"format": "pt"},
     )
     _write_json(path / PROVENANCE, prov)
   elif fmt == "numpy":
@@ -158,11 +163,12 @@ def _write_json(path: Path, obj: dict) -> None:
 def _export_bank(
   whole: TrainedPrompt, bank: dict[str, TrainedPrompt], fmt: str, out: Path, *, with_base: bool, overwrite: bool
 ) -> Path:
-  """A per-task run: OUT/<task> per task in `fmt`, plus OUT/bank.safetensors (and OUT/base with --with-base), one
-  folder written atomically."""
+  """A per-task run: OUT/<task> per task in `fmt`, plus OUT/bank.safetensors (and OUT/base with --with-base; and
+  OUT/bank/, one PEFT adapter of every task, for a method with `peft_bank`), one folder written atomically."""
   members = [(task_slug(name), np.ascontiguousarray(tp.value, np.float32), tp.record) for name, tp in bank.items()]
   if with_base and fmt != "peft":
     raise ExportError("--with-base needs --format peft (it writes DIR/base beside the adapters)")
+  one_adapter = fmt == "peft" and registry.of(whole.spec).peft_bank
   if fmt == "peft":
     for _, value, record in members:
       peft_config(value, record, None)  # refuse before writing anything
@@ -175,6 +181,8 @@ def _export_bank(
       if fmt == "numpy":
         _write_json(tmp / f"{slug}.json", _stamped(value, record, fmt))
     value = np.ascontiguousarray(whole.value, np.float32)
+    if one_adapter:
+      _write(value, whole.record, fmt, tmp / BANK_ADAPTER, str((out / "base").absolute()) if with_base else None)
     hf.save_safetensors(
       {"prompt_embeddings": value},
       tmp / BANK_FILE,

@@ -23,7 +23,7 @@ from jaxprompt.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
 from jaxprompt.models import hf
 from jaxprompt.prompts import registry
-from jaxprompt.prompts.record import PromptRecord
+from jaxprompt.prompts.record import PromptRecord, TaskMember, TaskRecord
 from jaxprompt.prompts.spec import PromptSpec
 
 PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
@@ -50,7 +50,9 @@ def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
   f = hf.SafetensorsFile(weights)
   if "prompt_embeddings" not in f:
     raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {f.keys()})")
-  return np.array(f.get("prompt_embeddings"), np.float32), meta
+  names = f.keys()  # a list (a SafetensorsFile is no mapping); multitask keeps its factors beside the prompt
+  meta["tensors"] = {k: np.array(f.get(k), np.float32) for k in names}
+  return meta["tensors"]["prompt_embeddings"], meta
 
 
 def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
@@ -198,7 +200,8 @@ def bank_member(bank: TrainedPrompt, names: list[str], task: str, where: Path) -
   k = matches[0]
   if bank.value.shape[0] != len(names):
     raise PromptError(f"{where}: a bank of {len(names)} tasks holds {bank.value.shape[0]} prompts")
-  params = None if bank.params is None else jax.tree.map(lambda a: a[k], bank.params)
+  member_params = registry.of(bank.spec).member_params or (lambda params, k: jax.tree.map(lambda a: a[k], params))
+  params = None if bank.params is None else member_params(bank.params, k)
   return TrainedPrompt(bank.value[k], params, bank.record.bank_member(k))
 
 
@@ -210,16 +213,26 @@ def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
     return _checkpoint_prompt(source, step)
   value, meta = read_prompt_file(source)
   record = _file_record(source, meta)
-  if "peft" in meta:  # the adapter says what it is: its spec, not the export's
-    value, spec = peft_value(value, meta["peft"], source)
-    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"])
   entry = registry.of(record.spec)
+  if "peft" in meta:  # the adapter says what it is: its spec, not the export's
+    value, spec = peft_value(value, meta["peft"], source, meta.get("tensors"))
+    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"])
+    entry = registry.of(spec)
+    if value.ndim == entry.value_shape.count(",") + 2 and bank_tasks(record) is None:
+      record = dataclasses.replace(record, task=_numbered_tasks(value.shape[0]))
   shape = entry.value_shape
   if bank_tasks(record) is not None:
     shape = "[tasks, " + shape[1:]
   if value.ndim != shape.count(",") + 1:
     raise PromptError(f"{source}: a {entry.name} prompt is {shape}, got shape {value.shape}")
   return TrainedPrompt(value, None, record)
+
+
+def _numbered_tasks(count: int) -> TaskRecord:
+  """The tasks of a PEFT adapter holding several (MULTITASK_PROMPT_TUNING's num_tasks) without a record naming
+  them: "0" .. "T-1", its task ids."""
+  names = [str(k) for k in range(count)]
+  return TaskRecord(name="+".join(names), mixture=tuple(TaskMember(n) for n in names), per_task=True)
 
 
 def load_trained_prompt(source: str | Path, step: str | int = "best") -> tuple[np.ndarray, dict]:
@@ -247,9 +260,11 @@ def _checkpoint_prompt(source: Path, step: str | int) -> TrainedPrompt:
   return TrainedPrompt(value, params, record)
 
 
-def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, PromptSpec]:
-  """The inference value and spec of a PEFT adapter's `prompt_embeddings`, its adapter_config.json checked (the
-  method's own reading: `Method.peft_read`)."""
+def peft_value(
+  value: np.ndarray, peft: dict, where: Path, tensors: dict | None = None
+) -> tuple[np.ndarray, PromptSpec]:
+  """The inference value and spec of a PEFT adapter's `prompt_embeddings` (and, for a method that reads them, all
+  its `tensors`), its adapter_config.json checked (the method's own reading: `Method.peft_read`)."""
   kind = peft.get("peft_type")
   entry = registry.by_peft_type(kind)
   if entry is None:
@@ -264,6 +279,8 @@ def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, 
     raise PromptError(f"{where}: adapter_config.json num_virtual_tokens must be a positive integer, got {p!r}")
   if value.ndim != 2:
     raise PromptError(f"{where}: prompt_embeddings must be 2-D, got shape {value.shape}")
+  if entry.peft_reads_tensors:
+    return entry.peft_read(tensors or {"prompt_embeddings": value}, peft, where)
   return entry.peft_read(value, peft, where)
 
 

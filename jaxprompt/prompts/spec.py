@@ -64,6 +64,13 @@ class Method:
   bank_refusal(pcfg) -> str | None: what cannot be trained as a per-task bank (`prompt.per_task`), None if it can.
   learning_rates(pcfg) -> {parameter name: learning rate}: parameters trained with their own peak learning rate
     (DePT's offset), the rest with optimizer.learning_rate (`training.optim.build_optimizer`); {}: one rate.
+  build_bank(pcfg, base, tokenizer, labels per task, rng) -> PromptMethod: the trainable module of a per-task run
+    (`prompt.per_task`) where it is not K prompts built alone and stacked (multitask: one shared prompt, a factor
+    per task); None: `methods.build_bank`'s stack.
+  member_params(params, k) -> dict: task k's parameters of a per-task run's checkpoint (None: every leaf's row k).
+  peft_tensors(value, record) -> {name: array}: what adapter_model.safetensors holds (None: `prompt_embeddings`,
+    the value flattened to 2-D); with `peft_reads_tensors`, `peft_read` gets that dict instead of the one array.
+  peft_bank: a per-task run also exports as one PEFT adapter of every task (`export.BANK_ADAPTER`).
   peft_fields(value, spec, record, base_path) -> dict: the method's fields of PEFT's adapter_config.json (beside
     task_type, num_virtual_tokens, peft_type and the base model's name).
   peft_read(value, peft, where) -> (value, spec): a PEFT adapter's `prompt_embeddings` (already 2-D, with a
@@ -85,3 +92,8 @@ class Method:
   peft_read: Callable[..., tuple[Any, PromptSpec]]
   bank_refusal: Callable[[Any], str | None] = lambda pcfg: None
   learning_rates: Callable[[Any], dict[str, float]] = lambda pcfg: {}
+  build_bank: Callable[..., Any] | None = None
+  member_params: Callable[[dict, int], dict] | None = None
+  peft_tensors: Callable[..., dict] | None = None
+  peft_reads_tensors: bool = False
+  peft_bank: bool = False

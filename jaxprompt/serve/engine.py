@@ -108,8 +108,8 @@ def _prompt_source_paths(folder: Path) -> list[Path]:
 
 def _named_sources(paths: Sequence[Path]) -> list[tuple[str, str]]:
   """(name, source) of each prompt in `paths`, named after its file or folder; a per-task run or bank gives one
-  prompt per task, "NAME.TASK" (`task_slug`) — except an export's bank.safetensors beside its tasks' own exports,
-  which it would only repeat."""
+  prompt per task, "NAME.TASK" (`task_slug`) — except an export's bank (bank.safetensors, a multitask bank/
+  adapter) beside its tasks' own exports, which it would only repeat."""
   names = {p.stem if p.is_file() else p.name for p in paths}
   out = []
   for path in paths:
@@ -120,7 +120,7 @@ def _named_sources(paths: Sequence[Path]) -> list[tuple[str, str]]:
       tasks = None
     if tasks is None:
       out.append((name, str(path)))
-    elif path.is_file() and all(task_slug(t) in names for t in tasks):
+    elif all(task_slug(t) in names for t in tasks):  # bank.safetensors, or a multitask export's bank/ adapter
       log.info("%s: its tasks are served from their own exports", path)
     else:
       out += [(f"{name}.{task_slug(t)}", f"{path}@{t}") for t in tasks]
