@@ -46,6 +46,7 @@ _METHOD_OPTIONS = {
   "encoder_num_layers": ("p_tuning",),
   "encoder_dropout": ("p_tuning",),
   **{o: ("dept",) for o in ("dept_rank", "dept_max_length", "dept_alpha", "dept_offset_learning_rate")},
+  "adaption_layers": ("adaption",),
   **{o: ("multitask",) for o in ("multitask_rank", "multitask_source", "multitask_init", "multitask_source_task")},
   **{
     o: ("residual",)
@@ -66,9 +67,12 @@ _METHOD_INITS = {
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept", "multitask"] = "prompt_tuning"
+  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept", "multitask", "adaption"] = (
+    "prompt_tuning"
+  )
   length: int = 100
-  init: Literal["random_uniform", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
+  # random_normal: N(0, 1), PEFT's RANDOM (nn.Embedding's init) and the adaption prompts' init
+  init: Literal["random_uniform", "random_normal", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
   init_range: tuple[float, float] = (-0.5, 0.5)  # random_uniform; the paper's range (original code: [0, 0.5))
   vocab_sample_size: int = 5000  # sampled_vocab / class_labels draw from the first N embedding rows
   init_text: str | None = None  # init: text
@@ -101,6 +105,7 @@ class PromptConfig:
   # multitask with a source: its shared prompt and the factors averaged over its tasks, one task's, or fresh ones
   multitask_init: Literal["average_source_tasks", "exact_source_task", "only_source_shared"] | None = None
   multitask_source_task: str | None = None  # multitask_init exact_source_task: the source task (a name or index)
+  adaption_layers: int | None = None  # adaption: the top layers with a prompt (PEFT's adapter_layers; default all)
   # with data.mixture: one prompt per member (a bank [K, P, ...] trained together, each row under its task's
   # prompt); false: one prompt shared by every task (e.g. SPoT's source prompt)
   per_task: bool = False
@@ -146,6 +151,7 @@ class PromptConfig:
       mlp_dropout=0.0,
       separate_mlps=False,
       mlp_type="MLP1",
+      adaption_layers=None,
       multitask_rank=1,
       multitask_source=None,
       multitask_init="average_source_tasks",

@@ -50,6 +50,11 @@ class Prefix:
     prompt once (`Decoder.shared_prompt`); one that does not just reads `embeds`.
   input_offset: [B, s, H] (or [1, s, H]) added to the input tokens' embeddings at their positions 0..s-1 (DePT),
     in `FrozenLM.input_embeddings`, before the prefix's embeddings are put in front.
+  adaption, adaption_gate, adaption_on: [B|1, Y, A, H], [B|1, Y], [B|1, Y] — adaption prompts (LLaMA-Adapter, PEFT's
+    ADAPTION_PROMPT): in each attention layer y where adaption_on is 1, every query also attends, in a softmax of
+    its own, over the A keys/values the layer's own k/v projections make of adaption[:, y] (no rotary embedding, no
+    mask), scaled by the gate, and that output (o-projected as the model's PEFT counterpart does) is added to the
+    layer's attention output (`models.kv.adaption_attention`); models with `supports_adaption` only.
   """
 
   embeds: jax.Array | None = None
@@ -58,6 +63,16 @@ class Prefix:
   bank: jax.Array | None = None
   bank_ids: jax.Array | None = None
   input_offset: jax.Array | None = None
+  adaption: jax.Array | None = None
+  adaption_gate: jax.Array | None = None
+  adaption_on: jax.Array | None = None
+
+  def adaption_rows(self, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """(adaption [B, Y, A, H], gate [B, Y], on [B, Y]) for `batch_size` rows, or None."""
+    if self.adaption is None:
+      return None
+    parts = (self.adaption, self.adaption_gate, self.adaption_on)
+    return tuple(jnp.broadcast_to(a, (batch_size,) + a.shape[1:]) for a in parts)
 
   @property
   def length(self) -> int:
@@ -114,6 +129,7 @@ class PromptableLM(Protocol):
   batch_type: ClassVar[type]  # Seq2SeqBatch | CausalBatch: how the data layer lays out tokens for this kind
   supports_packing: ClassVar[bool]  # `score_packed` runs several examples per row (data.pack)
   has_lm_head: ClassVar[bool]  # logits over the vocabulary: text targets, rank classification, generation
+  supports_adaption: ClassVar[bool]  # takes adaption prompts (`Prefix.adaption`: decoders, as PEFT)
   config: Any
   dtype: Any  # compute dtype
   options: "ModelOptions"  # how it runs (layer loop, attention, remat, sharing a prompt), fixed at construction
@@ -312,6 +328,7 @@ class FrozenLM(nnx.Module):
   batch_type: ClassVar[type]
   supports_packing: ClassVar[bool] = False
   has_lm_head: ClassVar[bool] = True
+  supports_adaption: ClassVar[bool] = False
 
   def __init__(
     self,

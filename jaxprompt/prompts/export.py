@@ -62,7 +62,7 @@ def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) 
   if base_path is None and base is not None:
     base_path = base.path
   entry = registry.of(record.spec)
-  return {
+  out = {
     "task_type": PEFT_TASK_TYPES[kind],
     "num_virtual_tokens": int(value.shape[0]),
     "peft_type": entry.peft_type,
@@ -73,6 +73,9 @@ def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) 
     "auto_mapping": None,
     "modules_to_save": None,
   }
+  if out["num_virtual_tokens"] is None:  # a method whose PEFT config has no such field (ADAPTION_PROMPT)
+    del out["num_virtual_tokens"]
+  return out
 
 
 def peft_tensor(value: np.ndarray) -> np.ndarray:

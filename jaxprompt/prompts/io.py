@@ -48,11 +48,14 @@ def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
     key: _json_object(file) for key, file in (("peft", cfg_file), ("jaxprompt", path / PROVENANCE)) if file.exists()
   }
   f = hf.SafetensorsFile(weights)
+  names = f.keys()  # a list (a SafetensorsFile is no mapping)
+  entry = registry.by_peft_type(meta.get("peft", {}).get("peft_type"))
+  if entry is not None and entry.peft_reads_tensors:  # multitask's factors, adaption prompts' per-layer tensors
+    meta["tensors"] = {k: np.array(f.get(k), np.float32) for k in names}
+    return meta["tensors"].get("prompt_embeddings"), meta
   if "prompt_embeddings" not in f:
-    raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {f.keys()})")
-  names = f.keys()  # a list (a SafetensorsFile is no mapping); multitask keeps its factors beside the prompt
-  meta["tensors"] = {k: np.array(f.get(k), np.float32) for k in names}
-  return meta["tensors"]["prompt_embeddings"], meta
+    raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {names})")
+  return np.array(f.get("prompt_embeddings"), np.float32), meta
 
 
 def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
@@ -274,13 +277,13 @@ def peft_value(
     )
   if not peft.get("task_type"):
     raise PromptError(f"{where}: adapter_config.json has no task_type (PEFT would silently ignore the prompt)")
+  if entry.peft_reads_tensors:  # the method checks its own tensors and fields
+    return entry.peft_read(tensors or {"prompt_embeddings": value}, peft, where)
   p = peft.get("num_virtual_tokens")
   if not isinstance(p, int) or p <= 0:
     raise PromptError(f"{where}: adapter_config.json num_virtual_tokens must be a positive integer, got {p!r}")
   if value.ndim != 2:
     raise PromptError(f"{where}: prompt_embeddings must be 2-D, got shape {value.shape}")
-  if entry.peft_reads_tensors:
-    return entry.peft_read(tensors or {"prompt_embeddings": value}, peft, where)
   return entry.peft_read(value, peft, where)
 
 

@@ -271,13 +271,13 @@ def _peft_read(tensors: dict[str, np.ndarray], peft: dict, where) -> tuple[np.nd
   """A MULTITASK_PROMPT_TUNING adapter: [rows, H] for one task, [T, rows, H] for several."""
   if peft.get("task_type") != "CAUSAL_LM" or (peft.get("num_transformer_submodules") or 1) != 1:
     raise PromptError(f"{where}: multitask prompts are read for CAUSAL_LM adapters (PEFT's seq2seq forward fails)")
-  missing = [n for n in ("prefix_task_cols", "prefix_task_rows") if n not in tensors]
+  missing = [n for n in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows") if tensors.get(n) is None]
   if missing:
     raise PromptError(f"{where}: a MULTITASK_PROMPT_TUNING adapter needs {', '.join(missing)}")
   shared, cols, rows = (
     np.asarray(tensors[n], np.float32) for n in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
   )
-  p, (t, r) = peft["num_virtual_tokens"], (cols.shape[0] if cols.ndim == 3 else 0, cols.shape[-1])
+  p, (t, r) = peft.get("num_virtual_tokens"), (cols.shape[0] if cols.ndim == 3 else 0, cols.shape[-1])
   if shared.ndim != 2 or shared.shape[0] != p or cols.shape != (t, p, r) or rows.shape != (t, r, shared.shape[1]):
     raise PromptError(
       f"{where}: prompt_embeddings {shared.shape}, prefix_task_cols {cols.shape}, prefix_task_rows {rows.shape} are "

@@ -213,6 +213,7 @@ def _ids(prompt_ids, batch):
 # prompt is created for training, never when an adapter is loaded.
 PEFT_INIT = {
   "random_uniform": "RANDOM",
+  "random_normal": "RANDOM",
   "sampled_vocab": "SAMPLE_VOCAB",
   "class_labels": "SAMPLE_VOCAB",
   "text": "TEXT",

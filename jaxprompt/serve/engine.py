@@ -48,8 +48,16 @@ from jaxprompt.prompts.record import PromptRecord
 
 log = logging.getLogger(__name__)
 
-_FIELDS = ("embeds", "keys", "values", "input_offset")
-_BATCH_AXIS = {"embeds": 0, "keys": 1, "values": 1, "input_offset": 0}
+_FIELDS = ("embeds", "keys", "values", "input_offset", "adaption", "adaption_gate", "adaption_on")
+_BATCH_AXIS = {
+  "embeds": 0,
+  "keys": 1,
+  "values": 1,
+  "input_offset": 0,
+  "adaption": 0,
+  "adaption_gate": 0,
+  "adaption_on": 0,
+}
 
 
 class Overloaded(Exception):
