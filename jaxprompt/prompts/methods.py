@@ -33,7 +33,24 @@ def build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PromptMethod:
   entry = registry.get(pcfg.method)
   if pcfg.init == "file":
     return _from_file(pcfg, base, tokenizer, labels, rng)
+  source = _init_source(entry, pcfg, base)
+  if source is not None:
+    return entry.build(pcfg, base, tokenizer, labels, rng, source=source)
   return entry.build(pcfg, base, tokenizer, labels, rng)
+
+
+def _init_source(entry, pcfg, base):
+  """(the prompts, their task names or None) of the trained prompt a method starts from (`Method.init_source`),
+  each checked against `base`; None when it starts from nothing."""
+  path = entry.init_source(pcfg)
+  if path is None:
+    return None
+  whole = load_prompt_bank(path) if split_task(path)[1] is None else None
+  tps = list(whole[1].values()) if whole is not None else [load_prompt_source(path)]
+  for tp in tps:
+    for warning in tp.check(base, path, strict=not pcfg.allow_other_base):
+      log.warning(warning)
+  return tps, (list(whole[1]) if whole is not None else None)
 
 
 def build_bank(pcfg, base, tokenizer, labels: Sequence[Sequence[str] | None], rng: jax.Array) -> PromptMethod:
@@ -42,7 +59,9 @@ def build_bank(pcfg, base, tokenizer, labels: Sequence[Sequence[str] | None], rn
   multitask's shared prompt and one factor per task)."""
   entry = registry.get(pcfg.method)
   if entry.build_bank is not None:
-    return entry.build_bank(pcfg, base, tokenizer, labels, rng)
+    source = _init_source(entry, pcfg, base)
+    kw = {} if source is None else dict(source=source)
+    return entry.build_bank(pcfg, base, tokenizer, labels, rng, **kw)
   modules = [build(pcfg, base, tokenizer, lab, rng) for lab in labels]
   return bank([m.inference_value() for m in modules], [m.spec() for m in modules], base.prefix_slots())
 

@@ -144,17 +144,14 @@ def _factors(rng: jax.Array, tasks: int, length: int, rank: int, hidden: int):
   return cols, FACTOR_STD * jax.random.normal(k2, (tasks, rank, hidden), jnp.float32)
 
 
-def _source(pcfg, base):
-  """(shared [P, H], cols [S, P, r], rows [S, r, H], task names or None) of `prompt.multitask_source`."""
-  from jaxprompt.prompts.io import load_prompt_bank, load_prompt_source
-
-  where = pcfg.option("multitask_source")
-  bank = load_prompt_bank(where, "best")
-  tps = list(bank[1].values()) if bank else [load_prompt_source(where, "best")]
+def _source(pcfg, source):
+  """(shared [P, H], cols [S, P, r], rows [S, r, H], task names or None) of `prompt.multitask_source`, loaded by
+  `methods` (`Method.init_source`): its S tasks' prompts, and their names (None: one prompt)."""
+  where = pcfg.multitask_source
+  tps, names = source
   for tp in tps:
     if not isinstance(tp.spec, MultitaskSpec):
       raise PromptError(f"{where}: prompt.multitask_source holds a {tp.spec.describe()} prompt, not a multitask one")
-    tp.check(base, where, strict=not pcfg.allow_other_base)
   parts = [unpack(np.asarray(tp.value), tp.spec, where) for tp in tps]
   shared, cols, rows = parts[0][0], np.stack([c for _, c, _ in parts]), np.stack([r for _, _, r in parts])
   if shared.shape[0] != pcfg.length or cols.shape[-1] != pcfg.option("multitask_rank"):
@@ -162,7 +159,7 @@ def _source(pcfg, base):
       f"{where}: the source prompt has P {shared.shape[0]}, r {cols.shape[-1]}; prompt.length and "
       f"prompt.multitask_rank must match ({pcfg.length}, {pcfg.option('multitask_rank')})"
     )
-  return shared, cols, rows, (list(bank[1]) if bank else None)
+  return shared, cols, rows, names
 
 
 def _source_task(pcfg, names) -> int:
@@ -177,14 +174,14 @@ def _source_task(pcfg, names) -> int:
   raise PromptError(f"prompt.multitask_source_task {want!r}: the source has tasks {names or list(range(count))}")
 
 
-def _make(pcfg, base, tokenizer, labels, rng: jax.Array, tasks: int) -> MultitaskPrompt:
+def _make(pcfg, base, tokenizer, labels, rng: jax.Array, tasks: int, source) -> MultitaskPrompt:
   rank = pcfg.option("multitask_rank")
   if rank < 1:
     raise PromptError(f"prompt.multitask_rank must be >= 1, got {rank}")
   cols, rows = _factors(jax.random.fold_in(rng, 5), tasks, pcfg.length, rank, base.hidden_size)
-  if pcfg.multitask_source is None:
+  if source is None:
     return MultitaskPrompt(initial_prompt(pcfg, base, tokenizer, labels, rng), cols, rows)
-  shared, src_cols, src_rows, names = _source(pcfg, base)
+  shared, src_cols, src_rows, names = _source(pcfg, source)
   init = pcfg.option("multitask_init")
   if init == "average_source_tasks":
     cols, rows = (np.broadcast_to(a.mean(0), (tasks,) + a.shape[1:]) for a in (src_cols, src_rows))
@@ -194,16 +191,18 @@ def _make(pcfg, base, tokenizer, labels, rng: jax.Array, tasks: int) -> Multitas
   return MultitaskPrompt(shared, cols, rows)
 
 
-def _build(pcfg, base, tokenizer, labels, rng: jax.Array) -> MultitaskPrompt:
-  return _make(pcfg, base, tokenizer, labels, rng, 1)
+def _build(pcfg, base, tokenizer, labels, rng: jax.Array, source=None) -> MultitaskPrompt:
+  return _make(pcfg, base, tokenizer, labels, rng, 1, source)
 
 
-def _build_bank(pcfg, base, tokenizer, labels: Sequence[Sequence[str] | None], rng: jax.Array) -> MultitaskPrompt:
+def _build_bank(
+  pcfg, base, tokenizer, labels: Sequence[Sequence[str] | None], rng: jax.Array, source=None
+) -> MultitaskPrompt:
   """`prompt.per_task`: one shared prompt (initialised with every task's labels) and a factor per task."""
   if len(labels) < 2:
     raise PromptError("prompt.per_task with multitask needs a mixture of at least two tasks")
   union = tuple(dict.fromkeys(lab for member in labels for lab in (member or ()))) or None
-  return _make(pcfg, base, tokenizer, union, rng, len(labels))
+  return _make(pcfg, base, tokenizer, union, rng, len(labels), source)
 
 
 def _rebuild(spec: MultitaskSpec, params: dict) -> MultitaskPrompt:
@@ -307,6 +306,7 @@ MULTITASK = Method(
   peft_fields=_peft_fields,
   peft_read=_peft_read,
   build_bank=_build_bank,
+  init_source=lambda pcfg: pcfg.multitask_source,
   member_params=_member_params,
   peft_tensors=_peft_tensors,
   peft_reads_tensors=True,

@@ -71,6 +71,9 @@ class Method:
   peft_tensors(value, record) -> {name: array}: what adapter_model.safetensors holds (None: `prompt_embeddings`,
     the value flattened to 2-D); with `peft_reads_tensors`, `peft_read` gets that dict instead of the one array.
   peft_bank: a per-task run also exports as one PEFT adapter of every task (`export.BANK_ADAPTER`).
+  init_source(pcfg) -> str | None: a trained prompt the method starts from (multitask's source stage); when it
+    gives a path, `methods` loads it (every task of a per-task source) and checks it against the base, and calls
+    build / build_bank with `source=(prompts, task names or None)`.
   peft_fields(value, spec, record, base_path) -> dict: the method's fields of PEFT's adapter_config.json (beside
     task_type, num_virtual_tokens, peft_type and the base model's name).
   peft_read(value, peft, where) -> (value, spec): a PEFT adapter's `prompt_embeddings` (already 2-D, with a
@@ -97,3 +100,4 @@ class Method:
   peft_tensors: Callable[..., dict] | None = None
   peft_reads_tensors: bool = False
   peft_bank: bool = False
+  init_source: Callable[[Any], str | None] = lambda pcfg: None
