@@ -2,7 +2,8 @@
 PEFT's logits per task id (padded batches); a two-task mixture trains the shared prompt and both factors in one
 run, resumes exactly and moves nothing else; its exports (one PEFT adapter per task, and one of both) give PEFT
 our logits and greedy generations, and each task's prompt scores alone what the mixture reported; the source ->
-target inits match PEFT's; a T5 multitask prompt trains here and its PEFT export is refused in one line."""
+target inits match PEFT's; a T5 multitask prompt runs here (its products before the encoder) and its PEFT export
+is refused in one line."""
 
 import json
 
@@ -265,22 +266,32 @@ def test_a_target_starts_from_the_source_as_peft_does(byte_llama, mixture):
     C.from_dict({"prompt": {"method": "multitask", "multitask_init": "exact_source_task"}})
 
 
-def test_a_t5_multitask_prompt_trains_and_its_peft_export_is_refused_in_one_line(byte_t5, tmp_path, capsys):
-  from jaxprompt.training.trainer import train
+def test_a_t5_multitask_prompt_runs_here_and_its_peft_export_is_refused_in_one_line(byte_t5, tmp_path, capsys):
+  """PEFT's MPT forward fails on seq2seq models; here a T5 multitask prompt is its product before the encoder."""
+  from jaxprompt.models.hf import Architecture, save_safetensors
+  from jaxprompt.prompts.multitask import pack
+  from jaxprompt.prompts.record import PromptRecord
 
-  train(tiny_cfg(byte_t5, **MPT, **{"train.steps": 2, "checkpoint.every": 2}), tmp_path / "w", progress=False)
-  tp = load_prompt_source(tmp_path / "w", step="latest")
-  assert tp.value.ndim == 2 and tp.spec == MultitaskSpec(rank=R)
+  rng = np.random.default_rng(3)
+  shared, cols, rows = rng.normal(size=(P, 32)), rng.normal(size=(P, R)), rng.normal(size=(R, 32))
+  value = pack(shared, cols, rows).astype(np.float32)
+  record = PromptRecord(spec=MultitaskSpec(rank=R), architecture=Architecture(kind="seq2seq", hidden_size=32))
+  save_safetensors(
+    {"prompt_embeddings": value}, tmp_path / "p.safetensors", metadata={"jaxprompt": json.dumps(record.to_json())}
+  )
   with pytest.raises(ExportError, match="PEFT's MULTITASK_PROMPT_TUNING forward fails on seq2seq"):
-    export_prompt(tmp_path / "w", "peft", tmp_path / "adapter", step="latest")
+    export_prompt(tmp_path / "p.safetensors", "peft", tmp_path / "adapter")
   capsys.readouterr()
-  code = main(["export", str(tmp_path / "w"), "--format", "peft", "--out", str(tmp_path / "adapter")])
+  code = main(["export", str(tmp_path / "p.safetensors"), "--format", "peft", "--out", str(tmp_path / "adapter")])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "forward fails on seq2seq" in err[0]
-  out = export_prompt(tmp_path / "w", "safetensors", tmp_path / "p.safetensors", step="latest")
   ids, mask = jnp.asarray([[5, 6, 7, 1], [8, 9, 1, 0]]), jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 0]])
   dec = jnp.asarray([[0, 5], [0, 6]])
-  np.testing.assert_array_equal(
-    np.asarray(load_prompted(byte_t5, out)(ids, mask, dec)),
-    np.asarray(load_prompted(byte_t5, tmp_path / "w", step="latest")(ids, mask, dec)),
+  product = (shared * (cols @ rows)).astype(np.float32)
+  np.save(tmp_path / "product.npy", product)
+  np.testing.assert_allclose(
+    np.asarray(load_prompted(byte_t5, tmp_path / "p.safetensors")(ids, mask, dec)),
+    np.asarray(load_prompted(byte_t5, tmp_path / "product.npy")(ids, mask, dec)),
+    atol=1e-5,
+    rtol=0,
   )

@@ -46,7 +46,7 @@ from jaxprompt.prompts.soft import PromptMethod, SoftPrompt, check_embeddings, r
 from jaxprompt.prompts.spec import Method, PromptSpec
 
 FACTOR_STD = 0.02  # PEFT: torch.normal(mean=0, std=0.02) for prefix_task_cols and prefix_task_rows
-SOURCE_INITS = ("average_source_tasks", "exact_source_task", "only_source_shared")
+PEFT_SUBMODULES = {"causal": 1}  # the model kinds PEFT's MPT forward runs (seq2seq: a TypeError in PEFT 0.21.2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +237,7 @@ def _peft_parts(value: np.ndarray, spec: MultitaskSpec):
 
 def _peft_fields(value: np.ndarray, record, base_path) -> dict:
   arch = record.architecture
-  if arch.kind != "causal":
+  if arch.kind not in PEFT_SUBMODULES:
     raise ExportError(
       "PEFT's MULTITASK_PROMPT_TUNING forward fails on seq2seq models (PEFT 0.21.2: a TypeError in "
       "PeftModelForSeq2SeqLM); export this prompt --format numpy or safetensors, or each task's product as "
@@ -247,7 +247,7 @@ def _peft_fields(value: np.ndarray, record, base_path) -> dict:
   return dict(
     num_virtual_tokens=int(shared.shape[0]),
     token_dim=int(shared.shape[1]),
-    num_transformer_submodules=1,
+    num_transformer_submodules=PEFT_SUBMODULES[arch.kind],
     num_layers=arch.num_layers,
     num_attention_heads=arch.num_attention_heads,
     # RANDOM: PEFT reads the init only when it creates a prompt, and a source init would need the source's file
