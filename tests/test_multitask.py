@@ -225,6 +225,7 @@ def test_exports_give_peft_our_logits_and_generations_and_score_what_the_mixture
     cfg = tiny_cfg(byte_llama, **{"data.task": task, "prompt.length": P, "eval.max_examples": 24})
     single, _ = build_run(cfg, mesh=one_device(), with_train_data=False)
     product = fixed(tp.value, tp.spec).embeddings[...]
+    np.testing.assert_array_equal(tp.embeddings("x"), product)  # what inspect / similarity read: the product
     metrics, _ = evaluator_for(single)({"prompt": {"embeddings": product}})
     assert metrics["accuracy"] == last[f"{task}/accuracy"], (task, metrics, last)
 

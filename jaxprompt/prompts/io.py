@@ -132,6 +132,8 @@ class TrainedPrompt:
   def embeddings(self, where: str) -> np.ndarray:
     """The input embeddings [P, H] (refusing a method that has none, e.g. a key/value prefix)."""
     entry = registry.of(self.spec)
+    if entry.serves_embeddings:
+      return np.asarray(entry.fixed(self.value, self.spec, None, where).inference_value(), np.float32)
     if not entry.embeds:
       raise PromptError(
         f"{where}: a {self.method} prompt is {entry.value_shape} ({entry.description}), not input embeddings"

@@ -307,6 +307,7 @@ MULTITASK = Method(
   peft_read=_peft_read,
   build_bank=_build_bank,
   init_source=lambda pcfg: pcfg.multitask_source,
+  serves_embeddings=True,
   member_params=_member_params,
   peft_tensors=_peft_tensors,
   peft_reads_tensors=True,

@@ -71,6 +71,8 @@ class Method:
   peft_tensors(value, record) -> {name: array}: what adapter_model.safetensors holds (None: `prompt_embeddings`,
     the value flattened to 2-D); with `peft_reads_tensors`, `peft_read` gets that dict instead of the one array.
   peft_bank: a per-task run also exports as one PEFT adapter of every task (`export.BANK_ADAPTER`).
+  serves_embeddings: its inference module (`fixed`) is input embeddings [P, H] although its value is not (multitask:
+    each task's product), so what reads embeddings (inspect, similarity, prompt.init file) gets those.
   init_source(pcfg) -> str | None: a trained prompt the method starts from (multitask's source stage); when it
     gives a path, `methods` loads it (every task of a per-task source) and checks it against the base, and calls
     build / build_bank with `source=(prompts, task names or None)`.
@@ -101,3 +103,4 @@ class Method:
   peft_reads_tensors: bool = False
   peft_bank: bool = False
   init_source: Callable[[Any], str | None] = lambda pcfg: None
+  serves_embeddings: bool = False
