@@ -112,6 +112,12 @@ def test_a_peft_made_adapter_gives_peft_logits_for_every_task_id(byte_llama, pef
   np.testing.assert_array_equal(rows, stored["prefix_task_rows"][2])
   with pytest.raises(PromptError, match=r"holds one prompt per task \(0, 1, 2\): choose one"):
     load_prompt_source(peft_made)
+  # served: one prompt per task of the one adapter, each its task's product (a soft prompt)
+  from jaxprompt.serve.engine import PromptStore
+
+  store = PromptStore(model.base)
+  assert store.load_dir(peft_made.parent) == [] and store.names() == ["adapter.0", "adapter.1", "adapter.2"]
+  assert store.get("adapter.2").method == "multitask"
 
 
 def _tok(folder):
