@@ -46,7 +46,8 @@ from jaxprompt.prompts.soft import PromptMethod, SoftPrompt, check_embeddings, r
 from jaxprompt.prompts.spec import Method, PromptSpec
 
 FACTOR_STD = 0.02  # PEFT: torch.normal(mean=0, std=0.02) for prefix_task_cols and prefix_task_rows
-PEFT_SUBMODULES = {"causal": 1}  # the model kinds PEFT's MPT forward runs (seq2seq: a TypeError in PEFT 0.21.2)
+PEFT_SUBMODULES = {"causal": 1}  # the model kinds exported to PEFT's MPT (its num_transformer_submodules)
+PEFT_REFUSED = {"seq2seq": "fails on seq2seq models (PEFT 0.21.2: a TypeError in PeftModelForSeq2SeqLM)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,10 +239,10 @@ def _peft_parts(value: np.ndarray, spec: MultitaskSpec):
 def _peft_fields(value: np.ndarray, record, base_path) -> dict:
   arch = record.architecture
   if arch.kind not in PEFT_SUBMODULES:
+    why = PEFT_REFUSED.get(arch.kind, f"is exported for decoders only (the case checked against PEFT), not {arch.kind}")
     raise ExportError(
-      "PEFT's MULTITASK_PROMPT_TUNING forward fails on seq2seq models (PEFT 0.21.2: a TypeError in "
-      "PeftModelForSeq2SeqLM); export this prompt --format numpy or safetensors, or each task's product as "
-      "prompt tuning"
+      f"PEFT's MULTITASK_PROMPT_TUNING forward {why}; export this prompt --format numpy or safetensors, or each "
+      "task's product as prompt tuning"
     )
   shared, cols, _ = _peft_parts(value, record.spec)
   return dict(
