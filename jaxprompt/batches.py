@@ -17,6 +17,9 @@ the kind:
 Both carry an optional `task_ids` [B] (int32): the prompt each row uses when a run trains one prompt per task
 (`prompt.per_task`, a bank [K, P, ...]); None otherwise.
 
+Input ids below 0 are a prompt template's virtual tokens (`data.templates`): id -1-k is the prompt's row k, a real
+token (mask 1, a position of its own) whose embedding the model takes from the prompt (`models.interface`).
+
 This module is a leaf (numpy, JAX and Flax only): models name their batch type without importing the data layer.
 Layouts work on token ids; tokenisation (text -> ids, the tokenizer's special tokens) is `data.encoding`'s.
 """

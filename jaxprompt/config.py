@@ -106,6 +106,10 @@ class PromptConfig:
   multitask_init: Literal["average_source_tasks", "exact_source_task", "only_source_shared"] | None = None
   multitask_source_task: str | None = None  # multitask_init exact_source_task: the source task (a name or index)
   adaption_layers: int | None = None  # adaption: the top layers with a prompt (PEFT's adapter_layers; default all)
+  # P-tuning v1 templates (prompt_tuning, p_tuning): virtual tokens between parts of the input, e.g.
+  # "[P:3] {premise} [P:3] ? {hypothesis} [P:3]": [P:n] is n virtual tokens (they sum to prompt.length, the prompt's
+  # rows fill them in order), {field} an example's field, the rest literal text (`data.templates`); None: in front
+  template: str | None = None
   # with data.mixture: one prompt per member (a bank [K, P, ...] trained together, each row under its task's
   # prompt); false: one prompt shared by every task (e.g. SPoT's source prompt)
   per_task: bool = False
@@ -132,6 +136,10 @@ class PromptConfig:
       )
     if self.length < 0:
       raise ConfigError(f"prompt.length must be >= 0 (0: the base model alone), got {self.length}")
+    if self.template is not None:
+      from jaxprompt.data.templates import Template
+
+      Template.parse(self.template).check_length(self.length)
 
   def option(self, name: str):
     """A method option with its default filled in (encoder_hidden_size stays None: the model decides)."""
@@ -156,6 +164,7 @@ class PromptConfig:
       multitask_source=None,
       multitask_init="average_source_tasks",
       multitask_source_task=None,
+      template=None,
     )
     value = getattr(self, name)
     return defaults[name] if value is None else value

@@ -23,6 +23,7 @@ from jaxprompt import metrics as M
 from jaxprompt import sharding as shd
 from jaxprompt.data import encoding, sources
 from jaxprompt.data.tasks import Task
+from jaxprompt.data.templates import Template
 from jaxprompt.errors import ConfigError, DataError
 from jaxprompt.models import hf
 from jaxprompt.models.interface import require_lm_head
@@ -160,7 +161,22 @@ def validate(cfg: C.Config, members, mesh) -> None:
       raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
+def _validate_template(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
+  """prompt.template: a method whose rows may sit at slots, fields every task has, rows left unpacked."""
+  if pc.template is None:
+    return
+  if not registry.get(pc.method).templates:
+    able = ", ".join(n for n, m in registry.METHODS.items() if m.templates)
+    raise ConfigError(f"prompt.template places input embeddings ({able}); {pc.method} cannot sit at its slots")
+  if dc.pack is True:
+    raise ConfigError("data.pack puts each prompt in front of its example; a prompt.template places it (pack: false)")
+  template = Template.parse(pc.template)
+  for m in members:
+    template.check_fields(m.task.fields, m.name)
+
+
 def _validate_prompt(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
+  _validate_template(pc, dc, members)
   if dc.pack is True and not registry.get(pc.method).embeds:
     raise ConfigError(
       f"data.pack needs a prompt before the input ({', '.join(registry.names(embeds=True))}); "
@@ -246,14 +262,22 @@ class Run:
       input_length=d.input_length,
       target_length=d.target_length,
       name=name,
+      template=self.template,
     )
 
   @property
+  def template(self) -> Template | None:
+    """Where the prompt's rows go in the input (`prompt.template`); None: in front."""
+    return None if self.cfg.prompt.template is None else Template.parse(self.cfg.prompt.template)
+
+  @property
   def packs(self) -> bool:
-    """Are training rows packed (`data.pack`; auto: a seq2seq model with an input prompt)?"""
+    """Are training rows packed (`data.pack`; auto: a seq2seq model with an input prompt in front of it)?"""
     pack = self.cfg.data.pack
     if pack == "auto":
-      return self.base.supports_packing and registry.get(self.cfg.prompt.method).embeds
+      return (
+        self.base.supports_packing and registry.get(self.cfg.prompt.method).embeds and self.cfg.prompt.template is None
+      )
     return pack
 
   def device_batch(self, local):

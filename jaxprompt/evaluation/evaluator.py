@@ -57,6 +57,7 @@ class Evaluator:
       input_length=ctx.input_length,
       target_length=ctx.target_length,
       name=f"{member.name}/{ctx.eval_split}",
+      template=ctx.template,
     )
     if prompt_id is not None:
       self.arrays = self.arrays.with_task_ids(prompt_id)

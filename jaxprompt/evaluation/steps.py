@@ -96,6 +96,7 @@ class EvalContext:
   mode: str  # the configured eval.mode (`evaluation.evaluator.MODES`)
   z_loss: float
   generate: GenerateConfig
+  template: Any = None  # `data.templates.Template`: where the prompt's rows go in each input (None: in front)
 
   @classmethod
   def of(cls, run) -> "EvalContext":
@@ -115,6 +116,7 @@ class EvalContext:
       mode=cfg.eval.mode,
       z_loss=cfg.train.z_loss,
       generate=cfg.generate,
+      template=run.template,
     )
 
   @property

@@ -55,6 +55,11 @@ def _stamped(value: np.ndarray, record: PromptRecord, fmt: str) -> dict:
 
 def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) -> dict:
   """adapter_config.json of a prompt: PEFT's common fields and its method's (`Method.peft_fields`)."""
+  if record.spec.template is not None:
+    raise ExportError(
+      f"PEFT only prepends prompts; this one sits at the slots of its template {record.spec.template!r} "
+      "(export it with --format numpy or safetensors)"
+    )
   kind = record.architecture.kind if record.architecture is not None else None
   if kind not in PEFT_TASK_TYPES:
     raise ExportError("the prompt's base model kind is unknown (no provenance); cannot choose a PEFT task_type")

@@ -81,10 +81,11 @@ def _from_file(pcfg, base, tokenizer, labels, rng) -> PromptMethod:
   src = load_prompt_source(pcfg.init_file)
   for warning in src.check(base, pcfg.init_file, strict=not pcfg.allow_other_base):
     log.warning(warning)
-  if src.params is not None and src.spec == fresh.spec():
+  spec = dataclasses.replace(src.spec, template=pcfg.template)  # where its rows go is this run's (prompt.template)
+  if src.params is not None and spec == fresh.spec():
     nnx.update(fresh, jax.tree.map(jnp.asarray, src.params))
     return fresh
-  module = fixed(src.value, src.spec, base.prefix_slots(), where=pcfg.init_file)
+  module = fixed(src.value, spec, base.prefix_slots(), where=pcfg.init_file)
   if module.spec() == fresh.spec():
     if module.length != pcfg.length:  # (a DePT value holds more rows than its prompt's positions)
       check_length(src.value, src.spec, pcfg.length, pcfg.init_file)

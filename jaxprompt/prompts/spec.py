@@ -27,9 +27,11 @@ def _jsonable(value):
 class PromptSpec:
   """A method and its options, as a trained prompt records them (`PromptMethod.spec()`). `to_json` is the dict
   checkpoints and exports have always held: {"method": NAME, option: value, ...}, options that are None left out
-  (they were never written)."""
+  (they were never written). `template`: where a templated prompt's rows go in the input (`prompt.template`,
+  `data.templates`; None: in front), for the methods whose entry says `templates`."""
 
   method: ClassVar[str]
+  template: str | None = dataclasses.field(default=None, kw_only=True)
 
   def to_json(self) -> dict:
     out = {"method": self.method}
@@ -61,6 +63,8 @@ class Method:
   fixed(value, spec, slots) -> PromptMethod: the inference module of a trained value (what `inference_value()`
     returned, what PEFT saves); a key/value method checks the value against the base's `PrefixSlots`.
   check(value, base, where): raises PromptError when a trained value does not fit `base`.
+  templates: whether its prompt may sit at a template's slots (`prompt.template`): input embeddings [P, H] the same
+    whatever the input (no key/value prefix, no offset on the input's first tokens).
   bank_refusal(pcfg) -> str | None: what cannot be trained as a per-task bank (`prompt.per_task`), None if it can.
   learning_rates(pcfg) -> {parameter name: learning rate}: parameters trained with their own peak learning rate
     (DePT's offset), the rest with optimizer.learning_rate (`training.optim.build_optimizer`); {}: one rate.
@@ -95,6 +99,7 @@ class Method:
   check: Callable[[Any, Any, str], None]
   peft_fields: Callable[..., dict]
   peft_read: Callable[..., tuple[Any, PromptSpec]]
+  templates: bool = False
   bank_refusal: Callable[[Any], str | None] = lambda pcfg: None
   learning_rates: Callable[[Any], dict[str, float]] = lambda pcfg: {}
   build_bank: Callable[..., Any] | None = None
