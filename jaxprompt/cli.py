@@ -291,18 +291,32 @@ def _generate_config(args):
   return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
-def _read_inputs(args) -> list[str]:
+def _read_inputs(args) -> list:
   from jaxprompt.errors import MissingPathError, UsageError
 
   if not args.input_file:
-    return args.input or [""]
-  path = Path(args.input_file)
-  if not path.is_file():
-    raise MissingPathError(f"--input-file {path} does not exist")
-  texts = path.read_text().splitlines()
-  if not texts:
-    raise UsageError(f"{path}: no inputs")
-  return texts
+    texts = args.input or [""]
+  else:
+    path = Path(args.input_file)
+    if not path.is_file():
+      raise MissingPathError(f"--input-file {path} does not exist")
+    texts = path.read_text().splitlines()
+    if not texts:
+      raise UsageError(f"{path}: no inputs")
+  return [_fields(t, i) for i, t in enumerate(texts)] if args.fields else texts
+
+
+def _fields(text: str, i: int) -> dict:
+  """--fields: input i as a JSON object of a templated prompt's fields."""
+  from jaxprompt.errors import UsageError
+
+  try:
+    fields = json.loads(text)
+  except json.JSONDecodeError:
+    fields = None
+  if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+    raise UsageError(f'--fields: input {i} is not a JSON object of field texts ({{"premise": "...", ...}})')
+  return fields
 
 
 def cmd_generate(args) -> int:
@@ -673,6 +687,12 @@ def _add_generate(sub) -> None:
     "--input", action="append", help="an input text (repeatable: one output per --input, in order; default: empty)"
   )
   g.add_argument("--input-file", help="a file with one input per line")
+  p.add_argument(
+    "--fields",
+    action="store_true",
+    help='inputs are JSON objects naming a templated prompt\'s fields ({"premise": "...", "hypothesis": "..."}); '
+    "without it, a templated prompt with one field takes each input as that field",
+  )
   p.add_argument(
     "--method",
     choices=["greedy", "sample", "beam"],

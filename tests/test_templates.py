@@ -277,6 +277,34 @@ def test_generate_equals_the_hand_built_inputs_greedy_output(bases, model, tmp_p
   assert [r["tokens"] for r in by_name] == [r["tokens"] for r in got]
 
 
+def test_generate_on_the_command_line_takes_fields(byte_llama, bases, tmp_path, capsys):
+  base = bases["byte_llama"]
+  rows = np.asarray(_module("prompt_tuning", base.hidden_size, DIGITS).inference_value())
+  path = _write_prompt(tmp_path, "tmpl", rows, DIGITS)
+  texts = ["3 1 4", "9 2 6 5 3 5 8"]
+  want = [r[: r.index(TOK.eos_token_id)] if TOK.eos_token_id in r else r for r in _greedy_by_hand(base, texts, rows, 5)]
+  argv = ["generate", "--model", str(byte_llama), "--prompt", str(path), "--greedy", "--max-new-tokens", "5"]
+  capsys.readouterr()
+  assert main([*argv, "--jsonl", "--fields", *[f"--input={json.dumps({'digits': t})}" for t in texts]]) == 0
+  got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["tokens"][: len(w)] for r, w in zip(got, want, strict=True)] == want
+  assert got[0]["input"] == {"digits": texts[0]}
+  assert main([*argv, "--fields", "--input", "3 1 4"]) == 2
+  assert "--fields: input 0 is not a JSON object" in capsys.readouterr().err
+
+
+def test_a_prompt_trained_in_front_starts_a_templated_run(bases, tmp_path):
+  from jaxprompt.prompts import methods
+
+  base = bases["byte_t5"]
+  rows = np.random.default_rng(5).normal(size=(P, base.hidden_size)).astype(np.float32)
+  path = _write_prompt(tmp_path, "front", rows, None)
+  pcfg = C.PromptConfig(length=P, init="file", init_file=str(path), template=TEMPLATE, allow_other_base=True)
+  module = methods.build(pcfg, base, TOK, None, jax.random.key(0))
+  assert module.spec().template == TEMPLATE and module.prefix(1).at_slots
+  np.testing.assert_array_equal(np.asarray(module.inference_value()), rows)
+
+
 def test_a_served_templated_prompt_lays_out_each_requests_fields(byte_llama, bases, tmp_path):
   """Completions (a string: the template's one field; or the fields by name) equal `generate_text`, whose greedy
   output equals the hand-built input's (above); classify's scores equal rank classification of the templated batch;
