@@ -382,3 +382,29 @@ def test_the_cli_names_a_bad_template_in_one_line(capsys, tmp_path):
   code = main(["train", str(config), "--workdir", str(tmp_path / "w")])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "no input field" in err[0]
+
+
+@pytest.mark.parametrize("variant", ["bert", "roberta"])
+def test_encoder_models_place_the_rows_as_transformers_runs_hand_built_embeddings(variant, tmp_path):
+  """BERT / RoBERTa: the hidden states of a templated input equal transformers' model run on the hand-built input
+  embeddings (real positions; RoBERTa's positions come from the ids, where a virtual token is a real token)."""
+  import torch
+
+  from tests.helpers_hf import load_encoder, write_encoder
+
+  folder = write_encoder(tmp_path / variant, variant, seed=7)
+  ref, base = load_encoder(folder), load_model(folder)
+  pad = base.config.pad_token_id
+  ids = np.random.default_rng(8).integers(3, 99, (2, 9))
+  ids[:, [0, 1, 4, 7]] = [-1, -2, -3, -4]  # "[P:2] {a} [P] {b} [P]"-shaped rows
+  mask = np.ones_like(ids)
+  mask[1, 8:], ids[1, 8:] = 0, pad
+  rows = np.random.default_rng(9).normal(size=(P, base.hidden_size)).astype(np.float32)
+  prefix = SoftPrompt(rows, template="[P:2] {a} [P] {b} [P]").prefix(2)
+  got = np.asarray(base.encode(jnp.asarray(ids), jnp.asarray(mask), prefix=prefix).hidden)
+  emb = ref.get_input_embeddings()(torch.tensor(np.maximum(ids, 0))).detach().numpy()
+  emb[ids < 0] = np.concatenate([rows] * 2)  # each row's virtual tokens in order: rows 0..3
+  with torch.no_grad():
+    want = ref(inputs_embeds=torch.tensor(emb), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
