@@ -22,7 +22,7 @@ def test_configs_side_by_side_as_ratios(byte_llama, tmp_path, capsys):
   assert any(line.startswith("| p12.yaml | prompt_tuning |") for line in lines)
   rows = json.loads((tmp_path / "out.json").read_text())["configs"]
   p4, p12, dept = rows
-  assert [r["method"] for r in rows] == ["prompt_tuning", "prompt_tuning", "dept"]
+  assert [r["prompt_method"] for r in rows] == ["prompt_tuning", "prompt_tuning", "dept"]
   hidden = p4["trained_parameters"] // 4
   assert p12["trained_parameters"] == 12 * hidden and dept["trained_parameters"] == 4 * hidden + 12 * 2 + 2 * hidden
   assert p12["slots_per_row"] - p4["slots_per_row"] == 8 and dept["slots_per_row"] == p4["slots_per_row"]

@@ -48,7 +48,7 @@ class _Step:
     total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     self.info = dict(
       config=str(path),
-      method=cfg.prompt.method,
+      prompt_method=cfg.prompt.method,
       trained_parameters=int(sum(np.size(x) for x in jax.tree.leaves(state.prompt))),
       slots_per_row=int(local.tokens_per_row(cfg.prompt.length)),
       batch_size=int(local.size),
@@ -99,7 +99,7 @@ def report(result: dict) -> str:
   ]
   for r in result["configs"]:
     lines.append(
-      f"| {Path(r['config']).name} | {r['method']} | {r['trained_parameters']:,} | {r['slots_per_row']} "
+      f"| {Path(r['config']).name} | {r['prompt_method']} | {r['trained_parameters']:,} | {r['slots_per_row']} "
       f"| {r['step_seconds'] * 1e3:.1f} | {r['step_seconds_ratio']:.2f} | {r['memory_bytes'] / 2**20:.2f} "
       f"| {r['memory_bytes_ratio']:.2f} | {r['temp_bytes'] / 2**20:.2f} | {r['temp_bytes_ratio']:.2f} |"
     )
