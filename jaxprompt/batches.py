@@ -321,12 +321,13 @@ class CausalBatch(_Batch):
 
   @staticmethod
   def _tokenize(eos, input_ids: list[int], target_ids: list[int], input_length: int, target_length: int):
-    """The input keeps BOS (when the tokenizer adds one) and drops a final EOS; the target is its text + EOS."""
+    """The input keeps BOS (when the tokenizer adds one) and drops a final EOS; the target is its text + EOS, a long
+    one cut keeping that EOS (as `trim` cuts seq2seq targets and `label_rows` the labels rank evaluation scores)."""
     a = input_ids
     if eos is not None and a and a[-1] == eos:
       a = a[:-1]
     t = target_ids + ([eos] if eos is not None else [])
-    return (a[:input_length], len(a) > input_length), (t[:target_length], len(t) > target_length)
+    return (a[:input_length], len(a) > input_length), trim(t, target_length, eos)  # as `label_rows` cuts labels
 
   @classmethod
   def _layout(cls, ins, tgts, pad: int, input_length: int, target_length: int) -> "CausalBatch":

@@ -198,21 +198,22 @@ def _write_plan_json(path, rows, best, budget) -> None:
     write_file_atomically(path, lambda t: t.write_text(json.dumps(table, indent=2)), overwrite=True)
 
 
-def cmd_bench(args) -> int:
+def _bench_apart(args):
+  """`bench --attention / --serve / --configs`: their own benchmarks' results (None: none of them)."""
   from jaxprompt.errors import UsageError
-  from jaxprompt.tools import bench as BN
 
   if args.attention:
     from jaxprompt.tools.bench_attention import bench_attention, report
 
     result = bench_attention(length=args.attention_length, dtype=args.dtype, iters=args.iters)
     print(report(result))
-  elif args.serve:
+    return result
+  if args.serve:
     from jaxprompt.tools.bench_serve import run_serve_bench
 
     if not args.model:
       raise UsageError("bench --serve needs --model (a causal base model with its tokenizer)")
-    result = run_serve_bench(
+    return run_serve_bench(
       args.model,
       tokenizer=args.tokenizer,
       prompts=args.num_prompts,
@@ -221,16 +222,28 @@ def cmd_bench(args) -> int:
       max_tokens=args.max_tokens,
       vs_peft=args.vs_peft,
     )
-  elif args.eval and not args.data:
+  if args.configs:
+    from jaxprompt.tools.bench_methods import run_methods_bench
+
+    return run_methods_bench(args.configs, iters=args.iters)
+  return None
+
+
+def _bench_preset(args):
+  """`bench --preset` (random weights of a shape), with --data on real rows."""
+  from jaxprompt.errors import UsageError
+  from jaxprompt.tools import bench as BN
+
+  if args.eval and not args.data:
     raise UsageError("bench --eval times evaluation on real rows: give --data FILE --task TASK --tokenizer DIR")
-  elif args.preset not in BN.PRESETS:
+  if args.preset not in BN.PRESETS:
     raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
-  elif args.data:
+  if args.data:
     from jaxprompt.tools.bench_data import run_data_bench
 
     if not (args.task and args.tokenizer):
       raise UsageError("bench --data needs --task (how to read the file) and --tokenizer (a tokenizer folder)")
-    result = run_data_bench(
+    return run_data_bench(
       args.preset,
       args.data,
       args.task,
@@ -242,16 +255,21 @@ def cmd_bench(args) -> int:
       pack=args.pack,
       evaluate=args.eval,
     )
-  else:
-    result = BN.run_bench(
-      args.preset,
-      vs_peft=args.vs_peft,
-      dtype=args.dtype,
-      iters=args.iters,
-      structural=not args.no_structural,
-      generation=not args.no_generation,
-      layer_loop=args.layer_loop,
-    )
+  return BN.run_bench(
+    args.preset,
+    vs_peft=args.vs_peft,
+    dtype=args.dtype,
+    iters=args.iters,
+    structural=not args.no_structural,
+    generation=not args.no_generation,
+    layer_loop=args.layer_loop,
+  )
+
+
+def cmd_bench(args) -> int:
+  result = _bench_apart(args)
+  if result is None:
+    result = _bench_preset(args)
   if args.json:
     from jaxprompt.fileio import write_file_atomically
 
@@ -578,6 +596,13 @@ def _add_bench(sub) -> None:
   p.add_argument("--attention-length", type=int, default=1024, help="with --attention: the sequence length")
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
+  p.add_argument(
+    "--configs",
+    nargs="+",
+    metavar="CONFIG",
+    help="instead: these configs' train steps side by side (each its own model, data, method and optimizer): "
+    "step time and XLA memory, as ratios to the first (e.g. prompt tuning vs residual vs DePT)",
+  )
   _add_bench_data_flags(p)
   _add_bench_serve_flags(p)
   p.add_argument("--json", help="write the results as JSON")
