@@ -777,13 +777,35 @@ def _add_serve(sub) -> None:
   )
   p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
   p.add_argument("--port", type=int, default=8000)
-  p.add_argument("--max-batch", type=int, default=16, help="requests per model call (default 16)")
+  p.add_argument(
+    "--scheduler",
+    choices=("continuous", "static"),
+    default="continuous",
+    help="continuous: decode slots, a request joins as soon as one is free (default); static: a batch runs until "
+    "its longest request ends",
+  )
+  p.add_argument(
+    "--slots", type=int, default=16, help="continuous: decode slots, requests decoded at once (default 16)"
+  )
+  p.add_argument(
+    "--prompt-slots",
+    type=int,
+    default=0,
+    help="continuous: room for prompts of this length added later over the API (default: the longest in --prompts)",
+  )
+  p.add_argument(
+    "--max-batch", type=int, default=16, help="requests per model call (continuous: per prefill; default 16)"
+  )
   p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others (default 5)")
   p.add_argument("--queue-size", type=int, default=256, help="queued requests before 503s (default 256)")
   p.add_argument("--max-input-tokens", type=int, default=512, help="longest input (default 512)")
   p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
   p.add_argument("--admin-token", help="enables POST/DELETE /v1/prompts (or env JAXPROMPT_ADMIN_TOKEN)")
-  p.add_argument("--warmup", action="store_true", help="compile every batch and length bucket before serving")
+  p.add_argument(
+    "--warmup",
+    action="store_true",
+    help="compile every program before serving (continuous: a prefill per batch x length bucket and the step)",
+  )
   p.add_argument("--drain-seconds", type=int, default=60, help="on SIGTERM, how long in-flight requests may take")
   p.add_argument("--allow-other-base", action="store_true", help="serve prompts recorded for another base model")
   _debug(p)

@@ -168,6 +168,33 @@ def _filter_and_sample(logits, temperature, top_k, top_p, rng):
   return jax.random.categorical(rng, x, axis=-1)
 
 
+def choose_rows(logits, rng, greedy, temperature, top_k, top_p):
+  """Each row's next token under its own settings: logits [B, V], per-row keys [B] and greedy [B] bool,
+  temperature [B] (> 0), top_k [B] (0: off), top_p [B] (1.0: off) -> (tokens [B] int32, the rows' next keys).
+  A sampled row draws exactly what `sample_steps` draws for it alone with those settings and its key."""
+  rng, sub = _split(rng)
+  v = logits.shape[-1]
+
+  def filtered(x):
+    ordered = jnp.sort(x, axis=-1)[..., ::-1]
+    kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, v - 1)[:, None], axis=-1)
+    x = jnp.where((top_k[:, None] > 0) & (x < kth), -jnp.inf, x)
+    ordered = jnp.sort(x, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((top_p[:, None] < 1.0) & (x < cutoff), -jnp.inf, x)
+
+  def sampled(logits):
+    x = logits / temperature[:, None]
+    x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda x: x, x)
+    return jax.vmap(lambda k, row: jax.random.categorical(k, row))(sub, x).astype(jnp.int32)
+
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  tok = jax.lax.cond(jnp.all(greedy), lambda x: best, lambda x: jnp.where(greedy, best, sampled(x)), logits)
+  return tok, rng
+
+
 def _split(rng):
   """(next key, this step's key), for one key or a key per row."""
   if rng.ndim == 1:

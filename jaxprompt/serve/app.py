@@ -278,6 +278,14 @@ class _Api:
     self.submit(reqs)
 
     async def events():
+      try:
+        async for event in _events():
+          yield event
+      finally:  # the client went away (or the stream ended): a request still decoding frees its slot
+        for r in reqs:
+          r.cancelled = True
+
+    async def _events():
       left = len(reqs)
       while left:
         i, delta, result = await stream.get()
