@@ -215,12 +215,12 @@ class T5(FrozenLM):
     index=0,
     dropout_rng=None,
   ):
-    """The decoder stack: x [B, l, H] at positions q_pos [l] (or each row's own [B, l]) attends to self-attention
-    key slots at positions k_pos [S'] from `kv` (`models.kv`: teacher forcing with or without a prefix's P slots in
-    front, or a cache written at slot `index`), and across to the encoder: its states `encoder` [B, S, H] (projected here) or
-    `cross_kv` (keys, values) [Y, B, S, N, D] projected already, with `cross_bias` [B|1, 1, l|1, S].
-    `decoder_mask` [B, S'] masks self-attention slots; `segments` (packed rows): decoder segment ids [B, l] keep
-    self-attention inside a segment -> (final hidden states [B, l, H], the updated cache or None)."""
+    """The decoder stack: x [B, l, H] at positions q_pos [l] (or each row's own [B, l]) attends to self-attention key
+    slots at positions k_pos [S'] from `kv` (`models.kv`: teacher forcing with or without a prefix's P slots in front,
+    or a cache written at slot `index`), and across to the encoder: its states `encoder` [B, S, H] (projected here) or
+    `cross_kv` (keys, values) [Y, B, S, N, D] projected already, with `cross_bias` [B|1, 1, l|1, S]. `decoder_mask` [B,
+    S'] masks self-attention slots; `segments` (packed rows): decoder segment ids [B, l] keep self-attention inside a
+    segment -> (final hidden states [B, l, H], the updated cache or None)."""
     cfg = self.config
     self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg)
     q_rows = q_pos if q_pos.ndim == 2 else q_pos[None]
