@@ -493,7 +493,7 @@ class T5(FrozenLM):
     enc = L.repeat_rows(self.encode(inputs_embeds=x, attention_mask=mask), w).astype(self.dtype)
     ck, cv = self._cross_kv(enc)
     cache = self.init_cache(enc.shape[0], pk + max_new_tokens + 1)  # the last slot is never read
-    real = jnp.ones((mask.shape[0], 0), jnp.int32) if prefix is None else prefix.kv_real(mask.shape[0], repeat=w)
+    real = jnp.ones((enc.shape[0], 0), jnp.int32) if prefix is None else prefix.kv_real(mask.shape[0], repeat=w)
     key_mask = jnp.concatenate([real, jnp.ones((enc.shape[0], max_new_tokens + 1), jnp.int32)], axis=1)
     cache = cache.replace(cross_k=ck, cross_v=cv, encoder_mask=L.repeat_rows(mask, w), key_mask=key_mask, start=pk)
     k, v = KV.fill_prefix(cache.k, cache.v, prefix, mask.shape[0], repeat=w)
