@@ -198,6 +198,29 @@ def _write_plan_json(path, rows, best, budget) -> None:
     write_file_atomically(path, lambda t: t.write_text(json.dumps(table, indent=2)), overwrite=True)
 
 
+def _bench_mixed(args) -> dict:
+  from jaxprompt.errors import UsageError
+  from jaxprompt.tools.bench_serve import Mixed, run_mixed_bench
+
+  if not args.model:
+    raise UsageError("bench --serve --mixed needs --model (a base model folder, or preset:NAME with --tokenizer)")
+  try:
+    lengths = tuple(int(x) for x in args.prompt_lengths.split(","))
+    lo, hi = (int(x) for x in args.max_tokens_range.split(","))
+  except ValueError:
+    raise UsageError("--prompt-lengths takes N,N,... and --max-tokens-range LO,HI (integers)") from None
+  workload = Mixed(
+    prompts=args.num_prompts,
+    prompt_lengths=lengths,
+    requests=args.requests,
+    max_tokens=(lo, hi),
+    rate=args.rate,
+    clients=args.clients,
+    width=args.width,
+  )
+  return run_mixed_bench(args.model, workload, tokenizer=args.tokenizer)
+
+
 def cmd_bench(args) -> int:
   from jaxprompt.errors import UsageError
   from jaxprompt.tools import bench as BN
@@ -207,6 +230,8 @@ def cmd_bench(args) -> int:
 
     result = bench_attention(length=args.attention_length, dtype=args.dtype, iters=args.iters)
     print(report(result))
+  elif args.serve and args.mixed:
+    result = _bench_mixed(args)
   elif args.serve:
     from jaxprompt.tools.bench_serve import run_serve_bench
 
@@ -636,6 +661,21 @@ def _add_bench_serve_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument("--clients", type=int, default=16, help="with --serve: C concurrent clients (default 16)")
   g.add_argument("--requests", type=int, default=128, help="with --serve: requests in all (default 128)")
   g.add_argument("--max-tokens", type=int, default=16, help="with --serve: tokens per completion (default 16)")
+  g.add_argument(
+    "--mixed",
+    action="store_true",
+    help="with --serve: the mixed workload (prompts of several lengths, max_tokens drawn from a range), served by the "
+    "continuous scheduler, the static one and without prompts, in one run; --model preset:NAME for a preset's "
+    "random weights (with --tokenizer)",
+  )
+  g.add_argument(
+    "--prompt-lengths", default="4,8,12,16,20", help="with --mixed: the prompts' lengths, cycled (default 4,8,12,16,20)"
+  )
+  g.add_argument("--max-tokens-range", default="1,64", help="with --mixed: max_tokens uniform in LO,HI (default 1,64)")
+  g.add_argument(
+    "--rate", type=float, default=0.0, help="with --mixed: open-loop Poisson arrivals per second (0: --clients)"
+  )
+  g.add_argument("--width", type=int, default=8, help="with --mixed: decode slots = static batch size (default 8)")
 
 
 # generation flags: each left out keeps config.GenerateConfig's default

@@ -106,12 +106,17 @@ def _validation_error(_, e: RequestValidationError) -> JSONResponse:
   return _error(400, f"{where}: {first.get('msg', 'invalid value')}", param)
 
 
-def _sse(rid: str, created: int, model: str, choice: dict) -> str:
-  return (
-    "data: "
-    + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
-    + "\n\n"
-  )
+def _sse(rid: str, created: int, model: str, choice: dict | None, usage: dict | None = None) -> str:
+  event = {
+    "id": rid,
+    "object": "text_completion",
+    "created": created,
+    "model": model,
+    "choices": [choice] if choice else [],
+  }
+  if usage is not None:
+    event["usage"] = usage
+  return "data: " + json.dumps(event) + "\n\n"
 
 
 class _Api:
@@ -286,7 +291,7 @@ class _Api:
           r.cancelled = True
 
     async def _events():
-      left = len(reqs)
+      left, used = len(reqs), [0, 0]
       while left:
         i, delta, result = await stream.get()
         if result is None:
@@ -296,9 +301,13 @@ class _Api:
         if isinstance(result, Exception):
           yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
         else:
+          used = [used[0] + result["prompt_tokens"], used[1] + result["completion_tokens"]]
           yield _sse(
             rid, created, body.model, dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"])
           )
+      if ((body.model_extra or {}).get("stream_options") or {}).get("include_usage"):  # OpenAI's last usage chunk
+        usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
+        yield _sse(rid, created, body.model, None, usage)
       yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
