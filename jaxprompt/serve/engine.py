@@ -2,7 +2,9 @@
 
 Notation: B batch (bucketed), L input length (bucketed), T new tokens (bucketed), P prompt length, C labels.
 
-The HTTP layer (asyncio) submits `Request`s; one worker thread takes the oldest, waits up to `max_wait_ms` for more
+The HTTP layer (asyncio) submits `Request`s to one queue. Two schedulers drain it: "continuous" (the default,
+`serve.slots`: decode slots, a request admitted as soon as one is free, every prompt and setting in one step) and
+"static", described here. Its worker thread takes the oldest, waits up to `max_wait_ms` for more
 that can share its batch (the same prompt *group* and decoding settings; `max_batch` at most), runs them as one
 mixed-prompt batch and hands each request its result through callbacks. Shapes are bucketed (powers of two), so a
 running server compiles a bounded set of programs: per prompt group, batch bucket, length bucket and new-token
