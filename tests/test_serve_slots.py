@@ -215,3 +215,18 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(endless_server):
   while engine.slots.live and time.monotonic() < end:  # the rest go as their clients close
     time.sleep(0.05)
   assert not engine.slots.live
+
+
+def test_a_stream_asking_for_usage_ends_with_openai_s_usage_chunk(endless_server):
+  url, _ = endless_server
+  body = dict(model="two", prompt=TEXTS[1], max_tokens=5, temperature=0, stream=True)
+  with httpx.Client(timeout=120) as c:
+    for options, want in (({"include_usage": True}, 5), (None, None)):
+      events = [
+        json.loads(line[6:])
+        for line in c.post(url + "/v1/completions", json=dict(body, stream_options=options)).text.splitlines()
+        if line.startswith("data: {")
+      ]
+      usage = [e["usage"] for e in events if "usage" in e]
+      assert [u["completion_tokens"] for u in usage] == ([want] if want else [])
+      assert all(e["choices"] for e in events if "usage" not in e)

@@ -325,9 +325,11 @@ def _mixed_run(model: str, opts: dict, jobs, w: Mixed, timeout: float) -> dict:
   programs, seconds = engine.warmup()
   with serving(app) as url:
     asyncio.run(_stream_load(url, jobs, w, timeout))  # rehearsal: the shapes the workload needs compiled
-    before, compiled = _counter(url, "jaxprompt_generated_tokens_total"), list(_COMPILES)
+    counters = ("jaxprompt_generated_tokens_total", "jaxprompt_step_busy_slots_sum", "jaxprompt_step_busy_slots_count")
+    before, compiled = [_counter(url, n) for n in counters], list(_COMPILES)
     out = asyncio.run(_stream_load(url, jobs, w, timeout))
-    out["tokens_per_s"] = (_counter(url, "jaxprompt_generated_tokens_total") - before) / out["seconds"]
+    tokens, busy, steps = (_counter(url, n) - b for n, b in zip(counters, before, strict=True))
+    out.update(tokens_per_s=tokens / out["seconds"], mean_busy_slots=busy / steps if steps else None)
   late = _COMPILES[len(compiled) :]  # a batch of a new shape still compiles in the timed pass (static)
   out.update(warmup=dict(programs=programs, seconds=seconds), timed_compiles=len(late), timed_compile_s=sum(late))
   return out
