@@ -198,10 +198,22 @@ def _write_plan_json(path, rows, best, budget) -> None:
     write_file_atomically(path, lambda t: t.write_text(json.dumps(table, indent=2)), overwrite=True)
 
 
-def _bench_mixed(args) -> dict:
+def _bench_serve(args) -> dict:
   from jaxprompt.errors import UsageError
-  from jaxprompt.tools.bench_serve import Mixed, run_mixed_bench
+  from jaxprompt.tools.bench_serve import Mixed, run_mixed_bench, run_serve_bench
 
+  if not args.mixed:
+    if not args.model:
+      raise UsageError("bench --serve needs --model (a causal base model with its tokenizer)")
+    return run_serve_bench(
+      args.model,
+      tokenizer=args.tokenizer,
+      prompts=args.num_prompts,
+      clients=args.clients,
+      requests=args.requests,
+      max_tokens=args.max_tokens,
+      vs_peft=args.vs_peft,
+    )
   if not args.model:
     raise UsageError("bench --serve --mixed needs --model (a base model folder, or preset:NAME with --tokenizer)")
   try:
@@ -230,22 +242,8 @@ def cmd_bench(args) -> int:
 
     result = bench_attention(length=args.attention_length, dtype=args.dtype, iters=args.iters)
     print(report(result))
-  elif args.serve and args.mixed:
-    result = _bench_mixed(args)
   elif args.serve:
-    from jaxprompt.tools.bench_serve import run_serve_bench
-
-    if not args.model:
-      raise UsageError("bench --serve needs --model (a causal base model with its tokenizer)")
-    result = run_serve_bench(
-      args.model,
-      tokenizer=args.tokenizer,
-      prompts=args.num_prompts,
-      clients=args.clients,
-      requests=args.requests,
-      max_tokens=args.max_tokens,
-      vs_peft=args.vs_peft,
-    )
+    result = _bench_serve(args)
   elif args.eval and not args.data:
     raise UsageError("bench --eval times evaluation on real rows: give --data FILE --task TASK --tokenizer DIR")
   elif args.preset not in BN.PRESETS:

@@ -102,7 +102,7 @@ def generate(
     top_p=gc.top_p,
     num_beams=gc.num_beams if gc.method == "beam" else 1,
     alpha=gc.alpha,
-    eos=_eos_ids(eos_id, cfg),
+    eos=eos_ids(eos_id, cfg),
     pad=int(pad_id),
     embeds=inputs_embeds is not None,
   )
@@ -111,7 +111,7 @@ def generate(
   return _generate(graphdef, state, ids, mask, prefix, jnp.asarray(gc.temperature, jnp.float32), rng, opts=opts)
 
 
-def _eos_ids(eos_id, cfg) -> tuple[int, ...]:
+def eos_ids(eos_id, cfg) -> tuple[int, ...]:
   if eos_id is None:
     eos_id = getattr(cfg, "eos_token_id", None)
   if eos_id is None or (isinstance(eos_id, int) and eos_id < 0):
@@ -278,7 +278,7 @@ def options(model, config: GenerateConfig, *, eos_id=None, pad_id=None, embeds: 
     top_p=config.top_p,
     num_beams=1,
     alpha=config.alpha,
-    eos=_eos_ids(eos_id, cfg),
+    eos=eos_ids(eos_id, cfg),
     pad=int(pad_id),
     embeds=embeds,
   )

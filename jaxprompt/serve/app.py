@@ -106,6 +106,9 @@ def _validation_error(_, e: RequestValidationError) -> JSONResponse:
   return _error(400, f"{where}: {first.get('msg', 'invalid value')}", param)
 
 
+_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 def _sse(rid: str, created: int, model: str, choice: dict | None, usage: dict | None = None) -> str:
   event = {
     "id": rid,
@@ -283,32 +286,26 @@ class _Api:
     self.submit(reqs)
 
     async def events():
+      left, used = len(reqs), [0, 0]
       try:
-        async for event in _events():
-          yield event
+        while left:
+          i, delta, result = await stream.get()
+          if result is None:
+            yield _sse(rid, created, body.model, dict(text=delta, index=i, logprobs=None, finish_reason=None))
+            continue
+          left -= 1
+          if isinstance(result, Exception):
+            yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
+            continue
+          used = [used[0] + result["prompt_tokens"], used[1] + result["completion_tokens"]]
+          end = dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"])
+          yield _sse(rid, created, body.model, end)
+        if ((body.model_extra or {}).get("stream_options") or {}).get("include_usage"):  # OpenAI's usage chunk
+          yield _sse(rid, created, body.model, None, dict(zip(_USAGE, [*used, sum(used)], strict=True)))
+        yield "data: [DONE]\n\n"
       finally:  # the client went away (or the stream ended): a request still decoding frees its slot
         for r in reqs:
           r.cancelled = True
-
-    async def _events():
-      left, used = len(reqs), [0, 0]
-      while left:
-        i, delta, result = await stream.get()
-        if result is None:
-          yield _sse(rid, created, body.model, dict(text=delta, index=i, logprobs=None, finish_reason=None))
-          continue
-        left -= 1
-        if isinstance(result, Exception):
-          yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
-        else:
-          used = [used[0] + result["prompt_tokens"], used[1] + result["completion_tokens"]]
-          yield _sse(
-            rid, created, body.model, dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"])
-          )
-      if ((body.model_extra or {}).get("stream_options") or {}).get("include_usage"):  # OpenAI's last usage chunk
-        usage = {"prompt_tokens": used[0], "completion_tokens": used[1], "total_tokens": sum(used)}
-        yield _sse(rid, created, body.model, None, usage)
-      yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -220,7 +220,7 @@ class SlotBatcher:
     e.store.check = lambda prefix: misfit(self.layout, prefix)  # a prompt added later must fit
     self.batch_sizes = tuple(b for b in e.batch_sizes if b <= slots) or (1,)
     self.max_prefill = self.batch_sizes[-1]
-    self.eos = set(decoding._eos_ids(None, e.base.config))
+    self.eos = set(decoding.eos_ids(None, e.base.config))
     self._rows: dict[int, tuple] = {}
     self._none = self._device_row(None)
     self.state = empty_slots(e.graphdef, e.state, self.layout, self._none, e._pad)
