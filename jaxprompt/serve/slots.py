@@ -82,6 +82,8 @@ def layout_for(base, prompts, *, slots: int, input_length: int, max_new_tokens: 
 
 def misfit(layout: Layout, prefix: Prefix) -> str | None:
   """Why a prompt's prefix does not fit the layout's prompt slots (None: it fits)."""
+  if prefix.adaption is not None or prefix.at_slots:
+    return "adaption prompts and prompt templates are not in decode slots yet (--scheduler static serves them)"
   offset = 0 if prefix.input_offset is None else prefix.input_offset.shape[1]
   for what, n, room in (
     ("embedding positions", prefix.length, layout.embeds),
@@ -214,6 +216,10 @@ class SlotBatcher:
   def __init__(self, engine, *, slots: int, prompt_slots: int = 0):
     self.engine = e = engine
     prompts = [p for p in map(e.store.get, e.store.names()) if p is not None]
+    for p in [p for p in prompts if p.prefix.adaption is not None or p.prefix.at_slots]:
+      log.warning("prompt %s not served: %s", p.name, misfit(None, p.prefix))
+      e.store.remove(p.name)
+      prompts.remove(p)
     self.layout = layout_for(
       e.base, prompts, slots=slots, input_length=e.lengths[-1], max_new_tokens=e.max_tokens, prompt_slots=prompt_slots
     )
