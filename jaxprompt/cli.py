@@ -198,19 +198,11 @@ def _write_plan_json(path, rows, best, budget) -> None:
     write_file_atomically(path, lambda t: t.write_text(json.dumps(table, indent=2)), overwrite=True)
 
 
-def _bench_apart(args):
-  """`bench --attention / --serve / --configs`: their own benchmarks' results (None: none of them)."""
+def _bench_serve(args) -> dict:
   from jaxprompt.errors import UsageError
+  from jaxprompt.tools.bench_serve import Mixed, run_mixed_bench, run_serve_bench
 
-  if args.attention:
-    from jaxprompt.tools.bench_attention import bench_attention, report
-
-    result = bench_attention(length=args.attention_length, dtype=args.dtype, iters=args.iters)
-    print(report(result))
-    return result
-  if args.serve:
-    from jaxprompt.tools.bench_serve import run_serve_bench
-
+  if not args.mixed:
     if not args.model:
       raise UsageError("bench --serve needs --model (a causal base model with its tokenizer)")
     return run_serve_bench(
@@ -222,6 +214,35 @@ def _bench_apart(args):
       max_tokens=args.max_tokens,
       vs_peft=args.vs_peft,
     )
+  if not args.model:
+    raise UsageError("bench --serve --mixed needs --model (a base model folder, or preset:NAME with --tokenizer)")
+  try:
+    lengths = tuple(int(x) for x in args.prompt_lengths.split(","))
+    lo, hi = (int(x) for x in args.max_tokens_range.split(","))
+  except ValueError:
+    raise UsageError("--prompt-lengths takes N,N,... and --max-tokens-range LO,HI (integers)") from None
+  workload = Mixed(
+    prompts=args.num_prompts,
+    prompt_lengths=lengths,
+    requests=args.requests,
+    max_tokens=(lo, hi),
+    rate=args.rate,
+    clients=args.clients,
+    width=args.width,
+  )
+  return run_mixed_bench(args.model, workload, tokenizer=args.tokenizer)
+
+
+def _bench_apart(args):
+  """`bench --attention / --serve / --configs`: their own benchmarks' results (None: none of them)."""
+  if args.attention:
+    from jaxprompt.tools.bench_attention import bench_attention, report
+
+    result = bench_attention(length=args.attention_length, dtype=args.dtype, iters=args.iters)
+    print(report(result))
+    return result
+  if args.serve:
+    return _bench_serve(args)
   if args.configs:
     from jaxprompt.tools.bench_methods import run_methods_bench
 
@@ -661,6 +682,21 @@ def _add_bench_serve_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument("--clients", type=int, default=16, help="with --serve: C concurrent clients (default 16)")
   g.add_argument("--requests", type=int, default=128, help="with --serve: requests in all (default 128)")
   g.add_argument("--max-tokens", type=int, default=16, help="with --serve: tokens per completion (default 16)")
+  g.add_argument(
+    "--mixed",
+    action="store_true",
+    help="with --serve: the mixed workload (prompts of several lengths, max_tokens drawn from a range), served by the "
+    "continuous scheduler, the static one and without prompts, in one run; --model preset:NAME for a preset's "
+    "random weights (with --tokenizer)",
+  )
+  g.add_argument(
+    "--prompt-lengths", default="4,8,12,16,20", help="with --mixed: the prompts' lengths, cycled (default 4,8,12,16,20)"
+  )
+  g.add_argument("--max-tokens-range", default="1,64", help="with --mixed: max_tokens uniform in LO,HI (default 1,64)")
+  g.add_argument(
+    "--rate", type=float, default=0.0, help="with --mixed: open-loop Poisson arrivals per second (0: --clients)"
+  )
+  g.add_argument("--width", type=int, default=8, help="with --mixed: decode slots = static batch size (default 8)")
 
 
 # generation flags: each left out keeps config.GenerateConfig's default
@@ -802,13 +838,35 @@ def _add_serve(sub) -> None:
   )
   p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
   p.add_argument("--port", type=int, default=8000)
-  p.add_argument("--max-batch", type=int, default=16, help="requests per model call (default 16)")
+  p.add_argument(
+    "--scheduler",
+    choices=("continuous", "static"),
+    default="continuous",
+    help="continuous: decode slots, a request joins as soon as one is free (default); static: a batch runs until "
+    "its longest request ends",
+  )
+  p.add_argument(
+    "--slots", type=int, default=16, help="continuous: decode slots, requests decoded at once (default 16)"
+  )
+  p.add_argument(
+    "--prompt-slots",
+    type=int,
+    default=0,
+    help="continuous: room for prompts of this length added later over the API (default: the longest in --prompts)",
+  )
+  p.add_argument(
+    "--max-batch", type=int, default=16, help="requests per model call (continuous: per prefill; default 16)"
+  )
   p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others (default 5)")
   p.add_argument("--queue-size", type=int, default=256, help="queued requests before 503s (default 256)")
   p.add_argument("--max-input-tokens", type=int, default=512, help="longest input (default 512)")
   p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
   p.add_argument("--admin-token", help="enables POST/DELETE /v1/prompts (or env JAXPROMPT_ADMIN_TOKEN)")
-  p.add_argument("--warmup", action="store_true", help="compile every batch and length bucket before serving")
+  p.add_argument(
+    "--warmup",
+    action="store_true",
+    help="compile every program before serving (continuous: a prefill per batch x length bucket and the step)",
+  )
   p.add_argument("--drain-seconds", type=int, default=60, help="on SIGTERM, how long in-flight requests may take")
   p.add_argument("--allow-other-base", action="store_true", help="serve prompts recorded for another base model")
   _debug(p)

@@ -102,7 +102,7 @@ def generate(
     top_p=gc.top_p,
     num_beams=gc.num_beams if gc.method == "beam" else 1,
     alpha=gc.alpha,
-    eos=_eos_ids(eos_id, cfg),
+    eos=eos_ids(eos_id, cfg),
     pad=int(pad_id),
     embeds=inputs_embeds is not None,
   )
@@ -111,7 +111,7 @@ def generate(
   return _generate(graphdef, state, ids, mask, prefix, jnp.asarray(gc.temperature, jnp.float32), rng, opts=opts)
 
 
-def _eos_ids(eos_id, cfg) -> tuple[int, ...]:
+def eos_ids(eos_id, cfg) -> tuple[int, ...]:
   if eos_id is None:
     eos_id = getattr(cfg, "eos_token_id", None)
   if eos_id is None or (isinstance(eos_id, int) and eos_id < 0):
@@ -166,6 +166,33 @@ def _filter_and_sample(logits, temperature, top_k, top_p, rng):
   if rng.ndim == 1:
     return jax.vmap(lambda k, row: jax.random.categorical(k, row))(rng, x)
   return jax.random.categorical(rng, x, axis=-1)
+
+
+def choose_rows(logits, rng, greedy, temperature, top_k, top_p):
+  """Each row's next token under its own settings: logits [B, V], per-row keys [B] and greedy [B] bool,
+  temperature [B] (> 0), top_k [B] (0: off), top_p [B] (1.0: off) -> (tokens [B] int32, the rows' next keys).
+  A sampled row draws exactly what `sample_steps` draws for it alone with those settings and its key."""
+  rng, sub = _split(rng)
+  v = logits.shape[-1]
+
+  def filtered(x):
+    ordered = jnp.sort(x, axis=-1)[..., ::-1]
+    kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, v - 1)[:, None], axis=-1)
+    x = jnp.where((top_k[:, None] > 0) & (x < kth), -jnp.inf, x)
+    ordered = jnp.sort(x, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((top_p[:, None] < 1.0) & (x < cutoff), -jnp.inf, x)
+
+  def sampled(logits):
+    x = logits / temperature[:, None]
+    x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda x: x, x)
+    return jax.vmap(lambda k, row: jax.random.categorical(k, row))(sub, x).astype(jnp.int32)
+
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  tok = jax.lax.cond(jnp.all(greedy), lambda x: best, lambda x: jnp.where(greedy, best, sampled(x)), logits)
+  return tok, rng
 
 
 def _split(rng):
@@ -251,7 +278,7 @@ def options(model, config: GenerateConfig, *, eos_id=None, pad_id=None, embeds: 
     top_p=config.top_p,
     num_beams=1,
     alpha=config.alpha,
-    eos=_eos_ids(eos_id, cfg),
+    eos=eos_ids(eos_id, cfg),
     pad=int(pad_id),
     embeds=embeds,
   )

@@ -472,11 +472,11 @@ class Decoder(FrozenLM):
     return L.rms_norm(x, p[name], self.config.norm_eps)
 
   def _run(self, x, *, positions, key_mask, q_index, kv: KV.KVSource, index=0, adaption=None, dropout_rng=None):
-    """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] (the slots of the queries), `kv` the other keys
-    and values every layer attends to (`models.kv`: none; a prefix's P slots, S = P + L; or a cache of S slots the
-    new keys/values are written into at `index`), masked by slot (causal, padding, sliding window) as transformers
-    masks by cache position; `adaption` (prompts [B, Y, A, H], gates [B, Y], on [B, Y]) or None -> (final hidden
-    states [B, L, H], the updated cache or None)."""
+    """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] or [B, L] (the slots of the queries), `kv` the
+    other keys and values every layer attends to (`models.kv`: none; a prefix's P slots, S = P + L; or a cache of S
+    slots the new keys/values are written into at `index`), masked by slot (causal, padding, sliding window) as
+    transformers masks by cache position; `adaption` (prompts [B, Y, A, H], gates [B, Y], on [B, Y]) or None ->
+    (final hidden states [B, L, H], the updated cache or None)."""
     cfg = self.config
     rate = cfg.dropout_rate
     rngs = L.split_rng(dropout_rng, 2)
@@ -484,8 +484,9 @@ class Decoder(FrozenLM):
       x = x + jnp.take(self.embed_positions[...], positions, axis=0).astype(self.dtype)
     x = L.dropout(x, rate, rngs[0])
     k_index = jnp.arange(key_mask.shape[1])
-    allowed = (k_index[None, :] <= q_index[:, None])[None, None] & key_mask[:, None, None, :].astype(bool)
-    distance = q_index[:, None] - k_index[None, :]  # [L, S]
+    q_rows = q_index if q_index.ndim == 2 else q_index[None]  # [B or 1, L]: one query slot per row (decode slots)
+    distance = q_rows[:, :, None] - k_index[None, None, :]  # [B or 1, L, S]
+    allowed = (distance >= 0)[:, None] & key_mask[:, None, None, :].astype(bool)
     rope = L.rope_cos_sin(positions, cfg.inv_freq()) if cfg.position_type == "rope" else None
     scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
     act = L.activation(cfg.hidden_act)
@@ -497,7 +498,7 @@ class Decoder(FrozenLM):
       r = L.split_rng(rng, 3)
       w = xs["window"]
       # transformers' sliding window: key slot > query slot - window
-      ok = allowed & ((w == 0) | (distance < w))[None, None]
+      ok = allowed & ((w == 0) | (distance < w))[:, None]
       bias = jnp.where(ok, 0.0, L.MASK_VALUE).astype(jnp.float32)  # [B, 1, L, S]
       o, written = KV.self_attention(
         p["attn"],
@@ -687,32 +688,43 @@ class Decoder(FrozenLM):
     x, mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
     b, n = mask.shape
     w, pk = num_beams, 0 if prefix is None else prefix.kv_length
-    key_mask = jnp.concatenate([jnp.ones((b, pk), mask.dtype), mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
+    real = jnp.ones((b, 0), mask.dtype) if prefix is None else prefix.kv_real(b).astype(mask.dtype)  # [B, P]
+    key_mask = jnp.concatenate([real, mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
     cache = self.init_cache(b, pk + n + max_new_tokens).replace(key_mask=key_mask)  # [B, S] slots
     cache = cache.replace(adaption=prefix.adaption_rows(b) if prefix is not None else None)
     k, v = KV.fill_prefix(cache.k, cache.v, prefix, b)
     cache = cache.replace(k=k, v=v)
-    h, cache = self._extend(cache, x, pk + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), pk)
+    p0 = jnp.sum(real, axis=1, keepdims=True)  # [B, 1]: the row's real prefix slots, where its tokens' positions start
+    h, cache = self._extend(cache, x, p0 + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), pk)
     last = n - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # each row's last real slot
     h_last = h[jnp.arange(b), last]
     if shared_last is not None:  # an empty input after a shared prompt: its first token follows the prompt
       h_last = jnp.where(jnp.any(mask > 0, axis=1)[:, None], h_last, shared_last.astype(h.dtype))
     logits0 = self.logits(h_last[:, None])[:, 0]
-    cache = cache.replace(next_pos=pk + jnp.sum(mask, axis=1), start=pk + n)
+    cache = cache.replace(next_pos=p0[:, 0] + jnp.sum(mask, axis=1), start=pk + n)
     return L.repeat_rows(logits0, w), jax.tree.map(lambda a: L.repeat_rows(a, w, axis=_batch_axis(a)), cache)
 
   def decode_step(self, cache: DecoderCache, tokens: jax.Array, t) -> tuple[jax.Array, DecoderCache]:
     h, cache = self._extend(cache, self.embed(tokens[:, None]), (cache.next_pos + t)[:, None], cache.start + t)
     return self.logits(h)[:, 0], cache
 
+  def pad_inputs(self, cache: DecoderCache, by: int) -> DecoderCache:
+    """Inputs are left-padded: `by` masked slots go in front of the prefix (masked)."""
+    if by == 0:
+      return cache
+    slots = lambda a, axis: jnp.pad(a, [(by, 0) if i == axis else (0, 0) for i in range(a.ndim)])  # noqa: E731
+    return cache.replace(
+      k=slots(cache.k, 2), v=slots(cache.v, 2), key_mask=slots(cache.key_mask, 1), start=cache.start + by
+    )
+
   def _extend(self, cache: DecoderCache, x: jax.Array, positions: jax.Array, index) -> tuple[jax.Array, DecoderCache]:
-    """Run l new tokens [B, l, H] (positions [B, l]) at cache slots index..index+l-1 -> (final hidden states
-    [B, l, H], the cache with their k/v)."""
+    """Run l new tokens [B, l, H] (positions [B, l]) at cache slots index..index+l-1 (index: one for every row or
+    each row's own [B]) -> (final hidden states [B, l, H], the cache with their k/v)."""
     h, written = self._run(
       x.astype(self.dtype),
       positions=positions,
       key_mask=cache.key_mask,
-      q_index=index + jnp.arange(x.shape[1]),
+      q_index=jnp.asarray(index)[..., None] + jnp.arange(x.shape[1]),
       kv=KV.Cached(cache.k, cache.v),
       index=index,
       adaption=cache.adaption,

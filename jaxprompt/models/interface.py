@@ -60,6 +60,10 @@ class Prefix:
     layer's attention output (`models.kv.adaption_attention`); models with `supports_adaption` only.
   at_slots: `embeds` go into the input's virtual tokens (ids -1-k take row k; a prompt template), not in front: the
     prefix then takes no positions of its own (`length` 0).
+  embeds_mask, kv_mask: [B, P] (1 = real) when rows carry prompts of different lengths padded to one P (a server's
+    mixed batch), None when every slot is real. Padding goes on the left (the real slots end where the input
+    begins), so relative distances and positions are those of the row alone: positions after a key/value prefix
+    start at the row's count of real slots.
   """
 
   embeds: jax.Array | None = None
@@ -72,6 +76,8 @@ class Prefix:
   adaption_gate: jax.Array | None = None
   adaption_on: jax.Array | None = None
   at_slots: bool = struct.field(pytree_node=False, default=False)
+  embeds_mask: jax.Array | None = None
+  kv_mask: jax.Array | None = None
 
   def adaption_rows(self, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array] | None:
     """(adaption [B, Y, A, H], gate [B, Y], on [B, Y]) for `batch_size` rows, or None."""
@@ -100,6 +106,13 @@ class Prefix:
       return L.repeat_rows(a, repeat, axis=1)
 
     return rows(self.keys), rows(self.values)
+
+  def kv_real(self, batch_size: int, repeat: int = 1) -> jax.Array:
+    """The key/value slots' mask [B * repeat, P] (all ones without `kv_mask`)."""
+    if self.kv_mask is None:
+      return jnp.ones((batch_size * repeat, self.kv_length), jnp.int32)
+    m = jnp.broadcast_to(self.kv_mask, (batch_size, self.kv_length)).astype(jnp.int32)
+    return L.repeat_rows(m, repeat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +204,12 @@ class PromptableLM(Protocol):
     row repeated W times)."""
 
   def decode_step(self, cache, tokens: jax.Array, t) -> tuple[jax.Array, Any]:
-    """Feed the t-th generated tokens [B'] -> (next logits [B', V], updated cache)."""
+    """Feed the t-th generated tokens [B'] -> (next logits [B', V], updated cache); t is one step for every row or
+    each row's own [B'] (a server's decode slots, each at its own step)."""
+
+  def pad_inputs(self, cache, by: int):
+    """`prefill`'s cache laid out as if its inputs were `by` slots longer (masked padding where this kind pads
+    inputs), so caches of inputs of any length take the rows of one decode-slot cache."""
 
   def reorder_cache(self, cache, origin: jax.Array):
     """Beam search: cache row i takes the state of row origin[i]."""
@@ -405,7 +423,11 @@ class FrozenLM(nnx.Module):
       x = add_input_offset(x, attention_mask, prefix.input_offset, offset_tokens)
     if prefix is None or prefix.embeds is None:
       return x, attention_mask
-    return L.prepend(prefix.embeds, x, attention_mask)
+    x, mask = L.prepend(prefix.embeds, x, attention_mask)
+    if prefix.embeds_mask is not None:
+      real = jnp.broadcast_to(prefix.embeds_mask, (x.shape[0], prefix.length)).astype(mask.dtype)
+      mask = jnp.concatenate([real, mask[:, prefix.length :]], axis=1)
+    return x, mask
 
   def dummy_batch(self, batch_size: int, input_length: int, target_length: int):
     return self.batch_type.shapes(batch_size, input_length, target_length)

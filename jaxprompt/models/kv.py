@@ -36,6 +36,18 @@ def write_rows(cache: jax.Array, new: jax.Array, index) -> jax.Array:
   return jax.vmap(put, in_axes=(axis, axis, 0), out_axes=axis)(cache, new, jnp.asarray(index, jnp.int32))
 
 
+def insert_rows(slots, rows, ids: jax.Array):
+  """A decode-slot cache (a model's cache pytree, N rows) with `rows` (the same layout, b rows) written at slots
+  ids [b]; an id out of range (N) drops its row (a padding row). Arrays [Y, B, S, K, D] (keys/values, layers first)
+  take rows along axis 1, the others along axis 0."""
+
+  def put(s: jax.Array, r: jax.Array) -> jax.Array:
+    at = (slice(None),) * (1 if s.ndim == 5 else 0) + (ids,)
+    return s.at[at].set(r.astype(s.dtype), mode="drop")
+
+  return jax.tree.map(put, slots, rows)
+
+
 @struct.dataclass
 class Fresh:
   """No keys/values besides the layer's own."""

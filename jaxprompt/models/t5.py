@@ -109,12 +109,13 @@ class T5Stack(nnx.Module):
 
 
 def _position_bias(table: jax.Array, q_pos: jax.Array, k_pos: jax.Array, bidirectional: bool, cfg: T5Config):
-  """table [buckets, N], positions [L], [S] -> bias [1, N, L, S] float32."""
-  rel = k_pos[None, :] - q_pos[:, None]
+  """table [buckets, N], positions [L] (or each row's own [B, L]), [S] -> bias [1 or B, N, L, S] float32."""
+  q_rows = q_pos if q_pos.ndim == 2 else q_pos[None]
+  rel = k_pos[None, None, :] - q_rows[:, :, None]  # [B or 1, L, S]
   buckets = L.relative_position_bucket(
     rel, bidirectional, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
   )
-  return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
+  return jnp.transpose(table.astype(jnp.float32)[buckets], (0, 3, 1, 2))
 
 
 def _qkv(p: dict, x: jax.Array, kv: jax.Array | None):
@@ -127,13 +128,15 @@ def _qkv(p: dict, x: jax.Array, kv: jax.Array | None):
 class T5Cache:
   """Cached decoding state: self-attention k/v [Y, B, T, N, D] for T decoder slots (a key/value prefix's P slots
   first, then the start token in slot P = `start` and generated token t in slot P + t + 1), cross-attention k/v
-  [Y, B, S, N, D] projected once from the encoder output, and the encoder mask [B, S]."""
+  [Y, B, S, N, D] projected once from the encoder output, the encoder mask [B, S] and the self-attention slots'
+  mask [B, T] (a padded key/value prefix's slots are masked)."""
 
   k: jax.Array
   v: jax.Array
   cross_k: jax.Array | None = None
   cross_v: jax.Array | None = None
   encoder_mask: jax.Array | None = None
+  key_mask: jax.Array | None = None
   start: int = struct.field(pytree_node=False, default=0)  # the start token's slot (after a key/value prefix)
 
 
@@ -212,15 +215,16 @@ class T5(FrozenLM):
     index=0,
     dropout_rng=None,
   ):
-    """The decoder stack: x [B, l, H] at positions q_pos [l] attends to self-attention key slots at positions
-    k_pos [S'] from `kv` (`models.kv`: teacher forcing with or without a prefix's P slots in front, or a cache
-    written at slot `index`), and across to the encoder: its states `encoder` [B, S, H] (projected here) or
-    `cross_kv` (keys, values) [Y, B, S, N, D] projected already, with `cross_bias` [B|1, 1, l|1, S].
-    `decoder_mask` [B, S'] masks self-attention slots; `segments` (packed rows): decoder segment ids [B, l] keep
-    self-attention inside a segment -> (final hidden states [B, l, H], the updated cache or None)."""
+    """The decoder stack: x [B, l, H] at positions q_pos [l] (or each row's own [B, l]) attends to self-attention key
+    slots at positions k_pos [S'] from `kv` (`models.kv`: teacher forcing with or without a prefix's P slots in front,
+    or a cache written at slot `index`), and across to the encoder: its states `encoder` [B, S, H] (projected here) or
+    `cross_kv` (keys, values) [Y, B, S, N, D] projected already, with `cross_bias` [B|1, 1, l|1, S]. `decoder_mask` [B,
+    S'] masks self-attention slots; `segments` (packed rows): decoder segment ids [B, l] keep self-attention inside a
+    segment -> (final hidden states [B, l, H], the updated cache or None)."""
     cfg = self.config
     self_bias = _position_bias(self.decoder.relative_attention_bias[...], q_pos, k_pos, False, cfg)
-    self_bias = self_bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, L.MASK_VALUE)[None, None]
+    q_rows = q_pos if q_pos.ndim == 2 else q_pos[None]
+    self_bias = self_bias + jnp.where(k_pos[None, None, :] <= q_rows[:, :, None], 0.0, L.MASK_VALUE)[:, None]
     if decoder_mask is not None:
       self_bias = self_bias + L.mask_to_bias(decoder_mask)
     if segments is not None:
@@ -418,6 +422,7 @@ class T5(FrozenLM):
     tgt, tmask = jnp.tile(label_ids, (b, 1)), jnp.tile(label_mask, (b, 1))
     kv = prefix.kv(b, repeat=c) if prefix is not None else None
     pk = 0 if kv is None else kv[0].shape[2]
+    real = None if prefix is None or prefix.kv_mask is None else prefix.kv_real(b, repeat=c)  # a padded prefix
     cross = tuple(jnp.repeat(a, c, axis=1) for a in self._cross_kv(enc.astype(self.dtype)))
     x, _ = self._decoder(
       self.embed(shift_right(tgt, self.config.decoder_start_token_id)),
@@ -426,6 +431,7 @@ class T5(FrozenLM):
       kv=KV.source(kv),
       cross_kv=cross,
       cross_bias=L.mask_to_bias(jnp.repeat(m, c, axis=0)),
+      decoder_mask=None if real is None else jnp.concatenate([real, jnp.ones((b * c, t), real.dtype)], axis=1),
     )
     return L.sequence_logprob(self.logits(x), tgt, tmask).reshape(b, c)
 
@@ -487,7 +493,9 @@ class T5(FrozenLM):
     enc = L.repeat_rows(self.encode(inputs_embeds=x, attention_mask=mask), w).astype(self.dtype)
     ck, cv = self._cross_kv(enc)
     cache = self.init_cache(enc.shape[0], pk + max_new_tokens + 1)  # the last slot is never read
-    cache = cache.replace(cross_k=ck, cross_v=cv, encoder_mask=L.repeat_rows(mask, w), start=pk)
+    real = jnp.ones((enc.shape[0], 0), jnp.int32) if prefix is None else prefix.kv_real(mask.shape[0], repeat=w)
+    key_mask = jnp.concatenate([real, jnp.ones((enc.shape[0], max_new_tokens + 1), jnp.int32)], axis=1)
+    cache = cache.replace(cross_k=ck, cross_v=cv, encoder_mask=L.repeat_rows(mask, w), key_mask=key_mask, start=pk)
     k, v = KV.fill_prefix(cache.k, cache.v, prefix, mask.shape[0], repeat=w)
     cache = cache.replace(k=k, v=v)
     start = jnp.full((enc.shape[0], 1), self.config.decoder_start_token_id, jnp.int32)
@@ -495,7 +503,7 @@ class T5(FrozenLM):
     return logits[:, 0], cache
 
   def decode_step(self, cache: T5Cache, tokens: jax.Array, t) -> tuple[jax.Array, T5Cache]:
-    logits, cache = self._cached_step(cache, tokens[:, None], cache.start + t + 1)
+    logits, cache = self._cached_step(cache, tokens[:, None], cache.start + jnp.asarray(t) + 1)
     return logits[:, 0], cache
 
   def _cached_step(self, cache: T5Cache, decoder_input_ids: jax.Array, index) -> tuple[jax.Array, T5Cache]:
@@ -503,18 +511,29 @@ class T5(FrozenLM):
     matching rows of `decode` on the whole prefix."""
     x, written = self._decoder(
       self.embed(decoder_input_ids),
-      q_pos=index + jnp.arange(decoder_input_ids.shape[1]),
+      q_pos=jnp.asarray(index)[..., None] + jnp.arange(decoder_input_ids.shape[1]),
       k_pos=jnp.arange(cache.k.shape[2]),
       kv=KV.Cached(cache.k, cache.v),
       cross_kv=(cache.cross_k, cache.cross_v),
       cross_bias=L.mask_to_bias(cache.encoder_mask),
+      decoder_mask=cache.key_mask,
       index=index,
     )
     return self.logits(x), cache.replace(k=written.keys, v=written.values)
 
   def reorder_cache(self, cache: T5Cache, origin: jax.Array) -> T5Cache:
-    # cross-attention state is the same for every beam of an example: only the self-attention k/v move
+    # cross-attention state (and the prefix's mask) is the same for every beam of an example: the self-attention
+    # k/v move
     return cache.replace(k=cache.k[:, origin], v=cache.v[:, origin])
+
+  def pad_inputs(self, cache: T5Cache, by: int) -> T5Cache:
+    """Encoder inputs are right-padded: `by` masked encoder slots after them (cross-attention keys/values)."""
+    if by == 0:
+      return cache
+    slots = lambda a, axis: jnp.pad(a, [(0, by) if i == axis else (0, 0) for i in range(a.ndim)])  # noqa: E731
+    return cache.replace(
+      cross_k=slots(cache.cross_k, 2), cross_v=slots(cache.cross_v, 2), encoder_mask=slots(cache.encoder_mask, 1)
+    )
 
 
 def _segment_bias(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:

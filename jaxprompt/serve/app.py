@@ -106,12 +106,20 @@ def _validation_error(_, e: RequestValidationError) -> JSONResponse:
   return _error(400, f"{where}: {first.get('msg', 'invalid value')}", param)
 
 
-def _sse(rid: str, created: int, model: str, choice: dict) -> str:
-  return (
-    "data: "
-    + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
-    + "\n\n"
-  )
+_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _sse(rid: str, created: int, model: str, choice: dict | None, usage: dict | None = None) -> str:
+  event = {
+    "id": rid,
+    "object": "text_completion",
+    "created": created,
+    "model": model,
+    "choices": [choice] if choice else [],
+  }
+  if usage is not None:
+    event["usage"] = usage
+  return "data: " + json.dumps(event) + "\n\n"
 
 
 class _Api:
@@ -278,20 +286,26 @@ class _Api:
     self.submit(reqs)
 
     async def events():
-      left = len(reqs)
-      while left:
-        i, delta, result = await stream.get()
-        if result is None:
-          yield _sse(rid, created, body.model, dict(text=delta, index=i, logprobs=None, finish_reason=None))
-          continue
-        left -= 1
-        if isinstance(result, Exception):
-          yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
-        else:
-          yield _sse(
-            rid, created, body.model, dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"])
-          )
-      yield "data: [DONE]\n\n"
+      left, used = len(reqs), [0, 0]
+      try:
+        while left:
+          i, delta, result = await stream.get()
+          if result is None:
+            yield _sse(rid, created, body.model, dict(text=delta, index=i, logprobs=None, finish_reason=None))
+            continue
+          left -= 1
+          if isinstance(result, Exception):
+            yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
+            continue
+          used = [used[0] + result["prompt_tokens"], used[1] + result["completion_tokens"]]
+          end = dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"])
+          yield _sse(rid, created, body.model, end)
+        if ((body.model_extra or {}).get("stream_options") or {}).get("include_usage"):  # OpenAI's usage chunk
+          yield _sse(rid, created, body.model, None, dict(zip(_USAGE, [*used, sum(used)], strict=True)))
+        yield "data: [DONE]\n\n"
+      finally:  # the client went away (or the stream ended): a request still decoding frees its slot
+        for r in reqs:
+          r.cancelled = True
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

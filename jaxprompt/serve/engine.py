@@ -2,7 +2,9 @@
 
 Notation: B batch (bucketed), L input length (bucketed), T new tokens (bucketed), P prompt length, C labels.
 
-The HTTP layer (asyncio) submits `Request`s; one worker thread takes the oldest, waits up to `max_wait_ms` for more
+The HTTP layer (asyncio) submits `Request`s to one queue. Two schedulers drain it: "continuous" (the default,
+`serve.slots`: decode slots, a request admitted as soon as one is free, every prompt and setting in one step) and
+"static", described here. Its worker thread takes the oldest, waits up to `max_wait_ms` for more
 that can share its batch (the same prompt *group* and decoding settings; `max_batch` at most), runs them as one
 mixed-prompt batch and hands each request its result through callbacks. Shapes are bucketed (powers of two), so a
 running server compiles a bounded set of programs: per prompt group, batch bucket, length bucket and new-token
@@ -160,6 +162,8 @@ class PromptStore:
     self._lock = threading.Lock()
     self._prompts: dict[str, ServedPrompt] = {}
     self._banks: dict[tuple, tuple[dict[str, int], Prefix]] = {}
+    # set by a continuous scheduler: why a prompt's prefix does not fit its decode slots (None: it fits)
+    self.check: Callable[[Prefix], str | None] | None = None
 
   def load_dir(self, folder: str | Path) -> list[str]:
     """Load every prompt in `folder` (named after its file or folder); a bad one is skipped with a one-line log.
@@ -201,6 +205,9 @@ class PromptStore:
     if name in self._prompts and not replace:
       raise PromptError(f"prompt {name!r} is already served (DELETE it first)")
     served = self.prepare(name, path)
+    why = self.check(served.prefix) if self.check is not None else None
+    if why is not None:
+      raise PromptError(f"prompt {name!r} ({path}): {why}")
     with self._lock:
       prompts = dict(self._prompts, **{name: served})
       self._prompts, self._banks = prompts, self._build_banks(prompts)
@@ -286,6 +293,8 @@ class Request:
   labels: tuple[str, ...] = ()
   on_delta: Callable | None = None
   created: float = dataclasses.field(default_factory=time.monotonic)
+  cancelled: bool = False  # set when its client went away (a continuous scheduler frees its slot)
+  answered: bool = False
 
   @property
   def key(self) -> tuple:
@@ -327,9 +336,14 @@ class _Text:
 # -- the engine ------------------------------------------------------------------------------------------------
 
 
+SCHEDULERS = ("continuous", "static")
+
+
 class Engine:
-  """Queue, batcher and the jitted calls (see the module docstring). `start()` runs the worker thread;
-  `stop()` lets it finish every queued request first."""
+  """Queue, batcher and the jitted calls. `scheduler` "continuous" (`serve.slots`: `slots` decode slots, a request
+  admitted as soon as one is free, `max_batch` requests prefilled at once at most, `prompt_slots` room for prompts
+  added later) or "static" (see the module docstring: a batch runs until its longest request ends). `start()` runs
+  the worker thread; `stop()` lets it finish every queued request first."""
 
   def __init__(
     self,
@@ -344,6 +358,9 @@ class Engine:
     max_tokens: int = 256,
     chunk: int = 8,
     metrics=None,
+    scheduler: str = "continuous",
+    slots: int = 16,
+    prompt_slots: int = 0,
   ):
     self.base, self.tokenizer, self.store = base, tokenizer, store
     self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
@@ -367,6 +384,17 @@ class Engine:
     self._cond = threading.Condition()
     self._stopping = False
     self._thread: threading.Thread | None = None
+    if scheduler not in SCHEDULERS:
+      raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if slots < 1:
+      raise UserError(f"--slots {slots}: give at least 1")
+    self.slots = None
+    if scheduler == "continuous":
+      from jaxprompt.serve.slots import SlotBatcher
+
+      self.slots = SlotBatcher(self, slots=slots, prompt_slots=prompt_slots)
+      if metrics is not None:
+        metrics.slots.set(slots)
 
   # -- intake ------------------------------------------------------------------------------------------------
 
@@ -431,7 +459,13 @@ class Engine:
       self._gauge()
       return batch
 
+  def new_text(self, r: Request) -> "_Text":
+    """A completion's text as its tokens arrive (stop strings, streaming)."""
+    return _Text(self.tokenizer, r.stop, r.on_delta)
+
   def _loop(self) -> None:
+    if self.slots is not None:
+      return self.slots.run()
     while True:
       batch = self._take()
       if batch is None:
@@ -549,9 +583,12 @@ class Engine:
     return 0
 
   def warmup(self) -> tuple[int, float]:
-    """Compile greedy completion for every prompt group, batch bucket and length bucket (the smallest new-token
-    bucket) before serving. -> (programs, seconds)."""
+    """Compile before serving: continuous, every admission (batch bucket x length bucket) and the generate step;
+    static, greedy completion for every prompt group, batch bucket and length bucket (the smallest new-token
+    bucket). -> (programs, seconds)."""
     start, count = time.monotonic(), 0
+    if self.slots is not None:
+      return self.slots.warmup(), time.monotonic() - start
     groups = {p.group: p for p in map(self.store.get, self.store.names())}
     for prompt in [None, *groups.values()]:
       for b in self.batch_sizes:

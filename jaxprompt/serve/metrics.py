@@ -28,6 +28,24 @@ class Metrics:
       "jaxprompt_tokens_per_second", "completion tokens per second of the last batch", registry=r
     )
     self.prompts = Gauge("jaxprompt_prompts", "prompts served", registry=r)
+    seconds = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    self.time_to_first_token = Histogram(
+      "jaxprompt_time_to_first_token_seconds",
+      "from a request's arrival to its first token",
+      registry=r,
+      buckets=seconds,
+    )
+    self.inter_token_latency = Histogram(
+      "jaxprompt_inter_token_latency_seconds", "between a request's consecutive tokens", registry=r, buckets=seconds
+    )
+    self.slots = Gauge("jaxprompt_slots", "decode slots (continuous scheduler)", registry=r)
+    self.slots_busy = Gauge("jaxprompt_slots_busy", "decode slots holding a request", registry=r)
+    self.step_slots = Histogram(
+      "jaxprompt_step_busy_slots",
+      "busy decode slots per generate step (slot occupancy)",
+      registry=r,
+      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    )
 
   def render(self) -> bytes:
     return generate_latest(self.registry)

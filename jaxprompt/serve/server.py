@@ -129,6 +129,9 @@ def run(args) -> int:
     queue_size=args.queue_size,
     max_input_tokens=args.max_input_tokens,
     max_tokens=args.max_tokens,
+    scheduler=args.scheduler,
+    slots=args.slots,
+    prompt_slots=args.prompt_slots,
   )
   for line in problems:
     print(f"jaxprompt: warning: {line}", file=sys.stderr)

@@ -9,6 +9,8 @@ Every request is greedy with the same max_tokens, so all three do the same decod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -210,5 +212,218 @@ def _summarise(result: dict, vs_peft: bool) -> None:
   print(
     f"server vs one at a time: {result['speedup_vs_one_at_a_time']:.2f}x"
     + (f"; vs PEFT: {result['speedup_vs_peft']:.2f}x" if vs_peft else ""),
+    flush=True,
+  )
+
+
+# -- the mixed workload: continuous vs static scheduling, with and without prompts ----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+  """A mixed workload: K prompts whose lengths cycle through `prompt_lengths`, `requests` requests each for a random
+  prompt and input with max_tokens uniform in `max_tokens` (inclusive); arrivals open-loop Poisson at `rate`
+  requests/s, or (rate 0) closed-loop from `clients` clients. `width`: decode slots (continuous) = batch size
+  (static)."""
+
+  prompts: int = 8
+  prompt_lengths: tuple[int, ...] = (4, 8, 12, 16, 20)
+  requests: int = 128
+  max_tokens: tuple[int, int] = (1, 64)
+  rate: float = 0.0
+  clients: int = 16
+  width: int = 8
+  seed: int = 0
+
+
+def run_mixed_bench(model: str, workload: Mixed, *, tokenizer: str | None = None, timeout: float = 1800.0) -> dict:
+  """The same requests served by the continuous scheduler, the static one, and the continuous one without their
+  prompts (the base alone), one after the other in this process -> {label: measurements}, ratios printed.
+  `model` "preset:NAME": a `bench` preset's random weights (`tokenizer`: a folder with a vocabulary that fits)."""
+  from jaxprompt.models.loading import load_model
+
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    if model.startswith("preset:"):
+      model, tokenizer = _preset_folder(model.split(":", 1)[1], tokenizer, tmp / "model"), None
+    base = load_model(model)
+    values, jobs = _mixed_jobs(base, workload)
+    (tmp / "prompts").mkdir()
+    for name, v in values.items():
+      np.save(tmp / "prompts" / f"{name}.npy", v)
+    del base
+    result: dict = dict(model=model, workload=dataclasses.asdict(workload))
+    for label, scheduler, prompted in (
+      ("continuous", "continuous", True),
+      ("static", "static", True),
+      ("continuous_no_prompt", "continuous", False),
+    ):
+      run = jobs if prompted else [("base", text, k) for _, text, k in jobs]
+      opts = dict(prompts=str(tmp / "prompts"), tokenizer=tokenizer, scheduler=scheduler)
+      result[label] = _mixed_run(model, opts, run, workload, timeout)
+      _print_run(label, result[label])
+  result["continuous_vs_static"] = result["continuous"]["requests_per_s"] / result["static"]["requests_per_s"]
+  result["prompts_vs_none"] = result["continuous"]["requests_per_s"] / result["continuous_no_prompt"]["requests_per_s"]
+  print(
+    f"continuous vs static: {result['continuous_vs_static']:.2f}x requests/s; with {workload.prompts} prompts vs "
+    f"none: {result['prompts_vs_none']:.2f}x",
+    flush=True,
+  )
+  return result
+
+
+def _preset_folder(name: str, tokenizer: str | None, folder: Path) -> str:
+  from transformers import AutoTokenizer
+
+  from jaxprompt.errors import UsageError
+  from jaxprompt.models.loading import save_pretrained
+  from jaxprompt.tools.bench import PRESETS, random_base
+
+  if name not in PRESETS or tokenizer is None:
+    raise UsageError(f"--model preset:NAME needs a known preset ({', '.join(PRESETS)}) and --tokenizer FOLDER")
+  try:
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+  except (OSError, ValueError):  # a bare SentencePiece folder (tokenizer.model only)
+    from transformers import LlamaTokenizer
+
+    tok = LlamaTokenizer.from_pretrained(tokenizer)
+  save_pretrained(random_base(PRESETS[name]), folder, tokenizer=tok)
+  return str(folder)
+
+
+def _mixed_jobs(base, w: Mixed):
+  """({name: random prompt [P, H]}, [(prompt name, input, max_tokens)])."""
+  rng = np.random.default_rng(w.seed)
+  table = np.asarray(base.embedding_table(), np.float32)
+  lengths = [w.prompt_lengths[k % len(w.prompt_lengths)] for k in range(w.prompts)]
+  values = {f"task{k}": table[rng.integers(0, table.shape[0], p)] for k, p in enumerate(lengths)}
+  lo, hi = w.max_tokens
+  jobs = [
+    (f"task{int(rng.integers(w.prompts))}", INPUTS[int(rng.integers(len(INPUTS)))], int(rng.integers(lo, hi + 1)))
+    for _ in range(w.requests)
+  ]
+  return values, jobs
+
+
+def _mixed_run(model: str, opts: dict, jobs, w: Mixed, timeout: float) -> dict:
+  """Build, warm up and drive one server; a first untimed pass compiles what warm-up does not (the static
+  scheduler's new-token buckets)."""
+  from jaxprompt.serve.server import build, serving
+
+  _count_compiles()
+  app, engine, _ = build(
+    model,
+    name="base",
+    max_batch=w.width,
+    slots=w.width,
+    max_wait_ms=5.0,
+    max_tokens=w.max_tokens[1],
+    max_input_tokens=16,
+    queue_size=len(jobs) + 1,
+    **opts,
+  )
+  programs, seconds = engine.warmup()
+  with serving(app) as url:
+    asyncio.run(_stream_load(url, jobs, w, timeout))  # rehearsal: the shapes the workload needs compiled
+    counters = ("jaxprompt_generated_tokens_total", "jaxprompt_step_busy_slots_sum", "jaxprompt_step_busy_slots_count")
+    before, compiled = [_counter(url, n) for n in counters], list(_COMPILES)
+    out = asyncio.run(_stream_load(url, jobs, w, timeout))
+    tokens, busy, steps = (_counter(url, n) - b for n, b in zip(counters, before, strict=True))
+    out.update(tokens_per_s=tokens / out["seconds"], mean_busy_slots=busy / steps if steps else None)
+  late = _COMPILES[len(compiled) :]  # a batch of a new shape still compiles in the timed pass (static)
+  out.update(warmup=dict(programs=programs, seconds=seconds), timed_compiles=len(late), timed_compile_s=sum(late))
+  return out
+
+
+_COMPILES: list[float] = []  # every XLA compilation's seconds in this process (a benchmark's late compiles)
+
+
+def _count_compiles() -> None:
+  import jax
+
+  if not getattr(_count_compiles, "done", False):
+    _count_compiles.done = True
+    jax.monitoring.register_event_duration_secs_listener(
+      lambda name, secs, **_: _COMPILES.append(secs) if name == "/jax/core/compile/backend_compile_duration" else None
+    )
+
+
+def _counter(url: str, name: str) -> float:
+  import httpx
+
+  for line in httpx.get(url + "/metrics").text.splitlines():
+    if line.startswith(name + " "):
+      return float(line.split()[1])
+  return 0.0
+
+
+async def _stream_one(c, url: str, job, stats: dict) -> None:
+  """One streamed completion: its time to first text and mean gap between its tokens after that."""
+  name, text, k = job
+  body = dict(model=name, prompt=text, max_tokens=k, temperature=0, stream=True, stream_options={"include_usage": True})
+  sent, first, last, tokens = time.perf_counter(), None, None, 0
+  async with c.stream("POST", url + "/v1/completions", json=body) as r:
+    if r.status_code != 200:
+      stats["errors"] += 1
+      return
+    async for line in r.aiter_lines():
+      if not line.startswith("data: {"):
+        continue
+      event = json.loads(line[6:])
+      if event.get("usage"):
+        tokens = event["usage"]["completion_tokens"]
+        continue
+      now = time.perf_counter()
+      if first is None and (event["choices"][0]["text"] or event["choices"][0]["finish_reason"]):
+        first = now
+      last = now
+  stats["ttft"].append(first - sent)
+  if tokens > 1:
+    stats["itl"].append((last - first) / (tokens - 1))
+
+
+async def _stream_load(url: str, jobs, w: Mixed, timeout: float) -> dict:
+  import httpx
+
+  stats: dict = dict(ttft=[], itl=[], errors=0)
+  limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
+  async with httpx.AsyncClient(timeout=timeout, limits=limits) as c:
+    start = time.perf_counter()
+    if w.rate > 0:  # open loop: Poisson arrivals, whatever the server's pace
+      gaps = np.random.default_rng(w.seed + 1).exponential(1.0 / w.rate, len(jobs))
+
+      async def arrive(job, at):
+        await asyncio.sleep(max(at - (time.perf_counter() - start), 0.0))
+        await _stream_one(c, url, job, stats)
+
+      runs = [arrive(j, t) for j, t in zip(jobs, np.cumsum(gaps), strict=True)]
+    else:  # closed loop: each client sends its next request when the last one is answered
+      queue = list(jobs)[::-1]
+
+      async def client():
+        while queue:
+          await _stream_one(c, url, queue.pop(), stats)
+
+      runs = [client() for _ in range(w.clients)]
+    await asyncio.wait_for(asyncio.gather(*runs), timeout)
+    wall = time.perf_counter() - start
+  return dict(
+    requests=len(jobs),
+    seconds=wall,
+    requests_per_s=len(jobs) / wall,
+    ttft_p50_s=_pct(stats["ttft"], 50),
+    ttft_p99_s=_pct(stats["ttft"], 99),
+    itl_p50_s=_pct(stats["itl"], 50),
+    itl_p99_s=_pct(stats["itl"], 99),
+    errors=stats["errors"],
+  )
+
+
+def _print_run(label: str, r: dict) -> None:
+  print(
+    f"{label}: {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} "
+    f"ms p99 {r['ttft_p99_s'] * 1e3:.0f} ms, ITL p50 {r['itl_p50_s'] * 1e3:.1f} ms p99 {r['itl_p99_s'] * 1e3:.1f} ms"
+    f" (warm-up {r['warmup']['programs']} programs, {r['warmup']['seconds']:.0f} s; {r['timed_compiles']} compiles"
+    f" in the timed pass, {r['timed_compile_s']:.1f} s; errors {r['errors']})",
     flush=True,
   )

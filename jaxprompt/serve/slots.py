@@ -1,0 +1,459 @@
+"""Continuous batching over decode slots (JetStream's shape), for decoders and T5 alike.
+
+Notation: N decode slots, b requests admitted at once (bucketed), L input length (bucketed; Lmax the longest),
+T new tokens (Tmax: `--max-tokens`), Pe / Pk prompt embedding / key-value slots, s a DePT offset's positions.
+
+The device holds one fixed-shape state of N decode slots: the model's own decoding cache (`prefill`'s, laid out by
+`pad_inputs` for inputs of Lmax; decoders: keys/values, T5: self-attention keys/values plus the encoder's
+cross-attention keys/values and mask, per slot), each slot's next token, step, sampling key and settings. One worker
+thread loops:
+
+  admit: newly queued requests (at most the free slots) are prefilled together — one jitted call per batch bucket x
+    length bucket, whatever their prompts and settings — their first token sampled and their rows written into free
+    slots (`models.kv.insert_rows`); classification requests are scored in the same loop (`label_logprobs`);
+  step:  one jitted call advances every slot by one token (`decode_step` with each row's own step), each row under
+    its own temperature / top-k / top-p / key (`decoding.choose_rows`); the host reads the N tokens, streams text
+    and frees the slot of every request that ended (EOS, its max_tokens, a stop string, its client gone), so the
+    next admission reuses it at once.
+
+Prompts of every method share a call: each prompt is padded once to the server's prompt slots (`Layout`; on the
+left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
+prompt's row; the base alone is a row of masked slots. Programs compiled: one admission per batch bucket x length
+bucket, one generate step, and one classification per batch bucket x length bucket x label set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprompt.data import encoding
+from jaxprompt.inference import decoding
+from jaxprompt.models import kv as KV
+from jaxprompt.models.interface import Prefix
+
+log = logging.getLogger(__name__)
+
+_AXIS = {"embeds": 0, "embeds_mask": 0, "keys": 1, "values": 1, "kv_mask": 0, "input_offset": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The decode-slot state's fixed shapes (static: part of every program's compilation key)."""
+
+  slots: int
+  input_length: int  # Lmax
+  max_new_tokens: int  # Tmax
+  embeds: int  # Pe: prompt embedding positions before the input (0: none)
+  kv: int  # Pk: prompt key/value slots before the input (0: none)
+  kv_shape: tuple[int, int, int]  # (layers, heads, head dim) of a key/value prefix
+  offset: int  # s: a DePT offset's input positions (0: none)
+  hidden: int
+
+
+def layout_for(base, prompts, *, slots: int, input_length: int, max_new_tokens: int, prompt_slots: int = 0) -> Layout:
+  """The smallest layout that holds every prompt in `prompts` (ServedPrompt) and `prompt_slots` more of any method."""
+  # whether this kind serves a soft prompt as keys/values (decoders: computed once) or as embeddings (T5)
+  probe = Prefix(embeds=jax.ShapeDtypeStruct((1, 1, base.hidden_size), jnp.float32))
+  as_kv = jax.eval_shape(lambda e: base.shared_prompt(e, 1)[0], probe).keys is not None
+  embeds = max([p.prefix.length for p in prompts] + [0 if as_kv else prompt_slots])
+  kv = max([p.prefix.kv_length for p in prompts] + [prompt_slots])
+  offset = max([p.prefix.input_offset.shape[1] for p in prompts if p.prefix.input_offset is not None] + [0])
+  s = base.prefix_slots()
+  return Layout(
+    slots=slots,
+    input_length=input_length,
+    max_new_tokens=max_new_tokens,
+    embeds=embeds,
+    kv=kv,
+    kv_shape=(len(s.layer_of), s.heads, s.head_dim),
+    offset=offset,
+    hidden=base.hidden_size,
+  )
+
+
+def misfit(layout: Layout, prefix: Prefix) -> str | None:
+  """Why a prompt's prefix does not fit the layout's prompt slots (None: it fits)."""
+  if prefix.adaption is not None or prefix.at_slots:
+    return "adaption prompts and prompt templates are not in decode slots yet (--scheduler static serves them)"
+  offset = 0 if prefix.input_offset is None else prefix.input_offset.shape[1]
+  for what, n, room in (
+    ("embedding positions", prefix.length, layout.embeds),
+    ("key/value slots", prefix.kv_length, layout.kv),
+    ("offset positions", offset, layout.offset),
+  ):
+    if n > room:
+      return f"its {n} {what} are over this server's {room} (start it with a larger --prompt-slots)"
+  return None
+
+
+def prompt_row(layout: Layout, prefix: Prefix | None) -> Prefix | None:
+  """One prompt as a row of the layout (batch 1, numpy): embeddings and keys/values left-padded with a mask, a
+  DePT offset right-padded with zeros; None: the base alone (every slot masked)."""
+  if not (layout.embeds or layout.kv or layout.offset):
+    return None
+  out = {}
+  if layout.embeds:
+    e, m = np.zeros((1, layout.embeds, layout.hidden), np.float32), np.zeros((1, layout.embeds), np.int32)
+    if prefix is not None and prefix.embeds is not None:
+      p = prefix.length
+      e[:, layout.embeds - p :], m[:, layout.embeds - p :] = np.asarray(prefix.embeds, np.float32), 1
+    out.update(embeds=e, embeds_mask=m)
+  if layout.kv:
+    y, h, d = layout.kv_shape
+    k, v = (np.zeros((y, 1, layout.kv, h, d), np.float32) for _ in range(2))
+    m = np.zeros((1, layout.kv), np.int32)
+    if prefix is not None and prefix.keys is not None:
+      p = prefix.kv_length
+      k[:, :, layout.kv - p :], v[:, :, layout.kv - p :] = np.asarray(prefix.keys), np.asarray(prefix.values)
+      m[:, layout.kv - p :] = 1
+    out.update(keys=k, values=v, kv_mask=m)
+  if layout.offset:
+    o = np.zeros((1, layout.offset, layout.hidden), np.float32)
+    if prefix is not None and prefix.input_offset is not None:
+      o[:, : prefix.input_offset.shape[1]] = np.asarray(prefix.input_offset, np.float32)
+    out["input_offset"] = o
+  return Prefix(**out)
+
+
+def _stack(rows: tuple) -> Prefix | None:
+  if rows[0] is None:
+    return None
+  fields = [f for f in _AXIS if getattr(rows[0], f) is not None]
+  return Prefix(**{f: jnp.concatenate([getattr(r, f) for r in rows], axis=_AXIS[f]) for f in fields})
+
+
+# -- the jitted programs ---------------------------------------------------------------------------------------
+
+
+def _new_rows(model, ids, mask, rows, settings, seeds, layout: Layout) -> tuple[dict, jax.Array]:
+  """Prefill b requests -> (their decode-slot rows, their first tokens [b])."""
+  logits0, cache = model.prefill(
+    input_ids=ids, attention_mask=mask, prefix=_stack(rows), max_new_tokens=layout.max_new_tokens
+  )
+  cache = model.pad_inputs(cache, layout.input_length - ids.shape[1])
+  keys = jax.vmap(jax.random.key)(seeds)
+  first, keys = decoding.choose_rows(logits0, keys, *settings)
+  greedy, temperature, top_k, top_p = settings
+  b = ids.shape[0]
+  new = dict(
+    cache=cache,
+    tokens=first,
+    t=jnp.zeros((b,), jnp.int32),
+    keys=jax.random.key_data(keys),
+    greedy=greedy,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
+  return new, first
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("slots",))
+def admit(graphdef, state, slots, ids, mask, rows, settings, seeds, at, *, layout: Layout):
+  """Prefill requests and write them into slots `at` [b] (N: a padding row, dropped) -> (slots, first tokens [b])."""
+  new, first = _new_rows(nnx.merge(graphdef, state), ids, mask, rows, settings, seeds, layout)
+  return KV.insert_rows(slots, new, at), first
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("slots",))
+def step(graphdef, state, slots, *, layout: Layout):
+  """One token for every slot -> (slots, the tokens [N])."""
+  model = nnx.merge(graphdef, state)
+  logits, cache = model.decode_step(slots["cache"], slots["tokens"], slots["t"])
+  settings = (slots["greedy"], slots["temperature"], slots["top_k"], slots["top_p"])
+  tok, keys = decoding.choose_rows(logits, jax.random.wrap_key_data(slots["keys"]), *settings)
+  t = jnp.minimum(slots["t"] + 1, layout.max_new_tokens - 1)  # a free slot's step stays in range
+  return dict(slots, cache=cache, tokens=tok, t=t, keys=jax.random.key_data(keys)), tok
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def rank(graphdef, state, batch, label_ids, label_mask, rows):
+  """Rank classification of a batch whose rows carry any prompts -> [b, C]."""
+  return nnx.merge(graphdef, state).label_logprobs(batch, label_ids, label_mask, _stack(rows))
+
+
+def empty_slots(graphdef, state, layout: Layout, row: Prefix | None, pad: int) -> dict:
+  """The decode-slot state with every slot free (zeros)."""
+
+  def shapes():
+    ids, mask = jnp.full((1, 1), pad, jnp.int32), jnp.ones((1, 1), jnp.int32)
+    settings = (jnp.ones((1,), bool), jnp.ones((1,), jnp.float32), jnp.zeros((1,), jnp.int32), jnp.ones((1,)))
+    model = nnx.merge(graphdef, state)
+    return _new_rows(model, ids, mask, (row,), settings, jnp.zeros((1,), jnp.uint32), layout)[0]
+
+  def zeros(a):
+    axis = 1 if a.ndim == 5 else 0
+    return jnp.zeros(a.shape[:axis] + (layout.slots,) + a.shape[axis + 1 :], a.dtype)
+
+  return jax.tree.map(zeros, jax.eval_shape(shapes))
+
+
+# -- the host side ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Live:
+  """A request in a decode slot."""
+
+  request: object
+  text: object  # engine._Text
+  tokens: list = dataclasses.field(default_factory=list)
+  last: float = 0.0
+
+
+class SlotBatcher:
+  """The continuous scheduler of an `engine.Engine` (which owns the queue, the metrics and the text handling)."""
+
+  def __init__(self, engine, *, slots: int, prompt_slots: int = 0):
+    self.engine = e = engine
+    prompts = [p for p in map(e.store.get, e.store.names()) if p is not None]
+    for p in [p for p in prompts if p.prefix.adaption is not None or p.prefix.at_slots]:
+      log.warning("prompt %s not served: %s", p.name, misfit(None, p.prefix))
+      e.store.remove(p.name)
+      prompts.remove(p)
+    self.layout = layout_for(
+      e.base, prompts, slots=slots, input_length=e.lengths[-1], max_new_tokens=e.max_tokens, prompt_slots=prompt_slots
+    )
+    e.store.check = lambda prefix: misfit(self.layout, prefix)  # a prompt added later must fit
+    self.batch_sizes = tuple(b for b in e.batch_sizes if b <= slots) or (1,)
+    self.max_prefill = self.batch_sizes[-1]
+    self.eos = set(decoding.eos_ids(None, e.base.config))
+    self._rows: dict[int, tuple] = {}
+    self._none = self._device_row(None)
+    self.state = empty_slots(e.graphdef, e.state, self.layout, self._none, e._pad)
+    self.free = list(range(slots))[::-1]
+    self.live: dict[int, _Live] = {}
+
+  # -- prompts as rows ---------------------------------------------------------------------------------------------
+
+  def _device_row(self, prompt) -> Prefix | None:
+    row = prompt_row(self.layout, None if prompt is None else prompt.prefix)
+    return None if row is None else jax.tree.map(jnp.asarray, row)
+
+  def row(self, prompt) -> Prefix | None:
+    """A prompt's padded row on the device (made once per served prompt)."""
+    if prompt is None:
+      return self._none
+    hit = self._rows.get(id(prompt))
+    if hit is None or hit[0] is not prompt:
+      if len(self._rows) > 2 * len(self.engine.store.names()) + 16:  # forget prompts no longer served
+        served = {id(p) for p in map(self.engine.store.get, self.engine.store.names())}
+        self._rows = {k: v for k, v in self._rows.items() if k in served}
+      hit = self._rows[id(prompt)] = (prompt, self._device_row(prompt))
+    return hit[1]
+
+  # -- the loop --------------------------------------------------------------------------------------------------
+
+  def run(self) -> None:
+    while True:
+      new = self._take()
+      if new is None:
+        return
+      self._guarded(self._classify, [r for r in new if r.kind == "classify"])
+      self._guarded(self._admit, [r for r in new if r.kind != "classify"])
+      self._drop_cancelled()
+      if self.live:
+        self._guarded(self._step, None)
+
+  def _guarded(self, fn, reqs) -> None:
+    """Run a device call; when it fails, its requests and every live one get the exception (the slots' state was
+    handed to the failed call) and the slots start empty again."""
+    if reqs == []:
+      return
+    try:
+      fn(reqs) if reqs is not None else fn()
+    except Exception as ex:  # noqa: BLE001 — failed requests are answered, the server goes on
+      log.exception("serving call failed")
+      for r in list(reqs or ()) + [x.request for x in self.live.values()]:
+        if not r.answered:
+          self._finish(r, ex)
+      self.live.clear()
+      self.free = list(range(self.layout.slots))[::-1]
+      self.state = empty_slots(self.engine.graphdef, self.engine.state, self.layout, self._none, self.engine._pad)
+
+  def _take(self) -> list | None:
+    """The requests to admit now ([] to keep stepping; None: stopped and nothing left)."""
+    e = self.engine
+    with e._cond:
+      while not e._pending and not self.live:
+        if e._stopping:
+          return None
+        e._cond.wait()
+      if not self.live and not e._stopping:  # idle: give a burst a moment to share one prefill
+        deadline = e._pending[0].created + e.max_wait
+        while len(e._pending) < self.max_prefill and (left := deadline - time.monotonic()) > 0 and not e._stopping:
+          e._cond.wait(left)
+      take, rest, room, ranks = [], [], min(len(self.free), self.max_prefill), self.max_prefill
+      for r in e._pending:
+        if r.cancelled:
+          self._finish(r, dict(text="", finish_reason="cancelled", prompt_tokens=len(r.tokens), completion_tokens=0))
+        elif r.kind == "classify" and ranks:
+          take.append(r)
+          ranks -= 1
+        elif r.kind != "classify" and room:
+          take.append(r)
+          room -= 1
+        else:
+          rest.append(r)
+      e._pending = rest
+      e._gauge()
+      return take
+
+  @staticmethod
+  def _settings(pairs: list, b: int):
+    """Per-row sampling settings and seeds [b] of (Sampling, seed or None) pairs (padding repeats the first)."""
+    pad = list(pairs) + [pairs[0]] * (b - len(pairs))
+    s = [x for x, _ in pad]
+    greedy = np.asarray([x.method == "greedy" for x in s])
+    temperature = np.asarray([1.0 if x.method == "greedy" else x.temperature for x in s], np.float32)
+    top_k = np.asarray([x.top_k for x in s], np.int32)
+    top_p = np.asarray([x.top_p for x in s], np.float32)
+    seeds = [seed if seed is not None else int.from_bytes(os.urandom(4), "little") for _, seed in pad]
+    return (greedy, temperature, top_k, top_p), np.asarray(seeds, np.uint32)
+
+  def _admit(self, reqs: list) -> None:
+    e, n = self.engine, len(reqs)
+    b = next(s for s in self.batch_sizes if s >= n)
+    rows = [r.tokens for r in reqs] + [reqs[0].tokens] * (b - n)
+    length = next(s for s in e.lengths if s >= max(map(len, rows)))
+    ids, mask = e.base.batch_type.layout_inputs(rows, length, e._pad)
+    prefixes = tuple(self.row(r.prompt) for r in reqs) + (self.row(reqs[0].prompt),) * (b - n)
+    settings, seeds = self._settings([(r.sampling, r.seed) for r in reqs], b)
+    slots = [self.free.pop() for _ in reqs]
+    at = np.asarray(slots + [self.layout.slots] * (b - n), np.int32)
+    if e.metrics is not None:
+      e.metrics.batch_size.observe(n)
+      e.metrics.batches.inc()
+    self.state, first = admit(
+      e.graphdef, e.state, self.state, ids, mask, prefixes, settings, seeds, at, layout=self.layout
+    )
+    first, now = np.asarray(first), time.monotonic()
+    for r, slot, tok in zip(reqs, slots, first, strict=False):
+      entry = _Live(r, e.new_text(r), last=now)
+      self.live[slot] = entry
+      if e.metrics is not None:
+        e.metrics.time_to_first_token.observe(now - r.created)
+      self._feed(slot, int(tok))
+    if e.metrics is not None:
+      e.metrics.generated_tokens.inc(n)
+
+  def _step(self) -> None:
+    e, start = self.engine, time.monotonic()
+    if e.metrics is not None:
+      e.metrics.step_slots.observe(len(self.live))
+    self.state, tokens = step(e.graphdef, e.state, self.state, layout=self.layout)
+    tokens, now = np.asarray(tokens), time.monotonic()
+    busy = len(self.live)
+    for slot, entry in list(self.live.items()):
+      if e.metrics is not None:
+        e.metrics.inter_token_latency.observe(now - entry.last)
+      entry.last = now
+      self._feed(slot, int(tokens[slot]))
+    if e.metrics is not None:
+      e.metrics.generated_tokens.inc(busy)
+      e.metrics.tokens_per_second.set(busy / max(now - start, 1e-9))
+      e.metrics.slots_busy.set(len(self.live))
+
+  def _feed(self, slot: int, tok: int) -> None:
+    """A slot's next token: stream its text; when the request ended, answer it and free the slot."""
+    entry = self.live[slot]
+    r = entry.request
+    entry.tokens.append(tok)
+    k = len(entry.tokens)
+    ended = tok in self.eos
+    final = ended or k >= r.max_tokens
+    entry.text.update(entry.tokens[:-1] if ended else entry.tokens, final)
+    if final or entry.text.stopped:
+      finish = "stop" if ended or entry.text.stopped else "length"
+      self._release(slot)
+      self._finish(
+        r, dict(text=entry.text.text, finish_reason=finish, prompt_tokens=len(r.tokens), completion_tokens=k)
+      )
+
+  def _release(self, slot: int) -> None:
+    del self.live[slot]
+    self.free.append(slot)
+
+  @staticmethod
+  def _finish(r, result) -> None:
+    r.answered = True
+    r.on_done(result)
+
+  def _drop_cancelled(self) -> None:
+    """Free the slots of requests whose client went away."""
+    for slot, entry in list(self.live.items()):
+      if entry.request.cancelled:
+        self._release(slot)
+        r = entry.request
+        self._finish(
+          r,
+          dict(
+            text=entry.text.text,
+            finish_reason="cancelled",
+            prompt_tokens=len(r.tokens),
+            completion_tokens=len(entry.tokens),
+          ),
+        )
+
+  # -- classification --------------------------------------------------------------------------------------------
+
+  def _classify(self, reqs: list) -> None:
+    groups: dict[tuple, list] = {}
+    for r in reqs:
+      groups.setdefault(r.labels, []).append(r)
+    for labels, group in groups.items():
+      self._rank(labels, group)
+
+  def _rank(self, labels: tuple, reqs: list) -> None:
+    e, n = self.engine, len(reqs)
+    b = next(s for s in self.batch_sizes if s >= n)
+    label_ids, label_mask = e.labels(labels)
+    pad = list(reqs) + [reqs[0]] * (b - n)
+    length = next(s for s in e.lengths if s >= max(len(r.tokens) for r in pad))
+    examples = [{"inputs": r.text, "targets": labels[0]} for r in pad]
+    data = encoding.encode(
+      e.base.batch_type, examples, e.tokenizer, input_length=length, target_length=label_ids.shape[1], name="classify"
+    )
+    if e.metrics is not None:
+      e.metrics.batch_size.observe(n)
+      e.metrics.batches.inc()
+    rows = tuple(self.row(r.prompt) for r in pad)
+    scores = np.asarray(rank(e.graphdef, e.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask, rows))
+    for i, r in enumerate(reqs):
+      row = scores[i]
+      result = dict(
+        label=labels[int(np.argmax(row))],
+        scores={lab: float(v) for lab, v in zip(labels, row, strict=False)},
+        prompt_tokens=len(r.tokens),
+      )
+      self._finish(r, result)
+
+  # -- warm-up ---------------------------------------------------------------------------------------------------
+
+  def warmup(self) -> int:
+    """Compile every admission (batch bucket x length bucket) and the generate step -> programs compiled."""
+    e, count = self.engine, 0
+    for b in self.batch_sizes:
+      for length in e.lengths:
+        ids = np.full((b, length), e._pad, np.int32)
+        mask = np.ones((b, length), np.int32)
+        settings = (np.ones(b, bool), np.ones(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32))
+        seeds = np.zeros(b, np.uint32)
+        at = np.full((b,), self.layout.slots, np.int32)  # every row dropped: no slot is touched
+        self.state, first = admit(
+          e.graphdef, e.state, self.state, ids, mask, (self._none,) * b, settings, seeds, at, layout=self.layout
+        )
+        first.block_until_ready()
+        count += 1
+    self.state, tokens = step(e.graphdef, e.state, self.state, layout=self.layout)
+    tokens.block_until_ready()
+    return count + 1

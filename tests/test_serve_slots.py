@@ -1,0 +1,232 @@
+"""`jaxprompt serve`'s continuous scheduler (decode slots): prompts of every method and length, the base alone and
+mixed max_tokens in one step equal `jaxprompt generate --greedy` (decoder and T5); short requests pass a long one
+(slots reused); per-row sampling settings share steps and a seeded sample is its own; a client that goes away frees
+its slot. Servers bind 127.0.0.1 on a free port and are always stopped; every wait is bounded."""
+
+import asyncio
+import json
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import jaxprompt
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from jaxprompt.inference import text as T  # noqa: E402
+from jaxprompt.prompts.io import load_prompt_source  # noqa: E402
+from tests.helpers import write_byte_decoder  # noqa: E402
+
+TEXTS = ["max: 3 7 1 8 2", "hello there", "min: 9 4", "a"]
+
+
+def _prompts(folder, base_folder) -> list[str]:
+  """Soft prompts of lengths 1 and 4, a prefix table of 6 slots and a DePT prompt of 3 vectors, as files in
+  `folder` (few: every shape compiles its reference generation)."""
+  base = jaxprompt.load_model(base_folder)
+  h, slots = base.hidden_size, base.prefix_slots()
+  rng = np.random.default_rng(0)
+  folder.mkdir()
+  names = []
+  for p in (1, 4):
+    np.save(folder / f"soft{p}.npy", rng.normal(size=(p, h)).astype(np.float32))
+    names.append(f"soft{p}")
+  for p in (6,):
+    np.save(folder / f"pfx{p}.npy", rng.normal(size=(p, slots.layers, 2, slots.heads, slots.head_dim)).astype("f4"))
+    (folder / f"pfx{p}.json").write_text(
+      json.dumps({"prompt_spec": {"method": "prefix_tuning", "prefix_projection": False}})
+    )
+    names.append(f"pfx{p}")
+  m, r, s = 3, 2, 4  # DePT: m prompt vectors, rank r, offsets for s input positions
+  np.save(folder / "dept.npy", rng.normal(size=(m + r + math.ceil(s * r / h), h)).astype(np.float32))
+  (folder / "dept.json").write_text(json.dumps({"prompt_spec": {"method": "dept", "rank": r, "max_length": s}}))
+  return names + ["dept"]
+
+
+def _greedy(engine, prompts_dir, name, max_new_tokens: int) -> list[list[int]]:
+  """What `jaxprompt generate --greedy` makes for every text under prompt `name` (None: the base): tokens."""
+  prompt = [] if name is None else [load_prompt_source(prompts_dir / f"{name}.npy")]
+  records = T.generate_text(engine.base, engine.tokenizer, TEXTS, prompt, max_new_tokens=max_new_tokens)
+  return [r["tokens"] for r in records]
+
+
+@pytest.mark.parametrize("kind", ["byte_llama", "byte_t5"])
+def test_mixed_prompts_lengths_methods_and_max_tokens_each_equal_generate_greedy(kind, request, tmp_path):
+  from jaxprompt.serve.server import build, serving
+
+  folder = request.getfixturevalue(kind)
+  names = _prompts(tmp_path / "prompts", folder)
+  app, engine, problems = build(
+    str(folder), prompts=str(tmp_path / "prompts"), name="base", slots=4, max_batch=4, max_tokens=8, max_input_tokens=16
+  )
+  assert problems == [] and engine.slots is not None
+  want = {n: _greedy(engine, tmp_path / "prompts", n, 8) for n in names + [None]}
+  # 30 requests over 4 prompts (4 lengths, 3 methods) and the base, max_tokens 1..8, through 4 slots
+  jobs = [(n, i % len(TEXTS), 1 + (i * 3) % 8) for i, n in enumerate((names + [None]) * 6)]
+
+  def expected(name, text, k):
+    tokens = want[name][text][:k]
+    return engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+  async def fire(url):
+    async with httpx.AsyncClient(timeout=120) as c:
+      bodies = [dict(model=n or "base", prompt=TEXTS[t], max_tokens=k, temperature=0) for n, t, k in jobs]
+      return await asyncio.gather(*[c.post(url + "/v1/completions", json=b) for b in bodies])
+
+  with serving(app) as url:
+    responses = asyncio.run(asyncio.wait_for(fire(url), 600))
+    metrics = httpx.get(url + "/metrics").text
+  assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:2]
+  got = [r.json()["choices"][0]["text"] for r in responses]
+  assert got == [expected(*j) for j in jobs]
+  busy = _histogram(metrics, "jaxprompt_step_busy_slots")
+  assert busy["count"] > 0 and busy["sum"] / busy["count"] > 1  # steps advanced several requests at once
+  assert _histogram(metrics, "jaxprompt_time_to_first_token_seconds")["count"] == len(jobs)
+
+
+def _histogram(text: str, name: str) -> dict:
+  out = {}
+  for line in text.splitlines():
+    for part in ("sum", "count"):
+      if line.startswith(f"{name}_{part} "):
+        out[part] = float(line.split()[1])
+  return out
+
+
+@pytest.fixture(scope="module")
+def endless(tmp_path_factory):
+  """A byte decoder that never ends a completion early (no EOS id): a request runs to its max_tokens."""
+  root = tmp_path_factory.mktemp("endless")
+  folder = write_byte_decoder(root / "m", "llama3-gqa-untied", seed=5, eos_token_id=None)
+  prompts = root / "prompts"
+  prompts.mkdir()
+  rng = np.random.default_rng(2)
+  for name, p in (("one", 3), ("two", 5)):
+    np.save(prompts / f"{name}.npy", rng.normal(size=(p, 32)).astype(np.float32))
+  return folder, prompts
+
+
+@pytest.fixture(scope="module")
+def endless_server(endless):
+  from jaxprompt.serve.server import build, serving
+
+  folder, prompts = endless
+  app, engine, _ = build(
+    str(folder), prompts=str(prompts), name="base", slots=4, max_batch=4, max_tokens=1000, max_input_tokens=16
+  )
+  engine.warmup()  # no compilation while requests run
+  with serving(app) as url:
+    yield url, engine
+
+
+def test_short_requests_sent_while_a_long_one_runs_all_finish_first(endless_server):
+  from jaxprompt.serve.engine import Request
+
+  _, engine = endless_server
+  order, started, done = [], threading.Event(), threading.Event()
+
+  def finished(name):
+    def on_done(result):
+      order.append((name, result["completion_tokens"]))
+      if len(order) == 21:
+        done.set()
+
+    return on_done
+
+  long = Request(
+    "complete", engine.store.get("one"), TEXTS[0], engine.encode(TEXTS[0]), finished("long"), max_tokens=200
+  )
+  long.on_delta = lambda _: started.set()
+  engine.submit([long])
+  assert started.wait(120)  # it is decoding
+  shorts = [
+    Request("complete", engine.store.get("two"), t, engine.encode(t), finished("short"), max_tokens=2)
+    for t in TEXTS * 5
+  ]
+  engine.submit(shorts)
+  assert done.wait(300)
+  assert order[-1] == ("long", 200) and order[:-1] == [("short", 2)] * 20
+
+
+def test_sampling_settings_share_steps_and_a_seeded_sample_is_its_own(endless_server, endless):
+  import jax
+
+  url, engine = endless_server
+  _, prompts = endless
+  sampled = dict(model="one", prompt=TEXTS[0], max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+  with httpx.Client(timeout=120) as c:
+    alone = c.post(url + "/v1/completions", json=sampled).json()["choices"][0]["text"]
+
+  async def crowd():
+    async with httpx.AsyncClient(timeout=120) as ac:
+      others = [dict(model="two", prompt=TEXTS[1], max_tokens=12, temperature=1.5, seed=s) for s in range(3)] + [
+        dict(model="base", prompt=TEXTS[2], max_tokens=12, temperature=0),
+        dict(sampled, top_p=0.5),
+      ]
+      return await asyncio.gather(*[ac.post(url + "/v1/completions", json=b) for b in [sampled, *others]])
+
+  before = _histogram(httpx.get(url + "/metrics").text, "jaxprompt_step_busy_slots")
+  crowded = asyncio.run(asyncio.wait_for(crowd(), 300))
+  after = _histogram(httpx.get(url + "/metrics").text, "jaxprompt_step_busy_slots")
+  texts = [r.json()["choices"][0]["text"] for r in crowded]
+  assert texts[0] == alone and len(set(texts[1:4])) > 1
+  assert (after["sum"] - before["sum"]) / (after["count"] - before["count"]) > 2  # the settings shared steps
+  # and the seeded sample is what `jaxprompt generate --seed 7` draws for that row alone
+  ref = T.generate_text(
+    engine.base,
+    engine.tokenizer,
+    [TEXTS[0]],
+    [load_prompt_source(prompts / "one.npy")],
+    max_new_tokens=12,
+    method="sample",
+    temperature=0.8,
+    top_p=0.9,
+    rng=jax.random.key(7)[None],
+  )
+  assert ref[0]["output"] == alone
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(endless_server):
+  url, engine = endless_server
+  body = dict(model="one", prompt=TEXTS[0], max_tokens=1000, temperature=0, stream=True)
+
+  async def scenario():
+    async with httpx.AsyncClient(timeout=120) as c:
+      streams = [c.stream("POST", url + "/v1/completions", json=body) for _ in range(4)]
+      responses = [await s.__aenter__() for s in streams]
+      readers = [r.aiter_text() for r in responses]  # kept: a reader dropped unread closes its response
+      for reader in readers:  # every slot holds a 1000-token request
+        await reader.__anext__()
+      await streams[0].__aexit__(None, None, None)  # one client goes away
+      short = await c.post(url + "/v1/completions", json=dict(body, max_tokens=3, stream=False))
+      busy = len(engine.slots.live)
+      for s in streams[1:]:
+        await s.__aexit__(None, None, None)
+      return short, busy
+
+  short, busy = asyncio.run(asyncio.wait_for(scenario(), 300))
+  assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3
+  assert busy == 3, busy  # the other three long requests are still decoding: the short one took the freed slot
+  end = time.monotonic() + 60
+  while engine.slots.live and time.monotonic() < end:  # the rest go as their clients close
+    time.sleep(0.05)
+  assert not engine.slots.live
+
+
+def test_a_stream_asking_for_usage_ends_with_openai_s_usage_chunk(endless_server):
+  url, _ = endless_server
+  body = dict(model="two", prompt=TEXTS[1], max_tokens=5, temperature=0, stream=True)
+  with httpx.Client(timeout=120) as c:
+    for options, want in (({"include_usage": True}, 5), (None, None)):
+      events = [
+        json.loads(line[6:])
+        for line in c.post(url + "/v1/completions", json=dict(body, stream_options=options)).text.splitlines()
+        if line.startswith("data: {")
+      ]
+      usage = [e["usage"] for e in events if "usage" in e]
+      assert [u["completion_tokens"] for u in usage] == ([want] if want else [])
+      assert all(e["choices"] for e in events if "usage" not in e)
