@@ -840,10 +840,10 @@ def _add_serve(sub) -> None:
   p.add_argument("--port", type=int, default=8000)
   p.add_argument(
     "--scheduler",
-    choices=("continuous", "static"),
-    default="continuous",
-    help="continuous: decode slots, a request joins as soon as one is free (default); static: a batch runs until "
-    "its longest request ends",
+    choices=("auto", "continuous", "static"),
+    default="auto",
+    help="continuous: decode slots, a request joins as soon as one is free; static: a batch runs until its longest "
+    "request ends; auto (default): continuous, unless a served prompt needs static (adaption prompts, templates)",
   )
   p.add_argument(
     "--slots", type=int, default=16, help="continuous: decode slots, requests decoded at once (default 16)"

@@ -336,11 +336,25 @@ class _Text:
 # -- the engine ------------------------------------------------------------------------------------------------
 
 
-SCHEDULERS = ("continuous", "static")
+SCHEDULERS = ("auto", "continuous", "static")
+
+
+def _auto_scheduler(store: PromptStore) -> str:
+  """ "continuous", unless a loaded prompt cannot be held in decode slots yet (adaption prompts, prompt templates):
+  then "static", which serves every prompt, said in one log line."""
+  from jaxprompt.serve.slots import misfit
+
+  held = [p for p in map(store.get, store.names()) if p is not None]
+  unfit = [p.name for p in held if p.prefix.adaption is not None or p.prefix.at_slots]
+  if not unfit:
+    return "continuous"
+  log.warning("scheduler static: %s (%s)", misfit(None, store.get(unfit[0]).prefix), ", ".join(unfit))
+  return "static"
 
 
 class Engine:
-  """Queue, batcher and the jitted calls. `scheduler` "continuous" (`serve.slots`: `slots` decode slots, a request
+  """Queue, batcher and the jitted calls. `scheduler` "auto" (continuous unless a loaded prompt needs the static
+  scheduler: adaption prompts, templates), "continuous" (`serve.slots`: `slots` decode slots, a request
   admitted as soon as one is free, `max_batch` requests prefilled at once at most, `prompt_slots` room for prompts
   added later) or "static" (see the module docstring: a batch runs until its longest request ends). `start()` runs
   the worker thread; `stop()` lets it finish every queued request first."""
@@ -358,7 +372,7 @@ class Engine:
     max_tokens: int = 256,
     chunk: int = 8,
     metrics=None,
-    scheduler: str = "continuous",
+    scheduler: str = "auto",
     slots: int = 16,
     prompt_slots: int = 0,
   ):
@@ -389,6 +403,8 @@ class Engine:
     if slots < 1:
       raise UserError(f"--slots {slots}: give at least 1")
     self.slots = None
+    if scheduler == "auto":
+      scheduler = _auto_scheduler(store)
     if scheduler == "continuous":
       from jaxprompt.serve.slots import SlotBatcher
 
