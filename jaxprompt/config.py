@@ -47,6 +47,7 @@ _METHOD_OPTIONS = {
   "encoder_dropout": ("p_tuning",),
   **{o: ("dept",) for o in ("dept_rank", "dept_max_length", "dept_alpha", "dept_offset_learning_rate")},
   "adaption_layers": ("adaption",),
+  "cartridge_frozen_tokens": ("cartridge",),
   **{o: ("multitask",) for o in ("multitask_rank", "multitask_source", "multitask_init", "multitask_source_task")},
   **{
     o: ("residual",)
@@ -61,15 +62,16 @@ _OPTION_NEEDS = {
 }
 # the inits a method takes, where it does not take them all, and why
 _METHOD_INITS = {
-  "prefix_tuning": (("random_uniform", "file"), "its parameters are keys and values, not token embeddings")
+  "prefix_tuning": (("random_uniform", "file"), "its parameters are keys and values, not token embeddings"),
+  "cartridge": (("text", "random_normal", "file"), "its parameters are keys and values, not token embeddings"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept", "multitask", "adaption"] = (
-    "prompt_tuning"
-  )
+  method: Literal[
+    "prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept", "multitask", "adaption", "cartridge"
+  ] = "prompt_tuning"
   length: int = 100
   # random_normal: N(0, 1), PEFT's RANDOM (nn.Embedding's init) and the adaption prompts' init
   init: Literal["random_uniform", "random_normal", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
@@ -110,6 +112,8 @@ class PromptConfig:
   # "[P:3] {premise} [P:3] ? {hypothesis} [P:3]": [P:n] is n virtual tokens (they sum to prompt.length, the prompt's
   # rows fill them in order), {field} an example's field, the rest literal text (`data.templates`); None: in front
   template: str | None = None
+  # cartridge: the first slots kept as initialised, an attention sink (PEFT's num_frozen_tokens; default 1)
+  cartridge_frozen_tokens: int | None = None
   # with data.mixture: one prompt per member (a bank [K, P, ...] trained together, each row under its task's
   # prompt); false: one prompt shared by every task (e.g. SPoT's source prompt)
   per_task: bool = False
@@ -160,6 +164,7 @@ class PromptConfig:
       separate_mlps=False,
       mlp_type="MLP1",
       adaption_layers=None,
+      cartridge_frozen_tokens=1,
       multitask_rank=1,
       multitask_source=None,
       multitask_init="average_source_tasks",

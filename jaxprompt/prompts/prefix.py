@@ -179,7 +179,7 @@ def _fixed(value, spec: PrefixTuningSpec, slots: PrefixSlots, where: str) -> Pre
   return PrefixTuning(slots, table=value)
 
 
-def _peft_fields(value: np.ndarray, record, base_path) -> dict:
+def peft_fields(value: np.ndarray, record, base_path) -> dict:
   spec = record.spec
   problem = spec.slots.peft_problem if spec.slots is not None else None
   if problem:
@@ -199,7 +199,7 @@ def _peft_fields(value: np.ndarray, record, base_path) -> dict:
   )
 
 
-def _peft_read(value: np.ndarray, peft: dict, where) -> tuple[np.ndarray, PrefixTuningSpec]:
+def peft_read(value: np.ndarray, peft: dict, where) -> tuple[np.ndarray, PrefixTuningSpec]:
   """A PREFIX_TUNING adapter's flat table [P, Y * 2 * K * D] as [P, Y, 2, K, D] (the projection is not saved)."""
   p, y, heads, t = (peft.get(k) for k in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"))
   if not all(isinstance(x, int) and x > 0 for x in (y, heads, t)) or t % heads:
@@ -229,8 +229,8 @@ PREFIX_TUNING = Method(
   rebuild=_rebuild,
   fixed=_fixed,
   check=lambda value, base, where: check_table(value, base.prefix_slots(), where),
-  peft_fields=_peft_fields,
-  peft_read=_peft_read,
+  peft_fields=peft_fields,
+  peft_read=peft_read,
   # a bank of projections would be K fixed tables: what trains is the projection
   bank_refusal=lambda pcfg: "prefix projections" if pcfg.option("prefix_projection") else None,
 )

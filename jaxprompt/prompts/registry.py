@@ -9,12 +9,14 @@ module (the NNX module, its `PromptSpec`, its `Method`) plus one line below; not
   dept           embeddings [m, H] + an offset A [s, r]·B [r, H]  the input; its first s tokens  none
   multitask      shared [P, H] ∘ a rank-r factor per task       the input embeddings          MULTITASK_PROMPT_TUNING
   adaption       prompts [L_a, A, H] + gates [L_a]              the top L_a attention layers  ADAPTION_PROMPT
+  cartridge      keys/values [P, Y, 2, K, D], first F frozen       every attention layer         CARTRIDGE
 """
 
 from __future__ import annotations
 
 from jaxprompt.errors import PromptError
 from jaxprompt.prompts.adaption import ADAPTION
+from jaxprompt.prompts.cartridge import CARTRIDGE
 from jaxprompt.prompts.dept import DEPT
 from jaxprompt.prompts.encoders import P_TUNING
 from jaxprompt.prompts.multitask import MULTITASK
@@ -24,7 +26,7 @@ from jaxprompt.prompts.soft import PROMPT_TUNING, PromptTuningSpec
 from jaxprompt.prompts.spec import Method, PromptSpec
 
 METHODS: dict[str, Method] = {
-  m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, RESIDUAL, DEPT, MULTITASK, ADAPTION)
+  m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, RESIDUAL, DEPT, MULTITASK, ADAPTION, CARTRIDGE)
 }
 
 

@@ -42,7 +42,9 @@ def build_optimizer(
   """The configured optimizer over the prompt's parameters. `learning_rates` {name: peak learning rate}: the
   prompt parameters of those names form their own group with that rate, under the same optimizer and schedule
   shape (DePT's two groups, as its authors' two AdamW parameter groups share one LambdaLR); the rest use
-  optimizer.learning_rate. Empty or None: one group, the plain transform (its state as before)."""
+  optimizer.learning_rate; a rate of 0 freezes those parameters (no update, not even weight decay, and no
+  optimizer state: a cartridge's attention sink). Empty or None: one group, the plain transform (its state as
+  before)."""
   tx = _grouped(cfg, total_steps, learning_rates) if learning_rates else _transform(cfg, total_steps)
   if cfg.grad_clip_norm:  # over every group's gradients at once
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
@@ -52,7 +54,8 @@ def build_optimizer(
 def _grouped(cfg: OptimizerConfig, total_steps: int, learning_rates: dict[str, float]) -> optax.GradientTransformation:
   """One transform per group (`build_optimizer`), each leaf labelled by its path."""
   groups = {
-    name: _transform(dataclasses.replace(cfg, learning_rate=lr), total_steps) for name, lr in learning_rates.items()
+    name: _transform(dataclasses.replace(cfg, learning_rate=lr), total_steps) if lr else optax.set_to_zero()
+    for name, lr in learning_rates.items()
   }
   groups[_REST] = _transform(cfg, total_steps)
 

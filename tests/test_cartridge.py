@@ -1,0 +1,171 @@
+"""Cartridges (PEFT's CARTRIDGE) on a tiny random Llama with grouped-query attention: a cartridge initialised from a
+text is exactly the model with that text in front; an adapter PEFT made with random weights gives PEFT's logits
+(left- and right-padded batches); one trained here exports to PEFT with our logits and greedy generations; its
+frozen attention sink does not move, it has no optimizer state, and training resumes exactly."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxprompt import load_prompted
+from jaxprompt.checkpoint import Checkpointer
+from jaxprompt.data import encoding
+from jaxprompt.errors import PromptError
+from jaxprompt.inference import text as inference
+from jaxprompt.prompts.cartridge import CartridgeSpec
+from jaxprompt.prompts.export import export_prompt
+from jaxprompt.prompts.io import load_prompt_source
+from jaxprompt.run import build_run
+from jaxprompt.training.optim import build_optimizer
+from tests.helpers import one_device, tiny_cfg, train_interrupted
+
+TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md)
+P = 6  # cartridge length
+TEXT = "Once upon a time, a cat sat on a mat."
+TEXTS = ["3 7 1 8 2", "hi", "a somewhat longer input, 42"]
+CARTRIDGE = {"prompt.method": "cartridge", "prompt.length": P, "prompt.init": "text", "prompt.init_text": TEXT}
+
+
+def _t(a):
+  return torch.tensor(np.asarray(a), dtype=torch.long)
+
+
+def _peft(folder, adapter):
+  from peft import PeftModel
+  from transformers import AutoModelForCausalLM
+
+  return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), adapter).eval()
+
+
+def _check_logits(model, peft_model, tok) -> float:
+  """Ours against PEFT's at every real position, left- and right-padded (both count positions by slot, after the
+  cartridge's P)."""
+  right = tok(TEXTS, padding=True, return_tensors="np")
+  diff = 0.0
+  for ids, mask in (
+    encoding.encode_inputs(model.base.batch_type, tok, TEXTS),
+    (right["input_ids"], right["attention_mask"]),
+  ):
+    with torch.no_grad():
+      ref = peft_model(input_ids=_t(ids), attention_mask=_t(mask)).logits.numpy()
+    ours = np.asarray(model.full_logits(jnp.asarray(ids), jnp.asarray(mask)))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=TOL, rtol=TOL)
+    diff = max(diff, float(np.abs(ours[real] - ref[real]).max()))
+  return diff
+
+
+def test_a_cartridge_from_a_text_is_that_text_in_front(byte_llama, byte_t5):
+  from jaxprompt.models.loading import load_tokenizer
+
+  run, _ = build_run(tiny_cfg(byte_llama, **CARTRIDGE), mesh=one_device(), with_train_data=False)
+  p = run.prompt["prompt"]
+  assert p["sink"].shape == (1, 2, 2, 2, 8) and p["table"].shape == (P - 1, 2, 2, 2, 8)
+  tok = load_tokenizer(str(byte_llama))
+  text = tok(TEXT)["input_ids"][:P]
+  query = jnp.asarray([tok("3 7 1 8 2")["input_ids"], tok("hello wor")["input_ids"]])  # two rows, no padding
+  prompted = nnx.merge(run.graphdef, run.prompt, run.frozen)
+  ours = np.asarray(prompted.full_logits(query, jnp.ones_like(query)))
+  whole = jnp.concatenate([jnp.asarray([text, text]), query], axis=1)
+  ref = np.asarray(run.base(whole, jnp.ones_like(whole)))[:, P:]
+  np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+  print(f"cartridge from text vs the text in front: max |logit diff| {np.abs(ours - ref).max():.2e}")
+  with pytest.raises(PromptError, match="needs a decoder-only model"):
+    build_run(tiny_cfg(byte_t5, **CARTRIDGE), mesh=one_device(), with_train_data=False)
+  with pytest.raises(PromptError, match="prompt.init_text is 3 tokens; a cartridge of prompt.length 6"):
+    build_run(tiny_cfg(byte_llama, **{**CARTRIDGE, "prompt.init_text": "ab"}), mesh=one_device(), with_train_data=False)
+
+
+def test_a_peft_made_cartridge_gives_peft_logits(byte_llama, tmp_path):
+  from peft import CartridgeConfig, TaskType, get_peft_model
+  from transformers import AutoModelForCausalLM
+
+  from jaxprompt.models.loading import load_tokenizer
+
+  torch.manual_seed(0)
+  cfg = CartridgeConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, num_frozen_tokens=2)
+  get_peft_model(AutoModelForCausalLM.from_pretrained(byte_llama), cfg).save_pretrained(tmp_path / "adapter")
+  tp = load_prompt_source(tmp_path / "adapter")
+  assert tp.value.shape == (P, 2, 2, 2, 8) and tp.spec == CartridgeSpec(frozen_tokens=2)
+  ours = load_prompted(byte_llama, tmp_path / "adapter")
+  diff = _check_logits(ours, _peft(byte_llama, tmp_path / "adapter"), load_tokenizer(str(byte_llama)))
+  print(f"PEFT-made cartridge (random N(0, 1)): max |logit diff| {diff:.2e}")
+
+
+@pytest.fixture(scope="module")
+def trained(byte_llama, tmp_path_factory):
+  """A cartridge run interrupted at step 3 and resumed, the same run uninterrupted, its PEFT export."""
+  root = tmp_path_factory.mktemp("cartridge")
+  over = {**CARTRIDGE, "optimizer.name": "adam", "optimizer.learning_rate": 0.05}
+  train_interrupted(
+    tiny_cfg(byte_llama, **over), tiny_cfg(byte_llama, **over, **{"train.steps": 3}), root, one_device()
+  )
+  return root, export_prompt(root / "full", "peft", root / "adapter")
+
+
+def test_training_keeps_the_sink_has_no_state_for_it_and_resumes_exactly(byte_llama, trained):
+  root, _ = trained
+  a, b = (Checkpointer.reader(root / w / "checkpoints").restore_prompt(6)[0] for w in ("full", "split"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  run, _ = build_run(tiny_cfg(byte_llama, **CARTRIDGE), mesh=one_device(), with_train_data=False)
+  start = run.prompt["prompt"]
+  np.testing.assert_array_equal(a["prompt"]["sink"], np.asarray(start["sink"]))  # the attention sink: bitwise
+  assert float(np.abs(a["prompt"]["table"] - np.asarray(start["table"])).max()) > 1e-3  # the rest trained
+  cfg = tiny_cfg(byte_llama, **CARTRIDGE, **{"optimizer.name": "adamw"})
+  opt = build_optimizer(cfg.optimizer, 6, {"sink": 0.0}).init(run.prompt)
+  sizes = sorted(x.size for x in jax.tree.leaves(opt) if x.size > 1)
+  assert sizes == [start["table"].size] * 2  # Adam's two moments of the table, nothing of the sink
+
+
+def test_the_peft_export_gives_our_logits_and_greedy_generations(byte_llama, trained):
+  from jaxprompt.models.loading import load_tokenizer
+
+  root, out = trained
+  acfg = json.loads((out / "adapter_config.json").read_text())
+  assert {k: acfg[k] for k in ("peft_type", "num_virtual_tokens", "num_frozen_tokens", "num_layers", "token_dim")} == {
+    "peft_type": "CARTRIDGE",
+    "num_virtual_tokens": P,
+    "num_frozen_tokens": 1,
+    "num_layers": 2,
+    "token_dim": 16,
+  }
+  tok = load_tokenizer(str(byte_llama))
+  peft_model = _peft(byte_llama, out)
+  ours = load_prompted(byte_llama, root / "full")
+  print(f"cartridge trained here, in PEFT: max |logit diff| {_check_logits(ours, peft_model, tok):.2e}")
+  np.testing.assert_array_equal(load_prompt_source(out).value, load_prompt_source(root / "full").value)
+  tp = load_prompt_source(out)
+  got = inference.generate_text(ours.base, tok, TEXTS, [tp], max_new_tokens=6)
+  ids, mask = encoding.encode_inputs(ours.base.batch_type, tok, TEXTS)
+  eos = tok.eos_token_id
+  # each row alone in PEFT against our padded batch, greedy by PEFT's forward: with transformers 5.25 PEFT's
+  # generate() loses the prefix (cached: the model takes its own `cache` and ignores PEFT's `past_key_values`;
+  # uncached: its tokens leave those of its own forward after 3 here)
+  for i in range(len(TEXTS)):
+    seq = list(map(int, ids[i, mask[i] == 1]))
+    new = []
+    while len(new) < 6 and eos not in new:
+      with torch.no_grad():
+        new.append(int(peft_model(input_ids=_t([seq + new])).logits[0, -1].argmax()))
+    assert got[i]["tokens"] == new
+
+
+def test_distillation_lowers_the_kl_to_the_model_with_the_context(byte_llama):
+  from jaxprompt.models.loading import load_model, load_tokenizer
+  from jaxprompt.prompts.cartridge import Cartridge, text_table
+  from jaxprompt.training.distill import distill_cartridge
+
+  base, tok = load_model(str(byte_llama)), load_tokenizer(str(byte_llama))
+  context = tok("The cat sat on the mat. The dog ran to the park. A bird sang.")["input_ids"]  # 63 bytes + EOS
+  cartridge = Cartridge(base.prefix_slots(), table=text_table(base, tok, "The cat sat", 8), frozen_tokens=1)
+  sink = np.asarray(cartridge.sink[...])
+  _, kls = distill_cartridge(base, cartridge, context, chunk=16, steps=8, learning_rate=0.05)
+  print(f"distillation (P 8 vs a context of {len(context)} tokens), KL per step: {[round(k, 4) for k in kls]}")
+  assert kls[-1] < 0.5 * kls[0]
+  np.testing.assert_array_equal(np.asarray(cartridge.sink[...]), sink)
