@@ -22,12 +22,13 @@ import numpy as np
 from jaxprompt.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
 from jaxprompt.models import hf
-from jaxprompt.prompts import registry
+from jaxprompt.prompts import heads, registry
 from jaxprompt.prompts.record import PromptRecord
 from jaxprompt.prompts.spec import PromptSpec
 
 PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 PROVENANCE = "jaxprompt.json"
+HEAD_PREFIX = "base_model."  # a head's tensors in PEFT's adapter (modules_to_save) and in our safetensors exports
 
 
 def _json_object(file: Path) -> dict:
@@ -40,6 +41,12 @@ def _json_object(file: Path) -> dict:
   return out
 
 
+def head_tensors(f: hf.SafetensorsFile) -> dict[str, np.ndarray]:
+  """A file's classification-head tensors (`base_model.score.weight` ... -> `score.weight` ...)."""
+  names = f.keys()  # a list: a SafetensorsFile is no mapping
+  return {k[len(HEAD_PREFIX) :]: np.array(f.get(k), np.float32) for k in names if k.startswith(HEAD_PREFIX)}
+
+
 def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
   cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
   if not cfg_file.exists() or not weights.exists():
@@ -50,6 +57,7 @@ def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
   f = hf.SafetensorsFile(weights)
   if "prompt_embeddings" not in f:
     raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {f.keys()})")
+  meta["head"] = head_tensors(f)
   return np.array(f.get("prompt_embeddings"), np.float32), meta
 
 
@@ -75,6 +83,7 @@ def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
       raise PromptError(f"{path}: empty safetensors file")
     value = np.array(f.get(key), np.float32)
     meta["safetensors"] = f.metadata
+    meta["head"] = head_tensors(f)
   else:
     raise PromptError(f"{path}: unknown prompt format (expected .npy, .safetensors or a PEFT adapter folder)")
   return value, meta
@@ -105,11 +114,14 @@ class TrainedPrompt:
   """What a prompt source holds. `value`: what the prompt is at inference (input embeddings [P, H] for
   prompt_tuning / p_tuning, a key/value table [P, Y, 2, K, D] for prefix_tuning: its method's `value_shape`);
   `params`: every trained parameter (a jaxprompt checkpoint: encoders included), None for exports and adapters;
-  `record`: its method's spec and provenance (base model, source, step, PEFT config...)."""
+  `record`: its method's spec and provenance (base model, source, step, PEFT config...); `head`: the tensors of a
+  classification head trained with it (`record.head` says what it is), in transformers' names and layout
+  (`score.weight` [C, H], ...), None without one."""
 
   value: np.ndarray
   params: dict | None
   record: PromptRecord
+  head: dict[str, np.ndarray] | None = None
 
   @classmethod
   def from_embeddings(cls, value) -> "TrainedPrompt":
@@ -212,14 +224,35 @@ def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
   record = _file_record(source, meta)
   if "peft" in meta:  # the adapter says what it is: its spec, not the export's
     value, spec = peft_value(value, meta["peft"], source)
-    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"])
+    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"], head=peft_head(record, meta))
   entry = registry.of(record.spec)
   shape = entry.value_shape
   if bank_tasks(record) is not None:
     shape = "[tasks, " + shape[1:]
   if value.ndim != shape.count(",") + 1:
     raise PromptError(f"{source}: a {entry.name} prompt is {shape}, got shape {value.shape}")
-  return TrainedPrompt(value, None, record)
+  if record.head is not None and not meta.get("head"):
+    raise PromptError(f"{source}: records a {record.head.type} head but holds no head tensors")
+  return TrainedPrompt(value, None, record, meta.get("head") or None)
+
+
+def peft_head(record: PromptRecord, meta: dict) -> heads.HeadSpec | None:
+  """The head a PEFT adapter trains: its task_type's (SEQ_CLS, TOKEN_CLS), classes counted from its tensors (label
+  strings from our export's record, else "0".."C-1"); None for a language-model adapter."""
+  kind = heads.by_task_type(meta["peft"].get("task_type"))
+  if kind is None:
+    return None
+  if record.head is not None:
+    return record.head
+  bias = [v for k, v in (meta.get("head") or {}).items() if k.endswith("bias") and "dense" not in k]
+  weights = [v for k, v in (meta.get("head") or {}).items() if v.ndim == 2 and "dense" not in k]
+  counts = {a.shape[0] for a in bias + weights}
+  if len(counts) != 1:
+    raise PromptError(
+      f"a {meta['peft']['task_type']} adapter needs its head's tensors (modules_to_save), found "
+      f"{sorted(meta.get('head') or {})}"
+    )
+  return heads.HeadSpec(kind.name, tuple(str(i) for i in range(counts.pop())))
 
 
 def load_trained_prompt(source: str | Path, step: str | int = "best") -> tuple[np.ndarray, dict]:
@@ -244,7 +277,8 @@ def _checkpoint_prompt(source: Path, step: str | int) -> TrainedPrompt:
   record = dataclasses.replace(PromptRecord.from_json(meta), source=str(ckdir / str(chosen)), step=chosen)
   params = prompt["prompt"]
   value = np.asarray(registry.of(record.spec).rebuild(record.spec, params).inference_value(), np.float32)
-  return TrainedPrompt(value, params, record)
+  head = heads.hf_tensors(record.head.layout, prompt["head"]) if record.head is not None else None
+  return TrainedPrompt(value, params, record, head)
 
 
 def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, PromptSpec]:
@@ -274,6 +308,8 @@ def check_compatible(
   problems = []
   if record.peft:
     want, got = PEFT_TASK_TYPES.get(kind), record.peft.get("task_type")
+    if record.head is not None:
+      want = record.head.kind.peft_task_type
     if got != want:
       raise PromptError(f"{where}: adapter task_type {got!r} does not fit a {kind} model ({want})")
   if record.hidden_size not in (None, hidden):
