@@ -5,6 +5,8 @@ spec      `PromptSpec` (a method's options, JSON) and `Method` (a registry entry
 soft      `SoftPrompt` (a [P, H] prompt or a [K, P, H] bank), `PromptedModel` (a frozen base + a prompt), and
           prompt tuning's spec and entry; `encoders`: P-tuning's; `prefix`: prefix tuning's
 registry  the methods by name: `get(name)`, `of(spec)`, `spec_from_json`
+heads     classification heads trained with the prompt (`head.type` sequence / token): `HeadParam` (a PromptParam),
+          `HeadSpec` (type, labels, transformers' layout), the head types by name
 record    `PromptRecord`, what checkpoints and exports say about a trained prompt (typed, JSON)
 methods   any method built from a config (`prompt.init: file` included), a trained value or a bank of them
 init      initialisers (random uniform, sampled vocabulary, class labels, text)
