@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 LOSS_METRICS = ("eval_loss", "eval_seq_accuracy")  # every eval mode computes these
 
 
-def load_base(mcfg: C.ModelConfig, mesh=None):
-  """(frozen base model, tokenizer) as the model section says."""
+def load_base(mcfg: C.ModelConfig, mesh=None, *, lm_head: bool = True):
+  """(frozen base model, tokenizer) as the model section says; `lm_head`: the run scores text targets (no
+  classification head), which a model without a language-model head (an encoder) refuses."""
   base = load_model(
     mcfg.path,
     dtype=jnp.dtype(mcfg.dtype),
@@ -50,7 +51,8 @@ def load_base(mcfg: C.ModelConfig, mesh=None):
     revision=mcfg.revision,
     allow_pytorch_bin=mcfg.allow_pytorch_bin,
   )
-  require_lm_head(base, "training and evaluation on text targets")
+  if lm_head:
+    require_lm_head(base, "training and evaluation on text targets")
   tok_path = mcfg.tokenizer or mcfg.path
   tokenizer = load_tokenizer(tok_path)
   if len(tokenizer) > base.config.vocab_size:
@@ -312,7 +314,7 @@ def build_run(
   if bases is not None and key in bases:
     base, tokenizer = bases[key]
   else:
-    base, tokenizer = load_base(cfg.model, mesh)
+    base, tokenizer = load_base(cfg.model, mesh, lm_head=cfg.head.type == "lm")
     if bases is not None:
       bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)

@@ -30,7 +30,7 @@ from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train
 from tests.helpers import one_device, train_interrupted
-from tests.helpers_hf import write_decoder
+from tests.helpers_hf import write_decoder, write_encoder
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 
@@ -272,3 +272,24 @@ def test_token_head_trains_with_a_deep_prompt_base_unchanged_and_exports(tok_lla
   with torch.no_grad():  # PEFT's prefix as transformers' cache (PEFT's own forward fails: see test_heads_peft)
     ref = pm.base_model(input_ids=torch.tensor(ids), attention_mask=full, cache=pm.get_prompt(2)).logits.numpy()
   np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=TOL, rtol=0)
+
+
+def test_an_encoder_trains_a_sequence_head_and_peft_loads_it(fixtures_dir, tmp_path):
+  """BERT (the third model kind, no language-model head) with BertForSequenceClassification's head on the pooled
+  output, trained with a prompt, exported; PEFT gives our logits."""
+  from peft import PeftModel
+  from transformers import BertForSequenceClassification
+
+  folder = write_encoder(tmp_path / "bert", "bert", seed=52, vocab_size=30522)
+  shutil.copy(fixtures_dir / "tokenizers" / "bert-uncased" / "vocab.txt", folder / "vocab.txt")
+  cfg = _cfg(folder, _sst2_files(tmp_path, fixtures_dir, n=8), **{"train.steps": 2})
+  train(cfg, tmp_path / "w", progress=False, mesh=one_device())
+  out = export_prompt(tmp_path / "w", "peft", tmp_path / "peft")
+  assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+  ids = np.array([[101, 2023, 2003, 102, 0], [101, 2307, 3185, 2003, 102]])
+  mask = (ids != 0).astype(np.int32)
+  ours = np.asarray(load_prompted(str(folder), tmp_path / "w")(ids, mask))
+  pm = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(folder, num_labels=2).eval(), out)
+  with torch.no_grad():
+    ref = pm.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)

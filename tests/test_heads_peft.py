@@ -21,7 +21,7 @@ import torch
 
 from jaxprompt import load_prompted
 from jaxprompt.models import load_model
-from tests.helpers_hf import write_decoder, write_t5
+from tests.helpers_hf import write_decoder, write_encoder, write_t5
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 P = 4  # virtual tokens
@@ -55,13 +55,16 @@ def decoders(tmp_path_factory):
   for name, variant, seed in (("llama", "llama3-gqa-untied", 41), ("gpt2", "gpt2", 42)):
     folder = write_decoder(root / name, variant, seed=seed)
     out[name] = (folder, load_model(folder))
+  for name, seed in (("bert", 44), ("roberta", 45)):
+    folder = write_encoder(root / name, name, seed=seed)
+    out[name] = (folder, load_model(folder))
   return out
 
 
 def hf_class(model: str, per_token: bool):
   import transformers
 
-  family = {"llama": "Llama", "gpt2": "GPT2"}[model]
+  family = {"llama": "Llama", "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta"}[model]
   return getattr(transformers, f"{family}For{'Token' if per_token else 'Sequence'}Classification")
 
 
@@ -97,14 +100,22 @@ def make_adapter(folder, model, per_token, method, out_dir, seed):
   return pm
 
 
-def _inputs(per_token: bool):
-  ids = IDS if not per_token else np.flip(IDS, axis=1).copy()  # token heads: right-padded rows
-  return ids, (ids != 0).astype(np.int64)
+def _inputs(model: str, per_token: bool):
+  """Decoders' sequence heads: left-padded rows (PEFT reads the last position); the rest right-padded, with the
+  model's pad id."""
+  right = per_token or model in ("bert", "roberta")
+  ids = np.flip(IDS, axis=1).copy() if right else IDS.copy()
+  mask = (ids != 0).astype(np.int64)
+  return np.where(mask > 0, ids, PADS[model]), mask
 
 
 # every method on Llama (GQA); on GPT-2 (its own head names: `classifier` for tokens) one input and one key/value
 # method: P-tuning reaches a model through the same input embeddings as prompt tuning
 CASES = [("llama", m) for m in METHODS] + [("gpt2", "prompt_tuning"), ("gpt2", "prefix_projection")]
+# encoders: BERT reads its pooler (position 0), RoBERTa its classification head's dense + tanh on <s>
+CASES += [("bert", m) for m in ("prompt_tuning", "p_tuning_lstm", "prefix", "prefix_projection")]
+CASES += [("roberta", "prompt_tuning"), ("roberta", "prefix")]
+PADS = {"llama": 0, "gpt2": 0, "bert": 0, "roberta": 1}
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["seq_cls", "token_cls"])
@@ -112,7 +123,7 @@ CASES = [("llama", m) for m in METHODS] + [("gpt2", "prompt_tuning"), ("gpt2", "
 def test_peft_adapters_with_heads_load_and_give_peft_logits(decoders, tmp_path, model, per_token, method):
   folder, base = decoders[model]
   pm = make_adapter(folder, model, per_token, method, tmp_path / "adapter", seed=hash((model, method)) % 1000)
-  ids, mask = _inputs(per_token)
+  ids, mask = _inputs(model, per_token)
   ref = peft_reference(pm, torch.tensor(ids), torch.tensor(mask), method.startswith("prefix"))
   ours = np.asarray(load_prompted(base, tmp_path / "adapter")(ids, mask))
   if per_token:

@@ -60,10 +60,9 @@ class Evaluator:
     shards = math.lcm(jax.process_count(), ctx.data_parallel)
     self.batch_size = _round_up(min(ctx.batch_size, len(self.examples)), shards)
     self.mode = mode_for(ctx.mode, self.labels, ctx.head)(ctx, self.labels, self.examples)
-    if (
-      self.labels and not self.task.per_token
-    ):  # the label strings as the model scores them [C, T] (ensembles rank with them too)
-      self.label_ids, self.label_mask = RankEval.encode_labels(ctx, self.labels)
+    if self.labels and not self.task.per_token:
+      if ctx.head is None:  # the label strings as the model scores them [C, T] (ensembles rank with them too)
+        self.label_ids, self.label_mask = RankEval.encode_labels(ctx, self.labels)
       self.gold = np.array(
         [ex["label"] if "label" in ex else _label_index(self.labels, ex["targets"]) for ex in self.examples]
       )
