@@ -302,6 +302,10 @@ class HeadConfig:
   # classifier on every word's first sub-token (tasks with words and tags, e.g. wnut17)
   type: Literal["lm", "sequence", "token"] = "lm"
   dropout: float | None = None  # before the classifier, training only (default: transformers' for that model class)
+  # token heads: which sub-token of a word carries its label and prediction. first: HF's token-classification
+  # examples (and PEFT); last: the one that has seen the whole word in a causal model (a decoder's first sub-token
+  # has not, e.g. a tokenizer that starts every word with a bare "▁")
+  word_token: Literal["first", "last"] = "first"
 
   def __post_init__(self):
     if self.dropout is not None and not 0 <= self.dropout < 1:

@@ -270,7 +270,7 @@ class Run:
     """Examples -> one numpy batch of every row, laid out for this model kind."""
     d = self.cfg.data
     if self.head_spec is not None:
-      return self.head_spec.kind.encode(examples, self.tokenizer, input_length=d.input_length, name=name)
+      return self.head_spec.encode(examples, self.tokenizer, input_length=d.input_length, name=name)
     return encoding.encode(
       self.base.batch_type,
       examples,
@@ -330,7 +330,7 @@ def build_run(
     method = methods.build(cfg.prompt, base, tokenizer, union_labels(members), rng)
   head_spec, head = None, None
   if cfg.head.type != "lm":
-    head_spec = heads.HeadSpec(cfg.head.type, tuple(members[0].labels)).on(base)
+    head_spec = heads.HeadSpec(cfg.head.type, tuple(members[0].labels), word_token=cfg.head.word_token).on(base)
     head = heads.build(head_spec, base, jax.random.fold_in(rng, 2), dropout=cfg.head.dropout)
   graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, method, head), PromptParam, ...)
   prompt = jax.device_put(prompt_state.to_pure_dict(), shd.replicated(mesh))

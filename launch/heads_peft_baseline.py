@@ -38,8 +38,9 @@ def _data(task: str):
   return [load_split(task, s, files=files) for s in ("train", "validation")]
 
 
-def _batch(tok, examples, task: str, length: int):
-  """(input_ids, attention_mask, labels) tensors; token labels on each word's first sub-token, -100 elsewhere."""
+def _batch(tok, examples, task: str, length: int, word_token: str = "first"):
+  """(input_ids, attention_mask, labels) tensors; token labels on each word's first (or last) sub-token, -100
+  elsewhere."""
   if task == "sst2":
     tok.padding_side = "left"
     enc = tok([e["inputs"] for e in examples], padding=True, truncation=True, max_length=length, return_tensors="pt")
@@ -48,11 +49,12 @@ def _batch(tok, examples, task: str, length: int):
   enc = tok([e["words"] for e in examples], is_split_into_words=True, padding=True, truncation=True, max_length=length)
   labels = []
   for i, e in enumerate(examples):
+    words = enc.word_ids(i) if word_token == "first" else enc.word_ids(i)[::-1]
     prev, row = None, []
-    for w in enc.word_ids(i):
+    for w in words:
       row.append(-100 if w is None or w == prev else e["tags"][w])
       prev = w
-    labels.append(row)
+    labels.append(row if word_token == "first" else row[::-1])
   return torch.tensor(enc["input_ids"]), torch.tensor(enc["attention_mask"]), torch.tensor(labels)
 
 
@@ -76,6 +78,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--max-length", type=int, default=128)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--word-token", choices=["first", "last"], default="last", help="token heads (as the config)")
   args = ap.parse_args(argv)
   torch.manual_seed(args.seed)
   torch.set_num_threads(args.threads)
@@ -100,7 +103,7 @@ def main(argv=None) -> dict:
   pm.train()
   for step in range(args.steps):
     idx = [order[(step * args.batch + i) % len(train)] for i in range(args.batch)]
-    ids, mask, y = _batch(tok, [train[i] for i in idx], args.task, args.max_length)
+    ids, mask, y = _batch(tok, [train[i] for i in idx], args.task, args.max_length, args.word_token)
     t = time.perf_counter()
     out = pm(input_ids=ids, attention_mask=mask)
     logits = out.logits if args.task == "sst2" else out.logits[:, args.length :]
@@ -115,7 +118,7 @@ def main(argv=None) -> dict:
   with torch.no_grad():
     for i in range(0, len(dev), 128):
       chunk = dev[i : i + 128]
-      ids, mask, y = _batch(tok, chunk, args.task, args.max_length)
+      ids, mask, y = _batch(tok, chunk, args.task, args.max_length, args.word_token)
       logits = pm(input_ids=ids, attention_mask=mask).logits
       if args.task == "sst2":
         preds += logits.argmax(-1).tolist()

@@ -128,6 +128,10 @@ def test_token_labels_go_to_each_words_first_sub_token(tok_llama):
   assert np.flatnonzero(rows.label_mask[0]).tolist() == first
   assert rows.labels[0, first].tolist() == [0, 7, 7, 8]
   assert len(tok(["@paulwalk"], add_special_tokens=False)["input_ids"][0]) > 1  # a word of several sub-tokens
+  last = encoding.encode_token_labels([{"words": words, "tags": [0, 7, 7, 8]}], tok, input_length=24, word_token="last")
+  ends = [j for j, w in enumerate(word_of) if w is not None and (j + 1 == n or word_of[j + 1] != w)]
+  assert ends != first and np.flatnonzero(last.label_mask[0]).tolist() == ends
+  assert last.labels[0, ends].tolist() == [0, 7, 7, 8]
   cut = encoding.encode_token_labels([{"words": words, "tags": [0, 7, 7, 8]}], tok, input_length=first[2] + 1)
   assert cut.label_mask[0].sum() == 3  # the last word is cut off (evaluation predicts "O" for it)
 

@@ -104,7 +104,9 @@ def encode_inputs(
 # -- classification heads (`prompts.heads`): inputs and class ids ------------------------------------------------
 
 
-def encode_sequence_labels(examples: Sequence[Mapping], tokenizer, *, input_length: int, name: str = "data"):
+def encode_sequence_labels(
+  examples: Sequence[Mapping], tokenizer, *, input_length: int, name: str = "data", word_token: str = "first"
+):
   """Examples with a class id ("label"; -1: unlabelled, no loss) -> a `batches.ClassBatch` with one label per row:
   the input with the tokenizer's special tokens, cut to `input_length` keeping a final EOS (T5's classifier reads
   the decoder there)."""
@@ -131,18 +133,24 @@ def word_rows(tokenizer, words: Sequence[Sequence[str]]) -> list[tuple[list[int]
     raise DataError(f"token classification needs a fast tokenizer (word alignment): {e}") from None
 
 
-def encode_token_labels(examples: Sequence[Mapping], tokenizer, *, input_length: int, name: str = "data"):
+def encode_token_labels(
+  examples: Sequence[Mapping], tokenizer, *, input_length: int, name: str = "data", word_token: str = "first"
+):
   """Examples with "words" and their tag ids "tags" -> a `batches.ClassBatch` with a label per token: a word's
-  first sub-token carries its tag, its other sub-tokens and the special tokens none (HF's token-classification
-  examples); a row longer than `input_length` is cut (its last words then have no prediction: "O")."""
+  first sub-token (`word_token` "last": its last) carries its tag, its other sub-tokens and the special tokens none
+  (HF's token-classification examples); a row longer than `input_length` is cut (its last words then have no
+  prediction: "O")."""
   if not examples:
     raise DataError(f"{name}: the dataset is empty")
   rows, labels, cut = [], [], 0
   for ex, (ids, words) in zip(examples, word_rows(tokenizer, [ex["words"] for ex in examples]), strict=True):
-    tags, lab, prev = ex["tags"], [], None
-    for w in words:
+    tags = ex["tags"]
+    order = words if word_token == "first" else words[::-1]
+    lab, prev = [], None
+    for w in order:
       lab.append(-100 if w is None or w == prev else int(tags[w]))
       prev = w
+    lab = lab if word_token == "first" else lab[::-1]
     cut += len(ids) > input_length
     rows.append(ids[:input_length])
     labels.append(lab[:input_length])

@@ -134,7 +134,7 @@ class EvalContext:
   def encode(self, examples: list[dict], name: str):
     """Examples -> one numpy batch of every row, as training lays them out for this model and head."""
     if self.head is not None:
-      return self.head.kind.encode(examples, self.tokenizer, input_length=self.input_length, name=name)
+      return self.head.encode(examples, self.tokenizer, input_length=self.input_length, name=name)
     return encoding.encode(
       self.batch_type,
       examples,

@@ -48,7 +48,7 @@ class HeadType:
   peft_task_type: str
   states: Callable[..., jax.Array]  # (base, input_ids, mask, prefix, dropout_rng=) -> [B, T, H]
   layout: Callable[..., HeadLayout]  # base -> HeadLayout
-  encode: Callable[..., ClassBatch]  # (examples, tokenizer, input_length=, name=) -> every row's labels
+  encode: Callable[..., ClassBatch]  # (examples, tokenizer, input_length=, name=, word_token=) -> every row's labels
   description: str
 
 
@@ -96,6 +96,11 @@ class HeadSpec:
   type: str
   labels: tuple[str, ...]
   layout: HeadLayout | None = None
+  word_token: str = "first"  # token heads: the sub-token of a word that carries its label (`head.word_token`)
+
+  def encode(self, examples, tokenizer, *, input_length: int, name: str) -> ClassBatch:
+    """Examples -> every row's input and class ids, as this head trains on them."""
+    return self.kind.encode(examples, tokenizer, input_length=input_length, name=name, word_token=self.word_token)
 
   @property
   def kind(self) -> HeadType:
@@ -117,6 +122,8 @@ class HeadSpec:
 
   def to_json(self) -> dict:
     out = dict(type=self.type, labels=list(self.labels))
+    if self.word_token != "first":
+      out["word_token"] = self.word_token
     if self.layout is not None:
       out["layout"] = dataclasses.asdict(self.layout)
     return out
@@ -124,7 +131,9 @@ class HeadSpec:
   @classmethod
   def from_json(cls, d: dict) -> "HeadSpec":
     layout = HeadLayout(**d["layout"]) if d.get("layout") else None
-    return cls(type=d["type"], labels=tuple(d.get("labels") or ()), layout=layout)
+    return cls(
+      type=d["type"], labels=tuple(d.get("labels") or ()), layout=layout, word_token=d.get("word_token", "first")
+    )
 
 
 class Head(nnx.Module):
