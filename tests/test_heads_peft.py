@@ -133,6 +133,22 @@ def test_peft_adapters_with_heads_load_and_give_peft_logits(decoders, tmp_path, 
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
 
+def test_a_classification_adapter_without_its_head_is_refused_in_one_line(decoders, tmp_path):
+  from jaxprompt.errors import PromptError
+  from jaxprompt.models import hf
+
+  folder, base = decoders["llama"]
+  make_adapter(folder, "llama", False, "prompt_tuning", tmp_path / "a", seed=5)
+  f = hf.SafetensorsFile(tmp_path / "a" / "adapter_model.safetensors")
+  names = f.keys()
+  assert "base_model.score.weight" in names  # PEFT 0.21.2 saves the head from modules_to_save under this name
+  tensors = {k: np.array(f.get(k)) for k in names if not k.startswith("base_model.")}
+  del f
+  hf.save_safetensors(tensors, tmp_path / "a" / "adapter_model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(PromptError, match=r"a SEQ_CLS adapter needs its head's tensors \(modules_to_save\), found \[\]"):
+    load_prompted(base, tmp_path / "a")
+
+
 # -- T5: transformers' own classification models fed the prompt --------------------------------------------------
 
 

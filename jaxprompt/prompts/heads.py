@@ -143,8 +143,8 @@ class Head(nnx.Module):
   def __init__(self, spec: HeadSpec, hidden: int, *, rng=None, dropout: float | None = None):
     """`spec` with its layout; `rng`: initialise as transformers does (normal with the layout's std, zero biases);
     None: zeros (weights loaded after)."""
-    self.spec, self.layout = spec, spec.layout
-    layout = spec.layout
+    self.spec = spec
+    self.layout = layout = spec.layout
     self.rate = layout.dropout if dropout is None else dropout
     c = spec.num_labels
     keys = list(jax.random.split(rng, 2)) if rng is not None else [None, None]
