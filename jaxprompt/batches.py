@@ -17,6 +17,9 @@ the kind:
 Both carry an optional `task_ids` [B] (int32): the prompt each row uses when a run trains one prompt per task
 (`prompt.per_task`, a bank [K, P, ...]); None otherwise.
 
+Input ids below 0 are a prompt template's virtual tokens (`data.templates`): id -1-k is the prompt's row k, a real
+token (mask 1, a position of its own) whose embedding the model takes from the prompt (`models.interface`).
+
 This module is a leaf (numpy, JAX and Flax only): models name their batch type without importing the data layer.
 Layouts work on token ids; tokenisation (text -> ids, the tokenizer's special tokens) is `data.encoding`'s.
 """
@@ -318,12 +321,13 @@ class CausalBatch(_Batch):
 
   @staticmethod
   def _tokenize(eos, input_ids: list[int], target_ids: list[int], input_length: int, target_length: int):
-    """The input keeps BOS (when the tokenizer adds one) and drops a final EOS; the target is its text + EOS."""
+    """The input keeps BOS (when the tokenizer adds one) and drops a final EOS; the target is its text + EOS, a long
+    one cut keeping that EOS (as `trim` cuts seq2seq targets and `label_rows` the labels rank evaluation scores)."""
     a = input_ids
     if eos is not None and a and a[-1] == eos:
       a = a[:-1]
     t = target_ids + ([eos] if eos is not None else [])
-    return (a[:input_length], len(a) > input_length), (t[:target_length], len(t) > target_length)
+    return (a[:input_length], len(a) > input_length), trim(t, target_length, eos)  # as `label_rows` cuts labels
 
   @classmethod
   def _layout(cls, ins, tgts, pad: int, input_length: int, target_length: int) -> "CausalBatch":

@@ -198,21 +198,22 @@ def _write_plan_json(path, rows, best, budget) -> None:
     write_file_atomically(path, lambda t: t.write_text(json.dumps(table, indent=2)), overwrite=True)
 
 
-def cmd_bench(args) -> int:
+def _bench_apart(args):
+  """`bench --attention / --serve / --configs`: their own benchmarks' results (None: none of them)."""
   from jaxprompt.errors import UsageError
-  from jaxprompt.tools import bench as BN
 
   if args.attention:
     from jaxprompt.tools.bench_attention import bench_attention, report
 
     result = bench_attention(length=args.attention_length, dtype=args.dtype, iters=args.iters)
     print(report(result))
-  elif args.serve:
+    return result
+  if args.serve:
     from jaxprompt.tools.bench_serve import run_serve_bench
 
     if not args.model:
       raise UsageError("bench --serve needs --model (a causal base model with its tokenizer)")
-    result = run_serve_bench(
+    return run_serve_bench(
       args.model,
       tokenizer=args.tokenizer,
       prompts=args.num_prompts,
@@ -221,16 +222,28 @@ def cmd_bench(args) -> int:
       max_tokens=args.max_tokens,
       vs_peft=args.vs_peft,
     )
-  elif args.eval and not args.data:
+  if args.configs:
+    from jaxprompt.tools.bench_methods import run_methods_bench
+
+    return run_methods_bench(args.configs, iters=args.iters)
+  return None
+
+
+def _bench_preset(args):
+  """`bench --preset` (random weights of a shape), with --data on real rows."""
+  from jaxprompt.errors import UsageError
+  from jaxprompt.tools import bench as BN
+
+  if args.eval and not args.data:
     raise UsageError("bench --eval times evaluation on real rows: give --data FILE --task TASK --tokenizer DIR")
-  elif args.preset not in BN.PRESETS:
+  if args.preset not in BN.PRESETS:
     raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(BN.PRESETS))}")
-  elif args.data:
+  if args.data:
     from jaxprompt.tools.bench_data import run_data_bench
 
     if not (args.task and args.tokenizer):
       raise UsageError("bench --data needs --task (how to read the file) and --tokenizer (a tokenizer folder)")
-    result = run_data_bench(
+    return run_data_bench(
       args.preset,
       args.data,
       args.task,
@@ -242,16 +255,21 @@ def cmd_bench(args) -> int:
       pack=args.pack,
       evaluate=args.eval,
     )
-  else:
-    result = BN.run_bench(
-      args.preset,
-      vs_peft=args.vs_peft,
-      dtype=args.dtype,
-      iters=args.iters,
-      structural=not args.no_structural,
-      generation=not args.no_generation,
-      layer_loop=args.layer_loop,
-    )
+  return BN.run_bench(
+    args.preset,
+    vs_peft=args.vs_peft,
+    dtype=args.dtype,
+    iters=args.iters,
+    structural=not args.no_structural,
+    generation=not args.no_generation,
+    layer_loop=args.layer_loop,
+  )
+
+
+def cmd_bench(args) -> int:
+  result = _bench_apart(args)
+  if result is None:
+    result = _bench_preset(args)
   if args.json:
     from jaxprompt.fileio import write_file_atomically
 
@@ -291,18 +309,32 @@ def _generate_config(args):
   return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
-def _read_inputs(args) -> list[str]:
+def _read_inputs(args) -> list:
   from jaxprompt.errors import MissingPathError, UsageError
 
   if not args.input_file:
-    return args.input or [""]
-  path = Path(args.input_file)
-  if not path.is_file():
-    raise MissingPathError(f"--input-file {path} does not exist")
-  texts = path.read_text().splitlines()
-  if not texts:
-    raise UsageError(f"{path}: no inputs")
-  return texts
+    texts = args.input or [""]
+  else:
+    path = Path(args.input_file)
+    if not path.is_file():
+      raise MissingPathError(f"--input-file {path} does not exist")
+    texts = path.read_text().splitlines()
+    if not texts:
+      raise UsageError(f"{path}: no inputs")
+  return [_fields(t, i) for i, t in enumerate(texts)] if args.fields else texts
+
+
+def _fields(text: str, i: int) -> dict:
+  """--fields: input i as a JSON object of a templated prompt's fields."""
+  from jaxprompt.errors import UsageError
+
+  try:
+    fields = json.loads(text)
+  except json.JSONDecodeError:
+    fields = None
+  if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+    raise UsageError(f'--fields: input {i} is not a JSON object of field texts ({{"premise": "...", ...}})')
+  return fields
 
 
 def cmd_generate(args) -> int:
@@ -564,6 +596,13 @@ def _add_bench(sub) -> None:
   p.add_argument("--attention-length", type=int, default=1024, help="with --attention: the sequence length")
   p.add_argument("--no-structural", action="store_true", help="skip the FLOPs-ratio and compile-time checks")
   p.add_argument("--no-generation", action="store_true", help="skip the mixed-prompt generation benchmark")
+  p.add_argument(
+    "--configs",
+    nargs="+",
+    metavar="CONFIG",
+    help="instead: these configs' train steps side by side (each its own model, data, method and optimizer): "
+    "step time and XLA memory, as ratios to the first (e.g. prompt tuning vs residual vs DePT)",
+  )
   _add_bench_data_flags(p)
   _add_bench_serve_flags(p)
   p.add_argument("--json", help="write the results as JSON")
@@ -673,6 +712,12 @@ def _add_generate(sub) -> None:
     "--input", action="append", help="an input text (repeatable: one output per --input, in order; default: empty)"
   )
   g.add_argument("--input-file", help="a file with one input per line")
+  p.add_argument(
+    "--fields",
+    action="store_true",
+    help='inputs are JSON objects naming a templated prompt\'s fields ({"premise": "...", "hypothesis": "..."}); '
+    "without it, a templated prompt with one field takes each input as that field",
+  )
   p.add_argument(
     "--method",
     choices=["greedy", "sample", "beam"],

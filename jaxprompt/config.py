@@ -46,13 +46,19 @@ _METHOD_OPTIONS = {
   "encoder_num_layers": ("p_tuning",),
   "encoder_dropout": ("p_tuning",),
   **{o: ("dept",) for o in ("dept_rank", "dept_max_length", "dept_alpha", "dept_offset_learning_rate")},
+  "adaption_layers": ("adaption",),
+  **{o: ("multitask",) for o in ("multitask_rank", "multitask_source", "multitask_init", "multitask_source_task")},
   **{
     o: ("residual",)
     for o in ("bottleneck_size", "nonlinearity", "mlp_layer_norm", "mlp_dropout", "separate_mlps", "mlp_type")
   },
 }
 # options that need another option of their method set: (method, option) -> the option it needs
-_OPTION_NEEDS = {("prefix_tuning", "encoder_hidden_size"): "prefix_projection"}
+_OPTION_NEEDS = {
+  ("prefix_tuning", "encoder_hidden_size"): "prefix_projection",
+  ("multitask", "multitask_init"): "multitask_source",
+  ("multitask", "multitask_source_task"): "multitask_source",
+}
 # the inits a method takes, where it does not take them all, and why
 _METHOD_INITS = {
   "prefix_tuning": (("random_uniform", "file"), "its parameters are keys and values, not token embeddings")
@@ -61,9 +67,12 @@ _METHOD_INITS = {
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept"] = "prompt_tuning"
+  method: Literal["prompt_tuning", "prefix_tuning", "p_tuning", "residual", "dept", "multitask", "adaption"] = (
+    "prompt_tuning"
+  )
   length: int = 100
-  init: Literal["random_uniform", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
+  # random_normal: N(0, 1), PEFT's RANDOM (nn.Embedding's init) and the adaption prompts' init
+  init: Literal["random_uniform", "random_normal", "sampled_vocab", "class_labels", "text", "file"] = "class_labels"
   init_range: tuple[float, float] = (-0.5, 0.5)  # random_uniform; the paper's range (original code: [0, 0.5))
   vocab_sample_size: int = 5000  # sampled_vocab / class_labels draw from the first N embedding rows
   init_text: str | None = None  # init: text
@@ -89,6 +98,18 @@ class PromptConfig:
   # dept: A's and B's own peak learning rate (their --lora_embedding_lr; the prompt's is optimizer.learning_rate);
   # default: optimizer.learning_rate for both
   dept_offset_learning_rate: float | None = None
+  # multitask (PEFT's MULTITASK_PROMPT_TUNING): task k's prompt = shared ∘ (u_k v_k^T), u_k [P, r], v_k [r, H]
+  multitask_rank: int | None = None  # multitask: r (default 1, PEFT's num_ranks)
+  # multitask: start from a trained multitask prompt (a workdir, export or PEFT adapter: the paper's source stage)
+  multitask_source: str | None = None
+  # multitask with a source: its shared prompt and the factors averaged over its tasks, one task's, or fresh ones
+  multitask_init: Literal["average_source_tasks", "exact_source_task", "only_source_shared"] | None = None
+  multitask_source_task: str | None = None  # multitask_init exact_source_task: the source task (a name or index)
+  adaption_layers: int | None = None  # adaption: the top layers with a prompt (PEFT's adapter_layers; default all)
+  # P-tuning v1 templates (prompt_tuning, p_tuning): virtual tokens between parts of the input, e.g.
+  # "[P:3] {premise} [P:3] ? {hypothesis} [P:3]": [P:n] is n virtual tokens (they sum to prompt.length, the prompt's
+  # rows fill them in order), {field} an example's field, the rest literal text (`data.templates`); None: in front
+  template: str | None = None
   # with data.mixture: one prompt per member (a bank [K, P, ...] trained together, each row under its task's
   # prompt); false: one prompt shared by every task (e.g. SPoT's source prompt)
   per_task: bool = False
@@ -99,7 +120,8 @@ class PromptConfig:
         raise ConfigError(f"prompt.{option} applies to method {' / '.join(methods)}, not {self.method}")
     for (method, option), needs in _OPTION_NEEDS.items():
       if self.method == method and getattr(self, option) is not None and not getattr(self, needs):
-        raise ConfigError(f"prompt.{option} applies to {method} with prompt.{needs}: true")
+        kind = ": true" if "bool" in str(PromptConfig.__dataclass_fields__[needs].type) else " set"
+        raise ConfigError(f"prompt.{option} applies to {method} with prompt.{needs}{kind}")
     lstm = self.encoder_reparameterization_type == "LSTM"
     for option in ("encoder_num_layers", "encoder_dropout"):
       if getattr(self, option) is not None and not lstm:
@@ -114,6 +136,10 @@ class PromptConfig:
       )
     if self.length < 0:
       raise ConfigError(f"prompt.length must be >= 0 (0: the base model alone), got {self.length}")
+    if self.template is not None:
+      from jaxprompt.data.templates import Template
+
+      Template.parse(self.template).check_length(self.length)
 
   def option(self, name: str):
     """A method option with its default filled in (encoder_hidden_size stays None: the model decides)."""
@@ -133,6 +159,12 @@ class PromptConfig:
       mlp_dropout=0.0,
       separate_mlps=False,
       mlp_type="MLP1",
+      adaption_layers=None,
+      multitask_rank=1,
+      multitask_source=None,
+      multitask_init="average_source_tasks",
+      multitask_source_task=None,
+      template=None,
     )
     value = getattr(self, name)
     return defaults[name] if value is None else value

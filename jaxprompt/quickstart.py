@@ -85,7 +85,8 @@ def digit_rows(n: int, seed: int) -> list[dict]:
 
 def _format(row, split: str, *, task: str) -> list[dict]:
   d = row["digits"]
-  return [{"inputs": f"{task}: " + " ".join(map(str, d)), "targets": str(_answer(task, d))}]
+  digits = " ".join(map(str, d))
+  return [{"inputs": f"{task}: " + digits, "targets": str(_answer(task, d)), "fields": {"digits": digits}}]
 
 
 def _split_rows(split: str) -> list[dict]:
@@ -105,6 +106,7 @@ def task(name: str) -> TK.Task:
     ("accuracy",),
     splits=tuple(SPLITS),
     generate_rows=_split_rows,
+    fields=("digits",),
   )
 
 

@@ -23,6 +23,7 @@ from jaxprompt import metrics as M
 from jaxprompt import sharding as shd
 from jaxprompt.data import encoding, sources
 from jaxprompt.data.tasks import Task
+from jaxprompt.data.templates import Template
 from jaxprompt.errors import ConfigError, DataError
 from jaxprompt.models import hf
 from jaxprompt.models.interface import require_lm_head
@@ -187,9 +188,26 @@ def _validate_head(cfg: C.Config, members) -> None:
     raise ConfigError(f"head.type {kind} does not fit task {task.name} (a label per {per}): use head.type {want}")
   if cfg.data.pack is True:
     raise ConfigError(f"data.pack packs text-to-text rows; head.type {kind} reads one example per row")
+  if cfg.prompt.template is not None:
+    raise ConfigError(f"prompt.template places a prompt in text-to-text inputs; head.type {kind} puts it in front")
+
+
+def _validate_template(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
+  """prompt.template: a method whose rows may sit at slots, fields every task has, rows left unpacked."""
+  if pc.template is None:
+    return
+  if not registry.get(pc.method).templates:
+    able = ", ".join(n for n, m in registry.METHODS.items() if m.templates)
+    raise ConfigError(f"prompt.template places input embeddings ({able}); {pc.method} cannot sit at its slots")
+  if dc.pack is True:
+    raise ConfigError("data.pack puts each prompt in front of its example; a prompt.template places it (pack: false)")
+  template = Template.parse(pc.template)
+  for m in members:
+    template.check_fields(m.task.fields, m.name)
 
 
 def _validate_prompt(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
+  _validate_template(pc, dc, members)
   if dc.pack is True and not registry.get(pc.method).embeds:
     raise ConfigError(
       f"data.pack needs a prompt before the input ({', '.join(registry.names(embeds=True))}); "
@@ -278,15 +296,21 @@ class Run:
       input_length=d.input_length,
       target_length=d.target_length,
       name=name,
+      template=self.template,
     )
 
   @property
+  def template(self) -> Template | None:
+    """Where the prompt's rows go in the input (`prompt.template`); None: in front."""
+    return None if self.cfg.prompt.template is None else Template.parse(self.cfg.prompt.template)
+
+  @property
   def packs(self) -> bool:
-    """Are training rows packed (`data.pack`; auto: a seq2seq model with an input prompt)?"""
+    """Are training rows packed (`data.pack`; auto: a seq2seq model with an input prompt in front of it)?"""
     pack = self.cfg.data.pack
     if pack == "auto":
       embeds = registry.get(self.cfg.prompt.method).embeds
-      return self.base.supports_packing and embeds and self.head_spec is None
+      return self.base.supports_packing and embeds and self.cfg.prompt.template is None and self.head_spec is None
     return pack
 
   def device_batch(self, local):

@@ -5,6 +5,11 @@ table (dev accuracy mean +- std over the seeds, steps to reach a target accuracy
 the learning rate, one line per method).
 
     python launch/compare_methods.py --workdir runs/compare --lrs 0.01,0.1,0.3,1.0 --seeds 0,1,2
+    python launch/compare_methods.py --suite sst2 --workdir runs/compare-sst2 --lrs 0.01,0.03,0.1,0.3 --target 0.6
+
+`--suite sst2`: the real pretrained TinyStories-656K on SST-2 (configs/compare/), the three methods at one
+trainable-parameter budget (2,560: 20 prompt tokens; DePT 8 tokens + a rank-8 offset over 64 positions; residual
+prompt tuning 20 tokens, its MLP trained alongside and dropped at export).
 
 Writes WORKDIR/<method>/ (the sweeps, resumable), WORKDIR/compare.md, WORKDIR/compare.json and WORKDIR/compare.png.
 """
@@ -18,10 +23,23 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {
-  "prompt_tuning": ROOT / "configs" / "quickstart.yaml",
-  "residual": ROOT / "configs" / "methods" / "residual.yaml",
-  "dept": ROOT / "configs" / "methods" / "dept.yaml",
+SUITES = {  # suite -> (method -> config, the plot's title)
+  "quickstart": (
+    {
+      "prompt_tuning": ROOT / "configs" / "quickstart.yaml",
+      "residual": ROOT / "configs" / "methods" / "residual.yaml",
+      "dept": ROOT / "configs" / "methods" / "dept.yaml",
+    },
+    "quickstart (taskless)",
+  ),
+  "sst2": (  # the real pretrained TinyStories-656K on SST-2, 2,560 parameters each (the configs say how)
+    {
+      "prompt_tuning": ROOT / "configs" / "compare" / "sst2.yaml",
+      "residual": ROOT / "configs" / "compare" / "sst2-residual.yaml",
+      "dept": ROOT / "configs" / "compare" / "sst2-dept.yaml",
+    },
+    "SST-2 on TinyStories-656K",
+  ),
 }
 
 
@@ -34,11 +52,21 @@ def steps_to(workdir: Path, metric: str, target: float) -> int | None:
   return None
 
 
-def run(workdir: Path, lrs: list[float], seeds: list[int], target: float, every: int) -> dict:
+def run(
+  workdir: Path,
+  lrs: list[float],
+  seeds: list[int],
+  target: float,
+  every: int,
+  suite: str = "quickstart",
+  methods: list[str] | None = None,
+) -> dict:
   from jaxprompt.tools.sweep import sweep
 
   out = {}
-  for method, config in METHODS.items():
+  for method, config in SUITES[suite][0].items():
+    if methods and method not in methods:
+      continue
     grid = [("optimizer.learning_rate", lrs), ("train.seed", seeds)]
     rows = sweep(config, workdir / method, grid, overrides=[f"eval.every={every}"], progress=False)
     per_lr = {}
@@ -74,7 +102,7 @@ def table(results: dict, target: float) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, title: str = "quickstart (taskless)") -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -88,7 +116,7 @@ def plot(results: dict, path: Path) -> None:
   ax.set_xscale("log")
   ax.set_xlabel("learning rate")
   ax.set_ylabel("best dev accuracy (mean ± std over seeds)")
-  ax.set_title("quickstart (taskless): sensitivity to the learning rate")
+  ax.set_title(f"{title}: sensitivity to the learning rate")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -97,6 +125,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/compare")
+  p.add_argument("--suite", choices=sorted(SUITES), default="quickstart", help="the task and configs compared")
+  p.add_argument("--methods", default="", help="comma-separated subset of the suite's methods (default: all)")
   p.add_argument("--lrs", default="0.01,0.1,0.3,1.0")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--target", type=float, default=0.9, help="accuracy whose first evaluated step is reported")
@@ -109,10 +139,12 @@ def main() -> None:
     [int(x) for x in args.seeds.split(",")],
     args.target,
     args.eval_every,
+    args.suite,
+    [m for m in args.methods.split(",") if m],
   )
   (workdir / "compare.json").write_text(json.dumps(results, indent=2))
   (workdir / "compare.md").write_text(table(results, args.target))
-  plot(results, workdir / "compare.png")
+  plot(results, workdir / "compare.png", SUITES[args.suite][1])
   print(table(results, args.target))
 
 

@@ -30,6 +30,7 @@ from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import evaluate, train
 from tests.helpers import one_device, run_cli, tiny_cfg
+from tests.helpers_hf import IdTokenizer
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
 
@@ -355,3 +356,17 @@ def test_gguf_prompt_exported_with_base_gives_our_logits_in_peft(stories_run, tm
   np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), ours[:, 8:])  # real ones
   print(f"stories260K + trained prompt, PEFT vs ours: max |logit diff| {np.abs(ours - ref).max():.2e}")
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=TOL)
+
+
+def test_a_long_target_is_cut_as_rank_evaluation_cuts_the_label():
+  """A target longer than data.target_length keeps its EOS, as `label_rows` keeps it in the labels that rank
+  classification scores: training and evaluation then score the same tokens (a label cut differently got an
+  unlearned EOS term in every score: SST-2 on TinyStories' tokenizer at target_length 4 ranked every row alike)."""
+  tok = IdTokenizer()
+  batch = encoding.encode(
+    CausalBatch, [{"inputs": "5 6", "targets": "40 41 42 43"}], tok, input_length=4, target_length=3
+  )
+  target = np.asarray(batch.tokens)[0, np.asarray(batch.target_index)[0]]
+  ids, mask = encoding.encode_labels(CausalBatch, tok, ["40 41 42 43"], target_length=3)
+  np.testing.assert_array_equal(target, [40, 41, tok.eos_token_id])
+  np.testing.assert_array_equal(target, ids[0][mask[0] > 0])

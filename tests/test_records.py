@@ -18,8 +18,10 @@ import pytest
 from jaxprompt.errors import PromptError
 from jaxprompt.models.interface import PrefixSlots
 from jaxprompt.prompts import registry
+from jaxprompt.prompts.adaption import AdaptionSpec
 from jaxprompt.prompts.encoders import PTuningSpec
 from jaxprompt.prompts.io import load_prompt_source, load_trained_prompt
+from jaxprompt.prompts.multitask import MultitaskSpec
 from jaxprompt.prompts.prefix import PrefixTuningSpec
 from jaxprompt.prompts.record import PromptRecord, TaskMember, TaskRecord
 from jaxprompt.prompts.residual import ResidualSpec
@@ -154,7 +156,7 @@ def test_a_legacy_workdir_and_its_exports_still_load(tmp_path):
 
 
 def test_the_registry_names_every_method_and_refuses_others():
-  assert registry.names() == ["prompt_tuning", "p_tuning", "prefix_tuning", "residual", "dept"]
+  assert registry.names() == ["prompt_tuning", "p_tuning", "prefix_tuning", "residual", "dept", "multitask", "adaption"]
   assert registry.names(embeds=True) == ["prompt_tuning", "p_tuning", "residual"]
   with pytest.raises(
     PromptError, match="unknown prompt method 'deep'; registered: prompt_tuning, p_tuning, prefix_tuning, residual"
@@ -177,6 +179,8 @@ def test_specs_round_trip_through_json():
     PrefixTuningSpec(),
     PrefixTuningSpec(prefix_projection=True, slots=slots, encoder_hidden_size=8),
     ResidualSpec(16, "tanh", False, 0.1, True, "MLP2"),
+    MultitaskSpec(rank=3),
+    AdaptionSpec(num_layers=5, peft_problem="GQA arithmetic"),
   ):
     d = json.loads(json.dumps(spec.to_json()))
     assert registry.spec_from_json(d) == spec and d["method"] == spec.method

@@ -72,7 +72,13 @@ def test_sst2_text_file_builtin_and_custom(fixtures_dir):
   files = {"validation": fixtures_dir / "data/sst2/dev.txt", "train": fixtures_dir / "data/sst2/train.txt"}
   ex = load_split("sst2", "validation", files=files)
   assert len(ex) == 872 and len(load_split("sst2", "train", files=files)) == 6920
-  assert ex[0] == {"inputs": "sst2 sentence: one long string of cliches .", "targets": "negative", "label": 0}
+  first = {"sentence": "one long string of cliches ."}
+  assert ex[0] == {
+    "inputs": "sst2 sentence: one long string of cliches .",
+    "targets": "negative",
+    "label": 0,
+    "fields": first,
+  }
   assert ex[1]["inputs"] == (
     "sst2 sentence: if you 've ever entertained the notion of doing what the title of this "
     "film implies , what sex with strangers actually shows may put you off the idea forever ."
@@ -82,7 +88,8 @@ def test_sst2_text_file_builtin_and_custom(fixtures_dir):
   assert tl[0]["inputs"] == "sentence: one long string of cliches ."
   mine = custom_task("sst2-custom", template="review: {text}", labels=["negative", "positive"])
   cex = load_split(mine, "validation", files=files)
-  assert cex[0] == {"inputs": "review: one long string of cliches .", "targets": "negative", "label": 0}
+  text = {"text": "one long string of cliches ."}
+  assert cex[0] == {"inputs": "review: one long string of cliches .", "targets": "negative", "label": 0, "fields": text}
   assert [e["label"] for e in cex] == [e["label"] for e in ex]
 
 
@@ -107,8 +114,9 @@ def test_trec_custom_task_with_label_map(fixtures_dir):
   )
   ex = load_split(task, "test", files={"test": path})
   assert len(ex) == 500
-  assert ex[0] == {"inputs": "question: How far is it from Denver to Aspen ?", "targets": "number", "label": 5}
-  assert ex[2] == {"inputs": "question: Who was Galileo ?", "targets": "human", "label": 3}
+  q0, q2 = "How far is it from Denver to Aspen ?", "Who was Galileo ?"
+  assert ex[0] == {"inputs": f"question: {q0}", "targets": "number", "label": 5, "fields": {"text": q0}}
+  assert ex[2] == {"inputs": f"question: {q2}", "targets": "human", "label": 3, "fields": {"text": q2}}
   with pytest.raises(DataError, match=r"test\.txt line 1: field 'label': 'NUM:dist' is not one of the labels"):
     load_split(custom_task("trec", template="{text}", labels=list(COARSE.values())), "test", files={"test": path})
 

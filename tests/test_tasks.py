@@ -19,8 +19,10 @@ def _jsonl(tmp_path, rows, name="rows.jsonl"):
   return path
 
 
-def _load(task, tmp_path, rows, split="validation", **kw):
-  return load_split(task, split, files={split: _jsonl(tmp_path, rows)}, **kw)
+def _load(task, tmp_path, rows, split="validation", keep_fields=False, **kw):
+  """The examples of `rows`; without their "fields" (what prompt templates place) unless `keep_fields`."""
+  out = load_split(task, split, files={split: _jsonl(tmp_path, rows)}, **kw)
+  return out if keep_fields else [{k: v for k, v in ex.items() if k != "fields"} for ex in out]
 
 
 # -- SuperGLUE from the real fixture files -------------------------------------------------------------
@@ -39,7 +41,8 @@ def test_rte_fixture_t5_and_taskless(fixtures_dir):
   files = {"validation": fixtures_dir / "data/superglue/rte/val.jsonl"}
   ex = load_split("rte", "validation", files=files)
   assert len(ex) == 277
-  assert ex[0] == {"inputs": RTE_0, "targets": "not_entailment", "label": 1}
+  assert ex[0] == {"inputs": RTE_0, "targets": "not_entailment", "label": 1, "fields": ex[0]["fields"]}
+  assert f"rte hypothesis: {ex[0]['fields']['hypothesis']} premise: {ex[0]['fields']['premise']}" == RTE_0
   assert ex[1]["targets"] == "entailment" and ex[1]["label"] == 0
   tl = load_split(get_task("rte", taskless=True), "validation", files=files)
   assert tl[0]["inputs"] == RTE_0[len("rte ") :]
@@ -54,7 +57,8 @@ def test_cb_fixture_t5_and_taskless(fixtures_dir):
   }
   val = load_split("cb", "validation", files=files)
   assert len(val) == 56 and len(load_split("super_glue/cb", "train", files=files)) == 250
-  assert val[0] == {"inputs": CB_0, "targets": "contradiction", "label": 1}
+  assert val[0] == {"inputs": CB_0, "targets": "contradiction", "label": 1, "fields": val[0]["fields"]}
+  assert f"cb hypothesis: {val[0]['fields']['hypothesis']} premise: {val[0]['fields']['premise']}" == CB_0
   assert val[1]["inputs"] == (
     "cb hypothesis: there is a shipment premise: ``Who knows? The point is, do we go with it "
     "or not?'' Do we assume there is a shipment?"
@@ -379,8 +383,11 @@ def test_stsb_rounds_like_t5(tmp_path):
 
 
 def test_unlabeled_rows_get_t5_unk(tmp_path):
-  ex = _load("rte", tmp_path, [{"premise": "p", "hypothesis": "h", "label": -1, "idx": 0}], split="test")
-  assert ex == [{"inputs": "rte hypothesis: h premise: p", "targets": "<unk>", "label": -1}]
+  ex = _load(
+    "rte", tmp_path, [{"premise": "p", "hypothesis": "h", "label": -1, "idx": 0}], split="test", keep_fields=True
+  )
+  fields = {"hypothesis": "h", "premise": "p"}
+  assert ex == [{"inputs": "rte hypothesis: h premise: p", "targets": "<unk>", "label": -1, "fields": fields}]
 
 
 def test_every_builtin_task_resolves():
@@ -453,11 +460,10 @@ def test_custom_task_columns_template_labels(tmp_path):
     {"sentence": "dull", "source": "web", "y": "negative"},
     {"sentence": "fine", "source": "web", "y": "1"},
   ]
-  ex = _load(task, tmp_path, rows)
+  ex = _load(task, tmp_path, rows, keep_fields=True)
   assert ex == [
-    {"inputs": "classify: great fun (web)", "targets": "positive", "label": 1},
-    {"inputs": "classify: dull (web)", "targets": "negative", "label": 0},
-    {"inputs": "classify: fine (web)", "targets": "positive", "label": 1},
+    {"inputs": f"classify: {t} (web)", "targets": y, "label": k, "fields": {"text": t, "source": "web"}}
+    for t, y, k in (("great fun", "positive", 1), ("dull", "negative", 0), ("fine", "positive", 1))
   ]
   with pytest.raises(DataError, match=r"rows\.jsonl line 1: field 'sentence': missing \(task sentiment\)"):
     _load(task, tmp_path, [{"text": "x", "source": "s", "y": 1}])
@@ -472,7 +478,8 @@ def test_custom_task_columns_template_labels(tmp_path):
 def test_custom_task_generative_and_label_map(tmp_path):
   gen = custom_task("qa", template="question: {q}", label_column="answer")
   assert gen.labels is None and gen.metrics == ("exact_match", "token_f1")
-  assert _load(gen, tmp_path, [{"q": "2+2?", "answer": "4"}]) == [{"inputs": "question: 2+2?", "targets": "4"}]
+  want = [{"inputs": "question: 2+2?", "targets": "4", "fields": {"q": "2+2?"}}]
+  assert _load(gen, tmp_path, [{"q": "2+2?", "answer": "4"}], keep_fields=True) == want
   mapped = custom_task("m", template="{text}", labels=["no", "yes"], label_map={"N": "no", "Y": "yes"})
   assert [e["label"] for e in _load(mapped, tmp_path, [{"text": "a", "label": "Y"}, {"text": "b", "label": "N"}])] == [
     1,

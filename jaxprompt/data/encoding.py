@@ -4,7 +4,8 @@ Notation: B batch (N rows when a batch holds a whole split), L input length, T t
 
 The batch types lay out token ids (`from_token_ids`, `label_rows`, `layout_inputs`); this module calls the
 tokenizer (a transformers tokenizer, or anything with the same `__call__`, `eos_token_id`, `bos_token_id` and
-`pad_token_id`) with the special tokens each layout wants.
+`pad_token_id`) with the special tokens each layout wants. With a prompt template (`data.templates`) an input is
+its example's fields laid out around the template's virtual tokens (negative ids), cut by its fields only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from jaxprompt.batches import ClassBatch, input_row, trim
+from jaxprompt.data.templates import Template
 from jaxprompt.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,20 @@ def encode(
   input_length: int,
   target_length: int,
   name: str = "data",
+  template: Template | None = None,
 ):
-  """`{"inputs", "targets"}` examples -> one numpy batch of `batch_type` holding every row."""
+  """`{"inputs", "targets"}` examples -> one numpy batch of `batch_type` holding every row; with a `template`, the
+  inputs are the examples' "fields" around its virtual tokens."""
   if not examples:
     raise DataError(f"{name}: the dataset is empty")
-  in_ids = ids_of(tokenizer, [ex["inputs"] for ex in examples], True)
+  if template is None:
+    in_ids = ids_of(tokenizer, [ex["inputs"] for ex in examples], True)
+  else:
+    in_ids, cut = template.token_rows(
+      tokenizer, examples, length=input_length, drop_eos=batch_type.INPUT_DROP_EOS, where=name
+    )
+    if cut:
+      log.warning("%s: cut the fields of %d of %d inputs to fit %d tokens", name, cut, len(examples), input_length)
   tgt_ids = ids_of(tokenizer, [ex["targets"] for ex in examples], batch_type.TARGET_SPECIAL)
   batch, cut_in, cut_tgt = batch_type.from_token_ids(
     in_ids,
@@ -83,9 +94,22 @@ def encode_labels(batch_type, tokenizer, labels: Sequence[str], target_length: i
   )
 
 
-def input_rows(batch_type, tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def input_rows(
+  batch_type,
+  tokenizer,
+  texts: Sequence[str | Mapping[str, str]],
+  template: Template | None = None,
+  where: str = "input",
+) -> list[list[int]]:
   """Generation inputs' tokens as `batch_type` feeds them (seq2seq: with EOS, as in training; causal: BOS kept, a
-  final EOS dropped); an empty input starts from BOS (or EOS / 0)."""
+  final EOS dropped); an empty input starts from BOS (or EOS / 0). With a `template`, each input is its fields (a
+  plain string: the template's single field), laid out as in training (nothing cut)."""
+  if template is not None:
+    many = len(texts) > 1
+    examples = [{"fields": template.values(t, f"{where}[{i}]" if many else where)} for i, t in enumerate(texts)]
+    return template.token_rows(tokenizer, examples, drop_eos=batch_type.INPUT_DROP_EOS)[0]
+  if any(not isinstance(t, str) for t in texts):
+    raise DataError(f"{where}: inputs given as fields need a prompt with a template (prompt.template); give text")
   return [
     input_row(ids, eos=tokenizer.eos_token_id, bos=tokenizer.bos_token_id, drop_eos=batch_type.INPUT_DROP_EOS)
     for ids in ids_of(tokenizer, texts, True)
@@ -93,11 +117,17 @@ def input_rows(batch_type, tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def encode_inputs(
-  batch_type, tokenizer, texts: Sequence[str], max_length: int | None = None
+  batch_type,
+  tokenizer,
+  texts: Sequence[str | Mapping[str, str]],
+  max_length: int | None = None,
+  template: Template | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Inputs for generation [B, longest] in `batch_type`'s padding (seq2seq right, causal left); a longer input than
-  `max_length` is cut as the type says (`cut_input`)."""
-  rows = [batch_type.cut_input(r, max_length) if max_length else r for r in input_rows(batch_type, tokenizer, texts)]
+  `max_length` is cut as the type says (`cut_input`; a templated input is never cut)."""
+  rows = input_rows(batch_type, tokenizer, texts, template)
+  if max_length and template is None:
+    rows = [batch_type.cut_input(r, max_length) for r in rows]
   return batch_type.layout_inputs(rows, max(len(r) for r in rows), pad_id(tokenizer))
 
 

@@ -33,13 +33,15 @@ def remove_first_text_token(inputs: str) -> str:
 def glue(row: Row, split: str, *, benchmark: str, features: Sequence[str], labels: Sequence[str]) -> list[dict]:
   """`benchmark key1: v1 key2: v2 ...` -> label string (T5's `preprocessors.glue`)."""
   parts = [benchmark]
+  fields = {key: R.text(row, key) for key in features}
   for key in features:
-    parts += [f"{key}:", R.text(row, key)]
+    parts += [f"{key}:", fields[key]]
   inputs = " ".join(parts)
   if benchmark == "multirc":
     # T5 strips MultiRC's HTML markup after joining.
     inputs = re.sub(r"<(/)?b>", "", inputs.replace("<br>", " "))
-  return [{"inputs": inputs, "targets": R.label_string(row, labels)}]
+  # "fields": the features by name, what a prompt template places (`data.templates`)
+  return [{"inputs": inputs, "targets": R.label_string(row, labels), "fields": fields}]
 
 
 def stsb_target(score: float) -> str:
@@ -50,8 +52,9 @@ def stsb_target(score: float) -> str:
 
 
 def stsb(row: Row, split: str) -> list[dict]:
-  inputs = " ".join(["stsb sentence1:", R.text(row, "sentence1"), "sentence2:", R.text(row, "sentence2")])
-  return [{"inputs": inputs, "targets": stsb_target(R.number(row, "label"))}]
+  fields = {key: R.text(row, key) for key in ("sentence1", "sentence2")}
+  inputs = " ".join(["stsb sentence1:", fields["sentence1"], "sentence2:", fields["sentence2"]])
+  return [{"inputs": inputs, "targets": stsb_target(R.number(row, "label")), "fields": fields}]
 
 
 # Two WSC texts where T5 hard-codes the blanked text (span2_index points at the wrong word).

@@ -15,7 +15,8 @@ its leading task name removed ("rte hypothesis: ..." -> "hypothesis: ..."), as p
 
 Custom tasks (`custom_task`) fill a `str.format` template from file columns.
 
-Every example is {"inputs": str, "targets": str}, plus "label" (index into the label strings, -1 for an
+Every example is {"inputs": str, "targets": str}, plus "fields" (the row's named texts, `Task.fields`, on tasks that
+have them: what a prompt template places), plus "label" (index into the label strings, -1 for an
 unlabeled row) on classification tasks, plus task extras: "group" (MultiRC question, ReCoRD query) and
 "answers" (ReCoRD), "referent_correct" (WSC).
 """
@@ -52,6 +53,8 @@ class Task:
   taskless: bool = False
   generate_rows: Callable[[str], list[Row]] | None = None  # a task that makes its own rows (split -> rows)
   per_token: bool = False  # a tag per word (examples carry "words" and "tags"): token classification (head.type)
+  # the named fields every example carries as ex["fields"] (what a prompt template places, `data.templates`)
+  fields: tuple[str, ...] = ()
 
   def resolve_split(self, split: str) -> str:
     split = self.split_aliases.get(split, split)
@@ -92,7 +95,7 @@ def _glue_task(
   benchmark = tfds_name.split("/")[1]
   fmt = functools.partial(T5.glue, benchmark=benchmark, features=features, labels=tuple(labels))
   kw.setdefault("splits", _SPLITS)
-  return Task(name, fmt, tuple(labels), tuple(metrics), tfds_name=tfds_name, hf_name=hf_name, **kw)
+  return Task(name, fmt, tuple(labels), tuple(metrics), tfds_name=tfds_name, hf_name=hf_name, fields=features, **kw)
 
 
 def _expanding(expand: Callable[[Row], list[Row]], fmt: Formatter) -> Formatter:
@@ -209,6 +212,7 @@ _BUILTIN_TASKS = (
     _SPLITS,
     tfds_name="glue/stsb",
     hf_name=(_GLUE, "stsb"),
+    fields=("sentence1", "sentence2"),
   ),
   _glue_task(
     "glue/mnli",
@@ -339,8 +343,8 @@ def _format_custom(
   values = {f: R.text(row, col) for f, col in columns.items()}
   inputs = template.format_map(values)
   if labels is None:
-    return [{"inputs": inputs, "targets": R.text(row, label_column)}]
-  return [{"inputs": inputs, "targets": R.label_string(row, labels, label_column, label_map)}]
+    return [{"inputs": inputs, "targets": R.text(row, label_column), "fields": values}]
+  return [{"inputs": inputs, "targets": R.label_string(row, labels, label_column, label_map), "fields": values}]
 
 
 def custom_task(
@@ -387,4 +391,4 @@ def custom_task(
   fmt = functools.partial(
     _format_custom, template=template, columns=columns, labels=labels, label_column=label_column, label_map=label_map
   )
-  return Task(name, fmt, labels, tuple(metrics), line_fields=(label_column, "text"))
+  return Task(name, fmt, labels, tuple(metrics), line_fields=(label_column, "text"), fields=tuple(fields))

@@ -109,6 +109,7 @@ class EvalContext:
   z_loss: float
   generate: GenerateConfig
   head: Any = None  # the run's classification head (`prompts.heads.HeadSpec`), None: the LM head
+  template: Any = None  # `data.templates.Template`: where the prompt's rows go in each input (None: in front)
 
   @classmethod
   def of(cls, run) -> "EvalContext":
@@ -129,6 +130,7 @@ class EvalContext:
       z_loss=cfg.train.z_loss,
       generate=cfg.generate,
       head=run.head_spec,
+      template=run.template,
     )
 
   def encode(self, examples: list[dict], name: str):
@@ -142,6 +144,7 @@ class EvalContext:
       input_length=self.input_length,
       target_length=self.target_length,
       name=name,
+      template=self.template,
     )
 
   @property

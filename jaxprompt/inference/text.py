@@ -8,13 +8,14 @@ compiled program.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprompt.config import GenerateConfig
 from jaxprompt.data import encoding
+from jaxprompt.data.templates import Template
 from jaxprompt.inference.decoding import generate
 from jaxprompt.prompts import PromptedModel, methods
 from jaxprompt.prompts.io import TrainedPrompt, load_prompt_source
@@ -37,24 +38,32 @@ def recorded_base(records: Sequence[PromptRecord]) -> tuple[str | None, str | No
   return None, None
 
 
+def _input_ids(base, tokenizer, texts, tps: Sequence[TrainedPrompt]) -> tuple[np.ndarray, np.ndarray]:
+  """The inputs under every prompt, prompt-major [K * N, longest]: each prompt's template lays them out (a plain
+  string: its single field), or they follow the prompt as text."""
+  templates = [None if tp.spec.template is None else Template.parse(tp.spec.template) for tp in tps] or [None]
+  rows = [r for t in templates for r in encoding.input_rows(base.batch_type, tokenizer, texts, t)]
+  return base.batch_type.layout_inputs(rows, max(len(r) for r in rows), encoding.pad_id(tokenizer))
+
+
 def generate_text(
   base,
   tokenizer,
-  texts: Sequence[str],
+  texts: Sequence[str | Mapping[str, str]],
   prompts: Sequence[TrainedPrompt | np.ndarray] = (),
   config: GenerateConfig | None = None,
   **options,
 ) -> list[dict]:
   """Generate for every (prompt, input) pair; one record per pair, in prompt-major order. A prompt is a
-  `TrainedPrompt` (any method) or an array of input embeddings [P, H]; `config` and `**options` as
+  `TrainedPrompt` (any method) or an array of input embeddings [P, H]; an input is text, or a templated prompt's
+  fields by name (`prompt.template`; a string is its single field); `config` and `**options` as
   `inference.decoding.generate`."""
-  ids, mask = encoding.encode_inputs(base.batch_type, tokenizer, texts)
+  tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt.from_embeddings(p) for p in prompts]
+  ids, mask = _input_ids(base, tokenizer, texts, tps)
   n, k = len(texts), max(len(prompts), 1)
   which = np.repeat(np.arange(k), n)
   prefix = None
   if prompts:
-    ids, mask = np.tile(ids, (k, 1)), np.tile(mask, (k, 1))
-    tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt.from_embeddings(p) for p in prompts]
     module = methods.bank([p.value for p in tps], [p.spec for p in tps], base.prefix_slots())
     prefix = PromptedModel(base, module).prefix(k * n, jnp.asarray(which))
   out = generate(

@@ -117,6 +117,12 @@ class DecoderConfig:
     if self.position_type == "rope":
       self.inv_freq()  # validates rope_type
 
+  @property
+  def adaption_projects_out(self) -> bool:
+    """PEFT's adaption prompts add o_proj(adapter output) on Llama / Mistral, the raw output on GPT-2 (its
+    AdaptedAttentionGPT has no o-projection)."""
+    return self.model_type != "gpt2"
+
   def inv_freq(self) -> np.ndarray:
     """Rotary inverse frequencies [D // 2] (static: computed from the config, never a parameter)."""
     return L.rope_inv_freq(
@@ -373,12 +379,14 @@ class DecoderBlock(nnx.Module):
 class DecoderCache:
   """Cached decoding state: k/v [Y, B, S, K, D] for S slots, key_mask [B, S] (1 = a real token's slot),
   next_pos [B] (the position of the first generated token: the row's count of real prefix slots) and
-  start (the slot of the first generated token)."""
+  start (the slot of the first generated token); `adaption`: the rows' adaption prompts (`Prefix.adaption_rows`,
+  batch-major), which every decoding step attends to again."""
 
   k: jax.Array
   v: jax.Array
   key_mask: jax.Array | None = None
   next_pos: jax.Array | None = None
+  adaption: tuple | None = None
   start: int = struct.field(pytree_node=False, default=0)
 
 
@@ -387,6 +395,7 @@ class Decoder(FrozenLM):
 
   kind = "causal"
   batch_type = CausalBatch
+  supports_adaption = True
 
   def init_params(self, cfg: DecoderConfig, rngs: nnx.Rngs, param_dtype) -> None:
     h, v = cfg.hidden_size, cfg.vocab_size
@@ -412,10 +421,19 @@ class Decoder(FrozenLM):
     return self.embed_tokens[...]
 
   def hidden(
-    self, input_ids=None, attention_mask=None, inputs_embeds=None, positions=None, *, prefix_kv=None, dropout_rng=None
+    self,
+    input_ids=None,
+    attention_mask=None,
+    inputs_embeds=None,
+    positions=None,
+    *,
+    prefix_kv=None,
+    adaption=None,
+    dropout_rng=None,
   ) -> jax.Array:
     """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary); arguments as `__call__`, and
-    `prefix_kv` (keys, values) [Y, B, P, K, D]: P slots in front of every layer's keys, the tokens at P.."""
+    `prefix_kv` (keys, values) [Y, B, P, K, D]: P slots in front of every layer's keys, the tokens at P..;
+    `adaption`: adaption prompts (`Prefix.adaption_rows`)."""
     x, attention_mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds)
     b, n = x.shape[:2]
     pk = 0 if prefix_kv is None else prefix_kv[0].shape[2]
@@ -430,6 +448,7 @@ class Decoder(FrozenLM):
       key_mask=attention_mask,
       q_index=pk + jnp.arange(n),
       kv=KV.source(prefix_kv),
+      adaption=adaption,
       dropout_rng=dropout_rng,
     )
     return h
@@ -452,11 +471,12 @@ class Decoder(FrozenLM):
       return L.layer_norm(x, p[name], p[f"{name}_bias"], self.config.norm_eps)
     return L.rms_norm(x, p[name], self.config.norm_eps)
 
-  def _run(self, x, *, positions, key_mask, q_index, kv: KV.KVSource, index=0, dropout_rng=None):
+  def _run(self, x, *, positions, key_mask, q_index, kv: KV.KVSource, index=0, adaption=None, dropout_rng=None):
     """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] (the slots of the queries), `kv` the other keys
     and values every layer attends to (`models.kv`: none; a prefix's P slots, S = P + L; or a cache of S slots the
     new keys/values are written into at `index`), masked by slot (causal, padding, sliding window) as transformers
-    masks by cache position -> (final hidden states [B, L, H], the updated cache or None)."""
+    masks by cache position; `adaption` (prompts [B, Y, A, H], gates [B, Y], on [B, Y]) or None -> (final hidden
+    states [B, L, H], the updated cache or None)."""
     cfg = self.config
     rate = cfg.dropout_rate
     rngs = L.split_rng(dropout_rng, 2)
@@ -471,6 +491,7 @@ class Decoder(FrozenLM):
     act = L.activation(cfg.hidden_act)
     cached = isinstance(kv, KV.Cached)
     per_layer = dict(window=jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32), kv=kv)
+    per_layer["adaption"] = None if adaption is None else tuple(jnp.moveaxis(a, 1, 0) for a in adaption)
 
     def layer(p, x, rng, xs):
       r = L.split_rng(rng, 3)
@@ -489,6 +510,8 @@ class Decoder(FrozenLM):
         dropout_rate=rate,
         dropout_rng=r[0],
         implementation=self.attention,
+        adaption=xs["adaption"],
+        adaption_projects_out=cfg.adaption_projects_out,
       )
       x = x + L.dropout(o, rate, r[1])
       h = self._norm(x, p, "mlp_norm")
@@ -558,8 +581,10 @@ class Decoder(FrozenLM):
     if decoder_input_ids is not None or decoder_attention_mask is not None:
       raise ValueError("a decoder-only model takes no decoder_input_ids / decoder_attention_mask")
     x, m = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
-    kv = prefix.kv(x.shape[0]) if prefix is not None else None
-    return self.logits(self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, dropout_rng=dropout_rng))
+    kv, ad = (prefix.kv(x.shape[0]), prefix.adaption_rows(x.shape[0])) if prefix is not None else (None, None)
+    return self.logits(
+      self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, adaption=ad, dropout_rng=dropout_rng)
+    )
 
   def score_targets(self, batch: CausalBatch, prefix: Prefix | None = None, *, dropout_rng=None):
     # Logits only where there is a loss: the LM head over every prompt and input position would cost
@@ -568,8 +593,8 @@ class Decoder(FrozenLM):
     # an input offset (DePT) reaches the input tokens only, not the target after them
     inputs = jnp.sum(batch.input_mask, axis=1)
     x, m = self.input_embeddings(batch.tokens, batch.token_mask, prefix=prefix, offset_tokens=inputs)
-    kv = prefix.kv(batch.size) if prefix is not None else None
-    h = self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, dropout_rng=dropout_rng)
+    kv, ad = (prefix.kv(batch.size), prefix.adaption_rows(batch.size)) if prefix is not None else (None, None)
+    h = self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, adaption=ad, dropout_rng=dropout_rng)
     if last is not None:  # the shared prompt's last position stands in front, as the per-row prompt's would
       h = jnp.concatenate([jnp.broadcast_to(last[:, None].astype(h.dtype), (h.shape[0], 1, h.shape[2])), h], 1)
     p = h.shape[1] - batch.tokens.shape[1]
@@ -688,6 +713,7 @@ class Decoder(FrozenLM):
     w, pk = num_beams, 0 if prefix is None else prefix.kv_length
     key_mask = jnp.concatenate([jnp.ones((b, pk), mask.dtype), mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
     cache = self.init_cache(b, pk + n + max_new_tokens).replace(key_mask=key_mask)  # [B, S] slots
+    cache = cache.replace(adaption=prefix.adaption_rows(b) if prefix is not None else None)
     k, v = KV.fill_prefix(cache.k, cache.v, prefix, b)
     cache = cache.replace(k=k, v=v)
     h, cache = self._extend(cache, x, pk + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), pk)
@@ -713,12 +739,17 @@ class Decoder(FrozenLM):
       q_index=index + jnp.arange(x.shape[1]),
       kv=KV.Cached(cache.k, cache.v),
       index=index,
+      adaption=cache.adaption,
     )
     return h, cache.replace(k=written.keys, v=written.values)
 
   def reorder_cache(self, cache: DecoderCache, origin: jax.Array) -> DecoderCache:
     return cache.replace(
-      k=cache.k[:, origin], v=cache.v[:, origin], key_mask=cache.key_mask[origin], next_pos=cache.next_pos[origin]
+      k=cache.k[:, origin],
+      v=cache.v[:, origin],
+      key_mask=cache.key_mask[origin],
+      next_pos=cache.next_pos[origin],
+      adaption=None if cache.adaption is None else tuple(a[origin] for a in cache.adaption),
     )
 
 

@@ -11,6 +11,9 @@ where that goes for its kind (PEFT's semantics, so exported prompts give PyTorch
     a pre-filled KV cache. Causal LM: every layer, the tokens at positions P..P+L-1 (the prefix keys are used as
     given: no rotary embedding is applied to them, as PEFT stores them); seq2seq (T5): the decoder's
     self-attention only (PEFT: the encoder never sees them), decoder positions from P on.
+  * prefix embeddings at template slots (P-tuning v1, `prompt.template`): not in front but at the input's virtual
+    tokens (input ids -1-k: prompt row k, `data.templates`), which are real tokens with their own mask and positions
+    in sequence order; every model kind alike (T5: its encoder input), in `FrozenLM.input_embeddings`.
   * an input offset (DePT) [B|1, s, H]: added to the *input* tokens' embeddings only (never to the prompt, T5's
     decoder or a causal model's target tokens), row i to each row's i-th token counted from its first real token
     (i < s), so a left-padded row gets the offsets it gets unpadded (`add_input_offset`).
@@ -50,6 +53,13 @@ class Prefix:
     prompt once (`Decoder.shared_prompt`); one that does not just reads `embeds`.
   input_offset: [B, s, H] (or [1, s, H]) added to the input tokens' embeddings at their positions 0..s-1 (DePT),
     in `FrozenLM.input_embeddings`, before the prefix's embeddings are put in front.
+  adaption, adaption_gate, adaption_on: [B|1, Y, A, H], [B|1, Y], [B|1, Y] — adaption prompts (LLaMA-Adapter, PEFT's
+    ADAPTION_PROMPT): in each attention layer y where adaption_on is 1, every query also attends, in a softmax of
+    its own, over the A keys/values the layer's own k/v projections make of adaption[:, y] (no rotary embedding, no
+    mask), scaled by the gate, and that output (o-projected as the model's PEFT counterpart does) is added to the
+    layer's attention output (`models.kv.adaption_attention`); models with `supports_adaption` only.
+  at_slots: `embeds` go into the input's virtual tokens (ids -1-k take row k; a prompt template), not in front: the
+    prefix then takes no positions of its own (`length` 0).
   """
 
   embeds: jax.Array | None = None
@@ -58,11 +68,22 @@ class Prefix:
   bank: jax.Array | None = None
   bank_ids: jax.Array | None = None
   input_offset: jax.Array | None = None
+  adaption: jax.Array | None = None
+  adaption_gate: jax.Array | None = None
+  adaption_on: jax.Array | None = None
+  at_slots: bool = struct.field(pytree_node=False, default=False)
+
+  def adaption_rows(self, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """(adaption [B, Y, A, H], gate [B, Y], on [B, Y]) for `batch_size` rows, or None."""
+    if self.adaption is None:
+      return None
+    parts = (self.adaption, self.adaption_gate, self.adaption_on)
+    return tuple(jnp.broadcast_to(a, (batch_size,) + a.shape[1:]) for a in parts)
 
   @property
   def length(self) -> int:
-    """Positions the prefix takes in the token sequence (its embeddings)."""
-    return 0 if self.embeds is None else self.embeds.shape[1]
+    """Positions the prefix takes in front of the token sequence (its embeddings, unless they go into slots)."""
+    return 0 if self.embeds is None or self.at_slots else self.embeds.shape[1]
 
   @property
   def kv_length(self) -> int:
@@ -145,6 +166,7 @@ class PromptableLM(Protocol):
   batch_type: ClassVar[type]  # Seq2SeqBatch | CausalBatch: how the data layer lays out tokens for this kind
   supports_packing: ClassVar[bool]  # `score_packed` runs several examples per row (data.pack)
   has_lm_head: ClassVar[bool]  # logits over the vocabulary: text targets, rank classification, generation
+  supports_adaption: ClassVar[bool]  # takes adaption prompts (`Prefix.adaption`: decoders, as PEFT)
   config: Any
   dtype: Any  # compute dtype
   options: "ModelOptions"  # how it runs (layer loop, attention, remat, sharing a prompt), fixed at construction
@@ -361,6 +383,7 @@ class FrozenLM(nnx.Module):
   batch_type: ClassVar[type]
   supports_packing: ClassVar[bool] = False
   has_lm_head: ClassVar[bool] = True
+  supports_adaption: ClassVar[bool] = False
 
   def __init__(
     self,
@@ -419,6 +442,11 @@ class FrozenLM(nnx.Module):
     row is input + target: the offset stops at the target); None: all."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError(f"{type(self).__name__} needs exactly one of input_ids and inputs_embeds")
+    if prefix is not None and prefix.at_slots:
+      if input_ids is None:
+        raise ValueError("a templated prompt goes into the input's virtual tokens: give input_ids, not embeddings")
+      x = place_prompt(self.embed(jnp.maximum(input_ids, 0)), input_ids, prefix.embeds)
+      return x, jnp.ones(x.shape[:2], jnp.int32) if attention_mask is None else attention_mask
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
     if attention_mask is None:
       attention_mask = jnp.ones(x.shape[:2], jnp.int32)
@@ -430,6 +458,15 @@ class FrozenLM(nnx.Module):
 
   def dummy_batch(self, batch_size: int, input_length: int, target_length: int):
     return self.batch_type.shapes(batch_size, input_length, target_length)
+
+
+def place_prompt(x: jax.Array, input_ids: jax.Array, embeds: jax.Array) -> jax.Array:
+  """Token embeddings x [B, L, H] with prompt row k [B|1, P, H] at every virtual token -1-k of input_ids [B, L]
+  (a prompt template's slots; one gather and a select, fixed shapes)."""
+  b, p = x.shape[0], embeds.shape[1]
+  rows = jnp.broadcast_to(embeds, (b,) + embeds.shape[1:]).astype(x.dtype)
+  picked = jnp.take_along_axis(rows, jnp.clip(-1 - input_ids, 0, p - 1)[..., None], axis=1)  # [B, L, H]
+  return jnp.where((input_ids < 0)[..., None], picked, x)
 
 
 def add_input_offset(x: jax.Array, mask: jax.Array, offset: jax.Array, limit: jax.Array | None = None) -> jax.Array:

@@ -88,10 +88,19 @@ class PTuning(PromptMethod):
   method = PTuningSpec.method
 
   def __init__(
-    self, embedding: jax.Array, *, encoder: str, hidden_size: int, num_layers: int, dropout: float, rng: jax.Array
+    self,
+    embedding: jax.Array,
+    *,
+    encoder: str,
+    hidden_size: int,
+    num_layers: int,
+    dropout: float,
+    rng: jax.Array,
+    template: str | None = None,
   ):
     if encoder not in ("MLP", "LSTM"):
       raise PromptError(f"unknown P-tuning encoder {encoder!r} (MLP or LSTM)")
+    self.template = template  # the encoder's outputs go into a template's slots in order (`data.templates`)
     embedding = jnp.asarray(embedding, jnp.float32)
     p, h = embedding.shape
     self.encoder, self.hidden_size, self.num_layers, self.dropout = encoder, hidden_size, num_layers, dropout
@@ -151,7 +160,8 @@ class PTuning(PromptMethod):
 
   def prefix(self, batch_size: int, prompt_ids=None, *, dropout_rng=None) -> Prefix:
     # computed once for one row and repeated over the batch, as PEFT does (peft#2043)
-    return Prefix(embeds=self.encode(dropout_rng)[None])  # [1, P, H]: the same for every row
+    # [1, P, H]: the same for every row
+    return Prefix(embeds=self.encode(dropout_rng)[None], at_slots=self.template is not None)
 
   def packed_table(self, dropout_rng=None) -> jax.Array:
     return self.encode(dropout_rng)
@@ -162,6 +172,7 @@ class PTuning(PromptMethod):
       encoder_hidden_size=self.hidden_size,
       encoder_num_layers=self.num_layers,
       encoder_dropout=self.dropout,
+      template=self.template,
     )
 
 
@@ -176,6 +187,7 @@ def _build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PTuning:
     num_layers=pcfg.option("encoder_num_layers"),
     dropout=pcfg.option("encoder_dropout"),
     rng=jax.random.fold_in(rng, 2),
+    template=pcfg.template,
   )
 
 
@@ -188,6 +200,7 @@ def _rebuild(spec: PTuningSpec, params: dict) -> PTuning:
       num_layers=spec.encoder_num_layers,
       dropout=spec.encoder_dropout,
       rng=jax.random.key(0),
+      template=spec.template,
     ),
     params,
   )
@@ -207,9 +220,10 @@ P_TUNING = Method(
   check=check_embeddings,
   peft_fields=lambda value, record, base_path: {
     **embedding_peft_fields(value, record),
-    **dataclasses.asdict(record.spec),
+    **{k: v for k, v in dataclasses.asdict(record.spec).items() if k != "template"},  # PEFT has no templates
   },
   peft_read=lambda value, peft, where: (peft_embeddings(value, peft, where), PTuningSpec.from_json(peft)),
   # a bank would be K encoders' outputs, fixed: what trains is the encoder
   bank_refusal=lambda pcfg: "P-tuning encoders",
+  templates=True,
 )

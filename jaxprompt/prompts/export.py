@@ -56,6 +56,11 @@ def _stamped(value: np.ndarray, record: PromptRecord, fmt: str) -> dict:
 
 def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) -> dict:
   """adapter_config.json of a prompt: PEFT's common fields and its method's (`Method.peft_fields`)."""
+  if record.spec.template is not None:
+    raise ExportError(
+      f"PEFT only prepends prompts; this one sits at the slots of its template {record.spec.template!r} "
+      "(export it with --format numpy or safetensors)"
+    )
   kind = record.architecture.kind if record.architecture is not None else None
   if kind not in PEFT_TASK_TYPES:
     raise ExportError("the prompt's base model kind is unknown (no provenance); cannot choose a PEFT task_type")
@@ -64,7 +69,7 @@ def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) 
     base_path = base.path
   entry = registry.of(record.spec)
   head = record.head
-  return {
+  out = {
     "task_type": head.kind.peft_task_type if head is not None else PEFT_TASK_TYPES[kind],
     "num_virtual_tokens": int(value.shape[0]),
     "peft_type": entry.peft_type,
@@ -76,6 +81,9 @@ def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) 
     # a head: the module PEFT trains and saves beside the prompt (`base_model.<name>...`)
     "modules_to_save": [head.layout.name] if head is not None else None,
   }
+  if out["num_virtual_tokens"] is None:  # a method whose PEFT config has no such field (ADAPTION_PROMPT)
+    del out["num_virtual_tokens"]
+  return out
 
 
 def peft_tensor(value: np.ndarray) -> np.ndarray:
@@ -86,6 +94,7 @@ def peft_tensor(value: np.ndarray) -> np.ndarray:
 
 EXTENSIONS = {"peft": "", "numpy": ".npy", "safetensors": ".safetensors"}  # a bank member's entry in OUT/
 BANK_FILE = "bank.safetensors"
+BANK_ADAPTER = "bank"  # a method with `peft_bank` (multitask): every task in one PEFT adapter, task id = its order
 
 
 def export_prompt(
@@ -153,8 +162,12 @@ def _write(
   if fmt == "peft":
     path.mkdir(exist_ok=True)
     _write_json(path / "adapter_config.json", peft_config(value, record, base_path))
+    entry = registry.of(record.spec)
+    tensors = entry.peft_tensors(value, record) if entry.peft_tensors else {"prompt_embeddings": peft_tensor(value)}
     hf.save_safetensors(
-      {"prompt_embeddings": peft_tensor(value), **extra}, path / "adapter_model.safetensors", metadata={"format": "pt"}
+      {**{k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, **extra},
+      path / "adapter_model.safetensors",
+      metadata={"format": "pt"},
     )
     _write_json(path / PROVENANCE, prov)
   elif fmt == "numpy":
@@ -173,11 +186,12 @@ def _write_json(path: Path, obj: dict) -> None:
 def _export_bank(
   whole: TrainedPrompt, bank: dict[str, TrainedPrompt], fmt: str, out: Path, *, with_base: bool, overwrite: bool
 ) -> Path:
-  """A per-task run: OUT/<task> per task in `fmt`, plus OUT/bank.safetensors (and OUT/base with --with-base), one
-  folder written atomically."""
+  """A per-task run: OUT/<task> per task in `fmt`, plus OUT/bank.safetensors (and OUT/base with --with-base; and
+  OUT/bank/, one PEFT adapter of every task, for a method with `peft_bank`), one folder written atomically."""
   members = [(task_slug(name), np.ascontiguousarray(tp.value, np.float32), tp.record) for name, tp in bank.items()]
   if with_base and fmt != "peft":
     raise ExportError("--with-base needs --format peft (it writes DIR/base beside the adapters)")
+  one_adapter = fmt == "peft" and registry.of(whole.spec).peft_bank
   if fmt == "peft":
     for _, value, record in members:
       peft_config(value, record, None)  # refuse before writing anything
@@ -190,6 +204,8 @@ def _export_bank(
       if fmt == "numpy":
         _write_json(tmp / f"{slug}.json", _stamped(value, record, fmt))
     value = np.ascontiguousarray(whole.value, np.float32)
+    if one_adapter:
+      _write(value, whole.record, fmt, tmp / BANK_ADAPTER, str((out / "base").absolute()) if with_base else None)
     hf.save_safetensors(
       {"prompt_embeddings": value},
       tmp / BANK_FILE,

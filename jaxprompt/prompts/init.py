@@ -55,6 +55,8 @@ def initial_prompt(pcfg, base, tokenizer, labels: Sequence[str] | None, rng: jax
   hidden = table.shape[1]
   if pcfg.init == "random_uniform":
     return random_uniform(rng, pcfg.length, hidden, *pcfg.init_range)
+  if pcfg.init == "random_normal":
+    return jax.random.normal(rng, (pcfg.length, hidden), jnp.float32)
   if pcfg.init == "sampled_vocab":
     return sampled_vocab(rng, table, pcfg.length, pcfg.vocab_sample_size)
   if pcfg.init == "class_labels":

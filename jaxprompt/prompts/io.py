@@ -23,7 +23,7 @@ from jaxprompt.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
 from jaxprompt.models import hf
 from jaxprompt.prompts import heads, registry
-from jaxprompt.prompts.record import PromptRecord
+from jaxprompt.prompts.record import PromptRecord, TaskMember, TaskRecord
 from jaxprompt.prompts.spec import PromptSpec
 
 PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
@@ -55,8 +55,13 @@ def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
     key: _json_object(file) for key, file in (("peft", cfg_file), ("jaxprompt", path / PROVENANCE)) if file.exists()
   }
   f = hf.SafetensorsFile(weights)
+  names = f.keys()  # a list (a SafetensorsFile is no mapping)
+  entry = registry.by_peft_type(meta.get("peft", {}).get("peft_type"))
+  if entry is not None and entry.peft_reads_tensors:  # multitask's factors, adaption prompts' per-layer tensors
+    meta["tensors"] = {k: np.array(f.get(k), np.float32) for k in names}
+    return meta["tensors"].get("prompt_embeddings"), meta
   if "prompt_embeddings" not in f:
-    raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {f.keys()})")
+    raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {names})")
   meta["head"] = head_tensors(f)
   return np.array(f.get("prompt_embeddings"), np.float32), meta
 
@@ -139,6 +144,8 @@ class TrainedPrompt:
   def embeddings(self, where: str) -> np.ndarray:
     """The input embeddings [P, H] (refusing a method that has none, e.g. a key/value prefix)."""
     entry = registry.of(self.spec)
+    if entry.serves_embeddings:
+      return np.asarray(entry.fixed(self.value, self.spec, None, where).inference_value(), np.float32)
     if not entry.embeds:
       raise PromptError(
         f"{where}: a {self.method} prompt is {entry.value_shape} ({entry.description}), not input embeddings"
@@ -210,7 +217,8 @@ def bank_member(bank: TrainedPrompt, names: list[str], task: str, where: Path) -
   k = matches[0]
   if bank.value.shape[0] != len(names):
     raise PromptError(f"{where}: a bank of {len(names)} tasks holds {bank.value.shape[0]} prompts")
-  params = None if bank.params is None else jax.tree.map(lambda a: a[k], bank.params)
+  member_params = registry.of(bank.spec).member_params or (lambda params, k: jax.tree.map(lambda a: a[k], params))
+  params = None if bank.params is None else member_params(bank.params, k)
   return TrainedPrompt(bank.value[k], params, bank.record.bank_member(k))
 
 
@@ -222,10 +230,13 @@ def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
     return _checkpoint_prompt(source, step)
   value, meta = read_prompt_file(source)
   record = _file_record(source, meta)
-  if "peft" in meta:  # the adapter says what it is: its spec, not the export's
-    value, spec = peft_value(value, meta["peft"], source)
-    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"], head=peft_head(record, meta))
   entry = registry.of(record.spec)
+  if "peft" in meta:  # the adapter says what it is: its spec, not the export's
+    value, spec = peft_value(value, meta["peft"], source, meta.get("tensors"))
+    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"], head=peft_head(record, meta))
+    entry = registry.of(spec)
+    if value.ndim == entry.value_shape.count(",") + 2 and bank_tasks(record) is None:
+      record = dataclasses.replace(record, task=_numbered_tasks(value.shape[0]))
   shape = entry.value_shape
   if bank_tasks(record) is not None:
     shape = "[tasks, " + shape[1:]
@@ -255,6 +266,13 @@ def peft_head(record: PromptRecord, meta: dict) -> heads.HeadSpec | None:
   return heads.HeadSpec(kind.name, tuple(str(i) for i in range(counts.pop())))
 
 
+def _numbered_tasks(count: int) -> TaskRecord:
+  """The tasks of a PEFT adapter holding several (MULTITASK_PROMPT_TUNING's num_tasks) without a record naming
+  them: "0" .. "T-1", its task ids."""
+  names = [str(k) for k in range(count)]
+  return TaskRecord(name="+".join(names), mixture=tuple(TaskMember(n) for n in names), per_task=True)
+
+
 def load_trained_prompt(source: str | Path, step: str | int = "best") -> tuple[np.ndarray, dict]:
   """(inference value, its record as JSON: `PromptRecord.to_json`) of a workdir, a checkpoint step folder, or an
   export."""
@@ -281,9 +299,11 @@ def _checkpoint_prompt(source: Path, step: str | int) -> TrainedPrompt:
   return TrainedPrompt(value, params, record, head)
 
 
-def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, PromptSpec]:
-  """The inference value and spec of a PEFT adapter's `prompt_embeddings`, its adapter_config.json checked (the
-  method's own reading: `Method.peft_read`)."""
+def peft_value(
+  value: np.ndarray, peft: dict, where: Path, tensors: dict | None = None
+) -> tuple[np.ndarray, PromptSpec]:
+  """The inference value and spec of a PEFT adapter's `prompt_embeddings` (and, for a method that reads them, all
+  its `tensors`), its adapter_config.json checked (the method's own reading: `Method.peft_read`)."""
   kind = peft.get("peft_type")
   entry = registry.by_peft_type(kind)
   if entry is None:
@@ -293,6 +313,8 @@ def peft_value(value: np.ndarray, peft: dict, where: Path) -> tuple[np.ndarray, 
     )
   if not peft.get("task_type"):
     raise PromptError(f"{where}: adapter_config.json has no task_type (PEFT would silently ignore the prompt)")
+  if entry.peft_reads_tensors:  # the method checks its own tensors and fields
+    return entry.peft_read(tensors or {"prompt_embeddings": value}, peft, where)
   p = peft.get("num_virtual_tokens")
   if not isinstance(p, int) or p <= 0:
     raise PromptError(f"{where}: adapter_config.json num_virtual_tokens must be a positive integer, got {p!r}")

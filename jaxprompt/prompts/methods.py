@@ -21,7 +21,7 @@ from flax import nnx
 from jaxprompt.errors import PromptError
 from jaxprompt.models.interface import PrefixSlots
 from jaxprompt.prompts import heads, registry
-from jaxprompt.prompts.io import load_prompt_source
+from jaxprompt.prompts.io import load_prompt_bank, load_prompt_source, split_task
 from jaxprompt.prompts.soft import PromptMethod
 from jaxprompt.prompts.spec import PromptSpec
 
@@ -33,12 +33,35 @@ def build(pcfg, base, tokenizer, labels, rng: jax.Array) -> PromptMethod:
   entry = registry.get(pcfg.method)
   if pcfg.init == "file":
     return _from_file(pcfg, base, tokenizer, labels, rng)
+  source = _init_source(entry, pcfg, base)
+  if source is not None:
+    return entry.build(pcfg, base, tokenizer, labels, rng, source=source)
   return entry.build(pcfg, base, tokenizer, labels, rng)
+
+
+def _init_source(entry, pcfg, base):
+  """(the prompts, their task names or None) of the trained prompt a method starts from (`Method.init_source`),
+  each checked against `base`; None when it starts from nothing."""
+  path = entry.init_source(pcfg)
+  if path is None:
+    return None
+  whole = load_prompt_bank(path) if split_task(path)[1] is None else None
+  tps = list(whole[1].values()) if whole is not None else [load_prompt_source(path)]
+  for tp in tps:
+    for warning in tp.check(base, path, strict=not pcfg.allow_other_base):
+      log.warning(warning)
+  return tps, (list(whole[1]) if whole is not None else None)
 
 
 def build_bank(pcfg, base, tokenizer, labels: Sequence[Sequence[str] | None], rng: jax.Array) -> PromptMethod:
   """`prompt.per_task`: one prompt per task as one bank (row b uses prompt `task_ids[b]`), prompt k initialised as
-  a run on task k alone would start (the same key, its own labels)."""
+  a run on task k alone would start (the same key, its own labels) — or the method's own bank (`Method.build_bank`:
+  multitask's shared prompt and one factor per task)."""
+  entry = registry.get(pcfg.method)
+  if entry.build_bank is not None:
+    source = _init_source(entry, pcfg, base)
+    kw = {} if source is None else dict(source=source)
+    return entry.build_bank(pcfg, base, tokenizer, labels, rng, **kw)
   modules = [build(pcfg, base, tokenizer, lab, rng) for lab in labels]
   return bank([m.inference_value() for m in modules], [m.spec() for m in modules], base.prefix_slots())
 
@@ -58,10 +81,11 @@ def _from_file(pcfg, base, tokenizer, labels, rng) -> PromptMethod:
   src = load_prompt_source(pcfg.init_file)
   for warning in src.check(base, pcfg.init_file, strict=not pcfg.allow_other_base):
     log.warning(warning)
-  if src.params is not None and src.spec == fresh.spec():
+  spec = dataclasses.replace(src.spec, template=pcfg.template)  # where its rows go is this run's (prompt.template)
+  if src.params is not None and spec == fresh.spec():
     nnx.update(fresh, jax.tree.map(jnp.asarray, src.params))
     return fresh
-  module = fixed(src.value, src.spec, base.prefix_slots(), where=pcfg.init_file)
+  module = fixed(src.value, spec, base.prefix_slots(), where=pcfg.init_file)
   if module.spec() == fresh.spec():
     if module.length != pcfg.length:  # (a DePT value holds more rows than its prompt's positions)
       check_length(src.value, src.spec, pcfg.length, pcfg.init_file)
@@ -116,8 +140,10 @@ def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "be
 
   Args:
     base: anything `load_model` takes (a HF folder, a hub id, a .gguf file, builtin:quickstart), or a loaded model.
-    adapter: a PEFT adapter folder (PROMPT_TUNING, P_TUNING, PREFIX_TUNING), a jaxprompt workdir, checkpoint step
-      or export, or a `.npy` / `.safetensors` file.
+    adapter: a PEFT adapter folder (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, MULTITASK_PROMPT_TUNING), a jaxprompt
+      workdir, checkpoint step or export, or a `.npy` / `.safetensors` file; "SOURCE@TASK": one task's prompt of a
+      per-task run or bank. A source of several tasks' prompts (a per-task run, its bank, a multitask adapter of
+      several tasks) gives a bank: call the model with `prompt_ids=` (each row's task, in the source's order).
     dtype: the frozen weights' dtype when `base` is loaded here; mesh: shard them over it.
     step: a workdir's checkpoint ("best", "latest" or a number).
   Returns a `PromptedModel`: `m(input_ids=, attention_mask=, decoder_input_ids=, decoder_attention_mask=)` gives
@@ -130,10 +156,14 @@ def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "be
 
   if isinstance(base, (str, os.PathLike)):
     base = load_model(base, dtype=dtype, mesh=mesh)
-  src = load_prompt_source(adapter, step)
-  for warning in src.check(base, str(adapter), strict=not allow_other_base):
-    log.warning(warning)
-  head = None
+  whole = load_prompt_bank(adapter, step) if split_task(adapter)[1] is None else None
+  srcs = list(whole[1].values()) if whole is not None else [load_prompt_source(adapter, step)]
+  for src in srcs:
+    for warning in src.check(base, str(adapter), strict=not allow_other_base):
+      log.warning(warning)
+  if whole is not None:
+    return PromptedModel(base, bank([s.value for s in srcs], [s.spec for s in srcs], base.prefix_slots()))
+  src, head = srcs[0], None
   if src.record.head is not None:  # a classification head trained with the prompt: the model returns its logits
     head = heads.from_hf(src.record.head, base, src.head, str(adapter))
   return PromptedModel(base, fixed(src.value, src.spec, base.prefix_slots(), where=str(adapter)), head)

@@ -7,19 +7,25 @@ module (the NNX module, its `PromptSpec`, its `Method`) plus one line below; not
   prefix_tuning  keys/values [P, Y, 2, K, D] (+ an MLP)        every attention layer         PREFIX_TUNING
   residual       embeddings [P, H] + a residual MLP            the input embeddings          PROMPT_TUNING
   dept           embeddings [m, H] + an offset A [s, r]·B [r, H]  the input; its first s tokens  none
+  multitask      shared [P, H] ∘ a rank-r factor per task       the input embeddings          MULTITASK_PROMPT_TUNING
+  adaption       prompts [L_a, A, H] + gates [L_a]              the top L_a attention layers  ADAPTION_PROMPT
 """
 
 from __future__ import annotations
 
 from jaxprompt.errors import PromptError
+from jaxprompt.prompts.adaption import ADAPTION
 from jaxprompt.prompts.dept import DEPT
 from jaxprompt.prompts.encoders import P_TUNING
+from jaxprompt.prompts.multitask import MULTITASK
 from jaxprompt.prompts.prefix import PREFIX_TUNING
 from jaxprompt.prompts.residual import RESIDUAL
 from jaxprompt.prompts.soft import PROMPT_TUNING, PromptTuningSpec
 from jaxprompt.prompts.spec import Method, PromptSpec
 
-METHODS: dict[str, Method] = {m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, RESIDUAL, DEPT)}
+METHODS: dict[str, Method] = {
+  m.name: m for m in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, RESIDUAL, DEPT, MULTITASK, ADAPTION)
+}
 
 
 def get(name: str) -> Method:

@@ -61,7 +61,7 @@ class PromptMethod(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class PromptTuningSpec(PromptSpec):
-  """Prompt tuning has no options."""
+  """Prompt tuning has no options of its own (a template, `PromptSpec.template`, says where its rows go)."""
 
   method: ClassVar[str] = "prompt_tuning"
 
@@ -72,7 +72,8 @@ class SoftPrompt(PromptMethod):
 
   method = PromptTuningSpec.method
 
-  def __init__(self, value: jax.Array | np.ndarray):
+  def __init__(self, value: jax.Array | np.ndarray, *, template: str | None = None):
+    self.template = template  # its rows go into a template's slots (`data.templates`), not in front
     value = jnp.asarray(value, jnp.float32)
     if value.ndim not in (2, 3):
       raise PromptError(f"a soft prompt is [P, H] (or a bank [K, P, H]), got shape {value.shape}")
@@ -87,19 +88,29 @@ class SoftPrompt(PromptMethod):
     return self.embeddings[...]
 
   def prefix(self, batch_size: int, prompt_ids=None, *, dropout_rng=None) -> Prefix:
+    at_slots = self.template is not None
     if self.embeddings.ndim == 3:  # a bank: the rows, and which of the K prompts each is (`Prefix.bank`)
-      return Prefix(embeds=self.rows(prompt_ids), bank=self.embeddings[...], bank_ids=prompt_ids)
-    return Prefix(embeds=self.rows(prompt_ids))
+      return Prefix(embeds=self.rows(prompt_ids), bank=self.embeddings[...], bank_ids=prompt_ids, at_slots=at_slots)
+    return Prefix(embeds=self.rows(prompt_ids), at_slots=at_slots)
 
   def packed_table(self, dropout_rng=None) -> jax.Array:
     return self.embeddings[...].reshape(-1, self.embeddings.shape[-1])
 
   def spec(self) -> PromptSpec:
-    return PromptTuningSpec()
+    return PromptTuningSpec(template=self.template)
 
   @classmethod
   def stack(cls, modules: Sequence[PromptMethod]) -> "SoftPrompt":
-    return prompt_bank([m.embeddings[...] for m in modules])
+    """A bank of templated prompts (each row's layout is in its input ids) or of prompts in front, not both."""
+    templated = {m.template is not None for m in modules}
+    if len(templated) > 1:
+      raise PromptError(
+        "a mixed batch needs prompts placed alike: templated prompts (prompt.template) and prompts in front of the "
+        "input cannot share a batch"
+      )
+    bank = prompt_bank([m.embeddings[...] for m in modules])
+    bank.template = modules[0].template
+    return bank
 
   def rows(self, prompt_ids: jax.Array | None = None) -> jax.Array:
     """[1, P, H]: one prompt for all rows, or [B, P, H]: row `prompt_ids[b]` of a [K, P, H] bank."""
@@ -232,6 +243,7 @@ def _ids(prompt_ids, batch):
 # prompt is created for training, never when an adapter is loaded.
 PEFT_INIT = {
   "random_uniform": "RANDOM",
+  "random_normal": "RANDOM",
   "sampled_vocab": "SAMPLE_VOCAB",
   "class_labels": "SAMPLE_VOCAB",
   "text": "TEXT",
@@ -252,7 +264,7 @@ def check_embeddings(value: np.ndarray, base, where: str) -> None:
 
 
 def fixed_embeddings(value, spec: PromptSpec, slots, where: str) -> SoftPrompt:
-  return SoftPrompt(value)
+  return SoftPrompt(value, template=spec.template)
 
 
 def peft_embeddings(value: np.ndarray, peft: dict, where) -> np.ndarray:
@@ -302,8 +314,10 @@ PROMPT_TUNING = Method(
   value_shape="[P, H]",
   saves="embeddings [P, H]",
   peft_type="PROMPT_TUNING",
-  build=lambda pcfg, base, tokenizer, labels, rng: SoftPrompt(initial_prompt(pcfg, base, tokenizer, labels, rng)),
-  rebuild=lambda spec, params: SoftPrompt(params["embeddings"]),
+  build=lambda pcfg, base, tokenizer, labels, rng: SoftPrompt(
+    initial_prompt(pcfg, base, tokenizer, labels, rng), template=pcfg.template
+  ),
+  rebuild=lambda spec, params: SoftPrompt(params["embeddings"], template=spec.template),
   fixed=fixed_embeddings,
   check=check_embeddings,
   peft_fields=lambda value, record, base_path: {
@@ -311,4 +325,5 @@ PROMPT_TUNING = Method(
     **_peft_init(record, base_path),
   },
   peft_read=lambda value, peft, where: (peft_embeddings(value, peft, where), PromptTuningSpec()),
+  templates=True,
 )

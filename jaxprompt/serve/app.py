@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI): OpenAI-compatible completions, rank classification, prompt admin, health and metrics.
 
-  POST /v1/completions    OpenAI's completions API (model = a prompt's name, or the base's name for no prompt)
+  POST /v1/completions    OpenAI's completions API (model = a prompt's name, or the base's name for no prompt); a
+                          templated prompt's input may be its fields by name ({"premise": ..., "hypothesis": ...})
   GET  /v1/models         the served names (with the labels each prompt's task records)
   POST /v1/classify       {"model", "input": str | [str], "labels"?: [str]} -> per-label log-probabilities
   POST /v1/prompts        {"name", "path"} add a prompt (needs --admin-token: `Authorization: Bearer TOKEN`)
@@ -61,10 +62,13 @@ Text = Annotated[str, Field(strict=True)]
 Number = Annotated[float, Field(strict=True)]  # JSON ints are numbers too
 
 
+Input = Text | dict[str, Text]  # text, or a templated prompt's fields by name
+
+
 class CompletionRequest(BaseModel):
   model_config = ConfigDict(extra="allow")
   model: Text
-  prompt: Text | list[Text]
+  prompt: Input | list[Input]
   max_tokens: Annotated[int, Field(strict=True, ge=1)] = 16
   temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] = 1.0
   top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] = 1.0
@@ -77,7 +81,7 @@ class CompletionRequest(BaseModel):
 class ClassifyRequest(BaseModel):
   model_config = ConfigDict(extra="forbid")
   model: Text
-  input: Text | list[Text]
+  input: Input | list[Input]
   labels: list[Text] | None = None
 
 
@@ -128,18 +132,22 @@ class _Api:
     return p
 
   @staticmethod
-  def inputs(value, field: str) -> list[str]:
-    texts = [value] if isinstance(value, str) else list(value)
+  def inputs(value, field: str) -> list:
+    texts = [value] if isinstance(value, (str, dict)) else list(value)
     if not texts:
       raise ApiError(400, f"{field}: give at least one input", field)
     return texts
 
-  def tokens(self, texts: list[str], field: str) -> list[list[int]]:
+  def tokens(self, prompt, texts: list, field: str) -> list[list[int]]:
+    """Each input's tokens (a templated prompt lays out its fields; a plain string is its single field)."""
     out = []
     for i, text in enumerate(texts):
-      toks = self.engine.encode(text)
+      where = f"{field}[{i}]" if len(texts) > 1 else field
+      try:
+        toks = self.engine.encode(text, prompt, where)
+      except UserError as e:
+        raise ApiError(400, str(e).splitlines()[0], field) from None
       if len(toks) > self.engine.max_input_tokens:
-        where = f"{field}[{i}]" if len(texts) > 1 else field
         raise ApiError(
           400, f"{where}: {len(toks)} tokens, over this server's limit of {self.engine.max_input_tokens}", field
         )
@@ -234,7 +242,7 @@ class _Api:
       Request(
         "complete", prompt, text, toks, None, max_tokens=body.max_tokens, sampling=sampling, stop=stop, seed=body.seed
       )
-      for text, toks in zip(texts, self.tokens(texts, "prompt"), strict=False)
+      for text, toks in zip(texts, self.tokens(prompt, texts, "prompt"), strict=False)
     ]
 
   async def completions(self, body: CompletionRequest):
@@ -297,7 +305,7 @@ class _Api:
       raise ApiError(400, "labels: give distinct, non-empty label strings", "labels")
     loop = asyncio.get_running_loop()
     futures, reqs = [], []
-    for text, toks in zip(texts, self.tokens(texts, "input"), strict=False):
+    for text, toks in zip(texts, self.tokens(prompt, texts, "input"), strict=False):
       fut, done = self.future(loop)
       futures.append(fut)
       reqs.append(Request("classify", prompt, text, toks, done, labels=labels))

@@ -12,7 +12,9 @@ A prompt is turned, once, when it is loaded, into what every request reuses (`Se
   decoders: its keys and values at every layer (a soft prompt of any method run once at positions 0..P-1, as
     `Decoder.shared_prompt` does in training; a prefix-tuning table as it is), so a request prefills only its own
     tokens: a prompt is a pre-filled cache;
-  T5: its input embeddings (the encoder is bidirectional: nothing to precompute) or a prefix's keys/values.
+  T5: its input embeddings (the encoder is bidirectional: nothing to precompute) or a prefix's keys/values;
+  a templated prompt (`prompt.template`): its input embeddings, scattered into each request's virtual tokens when the
+    request is prefilled (its template lays out the request's fields: `Engine.encode`).
 Prompts whose arrays have the same shapes form a group and are stacked in a bank on the device; a batch gathers
 one row of the bank per request. A group never mixes kinds or lengths (the base alone is the group of no prompt).
 
@@ -29,7 +31,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,7 @@ from flax import nnx
 from jaxprompt.config import GenerateConfig
 from jaxprompt.data import encoding
 from jaxprompt.data.encoding import pad_id
+from jaxprompt.data.templates import Template
 from jaxprompt.errors import PromptError, UserError
 from jaxprompt.inference import decoding
 from jaxprompt.models.interface import Prefix
@@ -48,8 +51,17 @@ from jaxprompt.prompts.record import PromptRecord
 
 log = logging.getLogger(__name__)
 
-_FIELDS = ("embeds", "keys", "values", "input_offset")
-_BATCH_AXIS = {"embeds": 0, "keys": 1, "values": 1, "input_offset": 0}
+_FIELDS = ("embeds", "keys", "values", "input_offset", "adaption", "adaption_gate", "adaption_on")
+_BATCH_AXIS = {
+  "embeds": 0,
+  "keys": 1,
+  "values": 1,
+  "input_offset": 0,
+  "adaption": 0,
+  "adaption_gate": 0,
+  "adaption_on": 0,
+}
+_AT_SLOTS = "at_slots"  # a group key: the prompts' rows go into template slots (`Prefix.at_slots`)
 
 
 class Overloaded(Exception):
@@ -87,12 +99,20 @@ class ServedPrompt:
 
   @property
   def group(self) -> tuple:
-    """Prompts whose prefixes have these shapes share a bank (and a batch)."""
-    return tuple((f, tuple(getattr(self.prefix, f).shape)) for f in _FIELDS if getattr(self.prefix, f) is not None)
+    """Prompts whose prefixes have these shapes (and are placed alike: in front or at template slots) share a bank
+    (and a batch)."""
+    shapes = tuple((f, tuple(getattr(self.prefix, f).shape)) for f in _FIELDS if getattr(self.prefix, f) is not None)
+    return shapes + ((_AT_SLOTS, ()),) if self.prefix.at_slots else shapes
+
+  @property
+  def template(self) -> Template | None:
+    """Where its rows go in a request's input (its record's `prompt.template`); None: in front."""
+    return None if self.record.spec.template is None else Template.parse(self.record.spec.template)
 
   @property
   def length(self) -> int:
-    return max(self.prefix.length, self.prefix.kv_length)
+    slots = self.prefix.embeds.shape[1] if self.prefix.at_slots else 0
+    return max(self.prefix.length, self.prefix.kv_length, slots)
 
 
 def _prompt_source_paths(folder: Path) -> list[Path]:
@@ -108,8 +128,8 @@ def _prompt_source_paths(folder: Path) -> list[Path]:
 
 def _named_sources(paths: Sequence[Path]) -> list[tuple[str, str]]:
   """(name, source) of each prompt in `paths`, named after its file or folder; a per-task run or bank gives one
-  prompt per task, "NAME.TASK" (`task_slug`) — except an export's bank.safetensors beside its tasks' own exports,
-  which it would only repeat."""
+  prompt per task, "NAME.TASK" (`task_slug`) — except an export's bank (bank.safetensors, a multitask bank/
+  adapter) beside its tasks' own exports, which it would only repeat."""
   names = {p.stem if p.is_file() else p.name for p in paths}
   out = []
   for path in paths:
@@ -120,7 +140,7 @@ def _named_sources(paths: Sequence[Path]) -> list[tuple[str, str]]:
       tasks = None
     if tasks is None:
       out.append((name, str(path)))
-    elif path.is_file() and all(task_slug(t) in names for t in tasks):
+    elif all(task_slug(t) in names for t in tasks):  # bank.safetensors, or a multitask export's bank/ adapter
       log.info("%s: its tasks are served from their own exports", path)
     else:
       out += [(f"{name}.{task_slug(t)}", f"{path}@{t}") for t in tasks]
@@ -166,7 +186,9 @@ class PromptStore:
       log.warning(warning)
     module = methods.fixed(src.value, src.spec, self.base.prefix_slots(), where=str(path))
     prefix = module.prefix(1)
-    if prefix.embeds is not None:  # a decoder runs the prompt once (`shared_prompt`); T5 keeps the embeddings
+    # a decoder runs a prompt in front once (`shared_prompt`); T5 keeps the embeddings, and so does a templated
+    # prompt (its rows sit among each request's own tokens, which prefill them)
+    if prefix.embeds is not None and not prefix.at_slots:
       # a DePT offset stays: it goes on each request's own input tokens when it is prefilled
       prefix = self._shared(self._state, jnp.asarray(prefix.embeds)).replace(input_offset=prefix.input_offset)
     prefix = jax.tree.map(jax.device_put, prefix)
@@ -198,8 +220,10 @@ class PromptStore:
       groups.setdefault(p.group, []).append(p)
     banks = {}
     for group, members in groups.items():
-      stacked = {f: jnp.concatenate([getattr(m.prefix, f) for m in members], axis=_BATCH_AXIS[f]) for f, _ in group}
-      banks[group] = ({m.name: i for i, m in enumerate(members)}, Prefix(**stacked))
+      stacked = {
+        f: jnp.concatenate([getattr(m.prefix, f) for m in members], axis=_BATCH_AXIS[f]) for f in _group_fields(group)
+      }
+      banks[group] = ({m.name: i for i, m in enumerate(members)}, Prefix(**stacked, at_slots=_placed(group)))
     return banks
 
   def get(self, name: str) -> ServedPrompt | None:
@@ -213,12 +237,22 @@ class PromptStore:
     was removed or replaced since it was queued still runs with the prompt it asked for."""
     with self._lock:
       served, banks = self._prompts, self._banks
-    index, bank = banks.get(prompts[0].group, ({}, None))
-    fields = [f for f, _ in prompts[0].group]
+    group = prompts[0].group
+    index, bank = banks.get(group, ({}, None))
+    fields, at_slots = _group_fields(group), _placed(group)
     if all(served.get(p.name) is p and p.name in index for p in prompts):
       ids = jnp.asarray([index[p.name] for p in prompts], jnp.int32)
-      return Prefix(**{f: jnp.take(getattr(bank, f), ids, axis=_BATCH_AXIS[f]) for f in fields})
-    return Prefix(**{f: jnp.concatenate([getattr(p.prefix, f) for p in prompts], axis=_BATCH_AXIS[f]) for f in fields})
+      return Prefix(**{f: jnp.take(getattr(bank, f), ids, axis=_BATCH_AXIS[f]) for f in fields}, at_slots=at_slots)
+    rows = {f: jnp.concatenate([getattr(p.prefix, f) for p in prompts], axis=_BATCH_AXIS[f]) for f in fields}
+    return Prefix(**rows, at_slots=at_slots)
+
+
+def _group_fields(group: tuple) -> list[str]:
+  return [f for f, _ in group if f != _AT_SLOTS]
+
+
+def _placed(group: tuple) -> bool:
+  return any(f == _AT_SLOTS for f, _ in group)
 
 
 # -- requests --------------------------------------------------------------------------------------------------
@@ -242,7 +276,7 @@ class Request:
 
   kind: str
   prompt: ServedPrompt | None
-  text: str
+  text: str | Mapping[str, str]  # the input: text, or a templated prompt's fields by name
   tokens: list[int]
   on_done: Callable
   max_tokens: int = 16
@@ -336,8 +370,13 @@ class Engine:
 
   # -- intake ------------------------------------------------------------------------------------------------
 
-  def encode(self, text: str) -> list[int]:
-    return encoding.input_rows(self.base.batch_type, self.tokenizer, [text])[0]
+  def encode(
+    self, text: str | Mapping[str, str], prompt: ServedPrompt | None = None, where: str = "input"
+  ) -> list[int]:
+    """A request's input as token ids: text, or laid out by a templated prompt's template (its fields by name, or
+    a string as its single field); a DataError naming `where` when they do not fit it."""
+    template = prompt.template if prompt is not None else None
+    return encoding.input_rows(self.base.batch_type, self.tokenizer, [text], template, where)[0]
 
   def submit(self, requests: Sequence[Request]) -> None:
     """Queue all of `requests` or none (Overloaded when they do not fit, Draining while stopping)."""
@@ -479,7 +518,13 @@ class Engine:
     label_ids, label_mask = self.labels(labels)
     rows = [r for r in batch] + [batch[0]] * (b - n)
     length = bucket(max(len(r.tokens) for r in rows), self.lengths)
-    examples = [{"inputs": r.text, "targets": labels[0]} for r in rows]
+    template = batch[0].prompt.template if batch[0].prompt is not None else None
+    examples = [
+      {"inputs": r.text, "targets": labels[0]}
+      if template is None
+      else {"fields": template.values(r.text), "targets": labels[0]}
+      for r in rows
+    ]
     data = encoding.encode(
       self.base.batch_type,
       examples,
@@ -487,6 +532,7 @@ class Engine:
       input_length=length,
       target_length=label_ids.shape[1],
       name="classify",
+      template=template,
     )
     scores = np.asarray(
       self._rank(self.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask, self._prefix(batch, b))

@@ -89,7 +89,17 @@ def check_tasks(record: PromptRecord, run: Run, where: Path) -> None:
 # What a checkpoint's state is shaped by, besides the base model and the tasks (checked apart): the prompt section
 # but for how a fresh prompt is initialised, and the optimizer's kind and the transforms it chains. A key outside
 # these (train.steps, eval.every, optimizer.learning_rate...) may change between runs of one workdir.
-_INIT_ONLY = ("init", "init_range", "vocab_sample_size", "init_text", "init_file", "allow_other_base")
+_INIT_ONLY = (
+  "init",
+  "init_range",
+  "vocab_sample_size",
+  "init_text",
+  "init_file",
+  "allow_other_base",
+  "multitask_source",
+  "multitask_init",
+  "multitask_source_task",
+)
 _SHAPELESS = ("encoder_dropout", "mlp_dropout", "dept_alpha")  # rates and scales: no state of their own
 # keys whose value only scales updates, but whose being set (non-zero) or not adds a transform and its state
 _SET_OR_NOT = (
