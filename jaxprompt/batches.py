@@ -412,3 +412,57 @@ def take_rows(batch, idx: np.ndarray):
 def concat_rows(batches: Sequence):
   """One numpy batch holding the rows of `batches` (of one type and length layout) in order."""
   return jax.tree.map(lambda *a: np.concatenate(a), *batches)
+
+
+@struct.dataclass
+class ClassBatch(_Batch):
+  """Examples for a classification head (`prompts.heads`), for every model kind: the input alone, right-padded (a
+  causal model's real tokens then see what they see unpadded), and class ids. A sequence head has one label per
+  row (T = 1); a token head one per input position (T = L), -100-style positions (special tokens, a word's later
+  sub-tokens, padding) masked out."""
+
+  input_ids: jax.Array  # [B, L]
+  input_mask: jax.Array  # [B, L]
+  labels: jax.Array  # [B, T] class ids (0 where masked)
+  label_mask: jax.Array  # [B, T]
+  task_ids: jax.Array | None = None  # [B]: each row's prompt in a bank (prompt.per_task)
+  per_token: bool = struct.field(pytree_node=False, default=False)
+  LOSS_MASK: ClassVar[str] = "label_mask"
+
+  @property
+  def row_length(self) -> int:
+    return self.input_ids.shape[1]
+
+  def cropped(self, input_length: int) -> "ClassBatch":
+    labels, mask = (
+      (self.labels[:, :input_length], self.label_mask[:, :input_length])
+      if self.per_token
+      else (self.labels, self.label_mask)
+    )
+    return self.replace(
+      input_ids=self.input_ids[:, :input_length],
+      input_mask=self.input_mask[:, :input_length],
+      labels=labels,
+      label_mask=mask,
+    )
+
+  @classmethod
+  def of_rows(
+    cls, rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *, length: int, pad: int, per_token: bool
+  ) -> "ClassBatch":
+    """Token rows [N][<= length] and their labels (per token: one per token, -100 for none; else one per row)
+    -> a numpy batch."""
+    ids, mask = pad_rows(rows, length, pad)
+    width = length if per_token else 1
+    out = np.full((len(rows), width), -100, np.int64)
+    for i, lab in enumerate(labels):
+      out[i, : len(lab)] = lab
+    return cls(ids, mask, np.maximum(out, 0).astype(np.int32), (out >= 0).astype(np.int32), per_token=per_token)
+
+  @classmethod
+  def shapes(cls, batch_size: int, input_length: int, target_length: int, per_token: bool = False) -> "ClassBatch":
+    def s(n):
+      return jax.ShapeDtypeStruct((batch_size, n), np.int32)
+
+    t = input_length if per_token else 1
+    return cls(s(input_length), s(input_length), s(t), s(t), per_token=per_token)

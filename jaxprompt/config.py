@@ -331,6 +331,25 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """What the prompted model's outputs are scored with (`prompts.heads`)."""
+
+  # lm: the language model's own head (targets as text; rank / generate evaluation); sequence: a classifier on one
+  # state per example (decoders: the last real token; T5: the decoder at EOS), trained with the prompt; token: a
+  # classifier on every word's first sub-token (tasks with words and tags, e.g. wnut17)
+  type: Literal["lm", "sequence", "token"] = "lm"
+  dropout: float | None = None  # before the classifier, training only (default: transformers' for that model class)
+  # token heads: which sub-token of a word carries its label and prediction. first: HF's token-classification
+  # examples (and PEFT); last: the one that has seen the whole word in a causal model (a decoder's first sub-token
+  # has not, e.g. a tokenizer that starts every word with a bare "▁")
+  word_token: Literal["first", "last"] = "first"
+
+  def __post_init__(self):
+    if self.dropout is not None and not 0 <= self.dropout < 1:
+      raise ConfigError(f"head.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 30000
   batch_size: int = 32  # global
@@ -401,6 +420,7 @@ class CheckpointConfig:
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+  head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

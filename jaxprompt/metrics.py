@@ -11,6 +11,9 @@ Task metric names (`classification_metrics` / `generation_metrics`):
   numeric values, e.g. STS-B), group_exact_match (MultiRC: every answer of a question right);
   exact_match, token_f1 (SQuAD-normalised, max over reference answers, one per group: ReCoRD),
   wsc_accuracy (T5's wsc_simple referent matching).
+Token classification (`entity_metrics`, tag strings per word): entity_f1 / entity_precision / entity_recall
+(micro over entity types, entities as seqeval's default mode reads IOB / IOBES tags: CoNLL's conlleval), and
+tag_accuracy (per word).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 
 CLASSIFICATION = ("accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman", "group_exact_match")
 GENERATION = ("exact_match", "token_f1", "wsc_accuracy")
+SEQUENCE_HEAD = ("accuracy", "macro_f1", "matthews")  # what a sequence head reports beside its task's metrics
+ENTITY = ("entity_f1", "entity_precision", "entity_recall", "tag_accuracy")  # token classification (IOB tags)
 
 
 def _arrays(gold, pred) -> tuple[np.ndarray, np.ndarray]:
@@ -292,3 +297,61 @@ def generation_metrics(
     else:
       raise ValueError(f"unknown generation metric {name!r}; known: {', '.join(GENERATION)}")
   return out
+
+
+# -- entity-level scores of tag sequences (seqeval's default, "conlleval" mode) -------------------------------------
+# A chunk ends where the previous tag closes one (E, S; B or I before B, S or O; a change of type) and starts where
+# this tag opens one (B, S; E or I after O, E or S; a change of type): so "I-X" after "O" starts an entity, and
+# "B-X I-Y" is two. Sentences are scored as one sequence with an "O" between them, as seqeval does.
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+  """ "B-PER" -> ("B", "PER"); "O" -> ("O", "_") (seqeval's reading: the prefix letter, the rest after a dash)."""
+  return tag[:1], tag[1:].split("-", maxsplit=1)[-1] or "_"
+
+
+def _chunk_ends(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+  return (
+    prev_tag in ("E", "S")
+    or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
+    or (prev_tag not in ("O", ".") and prev_type != type_)
+  )
+
+
+def _chunk_starts(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+  return (
+    tag in ("B", "S")
+    or (prev_tag in ("E", "S", "O") and tag in ("E", "I") and not (prev_tag == "S" and tag == "S"))
+    or (tag not in ("O", ".") and prev_type != type_)
+  )
+
+
+def entities(sentences: Sequence[Sequence[str]]) -> set[tuple[str, int, int]]:
+  """Every entity (type, first, last) of tag sentences, positions in the sentences joined with an "O" between."""
+  seq = [t for sent in sentences for t in list(sent) + ["O"]]
+  out, prev_tag, prev_type, begin = set(), "O", "", 0
+  for i, chunk in enumerate(seq + ["O"]):
+    tag, type_ = _split_tag(chunk)
+    if _chunk_ends(prev_tag, tag, prev_type, type_):
+      out.add((prev_type, begin, i - 1))
+    if _chunk_starts(prev_tag, tag, prev_type, type_):
+      begin = i
+    prev_tag, prev_type = tag, type_
+  return out
+
+
+def entity_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict[str, float]:
+  """Micro precision / recall / F1 over entities (exact type and span) and per-word tag accuracy of predicted tag
+  sentences against gold ones (0.0 where undefined)."""
+  if len(gold) != len(pred) or any(len(g) != len(p) for g, p in zip(gold, pred, strict=False)):
+    raise ValueError("gold and predicted tag sentences must have the same lengths")
+  g, p = entities(gold), entities(pred)
+  tp = len(g & p)
+  precision = tp / len(p) if p else 0.0
+  recall = tp / len(g) if g else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  words = sum(len(s) for s in gold)
+  same = sum(a == b for gs, ps in zip(gold, pred, strict=True) for a, b in zip(gs, ps, strict=True))
+  return dict(
+    entity_f1=f1, entity_precision=precision, entity_recall=recall, tag_accuracy=same / words if words else 0.0
+  )

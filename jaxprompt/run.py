@@ -28,7 +28,7 @@ from jaxprompt.errors import ConfigError, DataError
 from jaxprompt.models import hf
 from jaxprompt.models.interface import require_lm_head
 from jaxprompt.models.loading import architecture_summary, load_model, load_tokenizer
-from jaxprompt.prompts import PromptedModel, PromptParam, methods, registry
+from jaxprompt.prompts import PromptedModel, PromptParam, heads, methods, registry
 from jaxprompt.prompts.record import TaskMember, TaskRecord
 from jaxprompt.prompts.spec import PromptSpec
 
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 LOSS_METRICS = ("eval_loss", "eval_seq_accuracy")  # every eval mode computes these
 
 
-def load_base(mcfg: C.ModelConfig, mesh=None):
-  """(frozen base model, tokenizer) as the model section says."""
+def load_base(mcfg: C.ModelConfig, mesh=None, *, lm_head: bool = True):
+  """(frozen base model, tokenizer) as the model section says; `lm_head`: the run scores text targets (no
+  classification head), which a model without a language-model head (an encoder) refuses."""
   base = load_model(
     mcfg.path,
     dtype=jnp.dtype(mcfg.dtype),
@@ -51,7 +52,8 @@ def load_base(mcfg: C.ModelConfig, mesh=None):
     revision=mcfg.revision,
     allow_pytorch_bin=mcfg.allow_pytorch_bin,
   )
-  require_lm_head(base, "training and evaluation on text targets")
+  if lm_head:
+    require_lm_head(base, "training and evaluation on text targets")
   tok_path = mcfg.tokenizer or mcfg.path
   tokenizer = load_tokenizer(tok_path)
   if len(tokenizer) > base.config.vocab_size:
@@ -110,18 +112,24 @@ def union_labels(members) -> tuple[str, ...] | None:
   return out or None
 
 
-def available_metrics(task: Task, mode: str) -> tuple[str, ...]:
-  """The metric names an evaluation in `mode` computes for `task`."""
+def available_metrics(task: Task, mode: str, head: str = "lm") -> tuple[str, ...]:
+  """The metric names an evaluation in `mode` (or of a classification head, `head.type`) computes for `task`."""
+  if head != "lm":
+    if task.per_token:
+      return LOSS_METRICS + M.ENTITY
+    return LOSS_METRICS + tuple(
+      dict.fromkeys(M.SEQUENCE_HEAD + tuple(m for m in task.metrics if m in M.CLASSIFICATION))
+    )
   if mode == "loss":
     return LOSS_METRICS
   known = M.CLASSIFICATION if task.labels else M.GENERATION
   return LOSS_METRICS + tuple(m for m in task.metrics if m in known)
 
 
-def mixture_metrics(members, mode: str) -> tuple[str, ...]:
+def mixture_metrics(members, mode: str, head: str = "lm") -> tuple[str, ...]:
   """What evaluating several tasks reports: each member's metrics as NAME/metric, and the metrics every member
   computes, averaged over the members, under their plain names."""
-  each = [available_metrics(m.task, mode) for m in members]
+  each = [available_metrics(m.task, mode, head) for m in members]
   if len(members) == 1:
     return each[0]
   common = tuple(k for k in each[0] if all(k in e for e in each))
@@ -139,7 +147,8 @@ def validate(cfg: C.Config, members, mesh) -> None:
     )
   if tc.batch_size % dp:
     raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by the data-parallel devices ({dp})")
-  metrics = mixture_metrics(members, ec.mode)
+  _validate_head(cfg, members)
+  metrics = mixture_metrics(members, ec.mode, cfg.head.type)
   if ec.metric not in metrics:
     names = ", ".join(m.task.name for m in members)
     raise ConfigError(
@@ -159,6 +168,28 @@ def validate(cfg: C.Config, members, mesh) -> None:
   ):
     if value < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _validate_head(cfg: C.Config, members) -> None:
+  """A classification head (`head.type`) against the task: one task with labels, tags per word for a token head."""
+  kind = cfg.head.type
+  if kind == "lm":
+    tagged = [m.task.name for m in members if m.task.per_token]
+    if tagged:
+      raise ConfigError(f"task {tagged[0]} labels every word: it needs head.type token")
+    return
+  if len(members) > 1:
+    raise ConfigError(f"head.type {kind} trains one task's classifier; data.mixture is not supported with it")
+  task = members[0].task
+  if not task.labels:
+    raise ConfigError(f"head.type {kind} needs a task with labels; {task.name} is generative")
+  if task.per_token != heads.head_type(kind).per_token:
+    want, per = ("token", "word") if task.per_token else ("sequence", "example")
+    raise ConfigError(f"head.type {kind} does not fit task {task.name} (a label per {per}): use head.type {want}")
+  if cfg.data.pack is True:
+    raise ConfigError(f"data.pack packs text-to-text rows; head.type {kind} reads one example per row")
+  if cfg.prompt.template is not None:
+    raise ConfigError(f"prompt.template places a prompt in text-to-text inputs; head.type {kind} puts it in front")
 
 
 def _validate_template(pc: C.PromptConfig, dc: C.DataConfig, members) -> None:
@@ -217,6 +248,7 @@ class Run:
   frozen: dict  # pure dict of the frozen base weights
   members: tuple[Member, ...]  # the tasks (one, or a mixture's)
   prompt_spec: PromptSpec  # the prompt method and its options (`PromptMethod.spec()`)
+  head_spec: heads.HeadSpec | None = None  # a classification head trained with the prompt (None: the LM head)
 
   @property
   def identity(self):
@@ -255,6 +287,8 @@ class Run:
   def encode(self, examples: list[dict], name: str):
     """Examples -> one numpy batch of every row, laid out for this model kind."""
     d = self.cfg.data
+    if self.head_spec is not None:
+      return self.head_spec.encode(examples, self.tokenizer, input_length=d.input_length, name=name)
     return encoding.encode(
       self.base.batch_type,
       examples,
@@ -275,9 +309,8 @@ class Run:
     """Are training rows packed (`data.pack`; auto: a seq2seq model with an input prompt in front of it)?"""
     pack = self.cfg.data.pack
     if pack == "auto":
-      return (
-        self.base.supports_packing and registry.get(self.cfg.prompt.method).embeds and self.cfg.prompt.template is None
-      )
+      embeds = registry.get(self.cfg.prompt.method).embeds
+      return self.base.supports_packing and embeds and self.cfg.prompt.template is None and self.head_spec is None
     return pack
 
   def device_batch(self, local):
@@ -305,7 +338,7 @@ def build_run(
   if bases is not None and key in bases:
     base, tokenizer = bases[key]
   else:
-    base, tokenizer = load_base(cfg.model, mesh)
+    base, tokenizer = load_base(cfg.model, mesh, lm_head=cfg.head.type == "lm")
     if bases is not None:
       bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)
@@ -319,7 +352,11 @@ def build_run(
     method = methods.build_bank(cfg.prompt, base, tokenizer, [m.labels for m in members], rng)
   else:
     method = methods.build(cfg.prompt, base, tokenizer, union_labels(members), rng)
-  graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, method), PromptParam, ...)
+  head_spec, head = None, None
+  if cfg.head.type != "lm":
+    head_spec = heads.HeadSpec(cfg.head.type, tuple(members[0].labels), word_token=cfg.head.word_token).on(base)
+    head = heads.build(head_spec, base, jax.random.fold_in(rng, 2), dropout=cfg.head.dropout)
+  graphdef, prompt_state, frozen_state = nnx.split(PromptedModel(base, method, head), PromptParam, ...)
   prompt = jax.device_put(prompt_state.to_pure_dict(), shd.replicated(mesh))
   run = Run(
     cfg=cfg,
@@ -331,5 +368,6 @@ def build_run(
     frozen=frozen_state.to_pure_dict(),
     members=members,
     prompt_spec=method.spec(),
+    head_spec=head_spec,
   )
   return run, train

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from jaxprompt.batches import input_row
+from jaxprompt.batches import ClassBatch, input_row, trim
 from jaxprompt.data.templates import Template
 from jaxprompt.errors import DataError
 
@@ -129,3 +129,61 @@ def encode_inputs(
   if max_length and template is None:
     rows = [batch_type.cut_input(r, max_length) for r in rows]
   return batch_type.layout_inputs(rows, max(len(r) for r in rows), pad_id(tokenizer))
+
+
+# -- classification heads (`prompts.heads`): inputs and class ids ------------------------------------------------
+
+
+def encode_sequence_labels(
+  examples: Sequence[Mapping], tokenizer, *, input_length: int, name: str = "data", word_token: str = "first"
+):
+  """Examples with a class id ("label"; -1: unlabelled, no loss) -> a `batches.ClassBatch` with one label per row:
+  the input with the tokenizer's special tokens, cut to `input_length` keeping a final EOS (T5's classifier reads
+  the decoder there)."""
+  if not examples:
+    raise DataError(f"{name}: the dataset is empty")
+  rows, cut = [], 0
+  for ids in ids_of(tokenizer, [ex["inputs"] for ex in examples], True):
+    row, was_cut = trim(ids, input_length, tokenizer.eos_token_id)
+    rows.append(row)
+    cut += was_cut
+  if cut:
+    log.warning("%s: truncated %d of %d inputs to %d tokens", name, cut, len(examples), input_length)
+  labels = [[ex["label"]] if ex.get("label", -1) >= 0 else [] for ex in examples]
+  return ClassBatch.of_rows(rows, labels, length=input_length, pad=pad_id(tokenizer), per_token=False)
+
+
+def word_rows(tokenizer, words: Sequence[Sequence[str]]) -> list[tuple[list[int], list[int | None]]]:
+  """Pre-split words -> (token ids with the tokenizer's special tokens, the word of each token or None), as
+  transformers' `is_split_into_words` encodes them (a fast tokenizer's `word_ids`)."""
+  enc = tokenizer([list(w) for w in words], is_split_into_words=True, add_special_tokens=True)
+  try:
+    return [(list(enc["input_ids"][i]), list(enc.word_ids(i))) for i in range(len(words))]
+  except ValueError as e:  # a slow (Python) tokenizer keeps no word alignment
+    raise DataError(f"token classification needs a fast tokenizer (word alignment): {e}") from None
+
+
+def encode_token_labels(
+  examples: Sequence[Mapping], tokenizer, *, input_length: int, name: str = "data", word_token: str = "first"
+):
+  """Examples with "words" and their tag ids "tags" -> a `batches.ClassBatch` with a label per token: a word's
+  first sub-token (`word_token` "last": its last) carries its tag, its other sub-tokens and the special tokens none
+  (HF's token-classification examples); a row longer than `input_length` is cut (its last words then have no
+  prediction: "O")."""
+  if not examples:
+    raise DataError(f"{name}: the dataset is empty")
+  rows, labels, cut = [], [], 0
+  for ex, (ids, words) in zip(examples, word_rows(tokenizer, [ex["words"] for ex in examples]), strict=True):
+    tags = ex["tags"]
+    order = words if word_token == "first" else words[::-1]
+    lab, prev = [], None
+    for w in order:
+      lab.append(-100 if w is None or w == prev else int(tags[w]))
+      prev = w
+    lab = lab if word_token == "first" else lab[::-1]
+    cut += len(ids) > input_length
+    rows.append(ids[:input_length])
+    labels.append(lab[:input_length])
+  if cut:
+    log.warning("%s: truncated %d of %d inputs to %d tokens", name, cut, len(examples), input_length)
+  return ClassBatch.of_rows(rows, labels, length=input_length, pad=pad_id(tokenizer), per_token=True)

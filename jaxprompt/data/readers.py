@@ -6,6 +6,9 @@
 .tsv    header row, then tab-separated rows; quotes are text (GLUE's TSVs are not quoted)
 .txt    "LABEL text" per line (SST-2 / TREC style): the label is the first whitespace-separated token,
         the text the rest of the line; the task names the two columns these fill.
+.conll  CoNLL token classification: "token TAB tag" per line (a token's other columns, if any, are ignored: the tag
+        is the last one), a whitespace-only line ends a sentence; one row per sentence, {"tokens": [...],
+        "ner_tags": [...]} (HF's field names). Also .annotated (WNUT-17's test file).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Iterator
 
 from jaxprompt.errors import DataError, MissingPathError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".conll", ".annotated")
 _LINE = re.compile(r"(\S+)\s(.*)")
 
 
@@ -41,6 +44,8 @@ def read_rows(path: str | Path, *, line_fields: tuple[str, str] | None = None) -
         "use .jsonl/.csv/.tsv with the task's columns"
       )
     return list(_label_text(path, line_fields))
+  if suffix in (".conll", ".annotated"):
+    return list(_conll(path))
   raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
@@ -100,3 +105,26 @@ def _label_text(path: Path, fields: tuple[str, str]) -> Iterator[tuple[str, dict
       if m is None:
         raise DataError(f"{path} line {n}: expected 'LABEL text', got {line!r:.80}")
       yield f"{path} line {n}", {label_key: m.group(1), text_key: m.group(2)}
+
+
+def _conll(path: Path) -> Iterator[tuple[str, dict]]:
+  """One row per sentence: its tokens and tags; a whitespace-only line (WNUT-17's train file has lines of a single
+  TAB) ends a sentence."""
+  tokens: list[str] = []
+  tags: list[str] = []
+  start = 1
+  with path.open(encoding="utf-8-sig") as f:
+    for n, line in enumerate(f, 1):
+      line = line.rstrip("\r\n")
+      if not line.strip():
+        if tokens:
+          yield f"{path} line {start}", {"tokens": tokens, "ner_tags": tags}
+        tokens, tags, start = [], [], n + 1
+        continue
+      cells = line.split("\t") if "\t" in line else line.split()
+      if len(cells) < 2 or not cells[0] or not cells[-1].strip():
+        raise DataError(f"{path} line {n}: expected 'token TAB tag', got {line!r:.80}")
+      tokens.append(cells[0])
+      tags.append(cells[-1].strip())
+  if tokens:
+    yield f"{path} line {start}", {"tokens": tokens, "ner_tags": tags}

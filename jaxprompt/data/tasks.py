@@ -52,6 +52,7 @@ class Task:
   line_fields: tuple[str, str] | None = None  # columns that a "LABEL text" line of a .txt file fills
   taskless: bool = False
   generate_rows: Callable[[str], list[Row]] | None = None  # a task that makes its own rows (split -> rows)
+  per_token: bool = False  # a tag per word (examples carry "words" and "tags"): token classification (head.type)
   # the named fields every example carries as ex["fields"] (what a prompt template places, `data.templates`)
   fields: tuple[str, ...] = ()
 
@@ -67,7 +68,7 @@ class Task:
     for ex in out:
       if self.taskless:
         ex["inputs"] = T5.remove_first_text_token(ex["inputs"])
-      if self.labels is not None:
+      if self.labels is not None and not self.per_token:
         ex["label"] = self.labels.index(ex["targets"]) if ex["targets"] in self.labels else -1
     return out
 
@@ -231,6 +232,52 @@ _BUILTIN_TASKS = (
   ),
 )
 
+
+# -- token classification (CoNLL files) and TREC -------------------------------------------------------------------
+
+# WNUT-17 (Derczynski et al. 2017; CC-BY-4.0): 6 entity types in IOB2, the tag order of HF's `wnut_17` ner_tags
+WNUT17_TAGS = (
+  "O",
+  *(f"{p}-{t}" for t in ("corporation", "creative-work", "group", "location", "person", "product") for p in "BI"),
+)
+
+
+def _tagged(row: Row, split: str, *, labels: tuple[str, ...]) -> list[dict]:
+  """A sentence {"tokens", "ner_tags" (tag strings, or ids into `labels`)} -> one example: "words", "tags" (ids),
+  and the text forms "inputs" (the words) / "targets" (the tags) for the language-model head and reports."""
+  words, raw = R.texts(row, "tokens"), R.value(row, "ner_tags")
+  if not isinstance(raw, (list, tuple)) or len(raw) != len(words):
+    raise R.RowError("ner_tags", f"needs one tag per token ({len(words)} tokens)")
+  ids = [labels.index(t) if t in labels else t for t in raw]  # tag strings, or ids already (HF datasets)
+  bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(labels)]
+  if bad:
+    raise R.RowError("ner_tags", f"unknown tags {[str(t) for t in bad][:5]}; tags: {', '.join(labels)}")
+  tags = [labels[i] for i in ids]
+  return [{"inputs": " ".join(words), "targets": " ".join(tags), "words": list(words), "tags": ids}]
+
+
+TREC_LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")  # the 6 coarse classes
+
+
+def _trec(row: Row, split: str) -> list[dict]:
+  """ "COARSE:fine question" (Li & Roth's files) -> the question, its coarse class as the target."""
+  label = R.text(row, "label").split(":", 1)[0]
+  if label not in TREC_LABELS:
+    raise R.RowError("label", f"{label!r} is not a TREC coarse class ({', '.join(TREC_LABELS)})")
+  return [{"inputs": R.text(row, "text"), "targets": label}]
+
+
+_BUILTIN_TASKS += (
+  Task(
+    "wnut17",
+    functools.partial(_tagged, labels=WNUT17_TAGS),
+    WNUT17_TAGS,
+    ("entity_f1", "entity_precision", "entity_recall", "tag_accuracy"),
+    hf_name=("leondz/wnut_17", "wnut_17"),
+    per_token=True,
+  ),
+  Task("trec", _trec, TREC_LABELS, ("accuracy", "macro_f1"), line_fields=("label", "text")),
+)
 
 BUILTIN: dict[str, Task] = {t.name: t for t in _BUILTIN_TASKS}
 # Bare names; "rte" is SuperGLUE's (the paper's), GLUE's RTE needs "glue/rte".

@@ -17,11 +17,11 @@ import jax
 import numpy as np
 
 from jaxprompt import metrics as M
-from jaxprompt.data import encoding
 from jaxprompt.data.pipeline import eval_batches
 from jaxprompt.data.sources import task_examples
 from jaxprompt.errors import DataError
 from jaxprompt.evaluation.generate import GenerateEval
+from jaxprompt.evaluation.head import HeadEval
 from jaxprompt.evaluation.loss import LossEval
 from jaxprompt.evaluation.rank import RankEval
 from jaxprompt.evaluation.steps import EvalContext, make_eval_fns
@@ -31,8 +31,11 @@ __all__ = ["MODES", "EvalContext", "Evaluator", "MixtureEvaluator", "evaluator_f
 MODES = {m.name: m for m in (LossEval, RankEval, GenerateEval)}
 
 
-def mode_for(requested: str, labels) -> type:
-  """The evaluation mode class for `eval.mode` on a task with (or without) label strings."""
+def mode_for(requested: str, labels, head=None) -> type:
+  """The evaluation mode class for `eval.mode` on a task with (or without) label strings; a classification head
+  (`head`: its `HeadSpec`) is evaluated by its predictions whatever the mode."""
+  if head is not None:
+    return HeadEval
   return MODES["generate" if requested == "rank" and not labels else requested]
 
 
@@ -50,23 +53,16 @@ class Evaluator:
     if examples is None:
       examples = task_examples(member.data, ctx.eval_split).examples
     self.examples = examples[: ctx.max_examples] if ctx.max_examples else examples
-    self.arrays = encoding.encode(
-      ctx.batch_type,
-      self.examples,
-      ctx.tokenizer,
-      input_length=ctx.input_length,
-      target_length=ctx.target_length,
-      name=f"{member.name}/{ctx.eval_split}",
-      template=ctx.template,
-    )
+    self.arrays = ctx.encode(self.examples, f"{member.name}/{ctx.eval_split}")
     if prompt_id is not None:
       self.arrays = self.arrays.with_task_ids(prompt_id)
     # every host gets the same number of rows, and the batch splits evenly over the (data, fsdp) axes
     shards = math.lcm(jax.process_count(), ctx.data_parallel)
     self.batch_size = _round_up(min(ctx.batch_size, len(self.examples)), shards)
-    self.mode = mode_for(ctx.mode, self.labels)(ctx, self.labels, self.examples)
-    if self.labels:  # the label strings as the model scores them [C, T] (ensembles rank with them too)
-      self.label_ids, self.label_mask = RankEval.encode_labels(ctx, self.labels)
+    self.mode = mode_for(ctx.mode, self.labels, ctx.head)(ctx, self.labels, self.examples)
+    if self.labels and not self.task.per_token:
+      if ctx.head is None:  # the label strings as the model scores them [C, T] (ensembles rank with them too)
+        self.label_ids, self.label_mask = RankEval.encode_labels(ctx, self.labels)
       self.gold = np.array(
         [ex["label"] if "label" in ex else _label_index(self.labels, ex["targets"]) for ex in self.examples]
       )
@@ -95,6 +91,8 @@ class Evaluator:
     scored = self.gold >= 0  # test splits carry no labels
     groups = [ex.get("group") for ex in self.examples] if any("group" in ex for ex in self.examples) else None
     names = [m for m in self.task.metrics if m in M.CLASSIFICATION]
+    if self.ctx.head is not None:
+      names = list(dict.fromkeys(M.SEQUENCE_HEAD + tuple(names)))
     self.confusion = M.confusion_matrix(self.gold[scored], preds[scored], len(self.labels)).tolist()
     return M.classification_metrics(
       names,
@@ -105,6 +103,8 @@ class Evaluator:
     )
 
   def _task_metrics(self) -> dict:
+    if self.task.per_token:  # a token head (`run.validate`)
+      return self.mode.entity_metrics()
     preds, texts = self.mode.predictions()
     if preds is not None:
       return self.classification_metrics(preds)
@@ -117,7 +117,7 @@ class Evaluator:
     """-> (metrics, one record per example)."""
     metrics = self._pass(prompt)
     metrics.update(self._task_metrics())
-    gold = self.gold if self.labels else [None] * len(self.examples)
+    gold = self.gold if self.labels and not self.task.per_token else [None] * len(self.examples)
     records = [
       dict(index=i, inputs=ex["inputs"], targets=ex["targets"], **self.mode.record(i, gold[i]))
       for i, ex in enumerate(self.examples)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxprompt import sharding as shd
 from jaxprompt.config import GenerateConfig
+from jaxprompt.data import encoding
 from jaxprompt.losses import TokenSums, cross_entropy
 from jaxprompt.models.cpu import auto_microbatches
 
@@ -76,6 +77,17 @@ def make_eval_fns(graphdef, *, z_loss: float, data_parallel: int = 1):
   return _chunked(loss_step, graphdef, data_parallel), _chunked(rank_step, graphdef, data_parallel)
 
 
+def make_head_fn(graphdef, *, z_loss: float, data_parallel: int = 1):
+  """head_step(prompt, frozen, batch, weights) -> (loss sums, predicted classes [B, T]) of a classification head
+  (`prompts.heads`; a `batches.ClassBatch`)."""
+
+  def head_step(prompt, frozen, batch, weights):
+    logits, targets, mask = nnx.merge(graphdef, prompt, frozen).score_targets(batch)
+    return cross_entropy(logits, targets, mask, z_loss, weights=weights), jnp.argmax(logits, axis=-1)
+
+  return _chunked(head_step, graphdef, data_parallel)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalContext:
   """What an evaluation needs from a run: the split model (graphdef + frozen weights; the prompt comes with each
@@ -96,6 +108,7 @@ class EvalContext:
   mode: str  # the configured eval.mode (`evaluation.evaluator.MODES`)
   z_loss: float
   generate: GenerateConfig
+  head: Any = None  # the run's classification head (`prompts.heads.HeadSpec`), None: the LM head
   template: Any = None  # `data.templates.Template`: where the prompt's rows go in each input (None: in front)
 
   @classmethod
@@ -116,7 +129,22 @@ class EvalContext:
       mode=cfg.eval.mode,
       z_loss=cfg.train.z_loss,
       generate=cfg.generate,
+      head=run.head_spec,
       template=run.template,
+    )
+
+  def encode(self, examples: list[dict], name: str):
+    """Examples -> one numpy batch of every row, as training lays them out for this model and head."""
+    if self.head is not None:
+      return self.head.encode(examples, self.tokenizer, input_length=self.input_length, name=name)
+    return encoding.encode(
+      self.batch_type,
+      examples,
+      self.tokenizer,
+      input_length=self.input_length,
+      target_length=self.target_length,
+      name=name,
+      template=self.template,
     )
 
   @property

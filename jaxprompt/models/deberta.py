@@ -193,6 +193,12 @@ class DebertaV2(Encoder):
         self.rel_norm = L.param(jnp.ones((h,), param_dtype), ("embed",))
         self.rel_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
 
+  def sequence_head(self):
+    raise ModelError(
+      "deberta-v2: a sequence head (DebertaV2ForSequenceClassification's ContextPooler + classifier) is not "
+      "implemented; head.type token works"
+    )
+
   def positions(self, input_ids, length: int, kv_length: int = 0) -> jax.Array:
     """0..length-1 (used only where `position_biased_input`)."""
     if self.config.position_biased_input and length > self.config.max_position_embeddings:

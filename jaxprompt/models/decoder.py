@@ -32,7 +32,7 @@ from jaxprompt.errors import ModelError
 from jaxprompt.models import hf
 from jaxprompt.models import kv as KV
 from jaxprompt.models import layers as L
-from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots
+from jaxprompt.models.interface import FrozenLM, HeadLayout, Prefix, PrefixSlots, last_real
 
 log = logging.getLogger(__name__)
 
@@ -643,6 +643,30 @@ class Decoder(FrozenLM):
         logits = jnp.concatenate([logits, self.logits(h)], axis=1)
       out.append((logits, mask) if cont is None else L.sequence_logprob(logits, ids, mask).reshape(b, r))
     return out
+
+  # -- classification heads (`prompts.heads`) --------------------------------------------------
+
+  def token_states(self, input_ids, attention_mask, prefix: Prefix | None = None, *, dropout_rng=None) -> jax.Array:
+    """[B, L] -> final hidden states of the input tokens [B, L, H] (the prompt's positions dropped), positions as
+    `forward` (0..P+L-1 after a soft prompt, P.. after a key/value prefix: what PEFT feeds the HF model)."""
+    x, m = self.input_embeddings(input_ids, attention_mask, prefix=prefix)
+    kv = prefix.kv(x.shape[0]) if prefix is not None else None
+    h = self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, dropout_rng=dropout_rng)
+    return h[:, h.shape[1] - input_ids.shape[1] :]
+
+  def sequence_state(self, input_ids, attention_mask, prefix: Prefix | None = None, *, dropout_rng=None) -> jax.Array:
+    """[B, L] -> [B, 1, H]: the last real token's final hidden state (`LlamaForSequenceClassification`)."""
+    return last_real(self.token_states(input_ids, attention_mask, prefix, dropout_rng=dropout_rng), attention_mask)
+
+  def sequence_head(self) -> HeadLayout:
+    # LlamaForSequenceClassification / GPT2ForSequenceClassification: `score`, Linear(H, C, bias=False)
+    return HeadLayout(name="score", bias=False, init_std=_INIT_STD)
+
+  def token_head(self) -> HeadLayout:
+    # GenericForTokenClassification (Llama, Mistral, Qwen2): `score`; GPT2ForTokenClassification: `classifier`;
+    # both Linear(H, C) with a bias after dropout 0.1 (no classifier_dropout / hidden_dropout in their configs)
+    name = "classifier" if self.config.model_type == "gpt2" else "score"
+    return HeadLayout(name=name, bias=True, init_std=_INIT_STD, dropout=0.1)
 
   def prefix_slots(self) -> PrefixSlots:
     # PEFT (#1901): with num_key_value_heads the prefix has K heads of head_dim (config.head_dim when set)

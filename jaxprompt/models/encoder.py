@@ -38,7 +38,7 @@ from flax import nnx, struct
 from jaxprompt.errors import ModelError
 from jaxprompt.models import kv as KV
 from jaxprompt.models import layers as L
-from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots, require_lm_head
+from jaxprompt.models.interface import FrozenLM, HeadLayout, Prefix, PrefixSlots, require_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +348,40 @@ class Encoder(FrozenLM):
     x = act(hidden @ self.mlm_dense[...].astype(hidden.dtype) + self.mlm_dense_bias[...].astype(hidden.dtype))
     x = L.layer_norm(x, self.mlm_norm[...], self.mlm_norm_bias[...], c.layer_norm_eps)
     return L.lm_logits(x, tied_table=self.embed_tokens[...]) + self.mlm_bias[...].astype(jnp.float32)
+
+  # -- classification heads (`prompts.heads`) --------------------------------------------------
+
+  def token_states(self, input_ids, attention_mask, prefix: Prefix | None = None, *, dropout_rng=None) -> jax.Array:
+    """[B, L] -> final hidden states of the input tokens [B, L, H] (prompt positions dropped), as
+    BertForTokenClassification reads them."""
+    out = self.encode(input_ids, attention_mask, prefix=prefix, dropout_rng=dropout_rng)
+    return out.hidden[:, out.prefix_length :]
+
+  def sequence_state(self, input_ids, attention_mask, prefix: Prefix | None = None, *, dropout_rng=None) -> jax.Array:
+    """[B, L] -> [B, 1, H] at position 0 as transformers' sequence classifiers read it: BERT the pooled output
+    (BertForSequenceClassification), RoBERTa the state itself (RobertaClassificationHead's dense + tanh follow in
+    the head). Position 0 is [CLS] under a key/value prefix and the first virtual token under a soft prompt in front
+    (what PEFT feeds transformers)."""
+    out = self.encode(input_ids, attention_mask, prefix=prefix, dropout_rng=dropout_rng)
+    first = out.hidden[:, :1]
+    return first if self.sequence_head().dense else self.pool(first[:, 0])[:, None]
+
+  def sequence_head(self) -> HeadLayout:
+    c = self.config
+    if c.model_type == "roberta":  # RobertaClassificationHead: dense + tanh + out_proj on <s>, no pooler
+      return HeadLayout(
+        "classifier", bias=True, init_std=c.initializer_range, dense=True, dense_std=c.initializer_range,
+        dropout=c.dropout_rate,
+      )  # fmt: skip
+    if not c.pooler:
+      raise ModelError(f"a sequence head reads BERT's pooler; this {c.model_type} checkpoint has none")
+    return HeadLayout("classifier", bias=True, init_std=c.initializer_range, dropout=c.dropout_rate)
+
+  def token_head(self) -> HeadLayout:
+    # BertForTokenClassification / RobertaForTokenClassification / DebertaV2ForTokenClassification: dropout
+    # (classifier_dropout, else hidden_dropout_prob), then `classifier` Linear(H, C)
+    c = self.config
+    return HeadLayout("classifier", bias=True, init_std=c.initializer_range, dropout=c.dropout_rate)
 
   # -- what needs a language-model head: refused (models.interface.require_lm_head) --------------
 

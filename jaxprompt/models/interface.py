@@ -140,6 +140,37 @@ class PrefixSlots:
     return cls(**{**d, "layer_of": tuple(d["layer_of"])})
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+  """How transformers' classification model of a kind maps final hidden states to C classes, so a trained head
+  loads there (PEFT's `modules_to_save`): `name` is the module's name in that model (`score`, `classifier`,
+  `classification_head`); `dense`: a dense H -> H + tanh first (T5's `T5ClassificationHead`: `dense`, `out_proj`);
+  `bias`: the output layer has a bias; init as transformers' `_init_weights` (normal, std `init_std` / `dense_std`,
+  zero biases); `dropout`: the class's default dropout before the head (and between dense and out_proj)."""
+
+  name: str
+  bias: bool
+  init_std: float
+  dense: bool = False
+  dense_std: float = 0.0
+  dropout: float = 0.0
+
+  def hf_keys(self) -> dict[str, str]:
+    """Our parameter name -> the HF module's tensor name (`name.weight`, ...)."""
+    if self.dense:
+      keys = dict(dense=f"{self.name}.dense.weight", dense_bias=f"{self.name}.dense.bias")
+      keys.update(out=f"{self.name}.out_proj.weight", out_bias=f"{self.name}.out_proj.bias")
+      return keys
+    return dict(out=f"{self.name}.weight", **({"out_bias": f"{self.name}.bias"} if self.bias else {}))
+
+
+def last_real(states: jax.Array, mask: jax.Array) -> jax.Array:
+  """states [B, L, H], mask [B, L] -> [B, 1, H]: each row's last real token (`LlamaForSequenceClassification`'s
+  last non-pad token; either padding side)."""
+  last = jnp.max(jnp.where(mask > 0, jnp.arange(mask.shape[1])[None], 0), axis=1)
+  return jnp.take_along_axis(states, last[:, None, None], axis=1)
+
+
 @runtime_checkable
 class PromptableLM(Protocol):
   """What training, evaluation, generation and export need from a base model of any kind."""
@@ -229,6 +260,24 @@ class PromptableLM(Protocol):
 
   def score_packed(self, batch, prompts: jax.Array | None, *, dropout_rng=None):
     """`score_targets` of a packed batch (`batches.PackedSeq2SeqBatch`), where `supports_packing`."""
+
+  # -- what classification heads read (`prompts.heads`) --
+
+  def token_states(self, input_ids, attention_mask, prefix: Prefix | None = None, *, dropout_rng=None) -> jax.Array:
+    """Input [B, L] -> the final hidden state of every input token [B, L, H] under the prefix (its own positions
+    dropped): a token-classification head's features (decoders: the stack's output; T5: the encoder's, as
+    `T5ForTokenClassification`)."""
+
+  def sequence_state(self, input_ids, attention_mask, prefix: Prefix | None = None, *, dropout_rng=None) -> jax.Array:
+    """Input [B, L] -> [B, 1, H]: what the kind's sequence classifier reads (decoders: the last real token, as
+    `LlamaForSequenceClassification`; T5: the decoder's state at the input's last EOS, decoder fed the input
+    shifted right, as `T5ForSequenceClassification`)."""
+
+  def sequence_head(self) -> HeadLayout:
+    """The layout of transformers' sequence-classification head for this model."""
+
+  def token_head(self) -> HeadLayout:
+    """The layout of transformers' token-classification head for this model."""
 
 
 @runtime_checkable

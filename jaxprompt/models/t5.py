@@ -21,7 +21,7 @@ from jaxprompt.batches import PackedSeq2SeqBatch, Seq2SeqBatch
 from jaxprompt.errors import ModelError
 from jaxprompt.models import kv as KV
 from jaxprompt.models import layers as L
-from jaxprompt.models.interface import FrozenLM, Prefix, PrefixSlots
+from jaxprompt.models.interface import FrozenLM, HeadLayout, Prefix, PrefixSlots, last_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +288,7 @@ class T5(FrozenLM):
     )
     return L.project_out(o, p["o"])
 
-  def decode(
+  def decode_hidden(
     self,
     decoder_input_ids,
     encoder_hidden,
@@ -298,7 +298,7 @@ class T5(FrozenLM):
     prefix_kv=None,
     dropout_rng=None,
   ) -> jax.Array:
-    """Teacher-forced decoder pass -> logits [B, T, V] in float32. `prefix_kv` (keys, values) [Y, B, P, K, D]:
+    """Teacher-forced decoder pass -> final decoder hidden states [B, T, H]. `prefix_kv` (keys, values) [Y, B, P, K, D]:
     P self-attention slots in front of every decoder layer's own, at positions 0..P-1, the tokens at P..P+T-1
     (PEFT: the decoder's mask, when given, gets P ones in front)."""
     b, t = decoder_input_ids.shape
@@ -319,7 +319,29 @@ class T5(FrozenLM):
       decoder_mask=decoder_attention_mask,
       dropout_rng=dropout_rng,
     )
-    return self.logits(x)
+    return x
+
+  def decode(
+    self,
+    decoder_input_ids,
+    encoder_hidden,
+    encoder_attention_mask=None,
+    decoder_attention_mask=None,
+    *,
+    prefix_kv=None,
+    dropout_rng=None,
+  ) -> jax.Array:
+    """Teacher-forced decoder pass -> logits [B, T, V] in float32 (`decode_hidden`, then the LM head)."""
+    return self.logits(
+      self.decode_hidden(
+        decoder_input_ids,
+        encoder_hidden,
+        encoder_attention_mask,
+        decoder_attention_mask,
+        prefix_kv=prefix_kv,
+        dropout_rng=dropout_rng,
+      )
+    )
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Decoder hidden [B, T, H] -> logits [B, T, V] float32."""
@@ -442,6 +464,40 @@ class T5(FrozenLM):
       jnp.einsum("BSH,YHND->YBSND", enc, cross["k"].astype(self.dtype)),
       jnp.einsum("BSH,YHND->YBSND", enc, cross["v"].astype(self.dtype)),
     )
+
+  # -- classification heads (`prompts.heads`) --------------------------------------------------
+
+  def token_states(self, input_ids, attention_mask, prefix: Prefix | None = None, *, dropout_rng=None) -> jax.Array:
+    """[B, L] -> the encoder's final states of the input tokens [B, L, H], a soft prompt's positions dropped
+    (`T5ForTokenClassification` is the encoder alone: a key/value prefix, which PEFT puts in the decoder, is
+    refused)."""
+    if prefix is not None and prefix.keys is not None:
+      raise ModelError("T5 token classification reads the encoder; a key/value prefix reaches T5's decoder only")
+    x, m = self.input_embeddings(input_ids, attention_mask, prefix=prefix)
+    enc = self.encode(inputs_embeds=x, attention_mask=m, dropout_rng=dropout_rng)
+    return enc[:, enc.shape[1] - input_ids.shape[1] :]
+
+  def sequence_state(self, input_ids, attention_mask, prefix: Prefix | None = None, *, dropout_rng=None) -> jax.Array:
+    """[B, L] -> [B, 1, H] as `T5ForSequenceClassification`: the decoder, fed the input shifted right (no
+    decoder mask), read at the input's last EOS (a row without one: its last real token)."""
+    enc_rng, dec_rng = L.split_rng(dropout_rng, 2)
+    x, m = self.input_embeddings(input_ids, attention_mask, prefix=prefix)
+    enc = self.encode(inputs_embeds=x, attention_mask=m, dropout_rng=enc_rng)
+    kv = prefix.kv(x.shape[0]) if prefix is not None else None
+    dec_in = shift_right(input_ids, self.config.decoder_start_token_id)
+    h = self.decode_hidden(dec_in, enc, m, prefix_kv=kv, dropout_rng=dec_rng)
+    eos = (input_ids == self.config.eos_token_id) & (attention_mask > 0)
+    return last_real(h, jnp.where(jnp.any(eos, axis=1, keepdims=True), eos, attention_mask))
+
+  def sequence_head(self) -> HeadLayout:
+    # T5ClassificationHead: dense (H -> H) + tanh + out_proj, both normal(d_model ** -0.5) with zero biases;
+    # classifier_dropout 0.0 (initializer_factor 1.0: ours keeps none)
+    std = self.config.d_model**-0.5
+    return HeadLayout(name="classification_head", bias=True, init_std=std, dense=True, dense_std=std)
+
+  def token_head(self) -> HeadLayout:
+    # T5ForTokenClassification: `classifier` Linear(H, C), normal(1.0) (initializer_factor), zero bias
+    return HeadLayout(name="classifier", bias=True, init_std=1.0)
 
   def prefix_slots(self) -> PrefixSlots:
     c = self.config

@@ -7,6 +7,8 @@ soft      `SoftPrompt` (a [P, H] prompt or a [K, P, H] bank), `PromptedModel` (a
           `multitask` (MPT: a shared prompt times a factor per task), `adaption` (LLaMA-Adapter's gated per-layer
           prompts): theirs
 registry  the methods by name: `get(name)`, `of(spec)`, `spec_from_json`
+heads     classification heads trained with the prompt (`head.type` sequence / token): `HeadParam` (a PromptParam),
+          `HeadSpec` (type, labels, transformers' layout), the head types by name
 record    `PromptRecord`, what checkpoints and exports say about a trained prompt (typed, JSON)
 methods   any method built from a config (`prompt.init: file` included), a trained value or a bank of them
 init      initialisers (random uniform, random normal, sampled vocabulary, class labels, text)

@@ -27,6 +27,7 @@ from jaxprompt.models import hf
 from jaxprompt.models.loading import load_model, load_tokenizer, save_pretrained
 from jaxprompt.prompts import registry
 from jaxprompt.prompts.io import (
+  HEAD_PREFIX,
   PEFT_TASK_TYPES,
   PROVENANCE,
   TrainedPrompt,
@@ -67,8 +68,9 @@ def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) 
   if base_path is None and base is not None:
     base_path = base.path
   entry = registry.of(record.spec)
+  head = record.head
   out = {
-    "task_type": PEFT_TASK_TYPES[kind],
+    "task_type": head.kind.peft_task_type if head is not None else PEFT_TASK_TYPES[kind],
     "num_virtual_tokens": int(value.shape[0]),
     "peft_type": entry.peft_type,
     **entry.peft_fields(value, record, base_path),
@@ -76,7 +78,8 @@ def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) 
     "revision": base.revision if base is not None else None,
     "inference_mode": True,
     "auto_mapping": None,
-    "modules_to_save": None,
+    # a head: the module PEFT trains and saves beside the prompt (`base_model.<name>...`)
+    "modules_to_save": [head.layout.name] if head is not None else None,
   }
   if out["num_virtual_tokens"] is None:  # a method whose PEFT config has no such field (ADAPTION_PROMPT)
     del out["num_virtual_tokens"]
@@ -117,6 +120,11 @@ def export_prompt(
     return _export_bank(*bank, fmt, out, with_base=with_base, overwrite=overwrite)
   tp = load_prompt_source(source, step)
   value, record = np.ascontiguousarray(tp.value, np.float32), tp.record
+  if fmt == "numpy" and tp.head is not None:
+    raise ExportError(
+      f"{source}: a .npy holds the prompt alone; this prompt has a {record.head.type} head: use "
+      "--format safetensors or peft"
+    )
   if with_base and fmt != "peft":
     raise ExportError("--with-base needs --format peft (it writes DIR/base beside the adapter)")
   if fmt == "numpy" and out.suffix != ".npy":
@@ -127,9 +135,10 @@ def export_prompt(
     def write(tmp: Path):
       if with_base:
         write_base(record, tmp / "base")
-      _write(value, record, fmt, tmp, str((out / "base").absolute()) if with_base else None)
+      _write(value, record, fmt, tmp, str((out / "base").absolute()) if with_base else None, head=tp.head or {})
 
     return write_folder_atomically(out, write, overwrite=overwrite, error=ExportWriteError)
+  head = tp.head or {}
   if fmt == "numpy":  # the provenance beside it first: a .npy is never left without its record
     write_file_atomically(
       out.with_suffix(".json"),
@@ -138,21 +147,25 @@ def export_prompt(
       error=ExportWriteError,
     )
   return write_file_atomically(
-    out, lambda t: _write(value, record, fmt, t), overwrite=overwrite, error=ExportWriteError
+    out, lambda t: _write(value, record, fmt, t, head=head), overwrite=overwrite, error=ExportWriteError
   )
 
 
-def _write(value: np.ndarray, record: PromptRecord, fmt: str, path: Path, base_path: str | None = None) -> None:
+def _write(
+  value: np.ndarray, record: PromptRecord, fmt: str, path: Path, base_path: str | None = None, *, head=None
+) -> None:
   """One prompt in format `fmt` at `path` (a folder for peft, a file otherwise; `base_path`: the base model a peft
-  adapter names, when written beside it). A numpy export's provenance is the caller's."""
+  adapter names, when written beside it; `head`: a classification head's HF tensors, written as PEFT saves
+  modules_to_save). A numpy export's provenance is the caller's."""
   prov = _stamped(value, record, fmt)
+  extra = {HEAD_PREFIX + k: v for k, v in (head or {}).items()}
   if fmt == "peft":
     path.mkdir(exist_ok=True)
     _write_json(path / "adapter_config.json", peft_config(value, record, base_path))
     entry = registry.of(record.spec)
     tensors = entry.peft_tensors(value, record) if entry.peft_tensors else {"prompt_embeddings": peft_tensor(value)}
     hf.save_safetensors(
-      {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+      {**{k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, **extra},
       path / "adapter_model.safetensors",
       metadata={"format": "pt"},
     )
@@ -161,7 +174,9 @@ def _write(value: np.ndarray, record: PromptRecord, fmt: str, path: Path, base_p
     with open(path, "wb") as f:
       np.save(f, value, allow_pickle=False)
   else:
-    hf.save_safetensors({"prompt_embeddings": value}, path, metadata={"format": "pt", "jaxprompt": json.dumps(prov)})
+    hf.save_safetensors(
+      {"prompt_embeddings": value, **extra}, path, metadata={"format": "pt", "jaxprompt": json.dumps(prov)}
+    )
 
 
 def _write_json(path: Path, obj: dict) -> None:

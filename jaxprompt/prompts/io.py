@@ -22,12 +22,13 @@ import numpy as np
 from jaxprompt.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
 from jaxprompt.models import hf
-from jaxprompt.prompts import registry
+from jaxprompt.prompts import heads, registry
 from jaxprompt.prompts.record import PromptRecord, TaskMember, TaskRecord
 from jaxprompt.prompts.spec import PromptSpec
 
 PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 PROVENANCE = "jaxprompt.json"
+HEAD_PREFIX = "base_model."  # a head's tensors in PEFT's adapter (modules_to_save) and in our safetensors exports
 
 
 def _json_object(file: Path) -> dict:
@@ -38,6 +39,12 @@ def _json_object(file: Path) -> dict:
   if not isinstance(out, dict):
     raise PromptError(f"{file}: expected a JSON object, got {type(out).__name__}")
   return out
+
+
+def head_tensors(f: hf.SafetensorsFile) -> dict[str, np.ndarray]:
+  """A file's classification-head tensors (`base_model.score.weight` ... -> `score.weight` ...)."""
+  names = f.keys()  # a list: a SafetensorsFile is no mapping
+  return {k[len(HEAD_PREFIX) :]: np.array(f.get(k), np.float32) for k in names if k.startswith(HEAD_PREFIX)}
 
 
 def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
@@ -55,6 +62,7 @@ def _read_adapter_folder(path: Path) -> tuple[np.ndarray, dict]:
     return meta["tensors"].get("prompt_embeddings"), meta
   if "prompt_embeddings" not in f:
     raise PromptError(f"{weights}: no 'prompt_embeddings' tensor (found {names})")
+  meta["head"] = head_tensors(f)
   return np.array(f.get("prompt_embeddings"), np.float32), meta
 
 
@@ -80,6 +88,7 @@ def read_prompt_file(path: str | Path) -> tuple[np.ndarray, dict]:
       raise PromptError(f"{path}: empty safetensors file")
     value = np.array(f.get(key), np.float32)
     meta["safetensors"] = f.metadata
+    meta["head"] = head_tensors(f)
   else:
     raise PromptError(f"{path}: unknown prompt format (expected .npy, .safetensors or a PEFT adapter folder)")
   return value, meta
@@ -110,11 +119,14 @@ class TrainedPrompt:
   """What a prompt source holds. `value`: what the prompt is at inference (input embeddings [P, H] for
   prompt_tuning / p_tuning, a key/value table [P, Y, 2, K, D] for prefix_tuning: its method's `value_shape`);
   `params`: every trained parameter (a jaxprompt checkpoint: encoders included), None for exports and adapters;
-  `record`: its method's spec and provenance (base model, source, step, PEFT config...)."""
+  `record`: its method's spec and provenance (base model, source, step, PEFT config...); `head`: the tensors of a
+  classification head trained with it (`record.head` says what it is), in transformers' names and layout
+  (`score.weight` [C, H], ...), None without one."""
 
   value: np.ndarray
   params: dict | None
   record: PromptRecord
+  head: dict[str, np.ndarray] | None = None
 
   @classmethod
   def from_embeddings(cls, value) -> "TrainedPrompt":
@@ -221,7 +233,7 @@ def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
   entry = registry.of(record.spec)
   if "peft" in meta:  # the adapter says what it is: its spec, not the export's
     value, spec = peft_value(value, meta["peft"], source, meta.get("tensors"))
-    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"])
+    record = dataclasses.replace(record, spec=spec, peft=record.peft or meta["peft"], head=peft_head(record, meta))
     entry = registry.of(spec)
     if value.ndim == entry.value_shape.count(",") + 2 and bank_tasks(record) is None:
       record = dataclasses.replace(record, task=_numbered_tasks(value.shape[0]))
@@ -230,7 +242,28 @@ def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
     shape = "[tasks, " + shape[1:]
   if value.ndim != shape.count(",") + 1:
     raise PromptError(f"{source}: a {entry.name} prompt is {shape}, got shape {value.shape}")
-  return TrainedPrompt(value, None, record)
+  if record.head is not None and not meta.get("head"):
+    raise PromptError(f"{source}: records a {record.head.type} head but holds no head tensors")
+  return TrainedPrompt(value, None, record, meta.get("head") or None)
+
+
+def peft_head(record: PromptRecord, meta: dict) -> heads.HeadSpec | None:
+  """The head a PEFT adapter trains: its task_type's (SEQ_CLS, TOKEN_CLS), classes counted from its tensors (label
+  strings from our export's record, else "0".."C-1"); None for a language-model adapter."""
+  kind = heads.by_task_type(meta["peft"].get("task_type"))
+  if kind is None:
+    return None
+  if record.head is not None:
+    return record.head
+  bias = [v for k, v in (meta.get("head") or {}).items() if k.endswith("bias") and "dense" not in k]
+  weights = [v for k, v in (meta.get("head") or {}).items() if v.ndim == 2 and "dense" not in k]
+  counts = {a.shape[0] for a in bias + weights}
+  if len(counts) != 1:
+    raise PromptError(
+      f"a {meta['peft']['task_type']} adapter needs its head's tensors (modules_to_save), found "
+      f"{sorted(meta.get('head') or {})}"
+    )
+  return heads.HeadSpec(kind.name, tuple(str(i) for i in range(counts.pop())))
 
 
 def _numbered_tasks(count: int) -> TaskRecord:
@@ -262,7 +295,8 @@ def _checkpoint_prompt(source: Path, step: str | int) -> TrainedPrompt:
   record = dataclasses.replace(PromptRecord.from_json(meta), source=str(ckdir / str(chosen)), step=chosen)
   params = prompt["prompt"]
   value = np.asarray(registry.of(record.spec).rebuild(record.spec, params).inference_value(), np.float32)
-  return TrainedPrompt(value, params, record)
+  head = heads.hf_tensors(record.head.layout, prompt["head"]) if record.head is not None else None
+  return TrainedPrompt(value, params, record, head)
 
 
 def peft_value(
@@ -296,6 +330,8 @@ def check_compatible(
   problems = []
   if record.peft:
     want, got = PEFT_TASK_TYPES.get(kind), record.peft.get("task_type")
+    if record.head is not None:
+      want = record.head.kind.peft_task_type
     if got != want:
       raise PromptError(f"{where}: adapter task_type {got!r} does not fit a {kind} model ({want})")
   if record.hidden_size not in (None, hidden):

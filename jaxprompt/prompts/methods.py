@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxprompt.errors import PromptError
 from jaxprompt.models.interface import PrefixSlots
-from jaxprompt.prompts import registry
+from jaxprompt.prompts import heads, registry
 from jaxprompt.prompts.io import load_prompt_bank, load_prompt_source, split_task
 from jaxprompt.prompts.soft import PromptMethod
 from jaxprompt.prompts.spec import PromptSpec
@@ -147,7 +147,9 @@ def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "be
     dtype: the frozen weights' dtype when `base` is loaded here; mesh: shard them over it.
     step: a workdir's checkpoint ("best", "latest" or a number).
   Returns a `PromptedModel`: `m(input_ids=, attention_mask=, decoder_input_ids=, decoder_attention_mask=)` gives
-  float32 logits for the real positions only (seq2seq [B, T, V], causal [B, L, V]).
+  float32 logits for the real positions only (seq2seq [B, T, V], causal [B, L, V]); with a classification head
+  (a SEQ_CLS / TOKEN_CLS adapter, or a run with head.type sequence / token) `m(input_ids, attention_mask)` gives
+  the head's: [B, C], or [B, L, C] for the real tokens.
   """
   from jaxprompt.models.loading import load_model
   from jaxprompt.prompts.soft import PromptedModel
@@ -161,4 +163,7 @@ def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "be
       log.warning(warning)
   if whole is not None:
     return PromptedModel(base, bank([s.value for s in srcs], [s.spec for s in srcs], base.prefix_slots()))
-  return PromptedModel(base, fixed(srcs[0].value, srcs[0].spec, base.prefix_slots(), where=str(adapter)))
+  src, head = srcs[0], None
+  if src.record.head is not None:  # a classification head trained with the prompt: the model returns its logits
+    head = heads.from_hf(src.record.head, base, src.head, str(adapter))
+  return PromptedModel(base, fixed(src.value, src.spec, base.prefix_slots(), where=str(adapter)), head)

@@ -15,6 +15,7 @@ from typing import Any
 
 from jaxprompt.models.hf import Architecture, ModelIdentity
 from jaxprompt.prompts import registry
+from jaxprompt.prompts.heads import HeadSpec
 from jaxprompt.prompts.soft import PromptTuningSpec
 from jaxprompt.prompts.spec import PromptSpec
 
@@ -88,10 +89,11 @@ class ExportStamp:
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
   """A trained prompt's record. `spec`: its method and options; `base` / `architecture`: the base model it was
-  trained on; `task`; `step` and `metrics` of its checkpoint; `source`: where it was read from (or exported from);
-  `tokenizer` and `prompt_config` (the config's model.tokenizer and prompt section); `config`: the whole run config
-  (checkpoints only); `peft`: an imported PEFT adapter's adapter_config.json; `bank_index`: its position in the
-  per-task bank it was taken from; `export`: what an export adds."""
+    trained on; `task`; `step` and `metrics` of its checkpoint; `source`: where it was read from (or exported from);
+    `tokenizer` and `prompt_config` (the config's model.tokenizer and prompt section); `config`: the whole run config
+    (checkpoints only); `peft`: an imported PEFT adapter's adapter_config.json; `bank_index`: its position in the
+    per-task bank it was taken from; `export`: what an export adds; `head`: the classification head trained with the
+  prompt (`prompts.heads`; None: the language model's own head)."""
 
   spec: PromptSpec = PromptTuningSpec()
   base: ModelIdentity | None = None
@@ -106,6 +108,7 @@ class PromptRecord:
   peft: dict | None = None
   bank_index: int | None = None
   export: ExportStamp | None = None
+  head: HeadSpec | None = None
 
   @property
   def method(self) -> str:
@@ -141,6 +144,7 @@ class PromptRecord:
       task=self.task and self.task.to_json(),
       peft=self.peft,
       bank_index=self.bank_index,
+      head=self.head and self.head.to_json(),
       exported_at=ex.get("exported_at"),
       jaxprompt_version=ex.get("jaxprompt_version"),
     )
@@ -166,4 +170,5 @@ class PromptRecord:
       peft=d.get("peft"),
       bank_index=d.get("bank_index"),
       export=export,
+      head=HeadSpec.from_json(d["head"]) if d.get("head") else None,
     )

@@ -134,9 +134,11 @@ class PromptedModel(nnx.Module):
   """A frozen base model (any `models.interface.PromptableLM`) plus a prompt method (`PromptMethod`: a soft prompt,
   a prefix, a P-tuning encoder, or a bank of fixed prompts for mixed batches)."""
 
-  def __init__(self, base: nnx.Module, prompt: PromptMethod):
+  def __init__(self, base: nnx.Module, prompt: PromptMethod, head=None):
+    """`head`: a classification head (`prompts.heads.Head`) trained with the prompt; None: the LM head."""
     self.base = base
     self.prompt = prompt
+    self.head = head
 
   @property
   def kind(self) -> str:
@@ -183,7 +185,10 @@ class PromptedModel(nnx.Module):
     prompt_ids=None,
     dropout_rng=None,
   ) -> jax.Array:
-    """Logits of the real positions only, float32: seq2seq [B, T, V]; causal [B, L, V] (no virtual tokens)."""
+    """Logits of the real positions only, float32: seq2seq [B, T, V]; causal [B, L, V] (no virtual tokens). With a
+    classification head, the head's: [B, C] (sequence) or [B, L, C] (per token)."""
+    if self.head is not None:
+      return self.head_logits(input_ids, attention_mask, prompt_ids=prompt_ids, dropout_rng=dropout_rng)
     logits = self.full_logits(
       input_ids,
       attention_mask,
@@ -194,10 +199,24 @@ class PromptedModel(nnx.Module):
     )
     return logits[:, logits.shape[1] - input_ids.shape[1] :] if decoder_input_ids is None else logits
 
+  def head_logits(self, input_ids, attention_mask=None, *, prompt_ids=None, dropout_rng=None) -> jax.Array:
+    """The classification head's logits, float32: [B, C] for a sequence head, [B, L, C] for a token head."""
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    p_rng, rng = self._split(dropout_rng)
+    prefix = self.prefix(input_ids.shape[0], prompt_ids, dropout_rng=p_rng)
+    logits = self.head.logits(self.base, input_ids, attention_mask, prefix, dropout_rng=rng)
+    return logits if self.head.kind.per_token else logits[:, 0]
+
   def score_targets(self, batch, *, prompt_ids=None, dropout_rng=None):
     """(logits [B, T, V], targets [B, T], loss mask [B, T]) of a training batch (`models.interface`); a bank's
-    prompt per row: `prompt_ids`, else the batch's `task_ids`."""
+    prompt per row: `prompt_ids`, else the batch's `task_ids`. With a head (a `batches.ClassBatch`): the head's
+    logits [B, T, C] against the class ids."""
     p_rng, rng = self._split(dropout_rng)
+    if self.head is not None:
+      prefix = self.prefix(batch.size, _ids(prompt_ids, batch), dropout_rng=p_rng)
+      logits = self.head.logits(self.base, batch.input_ids, batch.input_mask, prefix, dropout_rng=rng)
+      return logits, batch.labels, batch.label_mask
     if batch.packed:  # several examples per row, each with its prompt in its own slots
       return self.base.score_packed(batch, self.prompt.packed_table(p_rng), dropout_rng=rng)
     prefix = self.prefix(batch.size, _ids(prompt_ids, batch), dropout_rng=p_rng)

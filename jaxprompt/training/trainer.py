@@ -116,6 +116,7 @@ def _state_keys(raw: dict) -> dict:
   defaults = C.Config().to_dict()
   prompt, opt = raw.get("prompt") or {}, raw.get("optimizer") or {}
   out = {f"prompt.{k}": prompt.get(k, v) for k, v in defaults["prompt"].items() if k not in _INIT_ONLY + _SHAPELESS}
+  out["head.type"] = (raw.get("head") or {}).get("type", defaults["head"]["type"])  # a head has its own state
   name = opt.get("name", defaults["optimizer"]["name"])
   for k in ("name", "grad_clip_norm") + (
     ("momentum", "clipping_threshold", "weight_decay") if name == "adafactor" else ()
@@ -225,6 +226,7 @@ class Trainer:
       architecture=self.run.architecture(),
       task=self.run.task_record(),
       config=self.cfg.to_dict(),
+      head=self.run.head_spec,
     ).to_json()
 
   def initial_state(self) -> TrainState:
