@@ -8,13 +8,13 @@ compiled program.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprompt.config import GenerateConfig
-from jaxprompt.data import encoding
+from jaxprompt.data import encoding, input_format
 from jaxprompt.inference.decoding import generate
 from jaxprompt.prompts import PromptedModel, methods
 from jaxprompt.prompts.io import TrainedPrompt, load_prompt_source
@@ -37,24 +37,32 @@ def recorded_base(records: Sequence[PromptRecord]) -> tuple[str | None, str | No
   return None, None
 
 
+def model_input(record: PromptRecord, value: str | Mapping, *, raw: bool = False) -> str:
+  """The text a prompt is given for a request's `value`, in the input format its record keeps (unless `raw`)."""
+  return input_format.apply(record.task.input if record.task is not None else None, value, raw=raw)
+
+
 def generate_text(
   base,
   tokenizer,
   texts: Sequence[str],
   prompts: Sequence[TrainedPrompt | np.ndarray] = (),
   config: GenerateConfig | None = None,
+  *,
+  raw: bool = False,
   **options,
 ) -> list[dict]:
   """Generate for every (prompt, input) pair; one record per pair, in prompt-major order. A prompt is a
-  `TrainedPrompt` (any method) or an array of input embeddings [P, H]; `config` and `**options` as
-  `inference.decoding.generate`."""
-  ids, mask = encoding.encode_inputs(base.batch_type, tokenizer, texts)
+  `TrainedPrompt` (any method) or an array of input embeddings [P, H]; an input goes to a prompt in the input format
+  its record keeps (`data.input_format`: a task's prefix and fields, a custom template) unless `raw`; `config` and
+  `**options` as `inference.decoding.generate`."""
+  tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt.from_embeddings(p) for p in prompts]
   n, k = len(texts), max(len(prompts), 1)
+  fed = [model_input(tp.record, t, raw=raw) for tp in tps for t in texts] if tps else list(texts)
+  ids, mask = encoding.encode_inputs(base.batch_type, tokenizer, fed)
   which = np.repeat(np.arange(k), n)
   prefix = None
   if prompts:
-    ids, mask = np.tile(ids, (k, 1)), np.tile(mask, (k, 1))
-    tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt.from_embeddings(p) for p in prompts]
     module = methods.bank([p.value for p in tps], [p.spec for p in tps], base.prefix_slots())
     prefix = PromptedModel(base, module).prefix(k * n, jnp.asarray(which))
   out = generate(
@@ -68,6 +76,7 @@ def generate_text(
       dict(
         prompt=int(which[row]) if prompts else None,
         input=texts[row % n],
+        model_input=fed[row],
         output=tokenizer.decode(toks, skip_special_tokens=True),
         tokens=toks,
         score=float(scores[row]),

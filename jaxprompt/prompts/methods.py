@@ -146,7 +146,9 @@ def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "be
     dtype: the frozen weights' dtype when `base` is loaded here; mesh: shard them over it.
     step: a workdir's checkpoint ("best", "latest" or a number).
   Returns a `PromptedModel`: `m(input_ids=, attention_mask=, decoder_input_ids=, decoder_attention_mask=)` gives
-  float32 logits for the real positions only (seq2seq [B, T, V], causal [B, L, V]).
+  float32 logits for the real positions only (seq2seq [B, T, V], causal [B, L, V]); `m.input_text(text_or_fields)`
+  is the text to tokenise, in the input format the prompt was trained with (its task's prefix and fields, a custom
+  template; raw text for prompts that do not record one).
   """
   from jaxprompt.models.loading import load_model
   from jaxprompt.prompts.soft import PromptedModel
@@ -158,6 +160,7 @@ def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "be
   for src in srcs:
     for warning in src.check(base, str(adapter), strict=not allow_other_base):
       log.warning(warning)
-  if whole is not None:
+  if whole is not None:  # a bank of every task's prompt: no one input format (raw text)
     return PromptedModel(base, bank([s.value for s in srcs], [s.spec for s in srcs], base.prefix_slots()))
-  return PromptedModel(base, fixed(srcs[0].value, srcs[0].spec, base.prefix_slots(), where=str(adapter)))
+  fmt = srcs[0].record.task.input if srcs[0].record.task is not None else None
+  return PromptedModel(base, fixed(srcs[0].value, srcs[0].spec, base.prefix_slots(), where=str(adapter)), fmt)
