@@ -196,7 +196,7 @@ class Trainer:
     self.mlog = MetricsLog(workdir)
     self.bar = tqdm(
       total=tc.steps,
-      desc=run.prompt_spec.describe(),  # the method actually trained (prompt_tuning, prefix_tuning, dept, ...)
+      desc=run.prompt_spec.describe().replace("_", " "),  # the method trained: prompt tuning, prefix tuning, dept...
       disable=not (progress and jax.process_index() == 0),
       dynamic_ncols=True,
       unit="step",
