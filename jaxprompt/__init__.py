@@ -7,6 +7,7 @@ trained prompt of any method (`load_prompted`: PEFT adapters, jaxprompt workdirs
 and `UserError`, the base of every error that reports bad input.
 """
 
+from jaxprompt import hush as _hush  # noqa: F401 — first: quiets third-party import banners
 from jaxprompt import quickstart as _quickstart  # noqa: F401 — registers builtin:quickstart and its tasks
 from jaxprompt.api import EvalResult, TrainResult, evaluate, evaluate_ensemble, load_config, train
 from jaxprompt.errors import UserError

@@ -113,9 +113,25 @@ def cmd_inspect(args) -> int:
     tokenizer = load_tokenizer(record.tokenizer or model_path)
   for rec in inspect_prompt(value, table, tokenizer, top_k=args.top_k):
     print(json.dumps(rec, ensure_ascii=False))
-  out = Path(args.heatmap) if args.heatmap else Path(args.source).with_name(Path(args.source).name + "_similarity.png")
+  out = Path(args.heatmap) if args.heatmap else _inspect_out(args.source)
   print(f"heatmap: {similarity_heatmap(value, out)}", file=sys.stderr)
   return 0
+
+
+def _inspect_out(source: str) -> Path:
+  """inspect's default heatmap: inside a workdir or export folder (a checkpoint step's: its workdir's), beside a
+  prompt file."""
+  from jaxprompt.prompts.io import split_task
+
+  path, task = split_task(source)
+  stem = "similarity" + (f"_{task}" if task else "")
+  if path.is_file():
+    return path.with_name(f"{path.stem}_{stem}.png")
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    return path.parent.parent / f"{stem}_step_{path.name}.png"
+  if path.name == "checkpoints":
+    return path.parent / f"{stem}.png"
+  return path / f"{stem}.png"
 
 
 def _plan_meshes(spec: str | None, cfg) -> list[dict] | None:
@@ -334,7 +350,7 @@ def _read_inputs(args) -> list:
   from jaxprompt.errors import MissingPathError, UsageError
 
   if not args.input_file:
-    texts = args.input or [""]
+    texts, where = args.input or [""], lambda i: "--input"
   else:
     path = Path(args.input_file)
     if not path.is_file():
@@ -342,20 +358,28 @@ def _read_inputs(args) -> list:
     texts = path.read_text().splitlines()
     if not texts:
       raise UsageError(f"{path}: no inputs")
-  return [_fields(t, i) for i, t in enumerate(texts)] if args.fields else texts
+    where = lambda i: f"{path} line {i}"  # noqa: E731
+  inputs = [_fields(x, where(i)) for i, x in enumerate(texts, 1)]
+  if args.fields:
+    for i, x in enumerate(inputs, 1):
+      if not isinstance(x, dict):
+        raise UsageError(f'--fields: {where(i)} is not a JSON object of field texts ({{"premise": "...", ...}})')
+  return inputs
 
 
-def _fields(text: str, i: int) -> dict:
-  """--fields: input i as a JSON object of a templated prompt's fields."""
+def _fields(text: str, where: str) -> str | dict:
+  """An input: a JSON object of fields when it is one ("{...}"), else the text."""
   from jaxprompt.errors import UsageError
 
+  if not text.lstrip().startswith("{"):
+    return text
   try:
-    fields = json.loads(text)
+    value = json.loads(text)
   except json.JSONDecodeError:
-    fields = None
-  if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
-    raise UsageError(f'--fields: input {i} is not a JSON object of field texts ({{"premise": "...", ...}})')
-  return fields
+    return text
+  if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+    raise UsageError(f"{where}: a JSON object of fields maps names to text")
+  return value
 
 
 def cmd_generate(args) -> int:
@@ -378,7 +402,7 @@ def cmd_generate(args) -> int:
   for p, src in zip(loaded, args.prompt, strict=False):
     for warning in p.check(base, src, strict=not args.allow_other_base):
       print(f"jaxprompt: warning: {warning}", file=sys.stderr)
-  for r in text.generate_text(base, tokenizer, texts, loaded, gen_cfg):
+  for r in text.generate_text(base, tokenizer, texts, loaded, gen_cfg, raw=args.raw):
     if args.prompt:
       r["prompt"] = args.prompt[r["prompt"]]
     print(json.dumps(r, ensure_ascii=False) if args.jsonl else r["output"])
@@ -560,7 +584,12 @@ def _add_export_inspect(sub) -> None:
   p.add_argument("--model", help="base model (default: the one recorded with the prompt)")
   p.add_argument("--step", default="best", help="best (default), latest, or a step number")
   p.add_argument("--top-k", type=int, default=5)
-  p.add_argument("--heatmap", help="PNG path (default: SOURCE_similarity.png beside the source)")
+  p.add_argument(
+    "--heatmap",
+    "--out",
+    dest="heatmap",
+    help="PNG path (default: similarity.png inside a workdir or export folder; NAME_similarity.png beside a file)",
+  )
   _debug(p)
   p.set_defaults(fn=cmd_inspect)
 
@@ -745,9 +774,16 @@ def _add_generate(sub) -> None:
   p.add_argument("--step", default="best", help="checkpoint of a workdir prompt: best, latest or a step")
   g = p.add_mutually_exclusive_group()
   g.add_argument(
-    "--input", action="append", help="an input text (repeatable: one output per --input, in order; default: empty)"
+    "--input",
+    action="append",
+    help="an input (repeatable: one output per --input, in order; default: empty): text for the task's single "
+    'field, or a JSON object of fields (\'{"premise": ..., "hypothesis": ...}\'); a prompt gets it in the input '
+    "format its task was trained with (T5 prefix, custom template) unless --raw",
   )
-  g.add_argument("--input-file", help="a file with one input per line")
+  g.add_argument("--input-file", help="a file with one input per line (as --input)")
+  p.add_argument(
+    "--raw", action="store_true", help="give the prompts the input text as it is, not in their task's input format"
+  )
   p.add_argument(
     "--fields",
     action="store_true",
@@ -821,12 +857,18 @@ def _add_serve(sub) -> None:
       "run: one per task, NAME.TASK), one HTTP "
       "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics, "
       "and GET / a playground page. Requests for different prompts are batched together; --mesh shards the frozen "
-      "weights over devices. Needs the serve extra."
+      "weights over devices. Each prompt gets its inputs in the input format its task was trained with (a string "
+      'for the task\'s one field, an object of fields; "raw": true for text as it is); echo + logprobs with '
+      "max_tokens 0 score a prompt's tokens (lm-evaluation-harness). Needs the serve extra."
     ),
   )
   p.add_argument("--model", required=True, help="base model: HF folder, hub id, .gguf, builtin:quickstart")
   p.add_argument("--tokenizer", help="tokenizer (default: the model's)")
-  p.add_argument("--prompts", help="a folder of prompts, each served under its file or folder name")
+  p.add_argument(
+    "--prompts",
+    help="a folder of prompts, each served under its file or folder name; or one workdir / export, served under "
+    "its folder's name",
+  )
   p.add_argument("--name", help="the base model's own name in the API (default: the model folder's name)")
   p.add_argument(
     "--mesh",
@@ -858,7 +900,15 @@ def _add_serve(sub) -> None:
     "--max-batch", type=int, default=16, help="requests per model call (continuous: per prefill; default 16)"
   )
   p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others (default 5)")
-  p.add_argument("--queue-size", type=int, default=256, help="queued requests before 503s (default 256)")
+  p.add_argument(
+    "--queue-size",
+    type=int,
+    default=256,
+    help="queued requests before 503s (default 256); also the most inputs x n one request may hold (more: 400)",
+  )
+  p.add_argument(
+    "--max-request-bytes", type=int, default=2_000_000, help="largest request body (default 2000000; more: 413)"
+  )
   p.add_argument("--max-input-tokens", type=int, default=512, help="longest input (default 512)")
   p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
   p.add_argument("--admin-token", help="enables POST/DELETE /v1/prompts (or env JAXPROMPT_ADMIN_TOKEN)")

@@ -4,7 +4,9 @@ Defaults live here, in the schema, and nowhere else. An unknown key or a wrong t
 `ConfigError` naming it (with the closest valid key as a suggestion).
 
 A file may start from others: `include: base.yaml` (or a list, paths relative to the file) loads those first
-and lays this file's sections over them, key by key; overrides come last.
+and lays this file's sections over them, key by key; overrides come last. Paths in a file's data.files are
+relative to that file too (absolute paths stay as they are); paths given with --set are relative to the working
+directory.
 """
 
 from __future__ import annotations
@@ -597,12 +599,31 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
     raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
   if not isinstance(raw, dict):
     raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+  _resolve_files(raw, p.parent)
   includes = raw.pop("include", [])
   for inc in [includes] if isinstance(includes, str) else includes:
     if not isinstance(inc, str):
       raise ConfigError(f"{p}: include: expected a file name or a list of them, got {inc!r}")
     raw = _merge(_read_yaml(p.parent / inc, seen + (p.resolve(),)), raw)
   return raw
+
+
+def _resolve_files(raw: dict, folder: Path) -> None:
+  """data.files (and each data.mixture member's files) written in a config file are relative to that file, as
+  `include:` is: made absolute here. Absolute paths stay; a relative path that exists only from the working
+  directory (configs written before paths were resolved this way) keeps meaning that file."""
+  data = raw.get("data")
+  if not isinstance(data, dict):
+    return
+  sections = [data] + [m for m in data.get("mixture") or () if isinstance(m, dict)]
+  for section in sections:
+    files = section.get("files")
+    if not isinstance(files, dict):
+      continue
+    for split, path in files.items():
+      if isinstance(path, str) and path and not Path(path).is_absolute():
+        beside = (folder / path).resolve()
+        files[split] = str(beside if beside.exists() or not Path(path).exists() else Path(path).resolve())
 
 
 def _merge(base: dict, over: dict) -> dict:

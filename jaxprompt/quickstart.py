@@ -85,6 +85,10 @@ def digit_rows(n: int, seed: int) -> list[dict]:
 
 def _format(row, split: str, *, task: str) -> list[dict]:
   d = row["digits"]
+  if isinstance(d, str):  # a served request's text: "3 7 1 8 2" (anything else: as it is, with no answer)
+    if not d.split() or not all(x.isdigit() for x in d.split()):
+      return [{"inputs": f"{task}: {d}", "targets": "", "fields": {"digits": d}}]
+    d = [int(x) for x in d.split()]
   digits = " ".join(map(str, d))
   return [{"inputs": f"{task}: " + digits, "targets": str(_answer(task, d)), "fields": {"digits": digits}}]
 
@@ -107,6 +111,7 @@ def task(name: str) -> TK.Task:
     splits=tuple(SPLITS),
     generate_rows=_split_rows,
     fields=("digits",),
+    input_fields=("digits",),
   )
 
 

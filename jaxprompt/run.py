@@ -22,6 +22,7 @@ from jaxprompt import config as C
 from jaxprompt import metrics as M
 from jaxprompt import sharding as shd
 from jaxprompt.data import encoding, sources
+from jaxprompt.data.input_format import InputFormat
 from jaxprompt.data.tasks import Task
 from jaxprompt.data.templates import Template
 from jaxprompt.errors import ConfigError, DataError
@@ -95,6 +96,12 @@ class Member:
   @property
   def labels(self) -> tuple[str, ...] | None:
     return self.task.labels
+
+  @property
+  def input_format(self) -> InputFormat:
+    """How this task makes input text (recorded with the prompt: serving and generation apply it)."""
+    custom = dataclasses.asdict(self.data.custom) if self.data.custom is not None else None
+    return InputFormat.of(self.data.task, self.data.taskless, custom)
 
 
 def members_of(dcfg: C.DataConfig) -> tuple[Member, ...]:
@@ -273,12 +280,12 @@ class Run:
     whether each has its own prompt)."""
     labels = tuple(self.labels or ())
     if len(self.members) == 1:
-      return TaskRecord(name=self.members[0].name, labels=labels)
+      return TaskRecord(name=self.members[0].name, labels=labels, input=self.members[0].input_format)
     return TaskRecord(
       name="+".join(m.name for m in self.members),
       labels=labels,
       per_task=self.per_task,
-      mixture=tuple(TaskMember(m.name, tuple(m.labels or ())) for m in self.members),
+      mixture=tuple(TaskMember(m.name, tuple(m.labels or ()), m.input_format) for m in self.members),
     )
 
   def architecture(self) -> hf.Architecture:
@@ -324,6 +331,21 @@ class Run:
     return jax.tree.map(lambda x: x.sharding, self.frozen)
 
 
+def check_label_lengths(dc: C.DataConfig, members, batch_type, tokenizer) -> None:
+  """Every label of a classification task fits data.target_length whole: a cut label would be trained and ranked
+  as its prefix (generative targets may still be cut, with a warning)."""
+  for m in members:
+    if not m.labels:
+      continue
+    lengths = encoding.label_lengths(batch_type, tokenizer, m.labels)
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > dc.target_length:
+      raise ConfigError(
+        f"data.target_length {dc.target_length} cuts label {m.labels[longest]!r} of task {m.name} "
+        f"({lengths[longest]} tokens with EOS); set data.target_length to at least {lengths[longest]}"
+      )
+
+
 def build_run(
   cfg: C.Config, *, mesh=None, with_train_data: bool = True, bases: dict | None = None
 ) -> tuple[Run, tuple[TaskData, ...] | None]:
@@ -342,6 +364,7 @@ def build_run(
     if bases is not None:
       bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)
+  check_label_lengths(cfg.data, members, base.batch_type, tokenizer)
   if cfg.data.pack is True and not base.supports_packing:
     raise ConfigError(
       f"data.pack packs seq2seq (T5) rows; this {base.kind} model shares its prompt between rows "

@@ -111,7 +111,7 @@ def test_custom_tsv_task_end_to_end(byte_t5, tmp_path, fixtures_dir):
     task="sentiment",
     taskless=False,
     input_length=48,
-    target_length=4,
+    target_length=9,  # "negative" + EOS, whole: classification labels are never cut
     files={"train": str(tmp_path / "train.tsv"), "validation": str(tmp_path / "validation.tsv")},
     custom={
       "columns": {"text": "sentence"},

@@ -203,7 +203,10 @@ def test_file_errors(tmp_path):
   with pytest.raises(DataError, match=r"wide\.csv line 3: 4 cells but the header has 3 columns"):
     load_split("cb", "train", files={"train": tmp_path / "wide.csv"})
   (tmp_path / "short.tsv").write_text("premise\thypothesis\tlabel\np\th\n")
-  with pytest.raises(DataError, match=r"short\.tsv line 2: field 'label': missing \(task super_glue/cb\)"):
+  with pytest.raises(
+    DataError,
+    match=r"short\.tsv line 2: field 'label': missing \(the row has premise, hypothesis\) \(task super_glue/cb\)",
+  ):
     load_split("cb", "train", files={"train": tmp_path / "short.tsv"})
   (tmp_path / "x.txt").write_text("0 some text\n")
   with pytest.raises(DataError, match=r"x\.txt: 'LABEL text' \.txt files only fit single-text tasks"):

@@ -465,7 +465,9 @@ def test_custom_task_columns_template_labels(tmp_path):
     {"inputs": f"classify: {t} (web)", "targets": y, "label": k, "fields": {"text": t, "source": "web"}}
     for t, y, k in (("great fun", "positive", 1), ("dull", "negative", 0), ("fine", "positive", 1))
   ]
-  with pytest.raises(DataError, match=r"rows\.jsonl line 1: field 'sentence': missing \(task sentiment\)"):
+  with pytest.raises(
+    DataError, match=r"rows\.jsonl line 1: field 'sentence': missing \(the row has text, source, y\) \(task sentiment\)"
+  ):
     _load(task, tmp_path, [{"text": "x", "source": "s", "y": 1}])
   with pytest.raises(DataError, match=r"line 1: field 'y': label index 2 is outside 0\.\.1"):
     _load(task, tmp_path, [{"sentence": "x", "source": "s", "y": 2}])

@@ -5,6 +5,7 @@ cannot go, a taken port, --set values and typos, generate's flags, eval of a wor
 import json
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import yaml
@@ -163,3 +164,87 @@ def test_eval_of_a_workdir_uses_its_recorded_config(trained, tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   assert "config.yaml does not exist" in _err(capsys, ["eval", tmp_path / "empty"])
   assert "eval needs WORKDIR" in _err(capsys, ["eval"])
+
+
+def test_friction_outputs_in_the_workdir_and_a_finished_run_says_so(trained, tmp_path, capsys, caplog):
+  """eval's predictions under predictions/ (as training's), inspect's heatmap inside the workdir, a finished run
+  run again says so, a PEFT export names a base PyTorch can load, a single workdir is served under its own name."""
+  cfg, w0 = trained
+  w = tmp_path / "run"
+  shutil.copytree(w0, w)
+  run_cli(capsys, "eval", w, "--set", "eval.max_examples=8")
+  assert (w / "predictions" / "eval_step_2.jsonl").is_file() and not list(w.glob("predictions_eval*"))
+  run_cli(capsys, "inspect", w, "--model", yaml.safe_load((w / "config.yaml").read_text())["model"]["path"])
+  assert (w / "similarity.png").is_file() and not (tmp_path / "run_similarity.png").exists()
+  capsys.readouterr()
+  assert main(["train", str(cfg), "--workdir", str(w), "--no-progress"]) == 0
+  assert "is already trained to step 2 (train.steps 2): nothing to train" in caplog.text
+  run_cli(capsys, "export", w, "--format", "peft", "--out", tmp_path / "peft")
+  base = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+  assert base.startswith("/") and (Path(base) / "config.json").is_file()
+
+
+def test_serving_one_workdir_names_it_after_its_folder_and_warns_once(trained, byte_t5, tmp_path, caplog):
+  pytest.importorskip("fastapi")
+  import numpy as np
+
+  from jaxprompt.serve.server import build
+
+  _, w = trained
+  _, engine, problems = build(str(byte_t5), prompts=str(w))
+  assert engine.store.names() == [w.name] and not problems
+  folder = tmp_path / "prompts"
+  folder.mkdir()
+  (folder / "broken.npy").write_bytes(b"not an array")
+  np.save(folder / "ok.npy", np.zeros((4, engine.base.hidden_size), np.float32))
+  with caplog.at_level("WARNING"):
+    _, engine, problems = build(str(byte_t5), prompts=str(folder))
+  assert engine.store.names() == ["ok"] and len(problems) == 1 and "broken.npy: skipped" in problems[0]
+  assert not [r for r in caplog.records if "skipped" in r.getMessage()]  # the caller prints problems, once
+
+
+def test_classification_labels_longer_than_target_length_are_refused(trained, capsys):
+  cfg, _ = trained
+  msg = _err(capsys, ["train", cfg, "--set", "data.target_length=1", "--set", "train.steps=1"])
+  assert "data.target_length 1 cuts label" in msg and "set data.target_length to at least 2" in msg
+
+
+def test_custom_task_files_beside_the_config_label_map_forms_and_missing_columns(tmp_path, monkeypatch):
+  from jaxprompt.data import sources
+  from jaxprompt.errors import DataError
+
+  (tmp_path / "cfg" / "data").mkdir(parents=True)
+  (tmp_path / "cfg" / "data" / "train.txt").write_text(
+    "DESC:manner How did serfdom develop ?\nNUM:date When was it ?\nHUM:ind Who ?\n"
+  )
+  custom = {
+    "template": "question: {text}",
+    "labels": ["description", "number", "human"],
+    "label_map": {"DESC:*": "description", "re:NUM:.*": "number", "HUM:ind": "human"},
+  }
+  raw = {"data": {"task": "trec", "files": {"train": "data/train.txt"}, "custom": custom}}
+  (tmp_path / "cfg" / "c.yaml").write_text(yaml.safe_dump(raw))
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
+  cfg = C.load(tmp_path / "cfg" / "c.yaml")
+  assert cfg.data.files["train"] == str(tmp_path / "cfg" / "data" / "train.txt")
+  ex = sources.task_examples(cfg.data, "train").examples
+  assert [e["targets"] for e in ex] == ["description", "number", "human"]
+  assert ex[0]["inputs"] == "question: How did serfdom develop ?"
+  bad = C.load(tmp_path / "cfg" / "c.yaml", ["data.custom.template=question: {txt}"])
+  with pytest.raises(DataError, match=r"field 'txt': missing \(the row has label, text\)"):
+    sources.task_examples(bad.data, "train")
+  with pytest.raises(DataError, match=r"label_map: key 're:\(' is not a regular expression"):
+    sources.task_examples(C.load(None, ["data.task=x", "data.custom.label_map={'re:(': a}"]).data, "train")
+
+
+def test_plan_rows_show_small_sizes_and_the_core_install_is_quiet():
+  import logging
+
+  import jaxprompt  # noqa: F401 — installs the filter
+  from jaxprompt.tools.plan import PlanRow
+
+  row = PlanRow(dict(data=4, fsdp=1, model=1), "none", 0.002, 0.0001, 0.0, 0.0021, 3.2e8, 1.0)
+  assert "args    2.05 MiB" in row.line() and "total    2.15 MiB" in row.line() and "320.00 MFLOP" in row.line()
+  banner = logging.LogRecord("transformers", logging.WARNING, "", 0, "PyTorch was not found. Models won't", (), None)
+  assert not logging.getLogger("transformers").filter(banner)

@@ -94,6 +94,12 @@ def encode_labels(batch_type, tokenizer, labels: Sequence[str], target_length: i
   )
 
 
+def label_lengths(batch_type, tokenizer, labels: Sequence[str]) -> list[int]:
+  """Each label's length as `encode_labels` lays it out, before any cut (with its EOS)."""
+  eos = 0 if batch_type.LABEL_SPECIAL or tokenizer.eos_token_id is None else 1
+  return [len(ids) + eos for ids in ids_of(tokenizer, labels, batch_type.LABEL_SPECIAL)]
+
+
 def input_rows(
   batch_type,
   tokenizer,

@@ -6,7 +6,8 @@ read the row adds where it came from (file and line, or dataset and example numb
 
 Label values (`label_string`), in this order:
   * a string that is one of the task's label strings is that label;
-  * `label_map` (custom tasks) first renames a raw file value to a label string;
+  * `label_map` (custom tasks) first renames a raw file value to a label string (exact keys, "PREFIX*" keys and
+    "re:PATTERN" keys: `mapped_label`);
   * an integer, or a string of digits that is not itself a label, is an index into the label strings
     (TFDS / HF class ids, "0 sentence" text files); -1 means "no label" (TFDS/HF test splits) and
     becomes T5's "<unk>" target;
@@ -19,6 +20,8 @@ from __future__ import annotations
 import numbers
 import re
 from typing import Any, Mapping, Sequence
+
+from jaxprompt.errors import DataError
 
 UNKNOWN = "<unk>"  # T5's target for rows without a label (label == -1)
 _INT = re.compile(r"\s*-?\d+\s*")
@@ -36,7 +39,8 @@ class RowError(ValueError):
 def value(row: Mapping[str, Any], key: str) -> Any:
   # CSV readers give None for a missing trailing column, so None counts as missing too.
   if key not in row or row[key] is None:
-    raise RowError(key, "missing")
+    present = [k for k, v in row.items() if v is not None]
+    raise RowError(key, f"missing (the row has {', '.join(map(str, present)) or 'no fields'})")
   return row[key]
 
 
@@ -73,13 +77,37 @@ def texts(row: Mapping[str, Any], key: str) -> list[str]:
   raise RowError(key, f"expected a list of strings, got {v!r:.60}")
 
 
+def check_label_map(label_map: Mapping[str, str], where: str) -> None:
+  """Each "re:" key of a label map is a valid regular expression (a DataError naming it otherwise)."""
+  for k in label_map:
+    if k.startswith("re:"):
+      try:
+        re.compile(k[3:])
+      except re.error as e:
+        raise DataError(f"{where}: key {k!r} is not a regular expression ({e})") from None
+
+
+def mapped_label(label_map: Mapping[str, str], v: Any) -> Any:
+  """`v` renamed by a label map: an exact key, else the first key "PREFIX*" whose prefix starts `v`, or "re:PATTERN"
+  whose pattern matches all of `v`; unchanged when none fits."""
+  raw = str(v)
+  if raw in label_map:
+    return label_map[raw]
+  for k, out in label_map.items():
+    if k.endswith("*") and raw.startswith(k[:-1]):
+      return out
+    if k.startswith("re:") and re.fullmatch(k[3:], raw):
+      return out
+  return v
+
+
 def label_string(
   row: Mapping[str, Any], labels: Sequence[str], key: str = "label", label_map: Mapping[str, str] | None = None
 ) -> str:
   """The label string of `row[key]` (rules in the module docstring), or "<unk>" for -1."""
   v = value(row, key)
-  if label_map and str(v) in label_map:
-    v = label_map[str(v)]
+  if label_map:
+    v = mapped_label(label_map, v)
   if isinstance(v, str):
     if v in labels:
       return v

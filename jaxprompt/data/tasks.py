@@ -55,6 +55,9 @@ class Task:
   per_token: bool = False  # a tag per word (examples carry "words" and "tags"): token classification (head.type)
   # the named fields every example carries as ex["fields"] (what a prompt template places, `data.templates`)
   fields: tuple[str, ...] = ()
+  # the row fields its input text is made of, in order (what a served request gives; one: a plain string fills it);
+  # () for tasks whose rows are nested (MultiRC, ReCoRD, WSC): a request gives a whole row
+  input_fields: tuple[str, ...] = ()
 
   def resolve_split(self, split: str) -> str:
     split = self.split_aliases.get(split, split)
@@ -95,7 +98,17 @@ def _glue_task(
   benchmark = tfds_name.split("/")[1]
   fmt = functools.partial(T5.glue, benchmark=benchmark, features=features, labels=tuple(labels))
   kw.setdefault("splits", _SPLITS)
-  return Task(name, fmt, tuple(labels), tuple(metrics), tfds_name=tfds_name, hf_name=hf_name, fields=features, **kw)
+  return Task(
+    name,
+    fmt,
+    tuple(labels),
+    tuple(metrics),
+    tfds_name=tfds_name,
+    hf_name=hf_name,
+    fields=features,
+    input_fields=features,
+    **kw,
+  )
 
 
 def _expanding(expand: Callable[[Row], list[Row]], fmt: Formatter) -> Formatter:
@@ -213,6 +226,7 @@ _BUILTIN_TASKS = (
     tfds_name="glue/stsb",
     hf_name=(_GLUE, "stsb"),
     fields=("sentence1", "sentence2"),
+    input_fields=("sentence1", "sentence2"),
   ),
   _glue_task(
     "glue/mnli",
@@ -362,7 +376,9 @@ def custom_task(
   columns: template field -> file column (a field not listed reads the column of its own name).
   labels: the label strings (file labels may be these strings or indices into them; see `rows`);
     None or empty: a generative task whose target text is the `label_column` column.
-  label_map: raw file label -> label string, applied first (e.g. TREC "DESC:manner" -> "description").
+  label_map: raw file label -> label string, applied first (e.g. TREC "DESC:manner" -> "description"); a key
+    ending in "*" maps every raw label starting with what comes before it ("DESC:*"), a key "re:PATTERN" every raw
+    label the regular expression matches in full ("re:DESC:.*"); exact keys first, then the others in order.
   A .txt file's "LABEL text" lines fill the columns `label_column` and "text".
   """
   fields = template_fields(template)
@@ -377,6 +393,7 @@ def custom_task(
   if labels is not None and len(set(labels)) != len(labels):
     raise DataError(f"custom task {name!r}: duplicate label strings in {list(labels)}")
   label_map = dict(label_map or {})
+  R.check_label_map(label_map, f"custom task {name!r}: label_map")
   if labels is not None:
     bad = sorted({v for v in label_map.values() if v not in labels})
     if bad:
@@ -391,4 +408,7 @@ def custom_task(
   fmt = functools.partial(
     _format_custom, template=template, columns=columns, labels=labels, label_column=label_column, label_map=label_map
   )
-  return Task(name, fmt, labels, tuple(metrics), line_fields=(label_column, "text"), fields=tuple(fields))
+  row_fields = tuple(dict.fromkeys(columns[f] for f in fields))
+  return Task(
+    name, fmt, labels, tuple(metrics), line_fields=(label_column, "text"), fields=tuple(fields), input_fields=row_fields
+  )

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprompt.config import GenerateConfig
-from jaxprompt.data import encoding
+from jaxprompt.data import encoding, input_format
 from jaxprompt.data.templates import Template
 from jaxprompt.inference.decoding import generate
 from jaxprompt.prompts import PromptedModel, methods
@@ -38,12 +38,23 @@ def recorded_base(records: Sequence[PromptRecord]) -> tuple[str | None, str | No
   return None, None
 
 
-def _input_ids(base, tokenizer, texts, tps: Sequence[TrainedPrompt]) -> tuple[np.ndarray, np.ndarray]:
-  """The inputs under every prompt, prompt-major [K * N, longest]: each prompt's template lays them out (a plain
-  string: its single field), or they follow the prompt as text."""
-  templates = [None if tp.spec.template is None else Template.parse(tp.spec.template) for tp in tps] or [None]
-  rows = [r for t in templates for r in encoding.input_rows(base.batch_type, tokenizer, texts, t)]
-  return base.batch_type.layout_inputs(rows, max(len(r) for r in rows), encoding.pad_id(tokenizer))
+def model_input(record: PromptRecord, value: str | Mapping, *, raw: bool = False) -> str:
+  """The text a prompt is given for a request's `value`, in the input format its record keeps (unless `raw`)."""
+  return input_format.apply(record.task.input if record.task is not None else None, value, raw=raw)
+
+
+def _input_ids(base, tokenizer, texts, tps: Sequence[TrainedPrompt], raw: bool) -> tuple[np.ndarray, np.ndarray, list]:
+  """The inputs under every prompt, prompt-major [K * N, longest], and what each prompt was given: a templated
+  prompt's template lays them out (a plain string: its single field); another prompt gets them in the input format
+  its record keeps (unless `raw`)."""
+  rows, fed = [], []
+  for tp in tps or [None]:
+    template = None if tp is None or tp.spec.template is None else Template.parse(tp.spec.template)
+    given = list(texts) if tp is None or template is not None else [model_input(tp.record, t, raw=raw) for t in texts]
+    fed += given
+    rows += encoding.input_rows(base.batch_type, tokenizer, given, template)
+  ids, mask = base.batch_type.layout_inputs(rows, max(len(r) for r in rows), encoding.pad_id(tokenizer))
+  return ids, mask, fed
 
 
 def generate_text(
@@ -52,14 +63,17 @@ def generate_text(
   texts: Sequence[str | Mapping[str, str]],
   prompts: Sequence[TrainedPrompt | np.ndarray] = (),
   config: GenerateConfig | None = None,
+  *,
+  raw: bool = False,
   **options,
 ) -> list[dict]:
   """Generate for every (prompt, input) pair; one record per pair, in prompt-major order. A prompt is a
-  `TrainedPrompt` (any method) or an array of input embeddings [P, H]; an input is text, or a templated prompt's
-  fields by name (`prompt.template`; a string is its single field); `config` and `**options` as
-  `inference.decoding.generate`."""
+  `TrainedPrompt` (any method) or an array of input embeddings [P, H]; an input goes to a prompt in the input format
+  its record keeps (`data.input_format`: a task's prefix and fields, a custom template) unless `raw`, or, for a
+  templated prompt (`prompt.template`), as its fields by name (a string is its single field); `config` and
+  `**options` as `inference.decoding.generate`."""
   tps = [p if isinstance(p, TrainedPrompt) else TrainedPrompt.from_embeddings(p) for p in prompts]
-  ids, mask = _input_ids(base, tokenizer, texts, tps)
+  ids, mask, fed = _input_ids(base, tokenizer, texts, tps, raw)
   n, k = len(texts), max(len(prompts), 1)
   which = np.repeat(np.arange(k), n)
   prefix = None
@@ -77,6 +91,7 @@ def generate_text(
       dict(
         prompt=int(which[row]) if prompts else None,
         input=texts[row % n],
+        model_input=fed[row],
         output=tokenizer.decode(toks, skip_special_tokens=True),
         tokens=toks,
         score=float(scores[row]),

@@ -125,6 +125,15 @@ def register_source(name: str, source: ModelSource) -> None:
   SOURCES[name] = source
 
 
+def loadable_path(path: str) -> str:
+  """Where PyTorch / transformers can load the model `path` names: a registered source's folder, a local folder made
+  absolute (a relative one means nothing from elsewhere); anything else (a hub id) as it is."""
+  if path in SOURCES:
+    return str(Path(SOURCES[path].folder()).absolute())
+  local = Path(path).expanduser()
+  return str(local.absolute()) if local.exists() else path
+
+
 def load_model(
   path_or_hub_id: str | os.PathLike,
   dtype=None,

@@ -24,7 +24,7 @@ import numpy as np
 from jaxprompt.errors import ExportError, ExportWriteError
 from jaxprompt.fileio import write_file_atomically, write_folder_atomically
 from jaxprompt.models import hf
-from jaxprompt.models.loading import load_model, load_tokenizer, save_pretrained
+from jaxprompt.models.loading import load_model, load_tokenizer, loadable_path, save_pretrained
 from jaxprompt.prompts import registry
 from jaxprompt.prompts.io import (
   HEAD_PREFIX,
@@ -65,8 +65,9 @@ def peft_config(value: np.ndarray, record: PromptRecord, base_path: str | None) 
   if kind not in PEFT_TASK_TYPES:
     raise ExportError("the prompt's base model kind is unknown (no provenance); cannot choose a PEFT task_type")
   base = record.base
-  if base_path is None and base is not None:
-    base_path = base.path
+  if base_path is None and base is not None and base.path:
+    # PEFT's from_pretrained loads this: never a jaxprompt-only name (builtin:...) or a relative path
+    base_path = loadable_path(base.path)
   entry = registry.of(record.spec)
   head = record.head
   out = {

@@ -179,6 +179,14 @@ def bank_tasks(record: PromptRecord) -> list[str] | None:
   return record.task.bank_tasks if record.task is not None else None
 
 
+def is_prompt_source(folder: str | Path) -> bool:
+  """Is `folder` itself one prompt source (a workdir, its checkpoints folder or one step, an export or PEFT adapter
+  folder) rather than a folder holding prompts?"""
+  folder = Path(folder)
+  marks = ("checkpoints", "adapter_config.json", "jaxprompt.json", "prompt")
+  return folder.is_dir() and any((folder / m).exists() for m in marks)
+
+
 def load_prompt_source(source: str | Path, step: str | int = "best") -> TrainedPrompt:
   """A prompt from a workdir, a checkpoint step folder, a PEFT adapter folder or a file export; "SOURCE@TASK"
   picks one task's prompt of a per-task run (`prompt.per_task`) or its exported bank."""

@@ -149,7 +149,9 @@ def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "be
   Returns a `PromptedModel`: `m(input_ids=, attention_mask=, decoder_input_ids=, decoder_attention_mask=)` gives
   float32 logits for the real positions only (seq2seq [B, T, V], causal [B, L, V]); with a classification head
   (a SEQ_CLS / TOKEN_CLS adapter, or a run with head.type sequence / token) `m(input_ids, attention_mask)` gives
-  the head's: [B, C], or [B, L, C] for the real tokens.
+  the head's: [B, C], or [B, L, C] for the real tokens. `m.input_text(text_or_fields)`
+  is the text to tokenise, in the input format the prompt was trained with (its task's prefix and fields, a custom
+  template; raw text for prompts that do not record one).
   """
   from jaxprompt.models.loading import load_model
   from jaxprompt.prompts.soft import PromptedModel
@@ -161,9 +163,10 @@ def load_prompted(base, adapter, *, dtype=None, mesh=None, step: str | int = "be
   for src in srcs:
     for warning in src.check(base, str(adapter), strict=not allow_other_base):
       log.warning(warning)
-  if whole is not None:
+  if whole is not None:  # a bank of every task's prompt: no one input format (raw text)
     return PromptedModel(base, bank([s.value for s in srcs], [s.spec for s in srcs], base.prefix_slots()))
   src, head = srcs[0], None
   if src.record.head is not None:  # a classification head trained with the prompt: the model returns its logits
     head = heads.from_hf(src.record.head, base, src.head, str(adapter))
-  return PromptedModel(base, fixed(src.value, src.spec, base.prefix_slots(), where=str(adapter)), head)
+  fmt = src.record.task.input if src.record.task is not None else None
+  return PromptedModel(base, fixed(src.value, src.spec, base.prefix_slots(), where=str(adapter)), head, fmt)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxprompt.data.input_format import InputFormat
 from jaxprompt.models.hf import Architecture, ModelIdentity
 from jaxprompt.prompts import registry
 from jaxprompt.prompts.heads import HeadSpec
@@ -37,6 +38,11 @@ class TaskMember:
 
   name: str
   labels: tuple[str, ...] = ()
+  input: InputFormat | None = None  # its input format (None: records written before it was kept)
+
+
+def _input(d: dict) -> InputFormat | None:
+  return InputFormat.from_json(d["input_format"]) if d.get("input_format") else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,20 +54,27 @@ class TaskRecord:
   labels: tuple[str, ...] = ()
   mixture: tuple[TaskMember, ...] = ()
   per_task: bool = False
+  input: InputFormat | None = None  # how requests become input text (`data.input_format`); None: raw text
 
   def to_json(self) -> dict:
     out: dict = dict(name=self.name, labels=list(self.labels))
+    if self.input is not None:
+      out["input_format"] = self.input.to_json()
     if self.mixture:
-      out["mixture"] = [dict(name=m.name, labels=list(m.labels)) for m in self.mixture]
+      out["mixture"] = [_member_json(m) for m in self.mixture]
     if self.per_task:
       out["per_task"] = True
     return out
 
   @classmethod
   def from_json(cls, d: dict) -> "TaskRecord":
-    mixture = tuple(TaskMember(m["name"], tuple(m.get("labels") or ())) for m in d.get("mixture") or ())
+    mixture = tuple(TaskMember(m["name"], tuple(m.get("labels") or ()), _input(m)) for m in d.get("mixture") or ())
     return cls(
-      name=d.get("name"), labels=tuple(d.get("labels") or ()), mixture=mixture, per_task=bool(d.get("per_task"))
+      name=d.get("name"),
+      labels=tuple(d.get("labels") or ()),
+      mixture=mixture,
+      per_task=bool(d.get("per_task")),
+      input=_input(d),
     )
 
   @property
@@ -71,7 +84,14 @@ class TaskRecord:
 
   def member(self, k: int) -> "TaskRecord":
     m = self.mixture[k]
-    return TaskRecord(name=m.name, labels=m.labels)
+    return TaskRecord(name=m.name, labels=m.labels, input=m.input)
+
+
+def _member_json(m: TaskMember) -> dict:
+  out: dict = dict(name=m.name, labels=list(m.labels))
+  if m.input is not None:
+    out["input_format"] = m.input.to_json()
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

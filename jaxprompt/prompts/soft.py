@@ -9,13 +9,15 @@ semantics: T5's encoder input only; a decoder's whole sequence, positions 0..P+L
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprompt.data import input_format
+from jaxprompt.data.input_format import InputFormat
 from jaxprompt.errors import PromptError
 from jaxprompt.models import layers as L
 from jaxprompt.models.interface import Prefix
@@ -134,11 +136,18 @@ class PromptedModel(nnx.Module):
   """A frozen base model (any `models.interface.PromptableLM`) plus a prompt method (`PromptMethod`: a soft prompt,
   a prefix, a P-tuning encoder, or a bank of fixed prompts for mixed batches)."""
 
-  def __init__(self, base: nnx.Module, prompt: PromptMethod, head=None):
-    """`head`: a classification head (`prompts.heads.Head`) trained with the prompt; None: the LM head."""
+  def __init__(self, base: nnx.Module, prompt: PromptMethod, head=None, input_format: InputFormat | None = None):
+    """`head`: a classification head (`prompts.heads.Head`) trained with the prompt; None: the LM head.
+    `input_format`: the trained prompt's task's (`load_prompted`); None: raw text."""
     self.base = base
     self.prompt = prompt
     self.head = head
+    self.input_format = input_format
+
+  def input_text(self, value: str | Mapping, *, raw: bool = False) -> str:
+    """The text to tokenise for `value` (a task's single text field, or an object of its fields) in the input
+    format the prompt was trained with (a T5 task's prefix and fields, a custom template); `raw`: as given."""
+    return input_format.apply(self.input_format, value, raw=raw)
 
   @property
   def kind(self) -> str:

@@ -48,7 +48,7 @@ from jaxprompt.errors import PromptError, UserError
 from jaxprompt.inference import decoding
 from jaxprompt.models.interface import Prefix
 from jaxprompt.prompts import methods
-from jaxprompt.prompts.io import load_prompt_source, prompt_task_names, task_slug
+from jaxprompt.prompts.io import is_prompt_source, load_prompt_source, prompt_task_names, task_slug
 from jaxprompt.prompts.record import PromptRecord
 
 log = logging.getLogger(__name__)
@@ -172,13 +172,15 @@ class PromptStore:
     if not folder.is_dir():
       raise PromptError(f"--prompts {folder} is not a folder")
     problems = []
-    for name, source in _named_sources(_prompt_source_paths(folder)):
+    # one workdir or export is served under its own folder's name (a workdir's checkpoints/: the workdir's)
+    whole = folder.resolve().parent if folder.resolve().name == "checkpoints" else folder.resolve()
+    paths = [whole] if is_prompt_source(folder) else _prompt_source_paths(folder)
+    for name, source in _named_sources(paths):
       try:
         self.add(name, source)
       except UserError as e:
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        problems.append(f"{source}: skipped: {line}")
-        log.warning("prompt %s skipped: %s", source, line)
+        problems.append(f"{source}: skipped: {line}")  # the caller reports them (once)
     return problems
 
   def prepare(self, name: str, path: str | Path) -> ServedPrompt:

@@ -26,6 +26,7 @@ def build(
   allow_other_base: bool = False,
   mesh: str | None = None,
   dtype: str = "float32",
+  max_request_bytes: int = 2_000_000,
   **engine_options,
 ):
   """(app, engine, problems): the FastAPI app over an engine serving `model` and the prompts in folder `prompts`;
@@ -47,7 +48,8 @@ def build(
     from jaxprompt.errors import UsageError
 
     raise UsageError(f"--name {base_name!r} is also a prompt's name; pick another --name for the base")
-  return create_app(engine, base_name=base_name, admin_token=admin_token), engine, problems
+  app = create_app(engine, base_name=base_name, admin_token=admin_token, max_request_bytes=max_request_bytes)
+  return app, engine, problems
 
 
 DTYPES = ("float32", "bfloat16")
@@ -132,6 +134,7 @@ def run(args) -> int:
     scheduler=args.scheduler,
     slots=args.slots,
     prompt_slots=args.prompt_slots,
+    max_request_bytes=args.max_request_bytes,
   )
   for line in problems:
     print(f"jaxprompt: warning: {line}", file=sys.stderr)

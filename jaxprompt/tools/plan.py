@@ -59,9 +59,20 @@ class PlanRow:
     m = f"data={self.mesh['data']},fsdp={self.mesh['fsdp']},model={self.mesh['model']}"
     fits = "" if self.fits is None else ("  fits" if self.fits else "  too big")
     return (
-      f"{m:<26} remat={self.remat:<5} args {self.argument_gib:7.2f} GiB  temp {self.temp_gib:7.2f} GiB  "
-      f"total {self.total_gib:7.2f} GiB  {self.flops_per_device / 1e12:8.2f} TFLOP/device/step{fits}"
+      f"{m:<26} remat={self.remat:<5} args {_bytes(self.argument_gib)}  temp {_bytes(self.temp_gib)}  "
+      f"total {_bytes(self.total_gib)}  {_flops(self.flops_per_device)}/device/step{fits}"
     )
+
+
+def _bytes(gib: float) -> str:
+  """A size in the unit that shows it (a small model's megabytes are not 0.00 GiB)."""
+  scale, unit = next(((k, u) for k, u in ((1, "GiB"), (1024, "MiB")) if gib * k >= 1), (1024**2, "KiB"))
+  return f"{gib * scale:7.2f} {unit}"
+
+
+def _flops(flops: float) -> str:
+  scale, unit = next(((k, u) for k, u in ((1e12, "TFLOP"), (1e9, "GFLOP")) if flops >= k), (1e6, "MFLOP"))
+  return f"{flops / scale:8.2f} {unit}"
 
 
 def hf_config_for(path: str) -> dict:
@@ -135,8 +146,8 @@ def compile_step(cfg, hf_cfg: dict, mesh, remat: str):
   def strip(t):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
 
-  total_flops = costs.flops(step_fn, *[strip(a) for a in args])
-  return compiled, secs, total_flops
+  # a step's FLOPs do not depend on the mesh: counted once per remat policy (`flops_of`)
+  return compiled, secs, lambda: costs.flops(step_fn, *[strip(a) for a in args])
 
 
 def detected_budget_gib() -> tuple[float | None, str]:
@@ -168,6 +179,11 @@ def plan(
   rows: list[PlanRow] = []
   best = None
   weights = _param_bytes(cfg, hf_cfg)
+  if budget_gib is None and len(remats) > 1:
+    # without a budget nothing is chosen, so a heavier remat policy would only double the compiles
+    log(f"(no memory budget: remat={remats[0]} only; --budget-gib or --topology also tries remat={remats[1]})")
+    remats = remats[:1]
+  flops: dict[str, float] = {}
   for m in [_resolve_mesh(m, n) for m in meshes] if meshes else candidate_meshes(n):
     if budget_gib is not None and not meshes and weights / (m["fsdp"] * m["model"]) > budget_gib * GiB:
       log(
@@ -180,37 +196,36 @@ def plan(
     if cfg.train.batch_size % (dp * (1 if cfg.train.microbatches == "auto" else cfg.train.microbatches)):
       log(f"skip data={m['data']},fsdp={m['fsdp']},model={m['model']}: batch {cfg.train.batch_size} does not split")
       continue
-    for remat in remats:
-      compiled, secs, total_flops = compile_step(cfg, hf_cfg, mesh, remat)
-      mem = compiled.memory_analysis()
-      args, temp, out, alias = (
-        mem.argument_size_in_bytes,
-        mem.temp_size_in_bytes,
-        mem.output_size_in_bytes,
-        mem.alias_size_in_bytes,
-      )
-      total = args + temp + out - alias
-      # model-parallel devices split the work; data-parallel ones each do their share of the batch
-      row = PlanRow(
-        m,
-        remat,
-        args / GiB,
-        temp / GiB,
-        out / GiB,
-        total / GiB,
-        total_flops / n,
-        secs,
-        None if budget_gib is None else total / GiB <= budget_gib,
-      )
+    for row in _mesh_rows(cfg, hf_cfg, mesh, m, remats, budget_gib, flops):
       rows.append(row)
       log(row.line())
       if (row.fits or (budget_gib is None)) and (best is None or _better(row, best)):
         best = row
-      if row.fits:
-        break  # a lighter remat policy already fits; no need to recompute more
     if best is not None and budget_gib is not None and not meshes:
       break  # candidates come in order of preference: the first that fits is the recommendation
   return rows, best
+
+
+def _mesh_rows(cfg, hf_cfg: dict, mesh, m: dict, remats, budget_gib: float | None, flops: dict):
+  """One mesh's rows, lightest remat policy first, until one fits (FLOPs counted once per policy, in `flops`)."""
+  n = math.prod(m.values())
+  for remat in remats:
+    compiled, secs, count_flops = compile_step(cfg, hf_cfg, mesh, remat)
+    if remat not in flops:
+      flops[remat] = count_flops()
+    mem = compiled.memory_analysis()
+    args, temp, out, alias = (
+      mem.argument_size_in_bytes,
+      mem.temp_size_in_bytes,
+      mem.output_size_in_bytes,
+      mem.alias_size_in_bytes,
+    )
+    total = args + temp + out - alias
+    # model-parallel devices split the work; data-parallel ones each do their share of the batch
+    fits = None if budget_gib is None else total / GiB <= budget_gib
+    yield PlanRow(m, remat, args / GiB, temp / GiB, out / GiB, total / GiB, flops[remat] / n, secs, fits)
+    if fits:
+      return  # a lighter remat policy already fits; no need to recompute more
 
 
 def _resolve_mesh(m: dict, n: int) -> dict:

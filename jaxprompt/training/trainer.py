@@ -197,7 +197,7 @@ class Trainer:
     self.mlog = MetricsLog(workdir)
     self.bar = tqdm(
       total=tc.steps,
-      desc="prompt tuning",
+      desc=run.prompt_spec.describe().replace("_", " "),  # the method trained: prompt tuning, prefix tuning, dept...
       disable=not (progress and jax.process_index() == 0),
       dynamic_ncols=True,
       unit="step",
@@ -370,6 +370,14 @@ def train(
   try:
     state = trainer.initial_state()
     start = state.step
+    if start >= cfg.train.steps and jax.process_index() == 0:
+      log.warning(
+        "%s is already trained to step %d (train.steps %d): nothing to train; raise train.steps to go on "
+        "(--set train.steps=N), or use another --workdir",
+        workdir,
+        start,
+        cfg.train.steps,
+      )
     setup_seconds = round(time.time() - t_setup, 2)
     t_train = time.time()
     state = trainer.fit(state)
@@ -409,8 +417,8 @@ def evaluate(cfg: C.Config, workdir: str | Path, *, step: str | int = "best", me
   ckpt.close()
   evaluator = evaluator_for(run)
   metrics, records = evaluator(prompt)
-  name = f"predictions_eval_step_{chosen}"
-  evaluator.write_report(workdir, name, records)
-  return EvalResult(
-    step=chosen, metrics={k: float(v) for k, v in metrics.items()}, predictions=workdir / f"{name}.jsonl"
-  )
+  # beside training's predictions/step_N.jsonl, under a name of its own (a later eval never overwrites training's)
+  name = f"eval_step_{chosen}"
+  evaluator.write_report(workdir / "predictions", name, records)
+  metrics = {k: float(v) for k, v in metrics.items()}
+  return EvalResult(step=chosen, metrics=metrics, predictions=workdir / "predictions" / f"{name}.jsonl")
