@@ -361,9 +361,9 @@ def _read_inputs(args) -> list:
     where = lambda i: f"{path} line {i}"  # noqa: E731
   inputs = [_fields(x, where(i)) for i, x in enumerate(texts, 1)]
   if args.fields:
-    for i, x in enumerate(inputs, 1):
+    for i, x in enumerate(inputs):
       if not isinstance(x, dict):
-        raise UsageError(f'--fields: {where(i)} is not a JSON object of field texts ({{"premise": "...", ...}})')
+        raise UsageError(f'--fields: input {i} is not a JSON object of field texts ({{"premise": "...", ...}})')
   return inputs
 
 
@@ -741,8 +741,6 @@ _GENERATE_FLAGS = (
 
 
 def _add_generate(sub) -> None:
-  from jaxprompt.config import GenerateConfig
-
   p = sub.add_parser(
     "generate",
     help="generate text with a frozen model and soft prompt(s)",
@@ -772,6 +770,15 @@ def _add_generate(sub) -> None:
     "WORKDIR@TASK: one task's prompt of a per-task run",
   )
   p.add_argument("--step", default="best", help="checkpoint of a workdir prompt: best, latest or a step")
+  _add_generate_inputs(p)
+  _add_generate_decoding(p)
+  p.add_argument("--jsonl", action="store_true", help="JSON lines with input, output, tokens, score")
+  p.add_argument("--allow-other-base", action="store_true", help="use a prompt recorded for another base model")
+  _debug(p)
+  p.set_defaults(fn=cmd_generate)
+
+
+def _add_generate_inputs(p) -> None:
   g = p.add_mutually_exclusive_group()
   g.add_argument(
     "--input",
@@ -790,6 +797,11 @@ def _add_generate(sub) -> None:
     help='inputs are JSON objects naming a templated prompt\'s fields ({"premise": "...", "hypothesis": "..."}); '
     "without it, a templated prompt with one field takes each input as that field",
   )
+
+
+def _add_generate_decoding(p) -> None:
+  from jaxprompt.config import GenerateConfig
+
   p.add_argument(
     "--method",
     choices=["greedy", "sample", "beam"],
@@ -800,10 +812,6 @@ def _add_generate(sub) -> None:
   for flag, tp, what in _GENERATE_FLAGS:
     field = {"--beams": "num_beams"}.get(flag, flag[2:].replace("-", "_"))
     p.add_argument(flag, type=tp, help=f"{what} (default: generate.{field}, {getattr(defaults, field)})")
-  p.add_argument("--jsonl", action="store_true", help="JSON lines with input, output, tokens, score")
-  p.add_argument("--allow-other-base", action="store_true", help="use a prompt recorded for another base model")
-  _debug(p)
-  p.set_defaults(fn=cmd_generate)
 
 
 def _add_sweep(sub) -> None:
@@ -880,6 +888,16 @@ def _add_serve(sub) -> None:
   )
   p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
   p.add_argument("--port", type=int, default=8000)
+  _add_serve_batching(p)
+  p.add_argument("--admin-token", help="enables POST/DELETE /v1/prompts (or env JAXPROMPT_ADMIN_TOKEN)")
+  p.add_argument("--drain-seconds", type=int, default=60, help="on SIGTERM, how long in-flight requests may take")
+  p.add_argument("--allow-other-base", action="store_true", help="serve prompts recorded for another base model")
+  _debug(p)
+  p.set_defaults(fn=cmd_serve)
+
+
+def _add_serve_batching(p) -> None:
+  """serve's scheduler, batching, limits and warm-up flags."""
   p.add_argument(
     "--scheduler",
     choices=("auto", "continuous", "static"),
@@ -911,16 +929,11 @@ def _add_serve(sub) -> None:
   )
   p.add_argument("--max-input-tokens", type=int, default=512, help="longest input (default 512)")
   p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask (default 256)")
-  p.add_argument("--admin-token", help="enables POST/DELETE /v1/prompts (or env JAXPROMPT_ADMIN_TOKEN)")
   p.add_argument(
     "--warmup",
     action="store_true",
     help="compile every program before serving (continuous: a prefill per batch x length bucket and the step)",
   )
-  p.add_argument("--drain-seconds", type=int, default=60, help="on SIGTERM, how long in-flight requests may take")
-  p.add_argument("--allow-other-base", action="store_true", help="serve prompts recorded for another base model")
-  _debug(p)
-  p.set_defaults(fn=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -344,7 +344,7 @@ def test_a_served_templated_prompt_lays_out_each_requests_fields(byte_llama, bas
     bad = post("completions", model="tmpl", prompt={"digitz": "1"}, max_tokens=2)
     assert bad.status_code == 400 and "lacks field 'digits'" in bad.json()["error"]["message"]
     bad = post("completions", model="plain", prompt={"digits": "1"}, max_tokens=2)
-    assert bad.status_code == 400 and "need a prompt with a template" in bad.json()["error"]["message"]
+    assert bad.status_code == 400 and "needs a prompt with a template" in bad.json()["error"]["message"]
 
 
 # -- config errors ------------------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ def apply(fmt: InputFormat | None, value: str | Mapping[str, Any], *, raw: bool 
   """`value` in `fmt` (None: a prompt without a recorded format, or raw mode: the text as given)."""
   if fmt is None or raw:
     if not isinstance(value, str):
-      raise DataError("an object of fields needs a prompt that records its task's input format (not raw mode)")
+      raise DataError(
+        "an object of fields needs a prompt with a template (prompt.template) or one that records its task's input "
+        "format (not raw mode)"
+      )
     return value
   return fmt.apply(value)
