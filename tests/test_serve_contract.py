@@ -167,7 +167,8 @@ def test_limits_and_unsupported_parameters_are_4xx_naming_the_field(server):
     (dict(good, logit_bias={"5": 1}), 400, "logit_bias", "not supported"),
     (dict(good, best_of=3), 400, "best_of", "best_of = n"),
     (dict(good, frobnicate=1), 400, "frobnicate", "unknown parameter"),
-    (dict(good, logprobs=2, max_tokens=4), 400, "logprobs", "scoring only"),
+    (dict(good, logprobs=6, max_tokens=4), 400, "logprobs", "at most 5 alternatives per generated token"),
+    (dict(good, logprobs=1, max_tokens=4, echo=True), 400, "echo", "max_tokens 0, or 1 at temperature 0"),
     (dict(good, prompt=[52, 999]), 400, "prompt", "vocabulary"),
     (dict(good, prompt={"txt": "x"}), 400, "prompt", "field 'text': missing"),
     (dict(good, n=17), 400, "n", ""),
@@ -200,3 +201,120 @@ def test_limits_and_unsupported_parameters_are_4xx_naming_the_field(server):
     r = c.post(url + "/v1/prompts", json={"name": "fresh", "path": "/nowhere.npy"}, headers=auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == "path"
     assert c.post(url + "/v1/completions", json=good).status_code == 200
+
+
+# -- log-probabilities of generated tokens -----------------------------------------------------------------------
+
+IDS = [52, 53, 40, 70, 33]  # a token-id prompt: exactly these tokens reach the model
+
+
+def _reference(folder, prompt_file, ids, steps: int, chosen=None):
+  """transformers' PyTorch model as the oracle: per step the log-softmax of the raw logits -> (chosen ids, their
+  log-probabilities, top-5 values, top-5 ids); greedy, or teacher-forced on `chosen`. A soft prompt (a .npy
+  [P, H]) goes before the tokens' embeddings at positions 0..P-1, as PEFT puts it."""
+  import torch
+
+  from tests.helpers_hf import load_decoder
+
+  model = load_decoder(folder)
+  seq, out = list(ids), []
+  with torch.no_grad():
+    for j in range(steps):
+      embeds = model.get_input_embeddings()(torch.tensor([seq]))
+      if prompt_file is not None:
+        embeds = torch.cat([torch.from_numpy(np.load(prompt_file))[None], embeds], dim=1)
+      logp = torch.log_softmax(model(inputs_embeds=embeds).logits[0, -1].double(), -1).numpy()
+      tok = int(np.argmax(logp)) if chosen is None else chosen[j]
+      top = np.argsort(-logp)[:5]
+      out.append((tok, logp[tok], logp[top], top))
+      seq.append(tok)
+  return out
+
+
+def _check_against_reference(lp: dict, text: str, ref, tok, k: int) -> None:
+  n = len(lp["tokens"])
+  assert 0 < n <= len(ref)
+  ids = [r[0] for r in ref[:n]]
+  assert lp["tokens"] == [tok.decode([i]) for i in ids]
+  np.testing.assert_allclose(lp["token_logprobs"], [r[1] for r in ref[:n]], atol=1e-4)
+  for top, (i, value, top_v, top_i) in zip(lp["top_logprobs"], ref, strict=False):
+    want: dict = {}
+    for j, v in [*zip(top_i[:k].tolist(), top_v[:k], strict=True), (i, value)]:
+      want.setdefault(tok.decode([j]), v)  # two ids may decode alike (a lone byte of a multi-byte character)
+    assert list(top) == list(want) and list(top.values()) == sorted(top.values(), reverse=True)
+    np.testing.assert_allclose(list(top.values()), list(want.values()), atol=1e-4)
+  text_ids = ids[:-1] if ids[-1] == tok.eos_token_id else ids
+  assert text == tok.decode(text_ids, skip_special_tokens=True)
+  assert lp["text_offset"] == [len(tok.decode(ids[:j], skip_special_tokens=True)) for j in range(n)]
+
+
+@pytest.mark.parametrize("model", ["base", "reviews"])
+def test_generated_token_logprobs_equal_transformers_greedy(server, material, model):
+  """Greedy with logprobs: each token's log-probability and its alternatives equal log_softmax of transformers'
+  logits (1e-4), with the soft prompt on the decoder too; the openai client parses them; a stream's chunks
+  concatenate to the same answer."""
+  import openai
+
+  url, engine = server
+  folder, _, prompts, _ = material
+  tok = engine.tokenizer
+  body = dict(model=model, prompt=IDS, max_tokens=6, temperature=0, logprobs=3)
+  r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+  assert r.status_code == 200, r.text
+  choice = r.json()["choices"][0]
+  ref = _reference(folder, prompts / "reviews.npy" if model == "reviews" else None, IDS, 6)
+  _check_against_reference(choice["logprobs"], choice["text"], ref, tok, 3)
+  assert all(len(t) <= 4 for t in choice["logprobs"]["top_logprobs"])  # k, + the chosen token where not among them
+
+  client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+  parsed = client.completions.create(**body).choices[0].logprobs
+  assert parsed.token_logprobs == choice["logprobs"]["token_logprobs"] and parsed.tokens == choice["logprobs"]["tokens"]
+  text, joined = "", {f: [] for f in choice["logprobs"]}
+  for chunk in client.completions.create(**body, stream=True):
+    for c in chunk.choices:
+      text += c.text
+      for f in joined:
+        joined[f] += getattr(c.logprobs, f) if c.logprobs is not None else []
+  assert text == choice["text"] and joined == choice["logprobs"]
+
+
+def _ask(engine, **kw) -> dict:
+  """One completion submitted to an engine directly (its result, with TokenLogprobs)."""
+  import queue
+
+  from jaxprompt.serve.engine import Request
+
+  got: queue.Queue = queue.Queue()
+  engine.submit([Request("complete", on_done=got.put, **kw)])
+  result = got.get(timeout=120)
+  assert not isinstance(result, Exception), result
+  return result
+
+
+def test_sampled_logprobs_are_the_models_in_both_schedulers(server, material):
+  """A sampled token's log-probability is the model's (raw logits: not its temperature's), teacher-forced in
+  transformers on the tokens drawn, in the continuous and the static scheduler; greedy agrees across them; a
+  request without logprobs gets none."""
+  from jaxprompt.serve.engine import Engine, Sampling
+
+  url, engine = server
+  folder, _, prompts, _ = material
+  static = Engine(engine.base, engine.tokenizer, engine.store, scheduler="static", max_batch=2, max_tokens=16)
+  static.start()
+  try:
+    prompt = engine.store.get("reviews")
+    hot = Sampling("sample", temperature=0.7, top_p=0.9)
+    for eng in (engine, static):
+      for sampling, k in ((hot, 2), (Sampling("greedy"), 0)):
+        got = _ask(eng, prompt=prompt, text="", tokens=IDS, max_tokens=5, sampling=sampling, seed=7, logprobs=k)
+        drawn = [x.token for x in got["logprobs"]]
+        assert len(drawn) == got["completion_tokens"] > 0
+        ref = _reference(folder, prompts / "reviews.npy", IDS, len(drawn), chosen=drawn)
+        np.testing.assert_allclose([x.logprob for x in got["logprobs"]], [r[1] for r in ref], atol=1e-4)
+        for x, (_, _, top_v, top_i) in zip(got["logprobs"], ref, strict=True):
+          assert [i for i, _ in x.top] == top_i[:k].tolist()
+          np.testing.assert_allclose([v for _, v in x.top], top_v[:k], atol=1e-4)
+      plain = _ask(eng, prompt=prompt, text="", tokens=IDS, max_tokens=3, sampling=hot, seed=7)
+      assert plain.get("logprobs") is None
+  finally:
+    static.stop()

@@ -140,7 +140,7 @@ def test_short_requests_sent_while_a_long_one_runs_all_finish_first(endless_serv
   long = Request(
     "complete", engine.store.get("one"), TEXTS[0], engine.encode(TEXTS[0]), finished("long"), max_tokens=200
   )
-  long.on_delta = lambda _: started.set()
+  long.on_delta = lambda *_: started.set()
   engine.submit([long])
   assert started.wait(120)  # it is decoding
   shorts = [

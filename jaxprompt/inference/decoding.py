@@ -37,6 +37,7 @@ from jaxprompt.config import GenerateConfig
 from jaxprompt.errors import ConfigError, UsageError
 
 NEG_INF = -1.0e7  # T5X's "effective negative infinity" for beam scores (finite: sums stay finite)
+TOP_LOGPROBS = 5  # alternatives kept per generated token when asked (OpenAI's completions limit): one static k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class _Options:  # static: part of the compilation key
   eos: tuple[int, ...]
   pad: int
   embeds: bool
+  top_logprobs: int = 0  # step by step (`start` / `advance`): keep each token's TOP_LOGPROBS alternatives (0: off)
 
 
 def generate(
@@ -210,9 +212,26 @@ def _is_eos(tokens, eos):
   return out
 
 
+def chosen_logprobs(logits, tok):
+  """The model's log-probability of each row's token — the log-softmax of the raw logits, before temperature,
+  top-k and top-p (what OpenAI and vLLM report): logits [B, V], tok [B] -> [B] float32."""
+  x = logits.astype(jnp.float32)
+  return jnp.take_along_axis(x, tok[:, None].astype(jnp.int32), axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1)
+
+
+def top_logprobs(logits, k: int = TOP_LOGPROBS):
+  """The k most likely tokens of each row, best first, under the same distribution as `chosen_logprobs`:
+  logits [B, V] -> (log-probabilities [B, k] float32, ids [B, k] int32)."""
+  x = logits.astype(jnp.float32)
+  values, ids = jax.lax.top_k(x, k)
+  return values - jax.nn.logsumexp(x, axis=-1, keepdims=True), ids.astype(jnp.int32)
+
+
 def sample_init(logits0, cache, opts: _Options, rng) -> dict:
-  """The greedy / sampling loop's state after the prefill (`start`)."""
-  b, t_new = logits0.shape[0], opts.max_new_tokens
+  """The greedy / sampling loop's state after the prefill (`start`): per generated token also its log-probability
+  (`chosen_logprobs`) and, with `opts.top_logprobs`, its alternatives (`top_logprobs`)."""
+  b, t_new, k = logits0.shape[0], opts.max_new_tokens, opts.top_logprobs
+  top = dict(top_values=jnp.zeros((b, t_new, k), jnp.float32), top_ids=jnp.zeros((b, t_new, k), jnp.int32))
   return dict(
     t=jnp.int32(0),
     logits=logits0,
@@ -221,7 +240,9 @@ def sample_init(logits0, cache, opts: _Options, rng) -> dict:
     finished=jnp.zeros((b,), bool),
     lengths=jnp.zeros((b,), jnp.int32),
     scores=jnp.zeros((b,), jnp.float32),
+    logprobs=jnp.zeros((b, t_new), jnp.float32),
     rng=rng,
+    **(top if k else {}),
   )
 
 
@@ -238,19 +259,30 @@ def sample_steps(model, s: dict, opts: _Options, temperature, until) -> dict:
       tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
       tok = _filter_and_sample(logits, temperature, opts.top_k, opts.top_p, sub).astype(jnp.int32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+    logp = chosen_logprobs(logits, tok)
     alive = ~s["finished"]
     tok = jnp.where(alive, tok, opts.pad)
+    logp = jnp.where(alive, logp, 0.0)
+
+    def at(a, x):  # x [B, ...] written at step t of a [B, T, ...]
+      return jax.lax.dynamic_update_slice(a, x[:, None].astype(a.dtype), (0, s["t"]) + (0,) * (a.ndim - 2))
+
+    top = {}
+    if opts.top_logprobs:
+      values, ids = top_logprobs(logits, opts.top_logprobs)
+      top = dict(top_values=at(s["top_values"], values), top_ids=at(s["top_ids"], ids))
     logits, cache = model.decode_step(s["cache"], tok, s["t"])
     return dict(
       t=s["t"] + 1,
       logits=logits,
       cache=cache,
-      tokens=jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["t"])),
+      tokens=at(s["tokens"], tok),
       finished=s["finished"] | (alive & _is_eos(tok, opts.eos)),
       lengths=s["lengths"] + alive.astype(jnp.int32),
-      scores=s["scores"] + jnp.where(alive, logp, 0.0),
+      scores=s["scores"] + logp,
+      logprobs=at(s["logprobs"], logp),
       rng=rng,
+      **top,
     )
 
   return jax.lax.while_loop(cond, body, s)
@@ -264,8 +296,11 @@ def _sample_loop(model, logits0, cache, opts, temperature, rng):
 # -- step by step (streaming, the server) ----------------------------------------------------------
 
 
-def options(model, config: GenerateConfig, *, eos_id=None, pad_id=None, embeds: bool = False) -> _Options:
-  """The static settings of a greedy / sampling run (`start` / `advance`)."""
+def options(
+  model, config: GenerateConfig, *, eos_id=None, pad_id=None, embeds: bool = False, top_logprobs: int = 0
+) -> _Options:
+  """The static settings of a greedy / sampling run (`start` / `advance`); `top_logprobs` (0 or TOP_LOGPROBS):
+  keep each token's alternatives too."""
   if config.method == "beam":
     raise UsageError("step-by-step decoding is greedy or sampling; beam search runs whole (`generate`)")
   cfg = model.config
@@ -281,6 +316,7 @@ def options(model, config: GenerateConfig, *, eos_id=None, pad_id=None, embeds: 
     eos=eos_ids(eos_id, cfg),
     pad=int(pad_id),
     embeds=embeds,
+    top_logprobs=top_logprobs,
   )
 
 

@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxprompt.data import encoding, input_format
 from jaxprompt.errors import UserError
 from jaxprompt.serve.engine import Draining, Engine, Overloaded, Request, Sampling
+from jaxprompt.serve.logprobs import TOP_LOGPROBS, openai_logprobs
 from jaxprompt.serve.scoring import Scorer
 
 STATIC = Path(__file__).resolve().parent / "static"  # the playground's files (package data)
@@ -73,7 +74,7 @@ Text = Annotated[str, Field(strict=True)]
 Flag = Annotated[bool, Field(strict=True)]
 Finite = dict(strict=True, allow_inf_nan=False)  # NaN / Infinity (which Python's JSON reads) are no numbers here
 MAX_N = 16  # choices per prompt
-MAX_LOGPROBS = 20  # alternatives per token
+MAX_LOGPROBS = 20  # alternatives per token of a scored prompt (echo); generated tokens: TOP_LOGPROBS
 
 
 Input = Text | dict[str, Text]  # text, or a templated prompt's fields by name
@@ -295,17 +296,23 @@ class _Api:
           raise ApiError(400, "best_of: only best_of = n is supported (every choice is returned)", field)
       elif field not in _ACCEPTED:
         raise ApiError(400, f"{field}: unknown parameter", field)
-    if body.max_tokens > 0 and not body.echo and body.logprobs is None:
+    if body.max_tokens > 0 and not body.echo:  # generation (`serve.logprobs` with logprobs)
+      if body.logprobs is not None and body.logprobs > TOP_LOGPROBS:
+        raise ApiError(
+          400,
+          f"logprobs: at most {TOP_LOGPROBS} alternatives per generated token (up to {MAX_LOGPROBS} when scoring a "
+          "prompt: echo with max_tokens 0)",
+          "logprobs",
+        )
       return
     if body.stream:
-      raise ApiError(400, "stream: not with echo, logprobs or max_tokens 0 (their answer is one piece)", "stream")
-    field = "logprobs" if body.logprobs is not None else "echo"
+      raise ApiError(400, "stream: not with echo or max_tokens 0 (their answer is one piece)", "stream")
     if body.max_tokens > 1 or (body.max_tokens == 1 and body.temperature != 0):
       raise ApiError(
         400,
-        f"{field}: log-probabilities are given for scoring only: max_tokens 0 (the prompt's own tokens, with echo) "
-        "or max_tokens 1 at temperature 0",
-        field,
+        "echo: the prompt's tokens are scored with max_tokens 0, or 1 at temperature 0 (the log-probabilities of "
+        "longer generations come without echo)",
+        "echo",
       )
 
   def _completion_requests(self, body: CompletionRequest) -> list[Request]:
@@ -326,14 +333,25 @@ class _Api:
     )
     seeds = [None if body.seed is None else (body.seed + j) % 2**32 for j in range(body.n)]
     return [
-      Request("complete", prompt, text, toks, None, max_tokens=body.max_tokens, sampling=sampling, stop=stop, seed=s)
+      Request(
+        "complete",
+        prompt,
+        text,
+        toks,
+        None,
+        max_tokens=body.max_tokens,
+        sampling=sampling,
+        stop=stop,
+        seed=s,
+        logprobs=body.logprobs,
+      )
       for text, toks in inputs
       for s in seeds
     ]
 
   async def completions(self, body: CompletionRequest):
     self.check_params(body)
-    if body.max_tokens == 0 or body.echo or body.logprobs is not None:
+    if body.max_tokens == 0 or body.echo:
       return await self.scored_completions(body)
     reqs = self._completion_requests(body)
     loop = asyncio.get_running_loop()
@@ -345,12 +363,19 @@ class _Api:
     if not body.stream:
       results = await self.answers(reqs, futures)
       choices = [
-        dict(text=r["text"], index=i, logprobs=None, finish_reason=r["finish_reason"]) for i, r in enumerate(results)
+        dict(text=r["text"], index=i, logprobs=self.logprobs(q, r.get("logprobs")), finish_reason=r["finish_reason"])
+        for i, (q, r) in enumerate(zip(reqs, results, strict=True))
       ]
       used = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)
       return _completion(rid, created, body.model, choices, used)
     options = (body.model_extra or {}).get("stream_options") or {}
     return self.stream(reqs, rid, created, body.model, bool(isinstance(options, dict) and options.get("include_usage")))
+
+  def logprobs(self, r: Request, items: list | None, before: list[int] | None = None) -> dict | None:
+    """A choice's (or a stream chunk's) OpenAI `logprobs` object: None unless the request asked for them."""
+    if r.logprobs is None:
+      return None
+    return openai_logprobs(self.engine.tokenizer, items or [], r.logprobs, before or [])
 
   def stream(
     self, reqs: list[Request], rid: str, created: int, model: str, include_usage: bool = False
@@ -359,27 +384,31 @@ class _Api:
     queue: asyncio.Queue = asyncio.Queue()
     for i, r in enumerate(reqs):
       done = r.on_done
-      r.on_delta = lambda delta, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, delta, None))
+      r.on_delta = lambda delta, items, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, delta, items, None))
       r.on_done = lambda result, i=i, done=done: (
         done(result),
-        loop.call_soon_threadsafe(queue.put_nowait, (i, None, result)),
+        loop.call_soon_threadsafe(queue.put_nowait, (i, None, None, result)),
       )
     self.submit(reqs)
 
     async def events():
       left, used = len(reqs), [0, 0]
+      sent: list[list[int]] = [[] for _ in reqs]  # each choice's tokens whose log-probabilities went out
       try:
         while left:
-          i, delta, result = await queue.get()
+          i, delta, items, result = await queue.get()
           if result is None:
-            yield _sse(rid, created, model, dict(text=delta, index=i, logprobs=None, finish_reason=None))
+            logprobs = self.logprobs(reqs[i], items, sent[i])
+            sent[i] += [x.token for x in items]
+            yield _sse(rid, created, model, dict(text=delta, index=i, logprobs=logprobs, finish_reason=None))
             continue
           left -= 1
           if isinstance(result, Exception):
             yield f"data: {json.dumps({'error': {'message': f'internal error: {result}', 'type': 'server_error'}})}\n\n"
             continue
           used = [used[0] + result["prompt_tokens"], used[1] + result["completion_tokens"]]
-          yield _sse(rid, created, model, dict(text="", index=i, logprobs=None, finish_reason=result["finish_reason"]))
+          rest = self.logprobs(reqs[i], (result.get("logprobs") or [])[len(sent[i]) :], sent[i])
+          yield _sse(rid, created, model, dict(text="", index=i, logprobs=rest, finish_reason=result["finish_reason"]))
         if include_usage:  # OpenAI's usage chunk (stream_options.include_usage)
           yield _sse(rid, created, model, None, dict(zip(_USAGE, [*used, sum(used)], strict=True)))
         yield "data: [DONE]\n\n"

@@ -50,6 +50,7 @@ from jaxprompt.models.interface import Prefix
 from jaxprompt.prompts import methods
 from jaxprompt.prompts.io import is_prompt_source, load_prompt_source, prompt_task_names, task_slug
 from jaxprompt.prompts.record import PromptRecord
+from jaxprompt.serve import logprobs as lp
 
 log = logging.getLogger(__name__)
 
@@ -279,9 +280,10 @@ class Sampling:
 
 @dataclasses.dataclass(eq=False)
 class Request:
-  """One input under one prompt (None: the base alone). kind "complete": generate up to `max_tokens`;
-  "classify": score `labels`. `on_delta(text)` receives a stream's new text; `on_done(result | exception)`
-  is called exactly once."""
+  """One input under one prompt (None: the base alone). kind "complete": generate up to `max_tokens` (with
+  `logprobs` not None: each token's log-probability and its `logprobs` best alternatives, `serve.logprobs`);
+  "classify": score `labels`. `on_delta(text, logprobs)` receives a stream's new text (and the TokenLogprobs of
+  the tokens it completes; [] without `logprobs`); `on_done(result | exception)` is called exactly once."""
 
   kind: str
   prompt: ServedPrompt | None
@@ -292,6 +294,7 @@ class Request:
   sampling: Sampling = Sampling()
   stop: tuple[str, ...] = ()
   seed: int | None = None
+  logprobs: int | None = None  # alternatives per generated token (0..TOP_LOGPROBS); None: no log-probabilities
   labels: tuple[str, ...] = ()
   on_delta: Callable | None = None
   created: float = dataclasses.field(default_factory=time.monotonic)
@@ -303,18 +306,25 @@ class Request:
     group = self.prompt.group if self.prompt is not None else ()
     if self.kind == "classify":
       return ("classify", group, self.labels)
-    return ("complete", group, self.sampling)
+    return ("complete", group, self.sampling, self.wants_top)
+
+  @property
+  def wants_top(self) -> bool:
+    """Does it ask for alternatives (the decode loop then keeps TOP_LOGPROBS per token)?"""
+    return bool(self.logprobs)
 
 
 class _Text:
   """A completion's text as tokens arrive: stop strings cut it, a stream gets only text that can no longer change
-  (the last token and a possible start of a stop string are held back until the end)."""
+  (the last token and a possible start of a stop string are held back until the end), with the log-probabilities
+  of the tokens that text completes when the request asks for them (`logprobs` is then their list so far)."""
 
-  def __init__(self, tokenizer, stop: tuple[str, ...], on_delta):
+  def __init__(self, tokenizer, stop: tuple[str, ...], on_delta, logprobs: list | None = None):
     self.tokenizer, self.stop, self.on_delta = tokenizer, stop, on_delta
     self.sent = ""
     self.text = ""
     self.stopped = False
+    self.logprobs, self.streamed = logprobs, 0  # TokenLogprobs so far; how many went out with text
 
   def _cut(self, text: str) -> tuple[str, bool]:
     at = [text.find(s) for s in self.stop if s and s in text]
@@ -331,7 +341,11 @@ class _Text:
       text = safe[: max(len(self.sent), len(safe) - hold)]
       text = text.rstrip("\ufffd")  # an unfinished multi-byte character
     if text.startswith(self.sent) and len(text) > len(self.sent):
-      self.on_delta(text[len(self.sent) :])
+      new = []
+      if self.logprobs is not None:
+        done = lp.covered(self.tokenizer, tokens, self.streamed, len(text))
+        new, self.streamed = self.logprobs[self.streamed : done], done
+      self.on_delta(text[len(self.sent) :], new)
       self.sent = text
 
 
@@ -478,8 +492,8 @@ class Engine:
       return batch
 
   def new_text(self, r: Request) -> "_Text":
-    """A completion's text as its tokens arrive (stop strings, streaming)."""
-    return _Text(self.tokenizer, r.stop, r.on_delta)
+    """A completion's text as its tokens arrive (stop strings, streaming, log-probabilities)."""
+    return _Text(self.tokenizer, r.stop, r.on_delta, [] if r.logprobs is not None else None)
 
   def _loop(self) -> None:
     if self.slots is not None:
@@ -522,6 +536,7 @@ class Engine:
     opts = decoding.options(
       self.base,
       GenerateConfig(method=s.method, max_new_tokens=t_new, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k),
+      top_logprobs=lp.TOP_LOGPROBS if batch[0].wants_top else 0,
     )
     seeds = [r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little") for r in batch]
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + [seeds[0]] * (b - n), jnp.uint32))
@@ -529,31 +544,47 @@ class Engine:
       self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(mask), self._prefix(batch, b), keys, opts=opts
     )
     temperature = jnp.asarray(s.temperature, jnp.float32)
-    texts = [_Text(self.tokenizer, r.stop, r.on_delta) for r in batch]
-    done = [False] * n
-    counts = [0] * n
+    texts = [self.new_text(r) for r in batch]
+    counts: list[int | None] = [None] * n
     t = 0
-    eos = set(opts.eos)
-    while not all(done):
+    while any(c is None for c in counts):
       t = min(t + self.chunk, t_new)
       state = decoding.advance(self.graphdef, self.state, state, temperature, jnp.int32(t), opts=opts)
-      tokens, lengths = np.asarray(state["tokens"]), np.asarray(state["lengths"])
-      for i, r in enumerate(batch):
-        if done[i]:
-          continue
-        k = min(int(lengths[i]), r.max_tokens)
-        row = tokens[i, :k].tolist()
-        ended = bool(row) and row[-1] in eos
-        final = ended or k >= r.max_tokens or t >= t_new
-        texts[i].update(row[:-1] if ended else row, final)
-        if final or texts[i].stopped:
-          done[i] = True
-          counts[i] = k
-          finish = "stop" if ended or texts[i].stopped else "length"
-          r.on_done(dict(text=texts[i].text, finish_reason=finish, prompt_tokens=len(r.tokens), completion_tokens=k))
+      self._read(batch, state, texts, counts, t >= t_new, set(opts.eos))
       if t >= t_new:
         break
-    return sum(counts)
+    return sum(c or 0 for c in counts)
+
+  def _read(self, batch: list[Request], state: dict, texts: list, counts: list, last: bool, eos: set) -> None:
+    """After a chunk of steps: stream each unfinished request's text and answer those that ended (counts[i]: the
+    tokens it got; None while it runs)."""
+    tokens, lengths = np.asarray(state["tokens"]), np.asarray(state["lengths"])
+    host = {}
+    if any(r.logprobs is not None for r in batch):
+      host = {f: np.asarray(state[f]) for f in ("logprobs", "top_values", "top_ids") if f in state}
+    for i, r in enumerate(batch):
+      if counts[i] is not None:
+        continue
+      k = min(int(lengths[i]), r.max_tokens)
+      row = tokens[i, :k].tolist()
+      if texts[i].logprobs is not None:
+        top = (host["top_values"][i], host["top_ids"][i]) if "top_ids" in host else (None, None)
+        texts[i].logprobs[:] = lp.entries(row, host["logprobs"][i], *top, k=r.logprobs)
+      ended = bool(row) and row[-1] in eos
+      final = ended or k >= r.max_tokens or last
+      texts[i].update(row[:-1] if ended else row, final)
+      if final or texts[i].stopped:
+        counts[i] = k
+        finish = "stop" if ended or texts[i].stopped else "length"
+        r.on_done(
+          dict(
+            text=texts[i].text,
+            finish_reason=finish,
+            prompt_tokens=len(r.tokens),
+            completion_tokens=k,
+            logprobs=texts[i].logprobs,
+          )
+        )
 
   def labels(self, labels: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
     """The label strings as decoder targets / continuations [C, longest] (cached)."""

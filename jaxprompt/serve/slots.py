@@ -39,6 +39,7 @@ from jaxprompt.data import encoding
 from jaxprompt.inference import decoding
 from jaxprompt.models import kv as KV
 from jaxprompt.models.interface import Prefix
+from jaxprompt.serve import logprobs as lp
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,22 @@ def _stack(rows: tuple) -> Prefix | None:
 # -- the jitted programs ---------------------------------------------------------------------------------------
 
 
-def _new_rows(model, ids, mask, rows, settings, seeds, layout: Layout) -> tuple[dict, jax.Array]:
-  """Prefill b requests -> (their decode-slot rows, their first tokens [b])."""
+def _scored(logits, tok, want) -> tuple:
+  """The tokens [b] with their log-probabilities [b] and, when a row wants them (want [b] bool), every row's
+  TOP_LOGPROBS alternatives (values, ids) [b, k]; zeros otherwise (the top-k is skipped: no request pays for it
+  unless one asks)."""
+  b, k = logits.shape[0], decoding.TOP_LOGPROBS
+  top = jax.lax.cond(
+    jnp.any(want),
+    decoding.top_logprobs,
+    lambda x: (jnp.zeros((b, k), jnp.float32), jnp.zeros((b, k), jnp.int32)),
+    logits,
+  )
+  return tok, decoding.chosen_logprobs(logits, tok), *top
+
+
+def _new_rows(model, ids, mask, rows, settings, seeds, want, layout: Layout) -> tuple[dict, tuple]:
+  """Prefill b requests -> (their decode-slot rows, their first tokens [b] as `_scored`)."""
   logits0, cache = model.prefill(
     input_ids=ids, attention_mask=mask, prefix=_stack(rows), max_new_tokens=layout.max_new_tokens
   )
@@ -154,25 +169,27 @@ def _new_rows(model, ids, mask, rows, settings, seeds, layout: Layout) -> tuple[
     top_k=top_k,
     top_p=top_p,
   )
-  return new, first
+  return new, _scored(logits0, first, want)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("slots",))
-def admit(graphdef, state, slots, ids, mask, rows, settings, seeds, at, *, layout: Layout):
-  """Prefill requests and write them into slots `at` [b] (N: a padding row, dropped) -> (slots, first tokens [b])."""
-  new, first = _new_rows(nnx.merge(graphdef, state), ids, mask, rows, settings, seeds, layout)
+def admit(graphdef, state, slots, ids, mask, rows, settings, seeds, want, at, *, layout: Layout):
+  """Prefill requests and write them into slots `at` [b] (N: a padding row, dropped) -> (slots, first tokens [b]
+  with their log-probabilities: `_scored`)."""
+  new, first = _new_rows(nnx.merge(graphdef, state), ids, mask, rows, settings, seeds, want, layout)
   return KV.insert_rows(slots, new, at), first
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("slots",))
-def step(graphdef, state, slots, *, layout: Layout):
-  """One token for every slot -> (slots, the tokens [N])."""
+def step(graphdef, state, slots, want, *, layout: Layout):
+  """One token for every slot -> (slots, the tokens [N] with their log-probabilities: `_scored`; want [N]: the
+  slots whose requests ask for alternatives)."""
   model = nnx.merge(graphdef, state)
   logits, cache = model.decode_step(slots["cache"], slots["tokens"], slots["t"])
   settings = (slots["greedy"], slots["temperature"], slots["top_k"], slots["top_p"])
   tok, keys = decoding.choose_rows(logits, jax.random.wrap_key_data(slots["keys"]), *settings)
   t = jnp.minimum(slots["t"] + 1, layout.max_new_tokens - 1)  # a free slot's step stays in range
-  return dict(slots, cache=cache, tokens=tok, t=t, keys=jax.random.key_data(keys)), tok
+  return dict(slots, cache=cache, tokens=tok, t=t, keys=jax.random.key_data(keys)), _scored(logits, tok, want)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -188,7 +205,8 @@ def empty_slots(graphdef, state, layout: Layout, row: Prefix | None, pad: int) -
     ids, mask = jnp.full((1, 1), pad, jnp.int32), jnp.ones((1, 1), jnp.int32)
     settings = (jnp.ones((1,), bool), jnp.ones((1,), jnp.float32), jnp.zeros((1,), jnp.int32), jnp.ones((1,)))
     model = nnx.merge(graphdef, state)
-    return _new_rows(model, ids, mask, (row,), settings, jnp.zeros((1,), jnp.uint32), layout)[0]
+    seeds, want = jnp.zeros((1,), jnp.uint32), jnp.zeros((1,), bool)
+    return _new_rows(model, ids, mask, (row,), settings, seeds, want, layout)[0]
 
   def zeros(a):
     axis = 1 if a.ndim == 5 else 0
@@ -333,16 +351,17 @@ class SlotBatcher:
     if e.metrics is not None:
       e.metrics.batch_size.observe(n)
       e.metrics.batches.inc()
+    want = np.asarray([r.wants_top for r in reqs] + [False] * (b - n))
     self.state, first = admit(
-      e.graphdef, e.state, self.state, ids, mask, prefixes, settings, seeds, at, layout=self.layout
+      e.graphdef, e.state, self.state, ids, mask, prefixes, settings, seeds, want, at, layout=self.layout
     )
-    first, now = np.asarray(first), time.monotonic()
-    for r, slot, tok in zip(reqs, slots, first, strict=False):
+    first, now = self._host(first, reqs), time.monotonic()
+    for j, (r, slot) in enumerate(zip(reqs, slots, strict=False)):
       entry = _Live(r, e.new_text(r), last=now)
       self.live[slot] = entry
       if e.metrics is not None:
         e.metrics.time_to_first_token.observe(now - r.created)
-      self._feed(slot, int(tok))
+      self._feed(slot, first, j)
     if e.metrics is not None:
       e.metrics.generated_tokens.inc(n)
 
@@ -350,23 +369,43 @@ class SlotBatcher:
     e, start = self.engine, time.monotonic()
     if e.metrics is not None:
       e.metrics.step_slots.observe(len(self.live))
-    self.state, tokens = step(e.graphdef, e.state, self.state, layout=self.layout)
-    tokens, now = np.asarray(tokens), time.monotonic()
+    want = np.zeros((self.layout.slots,), bool)
+    want[np.asarray([s for s, x in self.live.items() if x.request.wants_top], np.int32)] = True
+    self.state, out = step(e.graphdef, e.state, self.state, want, layout=self.layout)
+    out, now = self._host(out, [x.request for x in self.live.values()]), time.monotonic()
     busy = len(self.live)
     for slot, entry in list(self.live.items()):
       if e.metrics is not None:
         e.metrics.inter_token_latency.observe(now - entry.last)
       entry.last = now
-      self._feed(slot, int(tokens[slot]))
+      self._feed(slot, out, slot)
     if e.metrics is not None:
       e.metrics.generated_tokens.inc(busy)
       e.metrics.tokens_per_second.set(busy / max(now - start, 1e-9))
       e.metrics.slots_busy.set(len(self.live))
 
-  def _feed(self, slot: int, tok: int) -> None:
-    """A slot's next token: stream its text; when the request ended, answer it and free the slot."""
+  @staticmethod
+  def _host(out: tuple, reqs: list) -> tuple:
+    """A call's `_scored` arrays on the host: the tokens always; log-probabilities only when a request asks (and
+    the alternatives when one asks for them)."""
+    tokens, logprobs, *top = out
+    asked = [r for r in reqs if r.logprobs is not None]
+    return (
+      np.asarray(tokens),
+      np.asarray(logprobs) if asked else None,
+      *(np.asarray(a) if any(r.wants_top for r in asked) else None for a in top),
+    )
+
+  def _feed(self, slot: int, out: tuple, j: int) -> None:
+    """A slot's next token (row j of `_host`'s arrays): stream its text; when the request ended, answer it and free
+    the slot."""
     entry = self.live[slot]
     r = entry.request
+    tokens, logprobs, top_values, top_ids = out
+    tok = int(tokens[j])
+    if entry.text.logprobs is not None:
+      top = (top_values[j : j + 1], top_ids[j : j + 1]) if r.logprobs else (None, None)
+      entry.text.logprobs += lp.entries([tok], logprobs[j : j + 1], *top, k=r.logprobs)
     entry.tokens.append(tok)
     k = len(entry.tokens)
     ended = tok in self.eos
@@ -375,9 +414,8 @@ class SlotBatcher:
     if final or entry.text.stopped:
       finish = "stop" if ended or entry.text.stopped else "length"
       self._release(slot)
-      self._finish(
-        r, dict(text=entry.text.text, finish_reason=finish, prompt_tokens=len(r.tokens), completion_tokens=k)
-      )
+      result = dict(text=entry.text.text, finish_reason=finish, prompt_tokens=len(r.tokens), completion_tokens=k)
+      self._finish(r, dict(result, logprobs=entry.text.logprobs))
 
   def _release(self, slot: int) -> None:
     del self.live[slot]
@@ -449,11 +487,12 @@ class SlotBatcher:
         settings = (np.ones(b, bool), np.ones(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32))
         seeds = np.zeros(b, np.uint32)
         at = np.full((b,), self.layout.slots, np.int32)  # every row dropped: no slot is touched
+        want = np.zeros(b, bool)
         self.state, first = admit(
-          e.graphdef, e.state, self.state, ids, mask, (self._none,) * b, settings, seeds, at, layout=self.layout
+          e.graphdef, e.state, self.state, ids, mask, (self._none,) * b, settings, seeds, want, at, layout=self.layout
         )
-        first.block_until_ready()
+        first[0].block_until_ready()
         count += 1
-    self.state, tokens = step(e.graphdef, e.state, self.state, layout=self.layout)
-    tokens.block_until_ready()
+    self.state, out = step(e.graphdef, e.state, self.state, np.zeros(self.layout.slots, bool), layout=self.layout)
+    out[0].block_until_ready()
     return count + 1
