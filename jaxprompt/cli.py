@@ -866,8 +866,9 @@ def _add_serve(sub) -> None:
       "server: POST /v1/completions (OpenAI), /v1/classify, /v1/prompts (admin); GET /v1/models, /health, /metrics, "
       "and GET / a playground page. Requests for different prompts are batched together; --mesh shards the frozen "
       "weights over devices. Each prompt gets its inputs in the input format its task was trained with (a string "
-      'for the task\'s one field, an object of fields; "raw": true for text as it is); echo + logprobs with '
-      "max_tokens 0 score a prompt's tokens (lm-evaluation-harness). Needs the serve extra."
+      'for the task\'s one field, an object of fields; "raw": true for text as it is); logprobs (k <= 5) gives each '
+      "generated token's log-probability and alternatives; echo + logprobs with max_tokens 0 score a prompt's "
+      "tokens (lm-evaluation-harness). Needs the serve extra."
     ),
   )
   p.add_argument("--model", required=True, help="base model: HF folder, hub id, .gguf, builtin:quickstart")

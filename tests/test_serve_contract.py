@@ -299,7 +299,9 @@ def test_sampled_logprobs_are_the_models_in_both_schedulers(server, material):
 
   url, engine = server
   folder, _, prompts, _ = material
-  static = Engine(engine.base, engine.tokenizer, engine.store, scheduler="static", max_batch=2, max_tokens=16)
+  static = Engine(
+    engine.base, engine.tokenizer, engine.store, scheduler="static", max_batch=1, max_tokens=8, max_input_tokens=16
+  )
   static.start()
   try:
     prompt = engine.store.get("reviews")
@@ -314,7 +316,35 @@ def test_sampled_logprobs_are_the_models_in_both_schedulers(server, material):
         for x, (_, _, top_v, top_i) in zip(got["logprobs"], ref, strict=True):
           assert [i for i, _ in x.top] == top_i[:k].tolist()
           np.testing.assert_allclose([v for _, v in x.top], top_v[:k], atol=1e-4)
-      plain = _ask(eng, prompt=prompt, text="", tokens=IDS, max_tokens=3, sampling=hot, seed=7)
+      plain = _ask(eng, prompt=prompt, text="", tokens=IDS, max_tokens=3, sampling=Sampling("greedy"))
       assert plain.get("logprobs") is None
   finally:
     static.stop()
+
+
+def test_t5_generated_logprobs_equal_transformers(byte_t5):
+  """T5 (the continuous scheduler; the static one shares the decoder's loop): each sampled token's log-probability
+  and alternatives equal log_softmax of transformers' decoder logits, teacher-forced on the tokens drawn."""
+  import torch
+
+  from jaxprompt.models.loading import load_tokenizer
+  from jaxprompt.serve.engine import Engine, PromptStore, Sampling
+  from jaxprompt.serve.server import load_base
+  from tests.helpers_hf import load_t5
+
+  base, tok = load_base(str(byte_t5)), load_tokenizer(str(byte_t5))
+  engine = Engine(base, tok, PromptStore(base), slots=2, max_batch=1, max_tokens=8, max_input_tokens=16)
+  engine.start()
+  try:
+    sampling = Sampling("sample", temperature=0.7)
+    got = _ask(engine, prompt=None, text="", tokens=IDS + [1], max_tokens=6, sampling=sampling, seed=3, logprobs=2)
+  finally:
+    engine.stop()
+  drawn = [x.token for x in got["logprobs"]]
+  with torch.no_grad():
+    logits = load_t5(byte_t5)(input_ids=torch.tensor([IDS + [1]]), decoder_input_ids=torch.tensor([[0] + drawn[:-1]]))
+  logp = torch.log_softmax(logits.logits[0].double(), -1).numpy()
+  np.testing.assert_allclose([x.logprob for x in got["logprobs"]], logp[np.arange(len(drawn)), drawn], atol=1e-4)
+  for j, x in enumerate(got["logprobs"]):
+    assert [i for i, _ in x.top] == np.argsort(-logp[j])[:2].tolist()
+    np.testing.assert_allclose([v for _, v in x.top], np.sort(logp[j])[::-1][:2], atol=1e-4)

@@ -2,8 +2,10 @@
 
   POST /v1/completions    OpenAI's completions API (model = a prompt's name, or the base's name for no prompt); a
                           templated prompt's input may be its fields by name ({"premise": ..., "hypothesis": ...});
-                          `echo` + `logprobs` with max_tokens 0 (or 1 at temperature 0) score the prompt's tokens
-                          (`serve.scoring`, decoder-only bases), `n` samples per prompt, token-id prompts
+                          `logprobs` (k <= 5) gives each generated token's log-probability and alternatives
+                          (`serve.logprobs`, streamed too); `echo` + `logprobs` with max_tokens 0 (or 1 at
+                          temperature 0) score the prompt's tokens (`serve.scoring`, decoder-only bases), `n` samples
+                          per prompt, token-id prompts
   GET  /v1/models         the served names (with the labels each prompt's task records)
   POST /v1/classify       {"model", "input": str | {field: str} | [...], "labels"?: [str]} -> per-label
                           log-probabilities

@@ -14,7 +14,8 @@ thread loops:
   step:  one jitted call advances every slot by one token (`decode_step` with each row's own step), each row under
     its own temperature / top-k / top-p / key (`decoding.choose_rows`); the host reads the N tokens, streams text
     and frees the slot of every request that ended (EOS, its max_tokens, a stop string, its client gone), so the
-    next admission reuses it at once.
+    next admission reuses it at once. Each token comes with its log-probability (`decoding.chosen_logprobs`) and,
+    in a step where some row asks for them, every row's top 5 (`serve.logprobs`; a conditional, not a program).
 
 Prompts of every method share a call: each prompt is padded once to the server's prompt slots (`Layout`; on the
 left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
