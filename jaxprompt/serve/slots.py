@@ -227,7 +227,6 @@ class SlotBatcher:
     self.batch_sizes = tuple(b for b in e.batch_sizes if b <= slots) or (1,)
     self.max_prefill = self.batch_sizes[-1]
     self.eos = set(decoding.eos_ids(None, e.base.config))
-    self._rows: dict[int, tuple] = {}
     self._none = self._device_row(None)
     self.state = empty_slots(e.graphdef, e.state, self.layout, self._none, e._pad)
     self.free = list(range(slots))[::-1]
@@ -240,16 +239,18 @@ class SlotBatcher:
     return None if row is None else jax.tree.map(jnp.asarray, row)
 
   def row(self, prompt) -> Prefix | None:
-    """A prompt's padded row on the device (made once per served prompt)."""
+    """A prompt's padded row on the device, through the store's device cache (filled here, at admission)."""
     if prompt is None:
       return self._none
-    hit = self._rows.get(id(prompt))
-    if hit is None or hit[0] is not prompt:
-      if len(self._rows) > 2 * len(self.engine.store.names()) + 16:  # forget prompts no longer served
-        served = {id(p) for p in map(self.engine.store.get, self.engine.store.names())}
-        self._rows = {k: v for k, v in self._rows.items() if k in served}
-      hit = self._rows[id(prompt)] = (prompt, self._device_row(prompt))
-    return hit[1]
+    return self.engine.store.device(prompt, "slot row", lambda: self._device_row(prompt))
+
+  def rows(self, prompts: list) -> tuple:
+    """The rows of a batch's prompts (each distinct prompt looked up in the cache once)."""
+    seen: dict[int, Prefix | None] = {}
+    for p in prompts:
+      if id(p) not in seen:
+        seen[id(p)] = self.row(p)
+    return tuple(seen[id(p)] for p in prompts)
 
   # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -326,7 +327,7 @@ class SlotBatcher:
     rows = [r.tokens for r in reqs] + [reqs[0].tokens] * (b - n)
     length = next(s for s in e.lengths if s >= max(map(len, rows)))
     ids, mask = e.base.batch_type.layout_inputs(rows, length, e._pad)
-    prefixes = tuple(self.row(r.prompt) for r in reqs) + (self.row(reqs[0].prompt),) * (b - n)
+    prefixes = self.rows([r.prompt for r in reqs] + [reqs[0].prompt] * (b - n))
     settings, seeds = self._settings([(r.sampling, r.seed) for r in reqs], b)
     slots = [self.free.pop() for _ in reqs]
     at = np.asarray(slots + [self.layout.slots] * (b - n), np.int32)
@@ -426,7 +427,7 @@ class SlotBatcher:
     if e.metrics is not None:
       e.metrics.batch_size.observe(n)
       e.metrics.batches.inc()
-    rows = tuple(self.row(r.prompt) for r in pad)
+    rows = self.rows([r.prompt for r in pad])
     scores = np.asarray(rank(e.graphdef, e.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask, rows))
     for i, r in enumerate(reqs):
       row = scores[i]
