@@ -243,7 +243,9 @@ def test_a_device_cache_of_4_prompts_serves_32_prompts_round_robin(endless_serve
   """32 prompts (two lengths) through a device cache of 4, twice round-robin over HTTP: every answer is the prompt's
   own `generate_text` greedy result, prompts are evicted and copied in again, the cache never holds more than 4;
   a prompt replaced while its request is queued still answers as the prompt the request asked for."""
+  from jaxprompt.serve.cache import tree_bytes
   from jaxprompt.serve.engine import Request
+  from jaxprompt.serve.slots import prompt_row
 
   url, engine = endless_server
   _, prompts = endless
@@ -278,6 +280,8 @@ def test_a_device_cache_of_4_prompts_serves_32_prompts_round_robin(endless_serve
     after = store.stats().cache
     assert after.evictions - before.evictions >= 32 and after.misses - before.misses >= 32
     assert after.device_prompts <= 4 and len(store.cache.order()) <= 4
+    row = tree_bytes(prompt_row(engine.slots.layout, store.get("one").prefix))  # every prompt's padded row
+    assert after.peak_bytes == 4 * row and after.device_bytes <= 4 * row
     health = httpx.get(url + "/health").json()["prompt_cache"]
     assert health["evictions"] == after.evictions and health["limit_prompts"] == 4
     metrics = httpx.get(url + "/metrics").text

@@ -16,9 +16,10 @@ thread loops:
     and frees the slot of every request that ended (EOS, its max_tokens, a stop string, its client gone), so the
     next admission reuses it at once.
 
-Prompts of every method share a call: each prompt is padded once to the server's prompt slots (`Layout`; on the
+Prompts of every method share a call: each prompt is padded to the server's prompt slots (`Layout`; on the
 left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
-prompt's row; the base alone is a row of masked slots. Programs compiled: one admission per batch bucket x length
+prompt's row, from the store's device cache (`serve.cache`; copied in from the host at admission when missing); the
+base alone is a row of masked slots. Programs compiled: one admission per batch bucket x length
 bucket, one generate step, and one classification per batch bucket x length bucket x label set.
 """
 
