@@ -93,3 +93,17 @@ def test_variants_of_one_prompt_share_its_entry():
   _get(cache, q)
   assert cache.order() == [q] and cache.stats().device_bytes == q.value.nbytes
   assert isinstance(jax.tree.leaves(_get(cache, q)[0])[0], jax.Array)
+
+
+def test_the_serve_flags_set_the_limits_and_a_bad_one_is_named():
+  import pytest
+
+  from jaxprompt.errors import UsageError
+  from jaxprompt.serve.server import cache_limits
+
+  assert cache_limits(None, None) == CacheLimits()
+  assert cache_limits(4, 1.5) == CacheLimits(prompts=4, bytes=3 * 2**19)
+  with pytest.raises(UsageError, match="--prompt-cache 0"):
+    cache_limits(0, None)
+  with pytest.raises(UsageError, match="--prompt-cache-mb -1"):
+    cache_limits(None, -1.0)
