@@ -916,6 +916,13 @@ def _add_serve_batching(p) -> None:
     help="continuous: room for prompts of this length added later over the API (default: the longest in --prompts)",
   )
   p.add_argument(
+    "--prompt-cache",
+    type=int,
+    help="prompts held on the device at most (least recently used evicted; every prompt stays on the host and "
+    "is copied in when a request needs it; default: no limit)",
+  )
+  p.add_argument("--prompt-cache-mb", type=float, help="MiB of prompts held on the device at most (default: no limit)")
+  p.add_argument(
     "--max-batch", type=int, default=16, help="requests per model call (continuous: per prefill; default 16)"
   )
   p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others (default 5)")

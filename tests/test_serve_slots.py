@@ -116,7 +116,14 @@ def endless_server(endless):
 
   folder, prompts = endless
   app, engine, _ = build(
-    str(folder), prompts=str(prompts), name="base", slots=4, max_batch=4, max_tokens=1000, max_input_tokens=16
+    str(folder),
+    prompts=str(prompts),
+    name="base",
+    slots=4,
+    max_batch=4,
+    max_tokens=1000,
+    max_input_tokens=16,
+    prompt_cache=4,  # a device cache of 4 prompts (32 served in test_a_device_cache_of_4_prompts_serves_32...)
   )
   engine.warmup()  # no compilation while requests run
   with serving(app) as url:
@@ -230,3 +237,65 @@ def test_a_stream_asking_for_usage_ends_with_openai_s_usage_chunk(endless_server
       usage = [e["usage"] for e in events if "usage" in e]
       assert [u["completion_tokens"] for u in usage] == ([want] if want else [])
       assert all(e["choices"] for e in events if "usage" not in e)
+
+
+def test_a_device_cache_of_4_prompts_serves_32_prompts_round_robin(endless_server, endless, tmp_path):
+  """32 prompts (two lengths) through a device cache of 4, twice round-robin over HTTP: every answer is the prompt's
+  own `generate_text` greedy result, prompts are evicted and copied in again, the cache never holds more than 4;
+  a prompt replaced while its request is queued still answers as the prompt the request asked for."""
+  from jaxprompt.serve.cache import tree_bytes
+  from jaxprompt.serve.engine import Request
+  from jaxprompt.serve.slots import prompt_row
+
+  url, engine = endless_server
+  _, prompts = endless
+  rng = np.random.default_rng(11)
+  lengths = {"one": 3, "two": 5}
+  for i in range(30):
+    lengths[f"c{i}"] = (3, 5)[i % 2]
+    np.save(tmp_path / f"c{i}.npy", rng.normal(size=(lengths[f"c{i}"], 32)).astype(np.float32))
+  files = {n: (prompts if n in ("one", "two") else tmp_path) / f"{n}.npy" for n in lengths}
+  store = engine.store
+  try:
+    for n in lengths:
+      if n.startswith("c"):
+        store.add(n, files[n])
+    want = {}
+    for p in (3, 5):  # the reference: every prompt of a length in one generate_text call
+      names = [n for n, k in lengths.items() if k == p]
+      recs = T.generate_text(
+        engine.base, engine.tokenizer, TEXTS, [load_prompt_source(files[n]) for n in names], max_new_tokens=4
+      )
+      want |= {(n, t): recs[j * len(TEXTS) + t]["output"] for j, n in enumerate(names) for t in range(len(TEXTS))}
+    before = store.stats().cache
+    jobs = [(n, i % len(TEXTS)) for i, n in enumerate(list(lengths) * 2)]
+
+    async def fire():
+      async with httpx.AsyncClient(timeout=120) as c:
+        bodies = [dict(model=n, prompt=TEXTS[t], max_tokens=4, temperature=0) for n, t in jobs]
+        return await asyncio.gather(*[c.post(url + "/v1/completions", json=b) for b in bodies])
+
+    responses = asyncio.run(asyncio.wait_for(fire(), 300))
+    assert [r.json()["choices"][0]["text"] for r in responses] == [want[j] for j in jobs]
+    after = store.stats().cache
+    assert after.evictions - before.evictions >= 32 and after.misses - before.misses >= 32
+    assert after.device_prompts <= 4 and len(store.cache.order()) <= 4
+    row = tree_bytes(prompt_row(engine.slots.layout, store.get("one").prefix))  # every prompt's padded row
+    assert after.peak_bytes == 4 * row and after.device_bytes <= 4 * row
+    health = httpx.get(url + "/health").json()["prompt_cache"]
+    assert health["evictions"] == after.evictions and health["limit_prompts"] == 4
+    metrics = httpx.get(url + "/metrics").text
+    assert f"jaxprompt_prompt_cache_evictions_total {float(after.evictions)}" in metrics
+    assert "jaxprompt_prompts_host 32.0" in metrics
+    # a request queued for c0, then c0 replaced by c2's array: it answers as the c0 it asked for
+    asked, done = store.get("c0"), []
+    engine.submit([Request("complete", asked, TEXTS[1], engine.encode(TEXTS[1]), done.append, max_tokens=4)])
+    store.add("c0", files["c2"], replace=True)
+    end = time.monotonic() + 120
+    while not done and time.monotonic() < end:
+      time.sleep(0.02)
+    assert done and done[0]["text"] == want[("c0", 1)] and asked not in store.cache
+  finally:
+    for n in lengths:
+      if n.startswith("c") and store.get(n) is not None:
+        store.remove(n)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import secrets
@@ -263,7 +264,13 @@ class _Api:
   async def health(self):
     if self.draining:
       return _error(503, "the server is shutting down", kind="server_error")
-    return {"status": "ok", "prompts": len(self.engine.store.names()), "queue_depth": self.engine.queue_depth}
+    stats = self.engine.store.stats()
+    return {
+      "status": "ok",
+      "prompts": stats.host_prompts,
+      "queue_depth": self.engine.queue_depth,
+      "prompt_cache": dataclasses.asdict(stats.cache),
+    }
 
   async def metrics(self):
     self.engine.metrics.prompts.set(len(self.engine.store.names()))

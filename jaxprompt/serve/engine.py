@@ -17,8 +17,10 @@ A prompt is turned, once, when it is loaded, into what every request reuses (`Se
   T5: its input embeddings (the encoder is bidirectional: nothing to precompute) or a prefix's keys/values;
   a templated prompt (`prompt.template`): its input embeddings, scattered into each request's virtual tokens when the
     request is prefilled (its template lays out the request's fields: `Engine.encode`).
-Prompts whose arrays have the same shapes form a group and are stacked in a bank on the device; a batch gathers
-one row of the bank per request. A group never mixes kinds or lengths (the base alone is the group of no prompt).
+That form is kept on the host (numpy); a bounded LRU device cache in front of it (`serve.cache`) holds the prompts
+requests use, filled when a request is admitted, before its prefill. Prompts whose arrays have the same shapes form
+a group; a static batch is of one group and concatenates its requests' cached rows. A group never mixes kinds or
+lengths (the base alone is the group of no prompt).
 
 Decoding runs in chunks of `chunk` tokens so streams receive text as it is made and a batch stops once every
 request in it is done (EOS, its own max_tokens, or a stop string); greedy is exact against `jaxprompt generate`,
@@ -51,6 +53,7 @@ from jaxprompt.prompts import methods
 from jaxprompt.prompts.io import is_prompt_source, load_prompt_source, prompt_task_names, task_slug
 from jaxprompt.prompts.record import PromptRecord
 from jaxprompt.serve import logprobs as lp
+from jaxprompt.serve.cache import CacheLimits, CacheStats, DeviceCache, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class ServedPrompt:
   name: str
   source: str
   method: str
-  prefix: Prefix  # batch-1 arrays on the device (see the module docstring)
+  prefix: Prefix  # batch-1 numpy arrays on the host (see the module docstring); `PromptStore.device` caches them
   labels: tuple[str, ...] | None  # the labels recorded with the prompt's task (classify's default)
   record: PromptRecord
 
@@ -151,9 +154,11 @@ def _named_sources(paths: Sequence[Path]) -> list[tuple[str, str]]:
 
 
 class PromptStore:
-  """Prompts by name, each checked against the base and precomputed for serving (thread-safe, copy-on-write)."""
+  """Prompts by name, each checked against the base and precomputed for serving once, kept on the host (numpy);
+  a bounded device cache (`serve.cache`, `limits`) holds the ones requests use. Thread-safe; adding or removing a
+  prompt is O(1)."""
 
-  def __init__(self, base, *, allow_other_base: bool = False):
+  def __init__(self, base, *, allow_other_base: bool = False, cache: CacheLimits | None = None):
     self.base = base
     self.allow_other_base = allow_other_base
     self._graphdef, self._state = nnx.split(base)
@@ -162,7 +167,8 @@ class PromptStore:
     )
     self._lock = threading.Lock()
     self._prompts: dict[str, ServedPrompt] = {}
-    self._banks: dict[tuple, tuple[dict[str, int], Prefix]] = {}
+    self._host_bytes = 0
+    self.cache = DeviceCache(cache or CacheLimits())
     # set by a continuous scheduler: why a prompt's prefix does not fit its decode slots (None: it fits)
     self.check: Callable[[Prefix], str | None] | None = None
 
@@ -185,7 +191,7 @@ class PromptStore:
     return problems
 
   def prepare(self, name: str, path: str | Path) -> ServedPrompt:
-    """Load and check one prompt and compute what requests reuse (does not add it)."""
+    """Load and check one prompt and compute what requests reuse, on the host (does not add it)."""
     if not name or "/" in name:
       raise PromptError(f"prompt name {name!r}: give a non-empty name without '/'")
     src = load_prompt_source(path)
@@ -198,7 +204,7 @@ class PromptStore:
     if prefix.embeds is not None and not prefix.at_slots:
       # a DePT offset stays: it goes on each request's own input tokens when it is prefilled
       prefix = self._shared(self._state, jnp.asarray(prefix.embeds)).replace(input_offset=prefix.input_offset)
-    prefix = jax.tree.map(jax.device_put, prefix)
+    prefix = jax.device_get(prefix)  # the host tier: the device cache copies it in when a request needs it
     labels = src.record.task.labels if src.record.task is not None else ()
     return ServedPrompt(
       name=name, source=str(path), method=src.method, prefix=prefix, labels=labels or None, record=src.record
@@ -212,49 +218,62 @@ class PromptStore:
     if why is not None:
       raise PromptError(f"prompt {name!r} ({path}): {why}")
     with self._lock:
-      prompts = dict(self._prompts, **{name: served})
-      self._prompts, self._banks = prompts, self._build_banks(prompts)
+      old = self._prompts.get(name)
+      self._prompts[name] = served
+      self._host_bytes += tree_bytes(served.prefix) - (tree_bytes(old.prefix) if old is not None else 0)
+    if old is not None:
+      self.cache.drop(old)
     return served
 
   def remove(self, name: str) -> None:
     with self._lock:
       if name not in self._prompts:
         raise KeyError(name)
-      prompts = {k: v for k, v in self._prompts.items() if k != name}
-      self._prompts, self._banks = prompts, self._build_banks(prompts)
-
-  @staticmethod
-  def _build_banks(prompts: dict[str, ServedPrompt]) -> dict:
-    groups: dict[tuple, list[ServedPrompt]] = {}
-    for p in prompts.values():
-      groups.setdefault(p.group, []).append(p)
-    banks = {}
-    for group, members in groups.items():
-      stacked = {
-        f: jnp.concatenate([getattr(m.prefix, f) for m in members], axis=_BATCH_AXIS[f]) for f in _group_fields(group)
-      }
-      banks[group] = ({m.name: i for i, m in enumerate(members)}, Prefix(**stacked, at_slots=_placed(group)))
-    return banks
+      old = self._prompts.pop(name)
+      self._host_bytes -= tree_bytes(old.prefix)
+    self.cache.drop(old)
 
   def get(self, name: str) -> ServedPrompt | None:
     return self._prompts.get(name)
 
   def names(self) -> list[str]:
-    return list(self._prompts)
+    with self._lock:
+      return list(self._prompts)
+
+  def served(self, prompt: ServedPrompt) -> bool:
+    """Is `prompt` (this object) served now (not removed or replaced)?"""
+    return self._prompts.get(prompt.name) is prompt
+
+  def device(self, prompt: ServedPrompt, variant: str, make: Callable[[], object]) -> object:
+    """`prompt`'s `variant` (a scheduler's form of it, `make()` from its host arrays) on the device, through the
+    cache: what a request's prefill takes when it is admitted."""
+    return self.cache.get(prompt, variant, make, lambda: self.served(prompt))
+
+  def stats(self) -> "PromptStats":
+    with self._lock:
+      prompts, host = len(self._prompts), self._host_bytes
+    return PromptStats(host_prompts=prompts, host_bytes=host, cache=self.cache.stats())
 
   def rows(self, prompts: Sequence[ServedPrompt]) -> Prefix:
-    """The batch's prefix [.., B, ..]: row b from prompt b's bank row (all of one group). A request whose prompt
-    was removed or replaced since it was queued still runs with the prompt it asked for."""
-    with self._lock:
-      served, banks = self._prompts, self._banks
+    """The batch's prefix [.., B, ..] (all of one group): row b is prompt b's prefix, from the device cache. A
+    request whose prompt was removed or replaced since it was queued still runs with the prompt it asked for."""
     group = prompts[0].group
-    index, bank = banks.get(group, ({}, None))
     fields, at_slots = _group_fields(group), _placed(group)
-    if all(served.get(p.name) is p and p.name in index for p in prompts):
-      ids = jnp.asarray([index[p.name] for p in prompts], jnp.int32)
-      return Prefix(**{f: jnp.take(getattr(bank, f), ids, axis=_BATCH_AXIS[f]) for f in fields}, at_slots=at_slots)
-    rows = {f: jnp.concatenate([getattr(p.prefix, f) for p in prompts], axis=_BATCH_AXIS[f]) for f in fields}
+    on_device = {}
+    for p in prompts:
+      if id(p) not in on_device:
+        on_device[id(p)] = self.device(p, "prefix", lambda p=p: jax.tree.map(jnp.asarray, p.prefix))
+    rows = {f: jnp.concatenate([getattr(on_device[id(p)], f) for p in prompts], axis=_BATCH_AXIS[f]) for f in fields}
     return Prefix(**rows, at_slots=at_slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptStats:
+  """The prompt tiers now: every prompt on the host, the hot ones in the device cache."""
+
+  host_prompts: int
+  host_bytes: int
+  cache: CacheStats
 
 
 def _group_fields(group: tuple) -> list[str]:
@@ -404,6 +423,8 @@ class Engine:
     self.lengths = buckets(max_input_tokens, min(16, max_input_tokens))
     self.new_tokens = buckets(max_tokens, min(16, max_tokens))
     self.metrics = metrics
+    if metrics is not None:
+      metrics.watch_prompts(store.stats)
     self.graphdef, self.state = nnx.split(base)
     self._pad = pad_id(tokenizer)
     self._labels: dict[tuple, tuple[jax.Array, jax.Array]] = {}

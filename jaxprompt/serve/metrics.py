@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class Metrics:
@@ -47,5 +50,37 @@ class Metrics:
       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
     )
 
+  def watch_prompts(self, stats: Callable) -> None:
+    """Report the prompt tiers (`PromptStore.stats`: host prompts, device cache hits / misses / evictions / bytes)
+    whenever the metrics are read."""
+    self.registry.register(_PromptTiers(stats))
+
   def render(self) -> bytes:
     return generate_latest(self.registry)
+
+
+class _PromptTiers:
+  """A collector reading `PromptStore.stats()` at each scrape."""
+
+  def __init__(self, stats: Callable):
+    self.stats = stats
+
+  def collect(self):
+    s = self.stats()
+    c = s.cache
+    for name, doc, value in (
+      ("hits", "admitted batches' prompts found in the device cache", c.hits),
+      ("misses", "admitted batches' prompts copied from the host to the device", c.misses),
+      ("evictions", "prompts evicted from the device cache (least recently used)", c.evictions),
+    ):
+      yield CounterMetricFamily(f"jaxprompt_prompt_cache_{name}", doc, value=value)
+    limit = c.limit_bytes if c.limit_bytes is not None else float("inf")
+    for name, doc, value in (
+      ("jaxprompt_prompt_cache_bytes", "bytes of prompts in the device cache", c.device_bytes),
+      ("jaxprompt_prompt_cache_peak_bytes", "the most bytes the device cache has held at once", c.peak_bytes),
+      ("jaxprompt_prompt_cache_limit_bytes", "the device cache's limit (--prompt-cache-mb; +Inf: none)", limit),
+      ("jaxprompt_prompt_cache_prompts", "prompts in the device cache", c.device_prompts),
+      ("jaxprompt_prompts_host", "prompts on the host (every served prompt's precomputed form)", s.host_prompts),
+      ("jaxprompt_prompts_host_bytes", "bytes of the prompts on the host", s.host_bytes),
+    ):
+      yield GaugeMetricFamily(name, doc, value=value)

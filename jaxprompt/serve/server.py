@@ -27,10 +27,13 @@ def build(
   mesh: str | None = None,
   dtype: str = "float32",
   max_request_bytes: int = 2_000_000,
+  prompt_cache: int | None = None,
+  prompt_cache_mb: float | None = None,
   **engine_options,
 ):
   """(app, engine, problems): the FastAPI app over an engine serving `model` and the prompts in folder `prompts`;
-  `mesh` and `dtype` say where and how its frozen weights live (`load_base`)."""
+  `mesh` and `dtype` say where and how its frozen weights live (`load_base`); `prompt_cache` (prompts) and
+  `prompt_cache_mb` (MiB) bound the device cache of prompts (`serve.cache`; None: no bound)."""
   from jaxprompt.models.interface import require_lm_head
   from jaxprompt.models.loading import load_tokenizer
   from jaxprompt.serve.app import create_app
@@ -40,7 +43,7 @@ def build(
   base = load_base(model, mesh=mesh, dtype=dtype)
   require_lm_head(base, "serving")
   tok = load_tokenizer(tokenizer or model)
-  store = PromptStore(base, allow_other_base=allow_other_base)
+  store = PromptStore(base, allow_other_base=allow_other_base, cache=cache_limits(prompt_cache, prompt_cache_mb))
   problems = store.load_dir(prompts) if prompts else []
   engine = Engine(base, tok, store, metrics=Metrics(), **engine_options)
   base_name = name or Path(str(model).rstrip("/")).name or "base"
@@ -53,6 +56,18 @@ def build(
 
 
 DTYPES = ("float32", "bfloat16")
+
+
+def cache_limits(prompts: int | None, mb: float | None):
+  """The device cache's `CacheLimits` from --prompt-cache / --prompt-cache-mb (a UsageError naming a bad one)."""
+  from jaxprompt.errors import UsageError
+  from jaxprompt.serve.cache import CacheLimits
+
+  if prompts is not None and prompts < 1:
+    raise UsageError(f"--prompt-cache {prompts}: give at least 1 (prompts held on the device)")
+  if mb is not None and not mb > 0:
+    raise UsageError(f"--prompt-cache-mb {mb}: give a size above 0 (MiB of prompts held on the device)")
+  return CacheLimits(prompts=prompts, bytes=None if mb is None else int(mb * 2**20))
 
 
 def load_base(model: str, *, mesh: str | None = None, dtype: str = "float32"):
@@ -134,6 +149,8 @@ def run(args) -> int:
     scheduler=args.scheduler,
     slots=args.slots,
     prompt_slots=args.prompt_slots,
+    prompt_cache=args.prompt_cache,
+    prompt_cache_mb=args.prompt_cache_mb,
     max_request_bytes=args.max_request_bytes,
   )
   for line in problems:

@@ -17,9 +17,10 @@ thread loops:
     next admission reuses it at once. Each token comes with its log-probability (`decoding.chosen_logprobs`) and,
     in a step where some row asks for them, every row's top 5 (`serve.logprobs`; a conditional, not a program).
 
-Prompts of every method share a call: each prompt is padded once to the server's prompt slots (`Layout`; on the
+Prompts of every method share a call: each prompt is padded to the server's prompt slots (`Layout`; on the
 left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
-prompt's row; the base alone is a row of masked slots. Programs compiled: one admission per batch bucket x length
+prompt's row, from the store's device cache (`serve.cache`; copied in from the host at admission when missing); the
+base alone is a row of masked slots. Programs compiled: one admission per batch bucket x length
 bucket, one generate step, and one classification per batch bucket x length bucket x label set.
 """
 
@@ -246,7 +247,6 @@ class SlotBatcher:
     self.batch_sizes = tuple(b for b in e.batch_sizes if b <= slots) or (1,)
     self.max_prefill = self.batch_sizes[-1]
     self.eos = set(decoding.eos_ids(None, e.base.config))
-    self._rows: dict[int, tuple] = {}
     self._none = self._device_row(None)
     self.state = empty_slots(e.graphdef, e.state, self.layout, self._none, e._pad)
     self.free = list(range(slots))[::-1]
@@ -259,16 +259,18 @@ class SlotBatcher:
     return None if row is None else jax.tree.map(jnp.asarray, row)
 
   def row(self, prompt) -> Prefix | None:
-    """A prompt's padded row on the device (made once per served prompt)."""
+    """A prompt's padded row on the device, through the store's device cache (filled here, at admission)."""
     if prompt is None:
       return self._none
-    hit = self._rows.get(id(prompt))
-    if hit is None or hit[0] is not prompt:
-      if len(self._rows) > 2 * len(self.engine.store.names()) + 16:  # forget prompts no longer served
-        served = {id(p) for p in map(self.engine.store.get, self.engine.store.names())}
-        self._rows = {k: v for k, v in self._rows.items() if k in served}
-      hit = self._rows[id(prompt)] = (prompt, self._device_row(prompt))
-    return hit[1]
+    return self.engine.store.device(prompt, "slot row", lambda: self._device_row(prompt))
+
+  def rows(self, prompts: list) -> tuple:
+    """The rows of a batch's prompts (each distinct prompt looked up in the cache once)."""
+    seen: dict[int, Prefix | None] = {}
+    for p in prompts:
+      if id(p) not in seen:
+        seen[id(p)] = self.row(p)
+    return tuple(seen[id(p)] for p in prompts)
 
   # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -345,7 +347,7 @@ class SlotBatcher:
     rows = [r.tokens for r in reqs] + [reqs[0].tokens] * (b - n)
     length = next(s for s in e.lengths if s >= max(map(len, rows)))
     ids, mask = e.base.batch_type.layout_inputs(rows, length, e._pad)
-    prefixes = tuple(self.row(r.prompt) for r in reqs) + (self.row(reqs[0].prompt),) * (b - n)
+    prefixes = self.rows([r.prompt for r in reqs] + [reqs[0].prompt] * (b - n))
     settings, seeds = self._settings([(r.sampling, r.seed) for r in reqs], b)
     slots = [self.free.pop() for _ in reqs]
     at = np.asarray(slots + [self.layout.slots] * (b - n), np.int32)
@@ -465,7 +467,7 @@ class SlotBatcher:
     if e.metrics is not None:
       e.metrics.batch_size.observe(n)
       e.metrics.batches.inc()
-    rows = tuple(self.row(r.prompt) for r in pad)
+    rows = self.rows([r.prompt for r in pad])
     scores = np.asarray(rank(e.graphdef, e.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask, rows))
     for i, r in enumerate(reqs):
       row = scores[i]
