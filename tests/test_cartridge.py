@@ -192,15 +192,16 @@ def distilled(byte_llama, tmp_path_factory):
     "checkpoint": {"every": 3, "async_save": False},
   }
   (root / "distill.yaml").write_text(yaml.safe_dump(raw))
+  assert main(["distill", str(root / "distill.yaml"), "--workdir", str(root / "w"), "--no-progress"]) == 0
   return root, root / "distill.yaml", root / "w"
 
 
-def test_the_distill_command_writes_a_workdir_and_lowers_the_kl(distilled, capsys):
+def test_the_distill_command_writes_a_workdir_and_lowers_the_kl(byte_llama, distilled, capsys):
+  from jaxprompt.models.loading import load_tokenizer
+
   root, cfg, w = distilled
-  out = json.loads(run_cli(capsys, "distill", cfg, "--workdir", w, "--no-progress")[-1])
-  with capsys.disabled():
-    print(f"\njaxprompt distill (P {P}, {out['context_tokens']} tokens): KL {out['kl_start']:.4f} -> ", end="")
-    print(f"{out['kl_final']:.4f}")
+  out = json.loads((w / "summary.json").read_text())
+  print(f"jaxprompt distill (P {P}, {out['context_tokens']} tokens): KL {out['kl_start']:.4f} -> {out['kl_final']:.4f}")
   assert out["final_step"] == 6 and out["queries"] == out["context_tokens"] // 16 + 2
   assert out["kl_final"] < 0.8 * out["kl_start"]
   assert {"config.yaml", "base_model.json", "summary.json", "metrics.jsonl"} <= {p.name for p in w.iterdir()}
@@ -211,6 +212,11 @@ def test_the_distill_command_writes_a_workdir_and_lowers_the_kl(distilled, capsy
   assert tp.value.shape == (P, 2, 2, 2, 8)
   rows = [json.loads(line) for line in run_cli(capsys, "inspect", w)]
   assert len(rows) == P and len(rows[0]["key_norms"]) == 2 and (w / "similarity.png").is_file()
+  args = ["--prompt", w, "--input", TEXTS[0], "--input", TEXTS[1], "--greedy", "--max-new-tokens", 6, "--jsonl"]
+  printed = [json.loads(line)["output"] for line in run_cli(capsys, "generate", *args)]
+  ours = load_prompted(byte_llama, w)
+  want = inference.generate_text(ours.base, load_tokenizer(str(byte_llama)), TEXTS[:2], [tp], max_new_tokens=6)
+  assert printed == [r["output"] for r in want]
 
 
 def test_bad_distill_input_is_one_line(distilled, capsys):
@@ -227,21 +233,18 @@ def test_bad_distill_input_is_one_line(distilled, capsys):
     assert len(err) == 1 and want in err[0], err
 
 
-def test_a_distilled_cartridge_is_served_as_generate_makes_it(byte_llama, distilled, capsys, tmp_path):
+def test_a_distilled_cartridge_is_served_as_generate_makes_it(byte_llama, distilled, tmp_path):
   openai = pytest.importorskip("openai")
   from jaxprompt.serve.server import build, serving
 
   _, _, w = distilled
-  if not (w / "summary.json").is_file():
-    run_cli(capsys, "distill", distilled[1], "--workdir", w, "--no-progress")
   prompts = tmp_path / "prompts"
   prompts.mkdir()
   export_prompt(w, "safetensors", prompts / "story.safetensors")
-  args = ["--prompt", w, "--input", TEXTS[0], "--input", TEXTS[1], "--greedy", "--max-new-tokens", 6, "--jsonl"]
-  want = [json.loads(line)["output"] for line in run_cli(capsys, "generate", *args)]
-  app, _, problems = build(str(byte_llama), prompts=str(prompts), max_batch=4, max_tokens=8, max_input_tokens=32)
+  app, engine, problems = build(str(byte_llama), prompts=str(prompts), max_batch=4, max_tokens=8, max_input_tokens=32)
   assert problems == []
+  want = inference.generate_text(engine.base, engine.tokenizer, TEXTS, [load_prompt_source(w)], max_new_tokens=6)
   with serving(app) as url:
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    got = client.completions.create(model="story", prompt=TEXTS[:2], max_tokens=6, temperature=0)
-  assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
+    got = client.completions.create(model="story", prompt=TEXTS, max_tokens=6, temperature=0)
+  assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [r["output"] for r in want]
