@@ -618,7 +618,9 @@ def _add_export_inspect(sub) -> None:
     "inspect",
     help="norms and nearest tokens of each prompt vector, plus a similarity heatmap",
     description="Print, per prompt vector, its norm and nearest vocabulary tokens (cosine "
-    "similarity, JSON lines), and write a PNG heatmap of prompt-to-prompt similarity.",
+    "similarity, JSON lines), and write a PNG heatmap of prompt-to-prompt similarity. A key/value table (prefix "
+    "tuning, a cartridge) prints each slot's norm and its key and value norms per layer (no tokens are near keys "
+    "and values).",
   )
   p.add_argument("source", help="WORKDIR, a checkpoint step folder, or an exported prompt")
   p.add_argument("--model", help="base model (default: the one recorded with the prompt)")
