@@ -217,6 +217,8 @@ def test_the_distill_command_writes_a_workdir_and_lowers_the_kl(byte_llama, dist
   ours = load_prompted(byte_llama, w)
   want = inference.generate_text(ours.base, load_tokenizer(str(byte_llama)), TEXTS[:2], [tp], max_new_tokens=6)
   assert printed == [r["output"] for r in want]
+  resumed = json.loads(run_cli(capsys, "distill", cfg, "--workdir", w, "--no-progress", "--set", "train.steps=7")[-1])
+  assert resumed["final_step"] == 7 and resumed["kl_start"] == out["kl_final"]  # from step 6's checkpoint, exactly
 
 
 def test_bad_distill_input_is_one_line(distilled, capsys):
