@@ -38,6 +38,21 @@ def cmd_train(args) -> int:
   return 0
 
 
+def cmd_distill(args) -> int:
+  import jax
+
+  from jaxprompt import config as C
+  from jaxprompt.training.distill_run import distill
+
+  cfg = C.load(args.config, args.overrides)
+  _init_distributed(args)
+  workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+  summary = distill(cfg, workdir, progress=not args.no_progress).summary()
+  if jax.process_index() == 0:
+    print(json.dumps({"workdir": workdir, **summary}))
+  return 0
+
+
 def cmd_eval(args) -> int:
   from jaxprompt import config as C
   from jaxprompt.errors import UsageError
@@ -102,9 +117,16 @@ def cmd_inspect(args) -> int:
 
   from jaxprompt.models.loading import load_model, load_tokenizer
   from jaxprompt.prompts.io import load_prompt_source
-  from jaxprompt.tools.inspection import inspect_prompt, similarity_heatmap
+  from jaxprompt.tools.inspection import inspect_kv_table, inspect_prompt, similarity_heatmap
 
   tp = load_prompt_source(args.source, args.step)
+  if tp.kv_table:  # keys and values: no vocabulary near them
+    for rec in inspect_kv_table(np.asarray(tp.value, np.float32)):
+      print(json.dumps(rec))
+    value = np.asarray(tp.value, np.float32).reshape(tp.value.shape[0], -1)
+    out = Path(args.heatmap) if args.heatmap else _inspect_out(args.source)
+    print(f"heatmap: {similarity_heatmap(value, out, title=tp.method)}", file=sys.stderr)
+    return 0
   value, record = tp.embeddings(args.source), tp.record
   table = tokenizer = None
   model_path = args.model or (record.base.path if record.base is not None else None)
@@ -546,6 +568,24 @@ def _add_train_eval(sub) -> None:
   p.set_defaults(fn=cmd_preview)
 
 
+def _add_distill(sub) -> None:
+  p = sub.add_parser(
+    "distill",
+    help="distil a long context (a text file) into a cartridge",
+    description=(
+      "Train a cartridge (prompt.method cartridge) so that the model with it in front answers like the model with "
+      "the whole of distill.context_file in front: KL between their next-token distributions on the context's "
+      "chunks (distill.chunk tokens) and on distill.samples continuations the model samples after the context. "
+      "Writes --workdir as `train` does (checkpoints, metrics.jsonl, summary.json); export, inspect, generate "
+      "and serve take it. Resumes from the latest checkpoint."
+    ),
+  )
+  _common(p)
+  p.add_argument("--workdir", help="output directory (default: runs/<config name>)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(fn=cmd_distill)
+
+
 def _add_export_inspect(sub) -> None:
   p = sub.add_parser(
     "export",
@@ -578,7 +618,9 @@ def _add_export_inspect(sub) -> None:
     "inspect",
     help="norms and nearest tokens of each prompt vector, plus a similarity heatmap",
     description="Print, per prompt vector, its norm and nearest vocabulary tokens (cosine "
-    "similarity, JSON lines), and write a PNG heatmap of prompt-to-prompt similarity.",
+    "similarity, JSON lines), and write a PNG heatmap of prompt-to-prompt similarity. A key/value table (prefix "
+    "tuning, a cartridge) prints each slot's norm and its key and value norms per layer (no tokens are near keys "
+    "and values).",
   )
   p.add_argument("source", help="WORKDIR, a checkpoint step folder, or an exported prompt")
   p.add_argument("--model", help="base model (default: the one recorded with the prompt)")
@@ -951,6 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version", version=f"jaxprompt {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   _add_train_eval(sub)
+  _add_distill(sub)
   _add_export_inspect(sub)
   _add_plan(sub)
   _add_bench(sub)

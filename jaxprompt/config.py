@@ -419,6 +419,27 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """`jaxprompt distill`: a cartridge (prompt.method cartridge) trained so that the model with it answers like the
+  model with a long context in front (`training.distill`); train.steps, optimizer, checkpoint and train.log_every
+  apply as in training."""
+
+  context_file: str | None = None  # the text to compress (relative to the config file, as data.files are)
+  chunk: int = 64  # tokens per query
+  # queries: the context's own chunks, plus this many continuations of `chunk` tokens the teacher samples after
+  # the context (the paper's self-study: the teacher writes the training data)
+  samples: int = 0
+  temperature: float = 1.0  # the teacher's sampling temperature
+
+  def __post_init__(self):
+    if self.chunk < 1 or self.samples < 0 or not self.temperature > 0:
+      raise ConfigError(
+        f"distill.chunk must be >= 1, samples >= 0 and temperature > 0, got {self.chunk}, {self.samples}, "
+        f"{self.temperature}"
+      )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
@@ -430,6 +451,7 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+  distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
   def to_dict(self) -> dict:
     """Plain dicts and lists (JSON / YAML ready)."""
@@ -609,9 +631,14 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def _resolve_files(raw: dict, folder: Path) -> None:
-  """data.files (and each data.mixture member's files) written in a config file are relative to that file, as
-  `include:` is: made absolute here. Absolute paths stay; a relative path that exists only from the working
-  directory (configs written before paths were resolved this way) keeps meaning that file."""
+  """data.files (and each data.mixture member's files) and distill.context_file written in a config file are
+  relative to that file, as `include:` is: made absolute here. Absolute paths stay; a relative path that exists
+  only from the working directory (configs written before paths were resolved this way) keeps meaning that file."""
+  distill = raw.get("distill")
+  if isinstance(distill, dict) and isinstance(distill.get("context_file"), str):
+    path = distill["context_file"]
+    if path and not Path(path).is_absolute():
+      distill["context_file"] = str((folder / path).resolve())
   data = raw.get("data")
   if not isinstance(data, dict):
     return

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxprompt import load_prompted
 from jaxprompt.checkpoint import Checkpointer
+from jaxprompt.cli import main
 from jaxprompt.data import encoding
 from jaxprompt.errors import PromptError
 from jaxprompt.inference import text as inference
@@ -22,7 +23,7 @@ from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_prompt_source
 from jaxprompt.run import build_run
 from jaxprompt.training.optim import build_optimizer
-from tests.helpers import one_device, tiny_cfg, train_interrupted
+from tests.helpers import one_device, run_cli, tiny_cfg, train_interrupted
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md)
 P = 6  # cartridge length
@@ -169,3 +170,83 @@ def test_distillation_lowers_the_kl_to_the_model_with_the_context(byte_llama):
   print(f"distillation (P 8 vs a context of {len(context)} tokens), KL per step: {[round(k, 4) for k in kls]}")
   assert kls[-1] < 0.5 * kls[0]
   np.testing.assert_array_equal(np.asarray(cartridge.sink[...]), sink)
+
+
+CONTEXT = "The cat sat on the mat. The dog ran to the park. A bird sang in the old tree by the river."
+
+
+@pytest.fixture(scope="module")
+def distilled(byte_llama, tmp_path_factory):
+  """`jaxprompt distill` on the tiny Llama: a context file, P = 6 from its first tokens, its 16-token chunks plus 2
+  sampled continuations as queries, 6 Adam steps (checkpoints at 3 and 6)."""
+  import yaml
+
+  root = tmp_path_factory.mktemp("distill")
+  (root / "context.txt").write_text(CONTEXT)
+  raw = {
+    "model": {"path": str(byte_llama)},
+    "prompt": {"method": "cartridge", "length": P, "init": "text"},
+    "distill": {"context_file": "context.txt", "chunk": 16, "samples": 2},
+    "optimizer": {"name": "adam", "learning_rate": 0.05, "weight_decay": 0.0},
+    "train": {"steps": 6, "log_every": 3},
+    "checkpoint": {"every": 3, "async_save": False},
+  }
+  (root / "distill.yaml").write_text(yaml.safe_dump(raw))
+  assert main(["distill", str(root / "distill.yaml"), "--workdir", str(root / "w"), "--no-progress"]) == 0
+  return root, root / "distill.yaml", root / "w"
+
+
+def test_the_distill_command_writes_a_workdir_and_lowers_the_kl(byte_llama, distilled, capsys):
+  from jaxprompt.models.loading import load_tokenizer
+
+  root, cfg, w = distilled
+  out = json.loads((w / "summary.json").read_text())
+  print(f"jaxprompt distill (P {P}, {out['context_tokens']} tokens): KL {out['kl_start']:.4f} -> {out['kl_final']:.4f}")
+  assert out["final_step"] == 6 and out["queries"] == out["context_tokens"] // 16 + 2
+  assert out["kl_final"] < 0.8 * out["kl_start"]
+  assert {"config.yaml", "base_model.json", "summary.json", "metrics.jsonl"} <= {p.name for p in w.iterdir()}
+  assert [json.loads(line)["step"] for line in (w / "metrics.jsonl").read_text().splitlines()] == [3, 6]
+  tp = load_prompt_source(w)
+  assert tp.record.step == 6 and tp.spec == CartridgeSpec(frozen_tokens=1, slots=tp.spec.slots)
+  assert tp.record.task.name == "distill:context.txt" and tp.record.task.input is None  # inputs as raw text
+  assert tp.value.shape == (P, 2, 2, 2, 8)
+  rows = [json.loads(line) for line in run_cli(capsys, "inspect", w)]
+  assert len(rows) == P and len(rows[0]["key_norms"]) == 2 and (w / "similarity.png").is_file()
+  args = ["--prompt", w, "--input", TEXTS[0], "--input", TEXTS[1], "--greedy", "--max-new-tokens", 6, "--jsonl"]
+  printed = [json.loads(line)["output"] for line in run_cli(capsys, "generate", *args)]
+  ours = load_prompted(byte_llama, w)
+  want = inference.generate_text(ours.base, load_tokenizer(str(byte_llama)), TEXTS[:2], [tp], max_new_tokens=6)
+  assert printed == [r["output"] for r in want]
+  resumed = json.loads(run_cli(capsys, "distill", cfg, "--workdir", w, "--no-progress", "--set", "train.steps=7")[-1])
+  assert resumed["final_step"] == 7 and resumed["kl_start"] == out["kl_final"]  # from step 6's checkpoint, exactly
+
+
+def test_bad_distill_input_is_one_line(distilled, capsys):
+  root, cfg, w = distilled
+  for over, want in (
+    ("distill.context_file=nowhere.txt", "distill.context_file nowhere.txt does not exist"),
+    ("distill.context_file=null", "distill.context_file: give the text file"),
+    ("prompt.method=prefix_tuning", "jaxprompt distill trains a cartridge: set prompt.method cartridge"),
+  ):
+    extra = ["--set", "prompt.init=random_uniform"] if "prefix" in over else []
+    capsys.readouterr()
+    assert main(["distill", str(cfg), "--workdir", str(root / "bad"), "--set", over, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0], err
+
+
+def test_a_distilled_cartridge_is_served_as_generate_makes_it(byte_llama, distilled, tmp_path):
+  openai = pytest.importorskip("openai")
+  from jaxprompt.serve.server import build, serving
+
+  _, _, w = distilled
+  prompts = tmp_path / "prompts"
+  prompts.mkdir()
+  export_prompt(w, "safetensors", prompts / "story.safetensors")
+  app, engine, problems = build(str(byte_llama), prompts=str(prompts), max_batch=4, max_tokens=8, max_input_tokens=32)
+  assert problems == []
+  want = inference.generate_text(engine.base, engine.tokenizer, TEXTS, [load_prompt_source(w)], max_new_tokens=6)
+  with serving(app) as url:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    got = client.completions.create(model="story", prompt=TEXTS, max_tokens=6, temperature=0)
+  assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [r["output"] for r in want]

@@ -7,11 +7,13 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from jaxprompt import config as C
 from jaxprompt.cli import EXIT_USER_ERROR, _generate_config, _read_inputs, build_parser, main
+from jaxprompt.prompts.io import load_prompt_source
 from tests.helpers import run_cli, write_config
 
 
@@ -71,13 +73,19 @@ def test_an_empty_prompt_is_refused_for_training(trained, tmp_path, capsys):
   assert C.load(cfg, ["prompt.length=0"]).prompt.length == 0  # still a valid config (the bare base, evaluated)
 
 
-def test_inspect_of_a_prefix_tuning_workdir_is_one_line(byte_t5, tmp_path, capsys):
+def test_inspect_of_a_prefix_tuning_workdir_shows_its_slots(byte_t5, tmp_path, capsys):
+  """A key/value table has no vocabulary near it: inspect prints each slot's norms per layer, keys and values."""
   cfg = write_config(byte_t5, tmp_path / "c.yaml", 2)
   w = tmp_path / "w"
   over = ["--set", "prompt.method=prefix_tuning", "--set", "prompt.init=random_uniform"]
   assert main(["train", str(cfg), "--workdir", str(w), "--no-progress", *over]) == 0
-  msg = _err(capsys, ["inspect", w])
-  assert "a prefix_tuning prompt is" in msg and "not input embeddings" in msg
+  table = load_prompt_source(w).value  # [P, Y, 2, K, D]
+  rows = [json.loads(line) for line in run_cli(capsys, "inspect", w)]
+  assert [r["index"] for r in rows] == list(range(table.shape[0]))
+  np.testing.assert_allclose(
+    rows[1]["key_norms"], np.linalg.norm(table[1, :, 0].reshape(table.shape[1], -1), axis=-1), atol=1e-4
+  )
+  assert (w / "similarity.png").is_file()
 
 
 def test_export_where_it_cannot_be_written_names_the_path(trained, tmp_path, capsys):

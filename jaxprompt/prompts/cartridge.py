@@ -159,4 +159,5 @@ CARTRIDGE = Method(
   peft_read=_peft_read,
   bank_refusal=lambda pcfg: "cartridges",
   learning_rates=lambda pcfg: {"sink": 0.0} if pcfg.option("cartridge_frozen_tokens") else {},
+  kv_table=True,
 )

@@ -141,6 +141,11 @@ class TrainedPrompt:
   def method(self) -> str:
     return self.record.spec.method
 
+  @property
+  def kv_table(self) -> bool:
+    """Is the value a key/value table [P, Y, 2, K, D] (prefix tuning, a cartridge)?"""
+    return registry.of(self.spec).kv_table
+
   def embeddings(self, where: str) -> np.ndarray:
     """The input embeddings [P, H] (refusing a method that has none, e.g. a key/value prefix)."""
     entry = registry.of(self.spec)

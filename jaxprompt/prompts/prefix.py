@@ -233,4 +233,5 @@ PREFIX_TUNING = Method(
   peft_read=peft_read,
   # a bank of projections would be K fixed tables: what trains is the projection
   bank_refusal=lambda pcfg: "prefix projections" if pcfg.option("prefix_projection") else None,
+  kv_table=True,
 )

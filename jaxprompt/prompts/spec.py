@@ -109,3 +109,4 @@ class Method:
   peft_bank: bool = False
   init_source: Callable[[Any], str | None] = lambda pcfg: None
   serves_embeddings: bool = False
+  kv_table: bool = False  # its value is a key/value table [P, Y, 2, K, D] (`inspect` shows its slots' norms)

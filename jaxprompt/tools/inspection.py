@@ -1,5 +1,7 @@
 """`jaxprompt inspect`: what a soft prompt looks like — per-vector norms, the nearest vocabulary tokens by
-cosine similarity, and a PNG heatmap of prompt-to-prompt cosine similarity."""
+cosine similarity, and a PNG heatmap of prompt-to-prompt cosine similarity. A key/value table (prefix tuning, a
+cartridge: [P, Y, 2, K, D]) has no tokens near it: each slot's norms per layer, keys and values apart, and the
+heatmap of its slots flattened."""
 
 from __future__ import annotations
 
@@ -34,6 +36,21 @@ def inspect_prompt(value: np.ndarray, table: np.ndarray | None, tokenizer=None, 
       ]
     rows.append(rec)
   return rows
+
+
+def inspect_kv_table(table: np.ndarray) -> list[dict]:
+  """One record per slot of a key/value table [P, Y, 2, K, D]: its whole norm and each layer's key and value norms."""
+  per = np.linalg.norm(table.reshape(*table.shape[:3], -1), axis=-1)  # [P, Y, 2]
+  whole = np.linalg.norm(table.reshape(table.shape[0], -1), axis=-1)
+  return [
+    {
+      "index": i,
+      "norm": float(whole[i]),
+      "key_norms": [round(float(x), 4) for x in per[i, :, 0]],
+      "value_norms": [round(float(x), 4) for x in per[i, :, 1]],
+    }
+    for i in range(table.shape[0])
+  ]
 
 
 def similarity_heatmap(value: np.ndarray, out: Path, title: str = "soft prompt") -> Path:

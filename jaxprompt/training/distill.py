@@ -17,10 +17,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxprompt.config import OptimizerConfig
 from jaxprompt.errors import PromptError
+from jaxprompt.prompts import PromptedModel
 from jaxprompt.prompts.params import PromptParam
 from jaxprompt.training.optim import build_optimizer
 
@@ -43,10 +45,45 @@ def teacher_logprobs(base, context_ids, chunks: np.ndarray) -> jax.Array:
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def _kl(base, cartridge, chunks: jax.Array, teacher: jax.Array) -> jax.Array:
-  logits = base.forward(chunks, jnp.ones_like(chunks), prefix=cartridge.prefix(chunks.shape[0]))
-  student = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1))
+def teacher_samples(base, context_ids, n: int, length: int, *, seed: int, temperature: float = 1.0) -> np.ndarray:
+  """[n, length]: continuations the frozen model samples after the whole context (no early stop at EOS) — the
+  queries of the paper's self-study, written by the teacher."""
+  from jaxprompt.inference.decoding import generate
+
+  ctx = np.broadcast_to(np.asarray(context_ids, np.int32).reshape(1, -1), (n, np.size(context_ids)))
+  out = generate(
+    base,
+    input_ids=jnp.asarray(ctx),
+    method="sample",
+    max_new_tokens=length,
+    temperature=temperature,
+    eos_id=-1,
+    seed=seed,
+  )
+  return np.asarray(out["tokens"])[:, :length].astype(np.int32)
+
+
+def kl_to_teacher(student_logits: jax.Array, teacher: jax.Array) -> jax.Array:
+  """KL(teacher || student) per position [C, chunk], from the student's logits and the teacher's log-probs."""
+  student = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+
+
+def make_distill_step(graphdef, tx):
+  """(step, loss) jitted over a `PromptedModel` split as (graphdef, prompt, frozen): loss(prompt, frozen, queries,
+  teacher) is the mean KL; step(prompt, opt_state, frozen, queries, teacher) -> (prompt, opt_state, KL before it).
+  Only the prompt and the optimizer state are donated; the frozen weights never are."""
+
+  def loss(prompt, frozen, queries, teacher):
+    model = nnx.merge(graphdef, prompt, frozen)
+    return jnp.mean(kl_to_teacher(model(queries, jnp.ones_like(queries)), teacher))
+
+  def step(prompt, opt_state, frozen, queries, teacher):
+    value, grads = jax.value_and_grad(loss)(prompt, frozen, queries, teacher)
+    updates, opt_state = tx.update(grads, opt_state, prompt)
+    return optax.apply_updates(prompt, updates), opt_state, value
+
+  return jax.jit(step, donate_argnums=(0, 1)), jax.jit(loss)
 
 
 def distill_cartridge(
@@ -59,23 +96,13 @@ def distill_cartridge(
   chunks = jnp.asarray(chunks)
   cfg = OptimizerConfig(name=optimizer, learning_rate=learning_rate, weight_decay=0.0)
   tx = build_optimizer(cfg, steps, {"sink": 0.0} if cartridge.sink is not None else {})
-  graph, params, rest = nnx.split(cartridge, PromptParam, ...)
-  bgraph, bstate = nnx.split(base)
+  graphdef, params, frozen = nnx.split(PromptedModel(base, cartridge), PromptParam, ...)
+  step, loss = make_distill_step(graphdef, tx)
   opt = tx.init(params)
-
-  def loss(params, bstate):
-    return _kl(nnx.merge(bgraph, bstate), nnx.merge(graph, params, rest), chunks, teacher)
-
-  @jax.jit
-  def step(params, opt, bstate):
-    value, grads = jax.value_and_grad(loss)(params, bstate)
-    updates, opt = tx.update(grads, opt, params)
-    return jax.tree.map(lambda p, u: p + u, params, updates), opt, value
-
   kls = []
   for _ in range(steps):
-    params, opt, value = step(params, opt, bstate)
+    params, opt, value = step(params, opt, frozen, chunks, teacher)
     kls.append(float(value))
-  kls.append(float(jax.jit(loss)(params, bstate)))
-  nnx.update(cartridge, params)
+  kls.append(float(loss(params, frozen, chunks, teacher)))
+  nnx.update(cartridge, params["prompt"])
   return cartridge, kls
