@@ -39,6 +39,7 @@ from jaxprompt.models.encoder import (
   EncoderConfig,
   EncoderLayers,
   EncoderOutput,
+  body_fields,
   embedding_weight_map,
   layer_weight_map,
   pooler_weight_map,
@@ -109,26 +110,10 @@ class DebertaV2Config(EncoderConfig):
       log.warning("deberta-v2: the checkpoint's head tensors (%s, ...) are not loaded: only the encoder body", heads[0])
     pos = c.get("pos_att_type") or ()
     pos = [p.strip() for p in pos.lower().split("|")] if isinstance(pos, str) else list(pos)
-    hidden, attn = c.get("hidden_dropout_prob", 0.1), c.get("attention_probs_dropout_prob", 0.1)
     norm = [x.strip() for x in str(c.get("norm_rel_ebd", "none")).lower().split("|")]
     return cls(
-      model_type=mt,
-      vocab_size=c["vocab_size"],
-      hidden_size=c["hidden_size"],
-      intermediate_size=c["intermediate_size"],
-      num_hidden_layers=c["num_hidden_layers"],
-      num_attention_heads=c["num_attention_heads"],
-      hidden_act=c.get("hidden_act", "gelu"),
-      layer_norm_eps=c.get("layer_norm_eps", 1e-7),
-      max_position_embeddings=c.get("max_position_embeddings", 512),
-      type_vocab_size=c.get("type_vocab_size", 0),
-      pad_token_id=c.get("pad_token_id", 0),
-      bos_token_id=c.get("bos_token_id"),
-      eos_token_id=c.get("eos_token_id"),
-      dropout_rate=float(hidden or 0.0),
-      attention_dropout_rate=None if attn == hidden else float(attn or 0.0),
+      **body_fields(c, layer_norm_eps=1e-7, type_vocab_size=0, pad_token_id=0),
       weight_prefix=prefix,
-      initializer_range=c.get("initializer_range", 0.02),
       relative_attention=bool(c.get("relative_attention", False)),
       position_buckets=c.get("position_buckets", -1),
       max_relative_positions=c.get("max_relative_positions", -1),

@@ -104,7 +104,6 @@ class EncoderConfig:
       raise ModelError(f"{mt} with position_embedding_type={c['position_embedding_type']!r} is not supported")
     if c.get("is_decoder") or c.get("add_cross_attention"):
       raise ModelError(f"{mt} as a decoder (is_decoder / add_cross_attention) is not supported")
-    hidden, attn = c.get("hidden_dropout_prob", 0.1), c.get("attention_probs_dropout_prob", 0.1)
     prefix, pooler, mlm = "", True, False
     keys = set(keys or ())
     if any(k.endswith("word_embeddings.weight") for k in keys):  # a checkpoint's names, not a config alone
@@ -117,25 +116,10 @@ class EncoderConfig:
       if heads:
         log.warning("%s: the checkpoint's head tensors (%s, ...) are not loaded: only the encoder body", mt, heads[0])
     return cls(
-      model_type=mt,
-      vocab_size=c["vocab_size"],
-      hidden_size=c["hidden_size"],
-      intermediate_size=c["intermediate_size"],
-      num_hidden_layers=c["num_hidden_layers"],
-      num_attention_heads=c["num_attention_heads"],
-      hidden_act=c.get("hidden_act", "gelu"),
-      layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-      max_position_embeddings=c.get("max_position_embeddings", 512),
-      type_vocab_size=c.get("type_vocab_size", 2),
-      pad_token_id=c.get("pad_token_id", 0 if mt == "bert" else 1),
-      bos_token_id=c.get("bos_token_id"),
-      eos_token_id=c.get("eos_token_id"),
-      dropout_rate=float(hidden or 0.0),
-      attention_dropout_rate=None if attn == hidden else float(attn or 0.0),
+      **body_fields(c, layer_norm_eps=1e-12, type_vocab_size=2, pad_token_id=0 if mt == "bert" else 1),
       pooler=pooler,
       mlm_head=mlm,
       weight_prefix=prefix,
-      initializer_range=c.get("initializer_range", 0.02),
     )
 
   def hf_class(self) -> str:
@@ -164,6 +148,30 @@ class EncoderConfig:
       position_embedding_type="absolute",
       initializer_range=self.initializer_range,
     )
+
+
+def body_fields(c: dict[str, Any], **defaults) -> dict[str, Any]:
+  """The `EncoderConfig` fields every BERT-shaped HF config.json holds, with the family's `defaults` (layer_norm_eps,
+  type_vocab_size, pad_token_id)."""
+  hidden, attn = c.get("hidden_dropout_prob", 0.1), c.get("attention_probs_dropout_prob", 0.1)
+  return dict(
+    model_type=c["model_type"],
+    vocab_size=c["vocab_size"],
+    hidden_size=c["hidden_size"],
+    intermediate_size=c["intermediate_size"],
+    num_hidden_layers=c["num_hidden_layers"],
+    num_attention_heads=c["num_attention_heads"],
+    hidden_act=c.get("hidden_act", "gelu"),
+    layer_norm_eps=c.get("layer_norm_eps", defaults["layer_norm_eps"]),
+    max_position_embeddings=c.get("max_position_embeddings", 512),
+    type_vocab_size=c.get("type_vocab_size", defaults["type_vocab_size"]),
+    pad_token_id=c.get("pad_token_id", defaults["pad_token_id"]),
+    bos_token_id=c.get("bos_token_id"),
+    eos_token_id=c.get("eos_token_id"),
+    dropout_rate=float(hidden or 0.0),
+    attention_dropout_rate=None if attn == hidden else float(attn or 0.0),
+    initializer_range=c.get("initializer_range", 0.02),
+  )
 
 
 @struct.dataclass
