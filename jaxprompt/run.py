@@ -364,7 +364,8 @@ def build_run(
     if bases is not None:
       bases[key] = (base, tokenizer)
   shd.check_weights_fit(nnx.state(base), mesh)
-  check_label_lengths(cfg.data, members, base.batch_type, tokenizer)
+  if cfg.head.type == "lm":  # a classification head predicts class ids: no label string is scored
+    check_label_lengths(cfg.data, members, base.batch_type, tokenizer)
   if cfg.data.pack is True and not base.supports_packing:
     raise ConfigError(
       f"data.pack packs seq2seq (T5) rows; this {base.kind} model shares its prompt between rows "

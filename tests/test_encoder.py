@@ -315,8 +315,13 @@ def test_deberta_matches_transformers_with_and_without_an_input_prompt(debertas,
   with torch.no_grad():
     want = _body(ref)(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state.numpy()
   got = ours.encode(j(ids), j(mask), j(tt))
-  assert got.pooled is None  # DeBERTa's ContextPooler belongs to its classification model
   _close(np.asarray(got.hidden)[real], want[real])
+  if "seqcls" in variant:  # DebertaV2ForSequenceClassification's ContextPooler (dense + GELU), loaded with the body
+    assert c.pooler and c.pooler_hidden_act == "gelu"
+    with torch.no_grad():
+      _close(np.asarray(got.pooled), ref.pooler(torch.tensor(np.asarray(got.hidden))).numpy())
+  else:
+    assert got.pooled is None and not c.pooler  # a DebertaV2Model checkpoint has none
   peft, prompt = _peft(_body(load_encoder(folder)), PromptTuningConfig("FEATURE_EXTRACTION", num_virtual_tokens=P), 8)
   with torch.no_grad():
     want = peft(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
@@ -332,6 +337,11 @@ def test_deberta_refuses_what_it_cannot_run(debertas):
   prefix = PrefixTuning(ours.prefix_slots(), table=np.zeros((P, 2, 2, 4, 8), np.float32)).prefix(1)
   with pytest.raises(ModelError, match="^deberta-v2 takes no key/value prefix"):
     ours.encode(jnp.ones((1, 4), jnp.int32), prefix=prefix)
+  with pytest.raises(
+    ModelError, match=r"^deberta-v2: a sequence head reads .* ContextPooler, and this checkpoint has no"
+  ):
+    ours.sequence_head()
+  assert ours.token_head().name == "classifier"
   hf_cfg = ours.config.to_hf()
   assert DebertaV2Config.from_hf(hf_cfg) == ours.config
   with pytest.raises(ModelError, match="conv_kernel_size"):

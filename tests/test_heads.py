@@ -278,22 +278,27 @@ def test_token_head_trains_with_a_deep_prompt_base_unchanged_and_exports(tok_lla
   np.testing.assert_allclose(ours[mask > 0], ref[mask > 0], atol=TOL, rtol=0)
 
 
-def test_an_encoder_trains_a_sequence_head_and_peft_loads_it(fixtures_dir, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "deberta"])
+def test_an_encoder_trains_a_sequence_head_and_peft_loads_it(fixtures_dir, tmp_path, family):
   """BERT (the third model kind, no language-model head) with BertForSequenceClassification's head on the pooled
-  output, trained with a prompt, exported; PEFT gives our logits."""
+  output, and DeBERTa-v2 with DebertaV2ForSequenceClassification's (its ContextPooler, then `classifier`), trained
+  with a prompt, exported; PEFT gives our logits."""
+  import transformers
   from peft import PeftModel
-  from transformers import BertForSequenceClassification
 
-  folder = write_encoder(tmp_path / "bert", "bert", seed=52, vocab_size=30522)
-  shutil.copy(fixtures_dir / "tokenizers" / "bert-uncased" / "vocab.txt", folder / "vocab.txt")
-  cfg = _cfg(folder, _sst2_files(tmp_path, fixtures_dir, n=8), **{"train.steps": 2})
+  variant, cls = {"bert": ("bert", "Bert"), "deberta": ("deberta-v2-seqcls", "DebertaV2")}[family]
+  folder = write_encoder(tmp_path / family, variant, seed=52, vocab_size=30522)
+  vocab = fixtures_dir / "tokenizers" / "bert-uncased"
+  shutil.copy(vocab / "vocab.txt", tmp_path / "vocab.txt")  # a bare WordPiece folder (DeBERTa's is SentencePiece)
+  cfg = _cfg(folder, _sst2_files(tmp_path, fixtures_dir, n=8), **{"train.steps": 2, "model.tokenizer": str(vocab)})
   train(cfg, tmp_path / "w", progress=False, mesh=one_device())
   out = export_prompt(tmp_path / "w", "peft", tmp_path / "peft")
   assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
   ids = np.array([[101, 2023, 2003, 102, 0], [101, 2307, 3185, 2003, 102]])
   mask = (ids != 0).astype(np.int32)
   ours = np.asarray(load_prompted(str(folder), tmp_path / "w")(ids, mask))
-  pm = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(folder, num_labels=2).eval(), out)
+  hf_model = getattr(transformers, f"{cls}ForSequenceClassification").from_pretrained(folder, num_labels=2).eval()
+  pm = PeftModel.from_pretrained(hf_model, out)
   with torch.no_grad():
     ref = pm.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)

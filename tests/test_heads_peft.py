@@ -58,13 +58,16 @@ def decoders(tmp_path_factory):
   for name, seed in (("bert", 44), ("roberta", 45)):
     folder = write_encoder(root / name, name, seed=seed)
     out[name] = (folder, load_model(folder))
+  # a DebertaV2ForSequenceClassification checkpoint: its ContextPooler (pooler.dense) is loaded with the body
+  folder = write_encoder(root / "deberta", "deberta-v2-seqcls", seed=46, num_labels=C)
+  out["deberta"] = (folder, load_model(folder))
   return out
 
 
 def hf_class(model: str, per_token: bool):
   import transformers
 
-  family = {"llama": "Llama", "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta"}[model]
+  family = {"llama": "Llama", "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta", "deberta": "DebertaV2"}[model]
   return getattr(transformers, f"{family}For{'Token' if per_token else 'Sequence'}Classification")
 
 
@@ -103,7 +106,7 @@ def make_adapter(folder, model, per_token, method, out_dir, seed):
 def _inputs(model: str, per_token: bool):
   """Decoders' sequence heads: left-padded rows (PEFT reads the last position); the rest right-padded, with the
   model's pad id."""
-  right = per_token or model in ("bert", "roberta")
+  right = per_token or model in ("bert", "roberta", "deberta")
   ids = np.flip(IDS, axis=1).copy() if right else IDS.copy()
   mask = (ids != 0).astype(np.int64)
   return np.where(mask > 0, ids, PADS[model]), mask
@@ -115,7 +118,10 @@ CASES = [("llama", m) for m in METHODS] + [("gpt2", "prompt_tuning"), ("gpt2", "
 # encoders: BERT reads its pooler (position 0), RoBERTa its classification head's dense + tanh on <s>
 CASES += [("bert", m) for m in ("prompt_tuning", "p_tuning_lstm", "prefix", "prefix_projection")]
 CASES += [("roberta", "prompt_tuning"), ("roberta", "prefix")]
-PADS = {"llama": 0, "gpt2": 0, "bert": 0, "roberta": 1}
+# DeBERTa-v2: its ContextPooler (dense + GELU on position 0) then `classifier`; input prompts only (no model defines
+# a relative position for key/value prefix slots: transformers' DeBERTa takes no cache, ours refuses a prefix)
+CASES += [("deberta", "prompt_tuning"), ("deberta", "p_tuning_mlp")]
+PADS = {"llama": 0, "gpt2": 0, "bert": 0, "roberta": 1, "deberta": 0}
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["seq_cls", "token_cls"])

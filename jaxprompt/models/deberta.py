@@ -6,8 +6,14 @@ k_j . Qr[δ(j, i)]) terms, all divided by sqrt(D * (1 + number of terms)); Kr / 
 position table (optionally LayerNormed) by the layer's own key / query projections (`share_att_key`) or by
 separate ones; δ is the relative distance i - j, log-bucketed past `position_buckets / 2` (transformers'
 `make_log_bucket_position`). Absolute positions enter the input only where `position_biased_input` (DeBERTa-v3:
-no), token types only where `type_vocab_size` > 0; the embeddings are zeroed at padding (`mask`). There is no
-pooler (DeBERTa's ContextPooler belongs to its classification model) and no masked-LM head here.
+no), token types only where `type_vocab_size` > 0; the embeddings are zeroed at padding (`mask`). No masked-LM
+head here.
+
+Sequence heads: DebertaV2ForSequenceClassification reads position 0 through its ContextPooler (dropout
+`pooler_dropout`, dense H -> H, `pooler_hidden_act`: GELU by default) and then `classifier` (dropout `cls_dropout`,
+else `hidden_dropout_prob`; Linear H -> C). The pooler is part of the frozen base here, as BERT's, loaded from a
+checkpoint that has `pooler.dense.*` (a *ForSequenceClassification one); PEFT's SEQ_CLS adapters likewise train
+and save only `classifier` (modules_to_save). A checkpoint without a pooler gives no sequence head (one-line error).
 
 A prompt: embeddings go before all tokens (as PEFT feeds `inputs_embeds`), and relative distances then run over
 the whole P + L sequence. Key/value prefixes are refused: DeBERTa's relative terms need a position for every key,
@@ -28,8 +34,17 @@ import numpy as np
 
 from jaxprompt.errors import ModelError
 from jaxprompt.models import layers as L
-from jaxprompt.models.encoder import Encoder, EncoderConfig, EncoderLayers, EncoderOutput
-from jaxprompt.models.interface import Prefix
+from jaxprompt.models.encoder import (
+  Encoder,
+  EncoderConfig,
+  EncoderLayers,
+  EncoderOutput,
+  body_fields,
+  embedding_weight_map,
+  layer_weight_map,
+  pooler_weight_map,
+)
+from jaxprompt.models.interface import HeadLayout, Prefix
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +63,10 @@ class DebertaV2Config(EncoderConfig):
   share_att_key: bool = True
   norm_rel_ebd: bool = True  # LayerNorm on the relative position table
   position_biased_input: bool = False
-  pooler: bool = False
+  pooler: bool = False  # ContextPooler (`pooler.dense.*`, a *ForSequenceClassification checkpoint's)
+  pooler_hidden_act: str = "gelu"
+  pooler_dropout: float = 0.0  # on position 0, before the pooler's dense layer (training only)
+  cls_dropout: float | None = None  # before the classifier; None: dropout_rate (hidden_dropout_prob)
 
   def __post_init__(self):
     super().__post_init__()
@@ -56,8 +74,9 @@ class DebertaV2Config(EncoderConfig):
     unknown = set(self.pos_att_type) - set(_POS_ATT_TYPES)
     if unknown:
       raise ModelError(f"deberta-v2 pos_att_type {sorted(unknown)} is not supported; known: {_POS_ATT_TYPES}")
-    if self.pooler or self.mlm_head:
-      raise ModelError("deberta-v2 has no pooler or masked-LM head here")
+    if self.mlm_head:
+      raise ModelError("deberta-v2 has no masked-LM head here")
+    L.activation(self.pooler_hidden_act)  # validates
 
   @property
   def att_span(self) -> int:
@@ -80,33 +99,21 @@ class DebertaV2Config(EncoderConfig):
       != (c["hidden_size"])
     ):
       raise ModelError("deberta-v2 with attention_head_size * num_attention_heads != hidden_size is not supported")
+    if c.get("pooler_hidden_size", c["hidden_size"]) != c["hidden_size"]:
+      raise ModelError("deberta-v2 with pooler_hidden_size != hidden_size is not supported")
     keys = set(keys or ())
     prefix = "deberta." if "deberta.embeddings.word_embeddings.weight" in keys else ""
-    heads = sorted(k for k in keys if not k.startswith(("embeddings.", "encoder.", "deberta.")))
+    pooler = _POOLER + ".weight" in keys
+    body = ("embeddings.", "encoder.", "deberta.") + ((_POOLER,) if pooler else ())
+    heads = sorted(k for k in keys if not k.startswith(body))
     if heads:
       log.warning("deberta-v2: the checkpoint's head tensors (%s, ...) are not loaded: only the encoder body", heads[0])
     pos = c.get("pos_att_type") or ()
     pos = [p.strip() for p in pos.lower().split("|")] if isinstance(pos, str) else list(pos)
-    hidden, attn = c.get("hidden_dropout_prob", 0.1), c.get("attention_probs_dropout_prob", 0.1)
     norm = [x.strip() for x in str(c.get("norm_rel_ebd", "none")).lower().split("|")]
     return cls(
-      model_type=mt,
-      vocab_size=c["vocab_size"],
-      hidden_size=c["hidden_size"],
-      intermediate_size=c["intermediate_size"],
-      num_hidden_layers=c["num_hidden_layers"],
-      num_attention_heads=c["num_attention_heads"],
-      hidden_act=c.get("hidden_act", "gelu"),
-      layer_norm_eps=c.get("layer_norm_eps", 1e-7),
-      max_position_embeddings=c.get("max_position_embeddings", 512),
-      type_vocab_size=c.get("type_vocab_size", 0),
-      pad_token_id=c.get("pad_token_id", 0),
-      bos_token_id=c.get("bos_token_id"),
-      eos_token_id=c.get("eos_token_id"),
-      dropout_rate=float(hidden or 0.0),
-      attention_dropout_rate=None if attn == hidden else float(attn or 0.0),
+      **body_fields(c, layer_norm_eps=1e-7, type_vocab_size=0, pad_token_id=0),
       weight_prefix=prefix,
-      initializer_range=c.get("initializer_range", 0.02),
       relative_attention=bool(c.get("relative_attention", False)),
       position_buckets=c.get("position_buckets", -1),
       max_relative_positions=c.get("max_relative_positions", -1),
@@ -114,11 +121,14 @@ class DebertaV2Config(EncoderConfig):
       share_att_key=bool(c.get("share_att_key", False)),
       norm_rel_ebd="layer_norm" in norm,
       position_biased_input=bool(c.get("position_biased_input", True)),
-      pooler=False,
+      pooler=pooler,
+      pooler_hidden_act=c.get("pooler_hidden_act", "gelu"),
+      pooler_dropout=float(c.get("pooler_dropout", 0.0) or 0.0),
+      cls_dropout=None if c.get("cls_dropout") is None else float(c["cls_dropout"]),
     )
 
   def hf_class(self) -> str:
-    return "DebertaV2Model"
+    return "DebertaV2ForSequenceClassification" if self.pooler else "DebertaV2Model"
 
   def to_hf(self) -> dict[str, Any]:
     d = super().to_hf()
@@ -130,6 +140,10 @@ class DebertaV2Config(EncoderConfig):
       share_att_key=self.share_att_key,
       norm_rel_ebd="layer_norm" if self.norm_rel_ebd else "none",
       position_biased_input=self.position_biased_input,
+      pooler_hidden_size=self.hidden_size,
+      pooler_hidden_act=self.pooler_hidden_act,
+      pooler_dropout=self.pooler_dropout,
+      cls_dropout=self.cls_dropout,
     )
     del d["position_embedding_type"]
     return d
@@ -171,33 +185,39 @@ class DebertaLayers(EncoderLayers):
 
 
 class DebertaV2(Encoder):
-  """A DeBERTa-v2 / v3 encoder (`models.interface.EncoderModel`; no pooler)."""
+  """A DeBERTa-v2 / v3 encoder (`models.interface.EncoderModel`; its ContextPooler where the checkpoint has one)."""
 
   def init_params(self, cfg: DebertaV2Config, rngs, param_dtype) -> None:
-    h, std = cfg.hidden_size, cfg.initializer_range
-
-    def table(rows, axis):
-      return L.param(L.normal_init(rngs, (rows, h), std, param_dtype), (axis, "embed"))
-
-    self.embed_tokens = table(cfg.vocab_size, "vocab")
-    if cfg.position_biased_input:
-      self.embed_positions = table(cfg.max_position_embeddings, "positions")
-    if cfg.type_vocab_size > 0:
-      self.embed_types = table(cfg.type_vocab_size, None)
-    self.embed_norm = L.param(jnp.ones((h,), param_dtype), ("embed",))
-    self.embed_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
+    h = cfg.hidden_size
+    self.init_embeddings(cfg, rngs, param_dtype, positions=cfg.position_biased_input, types=cfg.type_vocab_size > 0)
     self.layers = DebertaLayers(cfg, rngs=rngs, param_dtype=param_dtype)
     if cfg.relative_attention:
-      self.rel_embeddings = table(2 * cfg.att_span, None)
+      self.rel_embeddings = self.table(rngs, 2 * cfg.att_span, None, param_dtype)
       if cfg.norm_rel_ebd:
         self.rel_norm = L.param(jnp.ones((h,), param_dtype), ("embed",))
         self.rel_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
+    if cfg.pooler:
+      self.init_pooler(cfg, rngs, param_dtype)
 
-  def sequence_head(self):
-    raise ModelError(
-      "deberta-v2: a sequence head (DebertaV2ForSequenceClassification's ContextPooler + classifier) is not "
-      "implemented; head.type token works"
-    )
+  def _require_pooler(self) -> DebertaV2Config:
+    if not self.config.pooler:
+      raise ModelError(
+        "deberta-v2: a sequence head reads DebertaV2ForSequenceClassification's ContextPooler, and this checkpoint "
+        "has none (no pooler.dense.* tensors); head.type token needs none"
+      )
+    return self.config
+
+  def pool(self, x: jax.Array, dropout_rng=None) -> jax.Array:
+    """ContextPooler: [B, H] (position 0's final hidden states) -> act(dropout(x) W + b) [B, H]."""
+    c = self._require_pooler()
+    x = L.dropout(x, c.pooler_dropout, dropout_rng)
+    y = x @ self.pooler[...].astype(x.dtype) + self.pooler_bias[...].astype(x.dtype)
+    return L.activation(c.pooler_hidden_act)(y)
+
+  def sequence_head(self) -> HeadLayout:
+    c = self._require_pooler()
+    rate = c.dropout_rate if c.cls_dropout is None else c.cls_dropout
+    return HeadLayout("classifier", bias=True, init_std=c.initializer_range, dropout=rate)
 
   def positions(self, input_ids, length: int, kv_length: int = 0) -> jax.Array:
     """0..length-1 (used only where `position_biased_input`)."""
@@ -276,36 +296,16 @@ class DebertaV2(Encoder):
 
 
 def hf_weight_map(cfg: DebertaV2Config) -> list[tuple[str, str, str]]:
-  P = cfg.weight_prefix
-  e, blk = f"{P}embeddings", f"{P}encoder.layer.{{i}}"
-  m = [("embed_tokens", f"{e}.word_embeddings.weight", "copy")]
-  if cfg.position_biased_input:
-    m.append(("embed_positions", f"{e}.position_embeddings.weight", "copy"))
-  if cfg.type_vocab_size > 0:
-    m.append(("embed_types", f"{e}.token_type_embeddings.weight", "copy"))
-  m += [("embed_norm", f"{e}.LayerNorm.weight", "copy"), ("embed_norm_bias", f"{e}.LayerNorm.bias", "copy")]
-  projections = [("q", "query_proj"), ("k", "key_proj"), ("v", "value_proj")]
+  P, blk = cfg.weight_prefix, f"{cfg.weight_prefix}encoder.layer.{{i}}"
+  m = embedding_weight_map(P, positions=cfg.position_biased_input, types=cfg.type_vocab_size > 0)
+  m += layer_weight_map(P, (("q", "query_proj"), ("k", "key_proj"), ("v", "value_proj")))
   if cfg.relative_attention and not cfg.share_att_key:
     separate = (("pos_k", "pos_key_proj", "c2p"), ("pos_q", "pos_query_proj", "p2c"))
-    projections += [(o, t) for o, t, kind in separate if kind in cfg.pos_att_type]
-  for ours, theirs in projections:
-    where = "layers" if ours.startswith("pos_") else "layers.attn"
-    m += [
-      (f"{where}.{ours}", f"{blk}.attention.self.{theirs}.weight", "linear"),
-      (f"{where}.{ours}_bias", f"{blk}.attention.self.{theirs}.bias", "flat"),
-    ]
-  m += [
-    ("layers.attn.o", f"{blk}.attention.output.dense.weight", "linear_out"),
-    ("layers.attn.o_bias", f"{blk}.attention.output.dense.bias", "copy"),
-    ("layers.attn_norm", f"{blk}.attention.output.LayerNorm.weight", "copy"),
-    ("layers.attn_norm_bias", f"{blk}.attention.output.LayerNorm.bias", "copy"),
-    ("layers.mlp.wi", f"{blk}.intermediate.dense.weight", "linear"),
-    ("layers.mlp.bi", f"{blk}.intermediate.dense.bias", "copy"),
-    ("layers.mlp.wo", f"{blk}.output.dense.weight", "linear"),
-    ("layers.mlp.bo", f"{blk}.output.dense.bias", "copy"),
-    ("layers.mlp_norm", f"{blk}.output.LayerNorm.weight", "copy"),
-    ("layers.mlp_norm_bias", f"{blk}.output.LayerNorm.bias", "copy"),
-  ]
+    for ours, theirs, _ in (x for x in separate if x[2] in cfg.pos_att_type):
+      m += [
+        (f"layers.{ours}", f"{blk}.attention.self.{theirs}.weight", "linear"),
+        (f"layers.{ours}_bias", f"{blk}.attention.self.{theirs}.bias", "flat"),
+      ]
   if cfg.relative_attention:
     m.append(("rel_embeddings", f"{P}encoder.rel_embeddings.weight", "copy"))
     if cfg.norm_rel_ebd:
@@ -313,15 +313,14 @@ def hf_weight_map(cfg: DebertaV2Config) -> list[tuple[str, str, str]]:
         ("rel_norm", f"{P}encoder.LayerNorm.weight", "copy"),
         ("rel_norm_bias", f"{P}encoder.LayerNorm.bias", "copy"),
       ]
-  return m
+  return m + (pooler_weight_map(_POOLER) if cfg.pooler else [])
 
 
+_POOLER = "pooler.dense"  # DebertaV2ForSequenceClassification's ContextPooler, beside the body ("deberta.")
 # Heads of DeBERTa-v2's task and masked-LM models, consumed unread (logged by `DebertaV2Config.from_hf`).
 _HEAD_TENSORS = (
   "classifier.weight",
   "classifier.bias",
-  "pooler.dense.weight",
-  "pooler.dense.bias",
   "cls.predictions.bias",
   "cls.predictions.transform.dense.weight",
   "cls.predictions.transform.dense.bias",

@@ -104,7 +104,6 @@ class EncoderConfig:
       raise ModelError(f"{mt} with position_embedding_type={c['position_embedding_type']!r} is not supported")
     if c.get("is_decoder") or c.get("add_cross_attention"):
       raise ModelError(f"{mt} as a decoder (is_decoder / add_cross_attention) is not supported")
-    hidden, attn = c.get("hidden_dropout_prob", 0.1), c.get("attention_probs_dropout_prob", 0.1)
     prefix, pooler, mlm = "", True, False
     keys = set(keys or ())
     if any(k.endswith("word_embeddings.weight") for k in keys):  # a checkpoint's names, not a config alone
@@ -117,25 +116,10 @@ class EncoderConfig:
       if heads:
         log.warning("%s: the checkpoint's head tensors (%s, ...) are not loaded: only the encoder body", mt, heads[0])
     return cls(
-      model_type=mt,
-      vocab_size=c["vocab_size"],
-      hidden_size=c["hidden_size"],
-      intermediate_size=c["intermediate_size"],
-      num_hidden_layers=c["num_hidden_layers"],
-      num_attention_heads=c["num_attention_heads"],
-      hidden_act=c.get("hidden_act", "gelu"),
-      layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-      max_position_embeddings=c.get("max_position_embeddings", 512),
-      type_vocab_size=c.get("type_vocab_size", 2),
-      pad_token_id=c.get("pad_token_id", 0 if mt == "bert" else 1),
-      bos_token_id=c.get("bos_token_id"),
-      eos_token_id=c.get("eos_token_id"),
-      dropout_rate=float(hidden or 0.0),
-      attention_dropout_rate=None if attn == hidden else float(attn or 0.0),
+      **body_fields(c, layer_norm_eps=1e-12, type_vocab_size=2, pad_token_id=0 if mt == "bert" else 1),
       pooler=pooler,
       mlm_head=mlm,
       weight_prefix=prefix,
-      initializer_range=c.get("initializer_range", 0.02),
     )
 
   def hf_class(self) -> str:
@@ -164,6 +148,30 @@ class EncoderConfig:
       position_embedding_type="absolute",
       initializer_range=self.initializer_range,
     )
+
+
+def body_fields(c: dict[str, Any], **defaults) -> dict[str, Any]:
+  """The `EncoderConfig` fields every BERT-shaped HF config.json holds, with the family's `defaults` (layer_norm_eps,
+  type_vocab_size, pad_token_id)."""
+  hidden, attn = c.get("hidden_dropout_prob", 0.1), c.get("attention_probs_dropout_prob", 0.1)
+  return dict(
+    model_type=c["model_type"],
+    vocab_size=c["vocab_size"],
+    hidden_size=c["hidden_size"],
+    intermediate_size=c["intermediate_size"],
+    num_hidden_layers=c["num_hidden_layers"],
+    num_attention_heads=c["num_attention_heads"],
+    hidden_act=c.get("hidden_act", "gelu"),
+    layer_norm_eps=c.get("layer_norm_eps", defaults["layer_norm_eps"]),
+    max_position_embeddings=c.get("max_position_embeddings", 512),
+    type_vocab_size=c.get("type_vocab_size", defaults["type_vocab_size"]),
+    pad_token_id=c.get("pad_token_id", defaults["pad_token_id"]),
+    bos_token_id=c.get("bos_token_id"),
+    eos_token_id=c.get("eos_token_id"),
+    dropout_rate=float(hidden or 0.0),
+    attention_dropout_rate=None if attn == hidden else float(attn or 0.0),
+    initializer_range=c.get("initializer_range", 0.02),
+  )
 
 
 @struct.dataclass
@@ -205,25 +213,37 @@ class Encoder(FrozenLM):
 
   def init_params(self, cfg: EncoderConfig, rngs: nnx.Rngs, param_dtype) -> None:
     h, std = cfg.hidden_size, cfg.initializer_range
-
-    def table(rows, axis):
-      return L.param(L.normal_init(rngs, (rows, h), std, param_dtype), (axis, "embed"))
-
-    self.embed_tokens = table(cfg.vocab_size, "vocab")
-    self.embed_positions = table(cfg.max_position_embeddings, "positions")
-    self.embed_types = table(cfg.type_vocab_size, None)
-    self.embed_norm = L.param(jnp.ones((h,), param_dtype), ("embed",))
-    self.embed_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
+    self.init_embeddings(cfg, rngs, param_dtype, positions=True, types=True)
     self.layers = EncoderLayers(cfg, rngs=rngs, param_dtype=param_dtype)
     if cfg.pooler:
-      self.pooler = L.param(L.normal_init(rngs, (h, h), std, param_dtype), ("embed", None))
-      self.pooler_bias = L.param(jnp.zeros((h,), param_dtype), (None,))
+      self.init_pooler(cfg, rngs, param_dtype)
     if cfg.mlm_head:
       self.mlm_dense = L.param(L.normal_init(rngs, (h, h), std, param_dtype), ("embed", None))
       self.mlm_dense_bias = L.param(jnp.zeros((h,), param_dtype), (None,))
       self.mlm_norm = L.param(jnp.ones((h,), param_dtype), ("embed",))
       self.mlm_norm_bias = L.param(jnp.zeros((h,), param_dtype), ("embed",))
       self.mlm_bias = L.param(jnp.zeros((cfg.vocab_size,), param_dtype), ("vocab",))
+
+  def table(self, rngs, rows: int, axis, param_dtype):
+    """A [rows, H] table, normal with the config's std."""
+    c = self.config
+    return L.param(L.normal_init(rngs, (rows, c.hidden_size), c.initializer_range, param_dtype), (axis, "embed"))
+
+  def init_embeddings(self, cfg: EncoderConfig, rngs, param_dtype, *, positions: bool, types: bool) -> None:
+    """Token (+ absolute position) (+ token type) tables and the LayerNorm on their sum."""
+    self.embed_tokens = self.table(rngs, cfg.vocab_size, "vocab", param_dtype)
+    if positions:
+      self.embed_positions = self.table(rngs, cfg.max_position_embeddings, "positions", param_dtype)
+    if types:
+      self.embed_types = self.table(rngs, cfg.type_vocab_size, None, param_dtype)
+    self.embed_norm = L.param(jnp.ones((cfg.hidden_size,), param_dtype), ("embed",))
+    self.embed_norm_bias = L.param(jnp.zeros((cfg.hidden_size,), param_dtype), ("embed",))
+
+  def init_pooler(self, cfg: EncoderConfig, rngs, param_dtype) -> None:
+    """The pooler's dense H -> H (BERT's pooler, DeBERTa's ContextPooler)."""
+    h = cfg.hidden_size
+    self.pooler = L.param(L.normal_init(rngs, (h, h), cfg.initializer_range, param_dtype), ("embed", None))
+    self.pooler_bias = L.param(jnp.zeros((h,), param_dtype), (None,))
 
   @property
   def hidden_size(self) -> int:
@@ -331,8 +351,8 @@ class Encoder(FrozenLM):
     scale = self.config.head_dim**-0.5
     return lambda p, x, rng: (None, scale)
 
-  def pool(self, x: jax.Array) -> jax.Array:
-    """The pooler: [B, H] (one position's final hidden states) -> tanh(x W + b) [B, H]."""
+  def pool(self, x: jax.Array, dropout_rng=None) -> jax.Array:
+    """The pooler: [B, H] (one position's final hidden states) -> tanh(x W + b) [B, H] (no dropout in BERT's)."""
     if not self.config.pooler:
       raise ModelError(f"this {self.config.model_type} checkpoint has no pooler (no pooler.dense.* tensors)")
     y = x @ self.pooler[...].astype(x.dtype) + self.pooler_bias[...].astype(x.dtype)
@@ -362,9 +382,10 @@ class Encoder(FrozenLM):
     (BertForSequenceClassification), RoBERTa the state itself (RobertaClassificationHead's dense + tanh follow in
     the head). Position 0 is [CLS] under a key/value prefix and the first virtual token under a soft prompt in front
     (what PEFT feeds transformers)."""
-    out = self.encode(input_ids, attention_mask, prefix=prefix, dropout_rng=dropout_rng)
+    r = L.split_rng(dropout_rng, 2)
+    out = self.encode(input_ids, attention_mask, prefix=prefix, dropout_rng=r[0])
     first = out.hidden[:, :1]
-    return first if self.sequence_head().dense else self.pool(first[:, 0])[:, None]
+    return first if self.sequence_head().dense else self.pool(first[:, 0], r[1])[:, None]
 
   def sequence_head(self) -> HeadLayout:
     c = self.config
@@ -461,22 +482,28 @@ _HEAD_TENSORS = (
 )
 
 
-def hf_weight_map(cfg: EncoderConfig) -> list[tuple[str, str, str]]:
-  P = cfg.weight_prefix
-  e, blk = f"{P}embeddings", f"{P}encoder.layer.{{i}}"
-  m = [
-    ("embed_tokens", f"{e}.word_embeddings.weight", "copy"),
-    ("embed_positions", f"{e}.position_embeddings.weight", "copy"),
-    ("embed_types", f"{e}.token_type_embeddings.weight", "copy"),
-    ("embed_norm", f"{e}.LayerNorm.weight", "copy"),
-    ("embed_norm_bias", f"{e}.LayerNorm.bias", "copy"),
-  ]
-  for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
+def embedding_weight_map(prefix: str, *, positions: bool = True, types: bool = True) -> list[tuple[str, str, str]]:
+  """The embedding tables and their LayerNorm of a BERT-shaped body whose keys start with `prefix`."""
+  e = f"{prefix}embeddings"
+  m = [("embed_tokens", f"{e}.word_embeddings.weight", "copy")]
+  if positions:
+    m.append(("embed_positions", f"{e}.position_embeddings.weight", "copy"))
+  if types:
+    m.append(("embed_types", f"{e}.token_type_embeddings.weight", "copy"))
+  return m + [("embed_norm", f"{e}.LayerNorm.weight", "copy"), ("embed_norm_bias", f"{e}.LayerNorm.bias", "copy")]
+
+
+def layer_weight_map(prefix: str, qkv: Iterable[tuple[str, str]]) -> list[tuple[str, str, str]]:
+  """Every post-LN layer's tensors (`{i}`: the layer): self-attention projections `qkv` (ours, HF's module name),
+  the attention output, its LayerNorm, the MLP and its LayerNorm."""
+  blk = f"{prefix}encoder.layer.{{i}}"
+  m = []
+  for ours, theirs in qkv:
     m += [
       (f"layers.attn.{ours}", f"{blk}.attention.self.{theirs}.weight", "linear"),
       (f"layers.attn.{ours}_bias", f"{blk}.attention.self.{theirs}.bias", "flat"),
     ]
-  m += [
+  return m + [
     ("layers.attn.o", f"{blk}.attention.output.dense.weight", "linear_out"),
     ("layers.attn.o_bias", f"{blk}.attention.output.dense.bias", "copy"),
     ("layers.attn_norm", f"{blk}.attention.output.LayerNorm.weight", "copy"),
@@ -488,8 +515,18 @@ def hf_weight_map(cfg: EncoderConfig) -> list[tuple[str, str, str]]:
     ("layers.mlp_norm", f"{blk}.output.LayerNorm.weight", "copy"),
     ("layers.mlp_norm_bias", f"{blk}.output.LayerNorm.bias", "copy"),
   ]
+
+
+def pooler_weight_map(key: str) -> list[tuple[str, str, str]]:
+  """The pooler's dense layer, HF module `key` (`bert.pooler.dense`, DeBERTa's `pooler.dense`)."""
+  return [("pooler", f"{key}.weight", "linear"), ("pooler_bias", f"{key}.bias", "copy")]
+
+
+def hf_weight_map(cfg: EncoderConfig) -> list[tuple[str, str, str]]:
+  P = cfg.weight_prefix
+  m = embedding_weight_map(P) + layer_weight_map(P, (("q", "query"), ("k", "key"), ("v", "value")))
   if cfg.pooler:
-    m += [("pooler", f"{P}pooler.dense.weight", "linear"), ("pooler_bias", f"{P}pooler.dense.bias", "copy")]
+    m += pooler_weight_map(f"{P}pooler.dense")
   if cfg.mlm_head:
     ours = ("mlm_dense", "mlm_dense_bias", "mlm_norm", "mlm_norm_bias", "mlm_bias")
     m += [
