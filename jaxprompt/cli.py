@@ -23,34 +23,31 @@ def _init_distributed(args) -> None:
   distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
 
 
-def cmd_train(args) -> int:
+def _run_to_workdir(args, run) -> int:
+  """train / distill: a config (+ --set), a workdir (default runs/<config name>), the summary as one JSON line."""
   import jax
 
   from jaxprompt import config as C
-  from jaxprompt.training.trainer import train
 
   cfg = C.load(args.config, args.overrides)
   _init_distributed(args)
   workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-  summary = train(cfg, workdir, progress=not args.no_progress).summary()
+  summary = run(cfg, workdir, progress=not args.no_progress).summary()
   if jax.process_index() == 0:
     print(json.dumps({"workdir": workdir, **summary}))
   return 0
+
+
+def cmd_train(args) -> int:
+  from jaxprompt.training.trainer import train
+
+  return _run_to_workdir(args, train)
 
 
 def cmd_distill(args) -> int:
-  import jax
-
-  from jaxprompt import config as C
   from jaxprompt.training.distill_run import distill
 
-  cfg = C.load(args.config, args.overrides)
-  _init_distributed(args)
-  workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-  summary = distill(cfg, workdir, progress=not args.no_progress).summary()
-  if jax.process_index() == 0:
-    print(json.dumps({"workdir": workdir, **summary}))
-  return 0
+  return _run_to_workdir(args, distill)
 
 
 def cmd_eval(args) -> int:
