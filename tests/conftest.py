@@ -33,6 +33,28 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
+# Test files, heaviest first (seconds of one full run, tests/file_seconds.json, written by
+# `python tools/file_seconds.py LOG` from a `pytest --durations=0` log). pytest-xdist's --dist loadfile hands files
+# out in collection order; longest-first keeps both workers busy to the end instead of leaving one long file (the
+# quickstart's training run has 2 tests, so xdist's own "most tests first" order put it last) running alone.
+_FILE_SECONDS = ROOT / "tests" / "file_seconds.json"
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False  # our order (below), not xdist's count of tests per file
+
+
+def pytest_collection_modifyitems(config, items):
+  import json
+
+  seconds = json.loads(_FILE_SECONDS.read_text()) if _FILE_SECONDS.exists() else {}
+  first = {}
+  for i, item in enumerate(items):
+    first.setdefault(item.nodeid.split("::")[0], i)
+  # a file stays in one piece and in its own order; unmeasured (new) files go first, as if heavy
+  items.sort(key=lambda it: (-seconds.get(it.nodeid.split("::")[0], 1e9), first[it.nodeid.split("::")[0]]))
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
