@@ -574,7 +574,8 @@ def _add_distill(sub) -> None:
       "the whole of distill.context_file in front: KL between their next-token distributions on the context's "
       "chunks (distill.chunk tokens) and on distill.samples continuations the model samples after the context. "
       "Writes --workdir as `train` does (checkpoints, metrics.jsonl, summary.json); export, inspect, generate "
-      "and serve take it. Resumes from the latest checkpoint."
+      "and serve take it. Resumes from the latest checkpoint. Decoder-only models (T5 refused: its teacher would "
+      "need the context and a query in one sequence)."
     ),
   )
   _common(p)

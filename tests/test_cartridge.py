@@ -1,7 +1,9 @@
 """Cartridges (PEFT's CARTRIDGE) on a tiny random Llama with grouped-query attention: a cartridge initialised from a
 text is exactly the model with that text in front; an adapter PEFT made with random weights gives PEFT's logits
 (left- and right-padded batches); one trained here exports to PEFT with our logits and greedy generations; its
-frozen attention sink does not move, it has no optimizer state, and training resumes exactly."""
+frozen attention sink does not move, it has no optimizer state, and training resumes exactly. The same on the tiny
+byte-level T5, where a cartridge sits in the decoder's self-attention (a text's keys/values there, exact for the
+empty encoder input they were computed with); `jaxprompt distill` refuses T5 in one line."""
 
 import json
 
@@ -16,7 +18,7 @@ from jaxprompt import load_prompted
 from jaxprompt.checkpoint import Checkpointer
 from jaxprompt.cli import main
 from jaxprompt.data import encoding
-from jaxprompt.errors import PromptError
+from jaxprompt.errors import ExportError, PromptError
 from jaxprompt.inference import text as inference
 from jaxprompt.prompts.cartridge import CartridgeSpec
 from jaxprompt.prompts.export import export_prompt
@@ -30,6 +32,12 @@ P = 6  # cartridge length
 TEXT = "Once upon a time, a cat sat on a mat."
 TEXTS = ["3 7 1 8 2", "hi", "a somewhat longer input, 42"]
 CARTRIDGE = {"prompt.method": "cartridge", "prompt.length": P, "prompt.init": "text", "prompt.init_text": TEXT}
+
+
+def run_tokenizer(folder):
+  from jaxprompt.models.loading import load_tokenizer
+
+  return load_tokenizer(str(folder))
 
 
 def _t(a):
@@ -61,7 +69,7 @@ def _check_logits(model, peft_model, tok) -> float:
   return diff
 
 
-def test_a_cartridge_from_a_text_is_that_text_in_front(byte_llama, byte_t5):
+def test_a_cartridge_from_a_text_is_that_text_in_front(byte_llama):
   from jaxprompt.models.loading import load_tokenizer
 
   run, _ = build_run(tiny_cfg(byte_llama, **CARTRIDGE), mesh=one_device(), with_train_data=False)
@@ -76,8 +84,6 @@ def test_a_cartridge_from_a_text_is_that_text_in_front(byte_llama, byte_t5):
   ref = np.asarray(run.base(whole, jnp.ones_like(whole)))[:, P:]
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
   print(f"cartridge from text vs the text in front: max |logit diff| {np.abs(ours - ref).max():.2e}")
-  with pytest.raises(PromptError, match="needs a decoder-only model"):
-    build_run(tiny_cfg(byte_t5, **CARTRIDGE), mesh=one_device(), with_train_data=False)
   with pytest.raises(PromptError, match="prompt.init_text is 3 tokens; a cartridge of prompt.length 6"):
     build_run(tiny_cfg(byte_llama, **{**CARTRIDGE, "prompt.init_text": "ab"}), mesh=one_device(), with_train_data=False)
 
@@ -96,6 +102,117 @@ def test_a_peft_made_cartridge_gives_peft_logits(byte_llama, tmp_path):
   ours = load_prompted(byte_llama, tmp_path / "adapter")
   diff = _check_logits(ours, _peft(byte_llama, tmp_path / "adapter"), load_tokenizer(str(byte_llama)))
   print(f"PEFT-made cartridge (random N(0, 1)): max |logit diff| {diff:.2e}")
+
+
+# -- T5: the decoder's self-attention, where PEFT puts a key/value prefix -------------------------------------
+
+
+def _t5_batch():
+  """Right-padded encoder inputs, decoder inputs from the start token with a padded row (PEFT puts P ones in front
+  of the decoder mask)."""
+  g = torch.Generator().manual_seed(0)
+  ids = torch.randint(3, 250, (3, 7), generator=g)
+  mask = torch.ones_like(ids)
+  mask[1, 5:] = 0
+  dec = torch.cat([torch.zeros((3, 1), dtype=torch.long), torch.randint(3, 250, (3, 4), generator=g)], 1)
+  dmask = torch.ones_like(dec)
+  dmask[2, 3:] = 0
+  return ids, mask, dec, dmask
+
+
+def _check_t5_logits(model, peft_model) -> float:
+  """Ours against PEFT's at every real decoder position."""
+  ids, mask, dec, dmask = _t5_batch()
+  with torch.no_grad():
+    ref = peft_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dmask).logits
+  ours = np.asarray(model(*(jnp.asarray(a.numpy()) for a in (ids, mask, dec, dmask))))
+  real = dmask.numpy().astype(bool)
+  np.testing.assert_allclose(ours[real], ref.numpy()[real], atol=TOL, rtol=TOL)
+  return float(np.abs(ours[real] - ref.numpy()[real]).max())
+
+
+def test_a_t5_cartridge_from_a_text_is_that_text_in_front_of_the_decoder(byte_t5):
+  """T5 (where PEFT's initialiser fails): the keys/values of the decoder start token and the text in the decoder's
+  self-attention, reading an empty encoder input, one table layer per decoder layer (PEFT's T5 layout gives both
+  decoder layers table layer 0, so its export is refused). Exact for that encoder input: past the first layer the
+  decoder's keys/values read the encoder."""
+  from jaxprompt.prompts import PromptedModel
+  from jaxprompt.prompts.cartridge import text_table
+  from jaxprompt.prompts.export import peft_config
+  from jaxprompt.prompts.methods import bank, fixed
+  from jaxprompt.prompts.record import PromptRecord
+
+  run, _ = build_run(tiny_cfg(byte_t5, **CARTRIDGE), mesh=one_device(), with_train_data=False)
+  spec, tok = run.prompt_spec, run.tokenizer
+  assert run.base.prefix_slots().layer_of == (0, 0) and spec.slots.layer_of == (0, 1)
+  assert run.prompt["prompt"]["sink"].shape == (1, 2, 2, 4, 8)
+  assert CartridgeSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec  # the layout travels in records
+  text = [0] + tok(TEXT)["input_ids"][: P - 1]  # the decoder start token, then the text
+  enc = jnp.asarray([tok("")["input_ids"]] * 2)
+  dec = jnp.asarray([[0] + tok("3 7")["input_ids"], [0] + tok("hi!")["input_ids"]])
+  prompted = nnx.merge(run.graphdef, run.prompt, run.frozen)
+  ours = np.asarray(prompted(enc, jnp.ones_like(enc), dec))
+  ref = np.asarray(run.base(enc, jnp.ones_like(enc), jnp.concatenate([jnp.asarray([text, text]), dec], 1)))[:, P:]
+  np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+  print(f"T5 cartridge from text vs the text in front of the decoder: max |logit diff| {np.abs(ours - ref).max():.2e}")
+  # beside a cartridge in PEFT's layout in one batch, each row as alone
+  value = np.asarray(prompted.prompt.inference_value())
+  other = np.random.default_rng(0).normal(size=value.shape).astype(np.float32)
+  specs = [spec, CartridgeSpec()]
+  mixed = PromptedModel(run.base, bank([value, other], specs, run.base.prefix_slots()))
+  got = np.asarray(mixed(enc, jnp.ones_like(enc), dec, prompt_ids=jnp.asarray([0, 1])))
+  alone = PromptedModel(run.base, fixed(other, specs[1], run.base.prefix_slots()))
+  np.testing.assert_allclose(got[0], ours[0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got[1], np.asarray(alone(enc, jnp.ones_like(enc), dec))[1], atol=1e-5, rtol=0)
+  record = PromptRecord(spec=spec, base=run.identity, architecture=run.architecture())
+  with pytest.raises(ExportError, match="PEFT cannot run this prefix: it holds each of the 2 attention layers' own"):
+    peft_config(value, record, None)
+  with pytest.raises(PromptError, match="is 3 tokens; a cartridge of prompt.length 6 on T5 needs 5"):
+    text_table(run.base, tok, "ab", P)
+
+
+def test_a_peft_made_t5_cartridge_gives_peft_logits(byte_t5, tmp_path):
+  from peft import CartridgeConfig, PeftModel, TaskType, get_peft_model, initialize_kv_prefix_from_text
+
+  from tests.helpers_hf import load_t5
+
+  torch.manual_seed(0)
+  cfg = CartridgeConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=P, num_frozen_tokens=2)
+  made = get_peft_model(load_t5(byte_t5), cfg)
+  with pytest.raises(ValueError):  # PEFT's initialiser runs the model without decoder inputs
+    initialize_kv_prefix_from_text(made, run_tokenizer(byte_t5), text=TEXT, use_chat_template=False)
+  made.save_pretrained(tmp_path / "adapter")
+  tp = load_prompt_source(tmp_path / "adapter")
+  assert tp.value.shape == (P, 2, 2, 4, 8) and tp.spec == CartridgeSpec(frozen_tokens=2)
+  peft_model = PeftModel.from_pretrained(load_t5(byte_t5), tmp_path / "adapter").eval()
+  diff = _check_t5_logits(load_prompted(byte_t5, tmp_path / "adapter"), peft_model)
+  print(f"PEFT-made T5 cartridge (random N(0, 1)): max |logit diff| {diff:.2e}")
+
+
+def test_a_t5_cartridge_trained_here_gives_our_logits_and_greedy_tokens_in_peft(byte_t5, tmp_path):
+  """Randomly initialised (PEFT's layout), 3 Adam steps, exported to PEFT."""
+  from peft import PeftModel
+
+  from jaxprompt.training.trainer import train
+  from tests.helpers_hf import load_t5
+
+  over = {**CARTRIDGE, "prompt.init": "random_normal", "optimizer.name": "adam", "optimizer.learning_rate": 0.05}
+  train(tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path / "w", progress=False, mesh=one_device())
+  out = export_prompt(tmp_path / "w", "peft", tmp_path / "adapter")
+  acfg = json.loads((out / "adapter_config.json").read_text())
+  assert (acfg["peft_type"], acfg["task_type"], acfg["num_transformer_submodules"]) == ("CARTRIDGE", "SEQ_2_SEQ_LM", 2)
+  peft_model = PeftModel.from_pretrained(load_t5(byte_t5), out).eval()
+  ours = load_prompted(byte_t5, tmp_path / "w")
+  print(f"T5 cartridge trained here, in PEFT: max |logit diff| {_check_t5_logits(ours, peft_model):.2e}")
+  tok = run_tokenizer(byte_t5)
+  got = inference.generate_text(ours.base, tok, TEXTS, [load_prompt_source(out)], max_new_tokens=5)
+  for i, text in enumerate(TEXTS):  # PEFT's greedy tokens by its forward, each row alone
+    ids, dec = _t([tok(text)["input_ids"]]), torch.zeros((1, 1), dtype=torch.long)
+    while dec.shape[1] <= 5 and int(dec[0, -1]) != tok.eos_token_id:
+      with torch.no_grad():
+        nxt = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits[:, -1]
+      dec = torch.cat([dec, nxt.argmax(-1, keepdim=True)], 1)
+    assert got[i]["tokens"] == dec[0, 1:].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -221,12 +338,13 @@ def test_the_distill_command_writes_a_workdir_and_lowers_the_kl(byte_llama, dist
   assert resumed["final_step"] == 7 and resumed["kl_start"] == out["kl_final"]  # from step 6's checkpoint, exactly
 
 
-def test_bad_distill_input_is_one_line(distilled, capsys):
+def test_bad_distill_input_is_one_line(distilled, byte_t5, capsys):
   root, cfg, w = distilled
   for over, want in (
     ("distill.context_file=nowhere.txt", "distill.context_file nowhere.txt does not exist"),
     ("distill.context_file=null", "distill.context_file: give the text file"),
     ("prompt.method=prefix_tuning", "jaxprompt distill trains a cartridge: set prompt.method cartridge"),
+    (f"model.path={byte_t5}", "cartridge distillation needs a decoder-only model: its teacher reads the context"),
   ):
     extra = ["--set", "prompt.init=random_uniform"] if "prefix" in over else []
     capsys.readouterr()

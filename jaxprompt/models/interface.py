@@ -132,6 +132,21 @@ class PrefixSlots:
     """PEFT's token_dim for a prefix: heads * head_dim."""
     return self.heads * self.head_dim
 
+  def per_layer(self) -> "PrefixSlots":
+    """One table layer per attention layer, attention layer i reading table layer i: this layout when it is that
+    already (decoders), else the table that gives each attention layer its own keys/values where PEFT's shares
+    them (T5: PEFT 0.21 gives decoder layer g table layer 2g mod L), which PEFT cannot run (`peft_problem`)."""
+    n = len(self.layer_of)
+    if self.layer_of == tuple(range(n)) and self.layers == n:
+      return self
+    problem = (
+      f"it holds each of the {n} attention layers' own keys/values, but PEFT 0.21 gives attention layer i table "
+      f"layer {list(self.layer_of)}[i] of {self.layers}"
+    )
+    return PrefixSlots(
+      layers=n, heads=self.heads, head_dim=self.head_dim, layer_of=tuple(range(n)), peft_problem=problem
+    )
+
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 

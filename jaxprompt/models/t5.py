@@ -558,6 +558,22 @@ class T5(FrozenLM):
     logits, cache = self._cached_step(cache, start, pk)
     return logits[:, 0], cache
 
+  def decoder_keys_values(self, decoder_input_ids, input_ids, attention_mask=None) -> tuple[jax.Array, jax.Array]:
+    """The keys and values [Y, B, T, N, D] every decoder self-attention layer computes for decoder_input_ids
+    [B, T] (teacher forced from position 0) reading the encoder states of input_ids [B, S]: what a cache holds
+    after decoding them, so a key/value prefix of these T slots (one table layer per decoder layer) makes the model
+    the one with these tokens in front of its decoder input, for this encoder input."""
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    enc = self.encode(input_ids, attention_mask).astype(self.dtype)
+    b, t = decoder_input_ids.shape
+    ck, cv = self._cross_kv(enc)
+    cache = self.init_cache(b, t).replace(
+      cross_k=ck, cross_v=cv, encoder_mask=attention_mask, key_mask=jnp.ones((b, t), jnp.int32)
+    )
+    _, cache = self._cached_step(cache, decoder_input_ids, 0)
+    return cache.k, cache.v
+
   def decode_step(self, cache: T5Cache, tokens: jax.Array, t) -> tuple[jax.Array, T5Cache]:
     logits, cache = self._cached_step(cache, tokens[:, None], cache.start + jnp.asarray(t) + 1)
     return logits[:, 0], cache

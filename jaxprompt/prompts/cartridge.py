@@ -7,7 +7,9 @@ Notation: P cartridge length, F frozen slots, Y table layers, K key/value heads,
 A cartridge is served exactly as a prefix (`prefix.PrefixTuning.prefix`: a pre-filled cache). Its initialisers:
 `prompt.init: text` (the keys and values the frozen model computes for the first P tokens of `prompt.init_text`,
 special tokens included, as PEFT's `initialize_kv_prefix_from_text` without a chat template: before training the
-cartridge *is* that text in front; decoder-only models), `random_normal` (N(0, 1), PEFT's reset_parameters) or
+cartridge *is* that text in front; T5, where PEFT's initialiser fails: its decoder's self-attention fed the decoder
+start token and the text, reading an empty encoder input, in a table with each decoder layer's own keys/values,
+which PEFT's T5 layout cannot hold: `PrefixSlots.per_layer`), `random_normal` (N(0, 1), PEFT's reset_parameters) or
 `file`. The trainable state is `table` [P - F, Y, 2, K, D]; the frozen slots are `sink` [F, Y, 2, K, D], kept in
 checkpoints but with a learning rate of 0 (`Method.learning_rates`: no update, no optimizer state) and no
 gradient. What PEFT saves is the whole [P, Y * 2 * K * D] as `prompt_embeddings`.
@@ -26,6 +28,7 @@ from jaxprompt.errors import PromptError
 from jaxprompt.models import layers as L
 from jaxprompt.models.decoder import Decoder
 from jaxprompt.models.interface import PrefixSlots
+from jaxprompt.models.t5 import T5
 from jaxprompt.prompts import prefix as P
 from jaxprompt.prompts.params import PromptParam
 from jaxprompt.prompts.soft import PromptMethod
@@ -84,33 +87,64 @@ class Cartridge(P.PrefixTuning):
 
   @classmethod
   def stack(cls, modules: Sequence[PromptMethod]) -> P.PrefixTuning:
-    """Several cartridges in one batch (served side by side): a bank of plain prefix tables."""
-    return P.PrefixTuning.stack([P.PrefixTuning(m.slots, table=m.inference_value()) for m in modules])
+    """Several cartridges in one batch (served side by side): a bank of plain prefix tables, each with a table layer
+    per attention layer (cartridges in T5's two layouts can share a batch)."""
+    per_layer = [m.inference_value()[:, jnp.asarray(m.slots.layer_of)] for m in modules]
+    return P.PrefixTuning.stack(
+      [P.PrefixTuning(m.slots.per_layer(), table=t) for m, t in zip(modules, per_layer, strict=True)]
+    )
 
 
 # -- the registry entry (`prompts.registry`) ------------------------------------------------------------------
 
 
 def text_table(base, tokenizer, text: str | None, length: int) -> jax.Array:
-  """[P, Y, 2, K, D]: the keys and values `base` computes for the first P tokens of `text` (special tokens
-  included) — what a cache holds after prefilling them."""
-  if not isinstance(base, Decoder):  # its cache's keys/values are what a cartridge is
-    raise PromptError("prompt.init text for a cartridge needs a decoder-only model (use random_normal or file)")
+  """[P, Y', 2, K, D], a table layer per attention layer (`PrefixSlots.per_layer`; a decoder's own layout): the keys
+  and values `base` computes for the first P tokens of `text` — what a cache holds after prefilling them. A
+  decoder: the text's tokens, special tokens included. T5: its decoder's self-attention fed the decoder start token
+  and the text's first P - 1 tokens, reading an empty encoder input (the tokenizer's encoding of "": </s>)."""
   if not text:
     raise PromptError("prompt.init text needs prompt.init_text")
   ids = tokenizer(text)["input_ids"]
-  if len(ids) < length:
-    raise PromptError(f"prompt.init_text is {len(ids)} tokens; a cartridge of prompt.length {length} needs as many")
-  ids = jnp.asarray([ids[:length]], jnp.int32)
-  _, cache = base.prefill(ids, jnp.ones_like(ids), max_new_tokens=1)
-  kv = jnp.stack([cache.k[:, 0, :length], cache.v[:, 0, :length]], axis=1)  # [Y, 2, P, K, D]
+  if isinstance(base, Decoder):
+    if len(ids) < length:
+      raise PromptError(f"prompt.init_text is {len(ids)} tokens; a cartridge of prompt.length {length} needs as many")
+    ids = jnp.asarray([ids[:length]], jnp.int32)
+    _, cache = base.prefill(ids, jnp.ones_like(ids), max_new_tokens=1)
+    k, v = cache.k, cache.v
+  elif isinstance(base, T5):
+    if len(ids) < length - 1:
+      raise PromptError(
+        f"prompt.init_text is {len(ids)} tokens; a cartridge of prompt.length {length} on T5 needs {length - 1} "
+        "(after the decoder start token)"
+      )
+    ids = jnp.asarray([[base.config.decoder_start_token_id] + ids[: length - 1]], jnp.int32)
+    empty = jnp.asarray([tokenizer("")["input_ids"] or [base.config.eos_token_id]], jnp.int32)
+    k, v = base.decoder_keys_values(ids, empty)
+  else:  # its keys/values are a cache's: a decoder's, or T5's decoder (an encoder's layers take no text in front)
+    raise PromptError("prompt.init text for a cartridge needs a decoder-only model or T5 (use random_normal or file)")
+  kv = jnp.stack([k[:, 0, :length], v[:, 0, :length]], axis=1)  # [Y', 2, P, K, D]
   return jnp.transpose(kv, (2, 0, 1, 3, 4)).astype(jnp.float32)
+
+
+def _layout(spec: CartridgeSpec, slots: PrefixSlots) -> PrefixSlots:
+  """The table layout of a cartridge on a base whose (PEFT) layout is `slots`: that, or a table layer per attention
+  layer when its record says so (`prompt.init text` on T5); a PEFT adapter records none (the base's)."""
+  own = slots.per_layer()
+  return own if spec.slots is not None and spec.slots.layer_of == own.layer_of else slots
+
+
+def _check(value, base, where: str) -> None:
+  """The value fits the base's table layout or its layout of a table layer per attention layer."""
+  slots = base.prefix_slots()
+  own = slots.per_layer()
+  P.check_table(value, own if value.shape[1:2] == (own.layers,) else slots, where)
 
 
 def _build(pcfg, base, tokenizer, labels, rng: jax.Array) -> Cartridge:
   slots = base.prefix_slots()
   if pcfg.init == "text":
-    table = text_table(base, tokenizer, pcfg.init_text, pcfg.length)
+    slots, table = slots.per_layer(), text_table(base, tokenizer, pcfg.init_text, pcfg.length)
   elif pcfg.init == "random_normal":
     table = jax.random.normal(rng, (pcfg.length, slots.layers, 2, slots.heads, slots.head_dim), jnp.float32)
   else:  # config.py allows only these (and file, handled before)
@@ -124,6 +158,7 @@ def _rebuild(spec: CartridgeSpec, params: dict) -> Cartridge:
 
 
 def _fixed(value, spec: CartridgeSpec, slots: PrefixSlots, where: str) -> Cartridge:
+  slots = _layout(spec, slots)
   P.check_table(value, slots, where)
   return Cartridge(slots, table=value, frozen_tokens=min(spec.frozen_tokens, value.shape[0]))
 
@@ -154,7 +189,7 @@ CARTRIDGE = Method(
   build=_build,
   rebuild=_rebuild,
   fixed=_fixed,
-  check=lambda value, base, where: P.check_table(value, base.prefix_slots(), where),
+  check=_check,
   peft_fields=_peft_fields,
   peft_read=_peft_read,
   bank_refusal=lambda pcfg: "cartridges",

@@ -22,9 +22,20 @@ from flax import nnx
 
 from jaxprompt.config import OptimizerConfig
 from jaxprompt.errors import PromptError
+from jaxprompt.models.decoder import Decoder
 from jaxprompt.prompts import PromptedModel
 from jaxprompt.prompts.params import PromptParam
 from jaxprompt.training.optim import build_optimizer
+
+
+def check_distillable(base) -> None:
+  """The teacher reads the context and a query as one token sequence: a decoder-only model (T5 refused)."""
+  if not isinstance(base, Decoder):
+    raise PromptError(
+      f"cartridge distillation needs a decoder-only model: its teacher reads the context and each query as one "
+      f"token sequence, which this {base.kind} model has no place for (train a {base.kind} cartridge with "
+      "jaxprompt train)"
+    )
 
 
 def context_chunks(context_ids, chunk: int) -> np.ndarray:
@@ -91,6 +102,7 @@ def distill_cartridge(
 ):
   """Train `cartridge` (a `prompts.cartridge.Cartridge` on `base`, changed in place) for `steps` full-batch steps
   over the context's chunks -> (the cartridge, [KL before, KL after each step])."""
+  check_distillable(base)
   chunks = context_chunks(context_ids, chunk)
   teacher = teacher_logprobs(base, context_ids, chunks)
   chunks = jnp.asarray(chunks)

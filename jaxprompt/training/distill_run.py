@@ -31,7 +31,13 @@ from jaxprompt.prompts.record import PromptRecord, TaskRecord
 from jaxprompt.run import Run, build_run
 from jaxprompt.training import hooks as H
 from jaxprompt.training import trainer as T
-from jaxprompt.training.distill import context_chunks, make_distill_step, teacher_logprobs, teacher_samples
+from jaxprompt.training.distill import (
+  check_distillable,
+  context_chunks,
+  make_distill_step,
+  teacher_logprobs,
+  teacher_samples,
+)
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.state import TrainState
 from jaxprompt.training.tracking import MetricsLog
@@ -76,6 +82,7 @@ def _build(cfg: C.Config, text: str, mesh) -> Run:
   run, _ = build_run(cfg, mesh=mesh, with_train_data=False)
   if not isinstance(run.prompt_spec, CartridgeSpec):
     raise ConfigError(f"jaxprompt distill trains a cartridge: set prompt.method cartridge (not {pc.method})")
+  check_distillable(run.base)
   return run
 
 
