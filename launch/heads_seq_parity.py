@@ -1,6 +1,7 @@
-"""The SST-2 P-tuning recipe of `launch/heads_compare.py` (sequence head, TinyStories-656K) run by jaxprompt and by
-PyTorch + PEFT from the SAME start (prompt encoder and head copied from jaxprompt's initial state) on the SAME batches
-(jaxprompt's stream, recorded), with the same AdamW and linear decay: per-step losses and dev accuracy side by side.
+"""The SST-2 P-tuning (`--method prompt_tuning`: prompt-tuning) recipe of `launch/heads_compare.py` (sequence head,
+TinyStories-656K) run by jaxprompt and by PyTorch + PEFT from the SAME start (prompt, P-tuning's encoder and head
+copied from jaxprompt's initial state) on the SAME batches (jaxprompt's stream, recorded), with the same AdamW and
+linear decay: per-step losses and dev accuracy side by side.
 
 PEFT is run two ways on those batches:
 - `right`: right-padded rows, the head's output read at each row's last real token (P + n - 1, a hook on `score`):
@@ -10,6 +11,7 @@ PEFT is run two ways on those batches:
   text and move the text's RoPE positions away from the prompt by the row's padding.
 
     python launch/heads_seq_parity.py --seeds 0,1,2 --out runs/heads-seq-parity.json
+    python launch/heads_seq_parity.py --method prompt_tuning --lr 3e-2 --seeds 0,1,2 --out ...
 
 Prints one JSON line per seed.
 """
@@ -27,6 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "methods" / "p_tuning_v2_sst2.yaml"
 BASE = ROOT.parent / "shared" / "fixtures" / "models" / "tinystories-656k"
+# method -> our prompt.* settings (as launch/heads_compare.py)
+PROMPTS = {
+  "p_tuning": {"method": "p_tuning", "init": "random_normal", "encoder_reparameterization_type": "MLP"},
+  "prompt_tuning": {"method": "prompt_tuning", "init": "sampled_vocab"},
+}
 
 
 class _Recorded:
@@ -52,10 +59,8 @@ def ours(args, seed: int, workdir: Path):
   from jaxprompt.run import build_run
   from jaxprompt.training.trainer import Trainer
 
-  overrides = {
-    "prompt.method": "p_tuning",
-    "prompt.init": "random_normal",
-    "prompt.encoder_reparameterization_type": "MLP",
+  overrides = {f"prompt.{k}": v for k, v in PROMPTS[args.method].items()}
+  overrides |= {
     "optimizer.learning_rate": args.lr,
     "train.steps": args.steps,
     "train.batch_size": args.batch,
@@ -83,8 +88,9 @@ def ours(args, seed: int, workdir: Path):
 
 
 def peft_model(initial: dict, length: int):
-  """LlamaForSequenceClassification + PEFT P-tuning (MLP) holding jaxprompt's initial head and encoder."""
-  from peft import PromptEncoderConfig, get_peft_model
+  """LlamaForSequenceClassification + PEFT prompt tuning or P-tuning (MLP) holding jaxprompt's initial head and
+  prompt (encoder)."""
+  from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
   from safetensors.numpy import load_file
   from transformers import LlamaForSequenceClassification
 
@@ -93,6 +99,11 @@ def peft_model(initial: dict, length: int):
   with torch.no_grad():
     base.model.embed_tokens.weight.copy_(torch.from_numpy(load_file(BASE / "model.safetensors")["lm_head.weight"]))
     base.score.weight.copy_(torch.tensor(initial["head"]["out"].T))
+  if "embeddings" in p:  # prompt tuning
+    model = get_peft_model(base, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=length))
+    with torch.no_grad():
+      model.prompt_encoder["default"].embedding.weight.copy_(torch.tensor(p["embeddings"]))
+    return model
   e = p["mlp"]["l0"]["w"].shape[1]
   cfg = PromptEncoderConfig(
     task_type="SEQ_CLS", num_virtual_tokens=length, encoder_reparameterization_type="MLP", encoder_hidden_size=e
@@ -166,9 +177,10 @@ def dev_batch():
 
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser()
+  ap.add_argument("--method", choices=list(PROMPTS), default="p_tuning")
   ap.add_argument("--steps", type=int, default=150)
   ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--lr", type=float, default=3e-3)
+  ap.add_argument("--lr", type=float, default=3e-3, help="heads_compare's: 3e-3 P-tuning, 3e-2 prompt tuning")
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "heads-seq-parity")
   ap.add_argument("--out", type=Path, default=None)
@@ -177,7 +189,7 @@ def main(argv=None) -> list[dict]:
   dev, out = dev_batch(), []
   for seed in [int(s) for s in args.seeds.split(",")]:
     initial, losses, batches, acc = ours(args, seed, args.workdir / f"seed{seed}")
-    row = dict(seed=seed, jaxprompt=dict(accuracy=acc, first_loss=losses[0], last_loss=losses[-1]))
+    row = dict(method=args.method, seed=seed, jaxprompt=dict(accuracy=acc, first_loss=losses[0], last_loss=losses[-1]))
     for pad in ("right", "left"):
       theirs, pacc = peft_run(peft_model(initial, 16), batches, dev, args, pad)
       rel = np.abs(np.asarray(losses) - np.asarray(theirs)) / np.abs(np.asarray(theirs))
