@@ -9,7 +9,7 @@ Every step's loss agrees to 1e-4 (relative) and so does the final prompt (|ours 
 the embedding for prompt tuning; for P-tuning the encoder's output (what is exported and served), its input
 embedding and its weights. Measured (CPU): losses within 1.2e-6 relative, prompts within 2.2e-5.
 
-With a sequence head (`head.type: sequence`, LlamaForSequenceClassification's `score`, TinyStories-656K, P-tuning):
+With a sequence head (`head.type: sequence`, LlamaForSequenceClassification's `score`, TinyStories-656K, both methods):
 the head starts from ours too and PEFT SEQ_CLS trains it (`modules_to_save`); losses within 2e-6 relative. PEFT
 feeds the classifier `inputs_embeds`, so transformers pools the last position: the rows stay right-padded, as
 ours, and the head is read at each row's last real token (a hook on `score`). Left padding is not the same model:
@@ -328,11 +328,11 @@ def _train_peft_classifier(model, batches) -> list[float]:
   return losses
 
 
-def test_sequence_head_matches_pytorch_peft(fixtures_dir, sst2_files, tmp_path):
-  """The same loop with a sequence head on TinyStories-656K (P-tuning with its MLP encoder; prompt tuning passes too,
-  left out for time): the encoder and the head from the same start, on the same batches, against PEFT SEQ_CLS;
-  per-step loss, the final head and the final prompt within 1e-4."""
-  method = "p_tuning"
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sequence_head_matches_pytorch_peft(method, fixtures_dir, sst2_files, tmp_path):
+  """The same loop with a sequence head on TinyStories-656K: the prompt (P-tuning: with its MLP encoder) and the head
+  from the same start, on the same batches, against PEFT SEQ_CLS; per-step loss, the final head and the final
+  prompt within 1e-4."""
   path = MODELS["tinystories-656k"](fixtures_dir)
   ours = _train_ours(_config(str(path), sst2_files, METHODS[method], head="sequence"), tmp_path / "run")
   assert len(ours.losses) == STEPS
