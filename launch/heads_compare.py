@@ -16,6 +16,9 @@ per run. Step time: the median wall time of a training step, batching included (
 windows, the first, which compiles, left out; PEFT: of its steps, the first 5 left out). jaxprompt pads to length
 buckets (64, 96, 128), PEFT to each batch's longest row.
 
+`--task wnut17`: the same with a token head (`configs/methods/wnut17_token.yaml`, `word_token: last` on both sides;
+PEFT TOKEN_CLS), scored by entity F1 (and per-word tag accuracy), written to WORKDIR/heads-compare-wnut17.json.
+
 Writes WORKDIR/<method>-<side>-seed<N>/ (jaxprompt's runs) and WORKDIR/heads-compare.json; prints a Markdown table.
 """
 
@@ -31,7 +34,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "methods" / "p_tuning_v2_sst2.yaml"
+# task -> (config, dev metric)
+TASKS = {
+  "sst2": (ROOT / "configs" / "methods" / "p_tuning_v2_sst2.yaml", "accuracy"),
+  "wnut17": (ROOT / "configs" / "methods" / "wnut17_token.yaml", "entity_f1"),
+}
 # method -> (our prompt.* overrides, learning rate)
 METHODS = {
   "prompt_tuning": ({"method": "prompt_tuning", "init": "sampled_vocab"}, 3e-2),
@@ -41,7 +48,7 @@ METHODS = {
 
 
 def ours(method: str, seed: int, args, workdir: Path) -> dict:
-  """One jaxprompt run -> {trainable_parameters, step_seconds, accuracy}."""
+  """One jaxprompt run -> {trainable_parameters, step_seconds, metric}."""
   import jax
 
   from jaxprompt import api
@@ -62,13 +69,14 @@ def ours(method: str, seed: int, args, workdir: Path) -> dict:
       "checkpoint.keep": 1,
     }
   )
-  result = api.train(CONFIG, workdir, **overrides)
+  result = api.train(TASKS[args.task][0], workdir, **overrides)
   src = load_prompt_source(str(workdir), "latest")
   trained = sum(np.size(x) for x in jax.tree_util.tree_leaves(src.params))  # the prompt (encoders included)
   params = int(trained + sum(np.size(v) for v in (src.head or {}).values()))
   rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
   times = [r["step_time"] for r in rows if "step_time" in r][1:]
-  return dict(trainable_parameters=params, step_seconds=float(np.median(times)), accuracy=result.best_value)
+  extra = {k: v for k, v in [r for r in rows if r.get("kind") == "eval"][-1].items() if k == "tag_accuracy"}
+  return dict(trainable_parameters=params, step_seconds=float(np.median(times)), metric=result.best_value, **extra)
 
 
 def peft(method: str, seed: int, args) -> dict | None:
@@ -77,16 +85,18 @@ def peft(method: str, seed: int, args) -> dict | None:
   if not python:
     return None
   lr = METHODS[method][1]
-  cmd = [python, str(ROOT / "launch" / "heads_peft_baseline.py"), "--method", method, "--seed", str(seed)]
+  cmd = [python, str(ROOT / "launch" / "heads_peft_baseline.py"), "--task", args.task, "--method", method]
+  cmd += ["--seed", str(seed)]
   cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(lr), "--length", str(args.length)]
   cmd += ["--threads", "1"]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-  return json.loads(out.strip().splitlines()[-1])
+  r = json.loads(out.strip().splitlines()[-1])
+  return dict(r, metric=r[TASKS[args.task][1]])
 
 
 def summary(runs: list[dict]) -> dict:
-  """Per method and side: parameters, step time and accuracy (mean, sd over seeds); the PEFT / jaxprompt step-time
+  """Per method and side: parameters, step time and the dev metric (mean, sd over seeds); the PEFT / jaxprompt step-time
   ratio per seed (one pair, same load), then its mean."""
   out = {}
   for method in METHODS:
@@ -95,15 +105,17 @@ def summary(runs: list[dict]) -> dict:
       rs = [r for r in runs if r["method"] == method and r["side"] == side]
       if not rs:
         continue
-      acc = [r["accuracy"] for r in rs]
+      acc = [r["metric"] for r in rs]
       row[side] = dict(
         trainable_parameters=rs[0]["trainable_parameters"],
         step_seconds=float(np.mean([r["step_seconds"] for r in rs])),
-        accuracy=acc,
-        accuracy_mean=float(np.mean(acc)),
-        accuracy_sd=float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+        metric=acc,
+        metric_mean=float(np.mean(acc)),
+        metric_sd=float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
         stack=rs[0].get("stack", "jaxprompt"),
       )
+      if all("tag_accuracy" in r for r in rs):  # token heads: per-word accuracy beside entity F1
+        row[side]["tag_accuracy_mean"] = float(np.mean([r["tag_accuracy"] for r in rs]))
     pairs = {}
     for r in runs:
       if r["method"] == method:
@@ -115,9 +127,9 @@ def summary(runs: list[dict]) -> dict:
   return out
 
 
-def table(s: dict) -> str:
+def table(s: dict, metric: str) -> str:
   lines = [
-    "| method | side | trainable parameters | step time (ms) | PEFT / jaxprompt step time | dev accuracy |",
+    f"| method | side | trainable parameters | step time (ms) | PEFT / jaxprompt step time | dev {metric} |",
     "|---|---|---|---|---|---|",
   ]
   for method, row in s.items():
@@ -130,7 +142,8 @@ def table(s: dict) -> str:
         if side == "peft" and "peft_over_jaxprompt_step_time" in row
         else ""
       )
-      acc = f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_sd']:.1f}%"
+      acc = f"{100 * r['metric_mean']:.1f} ± {100 * r['metric_sd']:.1f}%"
+      acc += f" (tag accuracy {100 * r['tag_accuracy_mean']:.1f}%)" if "tag_accuracy_mean" in r else ""
       ms = 1000 * r["step_seconds"]
       lines.append(f"| {method} | {r['stack']} | {r['trainable_parameters']:,} | {ms:.0f} | {ratio} | {acc} |")
   return "\n".join(lines)
@@ -138,6 +151,7 @@ def table(s: dict) -> str:
 
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser()
+  ap.add_argument("--task", choices=list(TASKS), default="sst2", help="sst2: a sequence head; wnut17: a token head")
   ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "heads-compare")
   ap.add_argument("--steps", type=int, default=150)
   ap.add_argument("--batch", type=int, default=16)
@@ -157,15 +171,23 @@ def main(argv=None) -> dict:
         runs.append(dict(p, method=method, seed=seed, side="peft", stack=stack))
       print(json.dumps(runs[-2:]), flush=True)
   result = dict(
-    setup=dict(steps=args.steps, batch=args.batch, length=args.length, lrs={m: METHODS[m][1] for m in METHODS}),
+    setup=dict(
+      task=args.task,
+      metric=TASKS[args.task][1],
+      steps=args.steps,
+      batch=args.batch,
+      length=args.length,
+      lrs={m: METHODS[m][1] for m in METHODS},
+    ),
     runs=runs,
     summary=summary(runs),
   )
   args.workdir.mkdir(parents=True, exist_ok=True)
-  tmp = args.workdir / "heads-compare.json.tmp"
+  name = "heads-compare.json" if args.task == "sst2" else f"heads-compare-{args.task}.json"
+  tmp = args.workdir / f"{name}.tmp"
   tmp.write_text(json.dumps(result, indent=1))
-  tmp.rename(args.workdir / "heads-compare.json")
-  print(table(result["summary"]))
+  tmp.rename(args.workdir / name)
+  print(table(result["summary"], TASKS[args.task][1]))
   return result
 
 

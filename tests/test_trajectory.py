@@ -9,6 +9,13 @@ Every step's loss agrees to 1e-4 (relative) and so does the final prompt (|ours 
 the embedding for prompt tuning; for P-tuning the encoder's output (what is exported and served), its input
 embedding and its weights. Measured (CPU): losses within 1.2e-6 relative, prompts within 2.2e-5.
 
+With a sequence head (`head.type: sequence`, LlamaForSequenceClassification's `score`, TinyStories-656K, both methods):
+the head starts from ours too and PEFT SEQ_CLS trains it (`modules_to_save`); losses within 2e-6 relative. PEFT
+feeds the classifier `inputs_embeds`, so transformers pools the last position: the rows stay right-padded, as
+ours, and the head is read at each row's last real token (a hook on `score`). Left padding is not the same model:
+the pads then sit between the prompt and the text and shift the text's RoPE positions by the row's padding (0.3%
+on the first step's loss; `launch/heads_seq_parity.py` measures what that does to a full run).
+
 Where float32 itself stops deciding (found by running the PyTorch loop in float64 beside float32, same batches):
 - At a peak learning rate of 3e-2, P-tuning on stories260K moved PyTorch float32 away from PyTorch float64 by
   3.2e-4 in the encoder's output (ours: 2.9e-4 from either): Adam divides each gradient by its own root mean
@@ -83,11 +90,12 @@ METHODS = {
 }
 
 
-def _config(model: str, files: dict, prompt: dict) -> C.Config:
+def _config(model: str, files: dict, prompt: dict, head: str = "lm") -> C.Config:
   return C.from_dict(
     {
       "model": {"path": model},
       "prompt": {"length": P, "init": "sampled_vocab", **prompt},
+      "head": {"type": head},
       "data": {"task": "sst2", "taskless": True, "files": files, "input_length": 24, "target_length": 8},
       "optimizer": {
         "name": "adamw",
@@ -158,12 +166,12 @@ def _torch_base(run, model_path, tmp_path):
   return model.eval()
 
 
-def _peft_model(base, method: str, ours: Ours):
+def _peft_model(base, method: str, ours: Ours, task_type: str = "CAUSAL_LM"):
   from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
   p = ours.initial["prompt"]
   if method == "prompt_tuning":
-    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    model = get_peft_model(base, PromptTuningConfig(task_type=task_type, num_virtual_tokens=P))
     with torch.no_grad():
       model.prompt_encoder["default"].embedding.weight.copy_(torch.tensor(p["embeddings"]))
     return model
@@ -171,7 +179,7 @@ def _peft_model(base, method: str, ours: Ours):
   model = get_peft_model(
     base,
     PromptEncoderConfig(
-      task_type="CAUSAL_LM", num_virtual_tokens=P, encoder_reparameterization_type="MLP", encoder_hidden_size=e
+      task_type=task_type, num_virtual_tokens=P, encoder_reparameterization_type="MLP", encoder_hidden_size=e
     ),
   )
   enc = model.prompt_encoder["default"]
@@ -261,4 +269,80 @@ def test_twenty_steps_match_pytorch_peft(model, method, fixtures_dir, sst2_files
     err = np.abs(a - b) / (1.0 + np.abs(b))
     print(f"  {name}: max |ours - PEFT| {np.abs(a - b).max():.2e}, max |ours - PEFT| / (1 + |PEFT|) {err.max():.2e}")
   for name, a, b in pairs:
+    np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL, err_msg=name)
+
+
+# -- a sequence head (LlamaForSequenceClassification's `score`) trained with the prompt --
+
+
+def _peft_classifier(path, method: str, ours: Ours):
+  """transformers' LlamaForSequenceClassification holding our initial head, under a PEFT SEQ_CLS adapter holding our
+  initial prompt (PEFT copies `score` into its trained `modules_to_save` copy when it wraps the model). The folder
+  stores its tied embedding once, as `lm_head.weight`, which a classification model (no lm_head) does not read:
+  copied in."""
+  from safetensors.numpy import load_file
+  from transformers import LlamaForSequenceClassification
+
+  base = LlamaForSequenceClassification.from_pretrained(
+    path, num_labels=2, pad_token_id=0, attn_implementation="eager", dtype=torch.float32
+  )
+  with torch.no_grad():
+    base.score.weight.copy_(torch.tensor(ours.initial["head"]["out"].T))
+    base.model.embed_tokens.weight.copy_(torch.from_numpy(load_file(path / "model.safetensors")["lm_head.weight"]))
+  model = _peft_model(base, method, ours, task_type="SEQ_CLS")
+  assert model.base_model.score.modules_to_save["default"].weight.requires_grad
+  return model
+
+
+def _last_real_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+  """PEFT's forward on our right-padded rows -> (logits [B, C] at each row's last real token, labels [B]).
+
+  PEFT feeds a sequence classifier `inputs_embeds` (the prompt in front), so transformers cannot find the last
+  non-pad token and pools the last position; left padding would put that last, but it also puts the pads between
+  the prompt and the text, which moves the text's RoPE positions relative to the prompt by the row's padding. So
+  the rows stay right-padded, as ours, and the head's output at every position (the `score` module's, captured)
+  is read at P + n - 1."""
+  ids, mask = torch.from_numpy(np.asarray(batch.input_ids)).long(), torch.from_numpy(np.asarray(batch.input_mask))
+  seen = []
+  hook = model.base_model.score.register_forward_hook(lambda mod, args, out: seen.append(out))
+  try:
+    model(input_ids=ids, attention_mask=mask.long())
+  finally:
+    hook.remove()
+  last = P + mask.sum(dim=1) - 1
+  return seen[0][torch.arange(len(last)), last], torch.from_numpy(np.asarray(batch.labels)[:, 0]).long()
+
+
+def _train_peft_classifier(model, batches) -> list[float]:
+  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=1e-8, weight_decay=WD)
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor)
+  losses = []
+  model.train()
+  for batch in batches:
+    loss = torch.nn.functional.cross_entropy(*_last_real_logits(model, batch))
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    losses.append(loss.item())
+  return losses
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sequence_head_matches_pytorch_peft(method, fixtures_dir, sst2_files, tmp_path):
+  """The same loop with a sequence head on TinyStories-656K: the prompt (P-tuning: with its MLP encoder) and the head
+  from the same start, on the same batches, against PEFT SEQ_CLS; per-step loss, the final head and the final
+  prompt within 1e-4."""
+  path = MODELS["tinystories-656k"](fixtures_dir)
+  ours = _train_ours(_config(str(path), sst2_files, METHODS[method], head="sequence"), tmp_path / "run")
+  assert len(ours.losses) == STEPS
+  model = _peft_classifier(path, method, ours)
+  theirs = _train_peft_classifier(model, ours.batches)
+  rel = np.abs(np.asarray(ours.losses) - np.asarray(theirs)) / np.abs(np.asarray(theirs))
+  print(f"\nsequence head {method}: loss {theirs[0]:.4f} -> {theirs[-1]:.4f}, max relative difference {rel.max():.2e}")
+  np.testing.assert_allclose(ours.losses, theirs, rtol=TOL, atol=0)
+  head = model.base_model.score.modules_to_save["default"].weight.detach().numpy().T
+  assert np.abs(ours.final["head"]["out"] - ours.initial["head"]["out"]).max() > 100 * TOL  # the head trained
+  np.testing.assert_allclose(ours.final["head"]["out"], head, rtol=TOL, atol=TOL, err_msg="head")
+  for name, a, b in _final_prompts(model, method, ours):
     np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL, err_msg=name)
