@@ -20,8 +20,10 @@ thread loops:
 Prompts of every method share a call: each prompt is padded to the server's prompt slots (`Layout`; on the
 left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
 prompt's row, from the store's device cache (`serve.cache`; copied in from the host at admission when missing); the
-base alone is a row of masked slots. Programs compiled: one admission per batch bucket x length
-bucket, one generate step, and one classification per batch bucket x length bucket x label set.
+base alone is a row of masked slots. An adaption prompt's per-layer prompts and gates (padded to A slots with a
+mask) stay in its slot's cache and are attended to at every step; a templated prompt's rows (padded to V) go into
+the request's virtual tokens at prefill (`Prefix.template_embeds`). Programs compiled: one admission per batch
+bucket x length bucket, one generate step, and one classification per batch bucket x length bucket x label set.
 """
 
 from __future__ import annotations
