@@ -943,8 +943,8 @@ def _add_serve_batching(p) -> None:
     "--scheduler",
     choices=("auto", "continuous", "static"),
     default="auto",
-    help="continuous: decode slots, a request joins as soon as one is free; static: a batch runs until its longest "
-    "request ends; auto (default): continuous, unless a served prompt needs static (adaption prompts, templates)",
+    help="continuous: decode slots, a request joins as soon as one is free, every prompt method in one step; static: "
+    "a batch runs until its longest request ends; auto (default): continuous",
   )
   p.add_argument(
     "--slots", type=int, default=16, help="continuous: decode slots, requests decoded at once (default 16)"

@@ -4,6 +4,8 @@ mixed max_tokens in one step equal `jaxprompt generate --greedy` (decoder and T5
 its slot. Servers bind 127.0.0.1 on a free port and are always stopped; every wait is bounded."""
 
 import asyncio
+import contextlib
+import io
 import json
 import math
 import threading
@@ -17,34 +19,55 @@ import jaxprompt
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
+from jaxprompt import cli  # noqa: E402
 from jaxprompt.inference import text as T  # noqa: E402
 from jaxprompt.prompts.io import load_prompt_source  # noqa: E402
 from tests.helpers import write_byte_decoder  # noqa: E402
 
-TEXTS = ["max: 3 7 1 8 2", "hello there", "min: 9 4", "a"]
+TEXTS = ["max: 3 7 1 8", "hello there", "min: 9 4", "a"]
 
 
-def _prompts(folder, base_folder) -> list[str]:
-  """Soft prompts of lengths 1 and 4, a prefix table of 6 slots and a DePT prompt of 3 vectors, as files in
-  `folder` (few: every shape compiles its reference generation)."""
+PTUNING = {"method": "p_tuning", "encoder_reparameterization_type": "MLP"}
+PREFIX = {"method": "prefix_tuning", "prefix_projection": False}
+TEMPLATES = {"tmpl0": ("[P:1] {text} [P:1]", 2), "tmpl1": ("[P:3] {text}", 3)}  # (template, its virtual tokens)
+
+
+def _write(folder, name: str, value, spec: dict | None = None, length: int | None = None) -> tuple[str, int]:
+  """A .npy prompt (and its record's spec) -> (its name, its length: rows, or `length`)."""
+  np.save(folder / f"{name}.npy", np.asarray(value, np.float32))
+  if spec is not None:
+    (folder / f"{name}.json").write_text(json.dumps({"prompt_spec": spec}))
+  return name, np.shape(value)[0] if length is None else length
+
+
+def _prompts(folder, base_folder) -> dict[str, int]:
+  """20 prompts of 5 lengths (1, 2, 3, 4, 6 slots) as files in `folder`: soft prompts (prompt tuning), P-tuning
+  outputs, prefix tables, DePT, adaption prompts (a decoder; T5, which takes none, gets more soft prompts) and
+  templated prompts (their rows among the input's tokens). -> their lengths by name."""
+  from jaxprompt.prompts.adaption import pack
+
   base = jaxprompt.load_model(base_folder)
-  h, slots = base.hidden_size, base.prefix_slots()
+  h, s = base.hidden_size, base.prefix_slots()
   rng = np.random.default_rng(0)
   folder.mkdir()
-  names = []
-  for p in (1, 4):
-    np.save(folder / f"soft{p}.npy", rng.normal(size=(p, h)).astype(np.float32))
-    names.append(f"soft{p}")
-  for p in (6,):
-    np.save(folder / f"pfx{p}.npy", rng.normal(size=(p, slots.layers, 2, slots.heads, slots.head_dim)).astype("f4"))
-    (folder / f"pfx{p}.json").write_text(
-      json.dumps({"prompt_spec": {"method": "prefix_tuning", "prefix_projection": False}})
-    )
-    names.append(f"pfx{p}")
-  m, r, s = 3, 2, 4  # DePT: m prompt vectors, rank r, offsets for s input positions
-  np.save(folder / "dept.npy", rng.normal(size=(m + r + math.ceil(s * r / h), h)).astype(np.float32))
-  (folder / "dept.json").write_text(json.dumps({"prompt_spec": {"method": "dept", "rank": r, "max_length": s}}))
-  return names + ["dept"]
+  # few shapes per method: each compiles its reference generation (the 5 lengths come from all methods together)
+  names = [_write(folder, f"soft{i}", rng.normal(size=(p, h))) for i, p in enumerate((1, 4, 1, 4, 4, 1))]
+  names += [_write(folder, f"ptune{i}", rng.normal(size=(p, h)), PTUNING) for i, p in enumerate((2, 3))]
+  kv = lambda p: rng.normal(size=(p, s.layers, 2, s.heads, s.head_dim))  # noqa: E731
+  names += [_write(folder, f"pfx{i}", kv(p), PREFIX) for i, p in enumerate((6, 3, 1, 6))]
+  r, n = 2, 4  # DePT: m prompt vectors, rank r, offsets for n input positions
+  for i, m in enumerate((3, 2)):
+    spec = {"method": "dept", "rank": r, "max_length": n}
+    names.append(_write(folder, f"dept{i}", rng.normal(size=(m + r + math.ceil(n * r / h), h)), spec, m))
+  for i, (layers, a) in enumerate(((2, 2), (1, 4), (2, 1), (2, 3))):
+    if base.supports_adaption:  # prompts [L_a, A, H] and gates [L_a] of the top L_a layers
+      value = pack(rng.normal(size=(layers, a, h)), rng.uniform(0.5, 1.5, size=layers))
+      names.append(_write(folder, f"adapt{i}", value, {"method": "adaption"}, a))
+    else:
+      names.append(_write(folder, f"extra{i}", rng.normal(size=(4, h))))
+  for name, (template, p) in TEMPLATES.items():
+    names.append(_write(folder, name, rng.normal(size=(p, h)), {"method": "prompt_tuning", "template": template}))
+  return dict(names)
 
 
 def _greedy(engine, prompts_dir, name, max_new_tokens: int) -> list[list[int]]:
@@ -59,14 +82,16 @@ def test_mixed_prompts_lengths_methods_and_max_tokens_each_equal_generate_greedy
   from jaxprompt.serve.server import build, serving
 
   folder = request.getfixturevalue(kind)
-  names = _prompts(tmp_path / "prompts", folder)
+  lengths = _prompts(tmp_path / "prompts", folder)
+  names = list(lengths)
   app, engine, problems = build(
-    str(folder), prompts=str(tmp_path / "prompts"), name="base", slots=4, max_batch=4, max_tokens=8, max_input_tokens=16
+    str(folder), prompts=str(tmp_path / "prompts"), name="base", slots=8, max_batch=4, max_tokens=6, max_input_tokens=16
   )
-  assert problems == [] and engine.slots is not None
-  want = {n: _greedy(engine, tmp_path / "prompts", n, 8) for n in names + [None]}
-  # 30 requests over 4 prompts (4 lengths, 3 methods) and the base, max_tokens 1..8, through 4 slots
-  jobs = [(n, i % len(TEXTS), 1 + (i * 3) % 8) for i, n in enumerate((names + [None]) * 6)]
+  assert problems == [] and engine.slots is not None  # every method in decode slots (the default scheduler)
+  assert len(names) == 20 and sorted(set(lengths.values())) == [1, 2, 3, 4, 6]
+  want = {n: _greedy(engine, tmp_path / "prompts", n, 6) for n in names + [None]}
+  # 64 requests over 20 prompts (5 lengths, every method) and the base, max_tokens 1..6, through 8 slots
+  jobs = [(n, i % len(TEXTS), 1 + (i * 5) % 6) for i, n in enumerate(((names + [None]) * 4)[:64])]
 
   def expected(name, text, k):
     tokens = want[name][text][:k]
@@ -86,6 +111,24 @@ def test_mixed_prompts_lengths_methods_and_max_tokens_each_equal_generate_greedy
   busy = _histogram(metrics, "jaxprompt_step_busy_slots")
   assert busy["count"] > 0 and busy["sum"] / busy["count"] > 1  # steps advanced several requests at once
   assert _histogram(metrics, "jaxprompt_time_to_first_token_seconds")["count"] == len(jobs)
+  # and `jaxprompt generate --greedy` itself, for a templated prompt (the adaption one on the decoder)
+  name = "adapt1" if "adapt1" in names else "tmpl1"
+  args = [
+    "generate",
+    "--model",
+    folder,
+    "--prompt",
+    tmp_path / "prompts" / f"{name}.npy",
+    "--greedy",
+    "--max-new-tokens",
+    6,
+  ]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert cli.main([*map(str, args), *[x for t in TEXTS for x in ("--input", t)], "--jsonl"]) == 0
+  assert [json.loads(line)["output"] for line in out.getvalue().splitlines()] == [
+    expected(name, t, 6) for t in range(len(TEXTS))
+  ]
 
 
 def _histogram(text: str, name: str) -> dict:

@@ -475,8 +475,8 @@ class Decoder(FrozenLM):
     """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] or [B, L] (the slots of the queries), `kv` the
     other keys and values every layer attends to (`models.kv`: none; a prefix's P slots, S = P + L; or a cache of S
     slots the new keys/values are written into at `index`), masked by slot (causal, padding, sliding window) as
-    transformers masks by cache position; `adaption` (prompts [B, Y, A, H], gates [B, Y], on [B, Y]) or None ->
-    (final hidden states [B, L, H], the updated cache or None)."""
+    transformers masks by cache position; `adaption` (prompts [B, Y, A, H], gates [B, Y], on [B, Y], mask [B, Y, A])
+    or None -> (final hidden states [B, L, H], the updated cache or None)."""
     cfg = self.config
     rate = cfg.dropout_rate
     rngs = L.split_rng(dropout_rng, 2)

@@ -58,8 +58,13 @@ class Prefix:
     its own, over the A keys/values the layer's own k/v projections make of adaption[:, y] (no rotary embedding, no
     mask), scaled by the gate, and that output (o-projected as the model's PEFT counterpart does) is added to the
     layer's attention output (`models.kv.adaption_attention`); models with `supports_adaption` only.
+  adaption_mask: [B|1, A] (1 = real) when rows carry adaption prompts of different lengths padded to one A (a
+    server's decode slots); None when every slot is real. Masked slots take no part in the adaption softmax.
   at_slots: `embeds` go into the input's virtual tokens (ids -1-k take row k; a prompt template), not in front: the
     prefix then takes no positions of its own (`length` 0).
+  template_embeds: [B|1, V, H] a prompt template's rows for the input's virtual tokens (ids -1-k take row k), as
+    `at_slots` embeds are, beside any `embeds` in front: how one batch mixes templated prompts with others (a
+    server's decode slots; a row without a template has no virtual tokens and takes none of them).
   embeds_mask, kv_mask: [B, P] (1 = real) when rows carry prompts of different lengths padded to one P (a server's
     mixed batch), None when every slot is real. Padding goes on the left (the real slots end where the input
     begins), so relative distances and positions are those of the row alone: positions after a key/value prefix
@@ -75,16 +80,25 @@ class Prefix:
   adaption: jax.Array | None = None
   adaption_gate: jax.Array | None = None
   adaption_on: jax.Array | None = None
+  adaption_mask: jax.Array | None = None
+  template_embeds: jax.Array | None = None
   at_slots: bool = struct.field(pytree_node=False, default=False)
   embeds_mask: jax.Array | None = None
   kv_mask: jax.Array | None = None
 
-  def adaption_rows(self, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-    """(adaption [B, Y, A, H], gate [B, Y], on [B, Y]) for `batch_size` rows, or None."""
+  def adaption_rows(self, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None:
+    """(adaption [B, Y, A, H], gate [B, Y], on [B, Y], mask [B, Y, A]) for `batch_size` rows, or None."""
     if self.adaption is None:
       return None
-    parts = (self.adaption, self.adaption_gate, self.adaption_on)
-    return tuple(jnp.broadcast_to(a, (batch_size,) + a.shape[1:]) for a in parts)
+    y, a = self.adaption.shape[1:3]
+    mask = jnp.ones((1, a), jnp.int32) if self.adaption_mask is None else self.adaption_mask.astype(jnp.int32)
+    parts = (
+      self.adaption,
+      self.adaption_gate,
+      self.adaption_on,
+      jnp.broadcast_to(mask[:, None], (mask.shape[0], y, a)),
+    )
+    return tuple(jnp.broadcast_to(x, (batch_size,) + x.shape[1:]) for x in parts)
 
   @property
   def length(self) -> int:
@@ -480,7 +494,12 @@ class FrozenLM(nnx.Module):
         raise ValueError("a templated prompt goes into the input's virtual tokens: give input_ids, not embeddings")
       x = place_prompt(self.embed(jnp.maximum(input_ids, 0)), input_ids, prefix.embeds)
       return x, jnp.ones(x.shape[:2], jnp.int32) if attention_mask is None else attention_mask
-    x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    if inputs_embeds is not None:
+      x = inputs_embeds.astype(self.dtype)
+    elif prefix is not None and prefix.template_embeds is not None:
+      x = place_prompt(self.embed(jnp.maximum(input_ids, 0)), input_ids, prefix.template_embeds)
+    else:
+      x = self.embed(input_ids)
     if attention_mask is None:
       attention_mask = jnp.ones(x.shape[:2], jnp.int32)
     if prefix is not None and prefix.input_offset is not None:

@@ -106,15 +106,14 @@ def fill_prefix(keys: jax.Array, values: jax.Array, prefix, batch_size: int, rep
   return write_rows(keys, pk, 0), write_rows(values, pv, 0)
 
 
-def adaption_attention(
-  p: dict, q: jax.Array, adaption: tuple[jax.Array, jax.Array, jax.Array], *, project_out: bool
-) -> jax.Array:
+def adaption_attention(p: dict, q: jax.Array, adaption: tuple, *, project_out: bool) -> jax.Array:
   """An adaption prompt's attention (PEFT's AdaptedAttention, LLaMA-Adapter): queries q [B, L, N, D] (rotary
   embedding applied) over the keys/values the layer's own k/v projections (biases included) make of the prompt
   [B, A, H] — no rotary embedding, no mask, a softmax of its own in float32 with scores / sqrt(D) — times the gate
   [B]; query head n reads key/value head n // (N / K). -> [B, L, H]: o-projected (bias included) where PEFT does
-  (`project_out`; GPT-2: not), times `on` [B] (0: a layer without an adaption prompt)."""
-  prompt, gate, on = adaption
+  (`project_out`; GPT-2: not), times `on` [B] (0: a layer without an adaption prompt). `mask` [B, A] (1 = real):
+  rows whose prompts were padded to one A (a server's decode slots) leave their padding out of the softmax."""
+  prompt, gate, on, mask = adaption
   prompt = prompt.astype(q.dtype)
   k = L.project_qkv(prompt, p["k"], p.get("k_bias"))  # [B, A, K, D]
   v = L.project_qkv(prompt, p["v"], p.get("v_bias"))
@@ -122,7 +121,8 @@ def adaption_attention(
   kh = k.shape[2]
   qg = q.reshape(b, n_len, kh, n // kh, d)
   scores = jnp.einsum("BLKGD,BAKD->BKGLA", qg, k) / jnp.sqrt(jnp.asarray(d, q.dtype))
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1) * gate.astype(jnp.float32)[:, None, None, None, None]
+  scores = jnp.where(mask[:, None, None, None, :] > 0, scores.astype(jnp.float32), L.MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1) * gate.astype(jnp.float32)[:, None, None, None, None]
   o = jnp.einsum("BKGLA,BAKD->BLKGD", probs.astype(q.dtype), v).reshape(b, n_len, n * d)
   out = L.project_out(o.reshape(b, n_len, n, d), p["o"], p.get("o_bias")) if project_out else o
   return out * on.astype(out.dtype)[:, None, None]
@@ -140,13 +140,14 @@ def self_attention(
   dropout_rate: float = 0.0,
   dropout_rng=None,
   implementation: str = "auto",
-  adaption: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+  adaption: tuple | None = None,
   adaption_projects_out: bool = True,
 ) -> tuple[jax.Array, Cached | None]:
   """One layer's self-attention over normed inputs h [B, L, H]: q/k/v projections `p` (q [H, N, D], k/v [H, K, D],
   o [N, D, H], optional q_bias / k_bias / v_bias / o_bias), rotary embedding (cos, sin) on queries and new keys,
   keys/values from `kv` (see the module docstring), scores + `bias` (broadcastable to [B, N, L, S]), plus an
-  adaption prompt's output (`adaption_attention`: this layer's (prompt [B, A, H], gate [B], on [B])) ->
+  adaption prompt's output (`adaption_attention`: this layer's (prompt [B, A, H], gate [B], on [B], mask [B, A]))
+  ->
   (output [B, L, H] before dropout, the updated cache or None)."""
   q = L.project_qkv(h, p["q"], p.get("q_bias"))
   k = L.project_qkv(h, p["k"], p.get("k_bias"))

@@ -374,22 +374,9 @@ class _Text:
 SCHEDULERS = ("auto", "continuous", "static")
 
 
-def _auto_scheduler(store: PromptStore) -> str:
-  """ "continuous", unless a loaded prompt cannot be held in decode slots yet (adaption prompts, prompt templates):
-  then "static", which serves every prompt, said in one log line."""
-  from jaxprompt.serve.slots import misfit
-
-  held = [p for p in map(store.get, store.names()) if p is not None]
-  unfit = [p.name for p in held if p.prefix.adaption is not None or p.prefix.at_slots]
-  if not unfit:
-    return "continuous"
-  log.warning("scheduler static: %s (%s)", misfit(None, store.get(unfit[0]).prefix), ", ".join(unfit))
-  return "static"
-
-
 class Engine:
-  """Queue, batcher and the jitted calls. `scheduler` "auto" (continuous unless a loaded prompt needs the static
-  scheduler: adaption prompts, templates), "continuous" (`serve.slots`: `slots` decode slots, a request
+  """Queue, batcher and the jitted calls. `scheduler` "continuous" (or "auto", the same; `serve.slots`: `slots`
+  decode slots, a request
   admitted as soon as one is free, `max_batch` requests prefilled at once at most, `prompt_slots` room for prompts
   added later) or "static" (see the module docstring: a batch runs until its longest request ends). `start()` runs
   the worker thread; `stop()` lets it finish every queued request first."""
@@ -440,9 +427,7 @@ class Engine:
     if slots < 1:
       raise UserError(f"--slots {slots}: give at least 1")
     self.slots = None
-    if scheduler == "auto":
-      scheduler = _auto_scheduler(store)
-    if scheduler == "continuous":
+    if scheduler in ("auto", "continuous"):
       from jaxprompt.serve.slots import SlotBatcher
 
       self.slots = SlotBatcher(self, slots=slots, prompt_slots=prompt_slots)
@@ -615,6 +600,25 @@ class Engine:
       self._labels[labels] = tuple(jnp.asarray(a[:, :width]) for a in rows)
     return self._labels[labels]
 
+  def classify_inputs(self, rows: list[Request], labels: tuple, template: Template | None, length: int, width: int):
+    """A classification batch: each request's input (its text, or its fields laid out by `template`, the prompt's)
+    before the first label (the scores need none), inputs padded to `length`, targets to `width`."""
+    examples = [
+      {"inputs": r.text, "targets": labels[0]}
+      if template is None
+      else {"fields": template.values(r.text), "targets": labels[0]}
+      for r in rows
+    ]
+    return encoding.encode(
+      self.base.batch_type,
+      examples,
+      self.tokenizer,
+      input_length=length,
+      target_length=width,
+      name="classify",
+      template=template,
+    )
+
   def _classify(self, batch: list[Request]) -> int:
     n = len(batch)
     b = bucket(n, self.batch_sizes)
@@ -623,21 +627,7 @@ class Engine:
     rows = [r for r in batch] + [batch[0]] * (b - n)
     length = bucket(max(len(r.tokens) for r in rows), self.lengths)
     template = batch[0].prompt.template if batch[0].prompt is not None else None
-    examples = [
-      {"inputs": r.text, "targets": labels[0]}
-      if template is None
-      else {"fields": template.values(r.text), "targets": labels[0]}
-      for r in rows
-    ]
-    data = encoding.encode(
-      self.base.batch_type,
-      examples,
-      self.tokenizer,
-      input_length=length,
-      target_length=label_ids.shape[1],
-      name="classify",
-      template=template,
-    )
+    data = self.classify_inputs(rows, labels, template, length, label_ids.shape[1])
     scores = np.asarray(
       self._rank(self.state, jax.tree.map(jnp.asarray, data), label_ids, label_mask, self._prefix(batch, b))
     )

@@ -20,8 +20,10 @@ thread loops:
 Prompts of every method share a call: each prompt is padded to the server's prompt slots (`Layout`; on the
 left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
 prompt's row, from the store's device cache (`serve.cache`; copied in from the host at admission when missing); the
-base alone is a row of masked slots. Programs compiled: one admission per batch bucket x length
-bucket, one generate step, and one classification per batch bucket x length bucket x label set.
+base alone is a row of masked slots. An adaption prompt's per-layer prompts and gates (padded to A slots with a
+mask) stay in its slot's cache and are attended to at every step; a templated prompt's rows (padded to V) go into
+the request's virtual tokens at prefill (`Prefix.template_embeds`). Programs compiled: one admission per batch
+bucket x length bucket, one generate step, and one classification per batch bucket x length bucket x label set.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxprompt.data import encoding
 from jaxprompt.inference import decoding
 from jaxprompt.models import kv as KV
 from jaxprompt.models.interface import Prefix
@@ -45,7 +46,19 @@ from jaxprompt.serve import logprobs as lp
 
 log = logging.getLogger(__name__)
 
-_AXIS = {"embeds": 0, "embeds_mask": 0, "keys": 1, "values": 1, "kv_mask": 0, "input_offset": 0}
+_AXIS = {
+  "embeds": 0,
+  "embeds_mask": 0,
+  "keys": 1,
+  "values": 1,
+  "kv_mask": 0,
+  "input_offset": 0,
+  "adaption": 0,
+  "adaption_gate": 0,
+  "adaption_on": 0,
+  "adaption_mask": 0,
+  "template_embeds": 0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +73,8 @@ class Layout:
   kv_shape: tuple[int, int, int]  # (layers, heads, head dim) of a key/value prefix
   offset: int  # s: a DePT offset's input positions (0: none)
   hidden: int
+  adaption: int = 0  # A: adaption prompt slots in every layer (0: none)
+  virtual: int = 0  # V: a prompt template's rows, placed at the input's virtual tokens (0: none)
 
 
 def layout_for(base, prompts, *, slots: int, input_length: int, max_new_tokens: int, prompt_slots: int = 0) -> Layout:
@@ -70,6 +85,9 @@ def layout_for(base, prompts, *, slots: int, input_length: int, max_new_tokens: 
   embeds = max([p.prefix.length for p in prompts] + [0 if as_kv else prompt_slots])
   kv = max([p.prefix.kv_length for p in prompts] + [prompt_slots])
   offset = max([p.prefix.input_offset.shape[1] for p in prompts if p.prefix.input_offset is not None] + [0])
+  # adaption room comes from the prompts loaded at start only: every step pays for it in every layer
+  adaption = max([p.prefix.adaption.shape[2] for p in prompts if p.prefix.adaption is not None] + [0])
+  virtual = max([p.prefix.embeds.shape[1] for p in prompts if p.prefix.at_slots] + [prompt_slots])
   s = base.prefix_slots()
   return Layout(
     slots=slots,
@@ -80,15 +98,22 @@ def layout_for(base, prompts, *, slots: int, input_length: int, max_new_tokens: 
     kv_shape=(len(s.layer_of), s.heads, s.head_dim),
     offset=offset,
     hidden=base.hidden_size,
+    adaption=adaption,
+    virtual=virtual,
   )
 
 
 def misfit(layout: Layout, prefix: Prefix) -> str | None:
   """Why a prompt's prefix does not fit the layout's prompt slots (None: it fits)."""
-  if prefix.adaption is not None or prefix.at_slots:
-    return "adaption prompts and prompt templates are not in decode slots yet (--scheduler static serves them)"
   offset = 0 if prefix.input_offset is None else prefix.input_offset.shape[1]
+  adaption = 0 if prefix.adaption is None else prefix.adaption.shape[2]
+  if adaption > layout.adaption:
+    return (
+      f"its {adaption} adaption slots are over this server's {layout.adaption} (the longest adaption prompt loaded "
+      "at start sets them: start it with this one loaded)"
+    )
   for what, n, room in (
+    ("template rows", prefix.embeds.shape[1] if prefix.at_slots else 0, layout.virtual),
     ("embedding positions", prefix.length, layout.embeds),
     ("key/value slots", prefix.kv_length, layout.kv),
     ("offset positions", offset, layout.offset),
@@ -100,19 +125,20 @@ def misfit(layout: Layout, prefix: Prefix) -> str | None:
 
 def prompt_row(layout: Layout, prefix: Prefix | None) -> Prefix | None:
   """One prompt as a row of the layout (batch 1, numpy): embeddings and keys/values left-padded with a mask, a
-  DePT offset right-padded with zeros; None: the base alone (every slot masked)."""
-  if not (layout.embeds or layout.kv or layout.offset):
+  DePT offset, template rows and adaption prompts right-padded (adaption slots with a mask); None: the base alone
+  (every slot masked)."""
+  if not (layout.embeds or layout.kv or layout.offset or layout.adaption or layout.virtual):
     return None
-  out = {}
+  out, h = {}, layout.hidden
   if layout.embeds:
-    e, m = np.zeros((1, layout.embeds, layout.hidden), np.float32), np.zeros((1, layout.embeds), np.int32)
-    if prefix is not None and prefix.embeds is not None:
+    e, m = np.zeros((1, layout.embeds, h), np.float32), np.zeros((1, layout.embeds), np.int32)
+    if prefix is not None and prefix.embeds is not None and not prefix.at_slots:
       p = prefix.length
       e[:, layout.embeds - p :], m[:, layout.embeds - p :] = np.asarray(prefix.embeds, np.float32), 1
     out.update(embeds=e, embeds_mask=m)
   if layout.kv:
-    y, h, d = layout.kv_shape
-    k, v = (np.zeros((y, 1, layout.kv, h, d), np.float32) for _ in range(2))
+    y, heads, d = layout.kv_shape
+    k, v = (np.zeros((y, 1, layout.kv, heads, d), np.float32) for _ in range(2))
     m = np.zeros((1, layout.kv), np.int32)
     if prefix is not None and prefix.keys is not None:
       p = prefix.kv_length
@@ -120,11 +146,35 @@ def prompt_row(layout: Layout, prefix: Prefix | None) -> Prefix | None:
       m[:, layout.kv - p :] = 1
     out.update(keys=k, values=v, kv_mask=m)
   if layout.offset:
-    o = np.zeros((1, layout.offset, layout.hidden), np.float32)
-    if prefix is not None and prefix.input_offset is not None:
-      o[:, : prefix.input_offset.shape[1]] = np.asarray(prefix.input_offset, np.float32)
-    out["input_offset"] = o
+    out["input_offset"] = _right((1, layout.offset, h), prefix.input_offset if prefix is not None else None)
+  if layout.virtual:
+    rows = prefix.embeds if prefix is not None and prefix.at_slots else None
+    out["template_embeds"] = _right((1, layout.virtual, h), rows)
+  if layout.adaption:
+    out.update(_adaption_row(layout, prefix))
   return Prefix(**out)
+
+
+def _right(shape: tuple, a) -> np.ndarray:
+  """Zeros of `shape` [1, n, ...] with `a` [1, m, ...] (m <= n; None: nothing) in its first m along axis 1."""
+  out = np.zeros(shape, np.float32)
+  if a is not None:
+    out[:, : a.shape[1]] = np.asarray(a, np.float32)
+  return out
+
+
+def _adaption_row(layout: Layout, prefix: Prefix | None) -> dict:
+  """A row's adaption prompts [1, Y, A, H] (right-padded), gates and switches [1, Y] and slot mask [1, A]; a prompt
+  of another method (or none) is switched off in every layer."""
+  y, a = layout.kv_shape[0], layout.adaption
+  ad, gate, on = np.zeros((1, y, a, layout.hidden), np.float32), np.zeros((1, y), np.float32), np.zeros((1, y))
+  on = on.astype(np.float32)
+  m = np.zeros((1, a), np.int32)
+  if prefix is not None and prefix.adaption is not None:
+    n = prefix.adaption.shape[2]
+    ad[:, :, :n], m[:, :n] = np.asarray(prefix.adaption, np.float32), 1
+    gate[:], on[:] = np.asarray(prefix.adaption_gate, np.float32), np.asarray(prefix.adaption_on)
+  return dict(adaption=ad, adaption_gate=gate, adaption_on=on, adaption_mask=m)
 
 
 def _stack(rows: tuple) -> Prefix | None:
@@ -236,10 +286,6 @@ class SlotBatcher:
   def __init__(self, engine, *, slots: int, prompt_slots: int = 0):
     self.engine = e = engine
     prompts = [p for p in map(e.store.get, e.store.names()) if p is not None]
-    for p in [p for p in prompts if p.prefix.adaption is not None or p.prefix.at_slots]:
-      log.warning("prompt %s not served: %s", p.name, misfit(None, p.prefix))
-      e.store.remove(p.name)
-      prompts.remove(p)
     self.layout = layout_for(
       e.base, prompts, slots=slots, input_length=e.lengths[-1], max_new_tokens=e.max_tokens, prompt_slots=prompt_slots
     )
@@ -448,22 +494,20 @@ class SlotBatcher:
   # -- classification --------------------------------------------------------------------------------------------
 
   def _classify(self, reqs: list) -> None:
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple, list] = {}  # one label set and one template (or none) a call: each encodes its inputs
     for r in reqs:
-      groups.setdefault(r.labels, []).append(r)
-    for labels, group in groups.items():
-      self._rank(labels, group)
+      template = r.prompt.template if r.prompt is not None else None
+      groups.setdefault((r.labels, template), []).append(r)
+    for (labels, template), group in groups.items():
+      self._rank(labels, template, group)
 
-  def _rank(self, labels: tuple, reqs: list) -> None:
+  def _rank(self, labels: tuple, template, reqs: list) -> None:
     e, n = self.engine, len(reqs)
     b = next(s for s in self.batch_sizes if s >= n)
     label_ids, label_mask = e.labels(labels)
     pad = list(reqs) + [reqs[0]] * (b - n)
     length = next(s for s in e.lengths if s >= max(len(r.tokens) for r in pad))
-    examples = [{"inputs": r.text, "targets": labels[0]} for r in pad]
-    data = encoding.encode(
-      e.base.batch_type, examples, e.tokenizer, input_length=length, target_length=label_ids.shape[1], name="classify"
-    )
+    data = e.classify_inputs(pad, labels, template, length, label_ids.shape[1])
     if e.metrics is not None:
       e.metrics.batch_size.observe(n)
       e.metrics.batches.inc()
