@@ -52,8 +52,8 @@ def pytest_collection_modifyitems(config, items):
   first = {}
   for i, item in enumerate(items):
     first.setdefault(item.nodeid.split("::")[0], i)
-  # a file stays in one piece and in its own order; unmeasured (new) files go first, as if heavy
-  items.sort(key=lambda it: (-seconds.get(it.nodeid.split("::")[0], 1e9), first[it.nodeid.split("::")[0]]))
+  # a file stays in one piece and in its own order; unmeasured files (light ones, or new) after the measured ones
+  items.sort(key=lambda it: (-seconds.get(it.nodeid.split("::")[0], 0.0), first[it.nodeid.split("::")[0]]))
 
 
 @pytest.fixture(scope="session")
