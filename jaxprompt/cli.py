@@ -23,6 +23,14 @@ def _init_distributed(args) -> None:
   distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
 
 
+def _run_args(p, fn) -> None:
+  """train / distill: CONFIG and --set, --workdir, --no-progress."""
+  _common(p)
+  p.add_argument("--workdir", help="output directory (default: runs/<config name>)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(fn=fn)
+
+
 def _run_to_workdir(args, run) -> int:
   """train / distill: a config (+ --set), a workdir (default runs/<config name>), the summary as one JSON line."""
   import jax
@@ -522,10 +530,7 @@ def _add_train_eval(sub) -> None:
       "Exit code 75 after a SIGTERM/SIGINT checkpoint (run the same command again to resume)."
     ),
   )
-  _common(p)
-  p.add_argument("--workdir", help="output directory (default: runs/<config name>)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.set_defaults(fn=cmd_train)
+  _run_args(p, cmd_train)
   p = sub.add_parser(
     "eval",
     help="evaluate a trained prompt (or an ensemble of prompts) on the eval split",
@@ -578,10 +583,7 @@ def _add_distill(sub) -> None:
       "need the context and a query in one sequence)."
     ),
   )
-  _common(p)
-  p.add_argument("--workdir", help="output directory (default: runs/<config name>)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.set_defaults(fn=cmd_distill)
+  _run_args(p, cmd_distill)
 
 
 def _add_export_inspect(sub) -> None:

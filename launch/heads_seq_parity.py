@@ -36,26 +36,12 @@ PROMPTS = {
 }
 
 
-class _Recorded:
-  """A batch stream that keeps each batch it hands out."""
-
-  def __init__(self, stream, fed: list):
-    self._stream, self._fed = stream, fed
-
-  def __next__(self):
-    batch = next(self._stream)
-    self._fed.append(batch)
-    return batch
-
-  def __getattr__(self, name):
-    return getattr(self._stream, name)
-
-
 def ours(args, seed: int, workdir: Path):
   """jaxprompt's run -> (initial state's prompt tree, per-step losses, batches, dev accuracy)."""
   import jax
 
   from jaxprompt import api, sharding
+  from jaxprompt.data.pipeline import Recorded
   from jaxprompt.run import build_run
   from jaxprompt.training.trainer import Trainer
 
@@ -75,7 +61,7 @@ def ours(args, seed: int, workdir: Path):
   trainer = Trainer(run, workdir, data, progress=False)
   fed: list = []
   stream = trainer._stream
-  trainer._stream = lambda state: _Recorded(stream(state), fed)
+  trainer._stream = lambda state: Recorded(stream(state), fed)
   try:
     state = trainer.initial_state()
     initial = jax.tree.map(np.asarray, state.prompt)

@@ -43,6 +43,7 @@ import torch
 from flax import nnx
 
 from jaxprompt import config as C
+from jaxprompt.data.pipeline import Recorded
 from jaxprompt.models.loading import save_pretrained
 from jaxprompt.run import build_run
 from jaxprompt.training.trainer import Trainer
@@ -120,21 +121,6 @@ class Ours:
   run: object
 
 
-class _Recorded:
-  """The trainer's batch stream, keeping each batch it hands the loop (everything else passes through)."""
-
-  def __init__(self, stream, fed: list):
-    self._stream, self._fed = stream, fed
-
-  def __next__(self):
-    batch = next(self._stream)
-    self._fed.append(batch)
-    return batch
-
-  def __getattr__(self, name):
-    return getattr(self._stream, name)
-
-
 _BASES: dict = {}  # loaded base models, shared by the two methods' runs (as `jaxprompt sweep` shares them)
 
 
@@ -143,7 +129,7 @@ def _train_ours(cfg: C.Config, workdir) -> Ours:
   trainer = Trainer(run, workdir, train_data, progress=False)
   fed: list = []
   stream = trainer._stream
-  trainer._stream = lambda state: _Recorded(stream(state), fed)
+  trainer._stream = lambda state: Recorded(stream(state), fed)
   try:
     state = trainer.initial_state()
     initial = jax.tree.map(np.asarray, state.prompt)
@@ -191,21 +177,29 @@ def _peft_model(base, method: str, ours: Ours, task_type: str = "CAUSAL_LM"):
   return model
 
 
-def _train_peft(model, batches) -> list[float]:
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD)
+def _torch_loop(model, batches, loss_of) -> list[float]:
+  """The plain PyTorch loop both sides are checked against: AdamW, the warmup/decay schedule, a loss per batch."""
+  opt = torch.optim.AdamW(
+    [p for p in model.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD
+  )
   sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor)
   losses = []
   model.train()
   for batch in batches:
-    inputs = {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.hf_inputs().items()}
-    loss = model(**inputs).loss
+    loss = loss_of(model, batch)
     loss.backward()
     opt.step()
     sched.step()
     opt.zero_grad()
     losses.append(loss.item())
   return losses
+
+
+def _train_peft(model, batches) -> list[float]:
+  def loss_of(model, batch):
+    return model(**{k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.hf_inputs().items()}).loss
+
+  return _torch_loop(model, batches, loss_of)
 
 
 def _silent_units(mlp: dict, x: np.ndarray) -> list[np.ndarray]:
@@ -314,18 +308,7 @@ def _last_real_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train_peft_classifier(model, batches) -> list[float]:
-  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=1e-8, weight_decay=WD)
-  sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor)
-  losses = []
-  model.train()
-  for batch in batches:
-    loss = torch.nn.functional.cross_entropy(*_last_real_logits(model, batch))
-    loss.backward()
-    opt.step()
-    sched.step()
-    opt.zero_grad()
-    losses.append(loss.item())
-  return losses
+  return _torch_loop(model, batches, lambda m, b: torch.nn.functional.cross_entropy(*_last_real_logits(m, b)))
 
 
 @pytest.mark.parametrize("method", list(METHODS))

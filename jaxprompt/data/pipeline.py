@@ -93,6 +93,22 @@ def _pow2(n: int, least: int) -> int:
   return max(least, 1 << (n - 1).bit_length())
 
 
+class Recorded:
+  """A batch stream that keeps each batch it hands out in `fed` (everything else passes through): what a parity
+  check replays through another framework (tests/test_trajectory.py, launch/heads_seq_parity.py)."""
+
+  def __init__(self, stream, fed: list):
+    self._stream, self._fed = stream, fed
+
+  def __next__(self):
+    batch = next(self._stream)
+    self._fed.append(batch)
+    return batch
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 class BatchStream:
   """Endless shuffled global batches; `position` (batches consumed) is all that resuming needs."""
 
