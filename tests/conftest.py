@@ -31,10 +31,35 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+
+def _cache_writes_from_the_main_thread_only():
+  """Programs compiled in other threads (the serving engine's loop, the ASGI server's worker threads) are not
+  written to the persistent cache. jax 0.10.2 on CPU crashed twice (SIGSEGV, CI of stop 33 and once here) inside
+  `executable.serialize()` of a cache write made from the in-process server's thread while the test's own thread
+  ran other programs; a dead xdist worker then left the run hanging. Reads still happen; the only cost is that
+  those programs compile again in the next process. Skipped if jax moves the function."""
+  import threading
+
+  from jax._src import compilation_cache
+
+  put = getattr(compilation_cache, "put_executable_and_time", None)
+  if put is None:
+    return
+
+  def put_from_main_thread(*args, **kwargs):
+    if threading.current_thread() is threading.main_thread():
+      return put(*args, **kwargs)
+    return None
+
+  compilation_cache.put_executable_and_time = put_from_main_thread
+
+
+_cache_writes_from_the_main_thread_only()
+
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 # Test files, heaviest first (seconds of one full run, tests/file_seconds.json, written by
-# `python tools/file_seconds.py LOG` from a `pytest --durations=0` log). pytest-xdist's --dist loadfile hands files
+# `python .ci/file_seconds.py LOG` from a `pytest --durations=0` log). pytest-xdist's --dist loadfile hands files
 # out in collection order; longest-first keeps both workers busy to the end instead of leaving one long file (the
 # quickstart's training run has 2 tests, so xdist's own "most tests first" order put it last) running alone.
 _FILE_SECONDS = ROOT / "tests" / "file_seconds.json"
