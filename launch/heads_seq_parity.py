@@ -41,9 +41,8 @@ def ours(args, seed: int, workdir: Path):
   import jax
 
   from jaxprompt import api, sharding
-  from jaxprompt.data.pipeline import Recorded
   from jaxprompt.run import build_run
-  from jaxprompt.training.trainer import Trainer
+  from jaxprompt.training.trainer import fit_recorded
 
   overrides = {f"prompt.{k}": v for k, v in PROMPTS[args.method].items()}
   overrides |= {
@@ -58,19 +57,8 @@ def ours(args, seed: int, workdir: Path):
   }
   cfg = api.load_config(CONFIG, overrides)
   run, data = build_run(cfg, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
-  trainer = Trainer(run, workdir, data, progress=False)
-  fed: list = []
-  stream = trainer._stream
-  trainer._stream = lambda state: Recorded(stream(state), fed)
-  try:
-    state = trainer.initial_state()
-    initial = jax.tree.map(np.asarray, state.prompt)
-    state = trainer.fit(state)
-  finally:
-    trainer.close()
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  losses = [r["loss"] for r in rows if r.get("kind") == "train"]
-  return initial, losses, fed, float(state.best.value)
+  fit = fit_recorded(run, workdir, data)
+  return fit.initial, fit.losses, fit.batches, float(fit.state.best.value)
 
 
 def peft_model(initial: dict, length: int):

@@ -34,7 +34,6 @@ objective, which PEFT's cross-entropy does not have.
 """
 
 import dataclasses
-import json
 
 import jax
 import numpy as np
@@ -43,10 +42,9 @@ import torch
 from flax import nnx
 
 from jaxprompt import config as C
-from jaxprompt.data.pipeline import Recorded
 from jaxprompt.models.loading import save_pretrained
 from jaxprompt.run import build_run
-from jaxprompt.training.trainer import Trainer
+from jaxprompt.training.trainer import fit_recorded
 from tests.helpers import one_device
 
 pytest.importorskip("peft")
@@ -126,19 +124,8 @@ _BASES: dict = {}  # loaded base models, shared by the two methods' runs (as `ja
 
 def _train_ours(cfg: C.Config, workdir) -> Ours:
   run, train_data = build_run(cfg, mesh=one_device(), bases=_BASES)
-  trainer = Trainer(run, workdir, train_data, progress=False)
-  fed: list = []
-  stream = trainer._stream
-  trainer._stream = lambda state: Recorded(stream(state), fed)
-  try:
-    state = trainer.initial_state()
-    initial = jax.tree.map(np.asarray, state.prompt)
-    state = trainer.fit(state)
-  finally:
-    trainer.close()
-  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  losses = [r["loss"] for r in logged if r.get("kind") == "train"]
-  return Ours(initial, jax.tree.map(np.asarray, state.prompt), losses, fed, run)
+  fit = fit_recorded(run, workdir, train_data)
+  return Ours(fit.initial, jax.tree.map(np.asarray, fit.state.prompt), fit.losses, fit.batches, run)
 
 
 def _torch_base(run, model_path, tmp_path):

@@ -95,7 +95,7 @@ def _pow2(n: int, least: int) -> int:
 
 class Recorded:
   """A batch stream that keeps each batch it hands out in `fed` (everything else passes through): what a parity
-  check replays through another framework (tests/test_trajectory.py, launch/heads_seq_parity.py)."""
+  check replays through another framework (`training.trainer.fit_recorded`)."""
 
   def __init__(self, stream, fed: list):
     self._stream, self._fed = stream, fed

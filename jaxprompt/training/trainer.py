@@ -19,12 +19,13 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
 from jaxprompt.batches import concat_rows
 from jaxprompt.checkpoint import Checkpointer, abstract_like, selection_mode
-from jaxprompt.data.pipeline import BatchStream, MixtureStream, Packing, mixing_rates
+from jaxprompt.data.pipeline import BatchStream, MixtureStream, Packing, Recorded, mixing_rates
 from jaxprompt.errors import CheckpointError, ConfigError, WorkdirError
 from jaxprompt.evaluation.evaluator import evaluator_for
 from jaxprompt.prompts import registry
@@ -35,7 +36,7 @@ from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.results import EvalResult, TrainResult
 from jaxprompt.training.state import TrainState
 from jaxprompt.training.step import make_packing, make_train_step
-from jaxprompt.training.tracking import MetricsLog, plot_curves
+from jaxprompt.training.tracking import MetricsLog, plot_curves, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +352,33 @@ class Trainer:
       hook.close()
     self.ckpt.close()
     self.mlog.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedFit:
+  """A run from scratch as a parity check replays it through another framework."""
+
+  initial: dict  # the prompt's parameters before the first step (numpy)
+  state: TrainState  # after the last step
+  losses: list[float]  # per logged step, as metrics.jsonl holds them
+  batches: list  # the host batches the stream fed, in order
+
+
+def fit_recorded(run: Run, workdir: Path, data: TaskData) -> RecordedFit:
+  """Train `run` in `workdir` from its initial state, recording every batch fed and the initial prompt
+  (tests/test_trajectory.py and launch/heads_seq_parity.py replay them through PyTorch)."""
+  trainer = Trainer(run, workdir, data, progress=False)
+  fed: list = []
+  stream = trainer._stream
+  trainer._stream = lambda state: Recorded(stream(state), fed)
+  try:
+    state = trainer.initial_state()
+    initial = jax.tree.map(np.asarray, state.prompt)
+    state = trainer.fit(state)
+  finally:
+    trainer.close()
+  losses = [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if r.get("kind") == "train"]
+  return RecordedFit(initial, state, losses, fed)
 
 
 def train(
