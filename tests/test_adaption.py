@@ -1,10 +1,11 @@
 """Adaption prompts (LLaMA-Adapter, PEFT's ADAPTION_PROMPT): adapters PEFT made on a tiny Llama (GQA), a Llama with
 attention biases (o_proj's bias reaches the adapter's output, as in PEFT) and GPT-2 (no o-projection there) give
 PEFT's logits; a fresh adaption prompt leaves the base as it was (zero gate); training here moves only the prompts
-and gates, resumes exactly, and exports to PEFT with our logits and greedy generations; served prompts generate
-what `generate` does; T5 and PEFT-less model types are refused in one line."""
+and gates, resumes exactly, and exports to PEFT with our logits and greedy generations; served prompts (both
+schedulers) generate what `generate` does; T5 and PEFT-less model types are refused in one line."""
 
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -181,6 +182,7 @@ def test_the_peft_export_gives_our_logits_and_greedy_generations(byte_llama, tra
 
 def test_served_adaption_prompts_generate_what_generate_does(byte_llama, trained, tmp_path):
   openai = pytest.importorskip("openai")
+  from jaxprompt.serve.engine import Engine, Request
   from jaxprompt.serve.server import build, serving
 
   root, out = trained
@@ -190,12 +192,33 @@ def test_served_adaption_prompts_generate_what_generate_does(byte_llama, trained
   export_prompt(root / "split", "peft", prompts / "other", step=3)  # a second one: a bank of two in one batch
   app, engine, problems = build(str(byte_llama), prompts=str(prompts), max_batch=4, max_tokens=8, max_input_tokens=32)
   assert problems == []
-  with serving(app) as url:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    for name, src in (("mine", prompts / "mine.safetensors"), ("other", prompts / "other")):
-      want = inference.generate_text(engine.base, engine.tokenizer, TEXTS, [load_prompt_source(src)], max_new_tokens=6)
-      got = client.completions.create(model=name, prompt=TEXTS, max_tokens=6, temperature=0)
-      assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [r["output"] for r in want]
+  static = Engine(engine.base, engine.tokenizer, engine.store, scheduler="static", max_batch=4, max_tokens=8)
+  static.start()  # the static batcher: the prompts' keys/values stacked in a bank
+  try:
+    with serving(app) as url:
+      client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+      for name, src in (("mine", prompts / "mine.safetensors"), ("other", prompts / "other")):
+        tp = load_prompt_source(src)
+        want = [
+          r["output"] for r in inference.generate_text(engine.base, engine.tokenizer, TEXTS, [tp], max_new_tokens=6)
+        ]
+        got = client.completions.create(model=name, prompt=TEXTS, max_tokens=6, temperature=0)
+        assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
+        prompt, results = engine.store.get(name), [[] for _ in TEXTS]
+        texts = [inference.model_input(prompt.record, t) for t in TEXTS]
+        pairs = zip(texts, results, strict=True)
+        static.submit([Request("complete", prompt, t, engine.encode(t), r.append, max_tokens=6) for t, r in pairs])
+        assert all(_waited(r) for r in results) and [r[0]["text"] for r in results] == want
+  finally:
+    static.stop()
+
+
+def _waited(out: list, seconds: float = 120) -> bool:
+  """Has a request's on_done (out.append) been called within `seconds`?"""
+  deadline = time.monotonic() + seconds
+  while not out and time.monotonic() < deadline:
+    time.sleep(0.05)
+  return bool(out)
 
 
 def test_peft_less_model_types_are_refused_in_one_line(trained, tmp_path, capsys):

@@ -89,6 +89,12 @@ def test_mixed_prompts_lengths_methods_and_max_tokens_each_equal_generate_greedy
   )
   assert problems == [] and engine.slots is not None  # every method in decode slots (the default scheduler)
   assert len(names) == 20 and sorted(set(lengths.values())) == [1, 2, 3, 4, 6]
+  if engine.base.supports_adaption:  # adaption prompts are kept, and travel per slot, as keys/values [Y, N, A, K, D]
+    s = engine.base.prefix_slots()
+    held = engine.store.get("adapt1").prefix
+    assert held.adaption is None and held.adaption_keys.shape == (s.layers, 1, 4, s.heads, s.head_dim)
+    keys, values, *_ = engine.slots.state["cache"].adaption
+    assert keys.shape == values.shape == (s.layers, 8, 4, s.heads, s.head_dim)
   want = {n: _greedy(engine, tmp_path / "prompts", n, 6) for n in names + [None]}
   # 64 requests over 20 prompts (5 lengths, every method) and the base, max_tokens 1..6, through 8 slots
   jobs = [(n, i % len(TEXTS), 1 + (i * 5) % 6) for i, n in enumerate(((names + [None]) * 4)[:64])]

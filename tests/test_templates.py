@@ -293,6 +293,27 @@ def test_generate_on_the_command_line_takes_fields(byte_llama, bases, tmp_path, 
   assert "--fields: input 0 is not a JSON object" in capsys.readouterr().err
 
 
+def test_a_file_whose_rows_do_not_fill_its_template_is_refused_at_load(tmp_path):
+  """A .npy (its record beside it) or .safetensors (its record inside) of 3 rows for a template of 4 virtual tokens:
+  one line naming the file and both counts, when it is loaded (not a shape error later, nor rows placed wrong)."""
+  from jaxprompt.errors import PromptError
+  from jaxprompt.models import hf
+
+  rows = np.zeros((3, 8), np.float32)
+  npy = _write_prompt(tmp_path, "short", rows, DIGITS)
+  st = tmp_path / "short.safetensors"
+  record = json.dumps({"prompt_spec": {"method": "prompt_tuning", "template": DIGITS}})
+  hf.save_safetensors({"prompt_embeddings": rows}, st, metadata={"format": "pt", "jaxprompt": record})
+  for path in (npy, st):
+    with pytest.raises(PromptError) as e:
+      load_prompt_source(path)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message
+    assert f"holds 3 prompt rows, but its template {DIGITS!r} has 4 virtual token slots" in message
+  np.save(npy, np.zeros((4, 8), np.float32))  # one row per slot loads
+  assert load_prompt_source(npy).value.shape == (4, 8)
+
+
 def test_a_prompt_trained_in_front_starts_a_templated_run(bases, tmp_path):
   from jaxprompt.prompts import methods
 
@@ -321,12 +342,26 @@ def test_a_served_templated_prompt_lays_out_each_requests_fields(byte_llama, bas
   texts = ["3 1 4", "9 2 6 5 3 5 8"]
   cut = [r[: r.index(TOK.eos_token_id)] if TOK.eos_token_id in r else r for r in _greedy_by_hand(base, texts, rows, 5)]
   want = [TOK.decode(r, skip_special_tokens=True) for r in cut]
-  app, engine, problems = build(str(byte_llama), prompts=str(tmp_path), name="base", max_tokens=16, max_input_tokens=64)
+  app, engine, problems = build(
+    str(byte_llama), prompts=str(tmp_path), name="base", max_tokens=16, max_input_tokens=64, admin_token="t"
+  )
   assert problems == []
+  # a file whose rows do not fill its template: skipped from a prompts folder, a 400 over the admin API, both
+  # naming the file and the counts
+  (tmp_path / "bad").mkdir()
+  short = _write_prompt(tmp_path / "bad", "short", rows[:3], DIGITS)
+  why = f"{short}: holds 3 prompt rows, but its template {DIGITS!r} has 4 virtual token slots"
+  assert [why in line for line in engine.store.load_dir(tmp_path / "bad")] == [True]
   with serving(app) as url:
 
     def post(endpoint, **body):
       return httpx.post(f"{url}/v1/{endpoint}", json=body, timeout=120)
+
+    added = httpx.post(
+      f"{url}/v1/prompts", json={"name": "short", "path": str(short)}, headers={"Authorization": "Bearer t"}
+    )
+    assert added.status_code == 400 and why in added.json()["error"]["message"]
+    assert added.json()["error"]["param"] == "path" and "short" not in engine.store.names()
 
     got = post("completions", model="tmpl", prompt=[texts[0], {"digits": texts[1]}], max_tokens=5, temperature=0)
     assert [c["text"] for c in sorted(got.json()["choices"], key=lambda c: c["index"])] == want

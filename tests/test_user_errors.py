@@ -161,6 +161,14 @@ def test_generate_with_several_inputs(byte_t5, capsys):
   assert len(out) == 2
 
 
+def test_generate_with_a_file_whose_rows_do_not_fill_its_template_is_one_line(byte_t5, tmp_path, capsys):
+  template = "[P:2] {text} [P:3]"
+  np.save(tmp_path / "p.npy", np.zeros((4, 8), np.float32))  # 4 rows for 5 virtual tokens
+  (tmp_path / "p.json").write_text(json.dumps({"prompt_spec": {"method": "prompt_tuning", "template": template}}))
+  err = _err(capsys, ["generate", "--model", byte_t5, "--prompt", tmp_path / "p.npy", "--input", "1 2"])
+  assert f"{tmp_path / 'p.npy'}: holds 4 prompt rows, but its template {template!r} has 5 virtual token slots" in err
+
+
 def test_eval_of_a_workdir_uses_its_recorded_config(trained, tmp_path, capsys):
   cfg, w = trained
   assert yaml.safe_load((w / "config.yaml").read_text())["prompt"]["length"] == 4

@@ -379,8 +379,9 @@ class DecoderBlock(nnx.Module):
 class DecoderCache:
   """Cached decoding state: k/v [Y, B, S, K, D] for S slots, key_mask [B, S] (1 = a real token's slot),
   next_pos [B] (the position of the first generated token: the row's count of real prefix slots) and
-  start (the slot of the first generated token); `adaption`: the rows' adaption prompts (`Prefix.adaption_rows`,
-  batch-major), which every decoding step attends to again."""
+  start (the slot of the first generated token); `adaption`: the rows' adaption prompts' keys/values, gates and
+  masks (`Prefix.adaption_rows`: keys/values layers first, the rest batch-major), projected once at prefill and
+  attended to by every decoding step."""
 
   k: jax.Array
   v: jax.Array
@@ -433,7 +434,7 @@ class Decoder(FrozenLM):
   ) -> jax.Array:
     """-> final hidden states [B, L, H] (`logits` maps them to the vocabulary); arguments as `__call__`, and
     `prefix_kv` (keys, values) [Y, B, P, K, D]: P slots in front of every layer's keys, the tokens at P..;
-    `adaption`: adaption prompts (`Prefix.adaption_rows`)."""
+    `adaption`: adaption prompts' keys/values (`Prefix.adaption_rows`)."""
     x, attention_mask = self.input_embeddings(input_ids, attention_mask, inputs_embeds)
     b, n = x.shape[:2]
     pk = 0 if prefix_kv is None else prefix_kv[0].shape[2]
@@ -475,8 +476,8 @@ class Decoder(FrozenLM):
     """x [B, L, H], positions [B, L], key_mask [B, S], q_index [L] or [B, L] (the slots of the queries), `kv` the
     other keys and values every layer attends to (`models.kv`: none; a prefix's P slots, S = P + L; or a cache of S
     slots the new keys/values are written into at `index`), masked by slot (causal, padding, sliding window) as
-    transformers masks by cache position; `adaption` (prompts [B, Y, A, H], gates [B, Y], on [B, Y], mask [B, Y, A])
-    or None -> (final hidden states [B, L, H], the updated cache or None)."""
+    transformers masks by cache position; `adaption` (`Prefix.adaption_rows`: keys/values [Y, B, A, K, D], gates
+    [B, Y], on [B, Y], mask [B, Y, A]) or None -> (final hidden states [B, L, H], the updated cache or None)."""
     cfg = self.config
     rate = cfg.dropout_rate
     rngs = L.split_rng(dropout_rng, 2)
@@ -492,7 +493,11 @@ class Decoder(FrozenLM):
     act = L.activation(cfg.hidden_act)
     cached = isinstance(kv, KV.Cached)
     per_layer = dict(window=jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_hidden_layers, jnp.int32), kv=kv)
-    per_layer["adaption"] = None if adaption is None else tuple(jnp.moveaxis(a, 1, 0) for a in adaption)
+    if adaption is not None:  # keys/values come layers first; the gates, switches and masks batch-major
+      k, v, *rest = adaption
+      per_layer["adaption"] = (k, v, *(jnp.moveaxis(a, 1, 0) for a in rest))
+    else:
+      per_layer["adaption"] = None
 
     def layer(p, x, rng, xs):
       r = L.split_rng(rng, 3)
@@ -528,6 +533,17 @@ class Decoder(FrozenLM):
     return self._norm(x, p, "final_norm"), written
 
   # -- prompted entry points (models.interface.PromptableLM) ------------------------------------
+
+  def adaption_kv(self, prefix: Prefix | None) -> Prefix | None:
+    if prefix is None or prefix.adaption is None:
+      return prefix
+    p = L.arrays(self.layers)["attn"]  # every layer's k/v projections, stacked
+    k, v = KV.adaption_keys_values(p, prefix.adaption.astype(self.dtype))
+    return prefix.replace(adaption=None, adaption_keys=k, adaption_values=v)
+
+  def _adaption(self, prefix: Prefix, batch_size: int) -> tuple | None:
+    """The rows' adaption prompts as the layers take them (`Prefix.adaption_rows`), projected here if need be."""
+    return self.adaption_kv(prefix).adaption_rows(batch_size)
 
   def shared_prompt(
     self, prefix: Prefix | None, batch_size: int, dropout_rng=None
@@ -582,7 +598,7 @@ class Decoder(FrozenLM):
     if decoder_input_ids is not None or decoder_attention_mask is not None:
       raise ValueError("a decoder-only model takes no decoder_input_ids / decoder_attention_mask")
     x, m = self.input_embeddings(input_ids, attention_mask, inputs_embeds, prefix)
-    kv, ad = (prefix.kv(x.shape[0]), prefix.adaption_rows(x.shape[0])) if prefix is not None else (None, None)
+    kv, ad = (prefix.kv(x.shape[0]), self._adaption(prefix, x.shape[0])) if prefix is not None else (None, None)
     return self.logits(
       self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, adaption=ad, dropout_rng=dropout_rng)
     )
@@ -594,7 +610,7 @@ class Decoder(FrozenLM):
     # an input offset (DePT) reaches the input tokens only, not the target after them
     inputs = jnp.sum(batch.input_mask, axis=1)
     x, m = self.input_embeddings(batch.tokens, batch.token_mask, prefix=prefix, offset_tokens=inputs)
-    kv, ad = (prefix.kv(batch.size), prefix.adaption_rows(batch.size)) if prefix is not None else (None, None)
+    kv, ad = (prefix.kv(batch.size), self._adaption(prefix, batch.size)) if prefix is not None else (None, None)
     h = self.hidden(inputs_embeds=x, attention_mask=m, prefix_kv=kv, adaption=ad, dropout_rng=dropout_rng)
     if last is not None:  # the shared prompt's last position stands in front, as the per-row prompt's would
       h = jnp.concatenate([jnp.broadcast_to(last[:, None].astype(h.dtype), (h.shape[0], 1, h.shape[2])), h], 1)
@@ -715,7 +731,7 @@ class Decoder(FrozenLM):
     real = jnp.ones((b, 0), mask.dtype) if prefix is None else prefix.kv_real(b).astype(mask.dtype)  # [B, P]
     key_mask = jnp.concatenate([real, mask, jnp.ones((b, max_new_tokens), mask.dtype)], 1)
     cache = self.init_cache(b, pk + n + max_new_tokens).replace(key_mask=key_mask)  # [B, S] slots
-    cache = cache.replace(adaption=prefix.adaption_rows(b) if prefix is not None else None)
+    cache = cache.replace(adaption=self._adaption(prefix, b) if prefix is not None else None)
     k, v = KV.fill_prefix(cache.k, cache.v, prefix, b)
     cache = cache.replace(k=k, v=v)
     p0 = jnp.sum(real, axis=1, keepdims=True)  # [B, 1]: the row's real prefix slots, where its tokens' positions start
@@ -761,7 +777,7 @@ class Decoder(FrozenLM):
       v=cache.v[:, origin],
       key_mask=cache.key_mask[origin],
       next_pos=cache.next_pos[origin],
-      adaption=None if cache.adaption is None else tuple(a[origin] for a in cache.adaption),
+      adaption=None if cache.adaption is None else tuple(jnp.take(a, origin, _batch_axis(a)) for a in cache.adaption),
     )
 
 

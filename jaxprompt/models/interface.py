@@ -58,6 +58,9 @@ class Prefix:
     its own, over the A keys/values the layer's own k/v projections make of adaption[:, y] (no rotary embedding, no
     mask), scaled by the gate, and that output (o-projected as the model's PEFT counterpart does) is added to the
     layer's attention output (`models.kv.adaption_attention`); models with `supports_adaption` only.
+  adaption_keys, adaption_values: [Y, B|1, A, K, D] those keys/values, projected once (`FrozenLM.adaption_kv`,
+    `models.kv.adaption_keys_values`) in place of `adaption`: input-independent, what a server keeps per prompt and
+    per decode slot, and what a model's layers read (the gate and switch fields as above).
   adaption_mask: [B|1, A] (1 = real) when rows carry adaption prompts of different lengths padded to one A (a
     server's decode slots); None when every slot is real. Masked slots take no part in the adaption softmax.
   at_slots: `embeds` go into the input's virtual tokens (ids -1-k take row k; a prompt template), not in front: the
@@ -80,25 +83,35 @@ class Prefix:
   adaption: jax.Array | None = None
   adaption_gate: jax.Array | None = None
   adaption_on: jax.Array | None = None
+  adaption_keys: jax.Array | None = None
+  adaption_values: jax.Array | None = None
   adaption_mask: jax.Array | None = None
   template_embeds: jax.Array | None = None
   at_slots: bool = struct.field(pytree_node=False, default=False)
   embeds_mask: jax.Array | None = None
   kv_mask: jax.Array | None = None
 
-  def adaption_rows(self, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None:
-    """(adaption [B, Y, A, H], gate [B, Y], on [B, Y], mask [B, Y, A]) for `batch_size` rows, or None."""
-    if self.adaption is None:
+  @property
+  def adaption_length(self) -> int:
+    """Adaption prompt slots A in every layer (as embeddings or keys/values; 0: none)."""
+    if self.adaption_keys is not None:
+      return self.adaption_keys.shape[2]
+    return 0 if self.adaption is None else self.adaption.shape[2]
+
+  def adaption_rows(self, batch_size: int) -> tuple | None:
+    """(keys, values [Y, B, A, K, D], gate [B, Y], on [B, Y], mask [B, Y, A]) for `batch_size` rows, or None: what
+    a model's layers (and a decoding cache) take. The keys/values must be projected (`FrozenLM.adaption_kv`)."""
+    if self.adaption is not None:
+      raise ValueError("adaption prompts reach the layers as keys/values: project them first (FrozenLM.adaption_kv)")
+    if self.adaption_keys is None:
       return None
-    y, a = self.adaption.shape[1:3]
+    y, _, a = self.adaption_keys.shape[:3]
     mask = jnp.ones((1, a), jnp.int32) if self.adaption_mask is None else self.adaption_mask.astype(jnp.int32)
-    parts = (
-      self.adaption,
-      self.adaption_gate,
-      self.adaption_on,
-      jnp.broadcast_to(mask[:, None], (mask.shape[0], y, a)),
-    )
-    return tuple(jnp.broadcast_to(x, (batch_size,) + x.shape[1:]) for x in parts)
+    kv = [
+      jnp.broadcast_to(x, x.shape[:1] + (batch_size,) + x.shape[2:]) for x in (self.adaption_keys, self.adaption_values)
+    ]
+    rows = (self.adaption_gate, self.adaption_on, jnp.broadcast_to(mask[:, None], (mask.shape[0], y, a)))
+    return (*kv, *(jnp.broadcast_to(x, (batch_size,) + x.shape[1:]) for x in rows))
 
   @property
   def length(self) -> int:
@@ -287,6 +300,11 @@ class PromptableLM(Protocol):
     `Decoder.shared_prompt`) -> (the prefix to use, the prompt's last final hidden state or None); T5's encoder is
     bidirectional, so there it returns the prefix unchanged."""
 
+  def adaption_kv(self, prefix: Prefix | None) -> Prefix | None:
+    """The prefix with its adaption prompts (`Prefix.adaption`) replaced by their keys/values at every layer
+    (`Prefix.adaption_keys` / `adaption_values`, `models.kv.adaption_keys_values`): input-independent, so computed
+    once per call (or once per served prompt) and only attended to afterwards. Unchanged without them."""
+
   def score_packed(self, batch, prompts: jax.Array | None, *, dropout_rng=None):
     """`score_targets` of a packed batch (`batches.PackedSeq2SeqBatch`), where `supports_packing`."""
 
@@ -459,6 +477,12 @@ class FrozenLM(nnx.Module):
   @property
   def attention(self) -> str:
     return self.options.attention
+
+  def adaption_kv(self, prefix: Prefix | None) -> Prefix | None:
+    """No adaption prompts here (`supports_adaption` False): the prefix as it is, refused if it carries any."""
+    if prefix is not None and prefix.adaption_length:
+      raise ModelError(f"{type(self).__name__} takes no adaption prompts (supports_adaption is False)")
+    return prefix
 
   def shared_prompt(self, prefix: Prefix | None, batch_size: int, dropout_rng=None):
     """Nothing to share (see `PromptableLM.shared_prompt`): the prefix as it is."""

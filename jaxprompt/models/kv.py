@@ -106,17 +106,31 @@ def fill_prefix(keys: jax.Array, values: jax.Array, prefix, batch_size: int, rep
   return write_rows(keys, pk, 0), write_rows(values, pv, 0)
 
 
+def adaption_keys_values(p: dict, prompt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Adaption prompts' keys/values (PEFT's AdaptedAttention): the layers' own k/v projections `p` (k/v [Y, H, K, D],
+  optional k_bias / v_bias [Y, K, D]: every layer's, stacked) of the raw prompts [B, Y, A, H] — not normed, no rotary
+  embedding — in the prompts' dtype -> (keys, values) [Y, B, A, K, D]. A prompt's keys/values depend on nothing
+  else: a model computes them once per call (`FrozenLM.adaption_kv`), a server once per prompt."""
+
+  def one(w, bias, x):  # one layer: x [B, A, H]
+    return L.project_qkv(x, w, bias)
+
+  per_layer = jnp.moveaxis(prompt, 1, 0)  # [Y, B, A, H]
+  k = jax.vmap(one)(p["k"], p.get("k_bias"), per_layer)
+  v = jax.vmap(one)(p["v"], p.get("v_bias"), per_layer)
+  return k, v
+
+
 def adaption_attention(p: dict, q: jax.Array, adaption: tuple, *, project_out: bool) -> jax.Array:
   """An adaption prompt's attention (PEFT's AdaptedAttention, LLaMA-Adapter): queries q [B, L, N, D] (rotary
-  embedding applied) over the keys/values the layer's own k/v projections (biases included) make of the prompt
-  [B, A, H] — no rotary embedding, no mask, a softmax of its own in float32 with scores / sqrt(D) — times the gate
-  [B]; query head n reads key/value head n // (N / K). -> [B, L, H]: o-projected (bias included) where PEFT does
-  (`project_out`; GPT-2: not), times `on` [B] (0: a layer without an adaption prompt). `mask` [B, A] (1 = real):
-  rows whose prompts were padded to one A (a server's decode slots) leave their padding out of the softmax."""
-  prompt, gate, on, mask = adaption
-  prompt = prompt.astype(q.dtype)
-  k = L.project_qkv(prompt, p["k"], p.get("k_bias"))  # [B, A, K, D]
-  v = L.project_qkv(prompt, p["v"], p.get("v_bias"))
+  embedding applied) over the prompt's keys/values [B, A, K, D] (`adaption_keys_values`: no rotary embedding) — no
+  mask, a softmax of its own in float32 with scores / sqrt(D) — times the gate [B]; query head n reads key/value
+  head n // (N / K). -> [B, L, H]: o-projected (bias included) where PEFT does (`project_out`; GPT-2: not), times
+  `on` [B] (0: a layer without an adaption prompt). `adaption` is this layer's (keys, values, gate, on, mask); mask
+  [B, A] (1 = real): rows whose prompts were padded to one A (a server's decode slots) leave their padding out of
+  the softmax."""
+  k, v, gate, on, mask = adaption
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
   b, n_len, n, d = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, n_len, kh, n // kh, d)
@@ -146,7 +160,8 @@ def self_attention(
   """One layer's self-attention over normed inputs h [B, L, H]: q/k/v projections `p` (q [H, N, D], k/v [H, K, D],
   o [N, D, H], optional q_bias / k_bias / v_bias / o_bias), rotary embedding (cos, sin) on queries and new keys,
   keys/values from `kv` (see the module docstring), scores + `bias` (broadcastable to [B, N, L, S]), plus an
-  adaption prompt's output (`adaption_attention`: this layer's (prompt [B, A, H], gate [B], on [B], mask [B, A]))
+  adaption prompt's output (`adaption_attention`: this layer's (keys, values [B, A, K, D], gate [B], on [B], mask
+  [B, A]))
   ->
   (output [B, L, H] before dropout, the updated cache or None)."""
   q = L.project_qkv(h, p["q"], p.get("q_bias"))

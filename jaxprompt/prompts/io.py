@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprompt.checkpoint import Checkpointer, find_checkpoint_dir
+from jaxprompt.data.templates import Template
 from jaxprompt.errors import CheckpointError, MissingPathError, PromptError
 from jaxprompt.models import hf
 from jaxprompt.prompts import heads, registry
@@ -257,7 +258,22 @@ def _load_whole(source: Path, step: str | int) -> TrainedPrompt:
     raise PromptError(f"{source}: a {entry.name} prompt is {shape}, got shape {value.shape}")
   if record.head is not None and not meta.get("head"):
     raise PromptError(f"{source}: records a {record.head.type} head but holds no head tensors")
+  _check_template_rows(value, record, source)
   return TrainedPrompt(value, None, record, meta.get("head") or None)
+
+
+def _check_template_rows(value: np.ndarray, record: PromptRecord, source: Path) -> None:
+  """A templated prompt's rows fill its template's virtual tokens, one each (`data.templates`): a file holding
+  another number is refused here, not by a shape error later or rows silently placed wrong."""
+  if record.spec.template is None:
+    return
+  template = Template.parse(record.spec.template, where=f"{source}: its template")
+  rows = value.shape[1] if bank_tasks(record) is not None else value.shape[0]
+  if rows != template.length:
+    raise PromptError(
+      f"{source}: holds {rows} prompt rows, but its template {template.source!r} has {template.length} virtual "
+      "token slots (one row each); make them equal"
+    )
 
 
 def peft_head(record: PromptRecord, meta: dict) -> heads.HeadSpec | None:

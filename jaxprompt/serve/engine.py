@@ -13,7 +13,8 @@ bucket one prefill and one decode-chunk program (`inference.decoding.start` / `a
 A prompt is turned, once, when it is loaded, into what every request reuses (`ServedPrompt.prefix`, batch 1):
   decoders: its keys and values at every layer (a soft prompt of any method run once at positions 0..P-1, as
     `Decoder.shared_prompt` does in training; a prefix-tuning table as it is), so a request prefills only its own
-    tokens: a prompt is a pre-filled cache;
+    tokens: a prompt is a pre-filled cache; an adaption prompt's per-layer keys/values (`FrozenLM.adaption_kv`),
+    which every decoding step attends to without projecting them again;
   T5: its input embeddings (the encoder is bidirectional: nothing to precompute) or a prefix's keys/values;
   a templated prompt (`prompt.template`): its input embeddings, scattered into each request's virtual tokens when the
     request is prefilled (its template lays out the request's fields: `Engine.encode`).
@@ -57,13 +58,23 @@ from jaxprompt.serve.cache import CacheLimits, CacheStats, DeviceCache, tree_byt
 
 log = logging.getLogger(__name__)
 
-_FIELDS = ("embeds", "keys", "values", "input_offset", "adaption", "adaption_gate", "adaption_on")
+_FIELDS = (
+  "embeds",
+  "keys",
+  "values",
+  "input_offset",
+  "adaption_keys",
+  "adaption_values",
+  "adaption_gate",
+  "adaption_on",
+)
 _BATCH_AXIS = {
   "embeds": 0,
   "keys": 1,
   "values": 1,
   "input_offset": 0,
-  "adaption": 0,
+  "adaption_keys": 1,
+  "adaption_values": 1,
   "adaption_gate": 0,
   "adaption_on": 0,
 }
@@ -165,6 +176,7 @@ class PromptStore:
     self._shared = jax.jit(
       lambda state, embeds: nnx.merge(self._graphdef, state).shared_prompt(Prefix(embeds=embeds), 1)[0]
     )
+    self._adaption = jax.jit(lambda state, prefix: nnx.merge(self._graphdef, state).adaption_kv(prefix))
     self._lock = threading.Lock()
     self._prompts: dict[str, ServedPrompt] = {}
     self._host_bytes = 0
@@ -204,6 +216,8 @@ class PromptStore:
     if prefix.embeds is not None and not prefix.at_slots:
       # a DePT offset stays: it goes on each request's own input tokens when it is prefilled
       prefix = self._shared(self._state, jnp.asarray(prefix.embeds)).replace(input_offset=prefix.input_offset)
+    if prefix.adaption is not None:  # adaption prompts: their keys/values at every layer, projected once
+      prefix = self._adaption(self._state, prefix)
     prefix = jax.device_get(prefix)  # the host tier: the device cache copies it in when a request needs it
     labels = src.record.task.labels if src.record.task is not None else ()
     return ServedPrompt(

@@ -20,9 +20,10 @@ thread loops:
 Prompts of every method share a call: each prompt is padded to the server's prompt slots (`Layout`; on the
 left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
 prompt's row, from the store's device cache (`serve.cache`; copied in from the host at admission when missing); the
-base alone is a row of masked slots. An adaption prompt's per-layer prompts and gates (padded to A slots with a
-mask) stay in its slot's cache and are attended to at every step; a templated prompt's rows (padded to V) go into
-the request's virtual tokens at prefill (`Prefix.template_embeds`). Programs compiled: one admission per batch
+base alone is a row of masked slots. An adaption prompt's per-layer keys/values (projected once, when the prompt is
+loaded) and gates, padded to A slots with a mask, stay in its slot's cache and are only attended to at every step
+(no projection per step); a templated prompt's rows (padded to V) go into the request's virtual tokens at prefill
+(`Prefix.template_embeds`). Programs compiled: one admission per batch
 bucket x length bucket, one generate step, and one classification per batch bucket x length bucket x label set.
 """
 
@@ -53,7 +54,8 @@ _AXIS = {
   "values": 1,
   "kv_mask": 0,
   "input_offset": 0,
-  "adaption": 0,
+  "adaption_keys": 1,
+  "adaption_values": 1,
   "adaption_gate": 0,
   "adaption_on": 0,
   "adaption_mask": 0,
@@ -86,7 +88,7 @@ def layout_for(base, prompts, *, slots: int, input_length: int, max_new_tokens: 
   kv = max([p.prefix.kv_length for p in prompts] + [prompt_slots])
   offset = max([p.prefix.input_offset.shape[1] for p in prompts if p.prefix.input_offset is not None] + [0])
   # adaption room comes from the prompts loaded at start only: every step pays for it in every layer
-  adaption = max([p.prefix.adaption.shape[2] for p in prompts if p.prefix.adaption is not None] + [0])
+  adaption = max([p.prefix.adaption_length for p in prompts] + [0])
   virtual = max([p.prefix.embeds.shape[1] for p in prompts if p.prefix.at_slots] + [prompt_slots])
   s = base.prefix_slots()
   return Layout(
@@ -106,7 +108,7 @@ def layout_for(base, prompts, *, slots: int, input_length: int, max_new_tokens: 
 def misfit(layout: Layout, prefix: Prefix) -> str | None:
   """Why a prompt's prefix does not fit the layout's prompt slots (None: it fits)."""
   offset = 0 if prefix.input_offset is None else prefix.input_offset.shape[1]
-  adaption = 0 if prefix.adaption is None else prefix.adaption.shape[2]
+  adaption = prefix.adaption_length
   if adaption > layout.adaption:
     return (
       f"its {adaption} adaption slots are over this server's {layout.adaption} (the longest adaption prompt loaded "
@@ -164,17 +166,18 @@ def _right(shape: tuple, a) -> np.ndarray:
 
 
 def _adaption_row(layout: Layout, prefix: Prefix | None) -> dict:
-  """A row's adaption prompts [1, Y, A, H] (right-padded), gates and switches [1, Y] and slot mask [1, A]; a prompt
-  of another method (or none) is switched off in every layer."""
-  y, a = layout.kv_shape[0], layout.adaption
-  ad, gate, on = np.zeros((1, y, a, layout.hidden), np.float32), np.zeros((1, y), np.float32), np.zeros((1, y))
-  on = on.astype(np.float32)
-  m = np.zeros((1, a), np.int32)
-  if prefix is not None and prefix.adaption is not None:
-    n = prefix.adaption.shape[2]
-    ad[:, :, :n], m[:, :n] = np.asarray(prefix.adaption, np.float32), 1
+  """A row's adaption prompts' keys/values [Y, 1, A, K, D] (right-padded; projected when the prompt was loaded),
+  gates and switches [1, Y] and slot mask [1, A]; a prompt of another method (or none) is switched off in every
+  layer."""
+  y, heads, d = layout.kv_shape
+  a = layout.adaption
+  k, v = (np.zeros((y, 1, a, heads, d), np.float32) for _ in range(2))
+  gate, on, m = np.zeros((1, y), np.float32), np.zeros((1, y), np.float32), np.zeros((1, a), np.int32)
+  if prefix is not None and prefix.adaption_keys is not None:
+    n = prefix.adaption_length
+    k[:, :, :n], v[:, :, :n], m[:, :n] = np.asarray(prefix.adaption_keys), np.asarray(prefix.adaption_values), 1
     gate[:], on[:] = np.asarray(prefix.adaption_gate, np.float32), np.asarray(prefix.adaption_on)
-  return dict(adaption=ad, adaption_gate=gate, adaption_on=on, adaption_mask=m)
+  return dict(adaption_keys=k, adaption_values=v, adaption_gate=gate, adaption_on=on, adaption_mask=m)
 
 
 def _stack(rows: tuple) -> Prefix | None:
