@@ -8,6 +8,7 @@ import jax
 from jaxprompt import cli
 from jaxprompt import config as C
 from jaxprompt import sharding as shd
+from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train
 from tests.helpers_hf import write_decoder
 
@@ -81,6 +82,20 @@ def train_interrupted(full, killed, root, mesh):
 
 def one_device():
   return shd.make_mesh(devices=jax.devices()[:1])
+
+
+def jit_train_step(run, tx, **kw):
+  """`run`'s train step jitted with the trainer's shardings (outputs placed as the inputs, so later steps reuse the
+  first step's program instead of compiling a second one) and a fresh optimizer state placed to match."""
+  rep = shd.replicated(run.mesh)
+  opt = jax.jit(tx.init, out_shardings=rep)(run.prompt)
+  p_sh, o_sh = run.prompt_shardings(), jax.tree.map(lambda _: rep, opt)
+  step = jax.jit(
+    make_train_step(run.graphdef, tx, **kw),
+    in_shardings=(p_sh, o_sh, run.frozen_shardings(), None, None),
+    out_shardings=(p_sh, o_sh, rep),
+  )
+  return step, opt
 
 
 def run_cli(capsys, *argv) -> list[str]:

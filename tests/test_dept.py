@@ -26,8 +26,7 @@ from jaxprompt.prompts.io import load_prompt_source
 from jaxprompt.prompts.methods import bank
 from jaxprompt.run import build_run
 from jaxprompt.training.optim import build_optimizer
-from jaxprompt.training.step import make_train_step
-from tests.helpers import one_device, tiny_cfg, train_interrupted
+from tests.helpers import jit_train_step, one_device, tiny_cfg, train_interrupted
 
 M, S, R = 3, 5, 2  # prompt length m, offset positions s, rank r
 DEPT = {"prompt.method": "dept", "prompt.length": M, "prompt.dept_rank": R, "prompt.dept_max_length": S}
@@ -153,8 +152,9 @@ def test_a_causal_models_targets_get_no_offset(byte_llama):
   ins, tgts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16]], [[20, 21, 1], [22, 1], [23, 24, 1]]
   batch = CausalBatch._layout(ins, tgts, 0, 8, 3)
   batch = jax.tree.map(jnp.asarray, batch)
-  logits, targets, mask = base.score_targets(batch, dept.prefix(3))
-  (e_logits, _, e_mask), _ = base.eval_scores(batch, jnp.asarray([[20, 1]]), jnp.asarray([[1, 1]]), dept.prefix(3))
+  logits, targets, mask = nnx.jit(lambda m: m.score_targets(batch, dept.prefix(3)))(base)
+  label_ids, label_mask = jnp.asarray([[20, 1]]), jnp.asarray([[1, 1]])
+  (e_logits, _, e_mask), _ = nnx.jit(lambda m: m.eval_scores(batch, label_ids, label_mask, dept.prefix(3)))(base)
   keep = np.asarray(mask * e_mask).astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[keep], np.asarray(e_logits)[keep], atol=1e-4, rtol=1e-4)
 
@@ -209,7 +209,7 @@ def test_training_moves_only_the_two_groups_with_their_rates(byte_t5):
   run, (data,) = build_run(cfg, mesh=one_device())
   assert set(run.prompt["prompt"]) == {"embeddings", "offset_a", "offset_b"}
   tx = build_optimizer(cfg.optimizer, cfg.train.steps, {"offset_a": 0.02, "offset_b": 0.02})
-  opt = tx.init(run.prompt)
+  step, opt = jit_train_step(run, tx, z_loss=0.0, microbatches=1)
   frozen_before = jax.tree.map(np.asarray, run.frozen)
   batch = run.device_batch(next(BatchStream(run.encode(data.examples, "train"), cfg.train.batch_size)))
 
@@ -220,8 +220,7 @@ def test_training_moves_only_the_two_groups_with_their_rates(byte_t5):
     sums = cross_entropy(logits, targets, mask, 0.0)
     return sums.loss / jnp.maximum(jnp.sum(batch.loss_mask), 1.0)
 
-  grads = jax.grad(loss)(run.prompt)
-  step = jax.jit(make_train_step(run.graphdef, tx, z_loss=0.0, microbatches=1))
+  grads = jax.jit(jax.grad(loss))(run.prompt)
   prompt, opt, _ = step(run.prompt, opt, run.frozen, batch, jnp.asarray(0))
   p0, p1, g = run.prompt["prompt"], prompt["prompt"], grads["prompt"]
   np.testing.assert_allclose(p1["embeddings"] - p0["embeddings"], -0.5 * g["embeddings"], atol=1e-6)

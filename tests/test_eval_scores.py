@@ -70,7 +70,8 @@ def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(b
   batch = _encode(base, EXAMPLES)
   label_ids, label_mask = (jnp.asarray(a) for a in encoding.encode_labels(base.batch_type, IdTokenizer(), LABELS, 3))
   (logits, targets, mask), scores = nnx.jit(lambda m: m.eval_scores(batch, label_ids, label_mask, prefix))(base)
-  want_logits, want_targets, want_mask = nnx.jit(lambda m: m.score_targets(batch, prefix))(base)
+  score_targets = nnx.jit(lambda m, b: m.score_targets(b, prefix))  # one program for every batch below
+  want_logits, want_targets, want_mask = score_targets(base, batch)
   np.testing.assert_array_equal(mask, want_mask)
   np.testing.assert_array_equal(
     np.asarray(targets)[np.asarray(mask) > 0], np.asarray(want_targets)[np.asarray(want_mask) > 0]
@@ -89,7 +90,7 @@ def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(b
   )
   for c, label in enumerate(LABELS):
     as_target = _encode(base, [dict(ex, targets=label) for ex in EXAMPLES])
-    lg, tg, mk = nnx.jit(lambda m, as_target=as_target: m.score_targets(as_target, prefix))(base)
+    lg, tg, mk = score_targets(base, as_target)
     # a target right after an empty input has no training loss without a soft prompt before it (nothing predicts
     # it); such a row's rank score is not a likelihood and is not compared
     scored = np.asarray(mk).sum(-1) == np.asarray(label_mask[c]).sum()
@@ -97,10 +98,9 @@ def test_one_pass_gives_the_training_loss_and_every_labels_training_likelihood(b
     np.testing.assert_allclose(scores[scored, c], _row_loglik(lg, tg, mk)[scored], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunks,unrolled", [(2, 8), (4, 1)], ids=["2 unrolled", "4 in a scan"])
-def test_eval_steps_in_chunks_equal_one_piece(base, monkeypatch, chunks, unrolled):
+def test_eval_steps_in_chunks_equal_one_piece(base, monkeypatch):
   """On the CPU a large eval batch runs in chunks of rows (`auto_microbatches`): loss sums and label scores must
-  equal the batch in one piece, rows in order."""
+  equal the batch in one piece, rows in order, for 2 chunks unrolled and 4 in a scan (one piece computed once)."""
   import jaxprompt.evaluation.steps as E
   from jaxprompt.prompts import PromptedModel, PromptParam, SoftPrompt
 
@@ -110,20 +110,22 @@ def test_eval_steps_in_chunks_equal_one_piece(base, monkeypatch, chunks, unrolle
   weights = jnp.asarray([1.0, 1.0, 0.0, 1.0])  # a padding row: no loss
   labels = [jnp.asarray(a) for a in encoding.encode_labels(base.batch_type, IdTokenizer(), LABELS, 3)]
 
-  def run(n):
+  def run(n, unrolled):
     monkeypatch.setattr(E, "auto_microbatches", lambda *a, **k: n)
     monkeypatch.setattr(E, "MAX_UNROLLED_CHUNKS", unrolled)
     loss_step, rank_step = E.make_eval_fns(graphdef, z_loss=1e-4)
     args = (ps.to_pure_dict(), fs.to_pure_dict(), batch, weights)
     return jax.jit(loss_step)(*args), jax.jit(rank_step)(*args, *labels)
 
-  (loss1, (sums1, scores1)), (loss_n, (sums_n, scores_n)) = run(1), run(chunks)
-  assert scores_n.shape == (len(EXAMPLES), len(LABELS))
-  np.testing.assert_allclose(scores_n, scores1, rtol=1e-5, atol=1e-5)
-  for a, b in ((loss_n, loss1), (sums_n, sums1), (sums1, loss1)):
-    for field in ("ce", "z_loss", "correct", "tokens", "seq_correct"):
-      np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5)
+  loss1, (sums1, scores1) = run(1, 8)
   assert float(loss1.tokens) < float(jnp.sum(batch.loss_mask))  # the padding row's targets are not counted
+  for chunks, unrolled in ((2, 8), (4, 1)):  # 2 chunks unrolled, 4 in a scan
+    loss_n, (sums_n, scores_n) = run(chunks, unrolled)
+    assert scores_n.shape == (len(EXAMPLES), len(LABELS))
+    np.testing.assert_allclose(scores_n, scores1, rtol=1e-5, atol=1e-5, err_msg=f"{chunks} chunks")
+    for a, b in ((loss_n, loss1), (sums_n, sums1), (sums1, loss1)):
+      for field in ("ce", "z_loss", "correct", "tokens", "seq_correct"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, err_msg=f"{chunks} chunks")
 
 
 @pytest.mark.parametrize("batch_type", [Seq2SeqBatch, CausalBatch], ids=["seq2seq", "causal"])

@@ -29,9 +29,8 @@ from jaxprompt.prompts.methods import bank
 from jaxprompt.prompts.prefix import PrefixTuning, PrefixTuningSpec
 from jaxprompt.run import build_run
 from jaxprompt.training.optim import build_optimizer
-from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train
-from tests.helpers import tiny_cfg, train_interrupted, write_byte_decoder
+from tests.helpers import jit_train_step, tiny_cfg, write_byte_decoder
 from tests.helpers_hf import load_decoder, load_t5, write_decoder, write_t5
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
@@ -179,11 +178,26 @@ def byte_gpt2(tmp_path_factory):
 
 
 def _trained(folder, method, workdir, **over):
-  cfg = tiny_cfg(
-    folder, **{"prompt.length": P, "train.steps": 3, "model.dropout": 0.1, **METHOD_OVERRIDES[method], **over}
-  )
+  cfg = tiny_cfg(folder, **{"prompt.length": P, "model.dropout": 0.1, **METHOD_OVERRIDES[method], **over})
   train(cfg, workdir, progress=False, mesh=one_device())
   return cfg
+
+
+@pytest.fixture(scope="module")
+def trained_here(tmp_path_factory):
+  """-> get(folder, method): the workdir of `_trained(folder, method)`, each trained once for the module (the PEFT
+  round trip, the generate CLI test and the resuming test read the same runs)."""
+  root, runs = tmp_path_factory.mktemp("trained_here"), {}
+
+  def get(folder, method):
+    key = (str(folder), method)
+    if key not in runs:
+      work = root / str(len(runs))
+      _trained(folder, method, work)
+      runs[key] = work
+    return runs[key]
+
+  return get
 
 
 def _peft_greedy(peft_model, ids, seq2seq: bool, steps: int) -> np.ndarray:
@@ -206,16 +220,16 @@ def _peft_greedy(peft_model, ids, seq2seq: bool, steps: int) -> np.ndarray:
 @pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
 @pytest.mark.parametrize("model", ["t5", "llama", "gpt2"])
 def test_trained_here_loads_in_peft_with_our_logits_and_greedy_tokens(
-  byte_t5, byte_llama, byte_gpt2, tmp_path, model, method
+  byte_t5, byte_llama, byte_gpt2, trained_here, tmp_path, model, method
 ):
   from peft import PeftModel
 
   folder = {"t5": byte_t5, "llama": byte_llama, "gpt2": byte_gpt2}[model]
   seq2seq = model == "t5"
-  _trained(folder, method, tmp_path / "w")
-  out = export_prompt(tmp_path / "w", "peft", tmp_path / "adapter")
+  work = trained_here(folder, method)
+  out = export_prompt(work, "peft", tmp_path / "adapter")
   acfg = json.loads((out / "adapter_config.json").read_text())
-  src = load_prompt_source(tmp_path / "w")
+  src = load_prompt_source(work)
   assert acfg["peft_type"] == {"prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING"}[src.method]
   if src.method == "p_tuning":  # the checkpoint keeps the encoder; PEFT's file holds its output
     assert "lstm" in src.params or "mlp" in src.params
@@ -225,7 +239,7 @@ def test_trained_here_loads_in_peft_with_our_logits_and_greedy_tokens(
   else:
     assert acfg["prefix_projection"] == (method == "prefix-projection")
   peft_model = PeftModel.from_pretrained(_torch_base(folder, seq2seq), out).eval()
-  ours = load_prompted(folder, tmp_path / "w")
+  ours = load_prompted(folder, work)
   virtual = P if (src.method == "p_tuning" and not seq2seq) else 0
   _compare(peft_model, ours, seq2seq, virtual)
   # greedy generation: the same tokens as PEFT's forward pass picks, each row alone (no padding)
@@ -350,13 +364,12 @@ def test_only_the_method_trains(byte_t5, method):
   cfg = tiny_cfg(byte_t5, **{"prompt.length": P, "model.dropout": 0.1, **METHOD_OVERRIDES[method]})
   run, (data,) = build_run(cfg, mesh=one_device())
   tx = build_optimizer(cfg.optimizer, cfg.train.steps)
-  opt = tx.init(run.prompt)
+  step, opt = jit_train_step(run, tx, z_loss=1e-4)
   shapes = {x.shape for x in jax.tree.leaves(run.prompt)}
   # Adafactor: a second moment per leaf (factored rows/columns for matrices of 128+) and step counters
   assert all(x.size <= 1 or x.shape in shapes or x.ndim == 1 for x in jax.tree.leaves(opt))
   assert sum(x.size for x in jax.tree.leaves(opt)) <= sum(x.size for x in jax.tree.leaves(run.prompt)) + 64
   frozen_before = jax.tree.map(np.asarray, run.frozen)
-  step = jax.jit(make_train_step(run.graphdef, tx, z_loss=1e-4))
   stream = BatchStream(run.encode(data.examples, "train"), cfg.train.batch_size)
   prompt = run.prompt
   for i in range(3):
@@ -368,33 +381,35 @@ def test_only_the_method_trains(byte_t5, method):
 
 
 @pytest.mark.parametrize("method", ["prefix-projection", "p-tuning-lstm"])
-def test_resuming_a_reparameterised_method_is_exact(byte_t5, tmp_path, method):
+def test_resuming_a_reparameterised_method_is_exact(byte_t5, trained_here, tmp_path, method):
   """The checkpoint keeps the MLP / LSTM (PEFT's file keeps only their output), with the LSTM's dropout RNG: an
   interrupted run resumes to the uninterrupted one's parameters, bit for bit."""
   over = {"prompt.length": P, "model.dropout": 0.1, **METHOD_OVERRIDES[method]}
-  train_interrupted(tiny_cfg(byte_t5, **over), tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path, one_device())
+  full = trained_here(byte_t5, method)  # `_trained`: this config, 6 steps without a stop
+  # the same run "killed" at step 3, then resumed from its checkpoint to the end (helpers.train_interrupted's split)
+  train(tiny_cfg(byte_t5, **over, **{"train.steps": 3}), tmp_path / "split", progress=False, mesh=one_device())
+  train(tiny_cfg(byte_t5, **over), tmp_path / "split", progress=False, mesh=one_device())
 
   def final(w):
     return Checkpointer.reader(w / "checkpoints").restore_prompt(6)[0]
 
-  a, b = final(tmp_path / "full"), final(tmp_path / "split")
+  a, b = final(full), final(tmp_path / "split")
   assert jax.tree.structure(a) == jax.tree.structure(b) and len(jax.tree.leaves(a)) > 2  # the encoder is there
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
 
 
-def test_generate_cli_serves_prefix_and_p_tuning_prompts(byte_llama, tmp_path, capsys):
-  for method in ("prefix", "p-tuning-lstm"):
-    _trained(byte_llama, method, tmp_path / method)
+def test_generate_cli_serves_prefix_and_p_tuning_prompts(byte_llama, trained_here, tmp_path, capsys):
+  prefix, p_tuning = (trained_here(byte_llama, method) for method in ("prefix", "p-tuning-lstm"))
   (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
   assert (
     main(
       [
         "generate",
         "--prompt",
-        str(tmp_path / "prefix"),
+        str(prefix),
         "--prompt",
-        str(tmp_path / "prefix"),
+        str(prefix),
         "--input-file",
         str(tmp_path / "in.txt"),
         "--max-new-tokens",
@@ -406,17 +421,11 @@ def test_generate_cli_serves_prefix_and_p_tuning_prompts(byte_llama, tmp_path, c
   )
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   want = inference.generate_text(
-    load_model(byte_llama),
-    load_tokenizer(byte_llama),
-    TEXTS,
-    [load_prompt_source(tmp_path / "prefix")],
-    max_new_tokens=4,
+    load_model(byte_llama), load_tokenizer(byte_llama), TEXTS, [load_prompt_source(prefix)], max_new_tokens=4
   )
   assert [r["tokens"] for r in rows] == [w["tokens"] for w in want] * 2  # a bank of two prefixes, prompt-major
   # input-embedding prompts and key/value prefixes cannot share a batch
-  code = main(
-    ["generate", "--prompt", str(tmp_path / "prefix"), "--prompt", str(tmp_path / "p-tuning-lstm"), "--input", "9"]
-  )
+  code = main(["generate", "--prompt", str(prefix), "--prompt", str(p_tuning), "--input", "9"])
   assert code == 2 and "cannot share a batch" in capsys.readouterr().err
 
 

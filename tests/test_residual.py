@@ -25,9 +25,8 @@ from jaxprompt.prompts.io import load_prompt_source
 from jaxprompt.prompts.residual import ResidualPrompt, ResidualSpec
 from jaxprompt.run import build_run
 from jaxprompt.training.optim import build_optimizer
-from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import train
-from tests.helpers import one_device, tiny_cfg, train_interrupted
+from tests.helpers import jit_train_step, one_device, tiny_cfg, train_interrupted
 from tests.helpers_hf import load_decoder, load_t5
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
@@ -168,12 +167,11 @@ def test_only_the_residual_prompt_trains_and_the_loss_falls(byte_t5, byte_llama,
   run, (data,) = build_run(cfg, mesh=one_device())
   assert set(run.prompt["prompt"]) == {"embedding", "down", "up", "norm"}
   tx = build_optimizer(cfg.optimizer, cfg.train.steps)
-  opt = tx.init(run.prompt)
+  step, opt = jit_train_step(run, tx, z_loss=1e-4)
   shapes = {x.shape for x in jax.tree.leaves(run.prompt)}
   assert all(x.size <= 1 or x.shape in shapes or x.ndim == 1 for x in jax.tree.leaves(opt))
   assert sum(x.size for x in jax.tree.leaves(opt)) <= sum(x.size for x in jax.tree.leaves(run.prompt)) + 64
   frozen_before = jax.tree.map(np.asarray, run.frozen)
-  step = jax.jit(make_train_step(run.graphdef, tx, z_loss=1e-4))
   batch = run.device_batch(next(BatchStream(run.encode(data.examples, "train"), cfg.train.batch_size)))
   prompt, losses = run.prompt, []
   for i in range(6):
