@@ -13,6 +13,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny models' programs run for milliseconds and compile for seconds: most of the suite's time is XLA
+# compiling. jax's "disable most optimizations" (LLVM -O0, no expensive passes; the same maths, checked by the same
+# references) cut compile-bound files by a quarter to a third. Trainings of many steps (the quickstart's real
+# run, trainings to an accuracy) run faster optimized: they run inside `helpers.fully_optimized()`. Users' runs and
+# `jaxprompt bench` always compile fully optimized.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Temporary files of the session (ours, pytest's, and those TFDS's mock_data leaves behind) in one folder,
 # removed at the end, so the suite leaves nothing in /tmp.
 _SESSION_TMP = tempfile.mkdtemp(prefix="jaxprompt-tests-")
@@ -24,37 +30,17 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-# The same cache for the processes tests start (CLI runs, multi-process training, notebook kernels): a
-# restarted training run then loads its programs instead of compiling them again.
+# No persistent compilation cache inside the test processes themselves: jax 0.10.2 on CPU killed a pytest-xdist
+# worker with a SIGSEGV inside the cache write (`executable.serialize()` in `put_executable_and_time`) three times
+# (stop 33's CI, twice here: from the in-process server's thread and from the main thread, each time after the
+# worker had run hundreds of tests; never in a fresh process, never reproduced alone), and xdist's controller then
+# waits forever for the dead worker's files: the run hangs to CI's limit. In one process the in-memory cache already
+# compiles each program once; a cold CI run gains little from a disk cache there.
+jax.config.update("jax_enable_compilation_cache", False)
+# The processes tests start (CLI runs, multi-process training, notebook kernels) share one: a restarted training
+# run then loads its programs instead of compiling them again.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-
-
-def _cache_writes_from_the_main_thread_only():
-  """Programs compiled in other threads (the serving engine's loop, the ASGI server's worker threads) are not
-  written to the persistent cache. jax 0.10.2 on CPU crashed twice (SIGSEGV, CI of stop 33 and once here) inside
-  `executable.serialize()` of a cache write made from the in-process server's thread while the test's own thread
-  ran other programs; a dead xdist worker then left the run hanging. Reads still happen; the only cost is that
-  those programs compile again in the next process. Skipped if jax moves the function."""
-  import threading
-
-  from jax._src import compilation_cache
-
-  put = getattr(compilation_cache, "put_executable_and_time", None)
-  if put is None:
-    return
-
-  def put_from_main_thread(*args, **kwargs):
-    if threading.current_thread() is threading.main_thread():
-      return put(*args, **kwargs)
-    return None
-
-  compilation_cache.put_executable_and_time = put_from_main_thread
-
-
-_cache_writes_from_the_main_thread_only()
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 

@@ -1,6 +1,8 @@
 """Test helpers (not a test module): run configs, meshes, the CLI and tiny byte-vocabulary models that several test
 modules share. Shared fixtures live in conftest.py; tiny transformers reference models in helpers_hf.py."""
 
+import contextlib
+import os
 from pathlib import Path
 
 import jax
@@ -17,6 +19,24 @@ BUCKET_EXAMPLES = [
   {"inputs": " ".join(str(3 + (i * 7 + j) % 80) for j in range(n)), "targets": f"{10 + i} {20 + i}"}
   for i, n in enumerate([5, 1, 0, 7, 3, 2, 6, 4])
 ]
+
+
+@contextlib.contextmanager
+def fully_optimized():
+  """XLA's full optimization for the programs compiled inside (and the processes started inside): trainings of many
+  steps, which the suite's default (`JAX_DISABLE_MOST_OPTIMIZATIONS`, tests/conftest.py: compile-bound tiny
+  programs) would slow down."""
+  before = (jax.config.read("jax_disable_most_optimizations"), os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS"))
+  jax.config.update("jax_disable_most_optimizations", False)
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before[0])
+    if before[1] is None:
+      os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    else:
+      os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = before[1]
 
 
 def _with_overrides(raw: dict, over: dict) -> dict:

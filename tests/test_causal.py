@@ -29,7 +29,7 @@ from jaxprompt.run import build_run, task_data
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.step import make_train_step
 from jaxprompt.training.trainer import evaluate, train
-from tests.helpers import one_device, run_cli, tiny_cfg
+from tests.helpers import fully_optimized, one_device, run_cli, tiny_cfg
 from tests.helpers_hf import IdTokenizer
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
@@ -264,7 +264,8 @@ def stories_run(fixtures_dir, tmp_path_factory):
     }
   )
   start = time.time()
-  summary = train(cfg, root / "work", progress=False, mesh=one_device())
+  with fully_optimized():  # 200 steps
+    summary = train(cfg, root / "work", progress=False, mesh=one_device())
   return cfg, root / "work", summary, time.time() - start
 
 

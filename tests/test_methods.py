@@ -30,7 +30,7 @@ from jaxprompt.prompts.prefix import PrefixTuning, PrefixTuningSpec
 from jaxprompt.run import build_run
 from jaxprompt.training.optim import build_optimizer
 from jaxprompt.training.trainer import train
-from tests.helpers import jit_train_step, tiny_cfg, write_byte_decoder
+from tests.helpers import fully_optimized, jit_train_step, tiny_cfg, write_byte_decoder
 from tests.helpers_hf import load_decoder, load_t5, write_decoder, write_t5
 
 TOL = 1e-4  # whole-model float32 tolerance (DESIGN.md); never loosened
@@ -474,7 +474,8 @@ def test_shipped_method_configs_learn_the_quickstart_task(quickstart_cache, tmp_
 
   root = Path(__file__).resolve().parent.parent
   cfg = C.load(root / "configs" / "methods" / f"{name}.yaml", ["train.plot=false"])
-  summary = train(cfg, tmp_path, progress=False, mesh=one_device())
+  with fully_optimized():  # the shipped config's steps
+    summary = train(cfg, tmp_path, progress=False, mesh=one_device())
   n = sum(x.size for x in jax.tree.leaves(load_prompt_source(tmp_path).params))
   print(
     f"{name}: best dev accuracy {summary.best_value:.3f} at step {summary.best_step}, {n} trained "

@@ -22,7 +22,7 @@ from jaxprompt.prompts.export import export_prompt
 from jaxprompt.prompts.io import load_prompt_source
 from jaxprompt.run import build_run
 from jaxprompt.training.trainer import train
-from tests.helpers import small_cfg, train_interrupted
+from tests.helpers import fully_optimized, small_cfg, train_interrupted
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX, MIN = "quickstart:max", "quickstart:min"
@@ -197,8 +197,10 @@ def quickstart_runs(tmp_path_factory):
     or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxprompt"),
   )
   root = tmp_path_factory.mktemp("mixture")
-  summary = train(C.load(ROOT / "configs" / "mixture.yaml"), root / "mix", progress=False)
-  alone = sweep(str(ROOT / "configs" / "quickstart.yaml"), root / "alone", [("data.task", [MAX, MIN])], progress=False)
+  with fully_optimized():  # hundreds of steps
+    summary = train(C.load(ROOT / "configs" / "mixture.yaml"), root / "mix", progress=False)
+    tasks = [("data.task", [MAX, MIN])]
+    alone = sweep(str(ROOT / "configs" / "quickstart.yaml"), root / "alone", tasks, progress=False)
   yield root, summary, alone
   mp.undo()
 

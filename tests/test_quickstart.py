@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("quickstart")
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}  # a user's plain machine
+  drop = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_DISABLE_MOST_OPTIMIZATIONS")  # a user's plain machine
+  env = {k: v for k, v in os.environ.items() if k not in drop}
   env.update(JAXPROMPT_CACHE=str(tmp / "cache"), HF_HUB_OFFLINE="1")
   start = time.time()
   proc = subprocess.run(
