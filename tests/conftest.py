@@ -30,12 +30,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# No persistent compilation cache inside the test processes themselves: jax 0.10.2 on CPU killed a pytest-xdist
-# worker with a SIGSEGV inside the cache write (`executable.serialize()` in `put_executable_and_time`) three times
-# (stop 33's CI, twice here: from the in-process server's thread and from the main thread, each time after the
-# worker had run hundreds of tests; never in a fresh process, never reproduced alone), and xdist's controller then
-# waits forever for the dead worker's files: the run hangs to CI's limit. In one process the in-memory cache already
-# compiles each program once; a cold CI run gains little from a disk cache there.
+# No persistent compilation cache inside the test processes themselves: in one process the in-memory cache already
+# compiles each program once, and a cold CI run gains little from a disk cache there (two of the SIGSEGVs described
+# at `_release_compiled_programs` surfaced inside its writes).
 jax.config.update("jax_enable_compilation_cache", False)
 # The processes tests start (CLI runs, multi-process training, notebook kernels) share one: a restarted training
 # run then loads its programs instead of compiling them again.
@@ -65,6 +62,19 @@ def pytest_collection_modifyitems(config, items):
     first.setdefault(item.nodeid.split("::")[0], i)
   # a file stays in one piece and in its own order; unmeasured files (light ones, or new) after the measured ones
   items.sort(key=lambda it: (-seconds.get(it.nodeid.split("::")[0], 0.0), first[it.nodeid.split("::")[0]]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Each test file's compiled programs are released when it ends. Every XLA:CPU executable keeps its own memory
+  mappings (JIT code, constants): a pytest worker grew by ~19,000 mappings in 2.5 minutes of tests, and at the
+  kernel's `vm.max_map_count` (65,530 here) the next compile or cache write dies of a SIGSEGV — what crashed an
+  xdist worker three quarters of the way through the suite in stop 33's CI and in three runs here."""
+  yield
+  import gc
+
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")
