@@ -9,8 +9,11 @@ another one (`--before`, e.g. the commit before adaption keys/values were projec
 Each tree runs in its own process (PYTHONPATH set to it), the trees alternating `--rounds` times; a process
 prefills `--slots` rows under one adaption prompt (`--adapter-len` slots in every layer) and times `--steps` jitted
 `decode_step` calls over every row (the continuous scheduler's step without sampling), and the same rows with no
-prompt. Reported: each tree's median step time (median over rounds) and its fastest step, and before / after; and
-each step program's FLOPs as XLA counts them (`cost_analysis`: independent of the machine's load).
+prompt, in a cache with room for `--max-new-tokens` tokens after the input (a server's `--max-tokens`; default
+`--steps`). Reported: each tree's median step time (median over rounds) and its fastest step, and before / after
+(with the adaption prompt and with none); and each step program's FLOPs and bytes accessed as XLA counts them
+(`cost_analysis`: independent of the machine's load). With no adaption prompt it is also the plain decode step's
+benchmark (e.g. the cache written in place: `--max-new-tokens 256 --input-length 512`, a server's defaults).
 A benchmark, not a test: the figures are this machine's.
 """
 
@@ -46,10 +49,11 @@ def measure(args) -> dict:
     0.1 * rng.normal(size=(layers, args.adapter_len, h)), np.full((layers,), 0.5), layers=layers
   ).prefix(1)
   graphdef, state = nnx.split(base)
+  room = max(args.max_new_tokens or 0, args.steps + 1)
   ids = jnp.asarray(rng.integers(3, min(base.config.vocab_size, 1000), (args.slots, args.input_length)), jnp.int32)
   mask = jnp.ones_like(ids)
   prefill = jax.jit(
-    lambda state, prefix: nnx.merge(graphdef, state).prefill(ids, mask, prefix=prefix, max_new_tokens=args.steps + 1)
+    lambda state, prefix: nnx.merge(graphdef, state).prefill(ids, mask, prefix=prefix, max_new_tokens=room)
   )
   step = jax.jit(lambda state, cache, tok, t: nnx.merge(graphdef, state).decode_step(cache, tok, t), donate_argnums=1)
   out = {}
@@ -57,7 +61,9 @@ def measure(args) -> dict:
     logits, cache = prefill(state, prefix)
     tok = jnp.argmax(logits, -1).astype(jnp.int32)
     cost = step.lower(state, cache, tok, jnp.int32(0)).compile().cost_analysis()
-    out[f"{name}_flops"] = (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
+    cost = cost[0] if isinstance(cost, list) else cost
+    out[f"{name}_flops"] = cost.get("flops", float("nan"))
+    out[f"{name}_bytes"] = cost.get("bytes accessed", float("nan"))
     logits, cache = step(state, cache, tok, jnp.int32(0))  # compile
     jax.block_until_ready(logits)
     times = []
@@ -79,6 +85,7 @@ def main(argv=None) -> int:
   p.add_argument("--adapter-len", type=int, default=10)
   p.add_argument("--input-length", type=int, default=32)
   p.add_argument("--steps", type=int, default=40)
+  p.add_argument("--max-new-tokens", type=int, help="the cache's room after the input (default: --steps)")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--json", help="write the figures here too")
   p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
@@ -110,7 +117,11 @@ def main(argv=None) -> int:
     step_seconds=fig,
     before_over_after=fig["before"]["adaption"] / fig["after"]["adaption"],
     before_over_after_fastest=fastest["before"]["adaption_min"] / fastest["after"]["adaption_min"],
+    before_over_after_no_prompt=fig["before"]["none"] / fig["after"]["none"],
+    before_over_after_no_prompt_fastest=fastest["before"]["none_min"] / fastest["after"]["none_min"],
+    max_new_tokens=args.max_new_tokens,
     step_flops={name: {k: rs[0][f"{k}_flops"] for k in ("adaption", "none")} for name, rs in runs.items()},
+    step_bytes={name: {k: rs[0].get(f"{k}_bytes") for k in ("adaption", "none")} for name, rs in runs.items()},
     after_adaption_over_none=fig["after"]["adaption"] / fig["after"]["none"],
     before_adaption_over_none=fig["before"]["adaption"] / fig["before"]["none"],
     rounds=runs,

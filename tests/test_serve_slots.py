@@ -246,6 +246,33 @@ def test_sampling_settings_share_steps_and_a_seeded_sample_is_its_own(endless_se
   assert ref[0]["output"] == alone
 
 
+def test_a_free_slot_decodes_greedily_whatever_a_finished_request_left_in_it(endless_server):
+  """A free slot keeps the sampling settings its last request left (a never used one: zeros, top_p 0); the step
+  decodes it greedily all the same, so a finished sampled request never makes later steps sample (and sort the
+  vocabulary) for nobody: the free slots' tokens are the argmax while the live ones sample."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxprompt.serve import slots as S
+
+  _, engine = endless_server
+  layout, n = engine.slots.layout, engine.slots.layout.slots
+  state = S.empty_slots(engine.graphdef, engine.state, layout, engine.slots._none, engine._pad)
+  state = dict(
+    state,
+    greedy=jnp.zeros(n, bool),
+    temperature=jnp.full(n, 50.0),
+    top_p=jnp.full(n, 0.999),
+    tokens=jnp.arange(n, dtype=jnp.int32) + 3,
+  )
+  live = np.arange(n) % 2 == 0
+  model = nnx.merge(engine.graphdef, engine.state)
+  for _ in range(3):
+    logits, _ = model.decode_step(state["cache"], state["tokens"], state["t"])
+    state, out = S.step(engine.graphdef, engine.state, state, np.zeros(n, bool), live, layout=layout)
+    np.testing.assert_array_equal(np.asarray(out[0])[~live], np.argmax(np.asarray(logits), -1)[~live])
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(endless_server):
   url, engine = endless_server
   body = dict(model="one", prompt=TEXTS[0], max_tokens=1000, temperature=0, stream=True)

@@ -523,10 +523,10 @@ class Decoder(FrozenLM):
       h = self._norm(x, p, "mlp_norm")
       return x + L.dropout(L.mlp(h, p["mlp"], act), rate, r[2]), written
 
-    # cached steps stay a scan: unrolled, every layer's cache update becomes a copy of the whole cache
-    x, written = L.scan_layers(
-      layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer, loop="scan" if cached else self.layer_loop
-    )
+    if cached:  # the cache written in place, the layers in a scan (unrolled, each layer would copy the cache)
+      x, written = KV.scan_in_place(layer, x, L.arrays(self.layers), rngs[1], per_layer)
+    else:
+      x, written = L.scan_layers(layer, x, L.arrays(self.layers), rngs[1], self.remat, per_layer, loop=self.layer_loop)
     p = dict(final_norm=self.final_norm[...])
     if cfg.norm_type == "layer":
       p["final_norm_bias"] = self.final_norm_bias[...]

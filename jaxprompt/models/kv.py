@@ -36,6 +36,37 @@ def write_rows(cache: jax.Array, new: jax.Array, index) -> jax.Array:
   return jax.vmap(put, in_axes=(axis, axis, 0), out_axes=axis)(cache, new, jnp.asarray(index, jnp.int32))
 
 
+def write_layer_rows(cache: jax.Array, new: jax.Array, layer, index) -> jax.Array:
+  """cache [Y, B, S, K, D] with new [B, l, K, D] written into layer `layer` at slot `index` (a scalar: every row;
+  [B]: row b at index[b])."""
+  new = new.astype(cache.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, index, 0, 0))
+  b, n = new.shape[:2]
+  slots = jnp.asarray(index, jnp.int32)[:, None] + jnp.arange(n)  # [B, l]
+  return cache.at[layer, jnp.arange(b)[:, None], slots].set(new, mode="clip")
+
+
+def scan_in_place(layer_fn, x: jax.Array, stacked: dict, rng: jax.Array | None, per_layer: dict):
+  """`layers.scan_layers` for a cached step: `per_layer["kv"]` (a `Cached` stack [Y, B, S, K, D]) rides in the
+  scan's carry as `InPlace` and each layer writes its new keys/values into it, where a scan over it as a per-layer
+  input slices every layer's cache out and stacks the written ones into a new cache on every step (three copies of
+  the whole cache per token). `layer_fn(p, x, rng, xs) -> (x, InPlace)`; the other `per_layer` entries are
+  stacked on axis 0 (None: nothing). -> (x, the updated `Cached`)."""
+  kv, rest = per_layer["kv"], {k: a for k, a in per_layer.items() if k != "kv"}
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  rngs = None if rng is None else L.split_keys(rng, num_layers)
+
+  def body(carry, xs):
+    x, keys, values = carry
+    p, r, y, extra = xs
+    x, written = layer_fn(p, x, r, dict(extra, kv=InPlace(keys, values, y)))
+    return (x, written.keys, written.values), None
+
+  (x, keys, values), _ = jax.lax.scan(body, (x, kv.keys, kv.values), (stacked, rngs, jnp.arange(num_layers), rest))
+  return x, Cached(keys, values)
+
+
 def insert_rows(slots, rows, ids: jax.Array):
   """A decode-slot cache (a model's cache pytree, N rows) with `rows` (the same layout, b rows) written at slots
   ids [b]; an id out of range (N) drops its row (a padding row). Arrays [Y, B, S, K, D] (keys/values, layers first)
@@ -84,7 +115,28 @@ class Cached:
     return keys, values, Cached(keys, values)
 
 
-KVSource = Fresh | Prefixed | Cached
+@struct.dataclass
+class InPlace:
+  """Every layer's cache [Y, B, S, K, D] and the layer `y` that attends now: its new keys/values are written
+  straight into the stacked arrays (in place under XLA: no per-step copy of the cache) and it attends over its own
+  S slots. Layers unrolled hand it on from one to the next; `attach` returns the updated stack."""
+
+  keys: jax.Array
+  values: jax.Array
+  layer: jax.Array | int
+
+  def attach(self, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array, "InPlace"]:
+    keys = write_layer_rows(self.keys, k, self.layer, index)
+    values = write_layer_rows(self.values, v, self.layer, index)
+    y = self.layer
+    return (
+      jax.lax.dynamic_index_in_dim(keys, y, keepdims=False),
+      jax.lax.dynamic_index_in_dim(values, y, keepdims=False),
+      InPlace(keys, values, y),
+    )
+
+
+KVSource = Fresh | Prefixed | Cached | InPlace
 
 
 def source(prefix_kv=None, cache=None) -> KVSource:

@@ -236,16 +236,11 @@ class T5(FrozenLM):
     per_layer = dict(kv=kv)
     if cross_kv is not None:
       per_layer.update(cross_k=cross_kv[0], cross_v=cross_kv[1])
-    # a cached step stays a scan: unrolled, every layer's cache update becomes a copy of the whole cache
-    x, written = L.scan_layers(
-      layer,
-      x,
-      L.arrays(self.decoder.layers),
-      rngs[1],
-      "none" if cached else self.remat,
-      per_layer,
-      loop="scan" if cached else self.layer_loop,
-    )
+    stacked = L.arrays(self.decoder.layers)
+    if cached:  # the cache written in place, the layers in a scan (unrolled, each layer would copy the cache)
+      x, written = KV.scan_in_place(layer, x, stacked, rngs[1], per_layer)
+    else:
+      x, written = L.scan_layers(layer, x, stacked, rngs[1], self.remat, per_layer, loop=self.layer_loop)
     x = L.rms_norm(x, self.decoder.final_norm[...], cfg.layer_norm_epsilon)
     return L.dropout(x, cfg.dropout_rate, rngs[2]), written
 

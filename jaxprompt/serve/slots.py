@@ -236,12 +236,13 @@ def admit(graphdef, state, slots, ids, mask, rows, settings, seeds, want, at, *,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("slots",))
-def step(graphdef, state, slots, want, *, layout: Layout):
+def step(graphdef, state, slots, want, live, *, layout: Layout):
   """One token for every slot -> (slots, the tokens [N] with their log-probabilities: `_scored`; want [N]: the
-  slots whose requests ask for alternatives)."""
+  slots whose requests ask for alternatives; live [N]: the slots holding a request — a free one decodes greedily,
+  so the settings a finished request left behind (or a never used slot's zeros) never make a step sample)."""
   model = nnx.merge(graphdef, state)
   logits, cache = model.decode_step(slots["cache"], slots["tokens"], slots["t"])
-  settings = (slots["greedy"], slots["temperature"], slots["top_k"], slots["top_p"])
+  settings = (slots["greedy"] | ~live, slots["temperature"], slots["top_k"], slots["top_p"])
   tok, keys = decoding.choose_rows(logits, jax.random.wrap_key_data(slots["keys"]), *settings)
   t = jnp.minimum(slots["t"] + 1, layout.max_new_tokens - 1)  # a free slot's step stays in range
   return dict(slots, cache=cache, tokens=tok, t=t, keys=jax.random.key_data(keys)), _scored(logits, tok, want)
@@ -423,7 +424,9 @@ class SlotBatcher:
       e.metrics.step_slots.observe(len(self.live))
     want = np.zeros((self.layout.slots,), bool)
     want[np.asarray([s for s, x in self.live.items() if x.request.wants_top], np.int32)] = True
-    self.state, out = step(e.graphdef, e.state, self.state, want, layout=self.layout)
+    live = np.zeros((self.layout.slots,), bool)
+    live[np.asarray(list(self.live), np.int32)] = True
+    self.state, out = step(e.graphdef, e.state, self.state, want, live, layout=self.layout)
     out, now = self._host(out, [x.request for x in self.live.values()]), time.monotonic()
     busy = len(self.live)
     for slot, entry in list(self.live.items()):
@@ -543,6 +546,7 @@ class SlotBatcher:
         )
         first[0].block_until_ready()
         count += 1
-    self.state, out = step(e.graphdef, e.state, self.state, np.zeros(self.layout.slots, bool), layout=self.layout)
+    idle = np.zeros(self.layout.slots, bool)
+    self.state, out = step(e.graphdef, e.state, self.state, idle, idle, layout=self.layout)
     out[0].block_until_ready()
     return count + 1
