@@ -10,7 +10,9 @@ A self-attention layer attends over its own new keys/values plus, at most, one o
   `Cached`   a cache of S slots [B, S, K, D]: the new keys/values are written at `index` (one slot for every row, or
              each row's own slot [B] — a server's decode slots) and the layer attends over all S, the mask in the
              bias deciding which slots are real.
-Sources hold every layer's arrays stacked [Y, ...]; the layer scan hands each layer its own slice. T5's decoder
+Sources hold every layer's arrays stacked [Y, ...]; the layer scan hands each layer its own slice, except a cache:
+a cached step's scan (`scan_in_place`) carries the whole stack and each layer writes into it (`InPlace`), so a
+decode step reads the cache and writes one slot per row instead of copying the whole cache. T5's decoder
 self-attention and the decoder-only models go through `self_attention`; `fill_prefix` writes a prefix into the
 front of a fresh cache for both.
 """
