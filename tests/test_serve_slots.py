@@ -375,3 +375,18 @@ def test_a_device_cache_of_4_prompts_serves_32_prompts_round_robin(endless_serve
     for n in lengths:
       if n.startswith("c") and store.get(n) is not None:
         store.remove(n)
+
+
+def test_the_mixed_serving_benchmark_serves_its_workload_with_every_scheduler(byte_llama):
+  """`jaxprompt bench --serve --mixed` end to end on a tiny model: the continuous scheduler, the static one and the
+  base alone each serve every request of the workload without an error, and the ratios are reported."""
+  from jaxprompt.tools.bench_serve import Mixed, run_mixed_bench
+
+  w = Mixed(prompts=2, prompt_lengths=(2, 3), requests=6, max_tokens=(1, 3), clients=3, width=2)
+  result = run_mixed_bench(str(byte_llama), w, timeout=120)
+  for label in ("continuous", "static", "continuous_no_prompt"):
+    r = result[label]
+    assert (r["requests"], r["errors"]) == (6, 0), label
+    assert r["requests_per_s"] > 0 and r["tokens_per_s"] > 0, label
+    assert r["ttft_p50_s"] <= r["ttft_p99_s"], label
+  assert result["continuous_vs_static"] > 0 and result["prompts_vs_none"] > 0
