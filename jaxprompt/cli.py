@@ -272,6 +272,7 @@ def _bench_serve(args) -> dict:
     rate=args.rate,
     clients=args.clients,
     width=args.width,
+    decode_steps=args.decode_steps,
   )
   return run_mixed_bench(args.model, workload, tokenizer=args.tokenizer)
 
@@ -768,6 +769,12 @@ def _add_bench_serve_flags(p: argparse.ArgumentParser) -> None:
     "--rate", type=float, default=0.0, help="with --mixed: open-loop Poisson arrivals per second (0: --clients)"
   )
   g.add_argument("--width", type=int, default=8, help="with --mixed: decode slots = static batch size (default 8)")
+  g.add_argument(
+    "--decode-steps",
+    type=int,
+    default=8,
+    help="with --mixed: the continuous scheduler's decode steps per call at most (serve --decode-steps; default 8)",
+  )
 
 
 # generation flags: each left out keeps config.GenerateConfig's default
@@ -950,6 +957,13 @@ def _add_serve_batching(p) -> None:
   )
   p.add_argument(
     "--slots", type=int, default=16, help="continuous: decode slots, requests decoded at once (default 16)"
+  )
+  p.add_argument(
+    "--decode-steps",
+    type=int,
+    default=8,
+    help="continuous: decode steps per device call at most, taken only while every slot is busy and no request "
+    "would pass its max_tokens inside the call (fewer calls and host round trips; 1: one step per call; default 8)",
   )
   p.add_argument(
     "--prompt-slots",

@@ -349,8 +349,8 @@ def test_overload_gives_503s_and_sigterm_answers_requests_in_flight_then_exits_0
     assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
     err = proc.stderr.read()
     # warm-up (the continuous scheduler): a prefill for batch buckets 1, 2 x length bucket 16, whatever the prompts,
-    # and the one generate step
-    assert "warmed up 3 shapes" in err and "server stopped" in err, err[-3000:]
+    # and the generate step at 1, 2, 4 and 8 steps per call (--decode-steps 8)
+    assert "warmed up 6 shapes" in err and "server stopped" in err, err[-3000:]
   finally:
     if proc.poll() is None:
       proc.kill()

@@ -270,7 +270,28 @@ def test_a_free_slot_decodes_greedily_whatever_a_finished_request_left_in_it(end
   for _ in range(3):
     logits, _ = model.decode_step(state["cache"], state["tokens"], state["t"])
     state, out = S.step(engine.graphdef, engine.state, state, np.zeros(n, bool), live, layout=layout)
-    np.testing.assert_array_equal(np.asarray(out[0])[~live], np.argmax(np.asarray(logits), -1)[~live])
+    np.testing.assert_array_equal(np.asarray(out[0])[0, ~live], np.argmax(np.asarray(logits), -1)[~live])
+
+
+def test_several_decode_steps_per_call_while_every_slot_is_busy_give_each_request_its_own_text(endless_server):
+  """With every slot busy the scheduler runs several decode steps per device call (`--decode-steps`, default 8,
+  no more than any request has left); the texts are those of the same requests sent one at a time (one step per
+  call: a slot is free), greedy and seeded sampling alike."""
+  url, engine = endless_server
+  bodies = [dict(model="base", prompt=t, max_tokens=20, temperature=0) for t in TEXTS[:3]]
+  bodies.append(dict(model="one", prompt=TEXTS[3], max_tokens=20, temperature=0.8, top_p=0.9, seed=7))
+
+  async def together():
+    async with httpx.AsyncClient(timeout=120) as c:
+      return await asyncio.gather(*[c.post(url + "/v1/completions", json=b) for b in bodies])
+
+  alone = [httpx.post(url + "/v1/completions", json=b, timeout=120).json()["choices"][0]["text"] for b in bodies]
+  before = _histogram(httpx.get(url + "/metrics").text, "jaxprompt_decode_steps_per_call")
+  responses = asyncio.run(asyncio.wait_for(together(), 120))
+  after = _histogram(httpx.get(url + "/metrics").text, "jaxprompt_decode_steps_per_call")
+  assert [r.json()["choices"][0]["text"] for r in responses] == alone
+  calls, steps = after["count"] - before["count"], after["sum"] - before["sum"]
+  assert engine.slots.decode_steps == 8 and steps > calls  # some calls ran several steps (4 slots, all busy)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(endless_server):

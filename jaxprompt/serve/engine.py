@@ -386,14 +386,15 @@ class _Text:
 
 
 SCHEDULERS = ("auto", "continuous", "static")
+DECODE_STEPS = 8  # continuous: decode steps per call at most, when every slot is busy (`slots.SlotBatcher._steps`)
 
 
 class Engine:
   """Queue, batcher and the jitted calls. `scheduler` "continuous" (or "auto", the same; `serve.slots`: `slots`
-  decode slots, a request
-  admitted as soon as one is free, `max_batch` requests prefilled at once at most, `prompt_slots` room for prompts
-  added later) or "static" (see the module docstring: a batch runs until its longest request ends). `start()` runs
-  the worker thread; `stop()` lets it finish every queued request first."""
+  decode slots, a request admitted as soon as one is free, `max_batch` requests prefilled at once at most,
+  `prompt_slots` room for prompts added later, up to `decode_steps` decode steps per call while every slot is busy)
+  or "static" (see the module docstring: a batch runs until its longest request ends). `start()` runs the worker
+  thread; `stop()` lets it finish every queued request first."""
 
   def __init__(
     self,
@@ -411,6 +412,7 @@ class Engine:
     scheduler: str = "auto",
     slots: int = 16,
     prompt_slots: int = 0,
+    decode_steps: int = DECODE_STEPS,
   ):
     self.base, self.tokenizer, self.store = base, tokenizer, store
     self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
@@ -444,7 +446,7 @@ class Engine:
     if scheduler in ("auto", "continuous"):
       from jaxprompt.serve.slots import SlotBatcher
 
-      self.slots = SlotBatcher(self, slots=slots, prompt_slots=prompt_slots)
+      self.slots = SlotBatcher(self, slots=slots, prompt_slots=prompt_slots, decode_steps=decode_steps)
       if metrics is not None:
         metrics.slots.set(slots)
 

@@ -49,6 +49,12 @@ class Metrics:
       registry=r,
       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
     )
+    self.steps_per_call = Histogram(
+      "jaxprompt_decode_steps_per_call",
+      "decode steps run by one device call (continuous scheduler: several while every slot is busy)",
+      registry=r,
+      buckets=(1, 2, 4, 8, 16, 32, 64),
+    )
 
   def watch_prompts(self, stats: Callable) -> None:
     """Report the prompt tiers (`PromptStore.stats`: host prompts, device cache hits / misses / evictions / bytes)

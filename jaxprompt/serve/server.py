@@ -149,6 +149,7 @@ def run(args) -> int:
     scheduler=args.scheduler,
     slots=args.slots,
     prompt_slots=args.prompt_slots,
+    decode_steps=args.decode_steps,
     prompt_cache=args.prompt_cache,
     prompt_cache_mb=args.prompt_cache_mb,
     max_request_bytes=args.max_request_bytes,

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprompt.errors import UserError
 from jaxprompt.inference import decoding
 from jaxprompt.models import kv as KV
 from jaxprompt.models.interface import Prefix
@@ -235,17 +236,22 @@ def admit(graphdef, state, slots, ids, mask, rows, settings, seeds, want, at, *,
   return KV.insert_rows(slots, new, at), first
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("slots",))
-def step(graphdef, state, slots, want, live, *, layout: Layout):
-  """One token for every slot -> (slots, the tokens [N] with their log-probabilities: `_scored`; want [N]: the
-  slots whose requests ask for alternatives; live [N]: the slots holding a request — a free one decodes greedily,
-  so the settings a finished request left behind (or a never used slot's zeros) never make a step sample)."""
-  model = nnx.merge(graphdef, state)
+def _one_step(model, slots, want, live, layout: Layout) -> tuple[dict, tuple]:
   logits, cache = model.decode_step(slots["cache"], slots["tokens"], slots["t"])
   settings = (slots["greedy"] | ~live, slots["temperature"], slots["top_k"], slots["top_p"])
   tok, keys = decoding.choose_rows(logits, jax.random.wrap_key_data(slots["keys"]), *settings)
   t = jnp.minimum(slots["t"] + 1, layout.max_new_tokens - 1)  # a free slot's step stays in range
   return dict(slots, cache=cache, tokens=tok, t=t, keys=jax.random.key_data(keys)), _scored(logits, tok, want)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "k"), donate_argnames=("slots",))
+def step(graphdef, state, slots, want, live, *, layout: Layout, k: int = 1):
+  """`k` tokens for every slot (k decode steps in one call) -> (slots, the tokens [k, N] with their
+  log-probabilities: `_scored`, each [k, N, ...]; want [N]: the slots whose requests ask for alternatives; live [N]:
+  the slots holding a request — a free one decodes greedily, so the settings a finished request left behind (or a
+  never used slot's zeros) never make a step sample)."""
+  model = nnx.merge(graphdef, state)
+  return jax.lax.scan(lambda s, _: _one_step(model, s, want, live, layout), slots, None, length=k)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -287,13 +293,18 @@ class _Live:
 class SlotBatcher:
   """The continuous scheduler of an `engine.Engine` (which owns the queue, the metrics and the text handling)."""
 
-  def __init__(self, engine, *, slots: int, prompt_slots: int = 0):
+  def __init__(self, engine, *, slots: int, prompt_slots: int = 0, decode_steps: int = 1):
     self.engine = e = engine
     prompts = [p for p in map(e.store.get, e.store.names()) if p is not None]
     self.layout = layout_for(
       e.base, prompts, slots=slots, input_length=e.lengths[-1], max_new_tokens=e.max_tokens, prompt_slots=prompt_slots
     )
     e.store.check = lambda prefix: misfit(self.layout, prefix)  # a prompt added later must fit
+    if decode_steps < 1:
+      raise UserError(f"--decode-steps {decode_steps}: give at least 1")
+    self.decode_steps = decode_steps
+    most = min(decode_steps, e.max_tokens)  # a call never runs past a request's max_tokens
+    self.step_sizes = tuple(2**i for i in range(most.bit_length()) if 2**i <= most)
     self.batch_sizes = tuple(b for b in e.batch_sizes if b <= slots) or (1,)
     self.max_prefill = self.batch_sizes[-1]
     self.eos = set(decoding.eos_ids(None, e.base.config))
@@ -418,25 +429,40 @@ class SlotBatcher:
     if e.metrics is not None:
       e.metrics.generated_tokens.inc(n)
 
+  def _steps(self) -> int:
+    """How many decode steps the next call runs: 1 while a slot is free (a request that arrives is admitted after
+    the next step); when every slot is busy, up to `decode_steps` at once (a power of two), but no more than any
+    live request has left of its max_tokens, so none ends by its length inside the call and its slot is refilled
+    right after it (one that ends at EOS or a stop string leaves its slot idle for the rest of the call)."""
+    if self.decode_steps == 1 or len(self.live) < self.layout.slots:
+      return 1
+    left = min(x.request.max_tokens - len(x.tokens) for x in self.live.values())
+    return max((k for k in self.step_sizes if k <= left), default=1)
+
   def _step(self) -> None:
     e, start = self.engine, time.monotonic()
-    if e.metrics is not None:
-      e.metrics.step_slots.observe(len(self.live))
+    k = self._steps()
     want = np.zeros((self.layout.slots,), bool)
     want[np.asarray([s for s, x in self.live.items() if x.request.wants_top], np.int32)] = True
     live = np.zeros((self.layout.slots,), bool)
     live[np.asarray(list(self.live), np.int32)] = True
-    self.state, out = step(e.graphdef, e.state, self.state, want, live, layout=self.layout)
+    self.state, out = step(e.graphdef, e.state, self.state, want, live, layout=self.layout, k=k)
     out, now = self._host(out, [x.request for x in self.live.values()]), time.monotonic()
-    busy = len(self.live)
-    for slot, entry in list(self.live.items()):
+    gaps = {slot: (now - entry.last) / k for slot, entry in self.live.items()}  # a call's tokens arrive together
+    tokens = 0
+    for j in range(k):  # the call's steps in order: a slot whose request ended takes no more of them
       if e.metrics is not None:
-        e.metrics.inter_token_latency.observe(now - entry.last)
-      entry.last = now
-      self._feed(slot, out, slot)
+        e.metrics.step_slots.observe(len(self.live))
+      for slot, entry in list(self.live.items()):
+        if e.metrics is not None:
+          e.metrics.inter_token_latency.observe(gaps[slot])
+        entry.last = now
+        tokens += 1
+        self._feed(slot, tuple(None if a is None else a[j] for a in out), slot)
     if e.metrics is not None:
-      e.metrics.generated_tokens.inc(busy)
-      e.metrics.tokens_per_second.set(busy / max(now - start, 1e-9))
+      e.metrics.steps_per_call.observe(k)
+      e.metrics.generated_tokens.inc(tokens)
+      e.metrics.tokens_per_second.set(tokens / max(now - start, 1e-9))
       e.metrics.slots_busy.set(len(self.live))
 
   @staticmethod
@@ -531,7 +557,8 @@ class SlotBatcher:
   # -- warm-up ---------------------------------------------------------------------------------------------------
 
   def warmup(self) -> int:
-    """Compile every admission (batch bucket x length bucket) and the generate step -> programs compiled."""
+    """Compile every admission (batch bucket x length bucket) and the generate step (each number of steps per call)
+    -> programs compiled."""
     e, count = self.engine, 0
     for b in self.batch_sizes:
       for length in e.lengths:
@@ -547,6 +574,7 @@ class SlotBatcher:
         first[0].block_until_ready()
         count += 1
     idle = np.zeros(self.layout.slots, bool)
-    self.state, out = step(e.graphdef, e.state, self.state, idle, idle, layout=self.layout)
-    out[0].block_until_ready()
-    return count + 1
+    for k in self.step_sizes:
+      self.state, out = step(e.graphdef, e.state, self.state, idle, idle, layout=self.layout, k=k)
+      out[0].block_until_ready()
+    return count + len(self.step_sizes)

@@ -234,6 +234,7 @@ class Mixed:
   clients: int = 16
   width: int = 8
   seed: int = 0
+  decode_steps: int = 8  # continuous: decode steps per call at most (`serve --decode-steps`)
 
 
 def run_mixed_bench(model: str, workload: Mixed, *, tokenizer: str | None = None, timeout: float = 1800.0) -> dict:
@@ -320,6 +321,7 @@ def _mixed_run(model: str, opts: dict, jobs, w: Mixed, timeout: float) -> dict:
     name="base",
     max_batch=w.width,
     slots=w.width,
+    decode_steps=w.decode_steps,
     max_wait_ms=5.0,
     max_tokens=w.max_tokens[1],
     max_input_tokens=16,
