@@ -121,7 +121,7 @@ class Cached:
 class InPlace:
   """Every layer's cache [Y, B, S, K, D] and the layer `y` that attends now: its new keys/values are written
   straight into the stacked arrays (in place under XLA: no per-step copy of the cache) and it attends over its own
-  S slots. Layers unrolled hand it on from one to the next; `attach` returns the updated stack."""
+  S slots. `scan_in_place` hands it from layer to layer in its carry; `attach` returns the updated stack."""
 
   keys: jax.Array
   values: jax.Array
