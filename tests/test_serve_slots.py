@@ -409,5 +409,4 @@ def test_the_mixed_serving_benchmark_serves_its_workload_with_every_scheduler(by
     r = result[label]
     assert (r["requests"], r["errors"]) == (6, 0), label
     assert r["requests_per_s"] > 0 and r["tokens_per_s"] > 0, label
-    assert r["ttft_p50_s"] <= r["ttft_p99_s"], label
   assert result["continuous_vs_static"] > 0 and result["prompts_vs_none"] > 0

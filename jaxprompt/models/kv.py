@@ -7,14 +7,14 @@ A self-attention layer attends over its own new keys/values plus, at most, one o
   `Fresh`    nothing else (a full forward pass);
   `Prefixed` P slots in front of its own (a key/value prefix: prefix tuning, deep prompts, a shared prompt's keys
              and values) — used as given, no rotary embedding applied to them, as PEFT stores them;
-  `Cached`   a cache of S slots [B, S, K, D]: the new keys/values are written at `index` (one slot for every row, or
-             each row's own slot [B] — a server's decode slots) and the layer attends over all S, the mask in the
-             bias deciding which slots are real.
-Sources hold every layer's arrays stacked [Y, ...]; the layer scan hands each layer its own slice, except a cache:
-a cached step's scan (`scan_in_place`) carries the whole stack and each layer writes into it (`InPlace`), so a
-decode step reads the cache and writes one slot per row instead of copying the whole cache. T5's decoder
-self-attention and the decoder-only models go through `self_attention`; `fill_prefix` writes a prefix into the
-front of a fresh cache for both.
+  `Cached`   a cache of S slots [Y, B, S, K, D]: each layer writes its new keys/values at `index` (one slot for
+             every row, or each row's own slot [B] — a server's decode slots) and attends over all S, the mask in
+             the bias deciding which slots are real. A cached step's layers run in `scan_in_place`, which carries
+             the whole stack and hands each layer an `InPlace` (the stack and its layer index) to write into, so a
+             step writes one slot per row instead of copying the cache.
+Prefixes hold every layer's arrays stacked [Y, ...] too; the layer scan hands each layer its own slice. T5's
+decoder self-attention and the decoder-only models go through `self_attention`; `fill_prefix` writes a prefix into
+the front of a fresh cache for both.
 """
 
 from __future__ import annotations
@@ -24,18 +24,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxprompt.models import layers as L
-
-
-def write_rows(cache: jax.Array, new: jax.Array, index) -> jax.Array:
-  """cache [.., B, S, K, D] with new [.., B, l, K, D] written at slot `index` (a scalar: every row; [B]: row b at
-  index[b]) along the slot axis (-3)."""
-  new = new.astype(cache.dtype)
-  if jnp.ndim(index) == 0:
-    start = (0,) * (cache.ndim - 3) + (index, 0, 0)
-    return jax.lax.dynamic_update_slice(cache, new, start)
-  axis = cache.ndim - 4  # the batch axis
-  put = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0))  # noqa: E731
-  return jax.vmap(put, in_axes=(axis, axis, 0), out_axes=axis)(cache, new, jnp.asarray(index, jnp.int32))
 
 
 def write_layer_rows(cache: jax.Array, new: jax.Array, layer, index) -> jax.Array:
@@ -51,10 +39,10 @@ def write_layer_rows(cache: jax.Array, new: jax.Array, layer, index) -> jax.Arra
 
 def scan_in_place(layer_fn, x: jax.Array, stacked: dict, rng: jax.Array | None, per_layer: dict):
   """`layers.scan_layers` for a cached step: `per_layer["kv"]` (a `Cached` stack [Y, B, S, K, D]) rides in the
-  scan's carry as `InPlace` and each layer writes its new keys/values into it, where a scan over it as a per-layer
-  input slices every layer's cache out and stacks the written ones into a new cache on every step (three copies of
-  the whole cache per token). `layer_fn(p, x, rng, xs) -> (x, InPlace)`; the other `per_layer` entries are
-  stacked on axis 0 (None: nothing). -> (x, the updated `Cached`)."""
+  scan's carry as `InPlace` and each layer writes its new keys/values into it (a scan over the cache as a per-layer
+  input, what this replaced, sliced every layer's cache out and stacked the written ones into a new cache: three
+  copies of the whole cache per token). `layer_fn(p, x, rng, xs) -> (x, InPlace)`; the other `per_layer` entries
+  are stacked on axis 0 (None: nothing). -> (x, the updated `Cached`)."""
   kv, rest = per_layer["kv"], {k: a for k, a in per_layer.items() if k != "kv"}
   num_layers = jax.tree.leaves(stacked)[0].shape[0]
   rngs = None if rng is None else L.split_keys(rng, num_layers)
@@ -106,15 +94,11 @@ class Prefixed:
 
 @struct.dataclass
 class Cached:
-  """A cache [(Y,) B, S, K, D]: the layer's new keys/values are written at `index` and it attends over all S slots
-  (the bias masks the unused ones). `attach` returns the updated cache."""
+  """A cache [Y, B, S, K, D] (see the module docstring): a stack's layers run over it in `scan_in_place`, each
+  layer getting an `InPlace`."""
 
   keys: jax.Array
   values: jax.Array
-
-  def attach(self, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, jax.Array, "Cached"]:
-    keys, values = write_rows(self.keys, k, index), write_rows(self.values, v, index)
-    return keys, values, Cached(keys, values)
 
 
 @struct.dataclass
@@ -157,7 +141,8 @@ def fill_prefix(keys: jax.Array, values: jax.Array, prefix, batch_size: int, rep
   if prefix is None or prefix.kv_length == 0:
     return keys, values
   pk, pv = prefix.kv(batch_size, repeat=repeat)
-  return write_rows(keys, pk, 0), write_rows(values, pv, 0)
+  put = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0,) * cache.ndim)  # noqa: E731
+  return put(keys, pk), put(values, pv)
 
 
 def adaption_keys_values(p: dict, prompt: jax.Array) -> tuple[jax.Array, jax.Array]:

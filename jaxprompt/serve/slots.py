@@ -293,7 +293,7 @@ class _Live:
 class SlotBatcher:
   """The continuous scheduler of an `engine.Engine` (which owns the queue, the metrics and the text handling)."""
 
-  def __init__(self, engine, *, slots: int, prompt_slots: int = 0, decode_steps: int = 1):
+  def __init__(self, engine, *, slots: int, prompt_slots: int, decode_steps: int):
     self.engine = e = engine
     prompts = [p for p in map(e.store.get, e.store.names()) if p is not None]
     self.layout = layout_for(
@@ -434,7 +434,7 @@ class SlotBatcher:
     the next step); when every slot is busy, up to `decode_steps` at once (a power of two), but no more than any
     live request has left of its max_tokens, so none ends by its length inside the call and its slot is refilled
     right after it (one that ends at EOS or a stop string leaves its slot idle for the rest of the call)."""
-    if self.decode_steps == 1 or len(self.live) < self.layout.slots:
+    if len(self.live) < self.layout.slots:
       return 1
     left = min(x.request.max_tokens - len(x.tokens) for x in self.live.values())
     return max((k for k in self.step_sizes if k <= left), default=1)
