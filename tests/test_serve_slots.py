@@ -294,6 +294,60 @@ def test_several_decode_steps_per_call_while_every_slot_is_busy_give_each_reques
   assert engine.slots.decode_steps == 8 and steps > calls  # some calls ran several steps (4 slots, all busy)
 
 
+async def _streamed(c, url: str, body: dict) -> dict:
+  """A streamed completion: its text, finish reason, usage, log-probabilities (tokens and values, every chunk's)
+  and how many events carried text."""
+  out = dict(text="", finish=None, usage=None, tokens=[], logprobs=[], events=0)
+  async with c.stream("POST", url + "/v1/completions", json=body) as r:
+    assert r.status_code == 200
+    async for line in r.aiter_lines():
+      if not line.startswith("data: {"):
+        continue
+      event = json.loads(line[6:])
+      if event.get("usage"):
+        out["usage"] = event["usage"]["completion_tokens"]
+        continue
+      choice = event["choices"][0]
+      out["events"] += bool(choice["text"])
+      out["text"] += choice["text"]
+      out["finish"] = choice["finish_reason"] or out["finish"]
+      if choice.get("logprobs"):
+        out["tokens"] += choice["logprobs"]["tokens"]
+        out["logprobs"] += choice["logprobs"]["token_logprobs"]
+  return out
+
+
+def test_a_call_of_several_steps_streams_its_tokens_at_once_and_ends_a_request_at_its_stop_string(endless_server):
+  """With every slot busy a call of k steps hands each request its k tokens at once: one stream event for them
+  (not one per token), and a stop string completed among them ends the request at the token that completes it —
+  text, finish reason, usage and log-probabilities are those of the same request alone (one step per call)."""
+  url, _ = endless_server
+  plain = [
+    dict(model=m, prompt=t, max_tokens=30, temperature=0, logprobs=1, stream=True, stream_options={"include_usage": 1})
+    for m, t in zip(("base", "one", "two", "base"), TEXTS, strict=True)
+  ]
+
+  async def alone(bodies):
+    async with httpx.AsyncClient(timeout=120) as c:
+      return [await _streamed(c, url, b) for b in bodies]
+
+  async def together(bodies):
+    async with httpx.AsyncClient(timeout=120) as c:
+      return await asyncio.gather(*[_streamed(c, url, b) for b in bodies])
+
+  texts = [r["text"] for r in asyncio.run(asyncio.wait_for(alone(plain), 300))]
+  stops = [next(t[i : i + 2] for i in range(8, len(t) - 1) if "\ufffd" not in t[i : i + 2]) for t in texts]
+  bodies = [dict(b, stop=[s]) for b, s in zip(plain, stops, strict=True)]
+  one_by_one = asyncio.run(asyncio.wait_for(alone(bodies), 300))
+  crowded = asyncio.run(asyncio.wait_for(together(bodies), 300))
+  same = ("text", "finish", "usage", "tokens")
+  for a, b, stop in zip(one_by_one, crowded, stops, strict=True):
+    assert a["finish"] == "stop" and stop not in a["text"] and a["usage"] < 30
+    assert [b[k] for k in same] == [a[k] for k in same]
+    np.testing.assert_allclose(b["logprobs"], a["logprobs"], atol=1e-5)  # batch rows round differently: 1e-6
+  assert sum(b["events"] for b in crowded) < sum(a["events"] for a in one_by_one)  # calls of several tokens
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(endless_server):
   url, engine = endless_server
   body = dict(model="one", prompt=TEXTS[0], max_tokens=1000, temperature=0, stream=True)

@@ -363,6 +363,10 @@ class _Text:
     at = [text.find(s) for s in self.stop if s and s in text]
     return (text[: min(at)], True) if at else (text, False)
 
+  def stops(self, tokens: list[int]) -> bool:
+    """Whether the text of `tokens` holds a stop string."""
+    return self._cut(self.tokenizer.decode(tokens, skip_special_tokens=True))[1]
+
   def update(self, tokens: list[int], final: bool) -> None:
     text, self.stopped = self._cut(self.tokenizer.decode(tokens, skip_special_tokens=True))
     self.text = text

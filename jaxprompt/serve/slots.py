@@ -425,7 +425,7 @@ class SlotBatcher:
       self.live[slot] = entry
       if e.metrics is not None:
         e.metrics.time_to_first_token.observe(now - r.created)
-      self._feed(slot, first, j)
+      self._feed(slot, tuple(None if a is None else a[j : j + 1] for a in first))
     if e.metrics is not None:
       e.metrics.generated_tokens.inc(n)
 
@@ -448,21 +448,21 @@ class SlotBatcher:
     live[np.asarray(list(self.live), np.int32)] = True
     self.state, out = step(e.graphdef, e.state, self.state, want, live, layout=self.layout, k=k)
     out, now = self._host(out, [x.request for x in self.live.values()]), time.monotonic()
-    gaps = {slot: (now - entry.last) / k for slot, entry in self.live.items()}  # a call's tokens arrive together
-    tokens = 0
-    for j in range(k):  # the call's steps in order: a slot whose request ended takes no more of them
+    taken = []  # how many of the call's k tokens each slot took (a request that ends takes no more)
+    for slot, entry in list(self.live.items()):
+      gap = (now - entry.last) / k  # a call's tokens arrive together
+      entry.last = now
+      n = self._feed(slot, tuple(None if a is None else a[:, slot] for a in out))
+      taken.append(n)
       if e.metrics is not None:
-        e.metrics.step_slots.observe(len(self.live))
-      for slot, entry in list(self.live.items()):
-        if e.metrics is not None:
-          e.metrics.inter_token_latency.observe(gaps[slot])
-        entry.last = now
-        tokens += 1
-        self._feed(slot, tuple(None if a is None else a[j] for a in out), slot)
+        for _ in range(n):
+          e.metrics.inter_token_latency.observe(gap)
     if e.metrics is not None:
+      for j in range(k):  # the slots still decoding at each of the call's steps
+        e.metrics.step_slots.observe(sum(n > j for n in taken))
       e.metrics.steps_per_call.observe(k)
-      e.metrics.generated_tokens.inc(tokens)
-      e.metrics.tokens_per_second.set(tokens / max(now - start, 1e-9))
+      e.metrics.generated_tokens.inc(sum(taken))
+      e.metrics.tokens_per_second.set(sum(taken) / max(now - start, 1e-9))
       e.metrics.slots_busy.set(len(self.live))
 
   @staticmethod
@@ -477,26 +477,46 @@ class SlotBatcher:
       *(np.asarray(a) if any(r.wants_top for r in asked) else None for a in top),
     )
 
-  def _feed(self, slot: int, out: tuple, j: int) -> None:
-    """A slot's next token (row j of `_host`'s arrays): stream its text; when the request ended, answer it and free
-    the slot."""
+  def _feed(self, slot: int, out: tuple) -> int:
+    """A slot's next tokens (`_host`'s arrays for this slot, [m, ...]: one call's steps, in order): take them up to
+    the end of its request (EOS, max_tokens, a stop string), stream their text at once (one update, one stream
+    event, however many tokens), and when the request ended answer it and free the slot -> the tokens taken."""
     entry = self.live[slot]
     r = entry.request
     tokens, logprobs, top_values, top_ids = out
-    tok = int(tokens[j])
+    before = len(entry.tokens)
+    new = tokens[: r.max_tokens - before].tolist()
+    ends = [j for j, tok in enumerate(new) if tok in self.eos]
+    new = new[: ends[0] + 1] if ends else new
+    if len(new) > 1 and entry.text.stop:  # a stop string ends the request at the first token that completes it
+      new = new[: self._stop_at(entry, new)]
     if entry.text.logprobs is not None:
-      top = (top_values[j : j + 1], top_ids[j : j + 1]) if r.logprobs else (None, None)
-      entry.text.logprobs += lp.entries([tok], logprobs[j : j + 1], *top, k=r.logprobs)
-    entry.tokens.append(tok)
-    k = len(entry.tokens)
-    ended = tok in self.eos
-    final = ended or k >= r.max_tokens
+      top = (top_values, top_ids) if r.logprobs else (None, None)
+      entry.text.logprobs += lp.entries(new, logprobs, *top, k=r.logprobs)
+    entry.tokens += new
+    ended = new[-1] in self.eos
+    final = ended or len(entry.tokens) >= r.max_tokens
     entry.text.update(entry.tokens[:-1] if ended else entry.tokens, final)
     if final or entry.text.stopped:
       finish = "stop" if ended or entry.text.stopped else "length"
       self._release(slot)
-      result = dict(text=entry.text.text, finish_reason=finish, prompt_tokens=len(r.tokens), completion_tokens=k)
+      result = dict(
+        text=entry.text.text, finish_reason=finish, prompt_tokens=len(r.tokens), completion_tokens=len(entry.tokens)
+      )
       self._finish(r, dict(result, logprobs=entry.text.logprobs))
+    return len(new)
+
+  @staticmethod
+  def _stop_at(entry: _Live, new: list) -> int:
+    """How many of `new` a request takes when a stop string may end it among them: up to the first whose text
+    completes one (all of them when none does)."""
+    text = entry.text
+    if not text.stops(entry.tokens + new):
+      return len(new)
+    for n in range(1, len(new)):
+      if text.stops(entry.tokens + new[:n]):
+        return n
+    return len(new)
 
   def _release(self, slot: int) -> None:
     del self.live[slot]
