@@ -1,6 +1,7 @@
 """`jaxprompt bench --serve`: the server under C concurrent clients over K prompts, against the same requests served
 one at a time by jaxprompt and against PEFT's pattern (one PeftModel with K adapters, `set_adapter` and `generate`
-per request), all in one invocation on this machine. Localhost only, bounded in requests and time.
+per request), all in one invocation on this machine. Localhost only, bounded in requests and time. The clients run
+in a process of their own (`loadgen`), so they do not take the server's interpreter lock.
 
 Every request is greedy with the same max_tokens, so all three do the same decoding work per request (PEFT's
 `generate` stops a row at EOS as ours does). Random soft prompts [P, H] stand in for trained ones.
@@ -8,14 +9,14 @@ Every request is greedy with the same max_tokens, so all three do the same decod
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from jaxprompt.tools import loadgen
 
 INPUTS = [
   "Once upon a time",
@@ -27,46 +28,6 @@ INPUTS = [
   "Mom said",
   "They played with",
 ]
-
-
-def _pct(xs, q):
-  return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
-
-
-async def _drive(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int, timeout: float):
-  import httpx
-
-  queue: asyncio.Queue = asyncio.Queue()
-  for j in jobs:
-    queue.put_nowait(j)
-  latencies, tokens, errors = [], [0], [0]
-
-  async def client(c):
-    while not queue.empty():
-      name, text = queue.get_nowait()
-      t = time.perf_counter()
-      r = await c.post(
-        url + "/v1/completions", json=dict(model=name, prompt=text, max_tokens=max_tokens, temperature=0)
-      )
-      latencies.append(time.perf_counter() - t)
-      if r.status_code == 200:
-        tokens[0] += r.json()["usage"]["completion_tokens"]
-      else:
-        errors[0] += 1
-
-  async with httpx.AsyncClient(timeout=timeout) as c:
-    start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*[client(c) for _ in range(clients)]), timeout)
-    wall = time.perf_counter() - start
-  return dict(
-    requests=len(jobs),
-    seconds=wall,
-    requests_per_s=len(jobs) / wall,
-    tokens_per_s=tokens[0] / wall,
-    p50_s=_pct(latencies, 50),
-    p99_s=_pct(latencies, 99),
-    errors=errors[0],
-  )
 
 
 def _batch_mean(url: str) -> float:
@@ -116,8 +77,8 @@ def _peft(folder: Path, prompts: dict[str, np.ndarray], jobs, max_tokens: int) -
     seconds=wall,
     requests_per_s=len(jobs) / wall,
     tokens_per_s=tokens / wall,
-    p50_s=_pct(latencies, 50),
-    p99_s=_pct(latencies, 99),
+    p50_s=loadgen.pct(latencies, 50),
+    p99_s=loadgen.pct(latencies, 99),
     errors=0,
   )
 
@@ -181,7 +142,8 @@ def _serve_under_load(model: str, label: str, result: dict, opts: dict, jobs, *,
   programs, seconds = engine.warmup()  # every batch x length bucket compiled before the clock starts
   result[label + "_warmup"] = dict(programs=programs, seconds=seconds)
   with serving(app) as url:
-    result[label] = asyncio.run(_drive(url, jobs, clients, result["max_tokens"], timeout))
+    spec = dict(kind="closed", url=url, jobs=jobs, clients=clients, max_tokens=result["max_tokens"], timeout=timeout)
+    result[label] = loadgen.run(spec)
     result[label]["mean_batch"] = _batch_mean(url)
   print(
     f"{label}: {result[label]['requests_per_s']:.2f} req/s, {result[label]['tokens_per_s']:.1f} tok/s, "
@@ -330,14 +292,15 @@ def _mixed_run(model: str, opts: dict, jobs, w: Mixed, timeout: float) -> dict:
   )
   programs, seconds = engine.warmup()
   with serving(app) as url:
+    spec = dict(kind="stream", url=url, jobs=jobs, rate=w.rate, clients=w.clients, seed=w.seed, timeout=timeout)
     for _ in range(REHEARSALS):  # rehearsals: the shapes the workload needs compiled
       seen = len(_COMPILES)
-      asyncio.run(_stream_load(url, jobs, w, timeout))
+      loadgen.run(spec)
       if len(_COMPILES) == seen:
         break
     counters = ("jaxprompt_generated_tokens_total", "jaxprompt_step_busy_slots_sum", "jaxprompt_step_busy_slots_count")
     before, compiled = [_counter(url, n) for n in counters], list(_COMPILES)
-    out = asyncio.run(_stream_load(url, jobs, w, timeout))
+    out = loadgen.run(spec)
     tokens, busy, steps = (_counter(url, n) - b for n, b in zip(counters, before, strict=True))
     out.update(tokens_per_s=tokens / out["seconds"], mean_busy_slots=busy / steps if steps else None)
   late = _COMPILES[len(compiled) :]  # a batch of a new shape still compiles in the timed pass (static)
@@ -365,68 +328,6 @@ def _counter(url: str, name: str) -> float:
     if line.startswith(name + " "):
       return float(line.split()[1])
   return 0.0
-
-
-async def _stream_one(c, url: str, job, stats: dict) -> None:
-  """One streamed completion: its time to first text and mean gap between its tokens after that."""
-  name, text, k = job
-  body = dict(model=name, prompt=text, max_tokens=k, temperature=0, stream=True, stream_options={"include_usage": True})
-  sent, first, last, tokens = time.perf_counter(), None, None, 0
-  async with c.stream("POST", url + "/v1/completions", json=body) as r:
-    if r.status_code != 200:
-      stats["errors"] += 1
-      return
-    async for line in r.aiter_lines():
-      if not line.startswith("data: {"):
-        continue
-      event = json.loads(line[6:])
-      if event.get("usage"):
-        tokens = event["usage"]["completion_tokens"]
-        continue
-      now = time.perf_counter()
-      if first is None and (event["choices"][0]["text"] or event["choices"][0]["finish_reason"]):
-        first = now
-      last = now
-  stats["ttft"].append(first - sent)
-  if tokens > 1:
-    stats["itl"].append((last - first) / (tokens - 1))
-
-
-async def _stream_load(url: str, jobs, w: Mixed, timeout: float) -> dict:
-  import httpx
-
-  stats: dict = dict(ttft=[], itl=[], errors=0)
-  limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
-  async with httpx.AsyncClient(timeout=timeout, limits=limits) as c:
-    start = time.perf_counter()
-    if w.rate > 0:  # open loop: Poisson arrivals, whatever the server's pace
-      gaps = np.random.default_rng(w.seed + 1).exponential(1.0 / w.rate, len(jobs))
-
-      async def arrive(job, at):
-        await asyncio.sleep(max(at - (time.perf_counter() - start), 0.0))
-        await _stream_one(c, url, job, stats)
-
-      runs = [arrive(j, t) for j, t in zip(jobs, np.cumsum(gaps), strict=True)]
-    else:  # closed loop: each client sends its next request when the last one is answered
-      queue = list(jobs)[::-1]
-
-      async def client():
-        while queue:
-          await _stream_one(c, url, queue.pop(), stats)
-
-      runs = [client() for _ in range(w.clients)]
-    await asyncio.wait_for(asyncio.gather(*runs), timeout)
-    wall = time.perf_counter() - start
-  return dict(
-    requests=len(jobs),
-    seconds=wall,
-    requests_per_s=len(jobs) / wall,
-    ttft_p50_s=_pct(stats["ttft"], 50),
-    ttft_p99_s=_pct(stats["ttft"], 99),
-    itl_p50_s=_pct(stats["itl"], 50),
-    itl_p99_s=_pct(stats["itl"], 99),
-    errors=stats["errors"],
-  )
 
 
 def _print_run(label: str, r: dict) -> None:
