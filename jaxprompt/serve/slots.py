@@ -16,6 +16,12 @@ thread loops:
     and frees the slot of every request that ended (EOS, its max_tokens, a stop string, its client gone), so the
     next admission reuses it at once. Each token comes with its log-probability (`decoding.chosen_logprobs`) and,
     in a step where some row asks for them, every row's top 5 (`serve.logprobs`; a conditional, not a program).
+    While every slot is busy a call runs up to `--decode-steps` steps, and a request's tokens from one call reach
+    its stream together.
+
+The loop runs one call ahead of the host: each step is dispatched before the host reads the previous call's tokens
+(JAX dispatches asynchronously), so the device computes while the host streams text and frees slots; a request that
+ended is stepped once more, unread, and its slot admitted to one call later.
 
 Prompts of every method share a call: each prompt is padded to the server's prompt slots (`Layout`; on the
 left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
@@ -29,6 +35,7 @@ bucket x length bucket, one generate step, and one classification per batch buck
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -288,6 +295,12 @@ class _Live:
   text: object  # engine._Text
   tokens: list = dataclasses.field(default_factory=list)
   last: float = 0.0
+  sent: int = 1  # tokens the device was asked for (its first at admission): len(tokens) plus those still in flight
+
+  @property
+  def active(self) -> bool:
+    """Whether a call still has to run for it (its remaining tokens not all asked for yet)."""
+    return self.sent < self.request.max_tokens
 
 
 class SlotBatcher:
@@ -312,6 +325,7 @@ class SlotBatcher:
     self.state = empty_slots(e.graphdef, e.state, self.layout, self._none, e._pad)
     self.free = list(range(slots))[::-1]
     self.live: dict[int, _Live] = {}
+    self.inflight: collections.deque = collections.deque()  # dispatched calls whose tokens the host has not read
 
   # -- prompts as rows ---------------------------------------------------------------------------------------------
 
@@ -336,6 +350,10 @@ class SlotBatcher:
   # -- the loop --------------------------------------------------------------------------------------------------
 
   def run(self) -> None:
+    """The loop, pipelined one call deep: a step is dispatched before the host reads the previous call's tokens, so
+    the device runs it while the host streams text and frees slots (JetStream's and vLLM's asynchronous
+    scheduling). The cost: a request that ended at EOS or a stop string is stepped once more (its tokens from that
+    call are dropped), and its slot is admitted to one call later."""
     while True:
       new = self._take()
       if new is None:
@@ -343,34 +361,44 @@ class SlotBatcher:
       self._guarded(self._classify, [r for r in new if r.kind == "classify"])
       self._guarded(self._admit, [r for r in new if r.kind != "classify"])
       self._drop_cancelled()
-      if self.live:
+      stepped = any(x.active for x in self.live.values())
+      if stepped:
         self._guarded(self._step, None)
+      self._guarded(self._read, 1 if stepped else 0)
 
-  def _guarded(self, fn, reqs) -> None:
-    """Run a device call; when it fails, its requests and every live one get the exception (the slots' state was
-    handed to the failed call) and the slots start empty again."""
-    if reqs == []:
+  def _guarded(self, fn, arg) -> None:
+    """Run a device call (or read calls' results); when it fails, its requests and every live one get the exception
+    (the slots' state was handed to the failed call) and the slots start empty again."""
+    if arg == []:
       return
     try:
-      fn(reqs) if reqs is not None else fn()
+      fn(arg) if arg is not None else fn()
     except Exception as ex:  # noqa: BLE001 — failed requests are answered, the server goes on
       log.exception("serving call failed")
-      for r in list(reqs or ()) + [x.request for x in self.live.values()]:
+      reqs = arg if isinstance(arg, list) else []
+      for r in reqs + [x.request for x in self.live.values()]:
         if not r.answered:
           self._finish(r, ex)
       self.live.clear()
+      self.inflight.clear()
       self.free = list(range(self.layout.slots))[::-1]
       self.state = empty_slots(self.engine.graphdef, self.engine.state, self.layout, self._none, self.engine._pad)
+
+  def _read(self, keep: int) -> None:
+    """Read the results of every dispatched call but the last `keep` (in order): stream, answer, free slots."""
+    while len(self.inflight) > keep:
+      read, *args = self.inflight.popleft()
+      read(*args)
 
   def _take(self) -> list | None:
     """The requests to admit now ([] to keep stepping; None: stopped and nothing left)."""
     e = self.engine
     with e._cond:
-      while not e._pending and not self.live:
+      while not e._pending and not self.live and not self.inflight:
         if e._stopping:
           return None
         e._cond.wait()
-      if not self.live and not e._stopping:  # idle: give a burst a moment to share one prefill
+      if e._pending and not self.live and not self.inflight and not e._stopping:  # idle: a burst shares a prefill
         deadline = e._pending[0].created + e.max_wait
         while len(e._pending) < self.max_prefill and (left := deadline - time.monotonic()) > 0 and not e._stopping:
           e._cond.wait(left)
@@ -419,37 +447,56 @@ class SlotBatcher:
     self.state, first = admit(
       e.graphdef, e.state, self.state, ids, mask, prefixes, settings, seeds, want, at, layout=self.layout
     )
-    first, now = self._host(first, reqs), time.monotonic()
-    for j, (r, slot) in enumerate(zip(reqs, slots, strict=False)):
-      entry = _Live(r, e.new_text(r), last=now)
-      self.live[slot] = entry
-      if e.metrics is not None:
-        e.metrics.time_to_first_token.observe(now - r.created)
-      self._feed(slot, tuple(None if a is None else a[j : j + 1] for a in first))
-    if e.metrics is not None:
-      e.metrics.generated_tokens.inc(n)
+    entries = [(slot, _Live(r, e.new_text(r))) for r, slot in zip(reqs, slots, strict=False)]
+    self.live.update(entries)
+    self.inflight.append((self._admitted, first, entries))
 
-  def _steps(self) -> int:
+  def _admitted(self, first: tuple, entries: list) -> None:
+    """An admission's first tokens: each request's first text (a request gone meanwhile is skipped)."""
+    e = self.engine
+    first, now = self._host(first, [x.request for _, x in entries]), time.monotonic()
+    for j, (slot, entry) in enumerate(entries):
+      if self.live.get(slot) is not entry:
+        continue
+      entry.last = now
+      if e.metrics is not None:
+        e.metrics.time_to_first_token.observe(now - entry.request.created)
+        e.metrics.generated_tokens.inc()
+      self._feed(slot, tuple(None if a is None else a[j : j + 1] for a in first))
+
+  def _steps(self, active: list) -> int:
     """How many decode steps the next call runs: 1 while a slot is free (a request that arrives is admitted after
     the next step); when every slot is busy, up to `decode_steps` at once (a power of two), but no more than any
-    live request has left of its max_tokens, so none ends by its length inside the call and its slot is refilled
+    active request has left of its max_tokens, so none ends by its length inside the call and its slot is refilled
     right after it (one that ends at EOS or a stop string leaves its slot idle for the rest of the call)."""
     if len(self.live) < self.layout.slots:
       return 1
-    left = min(x.request.max_tokens - len(x.tokens) for x in self.live.values())
+    left = min(x.request.max_tokens - x.sent for x in active)
     return max((k for k in self.step_sizes if k <= left), default=1)
 
   def _step(self) -> None:
-    e, start = self.engine, time.monotonic()
-    k = self._steps()
+    """Dispatch a call of k decode steps over every slot (the active ones sample under their settings, the others
+    decode greedily, unread)."""
+    e = self.engine
+    active = [(slot, x) for slot, x in self.live.items() if x.active]
+    k = self._steps([x for _, x in active])
     want = np.zeros((self.layout.slots,), bool)
-    want[np.asarray([s for s, x in self.live.items() if x.request.wants_top], np.int32)] = True
+    want[np.asarray([s for s, x in active if x.request.wants_top], np.int32)] = True
     live = np.zeros((self.layout.slots,), bool)
-    live[np.asarray(list(self.live), np.int32)] = True
+    live[np.asarray([s for s, _ in active], np.int32)] = True
     self.state, out = step(e.graphdef, e.state, self.state, want, live, layout=self.layout, k=k)
-    out, now = self._host(out, [x.request for x in self.live.values()]), time.monotonic()
+    for _, x in active:
+      x.sent += k
+    self.inflight.append((self._stepped, out, active, k, time.monotonic()))
+
+  def _stepped(self, out: tuple, active: list, k: int, start: float) -> None:
+    """A call's tokens [k, N]: each request that was active in it takes its own (one that ended meanwhile none)."""
+    e = self.engine
+    out, now = self._host(out, [x.request for _, x in active]), time.monotonic()
     taken = []  # how many of the call's k tokens each slot took (a request that ends takes no more)
-    for slot, entry in list(self.live.items()):
+    for slot, entry in active:
+      if self.live.get(slot) is not entry:
+        continue
       gap = (now - entry.last) / k  # a call's tokens arrive together
       entry.last = now
       n = self._feed(slot, tuple(None if a is None else a[:, slot] for a in out))
