@@ -293,8 +293,10 @@ class _Live:
 
   request: object
   text: object  # engine._Text
+  slot: int
   tokens: list = dataclasses.field(default_factory=list)
   last: float = 0.0
+  closed: bool = False  # answered: results still in flight for it are dropped
   sent: int = 1  # tokens the device was asked for (its first at admission): len(tokens) plus those still in flight
 
   @property
@@ -324,7 +326,8 @@ class SlotBatcher:
     self._none = self._device_row(None)
     self.state = empty_slots(e.graphdef, e.state, self.layout, self._none, e._pad)
     self.free = list(range(slots))[::-1]
-    self.live: dict[int, _Live] = {}
+    self.live: dict[int, _Live] = {}  # the requests in the slots the next call steps
+    self.retiring: dict[int, _Live] = {}  # by id: requests whose last tokens are in flight (their slots freed)
     self.inflight: collections.deque = collections.deque()  # dispatched calls whose tokens the host has not read
 
   # -- prompts as rows ---------------------------------------------------------------------------------------------
@@ -376,10 +379,11 @@ class SlotBatcher:
     except Exception as ex:  # noqa: BLE001 — failed requests are answered, the server goes on
       log.exception("serving call failed")
       reqs = arg if isinstance(arg, list) else []
-      for r in reqs + [x.request for x in self.live.values()]:
+      for r in reqs + [x.request for x in [*self.live.values(), *self.retiring.values()]]:
         if not r.answered:
           self._finish(r, ex)
       self.live.clear()
+      self.retiring.clear()
       self.inflight.clear()
       self.free = list(range(self.layout.slots))[::-1]
       self.state = empty_slots(self.engine.graphdef, self.engine.state, self.layout, self._none, self.engine._pad)
@@ -447,22 +451,32 @@ class SlotBatcher:
     self.state, first = admit(
       e.graphdef, e.state, self.state, ids, mask, prefixes, settings, seeds, want, at, layout=self.layout
     )
-    entries = [(slot, _Live(r, e.new_text(r))) for r, slot in zip(reqs, slots, strict=False)]
-    self.live.update(entries)
+    entries = [_Live(r, e.new_text(r), slot) for r, slot in zip(reqs, slots, strict=False)]
+    self.live.update((x.slot, x) for x in entries)
+    self._retire(entries)
     self.inflight.append((self._admitted, first, entries))
+
+  def _retire(self, entries: list) -> None:
+    """Free the slots of requests whose last tokens were just dispatched: the next admission may write them at once
+    (after the call in flight, in the device's order), while those tokens are still to be read."""
+    for x in entries:
+      if not x.active and self.live.get(x.slot) is x:
+        del self.live[x.slot]
+        self.free.append(x.slot)
+        self.retiring[id(x)] = x
 
   def _admitted(self, first: tuple, entries: list) -> None:
     """An admission's first tokens: each request's first text (a request gone meanwhile is skipped)."""
     e = self.engine
-    first, now = self._host(first, [x.request for _, x in entries]), time.monotonic()
-    for j, (slot, entry) in enumerate(entries):
-      if self.live.get(slot) is not entry:
+    first, now = self._host(first, [x.request for x in entries]), time.monotonic()
+    for j, entry in enumerate(entries):
+      if entry.closed:
         continue
       entry.last = now
       if e.metrics is not None:
         e.metrics.time_to_first_token.observe(now - entry.request.created)
         e.metrics.generated_tokens.inc()
-      self._feed(slot, tuple(None if a is None else a[j : j + 1] for a in first))
+      self._feed(entry, tuple(None if a is None else a[j : j + 1] for a in first))
 
   def _steps(self, active: list) -> int:
     """How many decode steps the next call runs: 1 while a slot is free (a request that arrives is admitted after
@@ -478,28 +492,29 @@ class SlotBatcher:
     """Dispatch a call of k decode steps over every slot (the active ones sample under their settings, the others
     decode greedily, unread)."""
     e = self.engine
-    active = [(slot, x) for slot, x in self.live.items() if x.active]
-    k = self._steps([x for _, x in active])
+    active = [x for x in self.live.values() if x.active]
+    k = self._steps(active)
     want = np.zeros((self.layout.slots,), bool)
-    want[np.asarray([s for s, x in active if x.request.wants_top], np.int32)] = True
+    want[np.asarray([x.slot for x in active if x.request.wants_top], np.int32)] = True
     live = np.zeros((self.layout.slots,), bool)
-    live[np.asarray([s for s, _ in active], np.int32)] = True
+    live[np.asarray([x.slot for x in active], np.int32)] = True
     self.state, out = step(e.graphdef, e.state, self.state, want, live, layout=self.layout, k=k)
-    for _, x in active:
+    for x in active:
       x.sent += k
+    self._retire(active)
     self.inflight.append((self._stepped, out, active, k, time.monotonic()))
 
   def _stepped(self, out: tuple, active: list, k: int, start: float) -> None:
     """A call's tokens [k, N]: each request that was active in it takes its own (one that ended meanwhile none)."""
     e = self.engine
-    out, now = self._host(out, [x.request for _, x in active]), time.monotonic()
+    out, now = self._host(out, [x.request for x in active]), time.monotonic()
     taken = []  # how many of the call's k tokens each slot took (a request that ends takes no more)
-    for slot, entry in active:
-      if self.live.get(slot) is not entry:
+    for entry in active:
+      if entry.closed:
         continue
       gap = (now - entry.last) / k  # a call's tokens arrive together
       entry.last = now
-      n = self._feed(slot, tuple(None if a is None else a[:, slot] for a in out))
+      n = self._feed(entry, tuple(None if a is None else a[:, entry.slot] for a in out))
       taken.append(n)
       if e.metrics is not None:
         for _ in range(n):
@@ -524,11 +539,10 @@ class SlotBatcher:
       *(np.asarray(a) if any(r.wants_top for r in asked) else None for a in top),
     )
 
-  def _feed(self, slot: int, out: tuple) -> int:
+  def _feed(self, entry: _Live, out: tuple) -> int:
     """A slot's next tokens (`_host`'s arrays for this slot, [m, ...]: one call's steps, in order): take them up to
     the end of its request (EOS, max_tokens, a stop string), stream their text at once (one update, one stream
     event, however many tokens), and when the request ended answer it and free the slot -> the tokens taken."""
-    entry = self.live[slot]
     r = entry.request
     tokens, logprobs, top_values, top_ids = out
     before = len(entry.tokens)
@@ -546,7 +560,7 @@ class SlotBatcher:
     entry.text.update(entry.tokens[:-1] if ended else entry.tokens, final)
     if final or entry.text.stopped:
       finish = "stop" if ended or entry.text.stopped else "length"
-      self._release(slot)
+      self._release(entry)
       result = dict(
         text=entry.text.text, finish_reason=finish, prompt_tokens=len(r.tokens), completion_tokens=len(entry.tokens)
       )
@@ -565,9 +579,13 @@ class SlotBatcher:
         return n
     return len(new)
 
-  def _release(self, slot: int) -> None:
-    del self.live[slot]
-    self.free.append(slot)
+  def _release(self, entry: _Live) -> None:
+    """A request answered: its results still in flight are dropped, its slot freed (unless it was at retirement)."""
+    entry.closed = True
+    if self.live.get(entry.slot) is entry:
+      del self.live[entry.slot]
+      self.free.append(entry.slot)
+    self.retiring.pop(id(entry), None)
 
   @staticmethod
   def _finish(r, result) -> None:
@@ -576,9 +594,9 @@ class SlotBatcher:
 
   def _drop_cancelled(self) -> None:
     """Free the slots of requests whose client went away."""
-    for slot, entry in list(self.live.items()):
+    for entry in [*self.live.values(), *self.retiring.values()]:
       if entry.request.cancelled:
-        self._release(slot)
+        self._release(entry)
         r = entry.request
         self._finish(
           r,
