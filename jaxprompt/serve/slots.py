@@ -20,8 +20,9 @@ thread loops:
     its stream together.
 
 The loop runs one call ahead of the host: each step is dispatched before the host reads the previous call's tokens
-(JAX dispatches asynchronously), so the device computes while the host streams text and frees slots; a request that
-ended is stepped once more, unread, and its slot admitted to one call later.
+(JAX dispatches asynchronously), so the device computes while the host streams text and frees slots. A request whose
+last token is in the call just dispatched frees its slot then (the next admission writes it after that call); one
+that ends at EOS or a stop string is stepped once more, unread.
 
 Prompts of every method share a call: each prompt is padded to the server's prompt slots (`Layout`; on the
 left, with a per-row mask, so positions and relative distances are the row's own) and a request's prefill takes its
@@ -356,7 +357,7 @@ class SlotBatcher:
     """The loop, pipelined one call deep: a step is dispatched before the host reads the previous call's tokens, so
     the device runs it while the host streams text and frees slots (JetStream's and vLLM's asynchronous
     scheduling). The cost: a request that ended at EOS or a stop string is stepped once more (its tokens from that
-    call are dropped), and its slot is admitted to one call later."""
+    call are dropped), and its slot refilled a call later."""
     while True:
       new = self._take()
       if new is None:
