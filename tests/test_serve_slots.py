@@ -1,7 +1,8 @@
 """`jaxprompt serve`'s continuous scheduler (decode slots): prompts of every method and length, the base alone and
 mixed max_tokens in one step equal `jaxprompt generate --greedy` (decoder and T5); short requests pass a long one
 (slots reused); per-row sampling settings share steps and a seeded sample is its own; a client that goes away frees
-its slot. Servers bind 127.0.0.1 on a free port and are always stopped; every wait is bounded."""
+its slot; calls of several steps stream a request's tokens at once and end it at its stop string, with slots reused
+while a call is in flight. Servers bind 127.0.0.1 on a free port and are always stopped; every wait is bounded."""
 
 import asyncio
 import contextlib

@@ -297,7 +297,6 @@ class _Live:
   slot: int
   tokens: list = dataclasses.field(default_factory=list)
   last: float = 0.0
-  closed: bool = False  # answered: results still in flight for it are dropped
   sent: int = 1  # tokens the device was asked for (its first at admission): len(tokens) plus those still in flight
 
   @property
@@ -327,7 +326,7 @@ class SlotBatcher:
     self._none = self._device_row(None)
     self.state = empty_slots(e.graphdef, e.state, self.layout, self._none, e._pad)
     self.free = list(range(slots))[::-1]
-    self.live: dict[int, _Live] = {}  # the requests in the slots the next call steps
+    self.live: dict[int, _Live] = {}  # the requests the next call steps (all active: the others retire)
     self.retiring: dict[int, _Live] = {}  # by id: requests whose last tokens are in flight (their slots freed)
     self.inflight: collections.deque = collections.deque()  # dispatched calls whose tokens the host has not read
 
@@ -365,7 +364,7 @@ class SlotBatcher:
       self._guarded(self._classify, [r for r in new if r.kind == "classify"])
       self._guarded(self._admit, [r for r in new if r.kind != "classify"])
       self._drop_cancelled()
-      stepped = any(x.active for x in self.live.values())
+      stepped = bool(self.live)
       if stepped:
         self._guarded(self._step, None)
       self._guarded(self._read, 1 if stepped else 0)
@@ -461,7 +460,7 @@ class SlotBatcher:
     """Free the slots of requests whose last tokens were just dispatched: the next admission may write them at once
     (after the call in flight, in the device's order), while those tokens are still to be read."""
     for x in entries:
-      if not x.active and self.live.get(x.slot) is x:
+      if not x.active:
         del self.live[x.slot]
         self.free.append(x.slot)
         self.retiring[id(x)] = x
@@ -471,7 +470,7 @@ class SlotBatcher:
     e = self.engine
     first, now = self._host(first, [x.request for x in entries]), time.monotonic()
     for j, entry in enumerate(entries):
-      if entry.closed:
+      if entry.request.answered:  # cancelled meanwhile
         continue
       entry.last = now
       if e.metrics is not None:
@@ -479,22 +478,22 @@ class SlotBatcher:
         e.metrics.generated_tokens.inc()
       self._feed(entry, tuple(None if a is None else a[j : j + 1] for a in first))
 
-  def _steps(self, active: list) -> int:
+  def _steps(self) -> int:
     """How many decode steps the next call runs: 1 while a slot is free (a request that arrives is admitted after
     the next step); when every slot is busy, up to `decode_steps` at once (a power of two), but no more than any
     active request has left of its max_tokens, so none ends by its length inside the call and its slot is refilled
     right after it (one that ends at EOS or a stop string leaves its slot idle for the rest of the call)."""
     if len(self.live) < self.layout.slots:
       return 1
-    left = min(x.request.max_tokens - x.sent for x in active)
+    left = min(x.request.max_tokens - x.sent for x in self.live.values())
     return max((k for k in self.step_sizes if k <= left), default=1)
 
   def _step(self) -> None:
     """Dispatch a call of k decode steps over every slot (the active ones sample under their settings, the others
     decode greedily, unread)."""
     e = self.engine
-    active = [x for x in self.live.values() if x.active]
-    k = self._steps(active)
+    active = list(self.live.values())
+    k = self._steps()
     want = np.zeros((self.layout.slots,), bool)
     want[np.asarray([x.slot for x in active if x.request.wants_top], np.int32)] = True
     live = np.zeros((self.layout.slots,), bool)
@@ -511,7 +510,7 @@ class SlotBatcher:
     out, now = self._host(out, [x.request for x in active]), time.monotonic()
     taken = []  # how many of the call's k tokens each slot took (a request that ends takes no more)
     for entry in active:
-      if entry.closed:
+      if entry.request.answered:  # it ended in an earlier call (EOS, a stop string) or was cancelled
         continue
       gap = (now - entry.last) / k  # a call's tokens arrive together
       entry.last = now
@@ -581,8 +580,7 @@ class SlotBatcher:
     return len(new)
 
   def _release(self, entry: _Live) -> None:
-    """A request answered: its results still in flight are dropped, its slot freed (unless it was at retirement)."""
-    entry.closed = True
+    """A request ends (answered next): its results still in flight are dropped, its slot freed (unless it retired)."""
     if self.live.get(entry.slot) is entry:
       del self.live[entry.slot]
       self.free.append(entry.slot)
